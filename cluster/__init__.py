@@ -1,0 +1,1 @@
+"""What spans nodes and regions: ring, membership, replication, rebalancing."""

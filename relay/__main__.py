@@ -1,0 +1,3 @@
+from relay.entry import main
+
+main()

@@ -1,0 +1,259 @@
+"""The ``relay`` command.
+
+Exit codes (docs/OPERATIONS.md): 0 ok, 1 failed, 2 usage, 69 a node or Redis unreachable,
+75 another change in progress, 78 bad configuration. Commands with ``--json`` print one
+JSON document on stdout; human text and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from relay import __version__
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+EXIT_TEMPFAIL = 75
+EXIT_CONFIG = 78
+
+err = Console(stderr=True)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    observer: Any = STDLibLogObserver()
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def _load_config_or_exit(path: str | None) -> Any:
+    from relay.config import ConfigError, load_config
+
+    try:
+        return load_config(path, os.environ)
+    except ConfigError as e:
+        err.print(f"[bold red]relay: bad configuration[/] ({len(e.problems)} problems):")
+        for p in e.problems:
+            err.print(f"  - {p}", markup=False, highlight=False)
+        sys.exit(EXIT_CONFIG)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="relay")
+def cli() -> None:
+    """relay: a multi-region, replicated, in-memory relay for real-time chat.
+
+    \b
+    Start here:
+      relay dev                      a local cluster with anonymous access
+      relay serve --config node.toml one node in production
+      relay config validate FILE     check a config file (exit 78 when bad)
+    """
+
+
+# -- serve ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Node config (TOML). Every key can be overridden by "
+    "RELAY_<SECTION>__<KEY>. Without it: defaults plus environment.",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write {id, ws, admin, pid} as JSON here once the node serves.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def serve(config_path: str | None, ready_file: str | None, log_level: str) -> None:
+    """Run one relay node until SIGTERM or SIGINT.
+
+    On a signal the node stops accepting, closes its clients with 1001 and exits 0.
+    A bad config exits 78 listing every problem.
+    """
+    config = _load_config_or_exit(config_path)
+    _setup_logging(log_level)
+    from twisted.internet import reactor as _reactor
+
+    from relay.dev import write_ready_file
+    from relay.errors import RelayError
+    from relay.server import RelayServer
+
+    try:
+        reactor: Any = _reactor
+        server = RelayServer(config, reactor)
+        server.start()
+    except (RelayError, OSError) as e:
+        err.print(f"[bold red]relay: cannot start:[/] {e}")
+        sys.exit(EXIT_FAILED)
+    reactor.addSystemEventTrigger("before", "shutdown", server.stop)
+    if ready_file:
+        write_ready_file(
+            ready_file,
+            {
+                "id": config.node.id,
+                "ws": server.ws_url,
+                "admin": server.admin_url,
+                "pid": os.getpid(),
+            },
+        )
+    err.print(f"relay: node {config.node.id} serving {server.ws_url} (admin {server.admin_url})")
+    reactor.run()
+
+
+# -- dev --------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--regions", default="local", show_default=True, help="Comma-separated region names.")
+@click.option(
+    "--nodes",
+    "nodes",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Nodes per region.",
+)
+@click.option(
+    "--port-base",
+    type=click.IntRange(1024, 65000),
+    default=None,
+    help="Predictable ports: node i listens on BASE+10*i (WebSocket) and "
+    "BASE+10*i+1 (admin). Default: free ports.",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help='Once every node serves, write {"regions": {NAME: {"redis", "nodes": '
+    '[{"id", "ws", "admin", "pid"}]}}} here.',
+)
+def dev(regions: str, nodes: int, port_base: int | None, ready_file: str | None) -> None:
+    """Run a local cluster: embedded Redis, anonymous access, until Ctrl-C.
+
+    Prints every node's WebSocket and admin URL. Try it with any WebSocket client:
+    send {"op":"sub","ch":"inbox:alice"} on one connection and
+    {"op":"pub","id":"1","ch":"inbox:alice","body":"hi"} on another.
+    """
+    from relay.dev import DevCluster, write_ready_file
+    from relay.errors import RelayError
+
+    names = [r.strip() for r in regions.split(",") if r.strip()]
+    if len(nodes_set := set(names)) != len(names) or not names:
+        raise click.BadParameter("give distinct, non-empty region names", param_hint="--regions")
+    del nodes_set
+    cluster = DevCluster(names, nodes_per_region=nodes, port_base=port_base)
+    try:
+        doc = cluster.start()
+    except RelayError as e:
+        err.print(f"[bold red]relay dev: cannot start:[/] {e}")
+        sys.exit(EXIT_FAILED)
+    try:
+        if ready_file:
+            write_ready_file(ready_file, doc)
+        for region, r in doc["regions"].items():
+            err.print(f"[bold]region {region}[/]  redis {r['redis']}")
+            for n in r["nodes"]:
+                err.print(f"  node {n['id']}  ws {n['ws']}  admin {n['admin']}  pid {n['pid']}")
+        err.print("relay dev: serving; Ctrl-C stops everything.")
+        code = cluster.wait()
+    finally:
+        cluster.stop()
+    sys.exit(code)
+
+
+# -- config -----------------------------------------------------------------------
+
+
+@cli.group()
+def config() -> None:
+    """Check or create node configuration files."""
+
+
+@config.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def config_validate(file: str, as_json: bool) -> None:
+    """Check FILE (with RELAY_* overrides applied); list every problem.
+
+    Exit 0 when the config is good, 78 when it has problems.
+    """
+    from relay.config import ConfigError, load_config
+
+    try:
+        load_config(file, os.environ)
+    except ConfigError as e:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "problems": e.problems}))
+        else:
+            err.print(f"[bold red]{file}: {len(e.problems)} problems[/]")
+            for p in e.problems:
+                err.print(f"  - {p}", markup=False, highlight=False)
+        sys.exit(EXIT_CONFIG)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "problems": []}))
+    else:
+        err.print(f"{file}: ok")
+
+
+@config.command("init")
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
+def config_init(file: str | None) -> None:
+    """Write an annotated default config to FILE (or stdout)."""
+    from relay.config import dump_default_toml
+
+    text = dump_default_toml()
+    if file is None:
+        click.echo(text, nl=False)
+        return
+    p = Path(file)
+    if p.exists():
+        err.print(f"relay: {file} exists; not overwriting it")
+        sys.exit(EXIT_FAILED)
+    p.write_text(text)
+    err.print(f"wrote {file}")
+
+
+# -- bench ------------------------------------------------------------------------
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks that print figures (see docs/BENCHMARKS.md)."""
+
+
+def _add_bench_commands() -> None:
+    # The benchmarks live in the source tree's bench/ package.
+    try:
+        from bench.commands import register  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return
+    register(bench)
+
+
+_add_bench_commands()

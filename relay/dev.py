@@ -1,0 +1,172 @@
+"""``relay dev``: a whole local cluster in one command.
+
+For every region it starts a local Redis (see :mod:`relay.redis_server`) and the region's
+nodes as ``relay serve`` processes with anonymous access, waits until every node serves,
+then writes the ready file::
+
+    {"regions": {"<name>": {"redis": URL,
+                            "nodes": [{"id", "ws", "admin", "pid"}]}}}
+
+Ports are free ones, or ``port_base + 10*i`` (WebSocket) and ``+1`` (admin) for the i-th
+node when ``port_base`` is given. Everything is stopped on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relay.errors import RelayError
+from relay.redis_server import RedisServer
+
+
+class DevError(RelayError):
+    """The local cluster could not start."""
+
+
+@dataclass
+class DevNode:
+    id: str
+    proc: subprocess.Popen[bytes]
+    ready_file: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DevCluster:
+    regions: list[str]
+    nodes_per_region: int = 1
+    port_base: int | None = None
+    workdir: Path | None = None
+    redis: dict[str, RedisServer] = field(default_factory=dict)
+    nodes: list[DevNode] = field(default_factory=list)
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def start(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Start everything; return the ready document once every node serves."""
+        if self.workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="relay-dev-")
+            self.workdir = Path(self._tmp.name)
+        try:
+            i = 0
+            for region in self.regions:
+                self.redis[region] = RedisServer().start()
+                for n in range(1, self.nodes_per_region + 1):
+                    self._spawn(region, f"n{n}", i)
+                    i += 1
+            return self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, region: str, name: str, index: int) -> None:
+        assert self.workdir is not None
+        node_id = f"{region}/{name}"
+        d = self.workdir / region / name
+        d.mkdir(parents=True, exist_ok=True)
+        ws_port = admin_port = 0
+        if self.port_base is not None:
+            ws_port = self.port_base + 10 * index
+            admin_port = ws_port + 1
+        config = d / "node.toml"
+        config.write_text(
+            f'[node]\nid = "{node_id}"\ndata_dir = "{d / "data"}"\n'
+            f"[client]\nport = {ws_port}\nallow_anonymous = true\n"
+            f"[admin]\nport = {admin_port}\n"
+        )
+        ready = d / "ready.json"
+        ready.unlink(missing_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "relay",
+            "serve",
+            "--config",
+            str(config),
+            "--ready-file",
+            str(ready),
+        ]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        self.nodes.append(DevNode(node_id, proc, ready))
+
+    def _wait_ready(self, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        waiting = list(self.nodes)
+        while waiting:
+            for n in list(waiting):
+                if n.proc.poll() is not None:
+                    raise DevError(f"node {n.id} exited with {n.proc.returncode}")
+                if n.ready_file.exists():
+                    n.info = json.loads(n.ready_file.read_text())
+                    waiting.remove(n)
+            if waiting and time.monotonic() > deadline:
+                raise DevError(f"nodes not serving after {timeout_s}s: {[n.id for n in waiting]}")
+            if waiting:
+                time.sleep(0.05)  # poll interval while the nodes start
+        return self.document()
+
+    def document(self) -> dict[str, Any]:
+        regions: dict[str, Any] = {}
+        for region in self.regions:
+            regions[region] = {
+                "redis": self.redis[region].url,
+                "nodes": [
+                    {"id": n.id, "ws": n.info["ws"], "admin": n.info["admin"], "pid": n.proc.pid}
+                    for n in self.nodes
+                    if n.id.startswith(region + "/")
+                ],
+            }
+        return {"regions": regions}
+
+    def wait(self) -> int:
+        """Block until a node exits or a signal arrives; return an exit status."""
+        stop = {"signal": 0}
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            stop["signal"] = signum
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while not stop["signal"]:
+            for n in self.nodes:
+                if n.proc.poll() is not None:
+                    print(
+                        f"relay dev: node {n.id} exited with {n.proc.returncode}", file=sys.stderr
+                    )
+                    return 1
+            time.sleep(0.2)  # poll interval for child exits and signals
+        return 0
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            if n.proc.poll() is None:
+                n.proc.send_signal(signal.SIGTERM)
+        for n in self.nodes:
+            try:
+                n.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                n.proc.kill()
+                n.proc.wait()
+        self.nodes.clear()
+        for r in self.redis.values():
+            r.stop()
+        self.redis.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def write_ready_file(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
+    """Write atomically, so a reader never sees half a document."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, p)

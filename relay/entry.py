@@ -1,0 +1,41 @@
+"""Console-script entry point: install Twisted's asyncio reactor before anything else.
+
+Nothing here may import ``twisted.internet.reactor`` (directly or through another
+module) before :func:`install_reactor` ran, or Twisted installs its default reactor.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def install_reactor() -> None:
+    """Install the asyncio reactor once; a no-op when it is already installed."""
+    if "twisted.internet.reactor" in sys.modules:
+        from twisted.internet import reactor
+
+        if type(reactor).__name__ != "AsyncioSelectorReactor":
+            raise RuntimeError(
+                f"a {type(reactor).__name__} reactor was installed before relay could "
+                "install the asyncio reactor"
+            )
+        return
+    import asyncio
+
+    from twisted.internet import asyncioreactor
+
+    # The asyncio reactor wants a selector event loop (uvloop or the default one).
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    asyncioreactor.install(loop)
+
+
+def main() -> None:
+    install_reactor()
+    from relay.cli import cli
+
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""One client connection, as a state machine with no I/O (PROTOCOL.md).
+
+The edge feeds each received frame to :meth:`Session.receive` with the current time, then
+sends :attr:`Outcome.replies` back as one frame, delivers each of
+:attr:`Outcome.deliveries` to the subscribers named, and closes the connection when
+:attr:`Outcome.close` is set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from relay.auth import Grants, TokenError, TokenVerifier
+from relay.errors import (
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_PROTOCOL_ERROR,
+    Code,
+    FrameError,
+)
+from relay.frames import (
+    BadObject,
+    Format,
+    body_field,
+    check_channel,
+    decode_frame,
+    parse_ids,
+    parse_pub,
+)
+from relay.hlc import physical_ms
+from relay.node import Node
+from relay.ratelimit import TokenBucket
+from relay.store import Message
+
+log = logging.getLogger(__name__)
+
+# A client may send this many bad objects in a burst (then one a second) before it is
+# closed with 1002; and this many rate-limited ops before it is closed with 1008.
+ABUSE_BURST = 20
+ABUSE_REFILL_PER_S = 1.0
+RATE_ABUSE_BURST = 200
+RATE_ABUSE_REFILL_PER_S = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a node allows each connection (``welcome.limits`` shows the first four)."""
+
+    max_body: int = 65536
+    max_frame: int = 1048576
+    rate_per_s: float = 1000.0
+    burst: int = 2000
+    default_ttl_s: int = 604800
+    max_ttl_s: int = 2592000
+    allow_anonymous: bool = False
+
+
+class Sink(Protocol):
+    """Where a session's deliveries go: the edge's connection."""
+
+    def deliver(self, message: Message) -> None: ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the edge must do after a frame."""
+
+    replies: list[dict[str, Any]] = field(default_factory=list)
+    deliveries: list[tuple[Message, tuple[Hashable, ...]]] = field(default_factory=list)
+    # Pending messages to replay after the replies (a ``sub``), oldest first; the edge
+    # paces them by the connection's backpressure.
+    replay: list[Message] = field(default_factory=list)
+    close: tuple[int, str] | None = None
+    errors: list[Code] = field(default_factory=list)
+
+
+_session_ids = itertools.count(1)
+
+
+class Session:
+    """The protocol state of one connection."""
+
+    def __init__(
+        self,
+        *,
+        node: Node,
+        fmt: Format,
+        limits: Limits,
+        verifier: TokenVerifier | None,
+        now_s: float,
+        overloaded: Callable[[], bool] = lambda: False,
+        sink: Sink | None = None,
+    ) -> None:
+        self.node = node
+        self.fmt = fmt
+        self.limits = limits
+        self.verifier = verifier
+        self.overloaded = overloaded
+        self.sink = sink
+        self.id = f"{node.node_id}#{next(_session_ids)}"
+        self.grants: Grants | None = None
+        self.expires_s: float | None = None
+        self.subscriptions: set[str] = set()
+        self.rate = TokenBucket(limits.rate_per_s, limits.burst, now_s)
+        self._abuse = TokenBucket(ABUSE_REFILL_PER_S, ABUSE_BURST, now_s)
+        self._rate_abuse = TokenBucket(RATE_ABUSE_REFILL_PER_S, RATE_ABUSE_BURST, now_s)
+        self.closed = False
+
+    # -- entry point ---------------------------------------------------------------
+
+    def receive(self, payload: bytes, now_s: float, now_ms: int) -> Outcome:
+        """Handle one frame from the client."""
+        out = Outcome()
+        if self.closed:
+            return out
+        try:
+            objs = decode_frame(payload, self.fmt)
+        except FrameError as e:
+            self._bad(out, now_s, BadObject(Code.BAD_REQUEST, str(e)))
+            return out
+        for obj in objs:
+            if out.close is not None:
+                break
+            try:
+                self._one(obj, out, now_s, now_ms)
+            except BadObject as e:
+                if e.code is Code.BAD_REQUEST:
+                    self._bad(out, now_s, e)
+                else:
+                    self._error(out, e.code, e.reason, e.id, e.ch)
+            except Exception:
+                # A bug, not the client's fault: answer with a correlation id, keep serving.
+                cid = uuid.uuid4().hex[:12]
+                log.exception("internal error (correlation id %s) on %r", cid, obj)
+                self._error(out, Code.INTERNAL, f"internal error, correlation id {cid}")
+        if out.close is not None:
+            self.closed = True
+        return out
+
+    def connection_lost(self) -> None:
+        """The connection is gone: drop its subscriptions (messages stay pending)."""
+        self.node.drop(self, self.subscriptions)
+        self.subscriptions.clear()
+        self.closed = True
+
+    # -- dispatch ------------------------------------------------------------------
+
+    def _one(self, obj: Any, out: Outcome, now_s: float, now_ms: int) -> None:
+        if not isinstance(obj, dict):
+            raise BadObject(Code.BAD_REQUEST, "each element of a frame must be an object")
+        op = obj.get("op")
+        if not self.rate.take(now_s):
+            self._error(out, Code.RATE_LIMITED, "over the connection's rate", *_hints(obj))
+            if not self._rate_abuse.take(now_s):
+                out.close = (CLOSE_POLICY_VIOLATION, "rate limit exceeded repeatedly")
+            return
+        if op == "ping":
+            out.replies.append({"op": "pong", "ts": now_ms})
+            return
+        if op == "hello":
+            self._hello(obj, out, now_ms / 1000)
+            return
+        if self.grants is None:
+            if not self.limits.allow_anonymous:
+                self._error(out, Code.UNAUTHORIZED, "send hello with a token first")
+                out.close = (CLOSE_POLICY_VIOLATION, "unauthorized")
+                return
+            self._welcome(out, Grants.anonymous(), None)
+        elif self.expires_s is not None and now_ms / 1000 >= self.expires_s:
+            self._error(out, Code.UNAUTHORIZED, "token expired")
+            out.close = (CLOSE_POLICY_VIOLATION, "token expired")
+            return
+        if op == "pub":
+            self._pub(obj, out, now_ms)
+        elif op == "sub":
+            self._sub(obj, out, now_ms)
+        elif op == "ack":
+            self._ack(obj, out, now_ms)
+        elif op == "unsub":
+            self._unsub(obj, out)
+        elif isinstance(op, str):
+            raise BadObject(Code.BAD_REQUEST, f"unknown op {op[:40]!r}")
+        else:
+            raise BadObject(Code.BAD_REQUEST, "op is missing or not a string")
+
+    def _hello(self, obj: dict[str, Any], out: Outcome, wall_s: float) -> None:
+        token = obj.get("token")
+        if token is None:
+            if not self.limits.allow_anonymous:
+                self._error(out, Code.UNAUTHORIZED, "this node needs a token")
+                out.close = (CLOSE_POLICY_VIOLATION, "unauthorized")
+                return
+            self._welcome(out, Grants.anonymous(), None)
+            return
+        if not isinstance(token, str):
+            raise BadObject(Code.BAD_REQUEST, "token must be a string")
+        if self.verifier is None:
+            self._error(out, Code.UNAUTHORIZED, "this node accepts no tokens")
+            out.close = (CLOSE_POLICY_VIOLATION, "unauthorized")
+            return
+        try:
+            grants = self.verifier.verify(token, wall_s)
+        except TokenError as e:
+            self._error(out, Code.UNAUTHORIZED, f"token refused: {e}")
+            out.close = (CLOSE_POLICY_VIOLATION, "unauthorized")
+            return
+        self._welcome(out, grants, grants.expires_s)
+
+    def _welcome(self, out: Outcome, grants: Grants, expires_s: float | None) -> None:
+        self.grants = grants
+        self.expires_s = expires_s
+        lim = self.limits
+        out.replies.append(
+            {
+                "op": "welcome",
+                "node": self.node.node_id,
+                "region": self.node.region,
+                "session": self.id,
+                "limits": {
+                    "max_body": lim.max_body,
+                    "max_frame": lim.max_frame,
+                    "rate_per_s": lim.rate_per_s,
+                    "burst": lim.burst,
+                },
+            }
+        )
+
+    def _pub(self, obj: dict[str, Any], out: Outcome, now_ms: int) -> None:
+        p = parse_pub(obj, self.fmt, self.limits.max_body, self.limits.max_ttl_s)
+        grants = self.grants
+        assert grants is not None
+        if not grants.may_pub(p.ch):
+            raise BadObject(Code.FORBIDDEN, "token does not grant pub here", id=p.id, ch=p.ch)
+        if self.overloaded():
+            raise BadObject(Code.OVERLOADED, "node memory is high; retry later", id=p.id, ch=p.ch)
+        ttl_s = p.ttl_s if p.ttl_s is not None else self.limits.default_ttl_s
+        acc = self.node.publish(
+            p.ch, p.id, p.body, sender=grants.subject, ttl_ms=ttl_s * 1000, now_ms=now_ms
+        )
+        # Slot logs and links arrive with the cluster; until then RAM is the level reached,
+        # and puback says so honestly.
+        out.replies.append(
+            {
+                "op": "puback",
+                "id": p.id,
+                "ch": p.ch,
+                "ts": physical_ms(acc.hlc),
+                "origin": acc.origin,
+                "ack": "mem",
+                "dup": acc.dup,
+            }
+        )
+        if acc.message is not None:
+            out.deliveries.append((acc.message, acc.subscribers))
+
+    def _sub(self, obj: dict[str, Any], out: Outcome, now_ms: int) -> None:
+        ch = check_channel(obj.get("ch"))
+        assert self.grants is not None
+        if not self.grants.may_sub(ch):
+            raise BadObject(Code.FORBIDDEN, "token does not grant sub here", ch=ch)
+        pending = self.node.subscribe(self, ch, now_ms)
+        self.subscriptions.add(ch)
+        out.replies.append({"op": "subscribed", "ch": ch, "pending": len(pending)})
+        out.replay.extend(pending)
+
+    def _ack(self, obj: dict[str, Any], out: Outcome, now_ms: int) -> None:
+        ch = check_channel(obj.get("ch"))
+        ids = parse_ids(obj, ch)
+        assert self.grants is not None
+        if not self.grants.may_sub(ch):
+            raise BadObject(Code.FORBIDDEN, "token does not grant ack here", ch=ch)
+        n = self.node.ack(ch, ids, now_ms)
+        out.replies.append({"op": "acked", "ch": ch, "n": n})
+
+    def _unsub(self, obj: dict[str, Any], out: Outcome) -> None:
+        ch = check_channel(obj.get("ch"))
+        assert self.grants is not None
+        if not self.grants.may_sub(ch):
+            raise BadObject(Code.FORBIDDEN, "token does not grant unsub here", ch=ch)
+        self.node.unsubscribe(self, ch)
+        self.subscriptions.discard(ch)
+        out.replies.append({"op": "unsubscribed", "ch": ch})
+
+    # -- errors --------------------------------------------------------------------
+
+    def _error(
+        self,
+        out: Outcome,
+        code: Code,
+        reason: str,
+        msg_id: str | None = None,
+        ch: str | None = None,
+    ) -> None:
+        err: dict[str, Any] = {"op": "error", "code": code.value, "reason": reason}
+        if msg_id is not None:
+            err["id"] = msg_id
+        if ch is not None:
+            err["ch"] = ch
+        out.replies.append(err)
+        out.errors.append(code)
+
+    def _bad(self, out: Outcome, now_s: float, e: BadObject) -> None:
+        self._error(out, e.code, e.reason, e.id, e.ch)
+        if not self._abuse.take(now_s):
+            out.close = (CLOSE_PROTOCOL_ERROR, "too many bad requests")
+
+
+def _hints(obj: dict[str, Any]) -> tuple[str | None, str | None]:
+    i, c = obj.get("id"), obj.get("ch")
+    return (i if isinstance(i, str) else None, c if isinstance(c, str) else None)
+
+
+def message_object(m: Message, fmt: Format) -> dict[str, Any]:
+    """The ``msg`` object for a pending or live message."""
+    out: dict[str, Any] = {
+        "op": "msg",
+        "id": m.id,
+        "ch": m.ch,
+        "from": m.sender,
+        "ts": physical_ms(m.hlc),
+        "origin": m.origin,
+    }
+    body_field(m.body, fmt, out)
+    return out

@@ -1,0 +1,310 @@
+"""The WebSocket edge: Autobahn on Twisted, at ``/v1/ws`` (PROTOCOL.md).
+
+The protocol class only moves bytes: every frame goes to a :class:`~relay.session.Session`
+and what it returns is carried out here. Deliveries to many subscribers encode the frame
+once per format and send it as an Autobahn prepared message.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+from relay.errors import CLOSE_GOING_AWAY
+from relay.frames import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, Format, encode_frame
+from relay.session import Limits, Outcome, Session, message_object
+from relay.store import Message
+
+if TYPE_CHECKING:
+    from relay.auth import TokenVerifier
+    from relay.node import Node
+
+WS_PATH = "/v1/ws"
+# Close code for a slow consumer is never seen by it (it is not reading); the connection
+# is aborted and counted under this label.
+SLOW_CONSUMER = "slow_consumer"
+
+
+def split_frames(objs: list[dict[str, Any]], fmt: Format, budget: int) -> list[bytes]:
+    """Encode ``objs`` as several frames of about ``budget`` bytes at most each."""
+    frames: list[bytes] = []
+    group: list[dict[str, Any]] = []
+    size = 0
+    for obj in objs:
+        n = len(encode_frame([obj], fmt))
+        if group and size + n > budget:
+            frames.append(encode_frame(group, fmt))
+            group, size = [], 0
+        group.append(obj)
+        size += n + 1
+    if group:
+        frames.append(encode_frame(group, fmt))
+    return frames
+
+
+REPLAY_CHUNK = 64  # pending messages encoded per frame while replaying a channel
+
+
+@implementer(IPushProducer)
+class _Outbox:
+    """What waits to be written to one peer while its transport is full.
+
+    Twisted pauses us when the socket's send buffer is over its size; from then on
+    frames queue here in order. Queued *live* bytes (replies, deliveries) are bounded by
+    ``max_outbound_bytes``: past it the peer is a slow consumer and is cut off. Replays
+    of pending messages queue as message lists, encoded only when sent, and do not count:
+    they are already held by the store.
+    """
+
+    def __init__(self, proto: RelayProtocol) -> None:
+        self.proto = proto
+        self.paused = False
+        self.queue: deque[bytes | tuple[Any, int] | list[Message]] = deque()
+        self.live_bytes = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.proto.drain()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+        self.queue.clear()
+
+
+class RelayProtocol(WebSocketServerProtocol):
+    factory: RelayFactory
+    session: Session | None = None
+    fmt: Format = Format.JSON
+
+    # -- Autobahn hooks (delegate only) --------------------------------------------
+
+    def onConnect(self, request: Any) -> str | None:
+        return self.on_connect(request.path, request.protocols, request.origin)
+
+    def onOpen(self) -> None:
+        self.on_open()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.on_message(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.on_close(code)
+
+    # -- behaviour -----------------------------------------------------------------
+
+    def on_connect(self, path: str, protocols: list[str], origin: str | None) -> str | None:
+        f = self.factory
+        if path != WS_PATH:
+            raise ConnectionDeny(404, f"no WebSocket here; use {WS_PATH}")
+        if origin is not None and not f.origin_allowed(origin):
+            raise ConnectionDeny(403, "origin not allowed")
+        if f.draining:
+            raise ConnectionDeny(503, "node is shutting down")
+        if SUBPROTOCOL_MSGPACK in protocols:
+            self.fmt = Format.MSGPACK
+            return SUBPROTOCOL_MSGPACK
+        self.fmt = Format.JSON
+        return SUBPROTOCOL_JSON if SUBPROTOCOL_JSON in protocols else None
+
+    def on_open(self) -> None:
+        f = self.factory
+        self.session = Session(
+            node=f.node,
+            fmt=self.fmt,
+            limits=f.limits,
+            verifier=f.verifier,
+            now_s=f.clock_s(),
+            overloaded=f.overloaded,
+            sink=self,
+        )
+        self.outbox = _Outbox(self)
+        self.registerProducer(self.outbox, True)
+        f.connections.add(self)
+        f.stats["connections_opened"] += 1
+
+    def on_message(self, payload: bytes) -> None:
+        session = self.session
+        if session is None:
+            return
+        f = self.factory
+        out = session.receive(payload, f.clock_s(), f.clock_ms())
+        f.stats["frames_in"] += 1
+        self.carry_out(out)
+
+    def carry_out(self, out: Outcome) -> None:
+        f = self.factory
+        if out.replies:
+            payload = encode_frame(out.replies, self.fmt)
+            if len(payload) <= f.out_frame_budget:
+                self.send_payload(payload)
+            else:
+                for chunk in split_frames(out.replies, self.fmt, f.out_frame_budget):
+                    self.send_payload(chunk)
+        if out.replay:
+            q = self.outbox.queue
+            for i in range(0, len(out.replay), REPLAY_CHUNK):
+                q.append(out.replay[i : i + REPLAY_CHUNK])
+            self.drain()
+        for err in out.errors:
+            f.errors[err.value] = f.errors.get(err.value, 0) + 1
+        for message, handles in out.deliveries:
+            f.fan_out(message, handles)
+        if out.close is not None:
+            code, reason = out.close
+            self.close_with(code, reason)
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Close with a protocol close code (1001, 1002, 1008: Autobahn's public
+        ``sendClose`` allows only 1000 and 3000-4999)."""
+        f = self.factory
+        f.disconnects[str(code)] = f.disconnects.get(str(code), 0) + 1
+        self.sendCloseFrame(code, reason.encode()[:123], isReply=False)
+
+    def deliver(self, message: Message) -> None:
+        self.send_payload(encode_frame([message_object(message, self.fmt)], self.fmt))
+
+    def send_payload(self, payload: bytes) -> None:
+        """Send a frame now, or queue it behind what is already waiting."""
+        ob = self.outbox
+        if ob.paused or ob.queue:
+            self.enqueue_live(payload, len(payload))
+        else:
+            self.sendMessage(payload, self.fmt is Format.MSGPACK)
+
+    def send_prepared(self, prepared: Any, size: int) -> None:
+        ob = self.outbox
+        if ob.paused or ob.queue:
+            self.enqueue_live((prepared, size), size)
+        else:
+            self.sendPreparedMessage(prepared)
+
+    def enqueue_live(self, item: bytes | tuple[Any, int], size: int) -> None:
+        ob = self.outbox
+        ob.queue.append(item)
+        ob.live_bytes += size
+        if ob.live_bytes > self.factory.max_outbound_bytes:
+            self.cut_slow_consumer()
+
+    def drain(self) -> None:
+        """Write queued frames until the transport is full again or the queue is empty."""
+        ob = self.outbox
+        binary = self.fmt is Format.MSGPACK
+        budget = self.factory.out_frame_budget
+        while ob.queue and not ob.paused and self.state == WebSocketServerProtocol.STATE_OPEN:
+            item = ob.queue.popleft()
+            if isinstance(item, bytes):
+                ob.live_bytes -= len(item)
+                self.sendMessage(item, binary)
+            elif isinstance(item, tuple):
+                ob.live_bytes -= item[1]
+                self.sendPreparedMessage(item[0])
+            else:
+                objs = [message_object(m, self.fmt) for m in item]
+                for frame in split_frames(objs, self.fmt, budget):
+                    self.sendMessage(frame, binary)
+
+    def cut_slow_consumer(self) -> None:
+        f = self.factory
+        f.disconnects[SLOW_CONSUMER] = f.disconnects.get(SLOW_CONSUMER, 0) + 1
+        self.outbox.queue.clear()
+        self.outbox.live_bytes = 0
+        self.wasClean = False
+        self.wasNotCleanReason = "slow consumer: outbound buffer over max_outbound_bytes"
+        self.dropConnection(abort=True)
+
+    def on_close(self, code: int | None) -> None:
+        f = self.factory
+        f.connections.discard(self)
+        if self.session is not None:
+            self.session.connection_lost()
+            self.session = None
+
+
+class RelayFactory(WebSocketServerFactory):
+    protocol = RelayProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        node: Node,
+        limits: Limits,
+        verifier: TokenVerifier | None,
+        clock_s: Callable[[], float],
+        clock_ms: Callable[[], int],
+        overloaded: Callable[[], bool],
+        max_outbound_bytes: int,
+        allowed_origins: list[str],
+        ping_interval_s: float,
+        ping_timeout_s: float,
+        handshake_timeout_s: float,
+    ) -> None:
+        super().__init__(url, protocols=[SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK])
+        self.node = node
+        self.limits = limits
+        self.verifier = verifier
+        self.clock_s = clock_s
+        self.clock_ms = clock_ms
+        self.overloaded = overloaded
+        self.max_outbound_bytes = max_outbound_bytes
+        self.connections: set[RelayProtocol] = set()
+        # Our own frames stay well under the max_frame we announce to clients.
+        self.out_frame_budget = max(1024, limits.max_frame // 2)
+        self.draining = False
+        self.stats: dict[str, int] = {"connections_opened": 0, "frames_in": 0, "delivered": 0}
+        self.errors: dict[str, int] = {}
+        self.disconnects: dict[str, int] = {}
+        self.allowed_origin_patterns = allowed_origins
+        options: dict[str, Any] = {
+            "maxFramePayloadSize": limits.max_frame,
+            "maxMessagePayloadSize": limits.max_frame,
+            "openHandshakeTimeout": handshake_timeout_s,
+            "closeHandshakeTimeout": 5,
+            "autoPingInterval": ping_interval_s,
+            "autoPingTimeout": ping_timeout_s,
+            "utf8validateIncoming": True,
+            "failByDrop": False,
+            "echoCloseCodeReason": False,
+            "tcpNoDelay": True,
+        }
+        self.setProtocolOptions(**options)
+
+    def origin_allowed(self, origin: str) -> bool:
+        """Whether a browser's ``Origin`` matches ``client.allowed_origins`` (``*``
+        wildcards; no list = any origin). Clients that send no Origin are not browsers
+        and are always allowed."""
+        pats = self.allowed_origin_patterns
+        return not pats or any(fnmatch.fnmatchcase(origin, p) for p in pats)
+
+    def fan_out(self, message: Message, handles: tuple[Hashable, ...]) -> None:
+        """Send one message to its subscribers, encoding once per format."""
+        prepared: dict[Format, Any] = {}
+        sizes: dict[Format, int] = {}
+        for h in handles:
+            proto = getattr(h, "sink", None)
+            if not isinstance(proto, RelayProtocol) or proto.session is None:
+                continue
+            fmt = proto.fmt
+            pm = prepared.get(fmt)
+            if pm is None:
+                payload = encode_frame([message_object(message, fmt)], fmt)
+                pm = prepared[fmt] = self.prepareMessage(payload, fmt is Format.MSGPACK)
+                sizes[fmt] = len(payload)
+            proto.send_prepared(pm, sizes[fmt])
+            self.stats["delivered"] += 1
+
+    def close_all(self, reason: str = "node shutting down") -> None:
+        """Refuse new connections and ask every client to go (1001)."""
+        self.draining = True
+        for proto in list(self.connections):
+            proto.close_with(CLOSE_GOING_AWAY, reason)

@@ -1,0 +1,93 @@
+"""Shared fixtures: an in-process relay node on the test reactor, asyncio test support.
+
+pytest runs with ``--reactor=asyncio`` (pyproject.toml), so Twisted's reactor *is* an
+asyncio loop: asyncio clients (``websockets``, ``relay.client``) and the node under test
+run on the same loop. Mark coroutine tests with :func:`aio`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from relay.config import Config, load_config
+from relay.server import RelayServer
+
+T = TypeVar("T")
+
+
+def aio(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """Run an ``async def`` test as an asyncio task on the reactor's loop."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # pytest-twisted calls tests in the reactor's greenlet and waits for a
+        # returned Deferred.
+        return Deferred.fromFuture(asyncio.ensure_future(fn(*args, **kwargs)))
+
+    return wrapper
+
+
+async def until(cond: Callable[[], Any], timeout_s: float = 5.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy; fail after a deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.01)  # poll interval
+
+
+def node_config(**sections: dict[str, Any]) -> Config:
+    """A config for a test node on free loopback ports, with overrides per section."""
+    base = load_config(
+        None, {"RELAY_CLIENT__PORT": "0", "RELAY_ADMIN__PORT": "0", "RELAY_NODE__ID": "test/n1"}
+    )
+    for name, values in sections.items():
+        base = replace(base, **{name: replace(getattr(base, name), **values)})
+    problems = base.validate()
+    assert not problems, problems
+    return base
+
+
+def start_node(config: Config) -> RelayServer:
+    from twisted.internet import reactor
+
+    server = RelayServer(config, reactor)
+    server.start()
+    return server
+
+
+def stop_node(server: RelayServer) -> None:
+    pytest_twisted.blockon(server.stop())
+
+
+@pytest.fixture
+def make_node() -> Iterator[Callable[..., RelayServer]]:
+    """Start nodes with ``make_node(client={...}, store={...})``; all stopped at the end."""
+    started: list[RelayServer] = []
+
+    def make(**sections: dict[str, Any]) -> RelayServer:
+        server = start_node(node_config(**sections))
+        started.append(server)
+        return server
+
+    yield make
+    for s in started:
+        stop_node(s)
+
+
+@pytest.fixture
+def anon_node(make_node: Callable[..., RelayServer]) -> RelayServer:
+    """A node that allows anonymous clients."""
+    return make_node(client={"allow_anonymous": True})
