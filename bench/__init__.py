@@ -1,0 +1,1 @@
+"""Benchmarks: `relay bench …` (docs/BENCHMARKS.md)."""
