@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from twisted.web import resource
+from twisted.web.pages import notFound
 from twisted.web.server import Request
 
 if TYPE_CHECKING:
@@ -70,9 +71,14 @@ class Status(_Authed):
         return json.dumps(body, indent=2).encode() + b"\n"
 
 
+class _Root(resource.Resource):
+    def getChild(self, path: bytes, request: Request) -> Any:
+        return notFound()
+
+
 def admin_root(server: RelayServer, registry: CollectorRegistry, token: str) -> resource.Resource:
     """The admin site's root resource."""
-    root = resource.Resource()
+    root = _Root()
     children: dict[bytes, Any] = {
         b"metrics": Metrics(token, registry),
         b"status": Status(token, server),

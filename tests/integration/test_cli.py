@@ -1,0 +1,182 @@
+"""The `relay` command as users run it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.sync.client import connect
+
+RELAY = [sys.executable, "-m", "relay"]
+
+
+def relay(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RELAY, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen[Any], timeout_s: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, f"process exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"{path} not written in {timeout_s}s"
+        time.sleep(0.05)  # poll interval
+    doc: dict[str, Any] = json.loads(path.read_text())
+    return doc
+
+
+def objects(ws: Any, n: int) -> list[dict[str, Any]]:
+    """The next ``n`` objects from the node (frames may hold arrays)."""
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        data = json.loads(ws.recv(timeout=5))
+        out.extend(data if isinstance(data, list) else [data])
+    assert len(out) == n, out
+    return out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ("serve",), ("dev",), ("config",), ("config", "validate"), ("config", "init"), ("bench",)],
+)
+def test_every_command_has_help(args: tuple[str, ...]) -> None:
+    r = relay(*args, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Usage:" in r.stdout
+
+
+def test_version() -> None:
+    r = relay("--version")
+    assert r.returncode == 0 and "relay" in r.stdout
+
+
+def test_config_validate_good_and_bad(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    r = relay("config", "init", str(good))
+    assert r.returncode == 0, r.stderr
+    assert relay("config", "validate", str(good)).returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[client]\nport = "x"\nmax_body = -1\n[nodee]\nid = "a"\n')
+    r = relay("config", "validate", str(bad))
+    assert r.returncode == 78
+    assert "client.port" in r.stderr and "client.max_body" in r.stderr and "nodee" in r.stderr
+    r = relay("config", "validate", "--json", str(bad))
+    assert r.returncode == 78
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False and len(doc["problems"]) >= 3
+
+
+def test_env_override_is_validated(tmp_path: Path) -> None:
+    good = tmp_path / "n.toml"
+    good.write_text("")
+    r = relay("config", "validate", str(good), env={"RELAY_CLIENT__PORT": "99999"})
+    assert r.returncode == 78 and "RELAY_CLIENT__PORT" in r.stderr
+
+
+def test_serve_refuses_bad_config_with_78(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[client]\nrate_per_s = 0\n")
+    r = relay("serve", "--config", str(bad))
+    assert r.returncode == 78 and "client.rate_per_s" in r.stderr
+
+
+def test_serve_then_sigterm_closes_clients_with_1001(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        '[node]\nid = "t/n1"\n[client]\nport = 0\nallow_anonymous = true\n[admin]\nport = 0\n'
+    )
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [*RELAY, "serve", "--config", str(cfg), "--ready-file", str(ready)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        info = wait_for_file(ready, proc)
+        assert info["id"] == "t/n1" and info["pid"] == proc.pid
+        with connect(info["ws"], subprotocols=["relay.v1.json"]) as ws:
+            ws.send(json.dumps({"op": "pub", "id": "1", "ch": "c", "body": "x"}))
+            assert [o["op"] for o in objects(ws, 2)] == ["welcome", "puback"]
+            proc.send_signal(signal.SIGTERM)
+            from websockets.exceptions import ConnectionClosed
+
+            with pytest.raises(ConnectionClosed) as e:
+                ws.recv(timeout=10)
+            assert e.value.rcvd is not None and e.value.rcvd.code == 1001
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_dev_writes_ready_file_and_serves(tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [*RELAY, "dev", "--ready-file", str(ready)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        doc = wait_for_file(ready, proc, timeout_s=60)
+        assert list(doc["regions"]) == ["local"]
+        region = doc["regions"]["local"]
+        assert region["redis"].startswith("redis://127.0.0.1:")
+        (node,) = region["nodes"]
+        assert set(node) == {"id", "ws", "admin", "pid"}
+        assert node["id"] == "local/n1"
+        with connect(node["ws"]) as a, connect(node["ws"]) as b:
+            a.send(json.dumps({"op": "sub", "ch": "inbox:alice"}))
+            assert [o["op"] for o in objects(a, 2)] == ["welcome", "subscribed"]
+            b.send(json.dumps({"op": "pub", "id": "hi", "ch": "inbox:alice", "body": "hello"}))
+            (msg,) = objects(a, 1)
+            assert msg["op"] == "msg" and msg["body"] == "hello"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        # Every child is gone.
+        for pid in (node["pid"],):
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_dev_port_base_makes_ports_predictable(tmp_path: Path) -> None:
+    from relay.redis_server import free_port
+
+    base = free_port()
+    if base > 64000:
+        pytest.skip("free port too high for a port base")
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [*RELAY, "dev", "--ready-file", str(ready), "--port-base", str(base)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        doc = wait_for_file(ready, proc, timeout_s=60)
+        node = doc["regions"]["local"]["nodes"][0]
+        assert node["ws"] == f"ws://127.0.0.1:{base}/v1/ws"
+        assert node["admin"] == f"http://127.0.0.1:{base + 1}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
