@@ -546,3 +546,51 @@ async def test_bad_input_does_not_grow_memory(anon_node: RelayServer) -> None:
 
 def test_msgspec_roundtrip_helper() -> None:
     assert msgspec.msgpack.decode(msgspec.msgpack.encode({"a": b"b"})) == {"a": b"b"}
+
+
+# -- invalid UTF-8 in channel names --------------------------------------------------
+
+
+@aio
+async def test_lone_surrogate_channel_in_json_is_bad_request(anon_node: RelayServer) -> None:
+    c = await anon(anon_node)
+    await c.send_raw('{"op": "sub", "ch": "inbox:\\ud800"}')
+    e = await c.expect("error")
+    assert e["code"] == "bad_request"
+    await c.request({"op": "ping"}, "pong")
+    await c.close()
+
+
+@aio
+async def test_invalid_utf8_channel_in_msgpack_is_bad_request(anon_node: RelayServer) -> None:
+    c = await anon(anon_node, "msgpack")
+    # {"op": "sub", "ch": <str with bytes ff fe>}
+    await c.send_raw(b"\x82\xa2op\xa3sub\xa2ch\xa2\xff\xfe")
+    assert (await c.expect("error"))["code"] == "bad_request"
+    # The channel as bytes, not a string.
+    await c.send({"op": "sub", "ch": b"inbox:alice"})
+    assert (await c.expect("error"))["code"] == "bad_request"
+    await c.request({"op": "ping"}, "pong")
+    await c.close()
+
+
+@aio
+async def test_invalid_utf8_text_frame_closes_1007(anon_node: RelayServer) -> None:
+    host, port = anon_node.ws_url.split("//")[1].split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET /v1/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        + _masked_frame(b'{"op": "sub", "ch": "\xff\xfe"}')
+    )
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
+    assert b0 & 0x0F == 8  # a close frame
+    payload = await reader.readexactly(b1 & 0x7F)
+    assert int.from_bytes(payload[:2], "big") == 1007
+    writer.close()
+    # The node still serves others.
+    other = await anon(anon_node)
+    await other.request({"op": "ping"}, "pong")
+    await other.close()
