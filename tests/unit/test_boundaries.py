@@ -19,6 +19,7 @@ CORE = [
     "relay/frames.py",
     "relay/session.py",
     "relay/node.py",
+    "relay/batch.py",
     "relay/config.py",
 ]
 FORBIDDEN = {
