@@ -380,7 +380,9 @@ def test_grants_compare_by_their_fields() -> None:
     assert Grants("u", ("a*",), ()) == Grants("u", ("a*",), ())
     assert Grants("u", ("a*",), ()) != Grants("u", ("b*",), ())
     assert hash(Grants("u", ("a*",), ())) == hash(Grants("u", ("a*",), ()))
-    assert repr(Grants("u", (), ())) == "Grants(subject='u', can_pub=(), can_sub=(), expires_s=None)"
+    assert (
+        repr(Grants("u", (), ())) == "Grants(subject='u', can_pub=(), can_sub=(), expires_s=None)"
+    )
 
 
 _chars = st.text(max_size=30)
