@@ -45,6 +45,7 @@ class DevCluster:
     regions: list[str]
     nodes_per_region: int = 1
     port_base: int | None = None
+    log_level: str = "warning"
     workdir: Path | None = None
     redis: dict[str, RedisServer] = field(default_factory=dict)
     nodes: list[DevNode] = field(default_factory=list)
