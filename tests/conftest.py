@@ -91,3 +91,26 @@ def make_node() -> Iterator[Callable[..., RelayServer]]:
 def anon_node(make_node: Callable[..., RelayServer]) -> RelayServer:
     """A node that allows anonymous clients."""
     return make_node(client={"allow_anonymous": True})
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """One real Redis-compatible server for the session (Debian redis-server or the
+    embedded valkey-server), on a free loopback port."""
+    from relay.redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: Any) -> str:
+    """The session's Redis, emptied for this test."""
+    import redis as redis_sync
+
+    with redis_sync.Redis.from_url(redis_server.url) as r:
+        r.flushall()
+        r.config_set("notify-keyspace-events", "")
+    url: str = redis_server.url
+    return url

@@ -1,0 +1,248 @@
+"""Membership of a region, held in its Redis: leases, joins, leaves, expiries.
+
+Each node holds a lease key ``relay:{<region>}:lease:<node_id>`` (``SET … PX``) whose
+value describes it (epoch, mesh address, URLs, weight), renewed every ``renew_ms``.
+Joins and leaves are published on ``relay:{<region>}:members``; a lease that expires
+(the node died or stalled) reaches every node through Redis keyspace notifications
+(``notify-keyspace-events Ex``). Nobody polls.
+
+This is an edge: it turns Redis traffic into :class:`Joined`, :class:`Left` and
+:class:`Expired` events for the caller (which feeds the pure failure detector), and
+calls ``on_lease_lost`` when this node's own lease is gone (it must then stop owning
+anything and rejoin with a new epoch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from cluster.keys import PREFIX, lease_key, members_channel, region_tag
+
+log = logging.getLogger(__name__)
+
+# Renew only if the lease still holds exactly our value (our epoch): a lease that expired
+# and was taken by a newer incarnation of this node id is not ours to extend.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A node as its lease describes it."""
+
+    node_id: str
+    epoch: int
+    mesh: str  # host:port of its mesh listener
+    ws: str = ""
+    admin: str = ""
+    weight: float = 1.0
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> Member:
+        d = json.loads(raw)
+        return cls(
+            node_id=str(d["node_id"]),
+            epoch=int(d["epoch"]),
+            mesh=str(d["mesh"]),
+            ws=str(d.get("ws", "")),
+            admin=str(d.get("admin", "")),
+            weight=float(d.get("weight", 1.0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    member: Member
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    node_id: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    node_id: str
+
+
+MembershipEvent = Joined | Left | Expired
+
+
+def epoch_key(region: str) -> str:
+    """The counter that hands out epochs in ``region``: every join takes a new one."""
+    return f"{PREFIX}:{region_tag(region)}:epoch"
+
+
+class Membership:
+    """This node's lease, and what it hears of the others'."""
+
+    def __init__(
+        self,
+        *,
+        client: Redis,
+        region: str,
+        me: Member,
+        lease_ttl_ms: int = 3000,
+        renew_ms: int = 1000,
+        on_event: Callable[[MembershipEvent], None],
+        on_lease_lost: Callable[[], None],
+    ) -> None:
+        self.client = client
+        self.region = region
+        self.me = me
+        self.lease_ttl_ms = lease_ttl_ms
+        self.renew_ms = renew_ms
+        self.on_event = on_event
+        self.on_lease_lost = on_lease_lost
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pubsub: Any = None
+        self._lease_prefix = lease_key(region, me.node_id).rsplit(":", 1)[0] + ":"
+        self.notifications = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def join(self) -> Member:
+        """Take a new epoch and the lease; announce it. Returns this node, with epoch."""
+        epoch = int(await self.client.incr(epoch_key(self.region)))
+        self.me = replace(self.me, epoch=epoch)
+        await self.client.set(
+            lease_key(self.region, self.me.node_id), self.me.encode(), px=self.lease_ttl_ms
+        )
+        await self.client.publish(
+            members_channel(self.region),
+            json.dumps({"event": "join", "member": json.loads(self.me.encode())}),
+        )
+        return self.me
+
+    async def start(self) -> None:
+        """Listen for joins, leaves and expiries, and keep renewing the lease."""
+        await self._enable_notifications()
+        self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
+        await self._pubsub.subscribe(members_channel(self.region), f"__keyevent@{db}__:expired")
+        self._tasks = [asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._renew())]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+            self._pubsub = None
+
+    async def leave(self) -> None:
+        """Release the lease (if still ours) and announce the leave at once."""
+        try:
+            await self.client.eval(
+                _RELEASE, 1, lease_key(self.region, self.me.node_id), self.me.encode()
+            )
+            await self.client.publish(
+                members_channel(self.region),
+                json.dumps({"event": "leave", "node_id": self.me.node_id, "epoch": self.me.epoch}),
+            )
+        except (RedisError, OSError) as e:
+            log.warning("could not release the lease of %s: %s", self.me.node_id, e)
+
+    async def snapshot(self) -> dict[str, Member]:
+        """Every member holding a lease now."""
+        out: dict[str, Member] = {}
+        keys = [k async for k in self.client.scan_iter(match=self._lease_prefix + "*", count=1000)]
+        if not keys:
+            return out
+        for raw in await self.client.mget(keys):
+            if raw is None:
+                continue
+            try:
+                m = Member.decode(raw)
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring a malformed lease value %r", raw[:200])
+                continue
+            out[m.node_id] = m
+        return out
+
+    # -- loops ---------------------------------------------------------------------
+
+    async def _enable_notifications(self) -> None:
+        try:
+            current = await self.client.config_get("notify-keyspace-events")
+            flags = str(current.get("notify-keyspace-events", ""))
+            if "E" not in flags or ("x" not in flags and "A" not in flags):
+                await self.client.config_set("notify-keyspace-events", flags + "Ex")
+            self.notifications = True
+        except ResponseError as e:
+            # Managed Redis may refuse CONFIG: expiries are then seen by mesh pings only.
+            log.warning(
+                "keyspace notifications unavailable (%s); set "
+                "notify-keyspace-events to Ex on this Redis",
+                e,
+            )
+
+    async def _renew(self) -> None:
+        key = lease_key(self.region, self.me.node_id)
+        while True:
+            await asyncio.sleep(self.renew_ms / 1000)  # the renewal period
+            try:
+                ok = await self.client.eval(
+                    _RENEW, 1, key, self.me.encode(), str(self.lease_ttl_ms)
+                )
+            except (RedisError, OSError) as e:
+                log.warning("lease renewal failed: %s", e)
+                continue
+            if not ok:
+                log.error("lease of %s (epoch %d) is lost", self.me.node_id, self.me.epoch)
+                self.on_lease_lost()
+                return
+
+    async def _listen(self) -> None:
+        assert self._pubsub is not None
+        async for item in self._pubsub.listen():
+            try:
+                self._dispatch(item)
+            except Exception:
+                log.exception("bad membership message %r", item)
+
+    def _dispatch(self, item: dict[str, Any]) -> None:
+        channel = _text(item.get("channel"))
+        data = _text(item.get("data"))
+        if channel.endswith(":expired"):
+            if data.startswith(self._lease_prefix):
+                self.on_event(Expired(data[len(self._lease_prefix) :]))
+            return
+        doc = json.loads(data)
+        if doc.get("event") == "join":
+            self.on_event(Joined(Member.decode(json.dumps(doc["member"]))))
+        elif doc.get("event") == "leave":
+            self.on_event(Left(str(doc["node_id"]), int(doc["epoch"])))
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return str(v) if v is not None else ""
