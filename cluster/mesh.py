@@ -1,0 +1,380 @@
+"""The intra-region mesh: one TCP connection per pair of nodes, msgpack frames.
+
+The node with the smaller id dials; both ends then send on the same connection, so what
+one node sends another (replies and deliveries alike) arrives in order. Each end says
+``HELLO`` (node id, epoch) first. Requests carry an id and are answered with ``REPLY``;
+``DELIVER`` and ``INTEREST`` are one-way. Pings run on every connection: a peer that
+does not answer within ``ping_timeout_s`` is reported (a stalled reactor shows up here
+before its lease expires) and the connection is dropped. A peer that stops reading is cut
+off once ``max_outbound_bytes`` wait for it, so it can never stall this node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from twisted.internet import protocol, task
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+from cluster.errors import ClusterError
+from cluster.wire import FrameReader, Kind, WireError, encode
+
+log = logging.getLogger(__name__)
+
+
+class PeerUnavailable(ClusterError):
+    """No usable connection to the peer, or it went away before answering."""
+
+
+class RemoteError(ClusterError):
+    """The peer answered a request with an error: ``code`` and ``reason``."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class Handler(Protocol):
+    """What the mesh calls when peers talk to this node."""
+
+    def on_request(self, peer: str, op: str, args: Any) -> Awaitable[Any] | Any: ...
+
+    def on_deliver(self, peer: str, ch: str, fields: list[Any]) -> None: ...
+
+    def on_interest(self, peer: str, ch: str, on: bool) -> None: ...
+
+    def on_peer_up(self, peer: str, epoch: int) -> None: ...
+
+    def on_peer_down(self, peer: str, reason: str) -> None: ...
+
+
+@implementer(IPushProducer)
+class _Pressure:
+    def __init__(self) -> None:
+        self.paused = False
+        self.queued = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.queued = 0
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class MeshProtocol(protocol.Protocol):
+    """One mesh connection (either end)."""
+
+    factory: MeshFactory
+    transport: Any
+
+    def __init__(self) -> None:
+        self.reader: FrameReader | None = None
+        self.peer: str | None = None
+        self.peer_epoch = 0
+        self.pressure = _Pressure()
+        self._pinger: task.LoopingCall | None = None
+        self._ping_seq = 0
+        self._last_pong = 0.0
+
+    # Twisted hooks delegate.
+    def connectionMade(self) -> None:
+        self.connection_made()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data_received(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.connection_lost(str(reason.value) if reason is not None else "closed")
+
+    # -- behaviour -----------------------------------------------------------------
+
+    def connection_made(self) -> None:
+        f = self.factory
+        self.reader = FrameReader(f.mesh.max_frame)
+        self.transport.registerProducer(self.pressure, True)
+        self.send([Kind.HELLO, f.mesh.node_id, f.mesh.epoch])
+        self._last_pong = f.mesh.clock()
+        self._pinger = task.LoopingCall(self._ping)
+        self._pinger.clock = f.mesh.reactor
+        self._pinger.start(f.mesh.ping_interval_s, now=False)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.reader is not None
+        try:
+            messages = self.reader.feed(data)
+        except WireError as e:
+            log.warning("mesh: dropping %s: %s", self.peer or "unknown peer", e)
+            self.transport.abortConnection()
+            return
+        for m in messages:
+            try:
+                self.handle(m)
+            except Exception:
+                log.exception("mesh: bad message from %s: %r", self.peer, m[:3])
+                self.transport.abortConnection()
+                return
+
+    def handle(self, m: list[Any]) -> None:
+        kind = m[0]
+        mesh = self.factory.mesh
+        if self.peer is None:
+            if kind != Kind.HELLO or len(m) != 3 or not isinstance(m[1], str):
+                raise WireError("first message must be HELLO")
+            self.peer, self.peer_epoch = m[1], int(m[2])
+            mesh.attach(self)
+            return
+        if kind == Kind.PING:
+            self.send([Kind.PONG, m[1]])
+        elif kind == Kind.PONG:
+            self._last_pong = mesh.clock()
+        elif kind == Kind.REQUEST:
+            _, req_id, op, args = m
+            mesh.serve_request(self, int(req_id), str(op), args)
+        elif kind == Kind.REPLY:
+            _, req_id, ok, result = m
+            mesh.complete(int(req_id), bool(ok), result)
+        elif kind == Kind.DELIVER:
+            _, ch, fields = m
+            mesh.handler.on_deliver(self.peer, str(ch), list(fields))
+        elif kind == Kind.INTEREST:
+            _, ch, on = m
+            mesh.handler.on_interest(self.peer, str(ch), bool(on))
+        else:
+            raise WireError(f"unknown message kind {kind}")
+
+    def send(self, message: list[Any]) -> None:
+        data = encode(message)
+        p = self.pressure
+        if p.paused:
+            p.queued += len(data)
+            if p.queued > self.factory.mesh.max_outbound_bytes:
+                log.warning("mesh: %s is not reading; cutting it off", self.peer)
+                self.transport.abortConnection()
+                return
+        self.transport.write(data)
+
+    def _ping(self) -> None:
+        mesh = self.factory.mesh
+        if mesh.clock() - self._last_pong > mesh.ping_interval_s + mesh.ping_timeout_s:
+            log.warning("mesh: %s missed its pings; dropping the connection", self.peer)
+            self.transport.abortConnection()
+            return
+        self._ping_seq += 1
+        self.send([Kind.PING, self._ping_seq])
+
+    def connection_lost(self, reason: str) -> None:
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
+        self.factory.mesh.detach(self, reason)
+
+
+class MeshFactory(protocol.Factory):
+    protocol = MeshProtocol  # type: ignore[assignment]
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+
+
+class _Dialer(protocol.ClientFactory):
+    protocol = MeshProtocol  # type: ignore[assignment]
+
+    def __init__(self, mesh: Mesh, peer: str) -> None:
+        self.mesh = mesh
+        self.peer = peer
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        self.mesh.dial_failed(self.peer)
+
+
+class Mesh:
+    """This node's end of the mesh: connections by peer id, requests, one-way sends."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        epoch: int,
+        handler: Handler,
+        reactor: Any,
+        clock: Callable[[], float],
+        ping_interval_s: float = 0.5,
+        ping_timeout_s: float = 2.0,
+        request_timeout_s: float = 5.0,
+        max_frame: int = 8 * 1024 * 1024,
+        max_outbound_bytes: int = 64 * 1024 * 1024,
+        retry_s: float = 0.2,
+    ) -> None:
+        self.node_id = node_id
+        self.epoch = epoch
+        self.handler = handler
+        self.reactor = reactor
+        self.clock = clock
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.max_frame = max_frame
+        self.max_outbound_bytes = max_outbound_bytes
+        self.retry_s = retry_s
+        self.connections: dict[str, MeshProtocol] = {}
+        self.wanted: dict[str, str] = {}  # peer → host:port, for the peers we dial
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._port: Any = None
+        self._stopped = False
+
+    # -- listening and dialling ----------------------------------------------------
+
+    def listen(self, host: str, port: int) -> int:
+        self._port = self.reactor.listenTCP(port, MeshFactory(self), interface=host)
+        bound: int = self._port.getHost().port
+        return bound
+
+    def want(self, peer: str, address: str) -> None:
+        """Keep a connection to ``peer`` (we dial when our id is the smaller)."""
+        if peer == self.node_id:
+            return
+        if self.node_id < peer:
+            known = self.wanted.get(peer)
+            self.wanted[peer] = address
+            if known != address or peer not in self.connections:
+                self._dial(peer)
+
+    def forget(self, peer: str) -> None:
+        self.wanted.pop(peer, None)
+        conn = self.connections.pop(peer, None)
+        if conn is not None:
+            conn.transport.loseConnection()
+
+    def _dial(self, peer: str) -> None:
+        if self._stopped or peer not in self.wanted:
+            return
+        host, port = self.wanted[peer].rsplit(":", 1)
+        self.reactor.connectTCP(host, int(port), _Dialer(self, peer), timeout=5)
+
+    def dial_failed(self, peer: str) -> None:
+        if not self._stopped and peer in self.wanted and peer not in self.connections:
+            self.reactor.callLater(self.retry_s, self._dial, peer)
+
+    def attach(self, conn: MeshProtocol) -> None:
+        assert conn.peer is not None
+        old = self.connections.get(conn.peer)
+        self.connections[conn.peer] = conn
+        if old is not None and old is not conn:
+            old.transport.loseConnection()
+        self.handler.on_peer_up(conn.peer, conn.peer_epoch)
+
+    def detach(self, conn: MeshProtocol, reason: str) -> None:
+        peer = conn.peer
+        if peer is None or self.connections.get(peer) is not conn:
+            return
+        del self.connections[peer]
+        self.handler.on_peer_down(peer, reason)
+        if peer in self.wanted:
+            self.reactor.callLater(self.retry_s, self._dial, peer)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._port is not None:
+            await asyncio.ensure_future(_as_future(self._port.stopListening()))
+        for conn in list(self.connections.values()):
+            conn.transport.loseConnection()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(PeerUnavailable("mesh stopped"))
+        self._pending.clear()
+
+    # -- requests ------------------------------------------------------------------
+
+    async def request(self, peer: str, op: str, args: Any) -> Any:
+        """Ask ``peer`` to do ``op``; raise PeerUnavailable or RemoteError."""
+        conn = self.connections.get(peer)
+        if conn is None:
+            raise PeerUnavailable(f"no connection to {peer}")
+        req_id = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = fut
+        conn.send([Kind.REQUEST, req_id, op, args])
+        try:
+            return await asyncio.wait_for(fut, self.request_timeout_s)
+        except TimeoutError:
+            raise PeerUnavailable(f"{peer} did not answer {op} in time") from None
+        finally:
+            self._pending.pop(req_id, None)
+
+    def complete(self, req_id: int, ok: bool, result: Any) -> None:
+        fut = self._pending.get(req_id)
+        if fut is None or fut.done():
+            return
+        if ok:
+            fut.set_result(result)
+        else:
+            code, reason = (
+                ([*result, "internal", ""])[:2]
+                if isinstance(result, list)
+                else ("internal", str(result))
+            )
+            fut.set_exception(RemoteError(str(code), str(reason)))
+
+    def serve_request(self, conn: MeshProtocol, req_id: int, op: str, args: Any) -> None:
+        assert conn.peer is not None
+        try:
+            result = self.handler.on_request(conn.peer, op, args)
+        except RemoteError as e:
+            conn.send([Kind.REPLY, req_id, False, [e.code, e.reason]])
+            return
+        except Exception as e:
+            log.exception("mesh: request %s from %s failed", op, conn.peer)
+            conn.send([Kind.REPLY, req_id, False, ["internal", str(e)]])
+            return
+        if asyncio.isfuture(result) or asyncio.iscoroutine(result):
+            fut = asyncio.ensure_future(result)
+            fut.add_done_callback(lambda f: self._reply_done(conn, req_id, f))
+        else:
+            conn.send([Kind.REPLY, req_id, True, result])
+
+    def _reply_done(self, conn: MeshProtocol, req_id: int, fut: asyncio.Future[Any]) -> None:
+        if conn.transport is None or conn.peer not in self.connections:
+            return
+        exc = fut.exception()
+        if exc is None:
+            conn.send([Kind.REPLY, req_id, True, fut.result()])
+        elif isinstance(exc, RemoteError):
+            conn.send([Kind.REPLY, req_id, False, [exc.code, exc.reason]])
+        else:
+            conn.send([Kind.REPLY, req_id, False, ["internal", str(exc)]])
+
+    # -- one-way -------------------------------------------------------------------
+
+    def deliver(self, peer: str, ch: str, fields: list[Any]) -> bool:
+        conn = self.connections.get(peer)
+        if conn is None:
+            return False
+        conn.send([Kind.DELIVER, ch, fields])
+        return True
+
+    def interest(self, peer: str, ch: str, on: bool) -> bool:
+        conn = self.connections.get(peer)
+        if conn is None:
+            return False
+        conn.send([Kind.INTEREST, ch, on])
+        return True
+
+
+def _as_future(d: Any) -> Any:
+    from twisted.internet.defer import Deferred
+
+    if isinstance(d, Deferred):
+        return d.asFuture(asyncio.get_running_loop())
+    f: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    f.set_result(None)
+    return f
