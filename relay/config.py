@@ -31,6 +31,7 @@ __all__ = [
     "AdminConfig",
     "AuthConfig",
     "ClientConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "NodeConfig",
@@ -229,12 +230,36 @@ class StoreConfig:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The region: Redis, mesh, ring, slot logs (no redis_url: a standalone node)."""
+
+    redis_url: str = _opt(
+        "", "str", "the region's Redis (redis:// or rediss://); empty = a standalone node"
+    )
+    mesh_host: str = _opt("127.0.0.1", "str", "mesh listen address", nonempty=True)
+    mesh_port: int = _opt(7402, "int", "mesh port (0 = pick a free one)", **_PORT)
+    advertise_host: str = _opt(
+        "", "str", "address the region's other nodes dial for the mesh (empty = mesh_host)"
+    )
+    weight: float = _opt(1.0, "float", "this node's share of the ring", lo=0, lo_open=True)
+    slots: int = _opt(256, "int", "slots per region; fixed for the cluster's life", **_POSITIVE)
+    replicas: int = _opt(2, "int", "copies of each slot: its owner and replicas", **_POSITIVE)
+    lease_ttl_ms: int = _opt(3000, "int", "a node whose lease is this old is dead", lo=100)
+    lease_renew_ms: int = _opt(1000, "int", "how often a node renews its lease", lo=10)
+    batch_window_ms: int = _opt(100, "int", "how long events gather before a slot-log append", lo=1)
+    checkpoint_interval_s: float = _opt(
+        5.0, "float", "how often changed slots are checkpointed to Redis", lo=0, lo_open=True
+    )
+
+
 _SECTIONS: Final[dict[str, type[Any]]] = {
     "node": NodeConfig,
     "client": ClientConfig,
     "auth": AuthConfig,
     "admin": AdminConfig,
     "store": StoreConfig,
+    "cluster": ClusterConfig,
 }
 
 _NODE_ID_PART: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -259,6 +284,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> list[str]:
         """Every problem with this configuration (``[]`` when it is usable).
