@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -121,6 +122,9 @@ class Membership:
         self._pubsub: Any = None
         self._lease_prefix = lease_key(region, me.node_id).rsplit(":", 1)[0] + ":"
         self.notifications = False
+        # Monotonic time until which our lease surely holds: measured from the moment
+        # the last successful write of it was *sent*, so a paused process sees it pass.
+        self.lease_valid_until = 0.0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -128,9 +132,11 @@ class Membership:
         """Take a new epoch and the lease; announce it. Returns this node, with epoch."""
         epoch = int(await self.client.incr(epoch_key(self.region)))
         self.me = replace(self.me, epoch=epoch)
+        sent = time.monotonic()
         await self.client.set(
             lease_key(self.region, self.me.node_id), self.me.encode(), px=self.lease_ttl_ms
         )
+        self.lease_valid_until = sent + self.lease_ttl_ms / 1000
         await self.client.publish(
             members_channel(self.region),
             json.dumps({"event": "join", "member": json.loads(self.me.encode())}),
@@ -208,6 +214,7 @@ class Membership:
         key = lease_key(self.region, self.me.node_id)
         while True:
             await asyncio.sleep(self.renew_ms / 1000)  # the renewal period
+            sent = time.monotonic()
             try:
                 ok = await self.client.eval(
                     _RENEW, 1, key, self.me.encode(), str(self.lease_ttl_ms)
@@ -217,8 +224,10 @@ class Membership:
                 continue
             if not ok:
                 log.error("lease of %s (epoch %d) is lost", self.me.node_id, self.me.epoch)
+                self.lease_valid_until = 0.0
                 self.on_lease_lost()
                 return
+            self.lease_valid_until = sent + self.lease_ttl_ms / 1000
 
     async def _listen(self) -> None:
         assert self._pubsub is not None

@@ -90,6 +90,16 @@ class Batcher:
             return [self._close(slot)]
         return []
 
+    def add_waiter(self, slot: int, waiter: Hashable, now_ms: int) -> None:
+        """Answer ``waiter`` with the slot's next entry (e.g. after a failed append is
+        queued again)."""
+        o = self._open.get(slot)
+        if o is None:
+            o = self._open[slot] = _Open()
+        if self._window_started_ms is None:
+            self._window_started_ms = now_ms
+        o.waiters.append(waiter)
+
     def deadline_ms(self) -> int | None:
         """When the current window ends (None: nothing is waiting)."""
         if self._window_started_ms is None or not self._open:
