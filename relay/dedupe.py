@@ -42,8 +42,15 @@ class DedupeIndex:
 
     def remember(self, key: str, hlc: int, now_ms: int) -> None:
         """Remember ``key``, accepted at ``hlc``, if its window has not passed yet."""
-        if physical_ms(hlc) + self.window_ms <= now_ms or key in self._hlc:
+        if physical_ms(hlc) + self.window_ms <= now_ms:
             return
+        known = self._hlc.get(key)
+        if known is not None and physical_ms(known) + self.window_ms > now_ms:
+            return  # still remembered from within its window
+        # New, or an entry whose window passed but expire() has not reached yet (the id
+        # was accepted again since): remember the new acceptance. The key may then stand
+        # twice in _order; expire() stops at an entry still in its window, so the newer
+        # one is never dropped early by the older occurrence.
         self._hlc[key] = hlc
         self._order.append(key)
         while len(self._hlc) > self.max_ids:
