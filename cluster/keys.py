@@ -96,3 +96,18 @@ def link_lease_key(region: str, dest: str) -> str:
 def members_channel(region: str) -> str:
     """The pub/sub channel of joins and leaves in ``region``: ``relay:{sg}:members``."""
     return f"{PREFIX}:{region_tag(region)}:members"
+
+
+def control_channel(region: str) -> str:
+    """The pub/sub channel of ops commands to the nodes of ``region`` (drain)."""
+    return f"{PREFIX}:{region_tag(region)}:control"
+
+
+def epoch_key(region: str) -> str:
+    """The counter that hands out epochs in ``region``: every join takes a new one."""
+    return f"{PREFIX}:{region_tag(region)}:epoch"
+
+
+def lease_prefix(region: str) -> str:
+    """The common prefix of every lease key of ``region``."""
+    return f"{PREFIX}:{region_tag(region)}:lease:"

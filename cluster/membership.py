@@ -26,7 +26,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from cluster.keys import PREFIX, lease_key, members_channel, region_tag
+from cluster.keys import control_channel, epoch_key, lease_key, lease_prefix, members_channel
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,6 @@ class Expired:
 MembershipEvent = Joined | Left | Expired
 
 
-def epoch_key(region: str) -> str:
-    """The counter that hands out epochs in ``region``: every join takes a new one."""
-    return f"{PREFIX}:{region_tag(region)}:epoch"
-
-
 class Membership:
     """This node's lease, and what it hears of the others'."""
 
@@ -110,6 +105,7 @@ class Membership:
         renew_ms: int = 1000,
         on_event: Callable[[MembershipEvent], None],
         on_lease_lost: Callable[[], None],
+        on_command: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.client = client
         self.region = region
@@ -118,9 +114,10 @@ class Membership:
         self.renew_ms = renew_ms
         self.on_event = on_event
         self.on_lease_lost = on_lease_lost
+        self.on_command = on_command
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
-        self._lease_prefix = lease_key(region, me.node_id).rsplit(":", 1)[0] + ":"
+        self._lease_prefix = lease_prefix(region)
         self.notifications = False
         # Monotonic time until which our lease surely holds: measured from the moment
         # the last successful write of it was *sent*, so a paused process sees it pass.
@@ -148,7 +145,11 @@ class Membership:
         await self._enable_notifications()
         self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
-        await self._pubsub.subscribe(members_channel(self.region), f"__keyevent@{db}__:expired")
+        await self._pubsub.subscribe(
+            members_channel(self.region),
+            control_channel(self.region),
+            f"__keyevent@{db}__:expired",
+        )
         self._tasks = [asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._renew())]
 
     async def stop(self) -> None:
@@ -245,6 +246,10 @@ class Membership:
                 self.on_event(Expired(data[len(self._lease_prefix) :]))
             return
         doc = json.loads(data)
+        if channel == control_channel(self.region):
+            if self.on_command is not None and doc.get("node") == self.me.node_id:
+                self.on_command(doc)
+            return
         if doc.get("event") == "join":
             self.on_event(Joined(Member.decode(json.dumps(doc["member"]))))
         elif doc.get("event") == "leave":

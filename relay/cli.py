@@ -107,23 +107,36 @@ def serve(config_path: str | None, ready_file: str | None, log_level: str) -> No
     try:
         reactor: Any = _reactor
         server = RelayServer(config, reactor)
-        server.start()
+        started = server.start()
     except (RelayError, OSError) as e:
         err.print(f"[bold red]relay: cannot start:[/] {e}")
         sys.exit(EXIT_FAILED)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
-    if ready_file:
-        write_ready_file(
-            ready_file,
-            {
-                "id": config.node.id,
-                "ws": server.ws_url,
-                "admin": server.admin_url,
-                "pid": os.getpid(),
-            },
+    exit_code = [EXIT_OK]
+
+    def serving(_: object) -> None:
+        if ready_file:
+            write_ready_file(
+                ready_file,
+                {
+                    "id": config.node.id,
+                    "ws": server.ws_url,
+                    "admin": server.admin_url,
+                    "pid": os.getpid(),
+                },
+            )
+        err.print(
+            f"relay: node {config.node.id} serving {server.ws_url} (admin {server.admin_url})"
         )
-    err.print(f"relay: node {config.node.id} serving {server.ws_url} (admin {server.admin_url})")
+
+    def failed(failure: Any) -> None:
+        err.print(f"[bold red]relay: cannot join the region:[/] {failure.getErrorMessage()}")
+        exit_code[0] = EXIT_UNAVAILABLE
+        reactor.stop()
+
+    started.addCallbacks(serving, failed)
     reactor.run()
+    sys.exit(exit_code[0])
 
 
 # -- dev --------------------------------------------------------------------------
@@ -237,6 +250,103 @@ def config_init(file: str | None) -> None:
         sys.exit(EXIT_FAILED)
     p.write_text(text)
     err.print(f"wrote {file}")
+
+
+# -- status, node -----------------------------------------------------------------
+
+_redis_option = click.option(
+    "--redis",
+    "redis_url",
+    required=True,
+    envvar="RELAY_CLUSTER__REDIS_URL",
+    help="The region's Redis URL (default from RELAY_CLUSTER__REDIS_URL).",
+)
+_slots_option = click.option(
+    "--slots",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1, 65536),
+    help="Slots of the region.",
+)
+
+
+@cli.command()
+@_redis_option
+@click.option("--region", required=True, help="The region to show.")
+@_slots_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def status(redis_url: str, region: str, slots: int, as_json: bool) -> None:
+    """Members of a region, their slots and the ring epoch, read from its Redis.
+
+    Exit 0, or 69 when the Redis cannot be reached.
+    """
+    from cluster.status import Unreachable, region_status
+
+    try:
+        doc = region_status(redis_url, region, slots)
+    except Unreachable as e:
+        err.print(f"relay status: {e}")
+        sys.exit(EXIT_UNAVAILABLE)
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"region {region} (ring epoch {doc['ring_epoch']})")
+    for col in ("node", "epoch", "slots", "weight", "ws", "admin"):
+        table.add_column(col)
+    for m in doc["members"]:
+        table.add_row(
+            m["id"], str(m["epoch"]), str(m["slots"]), str(m["weight"]), m["ws"], m["admin"]
+        )
+    Console().print(table)
+    if doc["unowned_slots"] or doc["slots_by_stale_owner"]:
+        err.print(
+            f"[yellow]{doc['unowned_slots']} slots unowned, "
+            f"{doc['slots_by_stale_owner']} held by nodes without a lease[/]"
+        )
+
+
+@cli.group()
+def node() -> None:
+    """Act on one node of a region."""
+
+
+@node.command("drain")
+@click.argument("node_id")
+@_redis_option
+@_slots_option
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the node's slots to move.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def node_drain(node_id: str, redis_url: str, slots: int, timeout_s: float, as_json: bool) -> None:
+    """Move NODE_ID's slots to their next owners, then let it leave the ring.
+
+    The node flushes its batches to the slot logs, releases its lease and exits; the
+    others take its slots over at once. Exit 0 when done, 1 on timeout, 2 when the node
+    is not a member, 69 when the Redis cannot be reached.
+    """
+    from cluster.status import Unreachable, drain
+
+    region = node_id.split("/", 1)[0]
+    try:
+        ok = drain(redis_url, region, node_id, slots, timeout_s)
+    except Unreachable as e:
+        err.print(f"relay node drain: {e}")
+        sys.exit(EXIT_UNAVAILABLE)
+    except LookupError as e:
+        err.print(f"relay node drain: {e}")
+        sys.exit(EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps({"node": node_id, "drained": ok}))
+    else:
+        err.print(f"{node_id}: {'drained' if ok else 'still holds slots after the timeout'}")
+    sys.exit(EXIT_OK if ok else EXIT_FAILED)
 
 
 # -- bench ------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -104,6 +103,9 @@ def _is_clean(s: str) -> bool:
 
 
 def check_channel(v: Any) -> str:
+    # Fast path: printable ASCII is valid UTF-8 of one byte a character.
+    if type(v) is str and v.isascii() and 0 < len(v) <= MAX_CHANNEL_BYTES and v.isprintable():
+        return v
     if not isinstance(v, str):
         raise BadObject(Code.BAD_REQUEST, "ch must be a string")
     n = len(v.encode("utf-8", "surrogatepass"))
@@ -119,6 +121,8 @@ def check_channel(v: Any) -> str:
 
 
 def check_id(v: Any, ch: str | None = None) -> str:
+    if type(v) is str and v.isascii() and 0 < len(v) <= MAX_ID_CHARS and v.isprintable():
+        return v
     if not isinstance(v, str) or not 1 <= len(v) <= MAX_ID_CHARS:
         raise BadObject(
             Code.BAD_REQUEST, f"id must be a string of 1-{MAX_ID_CHARS} characters", ch=ch
@@ -132,8 +136,7 @@ def check_id(v: Any, ch: str | None = None) -> str:
     return v
 
 
-@dataclass(frozen=True, slots=True)
-class Pub:
+class Pub(msgspec.Struct, frozen=True, gc=False):
     id: str
     ch: str
     body: bytes
@@ -152,7 +155,9 @@ def parse_pub(obj: dict[str, Any], fmt: Format, max_body: int, max_ttl_s: int) -
         e.id = msg_id
         raise
     body = obj.get("body")
-    if isinstance(body, str):
+    if type(body) is str and body.isascii():
+        data = body.encode("ascii")
+    elif isinstance(body, str):
         try:
             data = body.encode()
         except UnicodeEncodeError:

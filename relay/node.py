@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from relay.dedupe import DedupeIndex, dedupe_key
 from relay.hlc import HybridClock
 from relay.store import Message, PendingStore, Removed
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
+class Accepted(msgspec.Struct, frozen=True, gc=False):
     """The answer to a publish: what ``puback`` reports, and whom to deliver to."""
 
     hlc: int
@@ -74,28 +75,30 @@ class Node:
     ) -> Accepted:
         """Accept a message, or recognise it as a duplicate of one accepted before."""
         store = self.store
-        if store.contains(ch, msg_id):
-            m = store.get(ch, msg_id)
-            assert m is not None
+        m = store.get(ch, msg_id)
+        if m is not None:
             self.counters.duplicates += 1
             return Accepted(m.hlc, m.origin, True)
-        seen = self.dedupe.lookup(dedupe_key(ch, msg_id), now_ms)
-        if seen is not None:
-            self.counters.duplicates += 1
-            return Accepted(seen, self.region, True)
+        dedupe = self.dedupe
+        if len(dedupe):
+            seen = dedupe.lookup(dedupe_key(ch, msg_id), now_ms)
+            if seen is not None:
+                self.counters.duplicates += 1
+                return Accepted(seen, self.region, True)
         hlc = self.clock.tick(now_ms)
         expires_ms = now_ms + ttl_ms
+        region = self.region
         removed = store.add(
-            ch, msg_id, hlc=hlc, expires_ms=expires_ms, sender=sender, origin=self.region, body=body
+            ch, msg_id, hlc=hlc, expires_ms=expires_ms, sender=sender, origin=region, body=body
         )
         if removed is not None:
             self._forget(removed, now_ms)
         self.counters.accepted += 1
         subs = self.subscribers.get(ch)
         if not subs:
-            return Accepted(hlc, self.region, False, None, (), removed)
-        message = Message(msg_id, ch, sender, hlc, self.region, body, expires_ms)
-        return Accepted(hlc, self.region, False, message, tuple(subs), removed)
+            return Accepted(hlc, region, False, None, (), removed)
+        message = Message(msg_id, ch, sender, hlc, region, body, expires_ms)
+        return Accepted(hlc, region, False, message, tuple(subs), removed)
 
     # -- subscribe -----------------------------------------------------------------
 

@@ -102,6 +102,19 @@ class RelayServer:
             ping_timeout_s=c.ping_timeout_s,
             handshake_timeout_s=c.handshake_timeout_s,
         )
+        self.router: Any = None
+        if config.cluster.redis_url:
+            from cluster.router import Router
+
+            self.router = Router(
+                config=config,
+                node=self.node,
+                reactor=reactor,
+                fan_out=self.factory.fan_out,
+                wall_ms=wall_ms,
+            )
+            self.router.on_drain_requested = self._drain_requested
+            self.factory.router = self.router
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(NodeCollector(self))
         self.ws_port: Any = None
@@ -114,7 +127,9 @@ class RelayServer:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self) -> defer.Deferred[None]:
+        """Listen; the Deferred fires once the node serves (in a cluster: once it has
+        joined its region)."""
         c = self.config.client
         if c.tls_enabled:
             from relay.tls import server_context_factory
@@ -130,6 +145,17 @@ class RelayServer:
         self._ports = (self.ws_port.getHost().port, self.admin_port.getHost().port)
         self._tick.start(TICK_S, now=False)
         log.info("node %s serving %s (admin %s)", self.node.node_id, self.ws_url, self.admin_url)
+        if self.router is None:
+            return defer.succeed(None)
+        import asyncio
+
+        return defer.Deferred.fromFuture(
+            asyncio.ensure_future(self.router.start(ws=self.ws_url, admin=self.admin_url))
+        )
+
+    def _drain_requested(self) -> None:
+        # Ops asked this node to leave: shut down gracefully (stop() drains first).
+        self.reactor.callLater(0, self.reactor.stop)
 
     def stop(self) -> defer.Deferred[None]:
         """Shut down gracefully; fires when every listener and client is gone.
@@ -151,6 +177,11 @@ class RelayServer:
     def _stop(self) -> Any:
         if self._tick.running:
             self._tick.stop()
+        if self.router is not None:
+            import asyncio
+
+            # Hand the slots over first (flush, release the lease), then let clients go.
+            yield defer.Deferred.fromFuture(asyncio.ensure_future(self.router.drain()))
         self.factory.close_all()
         if self.ws_port is not None:
             yield self.ws_port.stopListening()
@@ -161,6 +192,10 @@ class RelayServer:
             proto.dropConnection(abort=True)
         if self.admin_port is not None:
             yield self.admin_port.stopListening()
+        if self.router is not None:
+            import asyncio
+
+            yield defer.Deferred.fromFuture(asyncio.ensure_future(self.router.stop()))
 
     # -- periodic ------------------------------------------------------------------
 
@@ -213,6 +248,7 @@ class RelayServer:
                 "delivered": c.delivered + self.factory.stats["delivered"],
             },
             "errors": dict(self.factory.errors),
+            "cluster": self.router.status() if self.router is not None else None,
             "disconnects": dict(self.factory.disconnects),
         }
 

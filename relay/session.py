@@ -25,13 +25,14 @@ from relay.errors import (
 from relay.frames import (
     BadObject,
     Format,
+    Pub,
     body_field,
     check_channel,
     decode_frame,
     parse_ids,
     parse_pub,
 )
-from relay.hlc import physical_ms
+from relay.hlc import LOGICAL_BITS, physical_ms
 from relay.node import Node
 from relay.ratelimit import TokenBucket
 from relay.store import Message
@@ -64,6 +65,45 @@ class Sink(Protocol):
 
     def deliver(self, message: Message) -> None: ...
 
+    def send_objects(self, objs: list[dict[str, Any]], errors: list[Code]) -> None:
+        """Send replies that were not ready when their frame was handled."""
+        ...
+
+    def replay(self, messages: list[Message]) -> None:
+        """Send pending messages after a ``subscribed`` sent with :meth:`send_objects`."""
+        ...
+
+
+# What a router calls back with: (result, None, "") or (None, error code, reason).
+Reply = Callable[[Any, Code | None, str], None]
+
+
+class ChannelRouter(Protocol):
+    """Routes channel ops to the owner of the channel's slot (a cluster's node).
+
+    Each call answers through ``reply`` exactly once, either before it returns (the
+    answer goes into the frame's replies) or later (the session sends it through its
+    sink). Without a router, the session's own node owns every channel.
+    """
+
+    def publish(
+        self,
+        *,
+        ch: str,
+        msg_id: str,
+        body: bytes,
+        sender: str,
+        ttl_ms: int,
+        ack: str,
+        reply: Reply,
+    ) -> None: ...
+
+    def subscribe(self, handle: Hashable, ch: str, reply: Reply) -> None: ...
+
+    def unsubscribe(self, handle: Hashable, ch: str) -> None: ...
+
+    def ack(self, ch: str, ids: list[str], reply: Reply) -> None: ...
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -94,8 +134,10 @@ class Session:
         now_s: float,
         overloaded: Callable[[], bool] = lambda: False,
         sink: Sink | None = None,
+        router: ChannelRouter | None = None,
     ) -> None:
         self.node = node
+        self.router = router
         self.fmt = fmt
         self.limits = limits
         self.verifier = verifier
@@ -109,6 +151,7 @@ class Session:
         self._abuse = TokenBucket(ABUSE_REFILL_PER_S, ABUSE_BURST, now_s)
         self._rate_abuse = TokenBucket(RATE_ABUSE_REFILL_PER_S, RATE_ABUSE_BURST, now_s)
         self.closed = False
+        self._overloaded: bool | None = None  # the overloaded() answer for this frame
 
     # -- entry point ---------------------------------------------------------------
 
@@ -121,7 +164,10 @@ class Session:
             objs = decode_frame(payload, self.fmt)
         except FrameError as e:
             self._bad(out, now_s, BadObject(Code.BAD_REQUEST, str(e)))
+            if out.close is not None:
+                self.closed = True
             return out
+        self._overloaded = None
         for obj in objs:
             if out.close is not None:
                 break
@@ -143,6 +189,9 @@ class Session:
 
     def connection_lost(self) -> None:
         """The connection is gone: drop its subscriptions (messages stay pending)."""
+        if self.router is not None:
+            for ch in self.subscriptions:
+                self.router.unsubscribe(self, ch)
         self.node.drop(self, self.subscriptions)
         self.subscriptions.clear()
         self.closed = True
@@ -235,9 +284,16 @@ class Session:
         assert grants is not None
         if not grants.may_pub(p.ch):
             raise BadObject(Code.FORBIDDEN, "token does not grant pub here", id=p.id, ch=p.ch)
-        if self.overloaded():
+        overloaded = self._overloaded
+        if overloaded is None:
+            # Asked once a frame: the answer moves with the node's periodic RSS sample.
+            overloaded = self._overloaded = self.overloaded()
+        if overloaded:
             raise BadObject(Code.OVERLOADED, "node memory is high; retry later", id=p.id, ch=p.ch)
         ttl_s = p.ttl_s if p.ttl_s is not None else self.limits.default_ttl_s
+        if self.router is not None:
+            self._routed_pub(p, grants.subject, ttl_s, out)
+            return
         acc = self.node.publish(
             p.ch, p.id, p.body, sender=grants.subject, ttl_ms=ttl_s * 1000, now_ms=now_ms
         )
@@ -248,7 +304,7 @@ class Session:
                 "op": "puback",
                 "id": p.id,
                 "ch": p.ch,
-                "ts": physical_ms(acc.hlc),
+                "ts": acc.hlc >> LOGICAL_BITS,
                 "origin": acc.origin,
                 "ack": "mem",
                 "dup": acc.dup,
@@ -262,6 +318,9 @@ class Session:
         assert self.grants is not None
         if not self.grants.may_sub(ch):
             raise BadObject(Code.FORBIDDEN, "token does not grant sub here", ch=ch)
+        if self.router is not None:
+            self._routed_sub(ch, out)
+            return
         pending = self.node.subscribe(self, ch, now_ms)
         self.subscriptions.add(ch)
         out.replies.append({"op": "subscribed", "ch": ch, "pending": len(pending)})
@@ -273,6 +332,9 @@ class Session:
         assert self.grants is not None
         if not self.grants.may_sub(ch):
             raise BadObject(Code.FORBIDDEN, "token does not grant ack here", ch=ch)
+        if self.router is not None:
+            self._routed_ack(ch, ids, out)
+            return
         n = self.node.ack(ch, ids, now_ms)
         out.replies.append({"op": "acked", "ch": ch, "n": n})
 
@@ -281,9 +343,96 @@ class Session:
         assert self.grants is not None
         if not self.grants.may_sub(ch):
             raise BadObject(Code.FORBIDDEN, "token does not grant unsub here", ch=ch)
-        self.node.unsubscribe(self, ch)
+        if self.router is not None:
+            self.router.unsubscribe(self, ch)
+        else:
+            self.node.unsubscribe(self, ch)
         self.subscriptions.discard(ch)
         out.replies.append({"op": "unsubscribed", "ch": ch})
+
+    # -- routed ops (a cluster node: the owner may be elsewhere) -------------------
+
+    def _answer(
+        self,
+        out: Outcome,
+        now: list[bool],
+        obj: dict[str, Any],
+        code: Code | None,
+        replay: list[Message] | None = None,
+    ) -> None:
+        """Put a router's answer in this frame's replies, or send it on its own later."""
+        if now[0]:
+            out.replies.append(obj)
+            if code is not None:
+                out.errors.append(code)
+            if replay:
+                out.replay.extend(replay)
+        elif not self.closed and self.sink is not None:
+            self.sink.send_objects([obj], [code] if code is not None else [])
+            if replay:
+                self.sink.replay(replay)
+
+    @staticmethod
+    def _error_obj(code: Code, reason: str, msg_id: str | None, ch: str) -> dict[str, Any]:
+        obj: dict[str, Any] = {"op": "error", "code": code.value, "reason": reason, "ch": ch}
+        if msg_id is not None:
+            obj["id"] = msg_id
+        return obj
+
+    def _routed_pub(self, p: Pub, sender: str, ttl_s: int, out: Outcome) -> None:
+        now = [True]
+        assert self.router is not None
+
+        def reply(fields: Any, code: Code | None, reason: str) -> None:
+            if code is not None:
+                self._answer(out, now, self._error_obj(code, reason, p.id, p.ch), code)
+            else:
+                obj = {"op": "puback", "id": p.id, "ch": p.ch, **fields}
+                self._answer(out, now, obj, None)
+
+        self.router.publish(
+            ch=p.ch,
+            msg_id=p.id,
+            body=p.body,
+            sender=sender,
+            ttl_ms=ttl_s * 1000,
+            ack=p.ack,
+            reply=reply,
+        )
+        now[0] = False
+
+    def _routed_sub(self, ch: str, out: Outcome) -> None:
+        now = [True]
+        assert self.router is not None
+
+        def reply(pending: Any, code: Code | None, reason: str) -> None:
+            if code is not None:
+                self._answer(out, now, self._error_obj(code, reason, None, ch), code)
+                return
+            if self.closed:
+                # Gone while the owner answered: do not leave a subscription behind.
+                assert self.router is not None
+                self.router.unsubscribe(self, ch)
+                return
+            self.subscriptions.add(ch)
+            obj = {"op": "subscribed", "ch": ch, "pending": len(pending)}
+            self._answer(out, now, obj, None, list(pending))
+
+        self.router.subscribe(self, ch, reply)
+        now[0] = False
+
+    def _routed_ack(self, ch: str, ids: list[str], out: Outcome) -> None:
+        now = [True]
+        assert self.router is not None
+
+        def reply(n: Any, code: Code | None, reason: str) -> None:
+            if code is not None:
+                self._answer(out, now, self._error_obj(code, reason, None, ch), code)
+            else:
+                self._answer(out, now, {"op": "acked", "ch": ch, "n": n}, None)
+
+        self.router.ack(ch, ids, reply)
+        now[0] = False
 
     # -- errors --------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import msgspec
+
 from relay.errors import InvariantError
 
 _HEADER = struct.Struct("<QqHB")
@@ -28,9 +30,9 @@ MAX_SENDER_BYTES = 0xFFFF
 MAX_ORIGIN_BYTES = 0xFF
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One pending message, unpacked."""
+class Message(msgspec.Struct, frozen=True, gc=False):
+    """One pending message, unpacked (a Struct: ten times cheaper to make than a frozen
+    dataclass, and one is made per delivered message)."""
 
     id: str
     ch: str
@@ -51,13 +53,30 @@ class Removed:
     hlcs: tuple[int, ...]
 
 
+# (sender, origin) -> (sender_len, origin_len, sender + origin encoded): a node sees few
+# distinct pairs at a time, and encoding them is a good part of packing a small message.
+_who_cache: dict[tuple[str, str], tuple[int, int, bytes]] = {}
+_WHO_CACHE_MAX = 4096
+
+
+def _who(sender: str, origin: str) -> tuple[int, int, bytes]:
+    key = (sender, origin)
+    who = _who_cache.get(key)
+    if who is None:
+        s = sender.encode()
+        o = origin.encode()
+        if len(s) > MAX_SENDER_BYTES or len(o) > MAX_ORIGIN_BYTES:
+            raise InvariantError("sender or origin too long to pack")
+        if len(_who_cache) >= _WHO_CACHE_MAX:
+            _who_cache.clear()
+        who = _who_cache[key] = (len(s), len(o), s + o)
+    return who
+
+
 def pack(hlc: int, expires_ms: int, sender: str, origin: str, body: bytes) -> bytes:
     """Pack a message's fields (all but id and channel) into one record."""
-    s = sender.encode()
-    o = origin.encode()
-    if len(s) > MAX_SENDER_BYTES or len(o) > MAX_ORIGIN_BYTES:
-        raise InvariantError("sender or origin too long to pack")
-    return _HEADER.pack(hlc, expires_ms, len(s), len(o)) + s + o + body
+    slen, olen, so = _who(sender, origin)
+    return b"".join((_HEADER.pack(hlc, expires_ms, slen, olen), so, body))
 
 
 def unpack(ch: str, msg_id: str, record: bytes) -> Message:
@@ -166,13 +185,14 @@ class PendingStore:
         body: bytes,
     ) -> Removed | None:
         """Store a message the caller has checked is new; return what the cap evicted."""
+        # Packed first: a record that cannot be packed leaves no empty channel behind.
+        record = pack(hlc, expires_ms, sender, origin, body)
         c = self._channels.get(ch)
         if c is None:
             c = self._channels[ch] = _Channel()
         elif msg_id in c.records:
             raise InvariantError(f"message {msg_id!r} already pending in {ch!r}")
-        record = pack(hlc, expires_ms, sender, origin, body)
-        size = _size(msg_id, record)
+        size = len(record) + len(msg_id)
         c.records[msg_id] = record
         c.bytes += size
         self.messages += 1

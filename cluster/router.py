@@ -1,0 +1,789 @@
+"""A node as a member of its region: routes channel ops to slot owners, owns its slots.
+
+Every node runs one :class:`Router`. Client ops on a channel go to the owner of the
+channel's slot: this node (its :class:`~relay.node.Node` core) or, over the mesh, another.
+For the slots it owns, the router batches what changed into fenced slot-log appends every
+``batch_window_ms`` and answers ``ack=log`` publishes once their entry is in Redis. For
+the slots it replicates, it tails the owners' logs and applies them, so that when an owner
+dies the next node on the ring claims the slot under a new epoch, reads the log to its
+end and serves it with every logged message.
+
+Membership comes from leases in Redis (:mod:`cluster.membership`), judged by the pure
+failure detector (:mod:`cluster.failure`); the ring (:mod:`cluster.ring`) is computed
+from the live members, the same on every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from cluster.apply import apply_events, slot_state
+from cluster.errors import ClusterError
+from cluster.failure import (
+    DetectorConfig,
+    FailureDetector,
+    LeaseExpired,
+    LeaseRenewed,
+    MemberDown,
+    MemberUp,
+    PingAnswered,
+    Tick,
+)
+from cluster.failure import Left as DetectorLeft
+from cluster.membership import Expired, Joined, Left, Member, Membership, MembershipEvent
+from cluster.mesh import Mesh, PeerUnavailable, RemoteError
+from cluster.ring import Ring, slot_of
+from cluster.slotlog import FencedError, RedisSlotLog
+from relay.batch import AppendToLog, Batcher, ack_events
+from relay.codec import CodecError, MessageEvent, decode_batch, encode_batch
+from relay.config import Config
+from relay.errors import Code
+from relay.hlc import physical_ms
+from relay.node import Node
+from relay.store import Message
+
+log = logging.getLogger(__name__)
+
+TAIL_BLOCK_MS = 500
+CATCH_UP_COUNT = 1000
+
+
+class Unavailable(ClusterError):
+    """The channel's owner cannot serve right now; the client may retry (``unavailable``)."""
+
+
+@dataclass(slots=True, eq=False)
+class PubWaiter:
+    """A ``pub`` waiting for its slot-log append before it is acknowledged."""
+
+    done: Callable[[str | None], None]  # called with the level reached, or None on failure
+
+
+def message_fields(m: Message) -> list[Any]:
+    return [m.id, m.ch, m.sender, m.hlc, m.origin, m.body, m.expires_ms]
+
+
+def fields_message(f: list[Any]) -> Message:
+    return Message(str(f[0]), str(f[1]), str(f[2]), int(f[3]), str(f[4]), bytes(f[5]), int(f[6]))
+
+
+class Router:
+    """This node's part in its region."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        node: Node,
+        reactor: Any,
+        fan_out: Callable[[Message, tuple[Hashable, ...]], None],
+        wall_ms: Callable[[], int],
+    ) -> None:
+        c = config.cluster
+        self.config = config
+        self.node = node
+        self.me = config.node.id
+        self.region = config.node.region
+        self.reactor = reactor
+        self.fan_out = fan_out
+        self.wall_ms = wall_ms
+        # What to do when ops ask this node to drain (the server shuts down gracefully).
+        self.on_drain_requested: Callable[[], None] = lambda: None
+        self.slots = c.slots
+        self.replicas = c.replicas
+        self.weight = c.weight
+        self.lease_ttl_s = c.lease_ttl_ms / 1000
+        self.batcher = Batcher(window_ms=c.batch_window_ms)
+        self.detector = FailureDetector(
+            DetectorConfig(
+                lease_ttl_s=self.lease_ttl_s,
+                suspect_after_s=self.lease_ttl_s,
+                dead_after_s=math.inf,
+            )
+        )
+        self.client: Redis = Redis.from_url(c.redis_url)
+        self.slotlog = RedisSlotLog.from_url(c.redis_url, self.region)
+        self.members: dict[str, Member] = {}
+        self.ring: Ring | None = None
+        self.epoch = 0
+        # Slot state (cluster/slots: none → replica → claiming → owner).
+        self.owned: dict[int, int] = {}  # slot → epoch we write under
+        self.claiming: set[int] = set()
+        self.replicated: set[int] = set()
+        self.applied: dict[int, str] = {}  # slot → newest log id applied here
+        self.dirty: set[int] = set()  # owned slots changed since their last checkpoint
+        self.slot_channels: dict[int, set[str]] = {}
+        # Owner side: which peers have subscribers for a channel.
+        self.interest: dict[str, set[str]] = {}
+        # Subscriber side: the owner each locally subscribed channel is registered with.
+        self.registered: dict[str, str] = {}
+        self.mesh: Mesh | None = None
+        self.membership: Membership | None = None
+        self.draining = False
+        self.stopped = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._tail_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._ring_changed = asyncio.Event()
+        self.counters = {"failovers": 0, "fenced": 0, "appends": 0, "append_errors": 0}
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self, *, ws: str, admin: str) -> None:
+        c = self.config.cluster
+        self.mesh = Mesh(
+            node_id=self.me, epoch=0, handler=self, reactor=self.reactor, clock=time.monotonic
+        )
+        port = self.mesh.listen(c.mesh_host, c.mesh_port)
+        host = c.advertise_host or c.mesh_host
+        me = Member(self.me, 0, f"{host}:{port}", ws, admin, self.weight)
+        self.membership = Membership(
+            client=self.client,
+            region=self.region,
+            me=me,
+            lease_ttl_ms=c.lease_ttl_ms,
+            renew_ms=c.lease_renew_ms,
+            on_event=self.on_membership,
+            on_lease_lost=self.on_lease_lost,
+            on_command=self.on_command,
+        )
+        await self.membership.start()
+        joined = await self.membership.join()
+        self.epoch = joined.epoch
+        self.mesh.epoch = joined.epoch
+        for m in (await self.membership.snapshot()).values():
+            self._observe_member(m)
+        self._observe_member(joined)
+        self._tasks = [
+            asyncio.ensure_future(self._flush_loop()),
+            asyncio.ensure_future(self._tick_loop()),
+            asyncio.ensure_future(self._checkpoint_loop()),
+        ]
+        await self._rebalance()
+
+    async def stop(self) -> None:
+        self.stopped = True
+        for t in [*self._tasks, *([self._tail_task] if self._tail_task else [])]:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.membership is not None:
+            await self.membership.stop()
+        if self.mesh is not None:
+            await self.mesh.stop()
+        await self.slotlog.close()
+        await self.client.aclose()
+
+    async def drain(self) -> None:
+        """Leave on purpose: flush every owned slot, release the lease, announce it.
+
+        The other nodes take the slots over at once (they read the log to its end), so
+        nothing logged is lost and the ring changes without waiting for a timeout.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        await self._flush(force=True)
+        while self.batcher.in_flight:
+            await asyncio.sleep(0.01)  # in-flight appends finish within one round trip
+        self.owned.clear()
+        if self.membership is not None:
+            await self.membership.leave()
+
+    # -- membership and ring -------------------------------------------------------
+
+    def on_membership(self, event: MembershipEvent) -> None:
+        now = time.monotonic()
+        effects: list[Any] = []
+        if isinstance(event, Joined):
+            self.members[event.member.node_id] = event.member
+            effects = self.detector.observe(
+                LeaseRenewed(event.member.node_id, event.member.epoch, now)
+            )
+        elif isinstance(event, Left):
+            effects = self.detector.observe(DetectorLeft(event.node_id, event.epoch))
+        elif isinstance(event, Expired):
+            effects = self.detector.observe(LeaseExpired(event.node_id, now))
+        self._effects(effects)
+
+    def _observe_member(self, m: Member) -> None:
+        self.members[m.node_id] = m
+        self._effects(self.detector.observe(LeaseRenewed(m.node_id, m.epoch, time.monotonic())))
+
+    def _effects(self, effects: list[Any]) -> None:
+        changed = False
+        for e in effects:
+            if isinstance(e, MemberUp):
+                changed = True
+                m = self.members.get(e.node_id)
+                if m is not None and self.mesh is not None:
+                    self.mesh.want(e.node_id, m.mesh)
+            elif isinstance(e, MemberDown):
+                changed = True
+                if e.node_id != self.me and self.mesh is not None:
+                    self.mesh.forget(e.node_id)
+                if e.reason.value in ("lease_expired", "lease_timeout"):
+                    self.counters["failovers"] += 1
+        if changed and not self.stopped:
+            self._spawn(self._rebalance())
+
+    def on_command(self, doc: dict[str, Any]) -> None:
+        """An ops command for this node arrived on the region's control channel."""
+        if doc.get("cmd") == "drain":
+            log.info("drain requested")
+            self.on_drain_requested()
+
+    def on_lease_lost(self) -> None:
+        # Our lease expired (a long pause?): anything we owned has been given away.
+        log.error("lease lost: dropping every owned slot; rejoin needed")
+        for slot in list(self.owned):
+            self._lose(slot)
+        if not self.stopped:
+            self._spawn(self._rejoin())
+
+    async def _rejoin(self) -> None:
+        assert self.membership is not None
+        joined = await self.membership.join()
+        self.epoch = joined.epoch
+        if self.mesh is not None:
+            self.mesh.epoch = joined.epoch
+        await self.membership.stop()
+        await self.membership.start()
+        self._observe_member(joined)
+        await self._rebalance()
+
+    def lease_fresh(self) -> bool:
+        """Our lease is surely still ours (a paused process must not serve)."""
+        m = self.membership
+        return m is not None and time.monotonic() < m.lease_valid_until
+
+    def _live_ring(self) -> Ring | None:
+        live = {
+            n: self.members[n].weight if n in self.members else 1.0 for n in self.detector.live()
+        }
+        if self.draining:
+            live.pop(self.me, None)
+        if not live:
+            return None
+        return Ring(live, slots=self.slots, replicas=self.replicas)
+
+    async def _rebalance(self) -> None:
+        ring = self._live_ring()
+        self.ring = ring
+        if ring is None or self.draining:
+            return
+        mine = set(ring.slots_of(self.me)) if self.me in ring.nodes else set()
+        replica = set(ring.replicas_of(self.me)) if self.me in ring.nodes else set()
+        for slot in list(self.owned):
+            if slot not in mine:
+                await self._release(slot)
+        self.replicated = replica
+        self._restart_tail()
+        # Re-register subscriptions whose owner moved.
+        for ch, owner in list(self.registered.items()):
+            if self.owner_of(ch) != owner:
+                self._spawn(self._resubscribe(ch))
+        await asyncio.gather(
+            *(
+                self._claim(s)
+                for s in sorted(mine)
+                if s not in self.owned and s not in self.claiming
+            )
+        )
+
+    async def _claim(self, slot: int) -> None:
+        """Take ``slot`` over: fence the old owner, read the log to its end, serve."""
+        self.claiming.add(slot)
+        try:
+            for _ in range(10):
+                current = await self.slotlog.get_owner(slot)
+                seen = current.epoch if current is not None else 0
+                if current is not None and current.node_id == self.me and slot in self.owned:
+                    return
+                try:
+                    epoch = await self.slotlog.claim(slot, self.me, seen)
+                    break
+                except FencedError:
+                    continue
+            else:
+                log.warning("could not claim slot %d", slot)
+                return
+            await self._catch_up(slot)
+            if self.ring is not None and self.ring.owner(slot) == self.me and not self.draining:
+                self.owned[slot] = epoch
+                self.dirty.add(slot)
+        except (RedisError, OSError, ClusterError) as e:
+            log.warning("claiming slot %d failed: %s", slot, e)
+        finally:
+            self.claiming.discard(slot)
+
+    async def _catch_up(self, slot: int) -> None:
+        now = self.wall_ms()
+        if slot not in self.applied:
+            cp = await self.slotlog.read_checkpoint(slot)
+            if cp is not None:
+                self._apply(slot, cp.data, now)
+                self.applied[slot] = cp.covers_id
+            else:
+                self.applied[slot] = "0-0"
+        while True:
+            entries = await self.slotlog.read(slot, self.applied[slot], CATCH_UP_COUNT)
+            if not entries:
+                return
+            for e in entries:
+                self._apply(slot, e.data, now)
+                self.applied[slot] = e.id
+
+    def _apply(self, slot: int, data: bytes, now_ms: int) -> None:
+        try:
+            events = decode_batch(data)
+        except CodecError as e:
+            log.error("slot %d: undecodable entry skipped: %s", slot, e)
+            return
+        for m in apply_events(self.node, events, now_ms):
+            self.slot_channels.setdefault(slot, set()).add(m.ch)
+
+    async def _release(self, slot: int) -> None:
+        """Stop owning ``slot`` on purpose (the ring moved it): flush it first."""
+        await self._flush(force=True)
+        self._lose(slot)
+
+    def _lose(self, slot: int) -> None:
+        self.owned.pop(slot, None)
+        self.dirty.discard(slot)
+
+    # -- replica tailing -----------------------------------------------------------
+
+    def _restart_tail(self) -> None:
+        if self._tail_task is not None:
+            self._tail_task.cancel()
+            self._tail_task = None
+        if self.replicated and not self.stopped:
+            self._tail_task = asyncio.ensure_future(self._tail_loop(sorted(self.replicated)))
+
+    async def _tail_loop(self, slots: list[int]) -> None:
+        for s in slots:
+            if s not in self.applied:
+                try:
+                    await self._catch_up(s)
+                except (RedisError, OSError) as e:
+                    log.warning("replica catch-up of slot %d failed: %s", s, e)
+        while not self.stopped:
+            try:
+                after = {s: self.applied.get(s, "0-0") for s in slots if s not in self.owned}
+                if not after:
+                    return
+                entries = await self.slotlog.tail(after, TAIL_BLOCK_MS)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as e:
+                log.warning("tailing slot logs failed: %s", e)
+                await asyncio.sleep(0.5)  # back off before retrying Redis
+                continue
+            now = self.wall_ms()
+            for t in entries:
+                if t.slot in self.owned:
+                    continue
+                self._apply(t.slot, t.data, now)
+                self.applied[t.slot] = t.id
+
+    # -- flushing to the slot logs ---------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        window = self.batcher.window_ms / 1000
+        while not self.stopped:
+            await asyncio.sleep(window)  # the batch window
+            try:
+                await self._flush()
+            except Exception:
+                log.exception("flush failed")
+
+    async def _flush(self, force: bool = False) -> None:
+        entries = self.batcher.flush(self.wall_ms(), force=force)
+        if entries:
+            await self._append(entries)
+
+    async def _append(self, entries: list[AppendToLog]) -> None:
+        epochs = {e.slot: self.owned.get(e.slot, 0) for e in entries}
+        items = [(e.slot, encode_batch(e.events)) for e in entries]
+        try:
+            results = await self.slotlog.append_many(items, self.me, epochs)
+        except (RedisError, OSError) as err:
+            self.counters["append_errors"] += 1
+            log.warning("slot-log append failed (%s); retrying next window", err)
+            for e in entries:
+                self.batcher.append_failed(e.batch_id)
+                for ev in e.events:
+                    self.batcher.add(e.slot, ev, self.wall_ms())
+                for w in e.waiters:
+                    self.batcher.add_waiter(e.slot, w, self.wall_ms())
+            return
+        for e, r in zip(entries, results, strict=True):
+            if isinstance(r, FencedError):
+                self.counters["fenced"] += 1
+                log.warning("slot %d: append fenced (epoch %s): the slot moved on", e.slot, r)
+                self.batcher.append_failed(e.batch_id)
+                self._lose(e.slot)
+                for w in e.waiters:
+                    if isinstance(w, PubWaiter):
+                        w.done(None)
+            else:
+                self.counters["appends"] += 1
+                self.batcher.appended(e.batch_id)
+                self.applied[e.slot] = r
+                for w in e.waiters:
+                    if isinstance(w, PubWaiter):
+                        w.done("log")
+
+    async def _checkpoint_loop(self) -> None:
+        interval = self.config.cluster.checkpoint_interval_s
+        while not self.stopped:
+            await asyncio.sleep(interval)  # the checkpoint period
+            for slot in sorted(self.dirty):
+                epoch = self.owned.get(slot)
+                covers = self.applied.get(slot)
+                if epoch is None or covers is None or covers == "0-0":
+                    continue
+                self.dirty.discard(slot)
+                events = slot_state(
+                    self.node, sorted(self.slot_channels.get(slot, ())), self.wall_ms()
+                )
+                try:
+                    await self.slotlog.write_checkpoint(
+                        slot, self.me, epoch, encode_batch(events), covers
+                    )
+                    await self.slotlog.trim(slot, covers)
+                except FencedError:
+                    self._lose(slot)
+                except (RedisError, OSError, ClusterError) as e:
+                    log.warning("checkpoint of slot %d failed: %s", slot, e)
+                    self.dirty.add(slot)
+
+    async def _tick_loop(self) -> None:
+        while not self.stopped:
+            await asyncio.sleep(0.5)  # the detector's beat
+            now = time.monotonic()
+            if self.mesh is not None:
+                for peer in list(self.mesh.connections):
+                    self._effects(self.detector.observe(PingAnswered(peer, now)))
+            self._effects(self.detector.observe(Tick(now)))
+
+    # -- routing client ops --------------------------------------------------------
+
+    def owner_of(self, ch: str) -> str | None:
+        if self.ring is None:
+            return None
+        return self.ring.owner(slot_of(ch, self.slots))
+
+    def serving(self, slot: int) -> bool:
+        return slot in self.owned and self.lease_fresh() and not self.draining
+
+    def publish(
+        self,
+        *,
+        ch: str,
+        msg_id: str,
+        body: bytes,
+        sender: str,
+        ttl_ms: int,
+        ack: str,
+        reply: Callable[[dict[str, Any] | None, Code | None, str], None],
+    ) -> None:
+        """Publish; ``reply(puback_fields, None, "")`` or ``reply(None, code, reason)``."""
+        slot = slot_of(ch, self.slots)
+        owner = self.owner_of(ch)
+        if owner == self.me:
+            try:
+                self._publish_local(slot, ch, msg_id, body, sender, ttl_ms, ack, reply)
+            except Unavailable as e:
+                reply(None, Code.UNAVAILABLE, str(e))
+            return
+        if owner is None or self.mesh is None:
+            reply(None, Code.UNAVAILABLE, "no owner for this channel right now")
+            return
+        args = {"ch": ch, "id": msg_id, "body": body, "from": sender, "ttl_ms": ttl_ms, "ack": ack}
+        self._spawn(self._forward(owner, "pub", args, reply))
+
+    async def _forward(
+        self,
+        owner: str,
+        op: str,
+        args: dict[str, Any],
+        reply: Callable[[Any, Code | None, str], None],
+    ) -> None:
+        assert self.mesh is not None
+        try:
+            result = await self.mesh.request(owner, op, args)
+        except RemoteError as e:
+            code = Code(e.code) if e.code in Code.__members__.values() else Code.UNAVAILABLE
+            reply(None, code, e.reason)
+            return
+        except PeerUnavailable as e:
+            reply(None, Code.UNAVAILABLE, str(e))
+            return
+        reply(result, None, "")
+
+    def _publish_local(
+        self,
+        slot: int,
+        ch: str,
+        msg_id: str,
+        body: bytes,
+        sender: str,
+        ttl_ms: int,
+        ack: str,
+        reply: Callable[[dict[str, Any] | None, Code | None, str], None],
+    ) -> None:
+        if not self.serving(slot):
+            raise Unavailable(f"slot {slot} is moving; retry")
+        now = self.wall_ms()
+        acc = self.node.publish(ch, msg_id, body, sender=sender, ttl_ms=ttl_ms, now_ms=now)
+        fields = {"ts": physical_ms(acc.hlc), "origin": acc.origin, "dup": acc.dup}
+        if acc.dup:
+            reply({**fields, "ack": "log"}, None, "")
+            return
+        self.slot_channels.setdefault(slot, set()).add(ch)
+        self.dirty.add(slot)
+        message = acc.message or Message(
+            msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms
+        )
+        event = MessageEvent(msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms)
+        waiter = None
+        if ack == "mem":
+            reply({**fields, "ack": "mem"}, None, "")
+        else:
+
+            def done(level: str | None) -> None:
+                if level is None:
+                    reply(None, Code.UNAVAILABLE, "the slot moved before the message was logged")
+                else:
+                    reply({**fields, "ack": level}, None, "")
+
+            waiter = PubWaiter(done)
+        for entry in self.batcher.add(slot, event, now, waiter):
+            self._spawn(self._append([entry]))
+        self._deliver(message)
+
+    def _deliver(self, message: Message) -> None:
+        local = self.node.subscribers.get(message.ch)
+        if local:
+            self.fan_out(message, tuple(local))
+        peers = self.interest.get(message.ch)
+        if peers and self.mesh is not None:
+            fields = message_fields(message)
+            for peer in list(peers):
+                if not self.mesh.deliver(peer, message.ch, fields):
+                    peers.discard(peer)
+
+    def subscribe(
+        self,
+        handle: Hashable,
+        ch: str,
+        reply: Callable[[list[Message] | None, Code | None, str], None],
+    ) -> None:
+        owner = self.owner_of(ch)
+        slot = slot_of(ch, self.slots)
+        if owner == self.me:
+            if not self.serving(slot):
+                reply(None, Code.UNAVAILABLE, f"slot {slot} is moving; retry")
+                return
+            reply(self.node.subscribe(handle, ch, self.wall_ms()), None, "")
+            return
+        if owner is None or self.mesh is None:
+            reply(None, Code.UNAVAILABLE, "no owner for this channel right now")
+            return
+
+        def registered(result: Any, code: Code | None, reason: str) -> None:
+            if code is not None:
+                reply(None, code, reason)
+                return
+            # Registered now, in the same turn as the reply: deliveries that follow on
+            # this connection are exactly the messages after the pending ones.
+            self.node.subscribers.setdefault(ch, set()).add(handle)
+            self.registered[ch] = owner
+            reply([fields_message(f) for f in result], None, "")
+
+        self._spawn(self._forward(owner, "sub", {"ch": ch}, registered))
+
+    def unsubscribe(self, handle: Hashable, ch: str) -> None:
+        self.node.unsubscribe(handle, ch)
+        if ch not in self.node.subscribers:
+            owner = self.registered.pop(ch, None)
+            if owner is not None and self.mesh is not None:
+                self.mesh.interest(owner, ch, False)
+
+    def ack(
+        self, ch: str, ids: list[str], reply: Callable[[int | None, Code | None, str], None]
+    ) -> None:
+        owner = self.owner_of(ch)
+        slot = slot_of(ch, self.slots)
+        if owner == self.me:
+            if not self.serving(slot):
+                reply(None, Code.UNAVAILABLE, f"slot {slot} is moving; retry")
+                return
+            reply(self._ack_local(slot, ch, ids), None, "")
+            return
+        if owner is None or self.mesh is None:
+            reply(None, Code.UNAVAILABLE, "no owner for this channel right now")
+            return
+        self._spawn(
+            self._forward(
+                owner,
+                "ack",
+                {"ch": ch, "ids": ids},
+                lambda r, c, s: reply(None if c else int(r), c, s),
+            )
+        )
+
+    def _ack_local(self, slot: int, ch: str, ids: list[str]) -> int:
+        now = self.wall_ms()
+        n = self.node.ack(ch, ids, now)
+        hlc = self.node.clock.tick(now)
+        for ev in ack_events(ch, ids, hlc, self.region):
+            for entry in self.batcher.add(slot, ev, now):
+                self._spawn(self._append([entry]))
+        self.dirty.add(slot)
+        return n
+
+    async def _resubscribe(self, ch: str) -> None:
+        """The owner of ``ch`` moved: register with the new one and replay its pending
+        messages to our subscribers (clients drop what they already have, by id)."""
+        handles = tuple(self.node.subscribers.get(ch, ()))
+        self.registered.pop(ch, None)
+        if not handles:
+            return
+        owner = self.owner_of(ch)
+        if owner is None:
+            return
+        if owner == self.me:
+            pending = self.node.store.pending(ch, self.wall_ms())
+        else:
+            assert self.mesh is not None
+            try:
+                result = await self.mesh.request(owner, "sub", {"ch": ch})
+            except (PeerUnavailable, RemoteError) as e:
+                log.warning("re-subscribing %s with %s failed: %s", ch, owner, e)
+                return
+            self.registered[ch] = owner
+            pending = [fields_message(f) for f in result]
+        for m in pending:
+            self.fan_out(m, handles)
+
+    # -- mesh handler --------------------------------------------------------------
+
+    def on_request(self, peer: str, op: str, args: Any) -> Any:
+        if op == "pub":
+            return self._serve_pub(args)
+        ch = str(args["ch"])
+        slot = slot_of(ch, self.slots)
+        if not self.serving(slot):
+            raise RemoteError("unavailable", f"{self.me} does not serve slot {slot} now")
+        if op == "sub":
+            self.interest.setdefault(ch, set()).add(peer)
+            return [message_fields(m) for m in self.node.store.pending(ch, self.wall_ms())]
+        if op == "ack":
+            return self._ack_local(slot, ch, [str(i) for i in args["ids"]])
+        raise RemoteError("bad_request", f"unknown mesh op {op!r}")
+
+    def _serve_pub(self, args: dict[str, Any]) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def reply(result: dict[str, Any] | None, code: Code | None, reason: str) -> None:
+            if fut.done():
+                return
+            if code is not None:
+                fut.set_exception(RemoteError(code.value, reason))
+            else:
+                fut.set_result(result)
+
+        ch = str(args["ch"])
+        try:
+            self._publish_local(
+                slot_of(ch, self.slots),
+                ch,
+                str(args["id"]),
+                bytes(args["body"]),
+                str(args["from"]),
+                int(args["ttl_ms"]),
+                str(args["ack"]),
+                reply,
+            )
+        except Unavailable as e:
+            raise RemoteError("unavailable", str(e)) from None
+        return fut
+
+    def on_deliver(self, peer: str, ch: str, fields: list[Any]) -> None:
+        local = self.node.subscribers.get(ch)
+        if local:
+            self.fan_out(fields_message(fields), tuple(local))
+
+    def on_interest(self, peer: str, ch: str, on: bool) -> None:
+        if on:
+            self.interest.setdefault(ch, set()).add(peer)
+        else:
+            peers = self.interest.get(ch)
+            if peers is not None:
+                peers.discard(peer)
+                if not peers:
+                    del self.interest[ch]
+
+    def on_peer_up(self, peer: str, epoch: int) -> None:
+        pass
+
+    def on_peer_down(self, peer: str, reason: str) -> None:
+        for ch, peers in list(self.interest.items()):
+            peers.discard(peer)
+            if not peers:
+                del self.interest[ch]
+        for ch, owner in list(self.registered.items()):
+            if owner == peer:
+                self._spawn(self._resubscribe(ch))
+        if not self.stopped:
+            self._spawn(self._check_lease(peer))
+
+    async def _check_lease(self, peer: str) -> None:
+        """A dropped mesh connection: is the peer's lease gone too? (Expiry
+        notifications can come late; this asks at once.)"""
+        if self.membership is None:
+            return
+        with contextlib.suppress(RedisError, OSError):
+            members = await self.membership.snapshot()
+            if peer not in members:
+                self._effects(self.detector.observe(LeaseExpired(peer, time.monotonic())))
+
+    # -- views ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        ring = self.ring
+        return {
+            "epoch": self.epoch,
+            "members": {n: s.name.lower() for n, s in self.detector.members().items()},
+            "owned_slots": len(self.owned),
+            "replica_slots": len(self.replicated),
+            "slots_per_node": ring.loads() if ring is not None else {},
+            "draining": self.draining,
+            "lease_fresh": self.lease_fresh(),
+            "batcher": {
+                "pending": self.batcher.pending_events,
+                "in_flight": self.batcher.in_flight,
+            },
+            "counters": dict(self.counters),
+        }

@@ -1,0 +1,101 @@
+"""What ops commands read from and send to a region's Redis: status and drain.
+
+Synchronous (the CLI's): it reads the leases (the members), the owner record of every
+slot (who serves it, under which epoch) and the epoch counter; and it asks a node to
+drain by publishing on the region's control channel, then waits until the node's lease
+is gone and no slot names it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import redis
+
+from cluster.keys import control_channel, epoch_key, lease_prefix, owner_key
+from cluster.membership import Member
+
+
+class Unreachable(Exception):
+    """The region's Redis cannot be reached."""
+
+
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+
+
+def members(r: redis.Redis, region: str) -> dict[str, Member]:
+    keys = list(r.scan_iter(match=lease_prefix(region) + "*", count=1000))
+    out: dict[str, Member] = {}
+    for raw in r.mget(keys) if keys else []:
+        if raw is None:
+            continue
+        try:
+            m = Member.decode(raw)
+        except (ValueError, KeyError, TypeError):
+            continue
+        out[m.node_id] = m
+    return out
+
+
+def owners(r: redis.Redis, region: str, slots: int) -> list[tuple[str | None, int]]:
+    pipe = r.pipeline(transaction=False)
+    for s in range(slots):
+        pipe.hmget(owner_key(region, s), "owner", "epoch")
+    out: list[tuple[str | None, int]] = []
+    for owner, epoch in pipe.execute():
+        out.append((owner.decode() if owner else None, int(epoch) if epoch else 0))
+    return out
+
+
+def region_status(url: str, region: str, slots: int = 256) -> dict[str, Any]:
+    """Members, slot counts per owner and epochs of ``region``, as one JSON document."""
+    try:
+        with _client(url) as r:
+            ms = members(r, region)
+            table = owners(r, region, slots)
+            ring_epoch = int(r.get(epoch_key(region)) or 0)
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        raise Unreachable(f"cannot reach {url}: {e}") from e
+    counts = Counter(o for o, _ in table if o is not None)
+    return {
+        "region": region,
+        "ring_epoch": ring_epoch,
+        "members": [
+            {
+                "id": m.node_id,
+                "epoch": m.epoch,
+                "ws": m.ws,
+                "admin": m.admin,
+                "weight": m.weight,
+                "slots": counts.get(m.node_id, 0),
+            }
+            for m in sorted(ms.values(), key=lambda m: m.node_id)
+        ],
+        "slots": slots,
+        "unowned_slots": sum(1 for o, _ in table if o is None),
+        "slots_by_stale_owner": sum(n for o, n in counts.items() if o not in ms),
+        "max_slot_epoch": max((e for _, e in table), default=0),
+    }
+
+
+def drain(url: str, region: str, node_id: str, slots: int = 256, timeout_s: float = 30.0) -> bool:
+    """Ask ``node_id`` to drain; True once its lease is gone and no slot names it."""
+    try:
+        with _client(url) as r:
+            if node_id not in members(r, region):
+                raise LookupError(f"{node_id} holds no lease in region {region}")
+            r.publish(control_channel(region), json.dumps({"cmd": "drain", "node": node_id}))
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if node_id not in members(r, region) and all(
+                    o != node_id for o, _ in owners(r, region, slots)
+                ):
+                    return True
+                time.sleep(0.1)  # poll interval while the slots move
+            return False
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        raise Unreachable(f"cannot reach {url}: {e}") from e
