@@ -227,7 +227,7 @@ class Mesh:
         self.retry_s = retry_s
         self.connections: dict[str, MeshProtocol] = {}
         self.wanted: dict[str, str] = {}  # peer → host:port, for the peers we dial
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
         self._ids = itertools.count(1)
         self._port: Any = None
         self._stopped = False
@@ -278,6 +278,11 @@ class Mesh:
         if peer is None or self.connections.get(peer) is not conn:
             return
         del self.connections[peer]
+        # Requests to it will not be answered: fail them now, not at their timeout.
+        for req_id, (to, fut) in list(self._pending.items()):
+            if to == peer and not fut.done():
+                fut.set_exception(PeerUnavailable(f"{peer} went away ({reason})"))
+                del self._pending[req_id]
         self.handler.on_peer_down(peer, reason)
         if peer in self.wanted:
             self.reactor.callLater(self.retry_s, self._dial, peer)
@@ -288,7 +293,7 @@ class Mesh:
             await asyncio.ensure_future(_as_future(self._port.stopListening()))
         for conn in list(self.connections.values()):
             conn.transport.loseConnection()
-        for fut in self._pending.values():
+        for _, fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(PeerUnavailable("mesh stopped"))
         self._pending.clear()
@@ -302,7 +307,7 @@ class Mesh:
             raise PeerUnavailable(f"no connection to {peer}")
         req_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[req_id] = fut
+        self._pending[req_id] = (peer, fut)
         conn.send([Kind.REQUEST, req_id, op, args])
         try:
             return await asyncio.wait_for(fut, self.request_timeout_s)
@@ -312,9 +317,10 @@ class Mesh:
             self._pending.pop(req_id, None)
 
     def complete(self, req_id: int, ok: bool, result: Any) -> None:
-        fut = self._pending.get(req_id)
-        if fut is None or fut.done():
+        entry = self._pending.get(req_id)
+        if entry is None or entry[1].done():
             return
+        fut = entry[1]
         if ok:
             fut.set_result(result)
         else:

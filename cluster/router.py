@@ -40,6 +40,7 @@ from cluster.failure import (
     Tick,
 )
 from cluster.failure import Left as DetectorLeft
+from cluster.keys import owner_key
 from cluster.membership import Expired, Joined, Left, Member, Membership, MembershipEvent
 from cluster.mesh import Mesh, PeerUnavailable, RemoteError
 from cluster.ring import Ring, slot_of
@@ -55,6 +56,7 @@ from relay.store import Message
 log = logging.getLogger(__name__)
 
 TAIL_BLOCK_MS = 500
+AUDIT_S = 1.0
 CATCH_UP_COUNT = 1000
 
 
@@ -134,6 +136,9 @@ class Router:
         self._tasks: list[asyncio.Task[None]] = []
         self._tail_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # Claims run a few at a time: each is a handful of Redis round trips.
+        self._claims = asyncio.Semaphore(8)
+        self._rebalancing = asyncio.Lock()
         self._ring_changed = asyncio.Event()
         self.counters = {"failovers": 0, "fenced": 0, "appends": 0, "append_errors": 0}
 
@@ -286,6 +291,11 @@ class Router:
         return Ring(live, slots=self.slots, replicas=self.replicas)
 
     async def _rebalance(self) -> None:
+        # One at a time, each on the newest membership (a burst of joins runs it twice).
+        async with self._rebalancing:
+            await self._rebalance_now()
+
+    async def _rebalance_now(self) -> None:
         ring = self._live_ring()
         self.ring = ring
         if ring is None or self.draining:
@@ -312,6 +322,10 @@ class Router:
     async def _claim(self, slot: int) -> None:
         """Take ``slot`` over: fence the old owner, read the log to its end, serve."""
         self.claiming.add(slot)
+        async with self._claims:
+            await self._claim_now(slot)
+
+    async def _claim_now(self, slot: int) -> None:
         try:
             for _ in range(10):
                 current = await self.slotlog.get_owner(slot)
@@ -431,20 +445,24 @@ class Router:
             log.warning("slot-log append failed (%s); retrying next window", err)
             for e in entries:
                 self.batcher.append_failed(e.batch_id)
-                for ev in e.events:
-                    self.batcher.add(e.slot, ev, self.wall_ms())
-                for w in e.waiters:
-                    self.batcher.add_waiter(e.slot, w, self.wall_ms())
+                self._requeue(e)
             return
         for e, r in zip(entries, results, strict=True):
             if isinstance(r, FencedError):
                 self.counters["fenced"] += 1
-                log.warning("slot %d: append fenced (epoch %s): the slot moved on", e.slot, r)
                 self.batcher.append_failed(e.batch_id)
                 self._lose(e.slot)
-                for w in e.waiters:
-                    if isinstance(w, PubWaiter):
-                        w.done(None)
+                if self._should_own(e.slot):
+                    # Another node claimed it under an older view of the ring: take it
+                    # back, and append these events under the new epoch.
+                    log.warning("slot %d: append fenced (%s); claiming it again", e.slot, r)
+                    self._requeue(e)
+                    self._spawn(self._claim(e.slot))
+                else:
+                    log.warning("slot %d: append fenced (%s): the slot moved on", e.slot, r)
+                    for w in e.waiters:
+                        if isinstance(w, PubWaiter):
+                            w.done(None)
             else:
                 self.counters["appends"] += 1
                 self.batcher.appended(e.batch_id)
@@ -452,6 +470,22 @@ class Router:
                 for w in e.waiters:
                     if isinstance(w, PubWaiter):
                         w.done("log")
+
+    def _requeue(self, e: AppendToLog) -> None:
+        """Put a failed entry's events and waiters back for the slot's next append."""
+        now = self.wall_ms()
+        for ev in e.events:
+            self.batcher.add(e.slot, ev, now)
+        for w in e.waiters:
+            self.batcher.add_waiter(e.slot, w, now)
+
+    def _should_own(self, slot: int) -> bool:
+        return (
+            self.ring is not None
+            and not self.draining
+            and self.me in self.ring.nodes
+            and self.ring.owner(slot) == self.me
+        )
 
     async def _checkpoint_loop(self) -> None:
         interval = self.config.cluster.checkpoint_interval_s
@@ -477,14 +511,50 @@ class Router:
                     log.warning("checkpoint of slot %d failed: %s", slot, e)
                     self.dirty.add(slot)
 
+    async def _audit(self) -> None:
+        """Make what we serve agree with the owner records and the ring.
+
+        A claim made under an older view of the ring can fence the true owner before
+        it has written anything; and a claim can fail on a Redis error. Both heal here:
+        a slot whose record names someone else is dropped and, if the ring gives it to
+        us, claimed again (reading its log to the end first); a slot the ring gives us
+        that we neither own nor are claiming is claimed.
+        """
+        if self.draining or self.ring is None or self.me not in self.ring.nodes:
+            return
+        slots = sorted(self.owned)
+        if slots:
+            pipe = self.client.pipeline(transaction=False)
+            for slot in slots:
+                pipe.hmget(owner_key(self.region, slot), "owner", "epoch")
+            records = await pipe.execute()
+            for slot, (owner, epoch) in zip(slots, records, strict=True):
+                mine = self.owned.get(slot)
+                if mine is None:
+                    continue
+                if (owner or b"").decode() != self.me or int(epoch or 0) != mine:
+                    log.warning("slot %d: owner record moved to %r; re-checking", slot, owner)
+                    self._lose(slot)
+        for slot in self.ring.slots_of(self.me):
+            if slot not in self.owned and slot not in self.claiming:
+                self._spawn(self._claim(slot))
+
     async def _tick_loop(self) -> None:
+        next_audit = time.monotonic() + AUDIT_S
         while not self.stopped:
             await asyncio.sleep(0.5)  # the detector's beat
             now = time.monotonic()
             if self.mesh is not None:
                 for peer in list(self.mesh.connections):
                     self._effects(self.detector.observe(PingAnswered(peer, now)))
+            self._effects(self.detector.observe(PingAnswered(self.me, now)))
             self._effects(self.detector.observe(Tick(now)))
+            if now >= next_audit:
+                next_audit = now + AUDIT_S
+                try:
+                    await self._audit()
+                except (RedisError, OSError) as e:
+                    log.warning("ownership audit failed: %s", e)
 
     # -- routing client ops --------------------------------------------------------
 
@@ -558,7 +628,17 @@ class Router:
         acc = self.node.publish(ch, msg_id, body, sender=sender, ttl_ms=ttl_ms, now_ms=now)
         fields = {"ts": physical_ms(acc.hlc), "origin": acc.origin, "dup": acc.dup}
         if acc.dup:
-            reply({**fields, "ack": "log"}, None, "")
+            if ack != "mem" and self.batcher.busy(slot):
+                # The first copy may still be on its way to the log: answer with it.
+                def dup_done(level: str | None) -> None:
+                    if level is None:
+                        reply(None, Code.UNAVAILABLE, "the slot moved before it was logged")
+                    else:
+                        reply({**fields, "ack": level}, None, "")
+
+                self.batcher.add_waiter(slot, PubWaiter(dup_done), now)
+            else:
+                reply({**fields, "ack": "mem" if ack == "mem" else "log"}, None, "")
             return
         self.slot_channels.setdefault(slot, set()).add(ch)
         self.dirty.add(slot)

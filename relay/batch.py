@@ -100,6 +100,10 @@ class Batcher:
             self._window_started_ms = now_ms
         o.waiters.append(waiter)
 
+    def busy(self, slot: int) -> bool:
+        """Whether ``slot`` has events waiting or on their way to its log."""
+        return slot in self._open or any(e.slot == slot for e in self._in_flight.values())
+
     def deadline_ms(self) -> int | None:
         """When the current window ends (None: nothing is waiting)."""
         if self._window_started_ms is None or not self._open:

@@ -156,8 +156,8 @@ def serve(config_path: str | None, ready_file: str | None, log_level: str) -> No
     "--port-base",
     type=click.IntRange(1024, 65000),
     default=None,
-    help="Predictable ports: node i listens on BASE+10*i (WebSocket) and "
-    "BASE+10*i+1 (admin). Default: free ports.",
+    help="Predictable ports: node i listens on BASE+10*i (WebSocket), "
+    "BASE+10*i+1 (admin) and BASE+10*i+2 (mesh). Default: free ports.",
 )
 @click.option(
     "--ready-file",

@@ -7,8 +7,8 @@ then writes the ready file::
     {"regions": {"<name>": {"redis": URL,
                             "nodes": [{"id", "ws", "admin", "pid"}]}}}
 
-Ports are free ones, or ``port_base + 10*i`` (WebSocket) and ``+1`` (admin) for the i-th
-node when ``port_base`` is given. Everything is stopped on SIGINT/SIGTERM.
+Ports are free ones, or ``port_base + 10*i`` (WebSocket), ``+1`` (admin) and ``+2`` (mesh)
+for the i-th node when ``port_base`` is given. Everything is stopped on SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class DevCluster:
     nodes_per_region: int = 1
     port_base: int | None = None
     log_level: str = "warning"
+    # Extra [cluster] keys for every node (tests shorten leases, for example).
+    cluster_settings: dict[str, Any] = field(default_factory=dict)
     workdir: Path | None = None
     redis: dict[str, RedisServer] = field(default_factory=dict)
     nodes: list[DevNode] = field(default_factory=list)
@@ -73,15 +75,18 @@ class DevCluster:
         node_id = f"{region}/{name}"
         d = self.workdir / region / name
         d.mkdir(parents=True, exist_ok=True)
-        ws_port = admin_port = 0
+        ws_port = admin_port = mesh_port = 0
         if self.port_base is not None:
             ws_port = self.port_base + 10 * index
             admin_port = ws_port + 1
+            mesh_port = ws_port + 2
         config = d / "node.toml"
         config.write_text(
             f'[node]\nid = "{node_id}"\ndata_dir = "{d / "data"}"\n'
             f"[client]\nport = {ws_port}\nallow_anonymous = true\n"
             f"[admin]\nport = {admin_port}\n"
+            f'[cluster]\nredis_url = "{self.redis[region].url}"\nmesh_port = {mesh_port}\n'
+            + "".join(f"{k} = {v}\n" for k, v in self.cluster_settings.items())
         )
         ready = d / "ready.json"
         ready.unlink(missing_ok=True)

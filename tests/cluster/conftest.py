@@ -1,0 +1,67 @@
+"""Whole regions as real processes: `relay serve` nodes and a real Redis (relay.dev)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from cluster.status import owners
+from relay.dev import DevCluster
+
+# Short leases so failover tests finish quickly (production: 3000 / 1000 ms).
+FAST = {"lease_ttl_ms": 1500, "lease_renew_ms": 300, "batch_window_ms": 20}
+
+
+def admin_status(admin_url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(admin_url + "/status", timeout=5) as r:
+        doc: dict[str, Any] = json.loads(r.read())
+        return doc
+
+
+def settled(cluster: DevCluster, live: list[dict[str, Any]]) -> bool:
+    """Every live node sees the same members alive and together they own every slot."""
+    try:
+        docs = [admin_status(n["admin"]) for n in live]
+    except OSError:
+        return False
+    ids = {n["id"] for n in live}
+    region = live[0]["id"].split("/")[0]
+    with redis.Redis.from_url(cluster.redis[region].url) as r:
+        records = Counter(o for o, _ in owners(r, region, 256))
+    owned = 0
+    for n, d in zip(live, docs, strict=True):
+        c = d["cluster"]
+        alive = {m for m, s in c["members"].items() if s in ("alive", "suspect")}
+        if alive != ids or c["batcher"]["in_flight"]:
+            return False
+        if records.get(n["id"], 0) != c["owned_slots"]:
+            return False
+        owned += c["owned_slots"]
+    return owned == 256
+
+
+def wait_settled(cluster: DevCluster, live: list[dict[str, Any]], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not settled(cluster, live):
+        assert time.monotonic() < deadline, "region did not settle"
+        time.sleep(0.1)  # poll interval
+
+
+@pytest.fixture
+def region3() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
+    """One region of three nodes, settled: every slot owned."""
+    cluster = DevCluster(["sg"], nodes_per_region=3, cluster_settings=FAST)
+    doc = cluster.start(timeout_s=60)
+    try:
+        nodes = doc["regions"]["sg"]["nodes"]
+        wait_settled(cluster, nodes)
+        yield cluster, doc
+    finally:
+        cluster.stop()

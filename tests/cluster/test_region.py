@@ -1,0 +1,230 @@
+"""A region of three real node processes: channels shared over the mesh, failover,
+fencing and drain, with a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import redis
+
+from cluster.ring import Ring, slot_of
+from relay.client import RelayClient, RelayErrorReply, RetryPolicy
+from tests.cluster.conftest import admin_status
+from tests.conftest import aio, until
+from tests.wsclient import Client
+
+
+def nodes_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes: list[dict[str, Any]] = doc["regions"]["sg"]["nodes"]
+    return nodes
+
+
+def owner_record(doc: dict[str, Any], slot: int) -> tuple[str, int]:
+    with redis.Redis.from_url(doc["regions"]["sg"]["redis"]) as r:
+        owner, epoch = r.hmget(f"relay:{{sg:{slot}}}:owner", "owner", "epoch")
+    return (owner.decode() if owner else "", int(epoch or 0))
+
+
+def channels_owned_by(doc: dict[str, Any], node_id: str, n: int) -> list[str]:
+    """Channels the ring of the region's nodes gives to ``node_id``."""
+    ring = Ring([x["id"] for x in nodes_of(doc)])
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        ch = f"inbox:u{i}"
+        if ring.owner(slot_of(ch)) == node_id:
+            out.append(ch)
+        i += 1
+    return out
+
+
+async def status(node: dict[str, Any]) -> dict[str, Any]:
+    return await asyncio.to_thread(admin_status, node["admin"])
+
+
+async def pending_ids(url: str, ch: str) -> list[str]:
+    """Every pending id of ``ch``, raw (no client-side dedupe), through node ``url``."""
+    c = await Client.connect(url)
+    await c.request({"op": "hello"}, "welcome")
+    s = await c.request({"op": "sub", "ch": ch}, "subscribed")
+    ids = [(await c.expect("msg"))["id"] for _ in range(s["pending"])]
+    await c.close()
+    return ids
+
+
+async def owned_elsewhere(survivors: list[dict[str, Any]]) -> bool:
+    try:
+        docs = [await status(n) for n in survivors]
+    except OSError:
+        return False
+    return sum(d["cluster"]["owned_slots"] for d in docs) == 256
+
+
+PATIENT = RetryPolicy(max_attempts=200, base_delay_s=0.05, max_delay_s=0.2)
+
+
+@aio
+async def test_clients_on_different_nodes_reach_each_other(region3: Any) -> None:
+    _, doc = region3
+    nodes = nodes_of(doc)
+    pubs = [await RelayClient.connect(n["ws"]) for n in nodes]
+    subs = [await RelayClient.connect(n["ws"]) for n in nodes]
+    channels = [f"inbox:user{i}" for i in range(20)]
+    for ch in channels:
+        for i, c in enumerate(pubs):
+            ack = await c.publish(ch, f"{ch} from {i}", id=f"{ch}-{i}", ack="log")
+            assert ack.ack == "log" and not ack.dup
+    for ch in channels:
+        for c in subs:
+            sub = await c.subscribe(ch)
+            assert sub.pending == 3
+            got = [await asyncio.wait_for(sub.__anext__(), 5) for _ in range(3)]
+            assert sorted(m.id for m in got) == [f"{ch}-{i}" for i in range(3)]
+            await sub.unsubscribe()
+    # Live delivery across nodes; an ack through a third node removes it for everyone.
+    sub = await subs[0].subscribe("room:live")
+    await pubs[2].publish("room:live", "hello", id="live-1")
+    m = await asyncio.wait_for(sub.__anext__(), 5)
+    assert m.body == "hello" and m.id == "live-1"
+    assert await subs[1].ack("room:live", ["live-1"]) == 1
+    again = await subs[2].subscribe("room:live")
+    assert again.pending == 0
+    for c in pubs + subs:
+        await c.close()
+    docs = [await status(n) for n in nodes]
+    assert all(d["cluster"]["owned_slots"] > 0 for d in docs)
+
+
+@aio
+async def test_kill_9_of_an_owner_loses_no_acked_message(region3: Any) -> None:
+    _cluster, doc = region3
+    nodes = nodes_of(doc)
+    victim, entry, other = nodes[0], nodes[1], nodes[2]
+    channels = channels_owned_by(doc, victim["id"], 5)
+    client = await RelayClient.connect(entry["ws"], retry=PATIENT)
+    acked: list[tuple[str, str]] = []
+    killed_at = 0.0
+    first_after = 0.0
+    for i in range(300):
+        ch = channels[i % len(channels)]
+        if i == 100:
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed_at = time.monotonic()
+        try:
+            a = await client.publish(ch, f"m{i}", id=f"m{i}", ack="log", timeout_s=30)
+        except RelayErrorReply:
+            continue  # refused (never acknowledged): allowed to be missing
+        assert a.ack == "log"
+        acked.append((ch, f"m{i}"))
+        if i >= 100 and not first_after:
+            first_after = time.monotonic()
+    print(
+        f"\n{len(acked)} of 300 acked; first publish to the dead owner's channels "
+        f"acked {first_after - killed_at:.2f}s after kill -9"
+    )
+    # Every acknowledged id is pending exactly once, read through either survivor.
+    for ch in channels:
+        want = sorted(i for c, i in acked if c == ch)
+        for node in (entry, other):
+            got = await pending_ids(node["ws"], ch)
+            assert sorted(got) == want, (ch, node["id"])
+            assert max(Counter(got).values(), default=1) == 1
+    await client.close()
+    slot = slot_of(channels[0])
+    assert owner_record(doc, slot)[0] in (entry["id"], other["id"])
+
+
+@aio
+async def test_paused_owner_is_fenced_and_rejoins(region3: Any) -> None:
+    _cluster, doc = region3
+    nodes = nodes_of(doc)
+    victim, a, b = nodes[0], nodes[1], nodes[2]
+    ch = channels_owned_by(doc, victim["id"], 1)[0]
+    slot = slot_of(ch)
+    _, old_epoch = owner_record(doc, slot)
+    watcher = await Client.connect(a["ws"])
+    await watcher.request({"op": "hello"}, "welcome")
+    os.kill(victim["pid"], signal.SIGSTOP)
+    try:
+        # The others declare it dead when its lease expires and take its slots.
+        await until(
+            lambda: owner_record(doc, slot)[0] in (a["id"], b["id"]),
+            timeout_s=20,
+            what="slot claimed by a survivor",
+        )
+        assert owner_record(doc, slot)[1] > old_epoch
+        publisher = await RelayClient.connect(b["ws"], retry=PATIENT)
+        await publisher.publish(ch, "while paused", id="p1", ack="log")
+    finally:
+        os.kill(victim["pid"], signal.SIGCONT)
+
+    # The paused node finds its lease gone and rejoins as a new member.
+    async def rejoined() -> bool:
+        try:
+            st = await status(victim)
+        except OSError:
+            return False
+        return bool(st["cluster"]["epoch"] > 3)
+
+    deadline = time.monotonic() + 20
+    while not await rejoined():
+        assert time.monotonic() < deadline, "paused node did not rejoin"
+        await asyncio.sleep(0.1)  # poll interval
+    # Whatever the ring settles on, the message is pending exactly once.
+    await publisher.publish(ch, "after", id="p2", ack="log")
+    for node in (a, b, victim):
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                got = await pending_ids(node["ws"], ch)
+                break
+            except (TimeoutError, AssertionError, OSError):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)  # poll interval while slots settle
+        assert sorted(got) in (["p1", "p2"],), (node["id"], got)
+    await publisher.close()
+    await watcher.close()
+
+
+@aio
+async def test_drain_moves_slots_with_zero_loss(region3: Any) -> None:
+    _cluster, doc = region3
+    nodes = nodes_of(doc)
+    leaving, stay1, stay2 = nodes[0], nodes[1], nodes[2]
+    channels = channels_owned_by(doc, leaving["id"], 5)
+    pub = await RelayClient.connect(stay1["ws"], retry=PATIENT)
+    for i, ch in enumerate(channels):
+        await pub.publish(ch, f"before {i}", id=f"b{i}", ack="log")
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "node",
+            "drain",
+            leaving["id"],
+            "--redis",
+            doc["regions"]["sg"]["redis"],
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert '"drained": true' in proc.stdout
+    for i, ch in enumerate(channels):
+        await pub.publish(ch, f"after {i}", id=f"a{i}", ack="log")
+    for i, ch in enumerate(channels):
+        got = await pending_ids(stay2["ws"], ch)
+        assert sorted(got) == sorted([f"b{i}", f"a{i}"])
+    await pub.close()
+    assert all(owner_record(doc, s)[0] != leaving["id"] for s in range(256))
