@@ -183,6 +183,7 @@ async def ingest(
     lat: list[float] = []
     totals = {"frames": 0, "pubacks": 0, "errors": 0, "replies": 0}
     opened = [0]
+    starts: list[Any] = []  # per connection: send the first window of frames
 
     def make(i: int) -> tuple[Any, Any]:
         prefix = b'{"op":"pub","ch":"bench:%d","ack":"mem","body":"%s","id":"' % (i, body)
@@ -231,13 +232,13 @@ async def ingest(
             if w.running:
                 send_one(now)
 
-        on_open.start = start  # type: ignore[attr-defined]
+        starts.append(start)
         return on_open, on_frame
 
     cs = await _connect_all(url, conns, make)
     await _wait_until(lambda: opened[0] == conns, 30, "handshakes")
-    for c in cs:
-        c.on_open.start()
+    for start in starts:
+        start()
     loop = asyncio.get_running_loop()
     await asyncio.sleep(warmup_s)
     w.open()

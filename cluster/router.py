@@ -60,6 +60,32 @@ AUDIT_S = 1.0
 CATCH_UP_COUNT = 1000
 
 
+class Buckets:
+    """A histogram's cumulative buckets, kept as plain counts (exported at scrape)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        for i, b in enumerate(self.bounds):
+            if value <= b:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for b, n in zip(self.bounds, self.counts, strict=False):
+            total += n
+            out.append((str(b), total))
+        out.append(("+Inf", total + self.counts[-1]))
+        return out
+
+
 class Unavailable(ClusterError):
     """The channel's owner cannot serve right now; the client may retry (``unavailable``)."""
 
@@ -141,6 +167,8 @@ class Router:
         self._rebalancing = asyncio.Lock()
         self._ring_changed = asyncio.Event()
         self.counters = {"failovers": 0, "fenced": 0, "appends": 0, "append_errors": 0}
+        self.append_seconds = Buckets((0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
+        self.batch_events = Buckets((1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` in the background, keeping a reference until it ends."""
@@ -438,8 +466,12 @@ class Router:
     async def _append(self, entries: list[AppendToLog]) -> None:
         epochs = {e.slot: self.owned.get(e.slot, 0) for e in entries}
         items = [(e.slot, encode_batch(e.events)) for e in entries]
+        started = time.monotonic()
         try:
             results = await self.slotlog.append_many(items, self.me, epochs)
+            self.append_seconds.observe(time.monotonic() - started)
+            for e in entries:
+                self.batch_events.observe(len(e.events))
         except (RedisError, OSError) as err:
             self.counters["append_errors"] += 1
             log.warning("slot-log append failed (%s); retrying next window", err)

@@ -7,10 +7,16 @@ is labelled by channel (unbounded cardinality).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -80,6 +86,9 @@ class NodeCollector(Collector):
         for code, n in sorted(f.errors.items()):
             errors.add_metric([*who, code], n)
         yield errors
+        router = getattr(s, "router", None)
+        if router is not None:
+            yield from cluster_metrics(router, labels, who)
         disc = CounterMetricFamily(
             "relay_disconnects_total",
             "Connections the node closed, by close code or reason",
@@ -88,3 +97,37 @@ class NodeCollector(Collector):
         for code, n in sorted(f.disconnects.items()):
             disc.add_metric([*who, code], n)
         yield disc
+
+
+def cluster_metrics(router: Any, labels: list[str], who: list[str]) -> Iterator[Metric]:
+    """The region's metrics as this node sees them (cluster mode only)."""
+    members = GaugeMetricFamily(
+        "relay_ring_members", "Members of the region by state", labels=[*labels, "state"]
+    )
+    states = Counter(s.name.lower() for s in router.detector.members().values())
+    for state in ("alive", "suspect", "dead", "left"):
+        members.add_metric([*who, state], states.get(state, 0))
+    yield members
+    owned = GaugeMetricFamily("relay_owned_slots", "Slots this node owns", labels=labels)
+    owned.add_metric(who, len(router.owned))
+    yield owned
+    for name, doc, key in (
+        ("relay_failovers_total", "Members declared dead whose slots moved", "failovers"),
+        ("relay_fenced_writes_total", "Slot-log writes refused by fencing", "fenced"),
+        ("relay_slot_log_appends_total", "Slot-log entries appended", "appends"),
+        ("relay_slot_log_append_errors_total", "Slot-log appends that failed", "append_errors"),
+    ):
+        c = CounterMetricFamily(name, doc, labels=labels)
+        c.add_metric(who, router.counters[key])
+        yield c
+    for name, doc, buckets in (
+        (
+            "relay_slot_log_append_seconds",
+            "Time of one pipelined slot-log append",
+            router.append_seconds,
+        ),
+        ("relay_batch_events", "Events per slot-log entry", router.batch_events),
+    ):
+        h = HistogramMetricFamily(name, doc, labels=labels)
+        h.add_metric(who, buckets.cumulative(), buckets.sum)
+        yield h

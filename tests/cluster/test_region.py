@@ -228,3 +228,60 @@ async def test_drain_moves_slots_with_zero_loss(region3: Any) -> None:
         assert sorted(got) == sorted([f"b{i}", f"a{i}"])
     await pub.close()
     assert all(owner_record(doc, s)[0] != leaving["id"] for s in range(256))
+
+
+def test_status_and_metrics_of_a_region(region3: Any) -> None:
+    _, doc = region3
+    nodes = nodes_of(doc)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "status",
+            "--redis",
+            doc["regions"]["sg"]["redis"],
+            "--region",
+            "sg",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    import json
+
+    st = json.loads(r.stdout)
+    assert [m["id"] for m in st["members"]] == [n["id"] for n in nodes]
+    assert sum(m["slots"] for m in st["members"]) == 256 and st["unowned_slots"] == 0
+    assert all(m["slots"] > 0 for m in st["members"])
+    import urllib.request
+
+    with urllib.request.urlopen(nodes[0]["admin"] + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert 'relay_ring_members{node="sg/n1",region="sg",state="alive"} 3.0' in text
+    for name in (
+        "relay_slot_log_append_seconds_bucket",
+        "relay_failovers_total",
+        "relay_fenced_writes_total",
+        "relay_batch_events_bucket",
+        "relay_owned_slots",
+    ):
+        assert name in text, name
+    unreachable = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "status",
+            "--redis",
+            "redis://127.0.0.1:1/0",
+            "--region",
+            "sg",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unreachable.returncode == 69
