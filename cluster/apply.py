@@ -24,7 +24,23 @@ def apply_events(node: Node, events: Iterable[Event], now_ms: int) -> list[Messa
     dedupe = node.dedupe
     for e in events:
         if isinstance(e, MessageEvent):
-            if e.expires_ms <= now_ms or store.contains(e.ch, e.id):
+            if e.expires_ms <= now_ms:
+                continue
+            existing = store.get(e.ch, e.id)
+            if existing is not None:
+                # The same id accepted in two regions: every region keeps the copy with
+                # the smaller (timestamp, origin), so all converge on one.
+                if (e.hlc, e.origin) < (existing.hlc, existing.origin):
+                    store.ack(e.ch, [e.id])
+                    store.add(
+                        e.ch,
+                        e.id,
+                        hlc=e.hlc,
+                        expires_ms=e.expires_ms,
+                        sender=e.sender,
+                        origin=e.origin,
+                        body=e.body,
+                    )
                 continue
             if dedupe.lookup(dedupe_key(e.ch, e.id), now_ms) is not None:
                 continue

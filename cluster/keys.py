@@ -111,3 +111,8 @@ def epoch_key(region: str) -> str:
 def lease_prefix(region: str) -> str:
     """The common prefix of every lease key of ``region``."""
     return f"{PREFIX}:{region_tag(region)}:lease:"
+
+
+def confirmed_channel(region: str) -> str:
+    """Where the links of ``region`` announce what their destinations hold."""
+    return f"{PREFIX}:{region_tag(region)}:confirmed"

@@ -26,7 +26,14 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from cluster.keys import control_channel, epoch_key, lease_key, lease_prefix, members_channel
+from cluster.keys import (
+    confirmed_channel,
+    control_channel,
+    epoch_key,
+    lease_key,
+    lease_prefix,
+    members_channel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +113,7 @@ class Membership:
         on_event: Callable[[MembershipEvent], None],
         on_lease_lost: Callable[[], None],
         on_command: Callable[[dict[str, Any]], None] | None = None,
+        on_confirmed: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.client = client
         self.region = region
@@ -115,6 +123,7 @@ class Membership:
         self.on_event = on_event
         self.on_lease_lost = on_lease_lost
         self.on_command = on_command
+        self.on_confirmed = on_confirmed
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
         self._lease_prefix = lease_prefix(region)
@@ -148,6 +157,7 @@ class Membership:
         await self._pubsub.subscribe(
             members_channel(self.region),
             control_channel(self.region),
+            confirmed_channel(self.region),
             f"__keyevent@{db}__:expired",
         )
         self._tasks = [asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._renew())]
@@ -246,6 +256,10 @@ class Membership:
                 self.on_event(Expired(data[len(self._lease_prefix) :]))
             return
         doc = json.loads(data)
+        if channel == confirmed_channel(self.region):
+            if self.on_confirmed is not None:
+                self.on_confirmed(doc)
+            return
         if channel == control_channel(self.region):
             if self.on_command is not None and doc.get("node") == self.me.node_id:
                 self.on_command(doc)

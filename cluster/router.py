@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cluster.apply import apply_events, slot_state
+from cluster.checkpoint import decode_checkpoint, encode_checkpoint
 from cluster.errors import ClusterError
 from cluster.failure import (
     DetectorConfig,
@@ -41,12 +42,13 @@ from cluster.failure import (
 )
 from cluster.failure import Left as DetectorLeft
 from cluster.keys import owner_key
+from cluster.link import Link, parse_id
 from cluster.membership import Expired, Joined, Left, Member, Membership, MembershipEvent
 from cluster.mesh import Mesh, PeerUnavailable, RemoteError
 from cluster.ring import Ring, slot_of
 from cluster.slotlog import FencedError, RedisSlotLog
 from relay.batch import AppendToLog, Batcher, ack_events
-from relay.codec import CodecError, MessageEvent, decode_batch, encode_batch
+from relay.codec import CodecError, MessageEvent, encode_batch
 from relay.config import Config
 from relay.errors import Code
 from relay.hlc import physical_ms
@@ -56,6 +58,7 @@ from relay.store import Message
 log = logging.getLogger(__name__)
 
 TAIL_BLOCK_MS = 500
+REMOTE_WAIT_S = 30.0
 AUDIT_S = 1.0
 CATCH_UP_COUNT = 1000
 
@@ -92,9 +95,12 @@ class Unavailable(ClusterError):
 
 @dataclass(slots=True, eq=False)
 class PubWaiter:
-    """A ``pub`` waiting for its slot-log append before it is acknowledged."""
+    """A ``pub`` waiting for its slot-log append (and, for ``remote``, for a link to
+    confirm that another region holds it) before it is acknowledged."""
 
     done: Callable[[str | None], None]  # called with the level reached, or None on failure
+    level: str = "log"
+    since: float = 0.0
 
 
 def message_fields(m: Message) -> list[Any]:
@@ -167,6 +173,26 @@ class Router:
         self._rebalancing = asyncio.Lock()
         self._ring_changed = asyncio.Event()
         self.counters = {"failovers": 0, "fenced": 0, "appends": 0, "append_errors": 0}
+        # Inter-region: peers (name → Redis URL), links from here to each, and what this
+        # node applied of each origin's mirrors.
+        self.peers: dict[str, str] = dict(p.split("=", 1) for p in c.peers)
+        self.links = [
+            Link(
+                region=self.region,
+                dest=name,
+                dest_url=url,
+                node_id=self.me,
+                local_url=c.redis_url,
+                slots=self.slots,
+                lease_ttl_ms=c.lease_ttl_ms,
+            )
+            for name, url in sorted(self.peers.items())
+        ]
+        self.mirror_applied: dict[str, dict[int, str]] = {o: {} for o in self.peers}
+        self._mirror_tasks: dict[str, asyncio.Task[None]] = {}
+        # ack=remote: per slot, (entry id, waiter) until a link confirms the entry.
+        self.remote_waiters: dict[int, list[tuple[tuple[int, int], PubWaiter]]] = {}
+        self.confirmed: dict[int, tuple[int, int]] = {}
         self.append_seconds = Buckets((0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
         self.batch_events = Buckets((1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 
@@ -196,6 +222,7 @@ class Router:
             on_event=self.on_membership,
             on_lease_lost=self.on_lease_lost,
             on_command=self.on_command,
+            on_confirmed=self.on_confirmed,
         )
         await self.membership.start()
         joined = await self.membership.join()
@@ -209,12 +236,20 @@ class Router:
             asyncio.ensure_future(self._tick_loop()),
             asyncio.ensure_future(self._checkpoint_loop()),
         ]
+        for link in self.links:
+            link.start()
         await self._rebalance()
 
     async def stop(self) -> None:
         self.stopped = True
-        for t in [*self._tasks, *([self._tail_task] if self._tail_task else [])]:
+        for t in [
+            *self._tasks,
+            *([self._tail_task] if self._tail_task else []),
+            *self._mirror_tasks.values(),
+        ]:
             t.cancel()
+        for link in self.links:
+            await link.stop()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
@@ -378,6 +413,7 @@ class Router:
             self.claiming.discard(slot)
 
     async def _catch_up(self, slot: int) -> None:
+        """Bring ``slot`` up to the end of its log and of every mirror of it."""
         now = self.wall_ms()
         if slot not in self.applied:
             cp = await self.slotlog.read_checkpoint(slot)
@@ -389,19 +425,38 @@ class Router:
         while True:
             entries = await self.slotlog.read(slot, self.applied[slot], CATCH_UP_COUNT)
             if not entries:
-                return
+                break
             for e in entries:
                 self._apply(slot, e.data, now)
                 self.applied[slot] = e.id
+        for origin in self.peers:
+            done = self.mirror_applied[origin]
+            while True:
+                entries = await self.slotlog.read(
+                    slot, done.get(slot, "0-0"), CATCH_UP_COUNT, origin=origin
+                )
+                if not entries:
+                    break
+                for e in entries:
+                    self._apply(slot, e.data, now)
+                    done[slot] = e.id
 
-    def _apply(self, slot: int, data: bytes, now_ms: int) -> None:
+    def _apply(self, slot: int, data: bytes, now_ms: int) -> list[Message]:
+        """Apply a log entry, mirror entry or checkpoint; return the messages it added."""
         try:
-            events = decode_batch(data)
+            events, mirrors = decode_checkpoint(data)
         except CodecError as e:
             log.error("slot %d: undecodable entry skipped: %s", slot, e)
-            return
-        for m in apply_events(self.node, events, now_ms):
+            return []
+        for origin, by_slot in mirrors.items():
+            if origin in self.mirror_applied and slot in by_slot:
+                known = self.mirror_applied[origin].get(slot, "0-0")
+                if parse_id(by_slot[slot]) > parse_id(known):
+                    self.mirror_applied[origin][slot] = by_slot[slot]
+        added = apply_events(self.node, events, now_ms)
+        for m in added:
             self.slot_channels.setdefault(slot, set()).add(m.ch)
+        return added
 
     async def _release(self, slot: int) -> None:
         """Stop owning ``slot`` on purpose (the ring moved it): flush it first."""
@@ -420,6 +475,39 @@ class Router:
             self._tail_task = None
         if self.replicated and not self.stopped:
             self._tail_task = asyncio.ensure_future(self._tail_loop(sorted(self.replicated)))
+        for task in self._mirror_tasks.values():
+            task.cancel()
+        self._mirror_tasks = {}
+        slots = (
+            sorted(set(self.ring.slots_of(self.me)) | self.replicated)
+            if (self.ring is not None and self.me in self.ring.nodes)
+            else []
+        )
+        if slots and not self.stopped:
+            for origin in self.peers:
+                self._mirror_tasks[origin] = asyncio.ensure_future(self._mirror_loop(origin, slots))
+
+    async def _mirror_loop(self, origin: str, slots: list[int]) -> None:
+        """Apply what the link from ``origin`` copies into our mirrors of its logs."""
+        done = self.mirror_applied[origin]
+        while not self.stopped:
+            try:
+                after = {s: done.get(s, "0-0") for s in slots}
+                entries = await self.slotlog.tail(after, TAIL_BLOCK_MS, origin=origin)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as e:
+                log.warning("tailing mirrors of %s failed: %s", origin, e)
+                await asyncio.sleep(0.5)  # back off before retrying Redis
+                continue
+            now = self.wall_ms()
+            for t in entries:
+                added = self._apply(t.slot, t.data, now)
+                done[t.slot] = t.id
+                if t.slot in self.owned:
+                    self.dirty.add(t.slot)
+                    for m in added:
+                        self._deliver(m)
 
     async def _tail_loop(self, slots: list[int]) -> None:
         for s in slots:
@@ -501,7 +589,54 @@ class Router:
                 self.applied[e.slot] = r
                 for w in e.waiters:
                     if isinstance(w, PubWaiter):
-                        w.done("log")
+                        self._logged(e.slot, r, w)
+
+    def _logged(self, slot: int, entry_id: str, w: PubWaiter) -> None:
+        """``w``'s entry is in the log: answer it, or wait for a link if it asked remote."""
+        if w.level != "remote" or not self.links:
+            w.done("log")
+            return
+        eid = parse_id(entry_id)
+        if self.confirmed.get(slot, (0, 0)) >= eid:
+            w.done("remote")
+            return
+        w.since = time.monotonic()
+        self.remote_waiters.setdefault(slot, []).append((eid, w))
+
+    def on_confirmed(self, doc: dict[str, Any]) -> None:
+        """A link announced entries its destination holds: answer ``ack=remote``."""
+        for slot_s, entry_id in dict(doc.get("slots", {})).items():
+            slot = int(slot_s)
+            eid = parse_id(str(entry_id))
+            if eid > self.confirmed.get(slot, (0, 0)):
+                self.confirmed[slot] = eid
+            waiting = self.remote_waiters.get(slot)
+            if not waiting:
+                continue
+            still = [(i, w) for i, w in waiting if i > eid]
+            for i, w in waiting:
+                if i <= eid:
+                    w.done("remote")
+            if still:
+                self.remote_waiters[slot] = still
+            else:
+                del self.remote_waiters[slot]
+
+    def _expire_remote_waiters(self) -> None:
+        """Answer ``unavailable`` to ``ack=remote`` publishes no link confirmed in time
+        (the message is logged here; the client's retry with the same id waits again)."""
+        cutoff = time.monotonic() - REMOTE_WAIT_S
+        for slot, waiting in list(self.remote_waiters.items()):
+            keep = []
+            for i, w in waiting:
+                if w.since < cutoff:
+                    w.done(None)
+                else:
+                    keep.append((i, w))
+            if keep:
+                self.remote_waiters[slot] = keep
+            else:
+                del self.remote_waiters[slot]
 
     def _requeue(self, e: AppendToLog) -> None:
         """Put a failed entry's events and waiters back for the slot's next append."""
@@ -519,6 +654,10 @@ class Router:
             and self.ring.owner(slot) == self.me
         )
 
+    def _checkpoint_data(self, slot: int, events: list[Any]) -> bytes:
+        mirrors = {o: {slot: done[slot]} for o, done in self.mirror_applied.items() if slot in done}
+        return encode_checkpoint(events, mirrors)
+
     async def _checkpoint_loop(self) -> None:
         interval = self.config.cluster.checkpoint_interval_s
         while not self.stopped:
@@ -534,7 +673,7 @@ class Router:
                 )
                 try:
                     await self.slotlog.write_checkpoint(
-                        slot, self.me, epoch, encode_batch(events), covers
+                        slot, self.me, epoch, self._checkpoint_data(slot, events), covers
                     )
                     await self.slotlog.trim(slot, covers)
                 except FencedError:
@@ -581,6 +720,7 @@ class Router:
                     self._effects(self.detector.observe(PingAnswered(peer, now)))
             self._effects(self.detector.observe(PingAnswered(self.me, now)))
             self._effects(self.detector.observe(Tick(now)))
+            self._expire_remote_waiters()
             if now >= next_audit:
                 next_audit = now + AUDIT_S
                 try:
@@ -668,7 +808,17 @@ class Router:
                     else:
                         reply({**fields, "ack": level}, None, "")
 
-                self.batcher.add_waiter(slot, PubWaiter(dup_done), now)
+                self.batcher.add_waiter(slot, PubWaiter(dup_done, level=ack), now)
+            elif ack == "remote" and self.links and slot in self.applied:
+                # Confirmed once the slot's newest entry (at or after the first copy's)
+                # is in another region.
+                def remote_done(level: str | None) -> None:
+                    if level is None:
+                        reply(None, Code.UNAVAILABLE, "no region confirmed it in time")
+                    else:
+                        reply({**fields, "ack": level}, None, "")
+
+                self._logged(slot, self.applied[slot], PubWaiter(remote_done, level="remote"))
             else:
                 reply({**fields, "ack": "mem" if ack == "mem" else "log"}, None, "")
             return
@@ -689,7 +839,7 @@ class Router:
                 else:
                     reply({**fields, "ack": level}, None, "")
 
-            waiter = PubWaiter(done)
+            waiter = PubWaiter(done, level=ack)
         for entry in self.batcher.add(slot, event, now, waiter):
             self._spawn(self._append([entry]))
         self._deliver(message)
@@ -898,4 +1048,6 @@ class Router:
                 "in_flight": self.batcher.in_flight,
             },
             "counters": dict(self.counters),
+            "links": [link.status(self.wall_ms()) for link in self.links],
+            "remote_waiting": sum(len(w) for w in self.remote_waiters.values()),
         }

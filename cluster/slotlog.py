@@ -260,6 +260,15 @@ class SlotLog(Protocol):
         trimmed since), or None when it does not exist: where a link resumes."""
         ...
 
+    async def mirror_tops(self, slots: Sequence[int], origin: str) -> dict[int, str | None]:
+        """:meth:`mirror_top` of each slot, in one round trip (a link resuming over a WAN)."""
+        ...
+
+    async def first_id(self, slot: int) -> str | None:
+        """The id of the oldest entry still in ``slot``'s log (None: empty): a reader
+        whose position is below it has a gap (the log was trimmed past it)."""
+        ...
+
     async def close(self) -> None:
         """Close the connections; the object cannot be used afterwards."""
         ...
@@ -681,6 +690,27 @@ class RedisSlotLog:
             raise
         return _text(info["last-generated-id"])
 
+    async def mirror_tops(self, slots: Sequence[int], origin: str) -> dict[int, str | None]:
+        _check_origin(self._region, origin)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for slot in slots:
+                pipe.xinfo_stream(keys.mirror_key(self._region, check_slot(slot), origin))
+            results = await pipe.execute(raise_on_error=False)
+        out: dict[int, str | None] = {}
+        for slot, r in zip(slots, results, strict=True):
+            if isinstance(r, ResponseError) and "no such key" in str(r):
+                out[slot] = None
+            elif isinstance(r, Exception):
+                raise r
+            else:
+                out[slot] = _text(r["last-generated-id"])
+        return out
+
+    async def first_id(self, slot: int) -> str | None:
+        _, log_key, _ = self._keys(check_slot(slot))
+        rows: Any = await self._client.xrange(log_key, min="-", max="+", count=1)
+        return _text(rows[0][0]) if rows else None
+
     async def close(self) -> None:
         try:
             await self._client.aclose()
@@ -958,6 +988,14 @@ class MemorySlotLog:
         self._check_open()
         stream = self._stream(check_slot(slot), origin)
         return _format_id(stream.top) if stream is not None else None
+
+    async def mirror_tops(self, slots: Sequence[int], origin: str) -> dict[int, str | None]:
+        return {slot: await self.mirror_top(slot, origin) for slot in slots}
+
+    async def first_id(self, slot: int) -> str | None:
+        self._check_open()
+        stream = self._stream(check_slot(slot), "")
+        return stream.entries[0].id if stream is not None and stream.entries else None
 
     async def close(self) -> None:
         self._closed = True

@@ -248,6 +248,11 @@ class ClusterConfig:
     lease_ttl_ms: int = _opt(3000, "int", "a node whose lease is this old is dead", lo=100)
     lease_renew_ms: int = _opt(1000, "int", "how often a node renews its lease", lo=10)
     batch_window_ms: int = _opt(100, "int", "how long events gather before a slot-log append", lo=1)
+    peers: tuple[str, ...] = _opt(
+        (),
+        "list[str]",
+        'the other regions, "name=redis-url" each; links copy this region\'s slot logs there',
+    )
     checkpoint_interval_s: float = _opt(
         5.0, "float", "how often changed slots are checkpointed to Redis", lo=0, lo_open=True
     )
@@ -330,6 +335,27 @@ class Config:
                 problem = _file_problem(path)
                 if problem:
                     yield _Problem((key,), problem)
+
+        if ok("cluster.peers", "node.id"):
+            seen: set[str] = set()
+            for entry in self.cluster.peers:
+                name, sep, url = entry.partition("=")
+                if not sep or not _NODE_ID_PART.fullmatch(name):
+                    yield _Problem(
+                        ("cluster.peers",), f'entries are "region=redis-url", got {_show(entry)}'
+                    )
+                elif name == self.node.region or name in seen:
+                    yield _Problem(
+                        ("cluster.peers",), f"region {name!r} is this region or listed twice"
+                    )
+                elif not url.startswith(("redis://", "rediss://", "unix://")):
+                    yield _Problem(
+                        ("cluster.peers",),
+                        f"{name}: the URL must be redis://, rediss:// or unix://",
+                    )
+                seen.add(name)
+            if self.cluster.peers and not self.cluster.redis_url:
+                yield _Problem(("cluster.peers",), "needs cluster.redis_url (links run from it)")
 
         if ok("client.max_body", "client.max_frame") and c.max_body > c.max_frame:
             yield _Problem(

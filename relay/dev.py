@@ -62,6 +62,7 @@ class DevCluster:
             i = 0
             for region in self.regions:
                 self.redis[region] = RedisServer().start()
+            for region in self.regions:
                 for n in range(1, self.nodes_per_region + 1):
                     self._spawn(region, f"n{n}", i)
                     i += 1
@@ -86,6 +87,7 @@ class DevCluster:
             f"[client]\nport = {ws_port}\nallow_anonymous = true\n"
             f"[admin]\nport = {admin_port}\n"
             f'[cluster]\nredis_url = "{self.redis[region].url}"\nmesh_port = {mesh_port}\n'
+            f"peers = {json.dumps(self.peer_urls(region))}\n"
             + "".join(f"{k} = {v}\n" for k, v in self.cluster_settings.items())
         )
         ready = d / "ready.json"
@@ -102,6 +104,10 @@ class DevCluster:
         ]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self.nodes.append(DevNode(node_id, proc, ready))
+
+    def peer_urls(self, region: str) -> list[str]:
+        """``name=url`` of every other region's Redis, as this region's links reach it."""
+        return [f"{r}={self.redis[r].url}" for r in self.regions if r != region]
 
     def _wait_ready(self, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

@@ -466,6 +466,10 @@ async def test_mirror_append_keeps_ids_and_is_idempotent(backend: Backend) -> No
     assert await dest.mirror_append(batch[0].slot, "sg", batch[0].id, batch[0].data) is False
     assert await dest.mirror_top(4, "sg") == batch[2].id
     assert await dest.mirror_top(5, "sg") == batch[3].id
+    assert await dest.mirror_tops([4, 5, 6], "sg") == {4: batch[2].id, 5: batch[3].id, 6: None}
+    # The origin log's oldest entry: where a reader below it has a gap.
+    assert await origin.first_id(4) == batch[0].id
+    assert await origin.first_id(6) is None
 
     # Same ids, same bytes; readable and tailable like a log.
     origin_4 = await origin.read(4)

@@ -1,0 +1,116 @@
+"""Three regions as real processes, each with its own Redis, linked by slot-log mirrors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from relay.client import RelayClient, RetryPolicy
+from relay.dev import DevCluster
+from tests.cluster.conftest import FAST, admin_status, wait_settled
+from tests.conftest import aio
+from tests.wsclient import Client
+
+REGIONS = ["sg", "fra", "iad"]
+PATIENT = RetryPolicy(max_attempts=200, base_delay_s=0.05, max_delay_s=0.2)
+
+
+@pytest.fixture
+def world() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
+    cluster = DevCluster(REGIONS, nodes_per_region=1, cluster_settings=FAST)
+    doc = cluster.start(timeout_s=60)
+    try:
+        for r in REGIONS:
+            wait_settled(cluster, doc["regions"][r]["nodes"])
+        yield cluster, doc
+    finally:
+        cluster.stop()
+
+
+def ws(doc: dict[str, Any], region: str) -> str:
+    url: str = doc["regions"][region]["nodes"][0]["ws"]
+    return url
+
+
+async def pending_ids(url: str, ch: str) -> list[str]:
+    c = await Client.connect(url)
+    await c.request({"op": "hello"}, "welcome")
+    s = await c.request({"op": "sub", "ch": ch}, "subscribed")
+    ids = [(await c.expect("msg"))["id"] for _ in range(s["pending"])]
+    await c.close()
+    return ids
+
+
+async def eventually(fn: Any, want: Any, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = await fn()
+        if got == want:
+            return
+        assert time.monotonic() < deadline, f"still {got!r}, want {want!r}"
+        await asyncio.sleep(0.1)  # poll interval while links copy
+
+
+@aio
+async def test_message_follows_the_recipient_and_ack_removes_it_everywhere(world: Any) -> None:
+    _, doc = world
+    sender = await RelayClient.connect(ws(doc, "sg"), retry=PATIENT)
+    ack = await sender.publish("inbox:alice", "hello from sg", id="m1", ack="remote")
+    assert ack.ack == "remote" and ack.origin == "sg"
+    await sender.publish("inbox:alice", "second", id="m2", ack="log")
+    # Alice connects in iad: she gets what she has not acked, oldest first.
+    for region in REGIONS:
+        await eventually(lambda r=region: pending_ids(ws(doc, r), "inbox:alice"), ["m1", "m2"])
+    alice = await RelayClient.connect(ws(doc, "iad"))
+    sub = await alice.subscribe("inbox:alice")
+    got = [await asyncio.wait_for(sub.__anext__(), 5) for _ in range(2)]
+    assert [(m.id, m.origin, m.body) for m in got] == [
+        ("m1", "sg", "hello from sg"),
+        ("m2", "sg", "second"),
+    ]
+    # Live across regions too.
+    await sender.publish("inbox:alice", "live", id="m3", ack="log")
+    m3 = await asyncio.wait_for(sub.__anext__(), 10)
+    assert m3.id == "m3"
+    # Acked in iad: gone from all three regions, and never comes back.
+    assert await alice.ack("inbox:alice", ["m1", "m2", "m3"]) == 3
+    for region in REGIONS:
+        await eventually(lambda r=region: pending_ids(ws(doc, r), "inbox:alice"), [])
+    await sender.close()
+    await alice.close()
+
+
+@aio
+async def test_same_id_published_in_two_regions_converges_to_one(world: Any) -> None:
+    _, doc = world
+    a = await RelayClient.connect(ws(doc, "sg"), retry=PATIENT)
+    b = await RelayClient.connect(ws(doc, "fra"), retry=PATIENT)
+    await asyncio.gather(
+        a.publish("room:x", "from sg", id="same", ack="log"),
+        b.publish("room:x", "from fra", id="same", ack="log"),
+    )
+    for region in REGIONS:
+        await eventually(lambda r=region: pending_ids(ws(doc, r), "room:x"), ["same"])
+    origins = set()
+    for region in REGIONS:
+        c = await RelayClient.connect(ws(doc, region))
+        s = await c.subscribe("room:x")
+        m = await asyncio.wait_for(s.__anext__(), 5)
+        origins.add(m.origin)
+        await c.close()
+    assert len(origins) == 1  # every region kept the same copy
+    await a.close()
+    await b.close()
+
+
+def test_links_report_their_state(world: Any) -> None:
+    _, doc = world
+    st = admin_status(doc["regions"]["sg"]["nodes"][0]["admin"])
+    links = {link["dest"]: link for link in st["cluster"]["links"]}
+    assert set(links) == {"fra", "iad"}
+    assert all(link["holder"] for link in links.values())
+    assert all(link["state"] in ("running", "standby") for link in links.values())
