@@ -99,3 +99,55 @@ def drain(url: str, region: str, node_id: str, slots: int = 256, timeout_s: floa
             return False
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
         raise Unreachable(f"cannot reach {url}: {e}") from e
+
+
+def links_status(url: str, region: str, admin_token: str = "") -> list[dict[str, Any]]:
+    """Every link out of ``region``: its holder and, from the holder's /status, its state,
+    lag and backlog. A link nobody holds is reported ``down``."""
+    import urllib.request
+
+    from cluster.keys import PREFIX, region_tag
+
+    try:
+        with _client(url) as r:
+            ms = members(r, region)
+            prefix = f"{PREFIX}:{region_tag(region)}:link:"
+            keys = [k.decode() for k in r.scan_iter(match=prefix + "*", count=1000)]
+            leases = {k[len(prefix) :]: r.get(k) for k in keys if ":" not in k[len(prefix) :]}
+            dests = {k[len(prefix) :].split(":", 1)[0] for k in keys}
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        raise Unreachable(f"cannot reach {url}: {e}") from e
+    out: list[dict[str, Any]] = []
+    for dest in sorted(dests):
+        holder_raw = leases.get(dest)
+        holder = holder_raw.decode() if holder_raw else None
+        row: dict[str, Any] = {"from": region, "to": dest, "holder": holder, "state": "down"}
+        member = ms.get(holder) if holder else None
+        if member is not None and member.admin:
+            req = urllib.request.Request(member.admin + "/status")
+            if admin_token:
+                req.add_header("Authorization", f"Bearer {admin_token}")
+            try:
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    doc = json.loads(resp.read())
+                for link in (doc.get("cluster") or {}).get("links", []):
+                    if link["dest"] == dest:
+                        row.update(
+                            {
+                                k: link[k]
+                                for k in (
+                                    "state",
+                                    "lag_s",
+                                    "backlog_entries",
+                                    "copied_entries",
+                                    "bytes_total",
+                                    "gaps_total",
+                                    "last_error",
+                                )
+                            }
+                        )
+            except OSError as e:
+                row["state"] = "unknown"
+                row["last_error"] = f"holder's admin unreachable: {e}"
+        out.append(row)
+    return out

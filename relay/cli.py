@@ -307,6 +307,49 @@ def status(redis_url: str, region: str, slots: int, as_json: bool) -> None:
         )
 
 
+@cli.command()
+@_redis_option
+@click.option("--region", required=True, help="The region whose outgoing links to show.")
+@click.option(
+    "--admin-token",
+    envvar="RELAY_ADMIN__TOKEN",
+    default="",
+    help="Admin token of the nodes (default from RELAY_ADMIN__TOKEN).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def links(redis_url: str, region: str, admin_token: str, as_json: bool) -> None:
+    """Every link out of a region: holder, state, lag, backlog, gaps.
+
+    Exit 0; 69 when the region's Redis cannot be reached.
+    """
+    from cluster.status import Unreachable, links_status
+
+    try:
+        rows = links_status(redis_url, region, admin_token)
+    except Unreachable as e:
+        err.print(f"relay links: {e}")
+        sys.exit(EXIT_UNAVAILABLE)
+    if as_json:
+        click.echo(json.dumps({"region": region, "links": rows}))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"links from {region}")
+    for col in ("to", "holder", "state", "lag s", "backlog", "copied", "gaps"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["to"],
+            str(r["holder"]),
+            r["state"],
+            str(r.get("lag_s", "")),
+            str(r.get("backlog_entries", "")),
+            str(r.get("copied_entries", "")),
+            str(r.get("gaps_total", "")),
+        )
+    Console().print(table)
+
+
 @cli.group()
 def node() -> None:
     """Act on one node of a region."""

@@ -8,7 +8,7 @@ is labelled by channel (unbounded cardinality).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
@@ -120,6 +120,52 @@ def cluster_metrics(router: Any, labels: list[str], who: list[str]) -> Iterator[
         c = CounterMetricFamily(name, doc, labels=labels)
         c.add_metric(who, router.counters[key])
         yield c
+    links = getattr(router, "links", [])
+    if links:
+        now_ms = router.wall_ms()
+        per_peer: list[tuple[str, str, Any, Callable[[Any], float]]] = [
+            (
+                "relay_link_lag_seconds",
+                "now - time of the newest copied id (0 when caught up)",
+                GaugeMetricFamily,
+                lambda link: link.lag_s(now_ms),
+            ),
+            (
+                "relay_link_backlog_entries",
+                "Entries read but not yet copied",
+                GaugeMetricFamily,
+                lambda link: link.backlog_entries,
+            ),
+            (
+                "relay_link_bytes_total",
+                "Bytes copied to the peer's mirrors",
+                CounterMetricFamily,
+                lambda link: link.bytes_total,
+            ),
+            (
+                "relay_link_gaps_total",
+                "Slots resynchronised from a checkpoint (log trimmed)",
+                CounterMetricFamily,
+                lambda link: link.gaps_total,
+            ),
+            (
+                "relay_link_stalled",
+                "1 while a copy to the peer makes no progress",
+                GaugeMetricFamily,
+                lambda link: int(link.holding and link.stalled),
+            ),
+            (
+                "relay_link_holder",
+                "1 when this node holds the link's lease",
+                GaugeMetricFamily,
+                lambda link: int(link.holding),
+            ),
+        ]
+        for name, doc, family, value in per_peer:
+            m = family(name, doc, labels=[*labels, "peer"])
+            for link in links:
+                m.add_metric([*who, link.dest], value(link))
+            yield m
     for name, doc, buckets in (
         (
             "relay_slot_log_append_seconds",

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -113,4 +117,34 @@ def test_links_report_their_state(world: Any) -> None:
     links = {link["dest"]: link for link in st["cluster"]["links"]}
     assert set(links) == {"fra", "iad"}
     assert all(link["holder"] for link in links.values())
-    assert all(link["state"] in ("running", "standby") for link in links.values())
+    assert all(link["state"] == "running" for link in links.values())
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "links",
+            "--redis",
+            doc["regions"]["sg"]["redis"],
+            "--region",
+            "sg",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = {row["to"]: row for row in json.loads(r.stdout)["links"]}
+    assert set(rows) == {"fra", "iad"}
+    assert all(row["holder"] == "sg/n1" and row["state"] == "running" for row in rows.values())
+    with urllib.request.urlopen(doc["regions"]["sg"]["nodes"][0]["admin"] + "/metrics") as m:
+        text = m.read().decode()
+    for name in (
+        "relay_link_lag_seconds",
+        "relay_link_backlog_entries",
+        "relay_link_bytes_total",
+        "relay_link_gaps_total",
+        "relay_link_stalled",
+    ):
+        assert f'{name}{{node="sg/n1",peer="fra",region="sg"}}' in text, name

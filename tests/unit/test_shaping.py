@@ -33,9 +33,7 @@ shapes = st.builds(
 arrivals = st.lists(st.tuples(st.floats(0, 2), st.integers(0, 200_000)), min_size=1, max_size=60)
 
 
-def run(
-    shape: Shape, chunks: list[tuple[float, int]], seed: int
-) -> list[tuple[float, int, float]]:
+def run(shape: Shape, chunks: list[tuple[float, int]], seed: int) -> list[tuple[float, int, float]]:
     """Feed the chunks in order; return (arrived, size, released) for each."""
     rng = random.Random(seed)
     pacing, now, out = Pacing(), 1000.0, []
