@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from cluster.keys import PREFIX, confirmed_channel, link_lease_key, log_key, region_tag
 from cluster.slotlog import RedisSlotLog, TailEntry
@@ -253,14 +253,17 @@ class Link:
                 pipe.xinfo_stream(log_key(self.region, s))
             infos = await pipe.execute(raise_on_error=False)
         for s, info in zip(slots, infos, strict=True):
-            if isinstance(info, ResponseError | Exception):
+            if isinstance(info, Exception):
                 continue  # no log yet for this slot
-            deleted = info.get("max-deleted-entry-id") or info.get(b"max-deleted-entry-id")
-            if deleted is None:
+            removed = int(info.get("entries-added", 0)) - int(info.get("length", 0))
+            if removed <= 0:
                 continue
-            deleted_id = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
-            if parse_id(deleted_id) <= parse_id(self.position[s]):
-                continue
+            first = info.get("first-entry")
+            first_id = _text(first[0]) if first else _text(info["last-generated-id"])
+            if parse_id(first_id) <= parse_id(self.position[s]):
+                continue  # the resume point is still in the log
+            # Entries below the log's first were trimmed and some may be newer than the
+            # resume point (conservatively: a resync is idempotent, just more bytes).
             cp = await self.local.read_checkpoint(s)
             if cp is None or parse_id(cp.covers_id) <= parse_id(self.position[s]):
                 continue
@@ -276,3 +279,7 @@ class Link:
             await self.remote.mirror_append(s, self.region, cp.covers_id, cp.data)
             self.position[s] = cp.covers_id
             await self._announce({s: cp.covers_id})
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,0 +1,120 @@
+"""One link between two real Redis servers: same ids, resume, leases, gaps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis as redis_sync
+
+from cluster.link import Link
+from cluster.slotlog import RedisSlotLog
+from relay.redis_server import RedisServer
+from tests.conftest import aio, until
+
+A = "sg/n1"
+
+
+@pytest.fixture
+def two(redis_server: Any) -> Iterator[tuple[str, str]]:
+    """The session's Redis as the origin (sg), a second one as the destination (fra)."""
+    with redis_sync.Redis.from_url(redis_server.url) as r:
+        r.flushall()
+    dest = RedisServer().start()
+    yield redis_server.url, dest.url
+    dest.stop()
+
+
+def link(origin: str, dest: str, node: str = A) -> Link:
+    return Link(
+        region="sg",
+        dest="fra",
+        dest_url=dest,
+        node_id=node,
+        local_url=origin,
+        slots=8,
+        lease_ttl_ms=600,
+    )
+
+
+@aio
+async def test_entries_are_copied_with_the_same_ids_and_resume_after_restart(two: Any) -> None:
+    origin_url, dest_url = two
+    origin = RedisSlotLog.from_url(origin_url, "sg")
+    dest = RedisSlotLog.from_url(dest_url, "fra")
+    for s in (1, 2):
+        await origin.set_owner(s, A, 1)
+    ids = [await origin.append(1, A, 1, b"one-%d" % i) for i in range(3)]
+    ids2 = [await origin.append(2, A, 1, b"two")]
+    first = link(origin_url, dest_url)
+    first.start()
+    await until(lambda: first.copied_entries == 4, what="copied")
+    assert [e.id for e in await dest.read(1, origin="sg")] == ids
+    assert [e.id for e in await dest.read(2, origin="sg")] == ids2
+    await first.stop()
+    # More entries while no link runs; a new link resumes from the mirrors' tops.
+    ids += [await origin.append(1, A, 1, b"later")]
+    second = link(origin_url, dest_url)
+    second.start()
+    await until(lambda: second.copied_entries == 1, what="resumed")
+    assert [e.id for e in await dest.read(1, origin="sg")] == ids
+    assert second.gaps_total == 0
+    await second.stop()
+    await origin.close()
+    await dest.close()
+
+
+@aio
+async def test_only_the_lease_holder_copies(two: Any) -> None:
+    origin_url, dest_url = two
+    a, b = link(origin_url, dest_url, "sg/n1"), link(origin_url, dest_url, "sg/n2")
+    a.start()
+    await until(lambda: a.holding, what="a holds the lease")
+    b.start()
+    origin = RedisSlotLog.from_url(origin_url, "sg")
+    await origin.set_owner(3, A, 1)
+    await origin.append(3, A, 1, b"x")
+    await until(lambda: a.copied_entries == 1, what="copied by a")
+    assert not b.holding and b.copied_entries == 0
+    # The holder goes away: the other takes the lease over and nothing is copied twice.
+    await a.stop()
+    await origin.append(3, A, 1, b"y")
+    await until(lambda: b.holding and b.copied_entries == 1, timeout_s=10, what="b took over")
+    dest = RedisSlotLog.from_url(dest_url, "fra")
+    assert [e.data for e in await dest.read(3, origin="sg")] == [b"x", b"y"]
+    await b.stop()
+    await origin.close()
+    await dest.close()
+
+
+@aio
+async def test_a_trimmed_resume_point_is_resynced_from_the_checkpoint(two: Any) -> None:
+    origin_url, dest_url = two
+    origin = RedisSlotLog.from_url(origin_url, "sg")
+    dest = RedisSlotLog.from_url(dest_url, "fra")
+    await origin.set_owner(5, A, 1)
+    first = link(origin_url, dest_url)
+    first.start()
+    old = await origin.append(5, A, 1, b"old")
+    await until(lambda: first.copied_entries == 1, what="first copy")
+    await first.stop()
+    # While the link is down the origin checkpoints and trims past the mirror's top.
+    mid = [await origin.append(5, A, 1, b"mid-%d" % i) for i in range(3)]
+    await origin.write_checkpoint(5, A, 1, b"STATE", mid[-1])
+    trimmed = await origin.trim(5, mid[-1])
+    assert trimmed.removed >= 2
+    after = await origin.append(5, A, 1, b"after")
+    second = link(origin_url, dest_url)
+    second.start()
+    await until(lambda: second.copied_entries >= 1 and second.gaps_total == 1, what="resync")
+    mirror = await dest.read(5, origin="sg")
+    assert [(e.id, e.data) for e in mirror] == [
+        (old, b"old"),
+        (mid[-1], b"STATE"),
+        (after, b"after"),
+    ]
+    assert second.status(0)["gaps_total"] == 1
+    await second.stop()
+    await origin.close()
+    await dest.close()
