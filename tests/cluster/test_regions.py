@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -148,3 +150,65 @@ def test_links_report_their_state(world: Any) -> None:
         "relay_link_stalled",
     ):
         assert f'{name}{{node="sg/n1",peer="fra",region="sg"}}' in text, name
+
+
+@pytest.fixture
+def world2() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
+    """sg with two nodes (so a link can move), fra and iad with one each."""
+    cluster = DevCluster(["sg", "fra", "iad"], nodes_per_region=2, cluster_settings=FAST)
+    doc = cluster.start(timeout_s=90)
+    try:
+        for r in REGIONS:
+            wait_settled(cluster, doc["regions"][r]["nodes"])
+        yield cluster, doc
+    finally:
+        cluster.stop()
+
+
+def link_holder(doc: dict[str, Any], dest: str) -> str:
+    import redis
+
+    with redis.Redis.from_url(doc["regions"]["sg"]["redis"]) as r:
+        v = r.get(f"relay:{{sg}}:link:{dest}")
+    return v.decode() if v else ""
+
+
+@aio
+async def test_killing_the_link_holder_moves_the_link_and_loses_nothing(world2: Any) -> None:
+    _, doc = world2
+    holder = link_holder(doc, "iad")
+    nodes = {n["id"]: n for n in doc["regions"]["sg"]["nodes"]}
+    other = next(n for i, n in nodes.items() if i != holder)
+    pub = await RelayClient.connect(other["ws"], retry=PATIENT)
+    acked = []
+    for i in range(60):
+        if i == 20:
+            os.kill(nodes[holder]["pid"], signal.SIGKILL)
+        a = await pub.publish("inbox:bob", f"m{i}", id=f"m{i}", ack="log", timeout_s=30)
+        assert a.ack == "log"
+        acked.append(f"m{i}")
+    await eventually(lambda: pending_ids(ws(doc, "iad"), "inbox:bob"), acked, timeout_s=30)
+
+    async def holder_now() -> str:
+        return link_holder(doc, "iad")
+
+    await eventually(holder_now, other["id"])
+    await pub.close()
+
+
+@aio
+async def test_ack_remote_survives_losing_the_origin_region(world: Any) -> None:
+    cluster, doc = world
+    pub = await RelayClient.connect(ws(doc, "sg"), retry=PATIENT)
+    ids = [f"r{i}" for i in range(10)]
+    for i in ids:
+        a = await pub.publish("inbox:carol", f"body {i}", id=i, ack="remote")
+        assert a.ack == "remote"
+    await pub.close()
+    # The whole origin region goes: its node and its Redis.
+    for n in doc["regions"]["sg"]["nodes"]:
+        os.kill(n["pid"], signal.SIGKILL)
+    cluster.redis["sg"].stop()
+    # Every message acknowledged at remote reaches Carol in another region.
+    for region in ("fra", "iad"):
+        await eventually(lambda r=region: pending_ids(ws(doc, r), "inbox:carol"), ids, timeout_s=30)
