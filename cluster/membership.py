@@ -114,6 +114,7 @@ class Membership:
         on_lease_lost: Callable[[], None],
         on_command: Callable[[dict[str, Any]], None] | None = None,
         on_confirmed: Callable[[dict[str, Any]], None] | None = None,
+        on_resync: Callable[[dict[str, Member]], None] | None = None,
     ) -> None:
         self.client = client
         self.region = region
@@ -124,6 +125,7 @@ class Membership:
         self.on_lease_lost = on_lease_lost
         self.on_command = on_command
         self.on_confirmed = on_confirmed
+        self.on_resync = on_resync
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
         self._lease_prefix = lease_prefix(region)
@@ -152,6 +154,13 @@ class Membership:
     async def start(self) -> None:
         """Listen for joins, leaves and expiries, and keep renewing the lease."""
         await self._enable_notifications()
+        await self._subscribe()
+        self._tasks = [asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._renew())]
+
+    async def _subscribe(self) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
         self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
         await self._pubsub.subscribe(
@@ -160,7 +169,6 @@ class Membership:
             confirmed_channel(self.region),
             f"__keyevent@{db}__:expired",
         )
-        self._tasks = [asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._renew())]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -241,12 +249,27 @@ class Membership:
             self.lease_valid_until = sent + self.lease_ttl_ms / 1000
 
     async def _listen(self) -> None:
-        assert self._pubsub is not None
-        async for item in self._pubsub.listen():
+        """Dispatch pub/sub messages; after a lost connection, resubscribe and report the
+        leases held now (what happened meanwhile was not heard)."""
+        while True:
             try:
-                self._dispatch(item)
-            except Exception:
-                log.exception("bad membership message %r", item)
+                assert self._pubsub is not None
+                async for item in self._pubsub.listen():
+                    try:
+                        self._dispatch(item)
+                    except Exception:
+                        log.exception("bad membership message %r", item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("membership channel lost (%s); reconnecting", e)
+            await asyncio.sleep(0.5)  # back off before reconnecting
+            try:
+                await self._subscribe()
+                if self.on_resync is not None:
+                    self.on_resync(await self.snapshot())
+            except Exception as e:
+                log.warning("membership reconnect failed: %s", e)
 
     def _dispatch(self, item: dict[str, Any]) -> None:
         channel = _text(item.get("channel"))

@@ -58,6 +58,8 @@ from relay.store import Message
 log = logging.getLogger(__name__)
 
 TAIL_BLOCK_MS = 500
+RESUBSCRIBE_S = 15.0
+DRAIN_TIMEOUT_S = 10.0
 REMOTE_WAIT_S = 30.0
 AUDIT_S = 1.0
 CATCH_UP_COUNT = 1000
@@ -168,6 +170,9 @@ class Router:
         self._tasks: list[asyncio.Task[None]] = []
         self._tail_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # Entries whose append failed (Redis error, or a slot being claimed again).
+        self._retry: list[AppendToLog] = []
+        self._retried: set[int] = set()
         # Claims run a few at a time: each is a handful of Redis round trips.
         self._claims = asyncio.Semaphore(8)
         self._rebalancing = asyncio.Lock()
@@ -223,6 +228,7 @@ class Router:
             on_lease_lost=self.on_lease_lost,
             on_command=self.on_command,
             on_confirmed=self.on_confirmed,
+            on_resync=self.on_resync,
         )
         await self.membership.start()
         joined = await self.membership.join()
@@ -269,11 +275,17 @@ class Router:
         if self.draining:
             return
         self.draining = True
-        await self._flush(force=True)
-        while self.batcher.in_flight:
-            await asyncio.sleep(0.01)  # in-flight appends finish within one round trip
-        self.owned.clear()
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while (self.batcher.pending_events or self.batcher.in_flight or self._retry) and (
+            time.monotonic() < deadline
+        ):
+            await self._flush(force=True)
+            if self.batcher.in_flight or self._retry:
+                await asyncio.sleep(0.05)  # appends under way or to retry
+        for slot in list(self.owned):
+            self._lose(slot)
         if self.membership is not None:
+            await self.membership.stop()  # no renewal may re-take the lease
             await self.membership.leave()
 
     # -- membership and ring -------------------------------------------------------
@@ -313,6 +325,18 @@ class Router:
         if changed and not self.stopped:
             self._spawn(self._rebalance())
 
+    def on_resync(self, members: dict[str, Member]) -> None:
+        """Membership reconnected to Redis (events may have been missed): reconcile with
+        the leases held now."""
+        now = time.monotonic()
+        effects: list[Any] = []
+        for m in members.values():
+            self.members[m.node_id] = m
+            effects += self.detector.observe(LeaseRenewed(m.node_id, m.epoch, now))
+        for node_id in self.detector.live() - set(members) - {self.me}:
+            effects += self.detector.observe(LeaseExpired(node_id, now))
+        self._effects(effects)
+
     def on_command(self, doc: dict[str, Any]) -> None:
         """An ops command for this node arrived on the region's control channel."""
         if doc.get("cmd") == "drain":
@@ -321,6 +345,8 @@ class Router:
 
     def on_lease_lost(self) -> None:
         # Our lease expired (a long pause?): anything we owned has been given away.
+        if self.draining or self.stopped:
+            return
         log.error("lease lost: dropping every owned slot; rejoin needed")
         for slot in list(self.owned):
             self._lose(slot)
@@ -329,7 +355,17 @@ class Router:
 
     async def _rejoin(self) -> None:
         assert self.membership is not None
-        joined = await self.membership.join()
+        backoff = 0.2
+        while True:
+            try:
+                joined = await self.membership.join()
+                break
+            except (RedisError, OSError) as e:
+                if self.stopped:
+                    return
+                log.warning("rejoin failed (%s); retrying in %.1fs", e, backoff)
+                await asyncio.sleep(backoff)  # back off before retrying Redis
+                backoff = min(5.0, backoff * 2)
         self.epoch = joined.epoch
         if self.mesh is not None:
             self.mesh.epoch = joined.epoch
@@ -415,8 +451,13 @@ class Router:
     async def _catch_up(self, slot: int) -> None:
         """Bring ``slot`` up to the end of its log and of every mirror of it."""
         now = self.wall_ms()
-        if slot not in self.applied:
-            cp = await self.slotlog.read_checkpoint(slot)
+        cp = await self.slotlog.read_checkpoint(slot)
+        known = self.applied.get(slot)
+        if known is not None and cp is not None and parse_id(cp.covers_id) > parse_id(known):
+            # The log may be trimmed past where we are: rebuild from the checkpoint.
+            self._forget_slot(slot)
+            known = None
+        if known is None:
             if cp is not None:
                 self._apply(slot, cp.data, now)
                 self.applied[slot] = cp.covers_id
@@ -464,8 +505,26 @@ class Router:
         self._lose(slot)
 
     def _lose(self, slot: int) -> None:
+        """Stop serving ``slot``. Its events still batched are failed (or kept for our
+        claim, when the ring gives the slot back to us); its in-RAM state is dropped, to
+        be rebuilt from checkpoint and log if it comes back."""
         self.owned.pop(slot, None)
         self.dirty.discard(slot)
+        for e in self.batcher.take(slot):
+            self._not_appended(e, "the slot was lost")
+        if slot not in self.replicated:
+            self._forget_slot(slot)
+
+    def _forget_slot(self, slot: int) -> None:
+        """Drop what RAM holds of ``slot``: its pending messages and log positions."""
+        self.applied.pop(slot, None)
+        for done in self.mirror_applied.values():
+            done.pop(slot, None)
+        for ch in self.slot_channels.pop(slot, ()):
+            ids = [m.id for m in self.node.store.pending(ch, 0)]
+            if ids:
+                self.node.store.ack(ch, ids)
+            self.interest.pop(ch, None)
 
     # -- replica tailing -----------------------------------------------------------
 
@@ -496,7 +555,7 @@ class Router:
                 entries = await self.slotlog.tail(after, TAIL_BLOCK_MS, origin=origin)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as e:
+            except Exception as e:
                 log.warning("tailing mirrors of %s failed: %s", origin, e)
                 await asyncio.sleep(0.5)  # back off before retrying Redis
                 continue
@@ -524,7 +583,7 @@ class Router:
                 entries = await self.slotlog.tail(after, TAIL_BLOCK_MS)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as e:
+            except Exception as e:
                 log.warning("tailing slot logs failed: %s", e)
                 await asyncio.sleep(0.5)  # back off before retrying Redis
                 continue
@@ -547,12 +606,25 @@ class Router:
                 log.exception("flush failed")
 
     async def _flush(self, force: bool = False) -> None:
-        entries = self.batcher.flush(self.wall_ms(), force=force)
+        # Entries that failed before go first, unchanged (same events, same waiters).
+        entries, self._retry = self._retry, []
+        entries += self.batcher.flush(self.wall_ms(), force=force)
         if entries:
             await self._append(entries)
 
     async def _append(self, entries: list[AppendToLog]) -> None:
-        epochs = {e.slot: self.owned.get(e.slot, 0) for e in entries}
+        """Append entries handed out by the batcher; each ends appended, retried later, or
+        failed (its waiters answered), never dropped."""
+        ready = []
+        for e in entries:
+            if e.slot in self.owned:
+                ready.append(e)
+            else:
+                self._not_appended(e, "the slot is not ours now")
+        if not ready:
+            return
+        entries = ready
+        epochs = {e.slot: self.owned[e.slot] for e in entries}
         items = [(e.slot, encode_batch(e.events)) for e in entries]
         started = time.monotonic()
         try:
@@ -560,33 +632,26 @@ class Router:
             self.append_seconds.observe(time.monotonic() - started)
             for e in entries:
                 self.batch_events.observe(len(e.events))
-        except (RedisError, OSError) as err:
+        except Exception as err:
             self.counters["append_errors"] += 1
             log.warning("slot-log append failed (%s); retrying next window", err)
-            for e in entries:
-                self.batcher.append_failed(e.batch_id)
-                self._requeue(e)
+            self._retry.extend(entries)
+            self._retried.update(e.batch_id for e in entries)
             return
         for e, r in zip(entries, results, strict=True):
             if isinstance(r, FencedError):
                 self.counters["fenced"] += 1
-                self.batcher.append_failed(e.batch_id)
                 self._lose(e.slot)
-                if self._should_own(e.slot):
-                    # Another node claimed it under an older view of the ring: take it
-                    # back, and append these events under the new epoch.
-                    log.warning("slot %d: append fenced (%s); claiming it again", e.slot, r)
-                    self._requeue(e)
-                    self._spawn(self._claim(e.slot))
-                else:
-                    log.warning("slot %d: append fenced (%s): the slot moved on", e.slot, r)
-                    for w in e.waiters:
-                        if isinstance(w, PubWaiter):
-                            w.done(None)
+                self._not_appended(e, f"fenced: {r}")
             else:
                 self.counters["appends"] += 1
                 self.batcher.appended(e.batch_id)
                 self.applied[e.slot] = r
+                if e.batch_id in self._retried:
+                    # Its slot may have been rebuilt meanwhile: make RAM hold it again.
+                    self._retried.discard(e.batch_id)
+                    for m in apply_events(self.node, list(e.events), self.wall_ms()):
+                        self.slot_channels.setdefault(e.slot, set()).add(m.ch)
                 for w in e.waiters:
                     if isinstance(w, PubWaiter):
                         self._logged(e.slot, r, w)
@@ -638,13 +703,23 @@ class Router:
             else:
                 del self.remote_waiters[slot]
 
-    def _requeue(self, e: AppendToLog) -> None:
-        """Put a failed entry's events and waiters back for the slot's next append."""
-        now = self.wall_ms()
-        for ev in e.events:
-            self.batcher.add(e.slot, ev, now)
+    def _not_appended(self, e: AppendToLog, why: str) -> None:
+        """An entry that cannot be appended under our current epoch."""
+        if self._should_own(e.slot):
+            # Another node claimed it under an older view of the ring: take it back and
+            # append the same entry under the new epoch.
+            log.warning("slot %d: %s; claiming it again", e.slot, why)
+            self._retry.append(e)
+            self._retried.add(e.batch_id)
+            if e.slot not in self.claiming:
+                self.claiming.add(e.slot)
+                self._spawn(self._claim(e.slot))
+            return
+        log.warning("slot %d: %s; %d events not logged", e.slot, why, len(e.events))
+        self.batcher.append_failed(e.batch_id)
         for w in e.waiters:
-            self.batcher.add_waiter(e.slot, w, now)
+            if isinstance(w, PubWaiter):
+                w.done(None)
 
     def _should_own(self, slot: int) -> bool:
         return (
@@ -678,7 +753,7 @@ class Router:
                     await self.slotlog.trim(slot, covers)
                 except FencedError:
                     self._lose(slot)
-                except (RedisError, OSError, ClusterError) as e:
+                except Exception as e:
                     log.warning("checkpoint of slot %d failed: %s", slot, e)
                     self.dirty.add(slot)
 
@@ -714,19 +789,19 @@ class Router:
         next_audit = time.monotonic() + AUDIT_S
         while not self.stopped:
             await asyncio.sleep(0.5)  # the detector's beat
-            now = time.monotonic()
-            if self.mesh is not None:
-                for peer in list(self.mesh.connections):
-                    self._effects(self.detector.observe(PingAnswered(peer, now)))
-            self._effects(self.detector.observe(PingAnswered(self.me, now)))
-            self._effects(self.detector.observe(Tick(now)))
-            self._expire_remote_waiters()
-            if now >= next_audit:
-                next_audit = now + AUDIT_S
-                try:
+            try:
+                now = time.monotonic()
+                if self.mesh is not None:
+                    for peer in list(self.mesh.connections):
+                        self._effects(self.detector.observe(PingAnswered(peer, now)))
+                self._effects(self.detector.observe(PingAnswered(self.me, now)))
+                self._effects(self.detector.observe(Tick(now)))
+                self._expire_remote_waiters()
+                if now >= next_audit:
+                    next_audit = now + AUDIT_S
                     await self._audit()
-                except (RedisError, OSError) as e:
-                    log.warning("ownership audit failed: %s", e)
+            except Exception as e:
+                log.warning("tick failed: %s", e)
 
     # -- routing client ops --------------------------------------------------------
 
@@ -867,6 +942,7 @@ class Router:
             if not self.serving(slot):
                 reply(None, Code.UNAVAILABLE, f"slot {slot} is moving; retry")
                 return
+            self.registered[ch] = self.me
             reply(self.node.subscribe(handle, ch, self.wall_ms()), None, "")
             return
         if owner is None or self.mesh is None:
@@ -889,7 +965,7 @@ class Router:
         self.node.unsubscribe(handle, ch)
         if ch not in self.node.subscribers:
             owner = self.registered.pop(ch, None)
-            if owner is not None and self.mesh is not None:
+            if owner is not None and owner != self.me and self.mesh is not None:
                 self.mesh.interest(owner, ch, False)
 
     def ack(
@@ -927,27 +1003,38 @@ class Router:
 
     async def _resubscribe(self, ch: str) -> None:
         """The owner of ``ch`` moved: register with the new one and replay its pending
-        messages to our subscribers (clients drop what they already have, by id)."""
-        handles = tuple(self.node.subscribers.get(ch, ()))
+        messages to our subscribers (clients drop what they already have, by id).
+
+        Retried until it works, the subscribers leave or the ring moves again: the new
+        owner answers ``unavailable`` until its claim has read the log.
+        """
         self.registered.pop(ch, None)
-        if not handles:
-            return
-        owner = self.owner_of(ch)
-        if owner is None:
-            return
-        if owner == self.me:
-            pending = self.node.store.pending(ch, self.wall_ms())
-        else:
-            assert self.mesh is not None
-            try:
-                result = await self.mesh.request(owner, "sub", {"ch": ch})
-            except (PeerUnavailable, RemoteError) as e:
-                log.warning("re-subscribing %s with %s failed: %s", ch, owner, e)
+        deadline = time.monotonic() + RESUBSCRIBE_S
+        while not self.stopped and time.monotonic() < deadline:
+            handles = tuple(self.node.subscribers.get(ch, ()))
+            owner = self.owner_of(ch)
+            if not handles or owner is None or self.registered.get(ch) is not None:
                 return
-            self.registered[ch] = owner
-            pending = [fields_message(f) for f in result]
-        for m in pending:
-            self.fan_out(m, handles)
+            if owner == self.me:
+                if self.serving(slot_of(ch, self.slots)):
+                    self.registered[ch] = self.me
+                    for m in self.node.store.pending(ch, self.wall_ms()):
+                        self.fan_out(m, handles)
+                    return
+            elif self.mesh is not None:
+                try:
+                    result = await self.mesh.request(owner, "sub", {"ch": ch})
+                except (PeerUnavailable, RemoteError) as e:
+                    log.debug("re-subscribing %s with %s: %s", ch, owner, e)
+                else:
+                    if self.owner_of(ch) == owner:
+                        self.registered[ch] = owner
+                        handles = tuple(self.node.subscribers.get(ch, ()))
+                        for m in (fields_message(f) for f in result):
+                            self.fan_out(m, handles)
+                        return
+            await asyncio.sleep(0.1)  # the new owner is still claiming the slot
+        log.warning("could not re-subscribe %s with its new owner", ch)
 
     # -- mesh handler --------------------------------------------------------------
 
@@ -993,6 +1080,8 @@ class Router:
         return fut
 
     def on_deliver(self, peer: str, ch: str, fields: list[Any]) -> None:
+        if self.registered.get(ch) != peer:
+            return  # from an owner we no longer follow for this channel
         local = self.node.subscribers.get(ch)
         if local:
             self.fan_out(fields_message(fields), tuple(local))

@@ -100,6 +100,11 @@ class Batcher:
             self._window_started_ms = now_ms
         o.waiters.append(waiter)
 
+    def take(self, slot: int) -> list[AppendToLog]:
+        """Close ``slot``'s open batch now (the slot is being lost): the caller must end
+        the returned entry with :meth:`appended` or :meth:`append_failed`."""
+        return [self._close(slot)] if slot in self._open else []
+
     def busy(self, slot: int) -> bool:
         """Whether ``slot`` has events waiting or on their way to its log."""
         return slot in self._open or any(e.slot == slot for e in self._in_flight.values())
