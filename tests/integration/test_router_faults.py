@@ -1,0 +1,129 @@
+"""The router's slot-log bookkeeping under faults, on the in-memory slot log.
+
+Regression tests for a review's findings: a failed append never turns into an ack=log
+for a message the log lacks, and a slot rebuilt after a trim holds every logged message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from cluster.ring import Ring, slot_of
+from cluster.router import Router
+from cluster.slotlog import MemorySlotLog
+from relay.codec import MessageEvent, decode_batch
+from relay.config import load_config
+from relay.server import build_node
+from tests.conftest import aio
+
+
+class Flaky(MemorySlotLog):
+    fail = 1
+
+    async def append_many(self, *a: Any, **k: Any) -> Any:
+        if self.fail:
+            self.fail -= 1
+            raise RedisConnectionError("blip")
+        return await super().append_many(*a, **k)
+
+
+def router(node_id: str, log: MemorySlotLog) -> Router:
+    cfg = load_config(
+        None, {"RELAY_CLUSTER__REDIS_URL": "redis://127.0.0.1:1/0", "RELAY_NODE__ID": node_id}
+    )
+    r = Router(
+        config=cfg,
+        node=build_node(cfg),
+        reactor=None,
+        fan_out=lambda m, h: None,
+        wall_ms=lambda: 1_000_000,
+    )
+    r.slotlog = log  # type: ignore[assignment]
+    r.lease_fresh = lambda: True  # type: ignore[method-assign]
+    return r
+
+
+async def logged_ids(log: MemorySlotLog, slot: int) -> set[str]:
+    out = set()
+    for e in await log.read(slot):
+        for ev in decode_batch(e.data):
+            if isinstance(ev, MessageEvent):
+                out.add(ev.id)
+    return out
+
+
+@aio
+async def test_a_failed_full_batch_is_retried_whole() -> None:
+    log = Flaky("sg")
+    r = router("sg/n1", log)
+    r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    ch = "inbox:carol"
+    slot = slot_of(ch, r.slots)
+    await r._claim_now(slot)
+    answered: dict[str, Any] = {}
+    for i in range(1001):  # the 1000th fills a batch, appended at once: it fails
+        r.publish(
+            ch=ch,
+            msg_id=f"m{i}",
+            body=b"x",
+            sender="s",
+            ttl_ms=60_000,
+            ack="log",
+            reply=lambda f, c, s, i=i: answered.__setitem__(f"m{i}", (f or {}).get("ack", c)),
+        )
+    await asyncio.sleep(0)  # let the full batch's append run (and fail)
+    for _ in range(3):
+        await r._flush(force=True)
+    in_log = await logged_ids(log, slot)
+    assert {i for i, a in answered.items() if a == "log"} <= in_log
+    assert len(answered) == 1001 and r.batcher.in_flight == 0
+    await r.slotlog.close()
+
+
+@aio
+async def test_a_slot_rebuilt_after_a_trim_holds_every_logged_message() -> None:
+    log = MemorySlotLog("sg")
+    a, b = router("sg/n1", log), router("sg/n2", log)
+    ch = "inbox:alice"
+    slot = slot_of(ch, a.slots)
+    for r in (a, b):
+        r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    await a._claim_now(slot)
+    a.publish(
+        ch=ch, msg_id="m1", body=b"x", sender="s", ttl_ms=60_000, ack="log", reply=lambda *x: None
+    )
+    await a._flush(force=True)
+    # The slot moves to b, which logs more, checkpoints and trims.
+    a._lose(slot)
+    for r in (a, b):
+        r.ring = Ring({"sg/n2": 1.0}, slots=r.slots, replicas=r.replicas)
+    await b._claim_now(slot)
+    for i in (2, 3):
+        b.publish(
+            ch=ch,
+            msg_id=f"m{i}",
+            body=b"x",
+            sender="s",
+            ttl_ms=60_000,
+            ack="log",
+            reply=lambda *x: None,
+        )
+        await b._flush(force=True)
+    events = [
+        MessageEvent(m.id, m.ch, m.sender, m.hlc, m.origin, m.body, m.expires_ms)
+        for m in b.node.store.pending(ch, 0)
+    ]
+    await log.write_checkpoint(
+        slot, "sg/n2", b.owned[slot], b._checkpoint_data(slot, events), b.applied[slot]
+    )
+    await log.trim(slot, b.applied[slot])
+    # Back to a: it must rebuild from the checkpoint, not trust its stale position.
+    for r in (a, b):
+        r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    b._lose(slot)
+    await a._claim_now(slot)
+    assert [m.id for m in a.node.store.pending(ch, 0)] == ["m1", "m2", "m3"]
+    await log.close()
