@@ -8,6 +8,8 @@ Hierarchy::
     │                           every problem of a construction is listed together
     ├── DetectorConfigError     (cluster.failure) the failure detector's settings do not
     │                           hold together; every problem is listed together
+    ├── ShapeError              (cluster.shaping) fault-proxy settings that do not hold
+    │                           together; every problem is listed together
     └── MembershipError         (cluster.failure) the detector was misused, e.g. fed a
                                 time earlier than one it has already seen: a bug in the
                                 caller, never a peer's fault

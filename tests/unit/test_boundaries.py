@@ -24,6 +24,9 @@ CORE = [
     "cluster/ring.py",
     "cluster/failure.py",
     "cluster/errors.py",
+    "cluster/shaping.py",
+    "cluster/wire.py",
+    "cluster/checkpoint.py",
     "relay/config.py",
 ]
 FORBIDDEN = {
