@@ -166,7 +166,28 @@ def serve(config_path: str | None, ready_file: str | None, log_level: str) -> No
     help='Once every node serves, write {"regions": {NAME: {"redis", "nodes": '
     '[{"id", "ws", "admin", "pid"}]}}} here.',
 )
-def dev(regions: str, nodes: int, port_base: int | None, ready_file: str | None) -> None:
+@click.option(
+    "--wan-latency-ms",
+    type=click.FloatRange(0, 10_000),
+    default=None,
+    help="Put a fault proxy with this one-way latency between every pair of regions, so "
+    "the links cross a WAN-like path (its control URL goes into the ready file).",
+)
+@click.option(
+    "--wan-jitter-ms",
+    type=click.FloatRange(0, 10_000),
+    default=0.0,
+    show_default=True,
+    help="Jitter of that latency (uniform, ±).",
+)
+def dev(
+    regions: str,
+    nodes: int,
+    port_base: int | None,
+    ready_file: str | None,
+    wan_latency_ms: float | None,
+    wan_jitter_ms: float,
+) -> None:
     """Run a local cluster: embedded Redis, anonymous access, until Ctrl-C.
 
     Prints every node's WebSocket and admin URL. Try it with any WebSocket client:
@@ -180,7 +201,13 @@ def dev(regions: str, nodes: int, port_base: int | None, ready_file: str | None)
     if len(nodes_set := set(names)) != len(names) or not names:
         raise click.BadParameter("give distinct, non-empty region names", param_hint="--regions")
     del nodes_set
-    cluster = DevCluster(names, nodes_per_region=nodes, port_base=port_base)
+    cluster = DevCluster(
+        names,
+        nodes_per_region=nodes,
+        port_base=port_base,
+        wan_latency_ms=wan_latency_ms,
+        wan_jitter_ms=wan_jitter_ms,
+    )
     try:
         doc = cluster.start()
     except RelayError as e:

@@ -48,6 +48,11 @@ class DevCluster:
     log_level: str = "warning"
     # Extra [cluster] keys for every node (tests shorten leases, for example).
     cluster_settings: dict[str, Any] = field(default_factory=dict)
+    # Put a fault proxy (cluster/wan.py) between every pair of regions.
+    wan_latency_ms: float | None = None
+    wan_jitter_ms: float = 0.0
+    wan: dict[str, Any] = field(default_factory=dict)
+    _wan_proc: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
     redis: dict[str, RedisServer] = field(default_factory=dict)
     nodes: list[DevNode] = field(default_factory=list)
@@ -62,6 +67,8 @@ class DevCluster:
             i = 0
             for region in self.regions:
                 self.redis[region] = RedisServer().start()
+            if self.wan_latency_ms is not None and len(self.regions) > 1:
+                self._start_wan(timeout_s)
             for region in self.regions:
                 for n in range(1, self.nodes_per_region + 1):
                     self._spawn(region, f"n{n}", i)
@@ -106,8 +113,46 @@ class DevCluster:
         self.nodes.append(DevNode(node_id, proc, ready))
 
     def peer_urls(self, region: str) -> list[str]:
-        """``name=url`` of every other region's Redis, as this region's links reach it."""
-        return [f"{r}={self.redis[r].url}" for r in self.regions if r != region]
+        """``name=url`` of every other region's Redis, as this region's links reach it
+        (through the WAN proxy when there is one)."""
+        pairs = self.wan.get("pairs", {})
+        out = []
+        for r in self.regions:
+            if r == region:
+                continue
+            port = pairs.get(f"{region}-{r}")
+            url = f"redis://127.0.0.1:{port}/0" if port else self.redis[r].url
+            out.append(f"{r}={url}")
+        return out
+
+    def _start_wan(self, timeout_s: float) -> None:
+        assert self.workdir is not None
+        ready = self.workdir / "wan.json"
+        ready.unlink(missing_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "cluster.wan",
+            "--ready-file",
+            str(ready),
+            "--latency-ms",
+            str(self.wan_latency_ms),
+            "--jitter-ms",
+            str(self.wan_jitter_ms),
+        ]
+        for a in self.regions:
+            for b in self.regions:
+                if a != b:
+                    cmd += ["--pair", f"{a}-{b}=0:{self.redis[b].port}"]
+        self._wan_proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while not ready.exists():
+            if self._wan_proc.poll() is not None:
+                raise DevError(f"the WAN proxy exited with {self._wan_proc.returncode}")
+            if time.monotonic() > deadline:
+                raise DevError("the WAN proxy did not start in time")
+            time.sleep(0.05)  # poll interval while the proxy starts
+        self.wan = json.loads(ready.read_text())
 
     def _wait_ready(self, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
@@ -136,7 +181,10 @@ class DevCluster:
                     if n.id.startswith(region + "/")
                 ],
             }
-        return {"regions": regions}
+        doc: dict[str, Any] = {"regions": regions}
+        if self.wan:
+            doc["wan"] = self.wan
+        return doc
 
     def wait(self) -> int:
         """Block until a node exits or a signal arrives; return an exit status."""
@@ -168,6 +216,14 @@ class DevCluster:
                 n.proc.kill()
                 n.proc.wait()
         self.nodes.clear()
+        if self._wan_proc is not None:
+            self._wan_proc.terminate()
+            try:
+                self._wan_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._wan_proc.kill()
+                self._wan_proc.wait()
+            self._wan_proc = None
         for r in self.redis.values():
             r.stop()
         self.redis.clear()

@@ -27,7 +27,7 @@ PATIENT = RetryPolicy(max_attempts=200, base_delay_s=0.05, max_delay_s=0.2)
 
 @pytest.fixture
 def world() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
-    cluster = DevCluster(REGIONS, nodes_per_region=1, cluster_settings=FAST)
+    cluster = DevCluster(REGIONS, nodes_per_region=1, cluster_settings=FAST, wan_latency_ms=5)
     doc = cluster.start(timeout_s=60)
     try:
         for r in REGIONS:
@@ -212,3 +212,36 @@ async def test_ack_remote_survives_losing_the_origin_region(world: Any) -> None:
     # Every message acknowledged at remote reaches Carol in another region.
     for region in ("fra", "iad"):
         await eventually(lambda r=region: pending_ids(ws(doc, r), "inbox:carol"), ids, timeout_s=30)
+
+
+def wan(doc: dict[str, Any], action: str, **params: Any) -> dict[str, Any]:
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    with urllib.request.urlopen(f"{doc['wan']['control']}/{action}?{query}", timeout=5) as r:
+        out: dict[str, Any] = json.loads(r.read())
+        return out
+
+
+@aio
+async def test_a_cut_link_is_reported_stalled_and_catches_up_after(world: Any) -> None:
+    _, doc = world
+    assert set(doc["wan"]["pairs"]) == {f"{a}-{b}" for a in REGIONS for b in REGIONS if a != b}
+    await asyncio.to_thread(wan, doc, "set", pair="sg-iad", blackhole=1)
+    pub = await RelayClient.connect(ws(doc, "sg"), retry=PATIENT)
+    ids = [f"c{i}" for i in range(50)]
+    for i in ids:
+        assert (await pub.publish("inbox:dave", i, id=i, ack="log")).ack == "log"
+    # fra gets everything; iad nothing while the cut lasts, and the link says so.
+    await eventually(lambda: pending_ids(ws(doc, "fra"), "inbox:dave"), ids)
+    admin = doc["regions"]["sg"]["nodes"][0]["admin"]
+
+    async def iad_link_state() -> str:
+        st = await asyncio.to_thread(admin_status, admin)
+        return next(x["state"] for x in st["cluster"]["links"] if x["dest"] == "iad")
+
+    await eventually(iad_link_state, "stalled", timeout_s=15)
+    assert await pending_ids(ws(doc, "iad"), "inbox:dave") == []
+    # The cut heals: iad catches up, nothing lost, nothing doubled.
+    await asyncio.to_thread(wan, doc, "set", pair="sg-iad", blackhole=0)
+    await eventually(lambda: pending_ids(ws(doc, "iad"), "inbox:dave"), ids, timeout_s=30)
+    await eventually(iad_link_state, "running", timeout_s=30)
+    await pub.close()
