@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cluster.keys import PREFIX, confirmed_channel, link_lease_key, log_key, region_tag
+from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
 from cluster.slotlog import RedisSlotLog, TailEntry
 
 log = logging.getLogger(__name__)
@@ -37,19 +38,6 @@ TAIL_BLOCK_MS = 500
 COPY_COUNT = 200
 STALL_AFTER_S = 3.0
 MAX_BACKOFF_S = 5.0
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 def confirmed_key(region: str, dest: str) -> str:
@@ -120,7 +108,7 @@ class Link:
                 await self._task
         if self.holding:
             with contextlib.suppress(RedisError, OSError):
-                await self.client.eval(_RELEASE, 1, self.lease_key, self.lease_value)
+                await self.client.eval(RELEASE_IF_OURS, 1, self.lease_key, self.lease_value)
         for c in (self.local, self.remote):
             with contextlib.suppress(Exception):
                 await c.close()
@@ -190,7 +178,7 @@ class Link:
     async def _acquire(self) -> bool:
         if self.holding:
             renewed = await self.client.eval(
-                _RENEW, 1, self.lease_key, self.lease_value, str(self.lease_ttl_ms)
+                RENEW_IF_OURS, 1, self.lease_key, self.lease_value, str(self.lease_ttl_ms)
             )
             self.holding = bool(renewed)
             if self.holding:

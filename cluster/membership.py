@@ -34,23 +34,9 @@ from cluster.keys import (
     lease_prefix,
     members_channel,
 )
+from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
 
 log = logging.getLogger(__name__)
-
-# Renew only if the lease still holds exactly our value (our epoch): a lease that expired
-# and was taken by a newer incarnation of this node id is not ours to extend.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +172,7 @@ class Membership:
         """Release the lease (if still ours) and announce the leave at once."""
         try:
             await self.client.eval(
-                _RELEASE, 1, lease_key(self.region, self.me.node_id), self.me.encode()
+                RELEASE_IF_OURS, 1, lease_key(self.region, self.me.node_id), self.me.encode()
             )
             await self.client.publish(
                 members_channel(self.region),
@@ -236,7 +222,7 @@ class Membership:
             sent = time.monotonic()
             try:
                 ok = await self.client.eval(
-                    _RENEW, 1, key, self.me.encode(), str(self.lease_ttl_ms)
+                    RENEW_IF_OURS, 1, key, self.me.encode(), str(self.lease_ttl_ms)
                 )
             except (RedisError, OSError) as e:
                 log.warning("lease renewal failed: %s", e)

@@ -65,3 +65,15 @@ def region3() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
         yield cluster, doc
     finally:
         cluster.stop()
+
+
+async def pending_ids(url: str, ch: str) -> list[str]:
+    """Every pending id of ``ch``, raw (no client-side dedupe), through node ``url``."""
+    from tests.wsclient import Client
+
+    c = await Client.connect(url)
+    await c.request({"op": "hello"}, "welcome")
+    s = await c.request({"op": "sub", "ch": ch}, "subscribed")
+    ids = [(await c.expect("msg"))["id"] for _ in range(s["pending"])]
+    await c.close()
+    return ids

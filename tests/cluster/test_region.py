@@ -16,7 +16,7 @@ import redis
 
 from cluster.ring import Ring, slot_of
 from relay.client import RelayClient, RelayErrorReply, RetryPolicy
-from tests.cluster.conftest import admin_status
+from tests.cluster.conftest import admin_status, pending_ids
 from tests.conftest import aio, until
 from tests.wsclient import Client
 
@@ -47,16 +47,6 @@ def channels_owned_by(doc: dict[str, Any], node_id: str, n: int) -> list[str]:
 
 async def status(node: dict[str, Any]) -> dict[str, Any]:
     return await asyncio.to_thread(admin_status, node["admin"])
-
-
-async def pending_ids(url: str, ch: str) -> list[str]:
-    """Every pending id of ``ch``, raw (no client-side dedupe), through node ``url``."""
-    c = await Client.connect(url)
-    await c.request({"op": "hello"}, "welcome")
-    s = await c.request({"op": "sub", "ch": ch}, "subscribed")
-    ids = [(await c.expect("msg"))["id"] for _ in range(s["pending"])]
-    await c.close()
-    return ids
 
 
 async def owned_elsewhere(survivors: list[dict[str, Any]]) -> bool:

@@ -17,9 +17,8 @@ import pytest
 
 from relay.client import RelayClient, RetryPolicy
 from relay.dev import DevCluster
-from tests.cluster.conftest import FAST, admin_status, wait_settled
+from tests.cluster.conftest import FAST, admin_status, pending_ids, wait_settled
 from tests.conftest import aio
-from tests.wsclient import Client
 
 REGIONS = ["sg", "fra", "iad"]
 PATIENT = RetryPolicy(max_attempts=200, base_delay_s=0.05, max_delay_s=0.2)
@@ -40,15 +39,6 @@ def world() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
 def ws(doc: dict[str, Any], region: str) -> str:
     url: str = doc["regions"][region]["nodes"][0]["ws"]
     return url
-
-
-async def pending_ids(url: str, ch: str) -> list[str]:
-    c = await Client.connect(url)
-    await c.request({"op": "hello"}, "welcome")
-    s = await c.request({"op": "sub", "ch": ch}, "subscribed")
-    ids = [(await c.expect("msg"))["id"] for _ in range(s["pending"])]
-    await c.close()
-    return ids
 
 
 async def eventually(fn: Any, want: Any, timeout_s: float = 20.0) -> None:
