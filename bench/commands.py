@@ -470,3 +470,6 @@ def register(group: click.Group) -> None:
     """Add the benchmark commands to ``relay bench``."""
     for cmd in (ingest_cmd, delivery_cmd, memory_cmd, hotpath_cmd):
         group.add_command(cmd)
+    from bench.region import register as register_region
+
+    register_region(group)

@@ -37,6 +37,7 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +69,7 @@ from relay.client import (
 )
 from relay.dev import DevCluster
 
+ROOT = Path(__file__).resolve().parents[1]
 REGION = "bench"
 SLOTS = 256
 TS_DIGITS = 20
@@ -110,6 +112,22 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
     }
+
+
+def source() -> dict[str, Any]:
+    """The commit the nodes run, and the files of relay/ and cluster/ changed since."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout
+
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip()
+        changed = git("status", "--porcelain", "--", "relay", "cluster").splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"head": head, "uncommitted": [line[3:] for line in changed]}
 
 
 # -- the region -------------------------------------------------------------------------
@@ -216,13 +234,38 @@ def _env(extra: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def region(
-    settings: dict[str, Any], log_path: Path, nodes: int = 3, timeout_s: float = 60.0
-) -> Iterator[Region]:
-    """A region of ``nodes`` node processes and one Redis, settled; all stopped on exit."""
-    cluster = DevCluster([REGION], nodes_per_region=nodes, cluster_settings=settings)
+def _cwd(path: str | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    old = os.getcwd()
+    os.chdir(path)
     try:
-        with _children_output_to(log_path), _env(NODE_ENV):
+        yield
+    finally:
+        os.chdir(old)
+
+
+@contextlib.contextmanager
+def region(
+    settings: dict[str, Any],
+    log_path: Path,
+    nodes: int = 3,
+    timeout_s: float = 60.0,
+    relay_root: str | None = None,
+) -> Iterator[Region]:
+    """A region of ``nodes`` node processes and one Redis, settled; all stopped on exit.
+
+    ``relay_root``: run the nodes with the ``relay/`` and ``cluster/`` found there
+    (``python -m`` puts the working directory first on ``sys.path``), e.g. a patched copy.
+    """
+    cluster = DevCluster([REGION], nodes_per_region=nodes, cluster_settings=settings)
+    env = dict(NODE_ENV)
+    if relay_root is not None:
+        relay_root = os.path.abspath(relay_root)
+        env["PYTHONPATH"] = relay_root + os.pathsep + os.environ.get("PYTHONPATH", "")
+    try:
+        with _children_output_to(log_path), _env(env), _cwd(relay_root):
             doc = cluster.start(timeout_s=timeout_s)
         r = doc["regions"][REGION]
         reg = Region(cluster, r["nodes"], r["redis"], settings)
@@ -282,6 +325,11 @@ def cpu_between(a: CpuSample, b: CpuSample) -> dict[str, Any]:
     busy = b.machine[0] - a.machine[0]
     total = b.machine[1] - a.machine[1]
     out["machine_busy"] = round(busy / total, 3) if total else None
+    # Cores' worth of CPU that processes other than ours used meanwhile (other work on a
+    # shared machine): what our processes could not have.
+    ours = sum(v["cpu"] for v in out.values() if isinstance(v, dict))
+    cores = os.cpu_count() or 1
+    out["others_cores"] = round(max(0.0, busy / total * cores - ours), 3) if total else None
     return out
 
 
@@ -389,6 +437,7 @@ class _Window:
     delivered: int = 0
     pubacks: int = 0
     errors: int = 0
+    skipped: int = 0  # paced publishes not sent: their publisher had ``cap`` outstanding
     error_codes: Counter[str] = field(default_factory=Counter)
     lat_ns: list[int] = field(default_factory=list)
     puback_ns: list[int] = field(default_factory=list)
@@ -510,7 +559,7 @@ async def _acker(subs: list[_Subscriber], w: _Window) -> None:
 
 async def _pacer(pubs: list[_Publisher], rate: float, w: _Window, cap: int) -> None:
     """Open loop: ``rate`` publishes a second in all, round robin over the publishers;
-    a publisher with ``cap`` outstanding skips its turn (counted as a refusal to keep up)."""
+    a publisher with ``cap`` outstanding skips its turn (counted: the region fell behind)."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     sent = 0
@@ -527,6 +576,8 @@ async def _pacer(pubs: list[_Publisher], rate: float, w: _Window, cap: int) -> N
         for p, n in zip(pubs, counts, strict=True):
             if n and p.outstanding < cap:
                 p.fire(n)
+            elif n and w.measuring:
+                w.skipped += n
         sent += due
 
 
@@ -631,6 +682,7 @@ async def throughput_case(
         "pubacks_per_s": round(w.pubacks / secs) if secs else 0,
         "errors": w.errors,
         "error_codes": dict(w.error_codes),
+        "paced_skipped": w.skipped,
         "p50_ms": _round(_pct(lat, 0.5)),
         "p99_ms": _round(_pct(lat, 0.99)),
         "max_ms": _round(lat[-1] if lat else None),
@@ -742,7 +794,7 @@ async def failover_case(
     reg: Region,
     *,
     channels: int,
-    tasks_per_level: int,
+    tasks_per_level: tuple[int, int],
     before_s: float,
     after_s: float,
     body_bytes: int,
@@ -768,8 +820,8 @@ async def failover_case(
         asyncio.ensure_future(
             _publisher_task(clients[lvl], lvl, chans[lvl], f"{lvl}{k}", attempts, stop, body)
         )
-        for lvl in ("mem", "log")
-        for k in range(tasks_per_level)
+        for lvl, n in (("mem", tasks_per_level[0]), ("log", tasks_per_level[1]))
+        for k in range(n)
     ]
     try:
         await asyncio.sleep(before_s)
@@ -869,18 +921,19 @@ def run_region_bench(
     failover_runs: int,
     leases: list[dict[str, int]],
     fo_channels: int,
-    fo_tasks: int,
+    fo_tasks: tuple[int, int],
     fo_before_s: float,
     fo_after_s: float,
     body_bytes: int,
     node_log: Path,
+    relay_root: str | None = None,
 ) -> dict[str, Any]:
     started = time.monotonic()
     thr: list[dict[str, Any]] = []
     fo: list[dict[str, Any]] = []
     for li, lease in enumerate(leases):
         for frun in range(max(failover_runs, 1 if li == 0 and runs else 0)):
-            with region(dict(lease), node_log) as reg:
+            with region(dict(lease), node_log, relay_root=relay_root) as reg:
                 if li == 0 and frun == 0:
                     for run in range(runs):
                         # Alternate the order within a run so that drift hurts both alike.
@@ -923,6 +976,7 @@ def run_region_bench(
                     _progress(_fo_line(f, failover_runs))
     return {
         "machine": machine(),
+        "source": source(),
         "settings": {
             "nodes": 3,
             "pairs": pairs,
@@ -936,8 +990,9 @@ def run_region_bench(
             "leases": leases,
             "body_bytes": body_bytes,
             "failover_channels_per_level": fo_channels,
-            "failover_publish_tasks_per_level": fo_tasks,
+            "failover_publish_tasks": {"mem": fo_tasks[0], "log": fo_tasks[1]},
             "node_env": NODE_ENV,
+            "relay_root": relay_root,
         },
         "throughput": {"summary": summarize_throughput(thr), "runs": thr},
         "failover": {"summary": summarize_failover(fo), "runs": fo},
@@ -952,7 +1007,7 @@ def _thr_line(r: dict[str, Any], runs: int) -> str:
         f"  run {r['run'] + 1}/{runs} {r['mode']:6} ack={r['ack']:3}: {r['msgs_per_s']:>7,} msgs/s"
         f"  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  puback p50 {r['puback_p50_ms']} ms"
         f"  errors {r['errors']}  CPU nodes {nodes} redis {c.get('redis', {}).get('cpu', 0):.2f}"
-        f" loadgen {c['loadgen']['cpu']:.2f} machine {c['machine_busy']}"
+        f" loadgen {c['loadgen']['cpu']:.2f} others {c['others_cores']} machine {c['machine_busy']}"
     )
 
 
@@ -1001,6 +1056,7 @@ def summarize_throughput(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "cpu_redis": med_cpu("redis"),
                     "cpu_loadgen": med_cpu("loadgen"),
                     "machine_busy": _med([r["cpu"]["machine_busy"] for r in rs]),
+                    "others_cores": _med([r["cpu"]["others_cores"] for r in rs]),
                 }
             )
     # Ratios within a run, then their median.
@@ -1083,7 +1139,8 @@ def human(doc: dict[str, Any]) -> list[str]:
             f"  {s['mode']:6} ack={s['ack']:3}: {s['msgs_per_s']:>9} msgs/s  p50 {s['p50_ms']} ms"
             f"  p99 {s['p99_ms']} ms  puback p50 {s['puback_p50_ms']} p99 {s['puback_p99_ms']} ms"
             f"  node µs/msg {s['node_us_per_msg']}  CPU nodes {s['cpu_nodes']} "
-            f"redis {s['cpu_redis']} loadgen {s['cpu_loadgen']} machine {s['machine_busy']}"
+            f"(waited {s['wait_nodes']}) redis {s['cpu_redis']} loadgen {s['cpu_loadgen']}"
+            f" others {s['others_cores']} machine {s['machine_busy']}"
         )
     lines.append("failover (kill -9 of an owner):")
     for s in doc["failover"]["summary"]:
@@ -1100,8 +1157,15 @@ def human(doc: dict[str, Any]) -> list[str]:
 
 @click.command("region")
 @click.option("--pairs", default=30, show_default=True, help="Publisher/subscriber pairs.")
-@click.option("--window-mem", default=4, show_default=True, help="Outstanding pubs, ack=mem.")
-@click.option("--window-log", default=32, show_default=True, help="Outstanding pubs, ack=log.")
+@click.option(
+    "--window-mem", default=8, show_default=True, help="Pubs outstanding per publisher, ack=mem."
+)
+@click.option(
+    "--window-log",
+    default=64,
+    show_default=True,
+    help="Pubs outstanding per publisher, ack=log (its puback waits for the slot log).",
+)
 @click.option(
     "--paced-rate",
     default=1000.0,
@@ -1120,7 +1184,13 @@ def human(doc: dict[str, Any]) -> list[str]:
     help="lease_ttl_ms:lease_renew_ms for the failover runs (repeat for several).",
 )
 @click.option("--failover-channels", default=4, show_default=True, help="Victim channels a level.")
-@click.option("--failover-tasks", default=8, show_default=True, help="Publish loops a level.")
+@click.option(
+    "--failover-tasks",
+    type=(int, int),
+    default=(8, 32),
+    show_default=True,
+    help="Concurrent publish loops at ack=mem and at ack=log (a log puback waits a batch).",
+)
 @click.option("--failover-before", default=1.5, show_default=True, help="Seconds before the kill.")
 @click.option("--failover-after", default=1.0, show_default=True, help="Seconds after recovery.")
 @click.option("--body-bytes", default=200, show_default=True)
@@ -1129,6 +1199,12 @@ def human(doc: dict[str, Any]) -> list[str]:
     type=click.Path(dir_okay=False),
     default=None,
     help="Append the nodes' output here [default: a temporary file, tail shown on failure].",
+)
+@click.option(
+    "--relay-root",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Run the nodes from the relay/ and cluster/ in this directory (before/after runs).",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def region_cmd(
@@ -1142,11 +1218,12 @@ def region_cmd(
     failover_runs: int,
     leases: tuple[str, ...],
     failover_channels: int,
-    failover_tasks: int,
+    failover_tasks: tuple[int, int],
     failover_before: float,
     failover_after: float,
     body_bytes: int,
     node_log: str | None,
+    relay_root: str | None,
     as_json: bool,
 ) -> None:
     """A region of three nodes: cross-node throughput and latency at ack=mem and ack=log,
@@ -1176,6 +1253,7 @@ def region_cmd(
                 fo_after_s=failover_after,
                 body_bytes=body_bytes,
                 node_log=log_path,
+                relay_root=relay_root,
             )
         except Exception:
             if log_path.exists():

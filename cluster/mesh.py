@@ -12,6 +12,7 @@ off once ``max_outbound_bytes`` wait for it, so it can never stall this node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -101,6 +102,9 @@ class MeshProtocol(protocol.Protocol):
     def connection_made(self) -> None:
         f = self.factory
         self.reader = FrameReader(f.mesh.max_frame)
+        # Mesh messages are small and latency-bound: no Nagle delay.
+        with contextlib.suppress(AttributeError, OSError):
+            self.transport.setTcpNoDelay(True)
         self.transport.registerProducer(self.pressure, True)
         self.send([Kind.HELLO, f.mesh.node_id, f.mesh.epoch])
         self._last_pong = f.mesh.clock()

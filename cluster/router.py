@@ -599,7 +599,11 @@ class Router:
     async def _flush_loop(self) -> None:
         window = self.batcher.window_ms / 1000
         while not self.stopped:
-            await asyncio.sleep(window)  # the batch window
+            # Wake when the oldest open batch's window ends (at most one window away), so
+            # an event waits one window for its append, not up to two.
+            deadline = self.batcher.deadline_ms()
+            wait = window if deadline is None else (deadline - self.wall_ms()) / 1000
+            await asyncio.sleep(min(window, max(0.001, wait)))  # until the window ends
             try:
                 await self._flush()
             except Exception:

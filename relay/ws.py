@@ -7,6 +7,7 @@ once per format and send it as an Autobahn prepared message.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -166,6 +167,11 @@ class RelayProtocol(WebSocketServerProtocol):
 
     def on_open(self) -> None:
         f = self.factory
+        # Autobahn's own tcpNoDelay option is applied before the factory's options reach
+        # the protocol, so Nagle stayed on: chat frames are small and must go out now.
+        transport: Any = self.transport
+        with contextlib.suppress(AttributeError, OSError):
+            transport.setTcpNoDelay(True)
         self.session = Session(
             node=f.node,
             fmt=self.fmt,
