@@ -8,6 +8,9 @@ Hierarchy::
     ├── TokenError              (relay.auth) a token was refused
     ├── TLSConfigError          (relay.tls) certificate or key cannot be used
     ├── FrameError              (relay.frames) a client frame cannot be parsed at all
+    ├── SnapshotError           (relay.snapshot) a snapshot file is refused (corrupt, …)
+    ├── SnapshotDirError        (relay.snapshot_io) the data directory is unsafe
+    ├── SnapshotWriteError      (relay.snapshot_io) a snapshot could not be written
     └── InvariantError          the core was misused: a bug, never a client's fault
 
 A client's bad input is *answered* with a code from :data:`CODES` (PROTOCOL.md); only a

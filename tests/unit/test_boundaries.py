@@ -20,6 +20,7 @@ CORE = [
     "relay/session.py",
     "relay/node.py",
     "relay/batch.py",
+    "relay/snapshot.py",
     "cluster/apply.py",
     "cluster/ring.py",
     "cluster/failure.py",

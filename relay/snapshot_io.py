@@ -1,0 +1,265 @@
+"""Slot snapshots on disk: the data directory, and writing, loading, deleting files.
+
+The edge of :mod:`relay.snapshot` (which makes and checks the bytes). Layout::
+
+    <data_dir>/            0700, owned by the node's user
+        slots/             0700
+            <slot>.snap    0600, one per slot this node holds
+            <slot>.snap.tmp  a write in progress, or left by a crash (removed on load)
+
+Every function here is synchronous and may block on the disk (``fsync`` can take tens of
+milliseconds, far more on a busy or failing disk). A node calls them off the reactor —
+``await asyncio.to_thread(write_snapshot, slots_dir, slot, data)`` — with at most one
+write per slot at a time (:class:`relay.snapshot.DirtySlots` sees to that). It captures
+the slot's events on the reactor, so the snapshot holds one consistent state, and may
+encode them in the same thread as the write (:func:`relay.snapshot.encode_snapshot`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import stat
+from pathlib import Path
+
+from relay.errors import InvariantError, RelayError
+from relay.snapshot import Snapshot, SnapshotError, decode_snapshot
+
+SLOTS_DIR = "slots"
+SUFFIX = ".snap"
+TMP_SUFFIX = ".snap.tmp"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+_SNAP_NAME = re.compile(r"(0|[1-9][0-9]{0,9})\.snap")
+_TMP_NAME = re.compile(r"(0|[1-9][0-9]{0,9})\.snap\.tmp")
+
+
+class SnapshotDirError(RelayError):
+    """The data directory cannot be used safely: it is not a directory, others may read
+    or write it, or another user owns it. The node must not start; the message says
+    what to fix."""
+
+    def __init__(self, message: str, path: Path, mode: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.mode = mode
+
+
+class SnapshotWriteError(RelayError):
+    """A snapshot could not be written or deleted (``errno``: e.g. ENOSPC, EIO, EROFS).
+
+    The previous good snapshot of the slot, if any, is still in place and no tmp file is
+    left behind. The node keeps serving: it counts the failure
+    (``relay_snapshot_failures_total``), leaves the slot dirty and tries again later.
+    """
+
+    def __init__(self, message: str, *, slot: int, errno: int | None) -> None:
+        super().__init__(message)
+        self.slot = slot
+        self.errno = errno
+
+
+# ---------------------------------------------------------------- the directory
+
+
+def prepare_data_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``<path>`` and ``<path>/slots`` (mode 0700) where missing; return the slots
+    directory, which the other functions take.
+
+    Raises :class:`SnapshotDirError` if either is not a directory, is not owned by this
+    process's user, or grants any access to group or others (snapshots hold message
+    bodies): the node must not start until an operator fixes it (``chmod 700``).
+    """
+    data_dir = Path(path)
+    slots_dir = data_dir / SLOTS_DIR
+    for d in (data_dir, slots_dir):
+        try:
+            _make_dir(d)
+            st = os.stat(d)
+        except OSError as exc:
+            raise SnapshotDirError(f"cannot create data directory {d}: {exc}", d) from exc
+        _check_dir(d, st)
+    return slots_dir
+
+
+def _make_dir(d: Path) -> None:
+    if d.exists():
+        return
+    d.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(d, DIR_MODE)
+    except FileExistsError:
+        return  # made meanwhile; checked like any existing one
+    # mkdir's mode is cut by the umask: set it exactly, then make the new entry durable.
+    os.chmod(d, DIR_MODE)
+    _fsync_dir(d.parent)
+
+
+def _check_dir(d: Path, st: os.stat_result) -> None:
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        raise SnapshotDirError(f"data directory {d} is not a directory", d, mode)
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise SnapshotDirError(
+            f"data directory {d} is owned by uid {st.st_uid}, not by this node's uid {uid}"
+            f" (mode {mode:04o}); chown it or choose another node.data_dir",
+            d,
+            mode,
+        )
+    if mode & 0o077:
+        raise SnapshotDirError(
+            f"data directory {d} has mode {mode:04o}: group or others may access the"
+            f" snapshots (message bodies); run `chmod 700 {d}`",
+            d,
+            mode,
+        )
+
+
+def snapshot_path(slots_dir: Path, slot: int) -> Path:
+    """Where ``slot``'s snapshot lives."""
+    if slot < 0:
+        raise InvariantError(f"slot {slot} is negative")
+    return slots_dir / f"{slot}{SUFFIX}"
+
+
+# ---------------------------------------------------------------- write
+
+
+def write_snapshot(slots_dir: Path, slot: int, data: bytes) -> int:
+    """Replace ``slot``'s snapshot with ``data`` atomically; return the bytes written.
+
+    Writes ``<slot>.snap.tmp`` (``O_CREAT|O_EXCL``, mode 0600; a stale one is removed
+    first), fsyncs it, renames it over ``<slot>.snap`` and fsyncs the directory: after a
+    crash at any point the slot has either its old snapshot or the new one, whole.
+    Raises :class:`SnapshotWriteError` on any OS error, after removing the tmp file; the
+    previous snapshot stays in place (unless the error came after the rename, in which
+    case the new one is in place but may not be durable yet). Blocks on the disk: call it
+    in a thread (``asyncio.to_thread``), one write per slot at a time.
+    """
+    final = snapshot_path(slots_dir, slot)
+    tmp = slots_dir / f"{slot}{TMP_SUFFIX}"
+    renamed = False
+    try:
+        _unlink_quietly(tmp)
+        fd = os.open(
+            tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE
+        )
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        renamed = True
+        _fsync_dir(slots_dir)
+    except OSError as exc:
+        if not renamed:
+            # The first error is the one to report; load removes tmp files anyway.
+            with contextlib.suppress(OSError):
+                _unlink_quietly(tmp)
+        code = errno.errorcode.get(exc.errno, "?") if exc.errno else "?"
+        outcome = (
+            "the new one is in place but may not be durable"
+            if renamed
+            else "the previous one is kept"
+        )
+        raise SnapshotWriteError(
+            f"writing the snapshot of slot {slot} to {final} failed"
+            f" ({code}: {exc.strerror or exc}); {outcome}",
+            slot=slot,
+            errno=exc.errno,
+        ) from exc
+    return len(data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # not expected from a regular file; never spin
+            raise OSError(errno.EIO, "write returned 0")
+        view = view[n:]
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(p: Path) -> bool:
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- load and delete
+
+
+def load_snapshots(slots_dir: Path) -> tuple[dict[int, Snapshot], list[tuple[int, str]]]:
+    """Read every ``<slot>.snap``: return the snapshots that passed every check, by slot,
+    and the refused ones as (slot, reason), sorted by slot.
+
+    A refused file is left in place: the caller counts and logs it, rebuilds the slot
+    from the region and writes a fresh snapshot over it. Tmp files (a write cut short by
+    a crash) are removed; other names are ignored. Blocks on the disk: call it before
+    serving, or in a thread.
+    """
+    loaded: dict[int, Snapshot] = {}
+    refused: list[tuple[int, str]] = []
+    with os.scandir(slots_dir) as entries:
+        names = [e.name for e in entries]
+    removed_tmp = False
+    for name in names:
+        if _TMP_NAME.fullmatch(name):
+            # Harmless if it stays: the next write of that slot removes it first.
+            with contextlib.suppress(OSError):
+                removed_tmp |= _unlink_quietly(slots_dir / name)
+            continue
+        m = _SNAP_NAME.fullmatch(name)
+        if m is None:
+            continue
+        slot = int(m.group(1))
+        try:
+            data = _read(slots_dir / name)
+            loaded[slot] = decode_snapshot(data, slot=slot)
+        except SnapshotError as exc:
+            refused.append((slot, str(exc)))
+        except OSError as exc:
+            refused.append((slot, f"cannot read {name}: {exc}"))
+    if removed_tmp:
+        with contextlib.suppress(OSError):  # only makes the removals durable sooner
+            _fsync_dir(slots_dir)
+    refused.sort()
+    return loaded, refused
+
+
+def _read(p: Path) -> bytes:
+    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def delete_snapshot(slots_dir: Path, slot: int) -> bool:
+    """Remove ``slot``'s snapshot (and any tmp file) once the node no longer holds the
+    slot; return whether a snapshot was there. Do not call it while a write of the slot
+    is in flight (the write would bring the file back). Raises
+    :class:`SnapshotWriteError` on an OS error. Blocks on the disk."""
+    try:
+        existed = _unlink_quietly(snapshot_path(slots_dir, slot))
+        tmp = _unlink_quietly(slots_dir / f"{slot}{TMP_SUFFIX}")
+        if existed or tmp:
+            _fsync_dir(slots_dir)
+    except OSError as exc:
+        raise SnapshotWriteError(
+            f"deleting the snapshot of slot {slot} failed: {exc}", slot=slot, errno=exc.errno
+        ) from exc
+    return existed
