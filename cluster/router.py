@@ -20,8 +20,10 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
@@ -48,16 +50,19 @@ from cluster.mesh import Mesh, PeerUnavailable, RemoteError
 from cluster.ring import Ring, slot_of
 from cluster.slotlog import FencedError, RedisSlotLog
 from relay.batch import AppendToLog, Batcher, ack_events
-from relay.codec import CodecError, MessageEvent, encode_batch
+from relay.codec import AckEvent, CodecError, MessageEvent, encode_batch
 from relay.config import Config
 from relay.errors import Code
 from relay.hlc import physical_ms
 from relay.node import Node
+from relay.snapshot import DirtySlots, encode_snapshot
+from relay.snapshot_io import delete_snapshot, load_snapshots, prepare_data_dir, write_snapshot
 from relay.store import Message
 
 log = logging.getLogger(__name__)
 
 TAIL_BLOCK_MS = 500
+TOMBSTONES_PER_SLOT = 100_000
 RESUBSCRIBE_S = 15.0
 DRAIN_TIMEOUT_S = 10.0
 REMOTE_WAIT_S = 30.0
@@ -198,6 +203,14 @@ class Router:
         # ack=remote: per slot, (entry id, waiter) until a link confirms the entry.
         self.remote_waiters: dict[int, list[tuple[tuple[int, int], PubWaiter]]] = {}
         self.confirmed: dict[int, tuple[int, int]] = {}
+        # Snapshots of owned slots on disk (relay/snapshot.py, relay/snapshot_io.py).
+        self.snapshots = DirtySlots()
+        self.snapshot_interval_s = config.node.snapshot_interval_s
+        self.slots_dir: Path | None = None
+        # Recent acks per slot, (ch, id, hlc): a snapshot keeps them as tombstones.
+        self.tombstones: dict[int, deque[tuple[str, str, int]]] = {}
+        self.snapshot_stats = {"written": 0, "failures": 0, "refused": 0, "bytes": 0, "loaded": 0}
+        self._loaded_slots: set[int] = set()
         self.append_seconds = Buckets((0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
         self.batch_events = Buckets((1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 
@@ -230,6 +243,7 @@ class Router:
             on_confirmed=self.on_confirmed,
             on_resync=self.on_resync,
         )
+        await self._load_snapshots()
         await self.membership.start()
         joined = await self.membership.join()
         self.epoch = joined.epoch
@@ -241,6 +255,7 @@ class Router:
             asyncio.ensure_future(self._flush_loop()),
             asyncio.ensure_future(self._tick_loop()),
             asyncio.ensure_future(self._checkpoint_loop()),
+            asyncio.ensure_future(self._snapshot_loop()),
         ]
         for link in self.links:
             link.start()
@@ -282,6 +297,8 @@ class Router:
             await self._flush(force=True)
             if self.batcher.in_flight or self._retry:
                 await asyncio.sleep(0.05)  # appends under way or to retry
+        with contextlib.suppress(Exception):
+            await self._snapshot_all()  # the last batch is in the log: save the state
         for slot in list(self.owned):
             self._lose(slot)
         if self.membership is not None:
@@ -405,6 +422,7 @@ class Router:
             if slot not in mine:
                 await self._release(slot)
         self.replicated = replica
+        self._drop_foreign_snapshots()
         self._restart_tail()
         # Re-register subscriptions whose owner moved.
         for ch, owner in list(self.registered.items()):
@@ -442,7 +460,7 @@ class Router:
             await self._catch_up(slot)
             if self.ring is not None and self.ring.owner(slot) == self.me and not self.draining:
                 self.owned[slot] = epoch
-                self.dirty.add(slot)
+                self._changed(slot)
         except (RedisError, OSError, ClusterError) as e:
             log.warning("claiming slot %d failed: %s", slot, e)
         finally:
@@ -497,6 +515,9 @@ class Router:
         added = apply_events(self.node, events, now_ms)
         for m in added:
             self.slot_channels.setdefault(slot, set()).add(m.ch)
+        for ev in events:
+            if isinstance(ev, AckEvent):
+                self._tombstone(slot, ev.ch, list(ev.ids), ev.hlc)
         return added
 
     async def _release(self, slot: int) -> None:
@@ -564,7 +585,7 @@ class Router:
                 added = self._apply(t.slot, t.data, now)
                 done[t.slot] = t.id
                 if t.slot in self.owned:
-                    self.dirty.add(t.slot)
+                    self._changed(t.slot)
                     for m in added:
                         self._deliver(m)
 
@@ -724,6 +745,147 @@ class Router:
         for w in e.waiters:
             if isinstance(w, PubWaiter):
                 w.done(None)
+
+    def _changed(self, slot: int) -> None:
+        """``slot``'s pending state changed: due for a checkpoint and a snapshot."""
+        self.dirty.add(slot)
+        self.snapshots.mark(slot, time.monotonic())
+
+    def _tombstone(self, slot: int, ch: str, ids: list[str], hlc: int) -> None:
+        q = self.tombstones.get(slot)
+        if q is None:
+            q = self.tombstones[slot] = deque()
+        q.extend((ch, i, hlc) for i in ids)
+        # Only the dedupe window's worth matters (older ones dedupe nothing).
+        cutoff = (self.wall_ms() - self.node.dedupe.window_ms) << 16
+        while q and q[0][2] < cutoff:
+            q.popleft()
+        while len(q) > TOMBSTONES_PER_SLOT:
+            q.popleft()
+
+    # -- snapshots -------------------------------------------------------------------
+
+    async def _load_snapshots(self) -> None:
+        """Before joining: take back what this node's disk holds (a restart)."""
+        self.slots_dir = await asyncio.to_thread(prepare_data_dir, self.config.node.data_dir)
+        loaded, refused = await asyncio.to_thread(load_snapshots, self.slots_dir)
+        for slot, reason in refused:
+            # Never half-loaded: the slot is rebuilt from the region's checkpoint and logs.
+            self.snapshot_stats["refused"] += 1
+            log.error(
+                "snapshot of slot %d refused (%s); rebuilding it from the region", slot, reason
+            )
+        now = self.wall_ms()
+        for slot, snap in loaded.items():
+            if slot >= self.slots:
+                continue
+            for m in apply_events(self.node, list(snap.events), now):
+                self.slot_channels.setdefault(slot, set()).add(m.ch)
+            for ch, msg_id, hlc in snap.tombstones:
+                self._tombstone(slot, ch, [msg_id], hlc)
+            self.applied[slot] = snap.log_id
+            for origin, mirror_id in snap.mirrors.items():
+                if origin in self.mirror_applied:
+                    self.mirror_applied[origin][slot] = mirror_id
+            self._loaded_slots.add(slot)
+        self.snapshot_stats["loaded"] = len(self._loaded_slots)
+        if loaded or refused:
+            log.info(
+                "loaded %d slot snapshots (%d pending messages), refused %d",
+                len(loaded),
+                self.node.store.messages,
+                len(refused),
+            )
+
+    def _capture(self, slot: int) -> tuple[str, dict[str, str], list[Any], list[Any]] | None:
+        """What ``slot``'s snapshot holds, taken in one reactor turn (encoded in a thread)."""
+        log_id = self.applied.get(slot)
+        if log_id is None:
+            return None
+        events: list[Any] = slot_state(
+            self.node, sorted(self.slot_channels.get(slot, ())), self.wall_ms()
+        )
+        mirrors = {o: done[slot] for o, done in self.mirror_applied.items() if slot in done}
+        return log_id, mirrors, events, list(self.tombstones.get(slot, ()))
+
+    def _encode_and_write(
+        self, slot: int, state: tuple[str, dict[str, str], list[Any], list[Any]]
+    ) -> int:
+        log_id, mirrors, events, tomb = state
+        data = encode_snapshot(slot, log_id, mirrors, events, tomb, region=self.region)
+        assert self.slots_dir is not None
+        return write_snapshot(self.slots_dir, slot, data)
+
+    async def _snapshot_once(self, budget: int) -> None:
+        if self.slots_dir is None:
+            return
+        failed: list[int] = []
+        last_error: Exception | None = None
+        for job in self.snapshots.take(time.monotonic(), budget):
+            slot = job.slot
+            state = self._capture(slot) if slot in self.owned else None
+            if state is None:
+                self.snapshots.discard(slot)
+                self.snapshots.written(slot, time.monotonic())
+                continue
+            try:
+                n = await asyncio.to_thread(self._encode_and_write, slot, state)
+            except Exception as e:
+                # Full disk, I/O error: keep serving; the previous snapshot stays.
+                self.snapshot_stats["failures"] += 1
+                self.snapshots.failed(slot)
+                failed.append(slot)
+                last_error = e
+                continue
+            self.snapshots.written(slot, time.monotonic())
+            self.snapshot_stats["written"] += 1
+            self.snapshot_stats["bytes"] += n
+        if failed:
+            log.warning(
+                "snapshots of %d slots failed (first: slot %d): %s",
+                len(failed),
+                failed[0],
+                last_error,
+            )
+
+    async def _snapshot_loop(self) -> None:
+        while not self.stopped:
+            await asyncio.sleep(self.snapshot_interval_s)  # the snapshot period
+            try:
+                # Every dirty slot, one after the other: each capture is one short reactor
+                # turn, each encode and write runs in a thread.
+                await self._snapshot_once(self.slots)
+            except Exception:
+                log.exception("snapshot tick failed")
+
+    async def _snapshot_all(self) -> None:
+        """Write every changed owned slot now (graceful stop)."""
+        for _ in range(3):
+            if not self.snapshots.count:
+                return
+            await self._snapshot_once(max(1, len(self.owned)))
+
+    def _drop_foreign_snapshots(self) -> None:
+        """Slots loaded from disk that the ring gives to others: forget them."""
+        mine = set(self.owned) | self.claiming | self.replicated
+        if self.ring is not None and self.me in self.ring.nodes:
+            mine |= set(self.ring.slots_of(self.me))
+        for slot in sorted(self._loaded_slots - mine):
+            self._loaded_slots.discard(slot)
+            self._forget_slot(slot)
+            if self.slots_dir is not None and not self.snapshots.in_flight(slot):
+                delete_snapshot(self.slots_dir, slot)
+
+    def data_at_risk(self) -> dict[str, Any]:
+        """What a crash right now could lose: events not yet in the slot log, and slots
+        changed since their snapshot (``relay_data_at_risk_messages``)."""
+        unlogged = self.batcher.pending_events + sum(len(e.events) for e in self._retry)
+        return {
+            "unlogged_events": unlogged,
+            "unsaved_slots": self.snapshots.count,
+            "snapshot_age_s": round(self.snapshots.age_s(time.monotonic()), 3),
+            "unreplicated_entries": {link.dest: link.backlog_entries for link in self.links},
+        }
 
     def _should_own(self, slot: int) -> bool:
         return (
@@ -902,7 +1064,7 @@ class Router:
                 reply({**fields, "ack": "mem" if ack == "mem" else "log"}, None, "")
             return
         self.slot_channels.setdefault(slot, set()).add(ch)
-        self.dirty.add(slot)
+        self._changed(slot)
         message = acc.message or Message(
             msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms
         )
@@ -1002,7 +1164,8 @@ class Router:
         for ev in ack_events(ch, ids, hlc, self.region):
             for entry in self.batcher.add(slot, ev, now):
                 self._spawn(self._append([entry]))
-        self.dirty.add(slot)
+        self._tombstone(slot, ch, ids, hlc)
+        self._changed(slot)
         return n
 
     async def _resubscribe(self, ch: str) -> None:
@@ -1142,5 +1305,7 @@ class Router:
             },
             "counters": dict(self.counters),
             "links": [link.status(self.wall_ms()) for link in self.links],
+            "snapshots": dict(self.snapshot_stats),
+            "data_at_risk": self.data_at_risk(),
             "remote_waiting": sum(len(w) for w in self.remote_waiters.values()),
         }

@@ -135,6 +135,9 @@ class NodeConfig:
         "local/n1", "str", 'the node\'s id "region/name"; the region is the part before "/"'
     )
     data_dir: str = _opt("./data", "path", "directory for slot snapshots", nonempty=True)
+    snapshot_interval_s: float = _opt(
+        2.0, "float", "how often changed slots are written to data_dir", lo=0, lo_open=True
+    )
 
     @property
     def region(self) -> str:

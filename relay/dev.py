@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from relay.errors import RelayError
 from relay.redis_server import RedisServer
@@ -37,6 +38,7 @@ class DevNode:
     id: str
     proc: subprocess.Popen[bytes]
     ready_file: Path
+    cmd: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,9 +110,31 @@ class DevCluster:
             str(config),
             "--ready-file",
             str(ready),
+            "--log-level",
+            self.log_level,
         ]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        self.nodes.append(DevNode(node_id, proc, ready))
+        self.nodes.append(DevNode(node_id, proc, ready, cmd))
+
+    def restart(self, node_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Start ``node_id`` again with its config and data directory (after a kill);
+        return its new ready entry once it serves."""
+        n = next(x for x in self.nodes if x.id == node_id)
+        try:
+            n.proc.wait(timeout=10)  # killed a moment ago: reap it
+        except subprocess.TimeoutExpired:
+            raise DevError(f"{node_id} is still running") from None
+        n.ready_file.unlink(missing_ok=True)
+        n.proc = subprocess.Popen(n.cmd, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while not n.ready_file.exists():
+            if n.proc.poll() is not None:
+                raise DevError(f"node {node_id} exited with {n.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise DevError(f"{node_id} not serving after {timeout_s}s")
+            time.sleep(0.05)  # poll interval while the node starts
+        n.info = json.loads(n.ready_file.read_text())
+        return {"id": n.id, "ws": n.info["ws"], "admin": n.info["admin"], "pid": n.proc.pid}
 
     def peer_urls(self, region: str) -> list[str]:
         """``name=url`` of every other region's Redis, as this region's links reach it
@@ -230,6 +254,23 @@ class DevCluster:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def page_urls(doc: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Per region: its dashboard (on its first node's admin port) and its chat demo, whose
+    ``?regions=`` names every region's WebSocket URL so one page can move between them."""
+    ws = {r: d["nodes"][0]["ws"] for r, d in doc["regions"].items() if d["nodes"]}
+    regions = quote(json.dumps(ws, separators=(",", ":")), safe=":/,")
+    out: dict[str, dict[str, str]] = {}
+    for region, d in doc["regions"].items():
+        if not d["nodes"]:
+            continue
+        admin = d["nodes"][0]["admin"]
+        out[region] = {
+            "dashboard": f"{admin}/",
+            "demo": f"{admin}/demo?region={quote(region, safe='')}&regions={regions}",
+        }
+    return out
 
 
 def write_ready_file(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:

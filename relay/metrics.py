@@ -120,6 +120,41 @@ def cluster_metrics(router: Any, labels: list[str], who: list[str]) -> Iterator[
         c = CounterMetricFamily(name, doc, labels=labels)
         c.add_metric(who, router.counters[key])
         yield c
+    risk = router.data_at_risk()
+    for name, doc, value in (
+        (
+            "relay_data_at_risk_messages",
+            "Events accepted but not yet in the slot log (a crash now loses them)",
+            risk["unlogged_events"],
+        ),
+        (
+            "relay_unsaved_slots",
+            "Owned slots changed since their last snapshot",
+            risk["unsaved_slots"],
+        ),
+        (
+            "relay_snapshot_age_seconds",
+            "Age of the oldest change not yet on disk",
+            risk["snapshot_age_s"],
+        ),
+    ):
+        g = GaugeMetricFamily(name, doc, labels=labels)
+        g.add_metric(who, value)
+        yield g
+    st = router.snapshot_stats
+    for name, doc, key in (
+        ("relay_snapshot_bytes", "Bytes of slot snapshots written", "bytes"),
+        ("relay_snapshots_written_total", "Slot snapshots written", "written"),
+        (
+            "relay_snapshot_failures_total",
+            "Slot snapshot writes that failed (disk full?)",
+            "failures",
+        ),
+        ("relay_snapshots_refused_total", "Snapshots refused at start (corrupt)", "refused"),
+    ):
+        c = CounterMetricFamily(name, doc, labels=labels)
+        c.add_metric(who, st[key])
+        yield c
     links = getattr(router, "links", [])
     if links:
         now_ms = router.wall_ms()
