@@ -190,11 +190,12 @@ def dev(
 ) -> None:
     """Run a local cluster: embedded Redis, anonymous access, until Ctrl-C.
 
-    Prints every node's WebSocket and admin URL. Try it with any WebSocket client:
+    Prints every node's WebSocket and admin URL, and each region's dashboard and chat
+    demo page (open them in a browser). Or try it with any WebSocket client:
     send {"op":"sub","ch":"inbox:alice"} on one connection and
     {"op":"pub","id":"1","ch":"inbox:alice","body":"hi"} on another.
     """
-    from relay.dev import DevCluster, write_ready_file
+    from relay.dev import DevCluster, page_urls, write_ready_file
     from relay.errors import RelayError
 
     names = [r.strip() for r in regions.split(",") if r.strip()]
@@ -220,6 +221,10 @@ def dev(
             err.print(f"[bold]region {region}[/]  redis {r['redis']}")
             for n in r["nodes"]:
                 err.print(f"  node {n['id']}  ws {n['ws']}  admin {n['admin']}  pid {n['pid']}")
+            pages = page_urls(doc).get(region, {})
+            for page in ("dashboard", "demo"):
+                if page in pages:
+                    err.print(f"  {page} {pages[page]}", markup=False, highlight=False)
         err.print("relay dev: serving; Ctrl-C stops everything.")
         code = cluster.wait()
     finally:
