@@ -876,6 +876,19 @@ class Router:
             if self.slots_dir is not None and not self.snapshots.in_flight(slot):
                 delete_snapshot(self.slots_dir, slot)
 
+    def slot_stats(self) -> dict[int, list[int]]:
+        """Owned slot → [pending messages, pending bytes] (for ``relay ring plan``)."""
+        now = self.wall_ms()
+        out: dict[int, list[int]] = {}
+        for slot in sorted(self.owned):
+            n = size = 0
+            for ch in self.slot_channels.get(slot, ()):
+                for m in self.node.store.pending(ch, now):
+                    n += 1
+                    size += len(m.body)
+            out[slot] = [n, size]
+        return out
+
     def data_at_risk(self) -> dict[str, Any]:
         """What a crash right now could lose: events not yet in the slot log, and slots
         changed since their snapshot (``relay_data_at_risk_messages``)."""

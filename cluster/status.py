@@ -151,3 +151,81 @@ def links_status(url: str, region: str, admin_token: str = "") -> list[dict[str,
                 row["last_error"] = f"holder's admin unreachable: {e}"
         out.append(row)
     return out
+
+
+def ring_plan(
+    url: str,
+    region: str,
+    *,
+    add: dict[str, float],
+    remove: list[str],
+    weights: dict[str, float],
+    slots: int = 256,
+    replicas: int = 2,
+    admin_token: str = "",
+) -> dict[str, Any]:
+    """The exact slot moves of a membership or weight change, what each would carry, and
+    the balance before and after. Computed only: nothing changes."""
+    import urllib.request
+
+    from cluster.ring import Ring, diff
+
+    try:
+        with _client(url) as r:
+            ms = members(r, region)
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        raise Unreachable(f"cannot reach {url}: {e}") from e
+    unknown = [n for n in [*remove, *weights] if n not in ms]
+    if unknown:
+        raise LookupError(f"not members of {region}: {', '.join(unknown)}")
+    clash = [n for n in add if n in ms]
+    if clash:
+        raise LookupError(f"already members of {region}: {', '.join(clash)}")
+    before_members = {n: m.weight for n, m in ms.items()}
+    after_members = {n: weights.get(n, w) for n, w in before_members.items() if n not in remove}
+    after_members.update(add)
+    if not after_members:
+        raise LookupError("the plan leaves the region without members")
+    before = Ring(before_members, slots=slots, replicas=replicas)
+    after = Ring(after_members, slots=slots, replicas=replicas)
+    carried: dict[int, list[int]] = {}
+    for m in ms.values():
+        if not m.admin:
+            continue
+        req = urllib.request.Request(m.admin + "/status?slots=1")
+        if admin_token:
+            req.add_header("Authorization", f"Bearer {admin_token}")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                doc = json.loads(resp.read())
+            for k, v in (doc.get("slots") or {}).items():
+                carried[int(k)] = [int(v[0]), int(v[1])]
+        except OSError:
+            continue  # unknown load for that node's slots: reported as null
+
+    def balance(ring: Ring) -> dict[str, Any]:
+        loads = ring.loads()
+        total_w = sum(ring.members.values())
+        worst = max(loads[n] / (slots * w / total_w) for n, w in ring.members.items())
+        return {"slots_per_node": loads, "max_over_share": round(worst, 3)}
+
+    moves = [
+        {
+            "slot": mv.slot,
+            "from": mv.from_node,
+            "to": mv.to_node,
+            "messages": carried[mv.slot][0] if mv.slot in carried else None,
+            "bytes": carried[mv.slot][1] if mv.slot in carried else None,
+        }
+        for mv in diff(before, after)
+    ]
+    return {
+        "region": region,
+        "change": {"add": add, "remove": remove, "weight": weights},
+        "before": balance(before),
+        "after": balance(after),
+        "moves": moves,
+        "moving_slots": len(moves),
+        "moving_messages": sum(m["messages"] or 0 for m in moves),
+        "moving_bytes": sum(m["bytes"] or 0 for m in moves),
+    }

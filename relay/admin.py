@@ -121,6 +121,10 @@ class Status(_Authed):
         request.setHeader("content-type", "application/json")
         request.setHeader("cache-control", "no-store")
         body: dict[str, Any] = self.relay_server.status()
+        router = getattr(self.relay_server, "router", None)
+        if _flag(request, b"slots") and router is not None:
+            # Pending messages and bytes per owned slot (what a move would carry).
+            body["slots"] = {str(k): v for k, v in router.slot_stats().items()}
         want_peers = _flag(request, b"peers")
         if not (want_peers or _flag(request, b"view")):
             return _dumps(body)

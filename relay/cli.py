@@ -383,6 +383,126 @@ def links(redis_url: str, region: str, admin_token: str, as_json: bool) -> None:
 
 
 @cli.group()
+def ring() -> None:
+    """See and plan the region's consistent-hash ring (docs/OPERATIONS.md)."""
+
+
+@ring.command("show")
+@_redis_option
+@click.option("--region", required=True, help="The region to show.")
+@_slots_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.pass_context
+def ring_show(ctx: click.Context, redis_url: str, region: str, slots: int, as_json: bool) -> None:
+    """Members, weights, slots per node and the ring epoch (same as `relay status`)."""
+    ctx.invoke(status, redis_url=redis_url, region=region, slots=slots, as_json=as_json)
+
+
+def _weights(values: tuple[str, ...], option: str, default: float | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for v in values:
+        node_id, sep, w = v.partition("=")
+        if not sep and default is None:
+            raise click.BadParameter(f"{v!r}: give NODE=WEIGHT", param_hint=option)
+        try:
+            weight = float(w) if sep else float(default or 1.0)
+        except ValueError:
+            raise click.BadParameter(
+                f"{v!r}: the weight must be a number", param_hint=option
+            ) from None
+        if weight <= 0:
+            raise click.BadParameter(f"{v!r}: the weight must be > 0", param_hint=option)
+        out[node_id] = weight
+    return out
+
+
+@ring.command("plan")
+@_redis_option
+@click.option("--region", required=True, help="The region to plan for.")
+@click.option(
+    "--add",
+    "adds",
+    multiple=True,
+    metavar="NODE[=W]",
+    help="A node that would join, with its weight (default 1).",
+)
+@click.option(
+    "--remove", "removes", multiple=True, metavar="NODE", help="A member that would leave."
+)
+@click.option(
+    "--weight", "reweights", multiple=True, metavar="NODE=W", help="A member's new weight."
+)
+@_slots_option
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 8))
+@click.option(
+    "--admin-token",
+    envvar="RELAY_ADMIN__TOKEN",
+    default="",
+    help="Admin token of the nodes, to read what each slot holds.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def ring_plan_cmd(
+    redis_url: str,
+    region: str,
+    adds: tuple[str, ...],
+    removes: tuple[str, ...],
+    reweights: tuple[str, ...],
+    slots: int,
+    replicas: int,
+    admin_token: str,
+    as_json: bool,
+) -> None:
+    """The exact slot moves a change would make, the pending messages and bytes each
+    would carry, and the balance before and after. Changes nothing.
+
+    Exit 0; 2 for a bad change (unknown node, a region left empty); 69 when the
+    region's Redis cannot be reached.
+    """
+    from cluster.status import Unreachable, ring_plan
+
+    if not (adds or removes or reweights):
+        raise click.UsageError("give at least one of --add, --remove, --weight")
+    try:
+        doc = ring_plan(
+            redis_url,
+            region,
+            add=_weights(adds, "--add", 1.0),
+            remove=list(removes),
+            weights=_weights(reweights, "--weight", None),
+            slots=slots,
+            replicas=replicas,
+            admin_token=admin_token,
+        )
+    except Unreachable as e:
+        err.print(f"relay ring plan: {e}")
+        sys.exit(EXIT_UNAVAILABLE)
+    except LookupError as e:
+        err.print(f"relay ring plan: {e}")
+        sys.exit(EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    b, a = doc["before"], doc["after"]
+    err.print(
+        f"{doc['moving_slots']} slots move, carrying {doc['moving_messages']} pending "
+        f"messages ({doc['moving_bytes']} bytes of bodies)"
+    )
+    err.print(
+        f"balance (largest owner / its share): before {b['max_over_share']}, "
+        f"after {a['max_over_share']}"
+    )
+    from rich.table import Table
+
+    table = Table(title="slots per node")
+    table.add_column("node")
+    table.add_column("before")
+    table.add_column("after")
+    for n in sorted(set(b["slots_per_node"]) | set(a["slots_per_node"])):
+        table.add_row(n, str(b["slots_per_node"].get(n, 0)), str(a["slots_per_node"].get(n, 0)))
+    Console(stderr=True).print(table)
+
+
+@cli.group()
 def node() -> None:
     """Act on one node of a region."""
 

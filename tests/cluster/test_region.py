@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from cluster.ring import Ring, slot_of
+from cluster.ring import Ring, diff, slot_of
 from relay.client import RelayClient, RelayErrorReply, RetryPolicy
 from tests.cluster.conftest import admin_status, pending_ids
 from tests.conftest import aio, until
@@ -275,3 +275,62 @@ def test_status_and_metrics_of_a_region(region3: Any) -> None:
         timeout=60,
     )
     assert unreachable.returncode == 69
+
+
+@aio
+async def test_ring_plan_lists_exact_moves_and_what_they_carry(region3: Any) -> None:
+    import json
+
+    _, doc = region3
+    url = doc["regions"]["sg"]["redis"]
+    nodes = nodes_of(doc)
+    pub = await RelayClient.connect(nodes[0]["ws"], retry=PATIENT)
+    for i in range(30):
+        await pub.publish(f"inbox:p{i}", "x" * 100, id=f"p{i}", ack="log")
+    await pub.close()
+
+    def plan(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "relay",
+                "ring",
+                "plan",
+                "--redis",
+                url,
+                "--region",
+                "sg",
+                "--json",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    r = await asyncio.to_thread(plan, "--add", "sg/n4")
+    assert r.returncode == 0, r.stderr
+    add = json.loads(r.stdout)
+    ring_before = Ring([n["id"] for n in nodes])
+    ring_after = Ring([*[n["id"] for n in nodes], "sg/n4"])
+    want = [(m.slot, m.from_node, m.to_node) for m in diff(ring_before, ring_after)]
+    assert [(m["slot"], m["from"], m["to"]) for m in add["moves"]] == want
+    assert all(m["to"] == "sg/n4" for m in add["moves"])
+    assert add["after"]["slots_per_node"]["sg/n4"] == len(want)
+    assert add["after"]["max_over_share"] <= 1.25
+    # What each moving slot carries comes from its owner.
+    moved = {m["slot"]: m for m in add["moves"]}
+    carried = sum(1 for i in range(30) if slot_of(f"inbox:p{i}") in moved)
+    assert add["moving_messages"] == carried
+    r = await asyncio.to_thread(plan, "--remove", "sg/n1")
+    rem = json.loads(r.stdout)
+    assert rem["moves"] and all(m["from"] == "sg/n1" for m in rem["moves"])
+    assert "sg/n1" not in rem["after"]["slots_per_node"]
+    r = await asyncio.to_thread(plan, "--remove", "sg/zz")
+    assert r.returncode == 2 and "sg/zz" in r.stderr
+    r = await asyncio.to_thread(plan, "--weight", "sg/n2=2")
+    heavy = json.loads(r.stdout)
+    assert heavy["after"]["slots_per_node"]["sg/n2"] > heavy["before"]["slots_per_node"]["sg/n2"]
+    # Planning changed nothing.
+    assert all(owner_record(doc, s)[0] for s in range(256))
