@@ -181,7 +181,6 @@ class Router:
         # Claims run a few at a time: each is a handful of Redis round trips.
         self._claims = asyncio.Semaphore(8)
         self._rebalancing = asyncio.Lock()
-        self._ring_changed = asyncio.Event()
         self.counters = {"failovers": 0, "fenced": 0, "appends": 0, "append_errors": 0}
         # Inter-region: peers (name → Redis URL), links from here to each, and what this
         # node applied of each origin's mirrors.
@@ -267,6 +266,7 @@ class Router:
             *self._tasks,
             *([self._tail_task] if self._tail_task else []),
             *self._mirror_tasks.values(),
+            *self._background,
         ]:
             t.cancel()
         for link in self.links:
