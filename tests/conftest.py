@@ -48,6 +48,13 @@ async def until(cond: Callable[[], Any], timeout_s: float = 5.0, what: str = "co
         await asyncio.sleep(0.01)  # poll interval
 
 
+async def next_turn() -> None:
+    """Let the loop run what is ready (callbacks, other tasks) once, then go on."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(fut.set_result, None)
+    await fut
+
+
 def node_config(**sections: dict[str, Any]) -> Config:
     """A config for a test node on free loopback ports, with overrides per section."""
     base = load_config(

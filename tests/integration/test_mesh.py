@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 
 from cluster.mesh import Mesh, PeerUnavailable, RemoteError
 from cluster.wire import Kind, encode
-from tests.conftest import aio, until
+from tests.conftest import aio, next_turn, until
 
 
 class Recorder:
@@ -33,7 +33,7 @@ class Recorder:
         raise ValueError("boom")
 
     async def _slow(self, args: Any) -> Any:
-        await asyncio.sleep(0.01)  # a handler that takes a moment
+        await next_turn()  # a handler that answers in a later turn
         return {"slow": args}
 
     def on_deliver(self, peer: str, ch: str, fields: list[Any]) -> None:
@@ -145,7 +145,7 @@ async def test_peer_that_stops_reading_is_cut_off() -> None:
         sent += 1
         assert sent < 10_000, "never cut off"
         if sent % 50 == 0:
-            await asyncio.sleep(0)  # let the reactor flush and see the socket is full
+            await next_turn()  # let the reactor flush and see the socket is full
     assert "sg/a" in rb.down
     writer.close()
     await b.stop()

@@ -6,7 +6,6 @@ for a message the log lacks, and a slot rebuilt after a trim holds every logged 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -17,7 +16,7 @@ from cluster.slotlog import MemorySlotLog
 from relay.codec import MessageEvent, decode_batch
 from relay.config import load_config
 from relay.server import build_node
-from tests.conftest import aio
+from tests.conftest import aio, until
 
 
 class Flaky(MemorySlotLog):
@@ -74,7 +73,7 @@ async def test_a_failed_full_batch_is_retried_whole() -> None:
             ack="log",
             reply=lambda f, c, s, i=i: answered.__setitem__(f"m{i}", (f or {}).get("ack", c)),
         )
-    await asyncio.sleep(0)  # let the full batch's append run (and fail)
+    await until(lambda: not r._background, what="the full batch's append ran (and failed)")
     for _ in range(3):
         await r._flush(force=True)
     in_log = await logged_ids(log, slot)
