@@ -255,9 +255,10 @@ class Mesh:
 
     def forget(self, peer: str) -> None:
         self.wanted.pop(peer, None)
-        conn = self.connections.pop(peer, None)
+        conn = self.connections.get(peer)
         if conn is not None:
-            conn.transport.loseConnection()
+            # detach() runs when it is gone: pending requests fail, the handler is told.
+            conn.transport.abortConnection()
 
     def _dial(self, peer: str) -> None:
         if self._stopped or peer not in self.wanted:
