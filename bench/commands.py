@@ -470,6 +470,8 @@ def register(group: click.Group) -> None:
     """Add the benchmark commands to ``relay bench``."""
     for cmd in (ingest_cmd, delivery_cmd, memory_cmd, hotpath_cmd):
         group.add_command(cmd)
+    from bench.durability import register as register_durability
     from bench.region import register as register_region
 
     register_region(group)
+    register_durability(group)
