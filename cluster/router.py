@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -57,12 +59,13 @@ from relay.hlc import physical_ms
 from relay.node import Node
 from relay.snapshot import DirtySlots, encode_snapshot
 from relay.snapshot_io import delete_snapshot, load_snapshots, prepare_data_dir, write_snapshot
-from relay.store import Message
+from relay.store import Message, unpack
 
 log = logging.getLogger(__name__)
 
 TAIL_BLOCK_MS = 500
 TOMBSTONES_PER_SLOT = 100_000
+SNAPSHOT_SWITCH_INTERVAL_S = 0.0005
 RESUBSCRIBE_S = 15.0
 DRAIN_TIMEOUT_S = 10.0
 REMOTE_WAIT_S = 30.0
@@ -767,6 +770,15 @@ class Router:
 
     async def _load_snapshots(self) -> None:
         """Before joining: take back what this node's disk holds (a restart)."""
+        was_enabled = gc.isenabled()
+        gc.disable()  # loading builds long-lived state: no collection needed meanwhile
+        try:
+            await self._load_snapshots_now()
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    async def _load_snapshots_now(self) -> None:
         self.slots_dir = await asyncio.to_thread(prepare_data_dir, self.config.node.data_dir)
         loaded, refused = await asyncio.to_thread(load_snapshots, self.slots_dir)
         for slot, reason in refused:
@@ -802,16 +814,25 @@ class Router:
         log_id = self.applied.get(slot)
         if log_id is None:
             return None
-        events: list[Any] = slot_state(
-            self.node, sorted(self.slot_channels.get(slot, ())), self.wall_ms()
-        )
+        # Only pointers are copied here; unpacking happens in the writer's thread.
+        store = self.node.store
+        records = [(ch, store.records(ch)) for ch in sorted(self.slot_channels.get(slot, ()))]
         mirrors = {o: done[slot] for o, done in self.mirror_applied.items() if slot in done}
-        return log_id, mirrors, events, list(self.tombstones.get(slot, ()))
+        return log_id, mirrors, records, list(self.tombstones.get(slot, ()))
 
     def _encode_and_write(
         self, slot: int, state: tuple[str, dict[str, str], list[Any], list[Any]]
     ) -> int:
-        log_id, mirrors, events, tomb = state
+        log_id, mirrors, records, tomb = state
+        now = self.wall_ms()
+        events: list[Any] = []
+        for ch, pairs in records:
+            for msg_id, record in pairs:
+                m = unpack(ch, msg_id, record)
+                if m.expires_ms > now:
+                    events.append(
+                        MessageEvent(m.id, m.ch, m.sender, m.hlc, m.origin, m.body, m.expires_ms)
+                    )
         data = encode_snapshot(slot, log_id, mirrors, events, tomb, region=self.region)
         assert self.slots_dir is not None
         return write_snapshot(self.slots_dir, slot, data)
@@ -819,6 +840,24 @@ class Router:
     async def _snapshot_once(self, budget: int) -> None:
         if self.slots_dir is None:
             return
+        # A tick makes one short-lived object per pending message; with the collector
+        # on, they trigger full collections that scan the whole heap (the stalls that
+        # `relay bench durability` measured). They hold no cycles: refcounting frees them.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        # The writer thread encodes with the GIL held; hand it back to the reactor more
+        # often than the default 5 ms while a tick runs.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(SNAPSHOT_SWITCH_INTERVAL_S)
+        try:
+            await self._snapshot_slots(budget)
+        finally:
+            sys.setswitchinterval(switch)
+            if was_enabled:
+                gc.enable()
+
+    async def _snapshot_slots(self, budget: int) -> None:
+        assert self.slots_dir is not None
         failed: list[int] = []
         last_error: Exception | None = None
         for job in self.snapshots.take(time.monotonic(), budget):

@@ -168,6 +168,13 @@ class PendingStore:
                 out.append(m)
         return out
 
+    def records(self, ch: str) -> list[tuple[str, bytes]]:
+        """The channel's (id, packed record) pairs, oldest first: a copy that stays
+        valid while the store changes (records are immutable), cheap to take in one
+        turn and to unpack elsewhere with :func:`unpack`."""
+        c = self._channels.get(ch)
+        return [] if c is None else list(c.records.items())
+
     def channel_names(self) -> Iterable[str]:
         return self._channels.keys()
 
