@@ -51,8 +51,26 @@ def owners(r: redis.Redis, region: str, slots: int) -> list[tuple[str | None, in
     return out
 
 
-def region_status(url: str, region: str, slots: int = 256) -> dict[str, Any]:
-    """Members, slot counts per owner and epochs of ``region``, as one JSON document."""
+def _node_status(admin: str, token: str) -> dict[str, Any] | None:
+    """A node's /status, or None when its admin port does not answer."""
+    import urllib.request
+
+    if not admin:
+        return None
+    req = urllib.request.Request(admin + "/status")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            doc: dict[str, Any] = json.loads(resp.read())
+            return doc
+    except (OSError, ValueError):
+        return None
+
+
+def region_status(url: str, region: str, slots: int = 256, admin_token: str = "") -> dict[str, Any]:
+    """Members, slot counts per owner and epochs of ``region``, and what each member
+    holds at risk (from its /status; null when its admin port does not answer)."""
     try:
         with _client(url) as r:
             ms = members(r, region)
@@ -72,6 +90,9 @@ def region_status(url: str, region: str, slots: int = 256) -> dict[str, Any]:
                 "admin": m.admin,
                 "weight": m.weight,
                 "slots": counts.get(m.node_id, 0),
+                "data_at_risk": (
+                    (_node_status(m.admin, admin_token) or {}).get("cluster") or {}
+                ).get("data_at_risk"),
             }
             for m in sorted(ms.values(), key=lambda m: m.node_id)
         ],

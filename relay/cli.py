@@ -306,8 +306,14 @@ _slots_option = click.option(
 @_redis_option
 @click.option("--region", required=True, help="The region to show.")
 @_slots_option
+@click.option(
+    "--admin-token",
+    envvar="RELAY_ADMIN__TOKEN",
+    default="",
+    help="Admin token of the nodes, to read what each holds at risk.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
-def status(redis_url: str, region: str, slots: int, as_json: bool) -> None:
+def status(redis_url: str, region: str, slots: int, admin_token: str, as_json: bool) -> None:
     """Members of a region, their slots and the ring epoch, read from its Redis.
 
     Exit 0, or 69 when the Redis cannot be reached.
@@ -315,7 +321,7 @@ def status(redis_url: str, region: str, slots: int, as_json: bool) -> None:
     from cluster.status import Unreachable, region_status
 
     try:
-        doc = region_status(redis_url, region, slots)
+        doc = region_status(redis_url, region, slots, admin_token)
     except Unreachable as e:
         err.print(f"relay status: {e}")
         sys.exit(EXIT_UNAVAILABLE)
@@ -325,11 +331,23 @@ def status(redis_url: str, region: str, slots: int, as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title=f"region {region} (ring epoch {doc['ring_epoch']})")
-    for col in ("node", "epoch", "slots", "weight", "ws", "admin"):
+    for col in ("node", "epoch", "slots", "weight", "at risk", "ws", "admin"):
         table.add_column(col)
     for m in doc["members"]:
+        risk = m.get("data_at_risk")
+        at_risk = (
+            "?"
+            if risk is None
+            else f"{risk['unlogged_events']} unlogged, {risk['unsaved_slots']} unsaved slots"
+        )
         table.add_row(
-            m["id"], str(m["epoch"]), str(m["slots"]), str(m["weight"]), m["ws"], m["admin"]
+            m["id"],
+            str(m["epoch"]),
+            str(m["slots"]),
+            str(m["weight"]),
+            at_risk,
+            m["ws"],
+            m["admin"],
         )
     Console().print(table)
     if doc["unowned_slots"] or doc["slots_by_stale_owner"]:
@@ -395,7 +413,9 @@ def ring() -> None:
 @click.pass_context
 def ring_show(ctx: click.Context, redis_url: str, region: str, slots: int, as_json: bool) -> None:
     """Members, weights, slots per node and the ring epoch (same as `relay status`)."""
-    ctx.invoke(status, redis_url=redis_url, region=region, slots=slots, as_json=as_json)
+    ctx.invoke(
+        status, redis_url=redis_url, region=region, slots=slots, admin_token="", as_json=as_json
+    )
 
 
 def _weights(values: tuple[str, ...], option: str, default: float | None) -> dict[str, float]:

@@ -246,6 +246,10 @@ def test_status_and_metrics_of_a_region(region3: Any) -> None:
     assert [m["id"] for m in st["members"]] == [n["id"] for n in nodes]
     assert sum(m["slots"] for m in st["members"]) == 256 and st["unowned_slots"] == 0
     assert all(m["slots"] > 0 for m in st["members"])
+    assert all(
+        set(m["data_at_risk"]) >= {"unlogged_events", "unsaved_slots", "snapshot_age_s"}
+        for m in st["members"]
+    )
     import urllib.request
 
     with urllib.request.urlopen(nodes[0]["admin"] + "/metrics", timeout=5) as resp:
