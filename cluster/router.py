@@ -1195,7 +1195,7 @@ class Router:
             if not self.serving(slot):
                 reply(None, Code.UNAVAILABLE, f"slot {slot} is moving; retry")
                 return
-            reply(self._ack_local(slot, ch, ids), None, "")
+            self._ack_logged(slot, ch, ids, reply)
             return
         if owner is None or self.mesh is None:
             reply(None, Code.UNAVAILABLE, "no owner for this channel right now")
@@ -1208,6 +1208,25 @@ class Router:
                 lambda r, c, s: reply(None if c else int(r), c, s),
             )
         )
+
+    def _ack_logged(
+        self,
+        slot: int,
+        ch: str,
+        ids: list[str],
+        reply: Callable[[int | None, Code | None, str], None],
+    ) -> None:
+        """Ack, and answer once the ack is in the slot log: an acknowledged ack survives
+        a crash of this node (the message never comes back)."""
+        n = self._ack_local(slot, ch, ids)
+
+        def done(level: str | None) -> None:
+            if level is None:
+                reply(None, Code.UNAVAILABLE, "the slot moved before the ack was logged")
+            else:
+                reply(n, None, "")
+
+        self.batcher.add_waiter(slot, PubWaiter(done), self.wall_ms())
 
     def _ack_local(self, slot: int, ch: str, ids: list[str]) -> int:
         now = self.wall_ms()
@@ -1268,7 +1287,18 @@ class Router:
             self.interest.setdefault(ch, set()).add(peer)
             return [message_fields(m) for m in self.node.store.pending(ch, self.wall_ms())]
         if op == "ack":
-            return self._ack_local(slot, ch, [str(i) for i in args["ids"]])
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+            def acked(n: int | None, code: Code | None, reason: str) -> None:
+                if fut.done():
+                    return
+                if code is not None:
+                    fut.set_exception(RemoteError(code.value, reason))
+                else:
+                    fut.set_result(n)
+
+            self._ack_logged(slot, ch, [str(i) for i in args["ids"]], acked)
+            return fut
         raise RemoteError("bad_request", f"unknown mesh op {op!r}")
 
     def _serve_pub(self, args: dict[str, Any]) -> Any:
