@@ -92,7 +92,7 @@ async def _until(condition: Callable[[], bool], what: str, timeout_s: float) -> 
     while not condition():
         if reactor.seconds() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await task.deferLater(reactor, 0.01, lambda: None)
+        await task.deferLater(reactor, 0.01, lambda: None)  # poll interval
 
 
 def _start(files: CertFiles, *, session_cache: bool = True) -> tuple[IListeningPort, EchoServer]:
