@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from relay.codec import AckEvent, Event, MessageEvent
 from relay.dedupe import dedupe_key
 from relay.node import Node
-from relay.store import Message
+from relay.store import Message, PendingStore, Removed
 
 
 def apply_events(node: Node, events: Iterable[Event], now_ms: int) -> list[Message]:
@@ -32,28 +32,12 @@ def apply_events(node: Node, events: Iterable[Event], now_ms: int) -> list[Messa
                 # the smaller (timestamp, origin), so all converge on one.
                 if (e.hlc, e.origin) < (existing.hlc, existing.origin):
                     store.ack(e.ch, [e.id])
-                    store.add(
-                        e.ch,
-                        e.id,
-                        hlc=e.hlc,
-                        expires_ms=e.expires_ms,
-                        sender=e.sender,
-                        origin=e.origin,
-                        body=e.body,
-                    )
+                    _store(store, e)
                 continue
             if dedupe.lookup(dedupe_key(e.ch, e.id), now_ms) is not None:
                 continue
             node.clock.observe(e.hlc)
-            removed = store.add(
-                e.ch,
-                e.id,
-                hlc=e.hlc,
-                expires_ms=e.expires_ms,
-                sender=e.sender,
-                origin=e.origin,
-                body=e.body,
-            )
+            removed = _store(store, e)
             if removed is not None:
                 for msg_id, hlc in zip(removed.ids, removed.hlcs, strict=True):
                     dedupe.remember(dedupe_key(removed.ch, msg_id), hlc, now_ms)
@@ -66,6 +50,18 @@ def apply_events(node: Node, events: Iterable[Event], now_ms: int) -> list[Messa
                 # The tombstone: an ack seen before its message keeps it from coming back.
                 dedupe.remember(dedupe_key(e.ch, msg_id), gone.get(msg_id, e.hlc), now_ms)
     return added
+
+
+def _store(store: PendingStore, e: MessageEvent) -> Removed | None:
+    return store.add(
+        e.ch,
+        e.id,
+        hlc=e.hlc,
+        expires_ms=e.expires_ms,
+        sender=e.sender,
+        origin=e.origin,
+        body=e.body,
+    )
 
 
 def slot_state(node: Node, channels: Iterable[str], now_ms: int) -> list[Event]:

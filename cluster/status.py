@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from cluster.keys import control_channel, epoch_key, lease_prefix, owner_key
+from cluster.keys import PREFIX, control_channel, epoch_key, lease_prefix, owner_key, region_tag
 from cluster.membership import Member
 
 
@@ -51,13 +51,14 @@ def owners(r: redis.Redis, region: str, slots: int) -> list[tuple[str | None, in
     return out
 
 
-def _node_status(admin: str, token: str) -> dict[str, Any] | None:
-    """A node's /status, or None when its admin port does not answer."""
+def _node_status(admin: str, token: str, query: str = "") -> dict[str, Any] | None:
+    """A node's /status (``query`` e.g. ``?slots=1``), or None when its admin port does
+    not answer."""
     import urllib.request
 
     if not admin:
         return None
-    req = urllib.request.Request(admin + "/status")
+    req = urllib.request.Request(admin + "/status" + query)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -122,13 +123,20 @@ def drain(url: str, region: str, node_id: str, slots: int = 256, timeout_s: floa
         raise Unreachable(f"cannot reach {url}: {e}") from e
 
 
+LINK_FIELDS = (
+    "state",
+    "lag_s",
+    "backlog_entries",
+    "copied_entries",
+    "bytes_total",
+    "gaps_total",
+    "last_error",
+)
+
+
 def links_status(url: str, region: str, admin_token: str = "") -> list[dict[str, Any]]:
     """Every link out of ``region``: its holder and, from the holder's /status, its state,
     lag and backlog. A link nobody holds is reported ``down``."""
-    import urllib.request
-
-    from cluster.keys import PREFIX, region_tag
-
     try:
         with _client(url) as r:
             ms = members(r, region)
@@ -145,31 +153,13 @@ def links_status(url: str, region: str, admin_token: str = "") -> list[dict[str,
         row: dict[str, Any] = {"from": region, "to": dest, "holder": holder, "state": "down"}
         member = ms.get(holder) if holder else None
         if member is not None and member.admin:
-            req = urllib.request.Request(member.admin + "/status")
-            if admin_token:
-                req.add_header("Authorization", f"Bearer {admin_token}")
-            try:
-                with urllib.request.urlopen(req, timeout=5) as resp:
-                    doc = json.loads(resp.read())
-                for link in (doc.get("cluster") or {}).get("links", []):
-                    if link["dest"] == dest:
-                        row.update(
-                            {
-                                k: link[k]
-                                for k in (
-                                    "state",
-                                    "lag_s",
-                                    "backlog_entries",
-                                    "copied_entries",
-                                    "bytes_total",
-                                    "gaps_total",
-                                    "last_error",
-                                )
-                            }
-                        )
-            except OSError as e:
+            doc = _node_status(member.admin, admin_token)
+            if doc is None:
                 row["state"] = "unknown"
-                row["last_error"] = f"holder's admin unreachable: {e}"
+                row["last_error"] = "the holder's admin port does not answer"
+            for link in ((doc or {}).get("cluster") or {}).get("links", []):
+                if link["dest"] == dest:
+                    row.update({k: link[k] for k in LINK_FIELDS})
         out.append(row)
     return out
 
@@ -187,7 +177,6 @@ def ring_plan(
 ) -> dict[str, Any]:
     """The exact slot moves of a membership or weight change, what each would carry, and
     the balance before and after. Computed only: nothing changes."""
-    import urllib.request
 
     from cluster.ring import Ring, diff
 
@@ -211,18 +200,10 @@ def ring_plan(
     after = Ring(after_members, slots=slots, replicas=replicas)
     carried: dict[int, list[int]] = {}
     for m in ms.values():
-        if not m.admin:
-            continue
-        req = urllib.request.Request(m.admin + "/status?slots=1")
-        if admin_token:
-            req.add_header("Authorization", f"Bearer {admin_token}")
-        try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                doc = json.loads(resp.read())
-            for k, v in (doc.get("slots") or {}).items():
-                carried[int(k)] = [int(v[0]), int(v[1])]
-        except OSError:
-            continue  # unknown load for that node's slots: reported as null
+        doc = _node_status(m.admin, admin_token, "?slots=1")
+        # A node that does not answer: its slots' loads are reported as null.
+        for k, v in ((doc or {}).get("slots") or {}).items():
+            carried[int(k)] = [int(v[0]), int(v[1])]
 
     def balance(ring: Ring) -> dict[str, Any]:
         loads = ring.loads()
