@@ -73,6 +73,7 @@ import msgspec
 import psutil
 import redis
 
+from bench.procs import report
 from bench.region import (
     NODE_ENV as REGION_NODE_ENV,
 )
@@ -1202,14 +1203,7 @@ def durability_cmd(
                 tail = log_path.read_text(errors="replace").splitlines()[-40:]
                 _progress("last lines of the node's output:\n" + "\n".join(tail))
             raise
-    lines = human(doc)
-    if as_json:
-        for line in lines:
-            _progress(line)
-        click.echo(json.dumps(doc, indent=2))
-    else:
-        for line in lines:
-            click.echo(line)
+    report(doc, human(doc), as_json)
 
 
 def register(group: click.Group) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,3 +166,15 @@ def run_loadgen(srv: Server, mode: str, **opts: Any) -> dict[str, Any]:
     # machine's other load kept it from a whole core.
     result["server_wait"] = round((wait1 - wait0) / secs, 3) if secs else 0.0
     return result
+
+
+def report(doc: dict[str, Any], lines: list[str], as_json: bool) -> None:
+    """Print a benchmark's result: the summary on stdout, or with ``--json`` the summary
+    on stderr and one JSON document on stdout."""
+    if as_json:
+        for line in lines:
+            click.echo(line, err=True)
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for line in lines:
+            click.echo(line)

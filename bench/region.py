@@ -55,6 +55,7 @@ import psutil
 import redis
 import redis.asyncio
 
+from bench.procs import report
 from bench.wire import OP_CLOSE, OP_PING, OP_PONG, FrameReader, Masker, handshake_request
 from cluster.keys import lease_key
 from cluster.ring import slot_of
@@ -1260,14 +1261,7 @@ def region_cmd(
                 tail = log_path.read_text(errors="replace").splitlines()[-40:]
                 _progress("last lines of the nodes' output:\n" + "\n".join(tail))
             raise
-    lines = human(doc)
-    if as_json:
-        for line in lines:
-            _progress(line)
-        click.echo(json.dumps(doc, indent=2))
-    else:
-        for line in lines:
-            click.echo(line)
+    report(doc, human(doc), as_json)
 
 
 def register(group: click.Group) -> None:
