@@ -1117,9 +1117,6 @@ class Router:
             return
         self.slot_channels.setdefault(slot, set()).add(ch)
         self._changed(slot)
-        message = acc.message or Message(
-            msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms
-        )
         event = MessageEvent(msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms)
         waiter = None
         if ack == "mem":
@@ -1135,7 +1132,11 @@ class Router:
             waiter = PubWaiter(done, level=ack)
         for entry in self.batcher.add(slot, event, now, waiter):
             self._spawn(self._append([entry]))
-        self._deliver(message)
+        if acc.message is not None or ch in self.interest:
+            # Someone listens (here or on a peer): only then build the message to send.
+            self._deliver(
+                acc.message or Message(msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms)
+            )
 
     def _deliver(self, message: Message) -> None:
         local = self.node.subscribers.get(message.ch)
