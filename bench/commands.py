@@ -471,7 +471,9 @@ def register(group: click.Group) -> None:
     for cmd in (ingest_cmd, delivery_cmd, memory_cmd, hotpath_cmd):
         group.add_command(cmd)
     from bench.durability import register as register_durability
+    from bench.rebalance import register as register_rebalance
     from bench.region import register as register_region
 
     register_region(group)
     register_durability(group)
+    register_rebalance(group)

@@ -10,9 +10,15 @@ Hierarchy::
     │                           hold together; every problem is listed together
     ├── ShapeError              (cluster.shaping) fault-proxy settings that do not hold
     │                           together; every problem is listed together
-    └── MembershipError         (cluster.failure) the detector was misused, e.g. fed a
-                                time earlier than one it has already seen: a bug in the
-                                caller, never a peer's fault
+    ├── MembershipError         (cluster.failure) the detector was misused, e.g. fed a
+    │                           time earlier than one it has already seen: a bug in the
+    │                           caller, never a peer's fault
+    └── RebalanceError          (cluster.rebalance) a planned ring change cannot go on
+        ├── PlanError           the change makes no sense (unknown node, empty region)
+        ├── ChangeInProgress    another change holds the lock, or one was interrupted
+        ├── StalePlan           the ring moved since the plan was made: plan again
+        ├── NodeDown            a node the change needs holds no lease
+        └── MoveStuck           a slot did not reach its new owner in time (resumable)
 
 A peer that misbehaves (a stale epoch, a ping from a node declared dead) is *not* an
 error: the detector ignores or records it. Only a broken contract raises.
@@ -43,3 +49,27 @@ class DetectorConfigError(ClusterError):
 
 class MembershipError(ClusterError):
     """The failure detector was called in a way its contract forbids."""
+
+
+class RebalanceError(ClusterError):
+    """A planned ring change cannot go on (``relay ring apply`` exits non-zero)."""
+
+
+class PlanError(RebalanceError):
+    """The change asked for makes no sense for this region (exit 2)."""
+
+
+class ChangeInProgress(RebalanceError):
+    """Another change is being applied, or an interrupted one must be resumed (exit 75)."""
+
+
+class StalePlan(RebalanceError):
+    """The ring changed since the plan was computed (exit 1): plan again."""
+
+
+class NodeDown(RebalanceError):
+    """A node the change needs (one being added) holds no lease (exit 69)."""
+
+
+class MoveStuck(RebalanceError):
+    """A slot did not reach its new owner in time (exit 1); ``--resume`` goes on."""

@@ -11,7 +11,12 @@ region (leases, the membership channel) carry ``{<region>}``::
     relay:{sg:17}:mirror:fra       stream: fra's slot log 17, copied into sg, same ids
     relay:{sg}:lease:sg/n1         string: node sg/n1's lease (SET … PX)
     relay:{sg}:link:fra            string: the lease of the link sg → fra
-    relay:{sg}:members             pub/sub channel: joins and leaves
+    relay:{sg}:members             pub/sub channel: joins, leaves and ring changes
+    relay:{sg}:ring                hash {version}: the ring's version (cluster/rebalance.py)
+    relay:{sg}:ring:weights        hash node → weight set by ops (overrides the lease's)
+    relay:{sg}:ring:holds          hash slot → node keeping it until a planned move
+    relay:{sg}:ring:plan           string: the planned change being applied (JSON)
+    relay:{sg}:ring:lock           string: the lock of the one change applied at a time
 
 Names are checked here, once, so that a region or node id can never break the hash tag
 (a ``}`` in a region would move keys to another shard silently).
@@ -116,3 +121,10 @@ def lease_prefix(region: str) -> str:
 def confirmed_channel(region: str) -> str:
     """Where the links of ``region`` announce what their destinations hold."""
     return f"{PREFIX}:{region_tag(region)}:confirmed"
+
+
+def ring_key(region: str, part: str = "") -> str:
+    """The ring state of ``region`` set by ops: ``relay:{sg}:ring`` (its version), and
+    ``…:ring:weights``, ``…:ring:holds``, ``…:ring:plan``, ``…:ring:lock``."""
+    base = f"{PREFIX}:{region_tag(region)}:ring"
+    return f"{base}:{part}" if part else base

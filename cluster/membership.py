@@ -2,7 +2,8 @@
 
 Each node holds a lease key ``relay:{<region>}:lease:<node_id>`` (``SET … PX``) whose
 value describes it (epoch, mesh address, URLs, weight), renewed every ``renew_ms``.
-Joins and leaves are published on ``relay:{<region>}:members``; a lease that expires
+Joins and leaves are published on ``relay:{<region>}:members`` (and so are changes of
+the ring state ops make, :mod:`cluster.rebalance`); a lease that expires
 (the node died or stalled) reaches every node through Redis keyspace notifications
 (``notify-keyspace-events Ex``). Nobody polls.
 
@@ -101,6 +102,7 @@ class Membership:
         on_command: Callable[[dict[str, Any]], None] | None = None,
         on_confirmed: Callable[[dict[str, Any]], None] | None = None,
         on_resync: Callable[[dict[str, Member]], None] | None = None,
+        on_ring: Callable[[int], None] | None = None,
     ) -> None:
         self.client = client
         self.region = region
@@ -112,6 +114,7 @@ class Membership:
         self.on_command = on_command
         self.on_confirmed = on_confirmed
         self.on_resync = on_resync
+        self.on_ring = on_ring
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
         self._lease_prefix = lease_prefix(region)
@@ -277,6 +280,8 @@ class Membership:
             self.on_event(Joined(Member.decode(json.dumps(doc["member"]))))
         elif doc.get("event") == "leave":
             self.on_event(Left(str(doc["node_id"]), int(doc["epoch"])))
+        elif doc.get("event") == "ring" and self.on_ring is not None:
+            self.on_ring(int(doc.get("version", 0)))
 
 
 def _text(v: Any) -> str:

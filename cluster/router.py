@@ -49,7 +49,9 @@ from cluster.keys import owner_key
 from cluster.link import Link, parse_id
 from cluster.membership import Expired, Joined, Left, Member, Membership, MembershipEvent
 from cluster.mesh import Mesh, PeerUnavailable, RemoteError
-from cluster.ring import Ring, slot_of
+from cluster.placement import Placement, RingState, placement
+from cluster.rebalance import read_state
+from cluster.ring import slot_of
 from cluster.slotlog import FencedError, RedisSlotLog
 from relay.batch import AppendToLog, Batcher, ack_events
 from relay.codec import AckEvent, CodecError, MessageEvent, encode_batch
@@ -71,6 +73,8 @@ DRAIN_TIMEOUT_S = 10.0
 REMOTE_WAIT_S = 30.0
 AUDIT_S = 1.0
 CATCH_UP_COUNT = 1000
+RELEASE_GRACE_S = 1.0
+RELEASE_POLL_S = 0.02
 
 
 class Buckets:
@@ -158,11 +162,17 @@ class Router:
         self.client: Redis = Redis.from_url(c.redis_url)
         self.slotlog = RedisSlotLog.from_url(c.redis_url, self.region)
         self.members: dict[str, Member] = {}
-        self.ring: Ring | None = None
+        # Where the slots are: the ring of the live members, with the weights and holds
+        # ops set (cluster/placement.py, cluster/rebalance.py).
+        self.ring: Placement | None = None
+        self.ring_state = RingState()
+        # Reads of the ring state one at a time: a later read never installs older state.
+        self._ring_reads = asyncio.Lock()
         self.epoch = 0
         # Slot state (cluster/slots: none → replica → claiming → owner).
         self.owned: dict[int, int] = {}  # slot → epoch we write under
         self.claiming: set[int] = set()
+        self.releasing: set[int] = set()  # owned slots being handed over: not served
         self.replicated: set[int] = set()
         self.applied: dict[int, str] = {}  # slot → newest log id applied here
         self.dirty: set[int] = set()  # owned slots changed since their last checkpoint
@@ -183,6 +193,8 @@ class Router:
         self._retried: set[int] = set()
         # Claims run a few at a time: each is a handful of Redis round trips.
         self._claims = asyncio.Semaphore(8)
+        # Hand-overs and waits for them likewise (the pools hold 100 connections).
+        self._handovers = asyncio.Semaphore(8)
         self._rebalancing = asyncio.Lock()
         self.counters = {"failovers": 0, "fenced": 0, "appends": 0, "append_errors": 0}
         # Inter-region: peers (name → Redis URL), links from here to each, and what this
@@ -244,8 +256,10 @@ class Router:
             on_command=self.on_command,
             on_confirmed=self.on_confirmed,
             on_resync=self.on_resync,
+            on_ring=self.on_ring,
         )
         await self._load_snapshots()
+        self.ring_state = await read_state(self.client, self.region)
         await self.membership.start()
         joined = await self.membership.join()
         self.epoch = joined.epoch
@@ -302,6 +316,8 @@ class Router:
                 await asyncio.sleep(0.05)  # appends under way or to retry
         with contextlib.suppress(Exception):
             await self._snapshot_all()  # the last batch is in the log: save the state
+        # Checkpoint and release every slot: the next owners start from all of it.
+        await self._release(list(self.owned))
         for slot in list(self.owned):
             self._lose(slot)
         if self.membership is not None:
@@ -357,6 +373,22 @@ class Router:
             effects += self.detector.observe(LeaseExpired(node_id, now))
         self._effects(effects)
 
+    def on_ring(self, version: int) -> None:
+        """Ops changed the ring state (a planned change): re-read it."""
+        if version != self.ring_state.version and not self.stopped:
+            self._spawn(self._refresh_ring_state())
+
+    async def _refresh_ring_state(self) -> bool:
+        """Re-read the ring state; True (and a rebalance under way) if it changed."""
+        async with self._ring_reads:
+            state = await read_state(self.client, self.region)
+            if state == self.ring_state:
+                return False
+            self.ring_state = state
+        if not self.stopped:
+            self._spawn(self._rebalance())
+        return True
+
     def on_command(self, doc: dict[str, Any]) -> None:
         """An ops command for this node arrived on the region's control channel."""
         if doc.get("cmd") == "drain":
@@ -399,31 +431,35 @@ class Router:
         m = self.membership
         return m is not None and time.monotonic() < m.lease_valid_until
 
-    def _live_ring(self) -> Ring | None:
+    def _live_ring(self) -> Placement | None:
         live = {
             n: self.members[n].weight if n in self.members else 1.0 for n in self.detector.live()
         }
         if self.draining:
             live.pop(self.me, None)
-        if not live:
-            return None
-        return Ring(live, slots=self.slots, replicas=self.replicas)
+        return placement(live, self.ring_state, slots=self.slots, replicas=self.replicas)
 
     async def _rebalance(self) -> None:
         # One at a time, each on the newest membership (a burst of joins runs it twice).
+        # The claims it starts run outside the lock: a claim may wait for another node
+        # to hand its slot over, and that node may be waiting for one of ours.
         async with self._rebalancing:
-            await self._rebalance_now()
+            claims = await self._rebalance_now()
+        if claims:
+            await asyncio.gather(*claims, return_exceptions=True)
 
-    async def _rebalance_now(self) -> None:
+    def _start_claim(self, slot: int) -> asyncio.Task[Any]:
+        self.claiming.add(slot)
+        return self._spawn(self._claim(slot))
+
+    async def _rebalance_now(self) -> list[asyncio.Task[Any]]:
         ring = self._live_ring()
         self.ring = ring
         if ring is None or self.draining:
-            return
+            return []
         mine = set(ring.slots_of(self.me)) if self.me in ring.nodes else set()
-        replica = set(ring.replicas_of(self.me)) if self.me in ring.nodes else set()
-        for slot in list(self.owned):
-            if slot not in mine:
-                await self._release(slot)
+        replica = set(ring.replicas_of(self.me)) - mine if self.me in ring.nodes else set()
+        await self._release([slot for slot in self.owned if slot not in mine])
         self.replicated = replica
         self._drop_foreign_snapshots()
         self._restart_tail()
@@ -431,23 +467,44 @@ class Router:
         for ch, owner in list(self.registered.items()):
             if self.owner_of(ch) != owner:
                 self._spawn(self._resubscribe(ch))
-        await asyncio.gather(
-            *(
-                self._claim(s)
-                for s in sorted(mine)
-                if s not in self.owned and s not in self.claiming
-            )
-        )
+        return [
+            self._start_claim(s)
+            for s in sorted(mine)
+            if s not in self.owned and s not in self.claiming
+        ]
 
     async def _claim(self, slot: int) -> None:
         """Take ``slot`` over: fence the old owner, read the log to its end, serve."""
         self.claiming.add(slot)
+        try:
+            await self._await_release(slot)
+        except (RedisError, OSError) as e:
+            log.warning("waiting for slot %d's release failed: %s", slot, e)
         async with self._claims:
             await self._claim_now(slot)
+
+    async def _await_release(self, slot: int) -> None:
+        """While ``slot``'s owner record names another live node, give it time to hand
+        the slot over (flush, checkpoint, release: :meth:`_release`) before fencing it.
+
+        A planned move, a join or a reweight then loses nothing, not even what that
+        node accepted at ``ack=mem``. A dead owner is fenced at once; one that does not
+        let go within a lease's time (its view of the ring differs) is fenced anyway.
+        """
+        deadline = time.monotonic() + self.lease_ttl_s + RELEASE_GRACE_S
+        while not self.stopped and time.monotonic() < deadline and self._should_own(slot):
+            async with self._handovers:
+                current = await self.slotlog.get_owner(slot)
+            holder = current.node_id if current is not None else ""
+            if not holder or holder == self.me or holder not in self.detector.live():
+                return
+            await asyncio.sleep(RELEASE_POLL_S)  # the owner is flushing the slot
 
     async def _claim_now(self, slot: int) -> None:
         try:
             for _ in range(10):
+                if not self._should_own(slot):
+                    return  # the ring moved on while we waited
                 current = await self.slotlog.get_owner(slot)
                 seen = current.epoch if current is not None else 0
                 if current is not None and current.node_id == self.me and slot in self.owned:
@@ -523,10 +580,37 @@ class Router:
                 self._tombstone(slot, ev.ch, list(ev.ids), ev.hlc)
         return added
 
-    async def _release(self, slot: int) -> None:
-        """Stop owning ``slot`` on purpose (the ring moved it): flush it first."""
-        await self._flush(force=True)
-        self._lose(slot)
+    async def _release(self, slots: list[int]) -> None:
+        """Hand ``slots`` over on purpose (the ring moved them): stop serving them, append
+        what is batched for them, write their checkpoints and release their owner
+        records, so that their new owners, waiting for that, start from all of it."""
+        if not slots:
+            return
+        self.releasing.update(slots)
+        try:
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            await self._flush(force=True)
+            while any(self.batcher.busy(s) for s in slots) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # appends of these slots under way
+                await self._flush(force=True)
+            results = await asyncio.gather(
+                *(self._hand_over(s) for s in slots if s in self.owned), return_exceptions=True
+            )
+            for r in results:
+                if isinstance(r, Exception):
+                    log.warning("handing a slot over failed: %s", r)
+        finally:
+            for s in slots:
+                self.releasing.discard(s)
+                if not self._should_own(s):
+                    self._lose(s)
+
+    async def _hand_over(self, slot: int) -> None:
+        async with self._handovers:
+            epoch = self.owned[slot]
+            if slot in self.dirty:
+                await self._checkpoint(slot)
+            await self.slotlog.release(slot, self.me, epoch)
 
     def _lose(self, slot: int) -> None:
         """Stop serving ``slot``. Its events still batched are failed (or kept for our
@@ -740,8 +824,7 @@ class Router:
             self._retry.append(e)
             self._retried.add(e.batch_id)
             if e.slot not in self.claiming:
-                self.claiming.add(e.slot)
-                self._spawn(self._claim(e.slot))
+                self._start_claim(e.slot)
             return
         log.warning("slot %d: %s; %d events not logged", e.slot, why, len(e.events))
         self.batcher.append_failed(e.batch_id)
@@ -956,24 +1039,27 @@ class Router:
         while not self.stopped:
             await asyncio.sleep(interval)  # the checkpoint period
             for slot in sorted(self.dirty):
-                epoch = self.owned.get(slot)
-                covers = self.applied.get(slot)
-                if epoch is None or covers is None or covers == "0-0":
-                    continue
-                self.dirty.discard(slot)
-                events = slot_state(
-                    self.node, sorted(self.slot_channels.get(slot, ())), self.wall_ms()
-                )
-                try:
-                    await self.slotlog.write_checkpoint(
-                        slot, self.me, epoch, self._checkpoint_data(slot, events), covers
-                    )
-                    await self.slotlog.trim(slot, covers)
-                except FencedError:
-                    self._lose(slot)
-                except Exception as e:
-                    log.warning("checkpoint of slot %d failed: %s", slot, e)
-                    self.dirty.add(slot)
+                if slot not in self.releasing:
+                    await self._checkpoint(slot)
+
+    async def _checkpoint(self, slot: int) -> None:
+        """Write ``slot``'s state as its checkpoint, then trim the log behind it."""
+        epoch = self.owned.get(slot)
+        covers = self.applied.get(slot)
+        if epoch is None or covers is None or covers == "0-0":
+            return
+        self.dirty.discard(slot)
+        events = slot_state(self.node, sorted(self.slot_channels.get(slot, ())), self.wall_ms())
+        try:
+            await self.slotlog.write_checkpoint(
+                slot, self.me, epoch, self._checkpoint_data(slot, events), covers
+            )
+            await self.slotlog.trim(slot, covers)
+        except FencedError:
+            self._lose(slot)
+        except Exception as e:
+            log.warning("checkpoint of slot %d failed: %s", slot, e)
+            self.dirty.add(slot)
 
     async def _audit(self) -> None:
         """Make what we serve agree with the owner records and the ring.
@@ -984,7 +1070,11 @@ class Router:
         us, claimed again (reading its log to the end first); a slot the ring gives us
         that we neither own nor are claiming is claimed.
         """
-        if self.draining or self.ring is None or self.me not in self.ring.nodes:
+        if self.draining:
+            return
+        if await self._refresh_ring_state():  # a ring event we missed
+            return
+        if self.ring is None or self.me not in self.ring.nodes:
             return
         slots = sorted(self.owned)
         if slots:
@@ -1001,7 +1091,7 @@ class Router:
                     self._lose(slot)
         for slot in self.ring.slots_of(self.me):
             if slot not in self.owned and slot not in self.claiming:
-                self._spawn(self._claim(slot))
+                self._start_claim(slot)
 
     async def _tick_loop(self) -> None:
         next_audit = time.monotonic() + AUDIT_S
@@ -1029,7 +1119,12 @@ class Router:
         return self.ring.owner(slot_of(ch, self.slots))
 
     def serving(self, slot: int) -> bool:
-        return slot in self.owned and self.lease_fresh() and not self.draining
+        return (
+            slot in self.owned
+            and slot not in self.releasing
+            and self.lease_fresh()
+            and not self.draining
+        )
 
     def publish(
         self,

@@ -167,6 +167,12 @@ class SlotLog(Protocol):
         force (atomic); False, and nothing changed, otherwise."""
         ...
 
+    async def release(self, slot: int, node_id: str, epoch: int) -> bool:
+        """Give ``slot`` up on purpose: the owner record keeps its epoch but names nobody
+        (``get_owner`` then returns ``Owner("", epoch)``), if it still names ``node_id``
+        at ``epoch``. True when released; False, nothing changed, otherwise."""
+        ...
+
     async def claim(self, slot: int, node_id: str, seen_epoch: int) -> int:
         """Take ``slot`` over if its epoch is still ``seen_epoch`` (0: no owner record).
 
@@ -346,6 +352,7 @@ def _load_script(name: str) -> _Script:
 
 _CLAIM: Final = _load_script("claim")
 _SET_OWNER: Final = _load_script("set_owner")
+_RELEASE: Final = _load_script("release")
 _APPEND: Final = _load_script("append")
 _CHECKPOINT: Final = _load_script("checkpoint")
 _TRIM: Final = _load_script("trim")
@@ -529,6 +536,11 @@ class RedisSlotLog:
         owner_key = self._keys(check_slot(slot))[0]
         args = (check_node_id(node_id), str(_check_epoch(new_epoch)))
         return bool(await self._eval(_SET_OWNER, (owner_key,), *args))
+
+    async def release(self, slot: int, node_id: str, epoch: int) -> bool:
+        owner_key = self._keys(check_slot(slot))[0]
+        args = (check_node_id(node_id), str(_check_epoch(epoch)))
+        return bool(await self._eval(_RELEASE, (owner_key,), *args))
 
     async def claim(self, slot: int, node_id: str, seen_epoch: int) -> int:
         owner_key = self._keys(check_slot(slot))[0]
@@ -814,6 +826,16 @@ class MemorySlotLog:
         if rec is not None and new_epoch <= rec.epoch:
             return False
         self._owners[slot] = Owner(node_id, new_epoch)
+        return True
+
+    async def release(self, slot: int, node_id: str, epoch: int) -> bool:
+        self._check_open()
+        check_slot(slot)
+        check_node_id(node_id)
+        _check_epoch(epoch)
+        if self._owners.get(slot) != (node_id, epoch):
+            return False
+        self._owners[slot] = Owner("", epoch)
         return True
 
     async def claim(self, slot: int, node_id: str, seen_epoch: int) -> int:

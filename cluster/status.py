@@ -1,4 +1,4 @@
-"""What ops commands read from and send to a region's Redis: status and drain.
+"""What ops commands read from and send to a region's Redis: status, plans and drain.
 
 Synchronous (the CLI's): it reads the leases (the members), the owner record of every
 slot (who serves it, under which epoch) and the epoch counter; and it asks a node to
@@ -8,15 +8,20 @@ is gone and no slot names it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from cluster.keys import PREFIX, control_channel, epoch_key, lease_prefix, owner_key, region_tag
 from cluster.membership import Member
+from cluster.placement import Plan, RingState, make_plan, placement
+from cluster.rebalance import ApplyResult, Progress, parse_state, queue_state
 
 
 class Unreachable(Exception):
@@ -39,6 +44,12 @@ def members(r: redis.Redis, region: str) -> dict[str, Member]:
             continue
         out[m.node_id] = m
     return out
+
+
+def ring_state(r: redis.Redis, region: str) -> RingState:
+    pipe = r.pipeline(transaction=True)
+    queue_state(pipe, region)
+    return parse_state(pipe.execute())
 
 
 def owners(r: redis.Redis, region: str, slots: int) -> list[tuple[str | None, int]]:
@@ -77,19 +88,29 @@ def region_status(url: str, region: str, slots: int = 256, admin_token: str = ""
             ms = members(r, region)
             table = owners(r, region, slots)
             ring_epoch = int(r.get(epoch_key(region)) or 0)
+            state = ring_state(r, region)
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
         raise Unreachable(f"cannot reach {url}: {e}") from e
     counts = Counter(o for o, _ in table if o is not None)
+    change: Any = None
+    if state.plan:
+        with contextlib.suppress(ValueError):
+            doc = json.loads(state.plan)
+            change = {"moves": len(doc.get("moves", [])), "held": len(state.holds)}
     return {
         "region": region,
         "ring_epoch": ring_epoch,
+        "ring_version": state.version,
+        "weights_set": dict(state.weights),
+        "held_slots": len(state.holds),
+        "change_in_progress": change,
         "members": [
             {
                 "id": m.node_id,
                 "epoch": m.epoch,
                 "ws": m.ws,
                 "admin": m.admin,
-                "weight": m.weight,
+                "weight": state.weights.get(m.node_id, m.weight),
                 "slots": counts.get(m.node_id, 0),
                 "data_at_risk": (
                     (_node_status(m.admin, admin_token) or {}).get("cluster") or {}
@@ -174,30 +195,30 @@ def ring_plan(
     slots: int = 256,
     replicas: int = 2,
     admin_token: str = "",
+    live_adds: bool = False,
 ) -> dict[str, Any]:
     """The exact slot moves of a membership or weight change, what each would carry, and
-    the balance before and after. Computed only: nothing changes."""
-
-    from cluster.ring import Ring, diff
-
+    the balance before and after; ``"plan"`` is what ``relay ring apply`` carries out.
+    Computed only: nothing changes. Raises the errors of
+    :func:`cluster.placement.make_plan`."""
     try:
         with _client(url) as r:
             ms = members(r, region)
+            state = ring_state(r, region)
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
         raise Unreachable(f"cannot reach {url}: {e}") from e
-    unknown = [n for n in [*remove, *weights] if n not in ms]
-    if unknown:
-        raise LookupError(f"not members of {region}: {', '.join(unknown)}")
-    clash = [n for n in add if n in ms]
-    if clash:
-        raise LookupError(f"already members of {region}: {', '.join(clash)}")
-    before_members = {n: m.weight for n, m in ms.items()}
-    after_members = {n: weights.get(n, w) for n, w in before_members.items() if n not in remove}
-    after_members.update(add)
-    if not after_members:
-        raise LookupError("the plan leaves the region without members")
-    before = Ring(before_members, slots=slots, replicas=replicas)
-    after = Ring(after_members, slots=slots, replicas=replicas)
+    leases = {n: m.weight for n, m in ms.items()}
+    plan = make_plan(
+        region,
+        leases,
+        state,
+        add=add,
+        remove=remove,
+        weights=weights,
+        slots=slots,
+        replicas=replicas,
+        live_adds=live_adds,
+    )
     carried: dict[int, list[int]] = {}
     for m in ms.values():
         doc = _node_status(m.admin, admin_token, "?slots=1")
@@ -205,10 +226,13 @@ def ring_plan(
         for k, v in ((doc or {}).get("slots") or {}).items():
             carried[int(k)] = [int(v[0]), int(v[1])]
 
-    def balance(ring: Ring) -> dict[str, Any]:
-        loads = ring.loads()
-        total_w = sum(ring.members.values())
-        worst = max(loads[n] / (slots * w / total_w) for n, w in ring.members.items())
+    def balance(weights: dict[str, float]) -> dict[str, Any]:
+        now = placement(weights, RingState(), slots=slots, replicas=replicas)
+        if now is None:
+            return {"slots_per_node": {}, "max_over_share": None}
+        loads = now.loads()
+        total_w = sum(weights.values())
+        worst = max(loads[n] / (slots * w / total_w) for n, w in weights.items())
         return {"slots_per_node": loads, "max_over_share": round(worst, 3)}
 
     moves = [
@@ -219,15 +243,54 @@ def ring_plan(
             "messages": carried[mv.slot][0] if mv.slot in carried else None,
             "bytes": carried[mv.slot][1] if mv.slot in carried else None,
         }
-        for mv in diff(before, after)
+        for mv in plan.moves
     ]
     return {
         "region": region,
         "change": {"add": add, "remove": remove, "weight": weights},
-        "before": balance(before),
-        "after": balance(after),
+        "before": balance(dict(plan.before)),
+        "after": balance(dict(plan.after)),
         "moves": moves,
         "moving_slots": len(moves),
         "moving_messages": sum(m["messages"] or 0 for m in moves),
         "moving_bytes": sum(m["bytes"] or 0 for m in moves),
+        "plan": plan.to_doc(),
     }
+
+
+def apply_change(
+    url: str,
+    plan: Plan | None,
+    *,
+    region: str,
+    max_moving: int,
+    move_timeout_s: float,
+    on_progress: Callable[[Progress], None],
+    slots: int = 256,
+    replicas: int = 2,
+) -> ApplyResult:
+    """Carry ``plan`` out (None: resume the interrupted change of ``region``); see
+    :func:`cluster.rebalance.apply_plan` for what it does and raises."""
+    from redis.asyncio import Redis as AsyncRedis
+
+    from cluster.rebalance import RedisRingStore, apply_plan
+
+    async def run() -> ApplyResult:
+        client = AsyncRedis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            return await apply_plan(
+                RedisRingStore(client, region),
+                plan,
+                max_moving=max_moving,
+                move_timeout_s=move_timeout_s,
+                on_progress=on_progress,
+                slots=slots,
+                replicas=replicas,
+            )
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(run())
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        raise Unreachable(f"cannot reach {url}: {e}") from e

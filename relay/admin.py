@@ -248,6 +248,9 @@ def cluster_view(server: RelayServer) -> dict[str, Any]:
         "slots": router.slots,
         "replicas": router.replicas,
         "draining": router.draining,
+        # A planned change (relay ring apply) under way: slots still held by old owners.
+        "ring_version": router.ring_state.version,
+        "held_slots": len(ring.holds) if ring is not None else 0,
         "ring_nodes": ring_nodes,
         "ring_owner": owners,
         "ring_replica": replicas,

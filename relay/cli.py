@@ -314,7 +314,8 @@ _slots_option = click.option(
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def status(redis_url: str, region: str, slots: int, admin_token: str, as_json: bool) -> None:
-    """Members of a region, their slots and the ring epoch, read from its Redis.
+    """Members of a region, their weights and slots, the ring epoch and version, and any
+    planned change under way, read from its Redis.
 
     Exit 0, or 69 when the Redis cannot be reached.
     """
@@ -330,7 +331,10 @@ def status(redis_url: str, region: str, slots: int, admin_token: str, as_json: b
         return
     from rich.table import Table
 
-    table = Table(title=f"region {region} (ring epoch {doc['ring_epoch']})")
+    table = Table(
+        title=f"region {region} (ring epoch {doc['ring_epoch']}, "
+        f"ring version {doc['ring_version']})"
+    )
     for col in ("node", "epoch", "slots", "weight", "at risk", "ws", "admin"):
         table.add_column(col)
     for m in doc["members"]:
@@ -350,6 +354,11 @@ def status(redis_url: str, region: str, slots: int, admin_token: str, as_json: b
             m["admin"],
         )
     Console().print(table)
+    if doc["held_slots"]:
+        err.print(
+            f"[yellow]a planned change is under way or was interrupted: {doc['held_slots']} "
+            "slots wait to move (`relay ring apply --resume` finishes it)[/]"
+        )
     if doc["unowned_slots"] or doc["slots_by_stale_owner"]:
         err.print(
             f"[yellow]{doc['unowned_slots']} slots unowned, "
@@ -412,7 +421,8 @@ def ring() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.pass_context
 def ring_show(ctx: click.Context, redis_url: str, region: str, slots: int, as_json: bool) -> None:
-    """Members, weights, slots per node and the ring epoch (same as `relay status`)."""
+    """Members, weights, slots per node, the ring epoch and version, and any planned
+    change under way (same as `relay status`). Exit 0, or 69 when Redis is unreachable."""
     ctx.invoke(
         status, redis_url=redis_url, region=region, slots=slots, admin_token="", as_json=as_json
     )
@@ -436,6 +446,99 @@ def _weights(values: tuple[str, ...], option: str, default: float | None) -> dic
     return out
 
 
+def _rebalance_exit(command: str, e: Exception) -> None:
+    """Print why a ring change cannot go on, and exit with its code."""
+    from cluster.errors import ChangeInProgress, NodeDown, PlanError
+    from cluster.status import Unreachable
+
+    err.print(f"relay {command}: {e}", markup=False, highlight=False)
+    if isinstance(e, Unreachable | NodeDown):
+        sys.exit(EXIT_UNAVAILABLE)
+    if isinstance(e, ChangeInProgress):
+        sys.exit(EXIT_TEMPFAIL)
+    if isinstance(e, PlanError):
+        sys.exit(EXIT_USAGE)
+    sys.exit(EXIT_FAILED)
+
+
+def _apply_options(f: Any) -> Any:
+    f = click.option(
+        "--move-timeout",
+        "move_timeout_s",
+        default=60.0,
+        show_default=True,
+        type=click.FloatRange(min=0.1),
+        help="Seconds one slot may take to reach its new owner before the apply stops "
+        "(what is left stays held; --resume goes on).",
+    )(f)
+    f = click.option(
+        "--max-moving",
+        default=4,
+        show_default=True,
+        type=click.IntRange(1, 65536),
+        help="How many slots may be moving at once.",
+    )(f)
+    return f
+
+
+def _carry_out(
+    redis_url: str,
+    plan: Any,
+    *,
+    region: str,
+    max_moving: int,
+    move_timeout_s: float,
+    slots: int,
+    replicas: int,
+    command: str,
+) -> Any:
+    """Apply ``plan`` (None: resume) with a progress bar on stderr; exit on failure."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from cluster.errors import RebalanceError
+    from cluster.status import Unreachable, apply_change
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=Console(stderr=True),
+        transient=False,
+    )
+    task = bar.add_task(f"{region}: moving slots", total=None, last="")
+
+    def on_progress(p: Any) -> None:
+        last = f"slot {p.move.slot}: {p.move.from_node} → {p.move.to_node}" if p.move else ""
+        bar.update(task, total=p.total, completed=p.done, last=last)
+
+    try:
+        with bar:
+            return apply_change(
+                redis_url,
+                plan,
+                region=region,
+                max_moving=max_moving,
+                move_timeout_s=move_timeout_s,
+                on_progress=on_progress,
+                slots=slots,
+                replicas=replicas,
+            )
+    except (RebalanceError, Unreachable) as e:
+        _rebalance_exit(command, e)
+        raise  # unreachable: _rebalance_exit exits
+
+
+def _applied_doc(region: str, result: Any) -> dict[str, Any]:
+    return {
+        "region": region,
+        "resumed": result.resumed,
+        "moved": [{"slot": m.slot, "from": m.from_node, "to": m.to_node} for m in result.moved],
+        "moved_slots": len(result.moved),
+        "seconds": round(result.seconds, 3),
+    }
+
+
 @ring.command("plan")
 @_redis_option
 @click.option("--region", required=True, help="The region to plan for.")
@@ -444,10 +547,15 @@ def _weights(values: tuple[str, ...], option: str, default: float | None) -> dic
     "adds",
     multiple=True,
     metavar="NODE[=W]",
-    help="A node that would join, with its weight (default 1).",
+    help="A node to put on the ring, with its weight (default 1). To apply, it must be "
+    "running (start it with cluster.weight = 0 to join without slots).",
 )
 @click.option(
-    "--remove", "removes", multiple=True, metavar="NODE", help="A member that would leave."
+    "--remove",
+    "removes",
+    multiple=True,
+    metavar="NODE",
+    help="A node to take off the ring (weight 0: it keeps running, with no slot).",
 )
 @click.option(
     "--weight", "reweights", multiple=True, metavar="NODE=W", help="A member's new weight."
@@ -460,6 +568,8 @@ def _weights(values: tuple[str, ...], option: str, default: float | None) -> dic
     default="",
     help="Admin token of the nodes, to read what each slot holds.",
 )
+@click.option("--apply", "apply_now", is_flag=True, help="Carry the plan out at once.")
+@_apply_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def ring_plan_cmd(
     redis_url: str,
@@ -470,14 +580,22 @@ def ring_plan_cmd(
     slots: int,
     replicas: int,
     admin_token: str,
+    apply_now: bool,
+    max_moving: int,
+    move_timeout_s: float,
     as_json: bool,
 ) -> None:
     """The exact slot moves a change would make, the pending messages and bytes each
-    would carry, and the balance before and after. Changes nothing.
+    would carry, and the balance before and after. Changes nothing, unless --apply.
+
+    Save the plan with --json and carry it out with `relay ring apply PLAN`; that
+    refuses if the ring moved meanwhile.
 
     Exit 0; 2 for a bad change (unknown node, a region left empty); 69 when the
-    region's Redis cannot be reached.
+    region's Redis cannot be reached (or, with --apply, a node to add is not running);
+    75 while another change is under way; 1 when --apply fails.
     """
+    from cluster.errors import RebalanceError
     from cluster.status import Unreachable, ring_plan
 
     if not (adds or removes or reweights):
@@ -492,16 +610,10 @@ def ring_plan_cmd(
             slots=slots,
             replicas=replicas,
             admin_token=admin_token,
+            live_adds=apply_now,
         )
-    except Unreachable as e:
-        err.print(f"relay ring plan: {e}")
-        sys.exit(EXIT_UNAVAILABLE)
-    except LookupError as e:
-        err.print(f"relay ring plan: {e}")
-        sys.exit(EXIT_USAGE)
-    if as_json:
-        click.echo(json.dumps(doc))
-        return
+    except (RebalanceError, Unreachable) as e:
+        _rebalance_exit("ring plan", e)
     b, a = doc["before"], doc["after"]
     err.print(
         f"{doc['moving_slots']} slots move, carrying {doc['moving_messages']} pending "
@@ -520,11 +632,188 @@ def ring_plan_cmd(
     for n in sorted(set(b["slots_per_node"]) | set(a["slots_per_node"])):
         table.add_row(n, str(b["slots_per_node"].get(n, 0)), str(a["slots_per_node"].get(n, 0)))
     Console(stderr=True).print(table)
+    if apply_now:
+        from cluster.placement import Plan
+
+        result = _carry_out(
+            redis_url,
+            Plan.from_doc(doc["plan"]),
+            region=region,
+            max_moving=max_moving,
+            move_timeout_s=move_timeout_s,
+            slots=slots,
+            replicas=replicas,
+            command="ring plan --apply",
+        )
+        doc["applied"] = _applied_doc(region, result)
+        err.print(f"{len(result.moved)} slots moved in {result.seconds:.1f} s")
+    if as_json:
+        click.echo(json.dumps(doc))
+
+
+@ring.command("apply")
+@click.argument("plan_file", type=click.File("r"), required=False, metavar="[PLAN]")
+@_redis_option
+@click.option("--resume", is_flag=True, help="Finish the change left interrupted.")
+@click.option("--region", default="", help="The region (with --resume; a plan names its own).")
+@_slots_option
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 8))
+@_apply_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def ring_apply(
+    plan_file: Any,
+    redis_url: str,
+    resume: bool,
+    region: str,
+    slots: int,
+    replicas: int,
+    max_moving: int,
+    move_timeout_s: float,
+    as_json: bool,
+) -> None:
+    """Carry out PLAN (the output of `relay ring plan --json`; - for stdin) slot by slot.
+
+    Each moving slot is handed over: its old owner stops serving it, appends what it
+    batched, writes a checkpoint and releases it; the new owner claims it under a new
+    epoch and reads the checkpoint and the log before it serves. Clients publishing to
+    a moving slot get `unavailable` for a moment and retry; nothing is lost or doubled.
+    A progress bar goes to stderr. One change runs at a time (a lock in Redis).
+
+    Interrupted (killed, --move-timeout), the change stays in Redis: the cluster keeps
+    serving (slots not yet moved stay with their old owners) and `relay ring apply
+    --resume --region R` finishes it.
+
+    Exit 0 when every slot moved; 1 when the plan is stale (plan again) or a slot did
+    not move in time; 2 for a bad plan; 69 when Redis or a node to add is unreachable;
+    75 when another change is running or an interrupted one must be resumed first.
+    """
+    from cluster.errors import PlanError
+    from cluster.placement import Plan
+
+    if resume == (plan_file is not None):
+        raise click.UsageError("give a PLAN file, or --resume (with --region)")
+    plan: Plan | None = None
+    if plan_file is not None:
+        try:
+            doc = json.loads(plan_file.read())
+            plan = Plan.from_doc(doc.get("plan", doc) if isinstance(doc, dict) else doc)
+        except (ValueError, PlanError) as e:
+            err.print(f"relay ring apply: {e}", markup=False, highlight=False)
+            sys.exit(EXIT_USAGE)
+        if region and region != plan.region:
+            raise click.UsageError(f"the plan is for region {plan.region}, not {region}")
+        region = plan.region
+    elif not region:
+        raise click.UsageError("--resume needs --region")
+    result = _carry_out(
+        redis_url,
+        plan,
+        region=region,
+        max_moving=max_moving,
+        move_timeout_s=move_timeout_s,
+        slots=slots,
+        replicas=replicas,
+        command="ring apply",
+    )
+    err.print(
+        f"{region}: {len(result.moved)} slots moved in {result.seconds:.1f} s"
+        + (" (resumed)" if result.resumed else "")
+    )
+    if as_json:
+        click.echo(json.dumps(_applied_doc(region, result)))
 
 
 @cli.group()
 def node() -> None:
     """Act on one node of a region."""
+
+
+@node.command("add")
+@click.argument("node_id")
+@_redis_option
+@click.option(
+    "--weight",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True, max=64),
+    help="The weight to reach.",
+)
+@click.option(
+    "--steps",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Ramp the weight up in this many equal steps, each applied in full before the "
+    "next (a cold node takes load gradually).",
+)
+@_slots_option
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 8))
+@_apply_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def node_add(
+    node_id: str,
+    redis_url: str,
+    weight: float,
+    steps: int,
+    slots: int,
+    replicas: int,
+    max_moving: int,
+    move_timeout_s: float,
+    as_json: bool,
+) -> None:
+    """Put a running NODE_ID on the ring, moving slots to it by handoff.
+
+    Start the node first with `cluster.weight = 0` (it joins its region with no
+    slot); this then raises its weight to --weight in --steps steps, each a planned
+    change applied slot by slot (see `relay ring apply`).
+
+    Exit 0 when done; 1 when a step failed (resume with `relay ring apply --resume`);
+    2 for a bad request; 69 when Redis cannot be reached or the node is not running;
+    75 when another change is under way.
+    """
+    from cluster.errors import RebalanceError
+    from cluster.placement import Plan
+    from cluster.status import Unreachable, ring_plan
+
+    region = node_id.split("/", 1)[0]
+    done: list[dict[str, Any]] = []
+    for i in range(1, steps + 1):
+        w = round(weight * i / steps, 6)
+        try:
+            on_ring = ring_plan(
+                redis_url, region, add={}, remove=[], weights={}, slots=slots, replicas=replicas
+            )["plan"]["before"]
+            change: dict[str, Any] = (
+                {"weights": {node_id: w}} if node_id in on_ring else {"add": {node_id: w}}
+            )
+            doc = ring_plan(
+                redis_url,
+                region,
+                add=change.get("add", {}),
+                remove=[],
+                weights=change.get("weights", {}),
+                slots=slots,
+                replicas=replicas,
+                live_adds=True,
+            )
+        except (RebalanceError, Unreachable) as e:
+            _rebalance_exit("node add", e)
+        err.print(f"step {i}/{steps}: {node_id} weight {w:g}, {doc['moving_slots']} slots move")
+        result = _carry_out(
+            redis_url,
+            Plan.from_doc(doc["plan"]),
+            region=region,
+            max_moving=max_moving,
+            move_timeout_s=move_timeout_s,
+            slots=slots,
+            replicas=replicas,
+            command="node add",
+        )
+        done.append({"weight": w, **_applied_doc(region, result)})
+    total = sum(d["moved_slots"] for d in done)
+    err.print(f"{node_id} is on the ring at weight {weight:g}: {total} slots moved to it")
+    if as_json:
+        click.echo(json.dumps({"node": node_id, "weight": weight, "steps": done}))
 
 
 @node.command("drain")

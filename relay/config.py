@@ -245,7 +245,13 @@ class ClusterConfig:
     advertise_host: str = _opt(
         "", "str", "address the region's other nodes dial for the mesh (empty = mesh_host)"
     )
-    weight: float = _opt(1.0, "float", "this node's share of the ring", lo=0, lo_open=True)
+    weight: float = _opt(
+        1.0,
+        "float",
+        "this node's share of the ring; 0 = join with no slot (`relay node add` ramps it)",
+        lo=0,
+        hi=64,
+    )
     slots: int = _opt(256, "int", "slots per region; fixed for the cluster's life", **_POSITIVE)
     replicas: int = _opt(2, "int", "copies of each slot: its owner and replicas", **_POSITIVE)
     lease_ttl_ms: int = _opt(3000, "int", "a node whose lease is this old is dead", lo=100)

@@ -80,7 +80,9 @@ class DevCluster:
             self.stop()
             raise
 
-    def _spawn(self, region: str, name: str, index: int) -> None:
+    def _spawn(
+        self, region: str, name: str, index: int, settings: dict[str, Any] | None = None
+    ) -> None:
         assert self.workdir is not None
         node_id = f"{region}/{name}"
         d = self.workdir / region / name
@@ -97,7 +99,9 @@ class DevCluster:
             f"[admin]\nport = {admin_port}\n"
             f'[cluster]\nredis_url = "{self.redis[region].url}"\nmesh_port = {mesh_port}\n'
             f"peers = {json.dumps(self.peer_urls(region))}\n"
-            + "".join(f"{k} = {v}\n" for k, v in self.cluster_settings.items())
+            + "".join(
+                f"{k} = {v}\n" for k, v in {**self.cluster_settings, **(settings or {})}.items()
+            )
         )
         ready = d / "ready.json"
         ready.unlink(missing_ok=True)
@@ -116,6 +120,29 @@ class DevCluster:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self.nodes.append(DevNode(node_id, proc, ready, cmd))
 
+    def add_node(
+        self,
+        region: str,
+        name: str,
+        settings: dict[str, Any] | None = None,
+        timeout_s: float = 30.0,
+    ) -> dict[str, Any]:
+        """Start one more node in ``region`` (``settings``: extra [cluster] keys, e.g.
+        ``{"weight": 0}`` to join with no slot); its ready entry once it serves."""
+        self._spawn(region, name, len(self.nodes), settings)
+        return self._await(self.nodes[-1], timeout_s)
+
+    def _await(self, n: DevNode, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while not n.ready_file.exists():
+            if n.proc.poll() is not None:
+                raise DevError(f"node {n.id} exited with {n.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise DevError(f"{n.id} not serving after {timeout_s}s")
+            time.sleep(0.05)  # poll interval while the node starts
+        n.info = json.loads(n.ready_file.read_text())
+        return {"id": n.id, "ws": n.info["ws"], "admin": n.info["admin"], "pid": n.proc.pid}
+
     def restart(self, node_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
         """Start ``node_id`` again with its config and data directory (after a kill);
         return its new ready entry once it serves."""
@@ -126,15 +153,7 @@ class DevCluster:
             raise DevError(f"{node_id} is still running") from None
         n.ready_file.unlink(missing_ok=True)
         n.proc = subprocess.Popen(n.cmd, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while not n.ready_file.exists():
-            if n.proc.poll() is not None:
-                raise DevError(f"node {node_id} exited with {n.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise DevError(f"{node_id} not serving after {timeout_s}s")
-            time.sleep(0.05)  # poll interval while the node starts
-        n.info = json.loads(n.ready_file.read_text())
-        return {"id": n.id, "ws": n.info["ws"], "admin": n.info["admin"], "pid": n.proc.pid}
+        return self._await(n, timeout_s)
 
     def peer_urls(self, region: str) -> list[str]:
         """``name=url`` of every other region's Redis, as this region's links reach it

@@ -377,6 +377,7 @@
     }
     const unowned = m.actual.filter((o) => !o).length;
     if (m.slots && unowned) add("warn", `${unowned} slots have no owner right now: publishes to them are answered unavailable until a node claims them`);
+    if (m.view && m.view.held_slots) add("warn", `a planned ring change is under way: ${m.view.held_slots} slots wait to move (if it was interrupted, relay ring apply --resume finishes it)`);
     if (m.conflicts.size) add("bad", `${m.conflicts.size} slots are claimed by two nodes (fencing refuses the stale one's writes)`);
     for (const [id, d] of m.statuses) {
       if (d.memory && d.memory.overloaded) add("bad", `${id} is overloaded: it refuses publishes (RSS above the high-watermark)`);

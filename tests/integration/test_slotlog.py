@@ -209,6 +209,27 @@ async def test_claim_is_compare_and_set_on_the_epoch(backend: Backend) -> None:
     assert await log.get_owner(7) == Owner(B, 2)
 
 
+@aio
+async def test_release_empties_the_owner_and_fences_it(backend: Backend) -> None:
+    log = backend.log
+    assert not await log.release(8, A, 1)  # no record: nothing to release
+    assert await log.claim(8, A, 0) == 1
+    assert not await log.release(8, B, 1)  # not B's
+    assert not await log.release(8, A, 2)  # not at that epoch
+    assert await log.get_owner(8) == Owner(A, 1)
+    assert await log.release(8, A, 1)
+    assert await log.get_owner(8) == Owner("", 1)
+    assert not await log.release(8, A, 1)  # already released
+    # The released owner's writes are refused; the next owner claims at the same epoch.
+    with pytest.raises(FencedError):
+        await log.append(8, A, 1, b"late")
+    assert await log.claim(8, B, 1) == 2
+    assert await log.get_owner(8) == Owner(B, 2)
+    assert await log.append(8, B, 2, b"first") != ""
+    with pytest.raises(ValueError):
+        await log.release(8, "nobody", 1)
+
+
 # ---- fenced appends ------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ CORE = [
     "cluster/shaping.py",
     "cluster/wire.py",
     "cluster/checkpoint.py",
+    "cluster/placement.py",
     "relay/config.py",
 ]
 FORBIDDEN = {
