@@ -206,10 +206,11 @@ def make_plan(
     """
     add = dict(add or {})
     weights = dict(weights or {})
-    if state.holds:
+    if state.holds or state.plan:
         raise ChangeInProgress(
             f"a change of {region}'s ring is under way or was interrupted "
-            f"({len(state.holds)} slots held): finish it with `relay ring apply --resume`"
+            f"({len(state.holds)} slots still held): finish it with "
+            "`relay ring apply --resume`"
         )
     before_w = {n: w for n, w in effective_weights(leases, state).items() if w > 0}
     problems: list[str] = []

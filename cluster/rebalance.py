@@ -429,8 +429,8 @@ async def apply_plan(
         if plan is not None:
             if state.holds or state.plan:  # no holds left, but maybe slots in flight
                 raise ChangeInProgress(
-                    f"an interrupted change holds {len(state.holds)} slots: "
-                    "finish it with `relay ring apply --resume` first"
+                    f"an interrupted change is not finished ({len(state.holds)} slots still "
+                    "held): finish it with `relay ring apply --resume` first"
                 )
             now_w = {n: w for n, w in effective_weights(leases, state).items() if w > 0}
             if state.version != plan.base_version or now_w != dict(plan.before):
