@@ -27,6 +27,9 @@ class RingState:
     weights: Mapping[str, float] = field(default_factory=dict)
     holds: Mapping[int, str] = field(default_factory=dict)
     plan: str = ""  # the JSON of the change being applied, for `relay ring show`
+    # The region's slots and replicas, as its nodes recorded them (0: not yet known).
+    slots: int = 0
+    replicas: int = 0
 
 
 class Placement:
@@ -185,6 +188,17 @@ def _check_weight(node: str, w: float) -> None:
         raise PlanError(f"{node}: weight {w} is not in [0, {MAX_WEIGHT}]")
 
 
+def check_shape(state: RingState, slots: int, replicas: int) -> None:
+    """:class:`PlanError` unless ``slots`` and ``replicas`` are the region's (when known)."""
+    if state.slots and state.slots != slots:
+        raise PlanError(f"the region has {state.slots} slots, not {slots}: pass --slots")
+    if state.replicas and state.replicas != replicas:
+        raise PlanError(
+            f"the region keeps {state.replicas} copies of each slot, not {replicas}: "
+            "pass --replicas"
+        )
+
+
 def make_plan(
     region: str,
     leases: Mapping[str, float],
@@ -206,6 +220,7 @@ def make_plan(
     """
     add = dict(add or {})
     weights = dict(weights or {})
+    check_shape(state, slots, replicas)
     if state.holds or state.plan:
         raise ChangeInProgress(
             f"a change of {region}'s ring is under way or was interrupted "

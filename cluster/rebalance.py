@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -52,10 +53,10 @@ from cluster.errors import (
     StalePlan,
 )
 from cluster.keys import lease_prefix, members_channel, owner_key, ring_key
-from cluster.placement import Plan, RingState, effective_weights, placement
+from cluster.placement import Plan, RingState, check_shape, effective_weights, placement
 from cluster.ring import DEFAULT_REPLICAS, DEFAULT_SLOTS, MAX_WEIGHT, Move
 
-LOCK_TTL_MS = 5_000  # renewed at every poll; a killed apply frees it this soon
+LOCK_TTL_MS = 10_000  # renewed at every poll; a killed apply frees it this soon
 POLL_S = 0.05
 DEFAULT_MAX_MOVING = 4
 DEFAULT_MOVE_TIMEOUT_S = 60.0
@@ -81,6 +82,11 @@ class RingStore(Protocol):
         """Take the lock, or extend it if ``token`` holds it; False if another does."""
         ...
 
+    async def renew(self, token: str, ttl_ms: int) -> bool:
+        """Extend the lock only while ``token`` still holds it (never take it back
+        after it expired: someone else may have changed the ring meanwhile)."""
+        ...
+
     async def unlock(self, token: str) -> None: ...
 
     async def begin(
@@ -100,7 +106,8 @@ class RingStore(Protocol):
         ...
 
     async def finish(self, token: str) -> None:
-        """The change is done: forget its plan."""
+        """The change is done: forget its plan (a new version, announced, if there was
+        one to forget)."""
         ...
 
 
@@ -144,8 +151,17 @@ return {1, nv}
 
 _FINISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2])
+if redis.call('DEL', KEYS[2]) == 0 then return 1 end
+local nv = redis.call('HINCRBY', KEYS[3], 'version', 1)
+redis.call('PUBLISH', ARGV[2], '{"event":"ring","version":' .. nv .. '}')
 return 1
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
 """
 
 _LOCK = """
@@ -195,7 +211,7 @@ def _holds_of(raw: Mapping[Any, Any]) -> dict[int, str]:
 
 def queue_state(pipe: Any, region: str) -> None:
     """Queue the reads of the ring state on a (sync or async) MULTI pipeline."""
-    pipe.hget(ring_key(region), "version")
+    pipe.hmget(ring_key(region), ["version", "slots", "replicas"])
     pipe.hgetall(ring_key(region, "weights"))
     pipe.hgetall(ring_key(region, "holds"))
     pipe.get(ring_key(region, "plan"))
@@ -203,13 +219,32 @@ def queue_state(pipe: Any, region: str) -> None:
 
 def parse_state(replies: Sequence[Any]) -> RingState:
     """The ring state from the replies of :func:`queue_state`."""
-    version, weights, holds, plan = replies[:4]
+    (version, slots, replicas), weights, holds, plan = replies[:4]
     return RingState(
         version=int(version or 0),
         weights=_weights_of(weights),
         holds=_holds_of(holds),
         plan=_text(plan) if plan else "",
+        slots=_int_or_0(slots),
+        replicas=_int_or_0(replicas),
     )
+
+
+def _int_or_0(v: Any) -> int:
+    try:
+        return int(v or 0)
+    except ValueError:
+        return 0
+
+
+async def record_shape(client: Redis, region: str, slots: int, replicas: int) -> RingState:
+    """Record the region's slots and replicas (a node's, at start) unless recorded;
+    returns the ring state, with what was recorded first."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hsetnx(ring_key(region), "slots", str(slots))
+    pipe.hsetnx(ring_key(region), "replicas", str(replicas))
+    queue_state(pipe, region)
+    return parse_state((await pipe.execute())[2:])
 
 
 async def read_state(client: Redis, region: str) -> RingState:
@@ -261,6 +296,9 @@ class RedisRingStore:
     async def lock(self, token: str, ttl_ms: int) -> bool:
         return bool(await self.client.eval(_LOCK, 1, self._keys[0], token, str(ttl_ms)))
 
+    async def renew(self, token: str, ttl_ms: int) -> bool:
+        return bool(await self.client.eval(_RENEW, 1, self._keys[0], token, str(ttl_ms)))
+
     async def unlock(self, token: str) -> None:
         await self.client.eval(_UNLOCK, 1, self._keys[0], token)
 
@@ -299,7 +337,8 @@ class RedisRingStore:
         return self._check(await self.client.eval(_UNHOLD, 3, *keys, *args))
 
     async def finish(self, token: str) -> None:
-        await self.client.eval(_FINISH, 2, self._keys[0], self._keys[4], token)
+        keys = (self._keys[0], self._keys[4], self._keys[1])
+        await self.client.eval(_FINISH, 3, *keys, token, members_channel(self.region))
 
 
 class MemoryRingStore:
@@ -328,6 +367,9 @@ class MemoryRingStore:
             return True
         return False
 
+    async def renew(self, token: str, ttl_ms: int) -> bool:
+        return self.lock_holder == token
+
     async def unlock(self, token: str) -> None:
         if self.lock_holder == token:
             self.lock_holder = ""
@@ -339,11 +381,12 @@ class MemoryRingStore:
         plan: str | None = None,
     ) -> int:
         s = self.state
-        self.state = RingState(
-            s.version + 1,
-            s.weights if weights is None else weights,
-            s.holds if holds is None else holds,
-            s.plan if plan is None else plan,
+        self.state = dataclasses.replace(
+            s,
+            version=s.version + 1,
+            weights=s.weights if weights is None else weights,
+            holds=s.holds if holds is None else holds,
+            plan=s.plan if plan is None else plan,
         )
         return self.state.version
 
@@ -373,8 +416,8 @@ class MemoryRingStore:
         return version
 
     async def finish(self, token: str) -> None:
-        if self.lock_holder == token:
-            self.state = RingState(self.state.version, self.state.weights, self.state.holds, "")
+        if self.lock_holder == token and self.state.plan:
+            self._bump(plan="")
 
 
 # -- applying --------------------------------------------------------------------------
@@ -427,6 +470,7 @@ async def apply_plan(
         state = await store.read()
         leases = await store.leases()
         if plan is not None:
+            check_shape(state, plan.slots, plan.replicas)
             if state.holds or state.plan:  # no holds left, but maybe slots in flight
                 raise ChangeInProgress(
                     f"an interrupted change is not finished ({len(state.holds)} slots still "
@@ -449,7 +493,9 @@ async def apply_plan(
         released: list[Move] = []
         if plan is not None:
             slots, replicas = plan.slots, plan.replicas
-        elif state.plan:
+        elif state.slots:
+            slots, replicas = state.slots, state.replicas or replicas
+        if plan is None and state.plan:
             with contextlib.suppress(ValueError, PlanError):
                 stored = Plan.from_doc(json.loads(state.plan))
                 slots, replicas = stored.slots, stored.replicas
@@ -503,7 +549,7 @@ async def _move(
     moving = {m.slot: (m, clock()) for m in landing}
     done: list[Move] = []
     while pending or moving:
-        if not await store.lock(token, LOCK_TTL_MS):
+        if not await store.renew(token, LOCK_TTL_MS):
             raise LockLost("the ring lock was lost (expired?): another change may run")
         start = pending[: max(0, max_moving - len(moving))]
         del pending[: len(start)]
@@ -542,4 +588,5 @@ __all__ = [
     "parse_state",
     "queue_state",
     "read_state",
+    "record_shape",
 ]

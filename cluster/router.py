@@ -50,7 +50,7 @@ from cluster.link import Link, parse_id
 from cluster.membership import Expired, Joined, Left, Member, Membership, MembershipEvent
 from cluster.mesh import Mesh, PeerUnavailable, RemoteError
 from cluster.placement import Placement, RingState, placement
-from cluster.rebalance import read_state
+from cluster.rebalance import read_state, record_shape
 from cluster.ring import slot_of
 from cluster.slotlog import FencedError, RedisSlotLog
 from relay.batch import AppendToLog, Batcher, ack_events
@@ -172,6 +172,7 @@ class Router:
         # Slot state (cluster/slots: none → replica → claiming → owner).
         self.owned: dict[int, int] = {}  # slot → epoch we write under
         self.claiming: set[int] = set()
+        self._claim_tasks: dict[int, asyncio.Task[Any]] = {}
         self.releasing: set[int] = set()  # owned slots being handed over: not served
         self.replicated: set[int] = set()
         self.applied: dict[int, str] = {}  # slot → newest log id applied here
@@ -259,11 +260,22 @@ class Router:
             on_ring=self.on_ring,
         )
         await self._load_snapshots()
-        self.ring_state = await read_state(self.client, self.region)
+        self.ring_state = await record_shape(self.client, self.region, self.slots, self.replicas)
+        if (self.ring_state.slots, self.ring_state.replicas) != (self.slots, self.replicas):
+            log.error(
+                "this node has cluster.slots = %d and cluster.replicas = %d, but region %s "
+                "was started with %d and %d: every node of a region must agree",
+                self.slots,
+                self.replicas,
+                self.region,
+                self.ring_state.slots,
+                self.ring_state.replicas,
+            )
         await self.membership.start()
         joined = await self.membership.join()
         self.epoch = joined.epoch
         self.mesh.epoch = joined.epoch
+        await self._release_stale_records()
         for m in (await self.membership.snapshot()).values():
             self._observe_member(m)
         self._observe_member(joined)
@@ -276,6 +288,16 @@ class Router:
         for link in self.links:
             link.start()
         await self._rebalance()
+
+    async def _release_stale_records(self) -> None:
+        """A restart: owner records still naming this node are an earlier incarnation's.
+        Release them, so the nodes the ring now gives them to need not wait for us."""
+        pipe = self.client.pipeline(transaction=False)
+        for slot in range(self.slots):
+            pipe.hmget(owner_key(self.region, slot), "owner", "epoch")
+        for slot, (owner, epoch) in enumerate(await pipe.execute()):
+            if owner is not None and owner.decode() == self.me and epoch is not None:
+                await self.slotlog.release(slot, self.me, int(epoch))
 
     async def stop(self) -> None:
         self.stopped = True
@@ -450,7 +472,8 @@ class Router:
 
     def _start_claim(self, slot: int) -> asyncio.Task[Any]:
         self.claiming.add(slot)
-        return self._spawn(self._claim(slot))
+        task = self._claim_tasks[slot] = self._spawn(self._claim(slot))
+        return task
 
     async def _rebalance_now(self) -> list[asyncio.Task[Any]]:
         ring = self._live_ring()
@@ -467,10 +490,12 @@ class Router:
         for ch, owner in list(self.registered.items()):
             if self.owner_of(ch) != owner:
                 self._spawn(self._resubscribe(ch))
+        # Claims under way count too: whoever asked for a rebalance (start, a rejoin)
+        # waits until this node serves what the ring gives it.
         return [
-            self._start_claim(s)
+            self._start_claim(s) if s not in self.claiming else self._claim_tasks[s]
             for s in sorted(mine)
-            if s not in self.owned and s not in self.claiming
+            if s not in self.owned and (s not in self.claiming or s in self._claim_tasks)
         ]
 
     async def _claim(self, slot: int) -> None:
@@ -478,10 +503,13 @@ class Router:
         self.claiming.add(slot)
         try:
             await self._await_release(slot)
-        except (RedisError, OSError) as e:
-            log.warning("waiting for slot %d's release failed: %s", slot, e)
-        async with self._claims:
-            await self._claim_now(slot)
+            async with self._claims:
+                await self._claim_now(slot)
+        except Exception:
+            log.exception("claiming slot %d failed", slot)
+        finally:
+            self.claiming.discard(slot)
+            self._claim_tasks.pop(slot, None)
 
     async def _await_release(self, slot: int) -> None:
         """While ``slot``'s owner record names another live node, give it time to hand
@@ -493,11 +521,16 @@ class Router:
         """
         deadline = time.monotonic() + self.lease_ttl_s + RELEASE_GRACE_S
         while not self.stopped and time.monotonic() < deadline and self._should_own(slot):
-            async with self._handovers:
-                current = await self.slotlog.get_owner(slot)
-            holder = current.node_id if current is not None else ""
-            if not holder or holder == self.me or holder not in self.detector.live():
-                return
+            try:
+                async with self._handovers:
+                    current = await self.slotlog.get_owner(slot)
+            except (RedisError, OSError) as e:
+                # Not knowing is no reason to fence a live owner: ask again.
+                log.warning("reading slot %d's owner failed: %s", slot, e)
+            else:
+                holder = current.node_id if current is not None else ""
+                if not holder or holder == self.me or holder not in self.detector.live():
+                    return
             await asyncio.sleep(RELEASE_POLL_S)  # the owner is flushing the slot
 
     async def _claim_now(self, slot: int) -> None:
@@ -518,13 +551,15 @@ class Router:
                 log.warning("could not claim slot %d", slot)
                 return
             await self._catch_up(slot)
-            if self.ring is not None and self.ring.owner(slot) == self.me and not self.draining:
+            if self._should_own(slot):
                 self.owned[slot] = epoch
                 self._changed(slot)
+            else:
+                # The ring moved on while we read the log: let the next owner have it now
+                # rather than after waiting for us.
+                await self.slotlog.release(slot, self.me, epoch)
         except (RedisError, OSError, ClusterError) as e:
             log.warning("claiming slot %d failed: %s", slot, e)
-        finally:
-            self.claiming.discard(slot)
 
     async def _catch_up(self, slot: int) -> None:
         """Bring ``slot`` up to the end of its log and of every mirror of it."""
@@ -607,7 +642,9 @@ class Router:
 
     async def _hand_over(self, slot: int) -> None:
         async with self._handovers:
-            epoch = self.owned[slot]
+            epoch = self.owned.get(slot)
+            if epoch is None:
+                return  # fenced or lost meanwhile
             if slot in self.dirty:
                 await self._checkpoint(slot)
             await self.slotlog.release(slot, self.me, epoch)
@@ -1072,8 +1109,7 @@ class Router:
         """
         if self.draining:
             return
-        if await self._refresh_ring_state():  # a ring event we missed
-            return
+        await self._refresh_ring_state()  # a ring event we missed? (then a rebalance runs)
         if self.ring is None or self.me not in self.ring.nodes:
             return
         slots = sorted(self.owned)

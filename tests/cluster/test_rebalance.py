@@ -220,3 +220,39 @@ async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region3: Any)
     r = await asyncio.to_thread(relay, "ring", "apply", "-", "--redis", url, stdin=plan_doc)
     assert r.returncode == 1, r.stderr
     assert "plan again" in r.stderr
+
+    # Plan and apply in one go: a reweight.
+    r = await asyncio.to_thread(
+        relay,
+        "ring",
+        "plan",
+        "--redis",
+        url,
+        "--region",
+        "sg",
+        "--weight",
+        "sg/n4=2",
+        "--apply",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    both = json.loads(r.stdout)
+    assert both["applied"]["moved_slots"] == both["moving_slots"] > 0
+    want = Ring({"sg/n1": 1.0, "sg/n2": 1.0, "sg/n3": 1.0, "sg/n4": 2.0}).assignment()
+    assert owner_records(url) == list(want)
+    # A plan for another slot count than the region's is refused: 2.
+    r = await asyncio.to_thread(
+        relay,
+        "ring",
+        "plan",
+        "--redis",
+        url,
+        "--region",
+        "sg",
+        "--remove",
+        "sg/n4",
+        "--slots",
+        "128",
+    )
+    assert r.returncode == 2, r.stderr
+    assert "256 slots" in r.stderr

@@ -22,7 +22,15 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from cluster.errors import ChangeInProgress, NodeDown, PlanError, RebalanceError
-from cluster.placement import Placement, Plan, RingState, effective_weights, make_plan, placement
+from cluster.placement import (
+    Placement,
+    Plan,
+    RingState,
+    check_shape,
+    effective_weights,
+    make_plan,
+    placement,
+)
 from cluster.ring import MAX_WEIGHT, Move, Ring, diff
 
 S = 64
@@ -48,13 +56,17 @@ class Change:
 @st.composite
 def regions(draw: st.DrawFn) -> tuple[dict[str, float], RingState]:
     """Live nodes with their lease weights (some 0: standbys), and weights ops set
-    (some for nodes that are not live). At least one node is on the ring."""
+    (some for nodes that are not live). At least one node is on the ring. The region's
+    slots and replicas are recorded (those of the plans), in part, or not yet."""
     live = draw(st.lists(st.sampled_from(nodes), min_size=1, max_size=6, unique=True))
     leases = {n: draw(st.sampled_from([0.0, 1.0, 1.0, 2.0])) for n in live}
     set_by_ops = draw(
         st.dictionaries(st.sampled_from(nodes), st.sampled_from([0.0, 1.0, 2.5]), max_size=3)
     )
-    state = RingState(version=draw(st.integers(0, 50)), weights=set_by_ops)
+    slots, replicas = draw(st.sampled_from([(S, R), (0, 0), (S, 0), (0, R)]))
+    state = RingState(
+        version=draw(st.integers(0, 50)), weights=set_by_ops, slots=slots, replicas=replicas
+    )
     assume(any(w > 0 for w in effective_weights(leases, state).values()))
     return leases, state
 
@@ -111,6 +123,7 @@ def test_the_same_change_in_any_order_gives_the_same_plan(
 ) -> None:
     leases, state, change = scenario
     a = plan_of(leases, state, change)
+    # The shape recorded or not (it is the plan's): no difference either.
     other_state = RingState(state.version, shuffled(state.weights, rnd))
     remove = list(change.remove)
     rnd.shuffle(remove)
@@ -447,3 +460,41 @@ def test_a_removed_node_stays_live_off_the_ring_and_can_come_back() -> None:
 def test_a_region_without_a_ring_yet_plans_no_moves() -> None:
     first = make_plan("sg", {"sg/n1": 0.0}, RingState(), add={"sg/n1": 1.0}, slots=S, replicas=R)
     assert first.before == {} and first.after == {"sg/n1": 1.0} and first.moves == ()
+
+
+# -- the region's slots and replicas ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "state",
+    [RingState(), RingState(slots=S), RingState(replicas=R), RingState(slots=S, replicas=R)],
+    ids=["unknown", "slots", "replicas", "both"],
+)
+def test_the_shape_the_region_recorded_or_not_yet_is_accepted(state: RingState) -> None:
+    check_shape(state, S, R)
+    assert plan_sg(state, add={"sg/n4": 1.0}) == plan_sg(add={"sg/n4": 1.0})
+
+
+def test_an_unknown_shape_accepts_any() -> None:
+    check_shape(RingState(), 2 * S, R + 1)
+    check_shape(RingState(slots=S), S, R + 1)  # replicas not recorded: any
+    check_shape(RingState(replicas=R), 2 * S, R)  # slots not recorded: any
+
+
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        (RingState(slots=2 * S, replicas=R), "the region has 128 slots, not 64: pass --slots"),
+        (RingState(slots=2 * S), "the region has 128 slots, not 64"),
+        (RingState(slots=S, replicas=3), "keeps 3 copies of each slot, not 2: pass --replicas"),
+        (RingState(replicas=1), "keeps 1 copies of each slot, not 2"),
+        (RingState(slots=S // 2, replicas=3), "the region has 32 slots, not 64"),
+    ],
+)
+def test_make_plan_refuses_another_shape_than_the_regions(state: RingState, why: str) -> None:
+    with pytest.raises(PlanError, match=why):
+        check_shape(state, S, R)
+    with pytest.raises(PlanError, match=why):
+        plan_sg(state, add={"sg/n4": 1.0})
+    with pytest.raises(PlanError, match=why):  # even a change that moves nothing
+        plan_sg(state, weights={"sg/n1": 1.0})

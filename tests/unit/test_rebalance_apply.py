@@ -7,6 +7,7 @@ tests/integration/test_rebalance_redis.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from cluster.errors import ChangeInProgress, MoveStuck, NodeDown, PlanError, StalePlan
 from cluster.placement import Placement, Plan, RingState, make_plan, placement
 from cluster.rebalance import (
+    LOCK_TTL_MS,
     ApplyResult,
     LockLost,
     MemoryRingStore,
@@ -204,16 +206,19 @@ def test_a_plan_without_moves_only_writes_weights() -> None:
     progress: list[Progress] = []
     result = apply(store, plan, nodes, on_progress=progress.append)
     assert result.moved == () and progress == [Progress(0, 0, None)]
-    assert store.state.version == 1 and store.state.weights == {"sg/n2": 1.0}
+    # Two versions: the begin (weights written), the finish (plan forgotten).
+    assert store.state.version == 2 and store.state.weights == {"sg/n2": 1.0}
     assert_done(store, nodes, plan, {})
 
 
-def test_resume_with_nothing_to_do_changes_nothing() -> None:
+def test_resume_with_nothing_to_do_moves_nothing() -> None:
     store, nodes = region(THREE)
     result = apply(store, None, nodes)
     assert result.moved == () and result.resumed
-    assert store.state == RingState()
+    # Nothing to forget: no new version (a plan made meanwhile stays good).
+    assert store.state == RingState(version=0)
     assert store.lock_holder == ""
+    assert nodes.releases == Counter() and nodes.now == 0
 
 
 # -- what apply refuses ------------------------------------------------------------------
@@ -281,6 +286,93 @@ def test_a_lost_lock_stops_the_apply_at_once() -> None:
     assert len(store.state.holds) == len(plan.moves) - 2
 
 
+@pytest.mark.parametrize("delay", [0, 2])
+def test_an_expired_lock_stops_the_apply_and_is_not_taken_back(delay: int) -> None:
+    store, nodes = region(THREE, standbys=["sg/n4"])
+    nodes.delay = lambda slot: delay
+    plan = plan_for(store, add={"sg/n4": 1.0})
+
+    def stall(slots: Sequence[int]) -> None:
+        Nodes.on_unhold(nodes, slots)
+        store.lock_holder = ""  # the apply stalled past LOCK_TTL_MS: its lock expired
+
+    store.on_unhold = stall
+    with pytest.raises(LockLost, match="lost"):
+        apply(store, plan, nodes, max_moving=2)
+    # The next renewal failed: nothing more released, the lock not taken again (someone
+    # may have changed the ring in between), the rest left for --resume.
+    assert sum(nodes.releases.values()) == 2
+    assert store.lock_holder == ""
+    assert len(store.state.holds) == len(plan.moves) - 2 and store.state.plan
+    store.on_unhold = nodes.on_unhold
+    assert apply(store, None, nodes, max_moving=2).resumed
+    assert_done(store, nodes, plan, {})
+
+
+def test_the_lock_is_taken_once_then_renewed_at_every_poll() -> None:
+    store, nodes = region(THREE, standbys=["sg/n4"])
+    nodes.delay = lambda slot: 2
+    plan = plan_for(store, add={"sg/n4": 1.0})
+    counted = Interrupted(store, 0, after=False, dead=False)
+    apply(counted, plan, nodes, max_moving=3)
+    assert_done(store, nodes, plan, {})
+    calls = counted.names
+    assert (calls["lock"], calls["unlock"], calls["begin"], calls["finish"]) == (1, 1, 1, 1)
+    # One renewal per turn of the move loop: each turn reads the owner records once.
+    assert calls["renew"] == calls["owners"] > len(plan.moves) // 3
+    # Each renewal asks for the whole TTL again, under the apply's token.
+    assert {ttl for _, ttl in counted.renewals} == {LOCK_TTL_MS}
+    assert len({token for token, _ in counted.renewals}) == 1
+    assert LOCK_TTL_MS == 10_000
+
+
+# -- the region's slots and replicas -----------------------------------------------------
+
+
+def test_apply_refuses_a_plan_for_another_shape_than_the_regions() -> None:
+    store, nodes = region(THREE, standbys=["sg/n4"])
+    plan = plan_for(store, add={"sg/n4": 1.0})  # made before the nodes recorded the shape
+    for slots, replicas, why in [(2 * S, R, "128 slots, not 64"), (S, 3, "keeps 3 copies")]:
+        # Nodes record the shape when they start; that is no ring change (same version).
+        store.state = RingState(slots=slots, replicas=replicas)
+        with pytest.raises(PlanError, match=why):
+            apply(store, plan, nodes)
+        assert store.state == RingState(slots=slots, replicas=replicas)  # nothing written
+        assert store.lock_holder == "" and nodes.releases == Counter()
+    store.state = RingState(slots=S, replicas=R)  # the plan's: fine
+    apply(store, plan, nodes)
+    assert_done(store, nodes, plan, {})
+    assert (store.state.slots, store.state.replicas) == (S, R)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_resume_without_its_plan_goes_by_the_recorded_shape(recorded: bool) -> None:
+    store, nodes = region(THREE, standbys=["sg/n4"])
+    plan = plan_for(store, add={"sg/n4": 1.0}, remove=["sg/n2"])
+    # An interrupted change whose plan is gone (or unreadable): weights and holds only.
+    holds = {m.slot: m.from_node for m in plan.moves}
+    store.state = RingState(1, plan.set_weights, holds, "", slots=S if recorded else 0)
+    store.state = dataclasses.replace(store.state, replicas=R if recorded else 0)
+    # The CLI's defaults are not the region's: the recorded shape wins (fewer slots would
+    # put other owners on the ring, and some held slots off it); else they are used.
+    run_as = (S // 2, R + 1) if recorded else (S, R)
+    result = run(
+        apply_plan(
+            store,
+            None,
+            slots=run_as[0],
+            replicas=run_as[1],
+            move_timeout_s=1.0,
+            sleep=nodes.sleep,
+            clock=nodes.clock,
+        )
+    )
+    assert result.resumed
+    assert sorted(result.moved, key=lambda m: m.slot) == list(plan.moves)
+    assert store.owner_records == planned(plan)
+    assert store.state.holds == {} and store.lock_holder == ""
+
+
 # -- stuck moves, interrupted applies, resume -----------------------------------------------
 
 
@@ -326,9 +418,12 @@ class Interrupted:
         self.after = after
         self.dead = dead
         self.calls = 0
+        self.names: Counter[str] = Counter()  # calls made, by name
+        self.renewals: list[tuple[str, int]] = []  # (token, ttl_ms) of each renew
 
     async def _call(self, name: str, *args: Any) -> Any:
         self.calls += 1
+        self.names[name] += 1
         if (self.calls == self.k and not self.after) or (self.dead and self.calls > self.k):
             raise Crash(f"call {self.calls} ({name})")
         result = await getattr(self.inner, name)(*args)
@@ -347,6 +442,10 @@ class Interrupted:
 
     async def lock(self, token: str, ttl_ms: int) -> bool:
         return await self._call("lock", token, ttl_ms)  # type: ignore[no-any-return]
+
+    async def renew(self, token: str, ttl_ms: int) -> bool:
+        self.renewals.append((token, ttl_ms))
+        return await self._call("renew", token, ttl_ms)  # type: ignore[no-any-return]
 
     async def unlock(self, token: str) -> None:
         await self._call("unlock", token)
@@ -382,6 +481,8 @@ def interrupt_everywhere(
     whole = Interrupted(store, 0, after=False, dead=False)
     apply(whole, plan, nodes, max_moving=max_moving)
     assert_done(store, nodes, plan, {})
+    assert whole.names["lock"] == 1  # taken once; renewed (if anything moves) at each poll
+    assert (whole.names["renew"] > 0) == bool(plan.moves)
     for k in range(1, whole.calls + 1):
         for after, dead in ways:
             store, nodes = region(on_ring, standbys)
@@ -395,13 +496,15 @@ def interrupt_everywhere(
                 raise AssertionError(f"call {k} of {whole.calls} did not fail")
             store.lock_holder = ""  # the dead CLI's lock expires (LOCK_TTL_MS)
             apply(store, None, nodes, max_moving=max_moving)  # relay ring apply --resume
+            done = plan
             if store.state.version == plan.base_version:
-                # It died before writing anything: the plan still holds, apply it.
-                assert store.state == RingState()
+                # It died before writing anything (else begin made a version); the
+                # resume found nothing to do and wrote nothing: the plan still holds.
+                assert store.state == RingState(version=plan.base_version)
                 apply(store, plan, nodes, max_moving=max_moving)
             why = f"interrupted at call {k} ({'after' if after else 'before'}, dead={dead})"
             try:
-                assert_done(store, nodes, plan, {})
+                assert_done(store, nodes, done, {})
             except AssertionError as e:
                 raise AssertionError(f"{why}: {e}") from e
     return whole.calls
