@@ -5,7 +5,7 @@ all of them live on one shard and a Lua script may touch several of them (the fe
 append reads the owner record and writes the log in one script). Keys of the whole
 region (leases, the membership channel) carry ``{<region>}``::
 
-    relay:{sg:17}:log              stream: the slot log (entries {d: batch, e: epoch})
+    relay:{sg:17}:log              stream: the slot log (entries {d: batch, e: epoch, p: prev id})
     relay:{sg:17}:owner            hash {owner, epoch}: the owner record that fences writes
     relay:{sg:17}:checkpoint       hash {d: state, id: covered log id, e: epoch}
     relay:{sg:17}:mirror:fra       stream: fra's slot log 17, copied into sg, same ids

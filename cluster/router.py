@@ -73,6 +73,7 @@ DRAIN_TIMEOUT_S = 10.0
 REMOTE_WAIT_S = 30.0
 AUDIT_S = 1.0
 CATCH_UP_COUNT = 1000
+CATCH_UP_ATTEMPTS = 5
 RELEASE_GRACE_S = 1.0
 RELEASE_POLL_S = 0.02
 
@@ -173,6 +174,7 @@ class Router:
         self.owned: dict[int, int] = {}  # slot → epoch we write under
         self.claiming: set[int] = set()
         self._claim_tasks: dict[int, asyncio.Task[Any]] = {}
+        self._catch_up_locks: dict[int, asyncio.Lock] = {}
         self.releasing: set[int] = set()  # owned slots being handed over: not served
         self.replicated: set[int] = set()
         self.applied: dict[int, str] = {}  # slot → newest log id applied here
@@ -561,8 +563,32 @@ class Router:
         except (RedisError, OSError, ClusterError) as e:
             log.warning("claiming slot %d failed: %s", slot, e)
 
-    async def _catch_up(self, slot: int) -> None:
-        """Bring ``slot`` up to the end of its log and of every mirror of it."""
+    def _slot_lock(self, slot: int) -> asyncio.Lock:
+        lock = self._catch_up_locks.get(slot)
+        if lock is None:
+            lock = self._catch_up_locks[slot] = asyncio.Lock()
+        return lock
+
+    async def _catch_up(self, slot: int, *, fresh: bool = False) -> None:
+        """Bring ``slot`` up to the end of its log and of every mirror of it; ``fresh``:
+        first forget what RAM holds of it (a replica that missed entries), unless a
+        claim took it meanwhile. One catch-up of a slot at a time (the tail loop leaves
+        a slot alone while one runs)."""
+        async with self._slot_lock(slot):
+            if fresh:
+                if slot in self.owned or slot in self.claiming:
+                    return
+                self._forget_slot(slot)
+            for _ in range(CATCH_UP_ATTEMPTS):
+                if await self._catch_up_once(slot):
+                    return
+                # Entries were trimmed under us (a newer checkpoint): start from that one.
+                log.info("slot %d: the log was trimmed past our position; rebuilding", slot)
+                self._forget_slot(slot)
+        raise ClusterError(f"slot {slot}: its log keeps being trimmed under the catch-up")
+
+    async def _catch_up_once(self, slot: int) -> bool:
+        """:meth:`_catch_up`; False when it found entries missing (trimmed under it)."""
         now = self.wall_ms()
         cp = await self.slotlog.read_checkpoint(slot)
         known = self.applied.get(slot)
@@ -581,6 +607,8 @@ class Router:
             if not entries:
                 break
             for e in entries:
+                if e.prev and e.prev != self.applied[slot]:
+                    return False
                 self._apply(slot, e.data, now)
                 self.applied[slot] = e.id
         for origin in self.peers:
@@ -594,6 +622,7 @@ class Router:
                 for e in entries:
                     self._apply(slot, e.data, now)
                     done[slot] = e.id
+        return True
 
     def _apply(self, slot: int, data: bytes, now_ms: int) -> list[Message]:
         """Apply a log entry, mirror entry or checkpoint; return the messages it added."""
@@ -722,8 +751,15 @@ class Router:
                     log.warning("replica catch-up of slot %d failed: %s", s, e)
         while not self.stopped:
             try:
-                after = {s: self.applied.get(s, "0-0") for s in slots if s not in self.owned}
+                after = {
+                    s: self.applied.get(s, "0-0")
+                    for s in slots
+                    if s not in self.owned and s not in self.claiming
+                }
                 if not after:
+                    if any(s not in self.owned for s in slots):
+                        await asyncio.sleep(0.1)  # slots being claimed: look again soon
+                        continue
                     return
                 entries = await self.slotlog.tail(after, TAIL_BLOCK_MS)
             except asyncio.CancelledError:
@@ -733,11 +769,26 @@ class Router:
                 await asyncio.sleep(0.5)  # back off before retrying Redis
                 continue
             now = self.wall_ms()
+            gapped: set[int] = set()
             for t in entries:
-                if t.slot in self.owned:
+                if t.slot in self.owned or t.slot in gapped or self._slot_lock(t.slot).locked():
+                    continue
+                known = self.applied.get(t.slot)
+                if known is not None and parse_id(t.id) <= parse_id(known):
+                    continue  # applied meanwhile (a catch-up ran while we waited)
+                if t.prev and t.prev != known:
+                    # Entries between our position and this one were trimmed (the owner
+                    # checkpointed while we lagged): what we hold of the slot is not
+                    # complete. Rebuild it from the checkpoint.
+                    gapped.add(t.slot)
                     continue
                 self._apply(t.slot, t.data, now)
                 self.applied[t.slot] = t.id
+            for s in sorted(gapped):
+                try:
+                    await self._catch_up(s, fresh=True)
+                except (RedisError, OSError, ClusterError) as e:
+                    log.warning("replica catch-up of slot %d failed: %s", s, e)
 
     # -- flushing to the slot logs ---------------------------------------------------
 

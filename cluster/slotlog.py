@@ -13,8 +13,9 @@ one shard of a Redis Cluster. Layout of the keys: :mod:`cluster.keys`; of the sc
 ``cluster/lua/``; the whole design, with measurements: ``docs/SLOTLOG.md``.
 
 Entry ids are Redis stream ids, ``"<ms>-<seq>"`` strings; :data:`START_ID` (``"0-0"``)
-reads from the beginning. A log entry is ``{d: batch, e: epoch}``; a mirror entry is
-``{d: batch}`` under the *same id* as in the origin's log.
+reads from the beginning. A log entry is ``{d: batch, e: epoch, p: id of the entry
+before it}``; a mirror entry is ``{d: batch, p: the origin's}`` under the *same id* as in
+the origin's log.
 """
 
 from __future__ import annotations
@@ -111,18 +112,25 @@ class Owner(NamedTuple):
 
 
 class Entry(NamedTuple):
-    """One slot-log (or mirror) entry: its id and the batch it holds."""
+    """One slot-log (or mirror) entry: its id and the batch it holds.
+
+    ``prev`` is the id of the entry appended just before it to the same log ("0-0" for
+    the first; "" when unknown: entries written before it was recorded). Mirrors keep
+    their origin's. A reader whose position is not ``prev`` has missed entries (trimmed
+    under it): it must rebuild from the checkpoint."""
 
     id: str
     data: bytes
+    prev: str = ""
 
 
 class TailEntry(NamedTuple):
-    """An entry returned by :meth:`SlotLog.tail`, with its slot."""
+    """An entry returned by :meth:`SlotLog.tail`, with its slot (``prev``: see Entry)."""
 
     slot: int
     id: str
     data: bytes
+    prev: str = ""
 
 
 class Checkpoint(NamedTuple):
@@ -408,7 +416,12 @@ def _as_bytes(value: object) -> bytes:
 def _entry(entry_id: object, fields: object) -> Entry:
     if not isinstance(fields, dict):
         raise SlotLogError(f"expected stream entry fields from Redis, got {fields!r:.80}")
-    return Entry(_as_bytes(entry_id).decode(), _as_bytes(fields.get(b"d")))
+    prev = fields.get(b"p")
+    return Entry(
+        _as_bytes(entry_id).decode(),
+        _as_bytes(fields.get(b"d")),
+        _as_bytes(prev).decode() if prev is not None else "",
+    )
 
 
 def _fenced(slot: int, epoch: int, reply: list[Any]) -> FencedError:
@@ -675,10 +688,13 @@ class RedisSlotLog:
         if not entries:
             return []
         async with self._client.pipeline(transaction=False) as pipe:
-            for slot, entry_id, data in entries:
+            for slot, entry_id, data, prev in entries:
                 key = keys.mirror_key(self._region, check_slot(slot), origin)
                 _parse_id(entry_id, zero_ok=False)
-                pipe.xadd(key, {"d": _check_data(data)}, id=entry_id)
+                fields: dict[str | bytes, str | bytes] = {"d": _check_data(data)}
+                if prev:
+                    fields["p"] = prev
+                pipe.xadd(key, fields, id=entry_id)  # type: ignore[arg-type]
             results = await pipe.execute(raise_on_error=False)
         out: list[bool] = []
         for r in results:
@@ -747,10 +763,10 @@ class _Stream:
         self.entries: list[Entry] = []
         self.top = (0, 0)
 
-    def add(self, parsed: tuple[int, int], data: bytes) -> str:
+    def add(self, parsed: tuple[int, int], data: bytes, prev: str = "") -> str:
         entry_id = _format_id(parsed)
         self.ids.append(parsed)
-        self.entries.append(Entry(entry_id, data))
+        self.entries.append(Entry(entry_id, data, prev))
         self.top = parsed
         return entry_id
 
@@ -862,7 +878,7 @@ class MemorySlotLog:
         ms, seq = self._clock_ms(), 0
         if ms <= stream.top[0]:  # Redis never lets ids go backwards with the clock
             ms, seq = stream.top[0], stream.top[1] + 1
-        return stream.add((ms, seq), data)
+        return stream.add((ms, seq), data, _format_id(stream.top))
 
     async def append(self, slot: int, node_id: str, epoch: int, data: bytes) -> str:
         self._check_open()
@@ -991,16 +1007,17 @@ class MemorySlotLog:
         self._check_open()
         _check_origin(self._region, origin)
         checked = [
-            (check_slot(s), _parse_id(i, zero_ok=False), _check_data(d)) for s, i, d in entries
+            (check_slot(s), _parse_id(i, zero_ok=False), _check_data(d), p)
+            for s, i, d, p in entries
         ]
         out: list[bool] = []
-        for slot, parsed, data in checked:
+        for slot, parsed, data, prev in checked:
             stream = self._stream(slot, origin, create=True)
             assert stream is not None
             if parsed <= stream.top:
                 out.append(False)
             else:
-                stream.add(parsed, data)
+                stream.add(parsed, data, prev)
                 out.append(True)
         if any(out):
             self._notify()

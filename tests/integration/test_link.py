@@ -9,7 +9,7 @@ import pytest
 import redis as redis_sync
 
 from cluster.link import Link
-from cluster.slotlog import RedisSlotLog
+from cluster.slotlog import START_ID, RedisSlotLog
 from relay.redis_server import RedisServer
 from tests.conftest import aio, until
 
@@ -59,6 +59,9 @@ async def test_entries_are_copied_with_the_same_ids_and_resume_after_restart(two
     second.start()
     await until(lambda: second.copied_entries == 1, what="resumed")
     assert [e.id for e in await dest.read(1, origin="sg")] == ids
+    # Copied whole: same ids, bytes and prev (each entry names the one before it).
+    assert [e.prev for e in await dest.read(1, origin="sg")] == [START_ID, *ids[:-1]]
+    assert await dest.read(1, origin="sg") == await origin.read(1)
     assert second.gaps_total == 0
     await second.stop()
     await origin.close()
@@ -114,6 +117,8 @@ async def test_a_trimmed_resume_point_is_resynced_from_the_checkpoint(two: Any) 
         (mid[-1], b"STATE"),
         (after, b"after"),
     ]
+    # The origin's prev is kept: `after` follows mid[-1], whose state the resync copied.
+    assert (mirror[0].prev, mirror[2].prev) == (START_ID, mid[-1])
     assert second.status(0)["gaps_total"] == 1
     await second.stop()
     await origin.close()

@@ -126,3 +126,53 @@ async def test_a_slot_rebuilt_after_a_trim_holds_every_logged_message() -> None:
     await a._claim_now(slot)
     assert [m.id for m in a.node.store.pending(ch, 0)] == ["m1", "m2", "m3"]
     await log.close()
+
+
+@aio
+async def test_a_replica_that_lagged_behind_a_trim_rebuilds_from_the_checkpoint() -> None:
+    import asyncio
+
+    log = MemorySlotLog("sg")
+    a, b = router("sg/n1", log), router("sg/n2", log)
+    ch = "inbox:dave"
+    slot = slot_of(ch, a.slots)
+    for r in (a, b):
+        r.ring = Ring({"sg/n2": 1.0}, slots=r.slots, replicas=r.replicas)
+    await b._claim_now(slot)
+
+    def publish(i: int) -> None:
+        b.publish(
+            ch=ch,
+            msg_id=f"m{i}",
+            body=b"x",
+            sender="s",
+            ttl_ms=60_000,
+            ack="log",
+            reply=lambda *x: None,
+        )
+
+    publish(1)
+    await b._flush(force=True)
+    await a._catch_up(slot)  # a replicates the slot: it holds m1
+    # a lags while b logs m2 and m3, checkpoints and trims the log behind m3, logs m4.
+    for i in (2, 3):
+        publish(i)
+        await b._flush(force=True)
+    await b._checkpoint(slot)
+    assert [e.id for e in await log.read(slot)] == [b.applied[slot]]  # only m3's entry
+    publish(4)
+    await b._flush(force=True)
+    # a's tail reads on from m1's entry: m2's is gone. It must notice and rebuild.
+    tail = asyncio.ensure_future(a._tail_loop([slot]))
+    try:
+        await until(lambda: a.applied.get(slot) == b.applied[slot], what="a caught up")
+    finally:
+        tail.cancel()
+    assert sorted(m.id for m in a.node.store.pending(ch, 0)) == ["m1", "m2", "m3", "m4"]
+    # And after a failover to a, every logged message is there.
+    b._lose(slot)
+    for r in (a, b):
+        r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    await a._claim_now(slot)
+    assert sorted(m.id for m in a.node.store.pending(ch, 0)) == ["m1", "m2", "m3", "m4"]
+    await log.close()

@@ -254,10 +254,11 @@ async def test_append_is_fenced_by_the_owner_record(backend: Backend) -> None:
     assert stale.value == FencedError(1, epoch_a, epoch_b, B)
     second = await log.append(1, B, epoch_b, b"b1")
 
-    assert await log.read(1) == [Entry(first, b"a1"), Entry(second, b"b1")]
-    assert await log.read(1, first) == [Entry(second, b"b1")]
+    # Each entry names the one before it (START_ID: the first), whoever wrote it.
+    assert await log.read(1) == [Entry(first, b"a1", START_ID), Entry(second, b"b1", first)]
+    assert await log.read(1, first) == [Entry(second, b"b1", first)]
     assert await log.read(1, second) == []
-    assert await log.read(1, count=1) == [Entry(first, b"a1")]
+    assert await log.read(1, count=1) == [Entry(first, b"a1", START_ID)]
     assert await log.read(2) == []
 
 
@@ -291,7 +292,7 @@ async def test_append_many_gives_an_answer_per_item(backend: Backend) -> None:
     assert results[2] == FencedError(12, 4, 4, B)
     assert results[3] == FencedError(13, 2, 3, A)
     assert results[4] == FencedError(14, 1, 0, "")
-    assert await log.read(10) == [Entry(str(results[0]), b"x10")]
+    assert await log.read(10) == [Entry(str(results[0]), b"x10", START_ID)]
     assert await log.read(12) == await log.read(13) == await log.read(14) == []
 
     # Items of one slot keep their order.
@@ -351,7 +352,7 @@ async def test_tail_returns_new_entries(backend: Backend) -> None:
     for slot in (1, 2, 3):
         await log.set_owner(slot, A, 1)
     first = await log.append(1, A, 1, b"old")
-    assert await log.tail({1: START_ID}, None) == [TailEntry(1, first, b"old")]
+    assert await log.tail({1: START_ID}, None) == [TailEntry(1, first, b"old", START_ID)]
     assert await log.tail({1: first, 2: START_ID}, None) == []
     assert await log.tail({1: first, 2: START_ID}, 20) == []  # waits 20 ms, then nothing
 
@@ -362,17 +363,17 @@ async def test_tail_returns_new_entries(backend: Backend) -> None:
     new = await log.append(2, A, 1, b"new")
     got = await asyncio.wait_for(task, 2)
     woke_ms = (time.monotonic() - started) * 1000
-    assert got == [TailEntry(2, new, b"new")]
+    assert got == [TailEntry(2, new, b"new", START_ID)]
     print(f"\n[{backend.name}] blocked tail woke {woke_ms:.2f} ms after the append")
 
     # count is per slot; results are grouped by slot in the order asked.
     ids = {s: [await log.append(s, A, 1, f"{s}.{i}".encode()) for i in range(3)] for s in (1, 2)}
     got = await log.tail({2: new, 1: first}, None, count=2)
-    assert [(e.slot, e.id) for e in got] == [
-        (2, ids[2][0]),
-        (2, ids[2][1]),
-        (1, ids[1][0]),
-        (1, ids[1][1]),
+    assert [(e.slot, e.id, e.prev) for e in got] == [
+        (2, ids[2][0], new),
+        (2, ids[2][1], ids[2][0]),
+        (1, ids[1][0], first),
+        (1, ids[1][1], ids[1][0]),
     ]
     with pytest.raises(ValueError):
         await log.tail({}, None)
@@ -396,7 +397,7 @@ async def test_blocked_tail_is_cancelled_promptly(backend: Backend) -> None:
     # The server lets go of the reader, and the next tail works on a fresh connection.
     await until(lambda: backend.blocked_readers() == 0, what="the blocked reader to go")
     entry_id = await log.append(1, A, 1, b"after")
-    assert await log.tail({1: START_ID}, 1000) == [TailEntry(1, entry_id, b"after")]
+    assert await log.tail({1: START_ID}, 1000) == [TailEntry(1, entry_id, b"after", START_ID)]
 
 
 # ---- checkpoints and trimming --------------------------------------------------------------
@@ -464,6 +465,101 @@ async def test_trim_never_passes_the_checkpoint(backend: Backend) -> None:
         await log.trim(9, "x")
 
 
+# ---- prev: the entry before ----------------------------------------------------------------
+
+
+@aio
+async def test_prev_chains_within_and_across_append_many_calls(backend: Backend) -> None:
+    log = backend.log
+    for slot in (20, 21):
+        await log.set_owner(slot, A, 1)
+    await log.set_owner(22, B, 1)
+    epochs = {20: 1, 21: 1, 22: 1}
+    first = await log.append_many([(20, b"a"), (21, b"b"), (20, b"c"), (22, b"no")], A, epochs)
+    assert isinstance(first[3], FencedError)  # slot 22 is B's: nothing written there
+    second = await log.append_many([(21, b"d"), (20, b"e"), (20, b"f")], A, epochs)
+    single = await log.append(20, A, 1, b"g")
+    a, b, c = (str(r) for r in first[:3])
+    d, e, f = (str(r) for r in second)
+
+    # One chain per slot, from START_ID, through every call and a plain append.
+    assert await log.read(20) == [
+        Entry(a, b"a", START_ID),
+        Entry(c, b"c", a),
+        Entry(e, b"e", c),
+        Entry(f, b"f", e),
+        Entry(single, b"g", f),
+    ]
+    assert await log.read(21) == [Entry(b, b"b", START_ID), Entry(d, b"d", b)]
+    # The fenced items left no trace: B's first entry of slot 22 starts its chain.
+    b22 = await log.append(22, B, 1, b"b's")
+    assert await log.read(22) == [Entry(b22, b"b's", START_ID)]
+    # tail gives the same prev as read.
+    assert await log.tail({20: c, 21: START_ID}, None) == [
+        TailEntry(20, e, b"e", c),
+        TailEntry(20, f, b"f", e),
+        TailEntry(20, single, b"g", f),
+        TailEntry(21, b, b"b", START_ID),
+        TailEntry(21, d, b"d", b),
+    ]
+
+
+@aio
+async def test_prev_after_a_trim_is_the_newest_entry_left(backend: Backend) -> None:
+    log = backend.log
+    end = "18446744073709551615-18446744073709551615"
+    await log.set_owner(9, A, 1)
+    ids = [await log.append(9, A, 1, b"%d" % i) for i in range(5)]
+    await log.write_checkpoint(9, A, 1, b"cp", ids[2])
+    assert await log.trim(9, end) == Trimmed(2, ids[2], True)
+
+    # The next entry follows the last one appended, not the trim bound.
+    after = await log.append(9, A, 1, b"after")
+    assert await log.read(9) == [
+        Entry(ids[2], b"2", ids[1]),
+        Entry(ids[3], b"3", ids[2]),
+        Entry(ids[4], b"4", ids[3]),
+        Entry(after, b"after", ids[4]),
+    ]
+    # A reader at ids[0] missed ids[1]: the first entry it gets does not follow its
+    # position. A reader at ids[1] (its own entry trimmed) missed nothing.
+    assert (await log.tail({9: ids[0]}, None, count=1))[0].prev == ids[1]
+    assert (await log.tail({9: ids[1]}, None, count=1))[0].prev == ids[1]
+
+    # Trimmed down to one entry: the chain still goes on from it.
+    await log.write_checkpoint(9, A, 1, b"cp2", after)
+    assert await log.trim(9, end) == Trimmed(3, after, True)
+    last = await log.append(9, A, 1, b"last")
+    assert await log.read(9) == [Entry(after, b"after", ids[4]), Entry(last, b"last", after)]
+    assert await log.tail({9: ids[0]}, None) == [
+        TailEntry(9, after, b"after", ids[4]),
+        TailEntry(9, last, b"last", after),
+    ]
+    assert await log.tail({9: after}, None) == [TailEntry(9, last, b"last", after)]
+
+
+@aio
+async def test_prev_chain_continues_across_owners(backend: Backend) -> None:
+    log = backend.log
+    epoch_a = await log.claim(30, A, 0)
+    a1 = await log.append(30, A, epoch_a, b"a1")
+    a2 = await log.append(30, A, epoch_a, b"a2")
+    epoch_b = await log.claim(30, B, epoch_a)  # B takes over
+    b1, b2 = await log.append_many([(30, b"b1"), (30, b"b2")], B, {30: epoch_b})
+    with pytest.raises(FencedError):
+        await log.append(30, A, epoch_a, b"a, stale")  # refused: not in the chain
+    assert await log.release(30, B, epoch_b)
+    epoch_a = await log.claim(30, A, epoch_b)  # and back to A
+    a3 = await log.append(30, A, epoch_a, b"a3")
+    assert await log.read(30) == [
+        Entry(a1, b"a1", START_ID),
+        Entry(a2, b"a2", a1),
+        Entry(str(b1), b"b1", a2),
+        Entry(str(b2), b"b2", str(b1)),
+        Entry(a3, b"a3", str(b2)),
+    ]
+
+
 # ---- mirrors -------------------------------------------------------------------------------
 
 
@@ -492,17 +588,51 @@ async def test_mirror_append_keeps_ids_and_is_idempotent(backend: Backend) -> No
     assert await origin.first_id(4) == batch[0].id
     assert await origin.first_id(6) is None
 
-    # Same ids, same bytes; readable and tailable like a log.
+    # Same ids, same bytes, same prev; readable and tailable like a log.
     origin_4 = await origin.read(4)
+    assert [e.prev for e in origin_4] == [START_ID, batch[0].id, batch[1].id]
     assert await dest.read(4, origin="sg") == origin_4
     assert await dest.read(4) == []  # fra's own log 4 is another stream
     assert await dest.tail({4: origin_4[0].id}, None, origin="sg") == [
-        TailEntry(4, e.id, e.data) for e in origin_4[1:]
+        TailEntry(4, e.id, e.data, e.prev) for e in origin_4[1:]
     ]
     with pytest.raises(ValueError):
         await dest.mirror_top(4, "fra")  # a region does not mirror itself
     with pytest.raises(ValueError):
         await dest.mirror_append(4, "sg", START_ID, b"x")
+
+
+@aio
+async def test_mirror_keeps_the_origins_prev(backend: Backend) -> None:
+    origin = backend.log  # sg
+    dest = backend.open("fra")
+    end = "18446744073709551615-18446744073709551615"
+    await origin.set_owner(6, A, 1)
+    ids = [await origin.append(6, A, 1, b"%d" % i) for i in range(4)]
+    head = await origin.tail({6: START_ID}, None, count=1)
+    assert head == [TailEntry(6, ids[0], b"0", START_ID)]
+    assert await dest.mirror_append_many("sg", head) == [True]
+    # The origin trims past the mirror's top (ids[0]) before the rest is copied.
+    await origin.write_checkpoint(6, A, 1, b"cp", ids[2])
+    assert (await origin.trim(6, end)).removed == 2
+    top = await dest.mirror_top(6, "sg")
+    assert top == ids[0]
+    rest = await origin.tail({6: top}, None)
+    assert rest == [TailEntry(6, ids[2], b"2", ids[1]), TailEntry(6, ids[3], b"3", ids[2])]
+    assert await dest.mirror_append_many("sg", rest) == [True, True]
+
+    # The mirror holds the origin's prev, not its own previous entry: a mirror reader at
+    # ids[0] sees that ids[1] is missing.
+    assert await dest.read(6, origin="sg") == [
+        Entry(ids[0], b"0", START_ID),
+        Entry(ids[2], b"2", ids[1]),
+        Entry(ids[3], b"3", ids[2]),
+    ]
+    assert await dest.tail({6: ids[0]}, None, origin="sg") == rest
+    # An entry whose prev is unknown ("") is copied without one.
+    unknown = TailEntry(7, "1700000000000-0", b"x")
+    assert await dest.mirror_append_many("sg", [unknown]) == [True]
+    assert await dest.tail({7: START_ID}, None, origin="sg") == [unknown]
 
 
 @aio
@@ -530,6 +660,42 @@ def test_refuses_decoding_clients(redis_server: RedisServer) -> None:
     RedisSlotLog(short, "sg", tail_client=long, max_block_ms=60_000)
     with pytest.raises(ValueError, match="region"):
         RedisSlotLog(short, "S G")
+
+
+@aio
+async def test_entry_fields_in_redis(redis_server: RedisServer) -> None:
+    admin = redis.Redis.from_url(redis_server.url)
+    admin.flushall()
+    origin = RedisSlotLog.from_url(redis_server.url, "sg")
+    dest = RedisSlotLog.from_url(redis_server.url, "fra")
+    try:
+        await origin.set_owner(1, A, 3)
+        first = await origin.append(1, A, 3, b"one")
+        second = await origin.append(1, A, 3, b"two")
+        raw = dict(admin.xrange(keys.log_key("sg", 1)))
+        assert raw[first.encode()] == {b"d": b"one", b"e": b"3", b"p": b"0-0"}
+        assert raw[second.encode()] == {b"d": b"two", b"e": b"3", b"p": first.encode()}
+
+        # Mirrors store p only when the origin's entry has one.
+        copied = await origin.tail({1: START_ID}, None)
+        assert await dest.mirror_append_many("sg", copied) == [True, True]
+        assert await dest.mirror_append(2, "sg", "1700000000000-0", b"no prev")
+        mirror = dict(admin.xrange(keys.mirror_key("fra", 1, "sg")))
+        assert mirror[second.encode()] == {b"d": b"two", b"p": first.encode()}
+        assert admin.xrange(keys.mirror_key("fra", 2, "sg")) == [
+            (b"1700000000000-0", {b"d": b"no prev"})
+        ]
+
+        # An entry written before prev was recorded reads as prev "" (unknown); the next
+        # append still names it.
+        old = admin.xadd(keys.log_key("sg", 4), {"d": b"old", "e": b"3"}).decode()
+        await origin.set_owner(4, A, 3)
+        new = await origin.append(4, A, 3, b"new")
+        assert await origin.read(4) == [Entry(old, b"old"), Entry(new, b"new", old)]
+    finally:
+        await origin.close()
+        await dest.close()
+        admin.close()
 
 
 @pytest.fixture
@@ -587,8 +753,11 @@ async def test_tls_and_acl_user(tls_acl_server: str) -> None:
         assert await log.claim(1, A, 0) == 1
         task = asyncio.ensure_future(log.tail({1: START_ID}, 2000))
         entry_id = await log.append(1, A, 1, b"over tls")
-        assert await asyncio.wait_for(task, 3) == [TailEntry(1, entry_id, b"over tls")]
-        assert await log.append_many([(1, b"again")], A, {1: 1}) != []
+        got = await asyncio.wait_for(task, 3)
+        assert got == [TailEntry(1, entry_id, b"over tls", START_ID)]
+        # The append script reads the log's last entry (XREVRANGE) for the next prev.
+        (again,) = await log.append_many([(1, b"again")], A, {1: 1})
+        assert await log.read(1, entry_id) == [Entry(str(again), b"again", entry_id)]
         await log.write_checkpoint(1, A, 1, b"cp", entry_id)
         assert (await log.trim(1, entry_id)).removed == 0
         assert await dest.mirror_append(1, "sg", entry_id, b"over tls")

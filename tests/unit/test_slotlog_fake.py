@@ -31,7 +31,10 @@ async def test_ids_follow_the_clock_and_never_go_back() -> None:
     # Ids are per stream, as in Redis.
     await log.set_owner(2, "sg/n1", 1)
     assert await log.append(2, "sg/n1", 1, b"x") == "1700000055000-0"
-    assert await log.read(1, ids[2]) == [Entry(ids[3], b"d")]
+    assert await log.read(1, ids[2]) == [Entry(ids[3], b"d", ids[2])]
+    # Each entry names the one before it, also when the clock stepped back.
+    assert [e.prev for e in await log.read(1)] == [START_ID, *ids[:3]]
+    assert [e.prev for e in await log.read(2)] == [START_ID]
 
 
 @aio
