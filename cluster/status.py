@@ -192,13 +192,14 @@ def ring_plan(
     add: dict[str, float],
     remove: list[str],
     weights: dict[str, float],
-    slots: int = 256,
-    replicas: int = 2,
+    slots: int | None = None,
+    replicas: int | None = None,
     admin_token: str = "",
     live_adds: bool = False,
 ) -> dict[str, Any]:
     """The exact slot moves of a membership or weight change, what each would carry, and
     the balance before and after; ``"plan"`` is what ``relay ring apply`` carries out.
+    ``slots``/``replicas`` default to what the region's nodes recorded.
     Computed only: nothing changes. Raises the errors of
     :func:`cluster.placement.make_plan`."""
     try:
@@ -208,6 +209,9 @@ def ring_plan(
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
         raise Unreachable(f"cannot reach {url}: {e}") from e
     leases = {n: m.weight for n, m in ms.items()}
+    # Unless told, the shape the region's nodes recorded.
+    slots = slots or state.slots or 256
+    replicas = replicas or state.replicas or 2
     plan = make_plan(
         region,
         leases,

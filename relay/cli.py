@@ -428,6 +428,23 @@ def ring_show(ctx: click.Context, redis_url: str, region: str, slots: int, as_js
     )
 
 
+def _shape_options(f: Any) -> Any:
+    f = click.option(
+        "--replicas",
+        default=None,
+        type=click.IntRange(1, 8),
+        help="Copies of each slot, owner included. Default: what the region's nodes "
+        "recorded (2 if none did).",
+    )(f)
+    f = click.option(
+        "--slots",
+        default=None,
+        type=click.IntRange(1, 65536),
+        help="Slots of the region. Default: what its nodes recorded (256 if none did).",
+    )(f)
+    return f
+
+
 def _weights(values: tuple[str, ...], option: str, default: float | None) -> dict[str, float]:
     out: dict[str, float] = {}
     for v in values:
@@ -488,8 +505,8 @@ def _carry_out(
     region: str,
     max_moving: int,
     move_timeout_s: float,
-    slots: int,
-    replicas: int,
+    slots: int | None,
+    replicas: int | None,
     command: str,
 ) -> Any:
     """Apply ``plan`` (None: resume) with a progress bar on stderr; exit on failure."""
@@ -521,8 +538,8 @@ def _carry_out(
                 max_moving=max_moving,
                 move_timeout_s=move_timeout_s,
                 on_progress=on_progress,
-                slots=slots,
-                replicas=replicas,
+                slots=slots or 256,
+                replicas=replicas or 2,
             )
     except (RebalanceError, Unreachable) as e:
         _rebalance_exit(command, e)
@@ -560,8 +577,7 @@ def _applied_doc(region: str, result: Any) -> dict[str, Any]:
 @click.option(
     "--weight", "reweights", multiple=True, metavar="NODE=W", help="A member's new weight."
 )
-@_slots_option
-@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 8))
+@_shape_options
 @click.option(
     "--admin-token",
     envvar="RELAY_ADMIN__TOKEN",
@@ -577,8 +593,8 @@ def ring_plan_cmd(
     adds: tuple[str, ...],
     removes: tuple[str, ...],
     reweights: tuple[str, ...],
-    slots: int,
-    replicas: int,
+    slots: int | None,
+    replicas: int | None,
     admin_token: str,
     apply_now: bool,
     max_moving: int,
@@ -656,8 +672,7 @@ def ring_plan_cmd(
 @_redis_option
 @click.option("--resume", is_flag=True, help="Finish the change left interrupted.")
 @click.option("--region", default="", help="The region (with --resume; a plan names its own).")
-@_slots_option
-@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 8))
+@_shape_options
 @_apply_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def ring_apply(
@@ -665,8 +680,8 @@ def ring_apply(
     redis_url: str,
     resume: bool,
     region: str,
-    slots: int,
-    replicas: int,
+    slots: int | None,
+    replicas: int | None,
     max_moving: int,
     move_timeout_s: float,
     as_json: bool,
@@ -746,8 +761,7 @@ def node() -> None:
     help="Ramp the weight up in this many equal steps, each applied in full before the "
     "next (a cold node takes load gradually).",
 )
-@_slots_option
-@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 8))
+@_shape_options
 @_apply_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def node_add(
@@ -755,8 +769,8 @@ def node_add(
     redis_url: str,
     weight: float,
     steps: int,
-    slots: int,
-    replicas: int,
+    slots: int | None,
+    replicas: int | None,
     max_moving: int,
     move_timeout_s: float,
     as_json: bool,
