@@ -6,7 +6,7 @@ and three ``relay serve`` nodes on loopback, production lease and batch settings
 fourth node started with ``cluster.weight = 0``. ``--publishers`` clients (the SDK,
 ``relay.client``, closed loop, ``ack=log``, spread over the three nodes and ``--channels``
 channels) publish throughout. After ``--before`` seconds of steady load, the fourth node
-is put on the ring at weight 1 by :func:`cluster.rebalance.apply_plan` (what ``relay node
+is put on the ring at weight 1 by :func:`cluster.ringstore.apply_plan` (what ``relay node
 add`` and ``relay ring apply`` run), with ``--max-moving`` slots in flight, polling the
 owner records every 5 ms so that the figures are the cluster's rather than the poll's.
 
@@ -61,8 +61,8 @@ async def _case(
 ) -> dict[str, Any]:
     from redis.asyncio import Redis
 
-    from cluster.placement import make_plan
-    from cluster.rebalance import Progress, RedisRingStore, apply_plan
+    from cluster.rebalance import make_plan
+    from cluster.ringstore import Progress, RedisRingStore, apply_plan
     from relay.client import RelayClient, RetryPolicy
     from relay.dev import DevCluster
 

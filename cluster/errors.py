@@ -13,7 +13,7 @@ Hierarchy::
     ├── MembershipError         (cluster.failure) the detector was misused, e.g. fed a
     │                           time earlier than one it has already seen: a bug in the
     │                           caller, never a peer's fault
-    └── RebalanceError          (cluster.rebalance) a planned ring change cannot go on
+    └── RebalanceError          (cluster.rebalance, .ringstore) a planned change cannot go on
         ├── PlanError           the change makes no sense (unknown node, empty region)
         ├── ChangeInProgress    another change holds the lock, or one was interrupted
         ├── StalePlan           the ring moved since the plan was made: plan again

@@ -12,7 +12,7 @@ region (leases, the membership channel) carry ``{<region>}``::
     relay:{sg}:lease:sg/n1         string: node sg/n1's lease (SET … PX)
     relay:{sg}:link:fra            string: the lease of the link sg → fra
     relay:{sg}:members             pub/sub channel: joins, leaves and ring changes
-    relay:{sg}:ring                hash {version}: the ring's version (cluster/rebalance.py)
+    relay:{sg}:ring                hash {version}: the ring's version (cluster/ringstore.py)
     relay:{sg}:ring:weights        hash node → weight set by ops (overrides the lease's)
     relay:{sg}:ring:holds          hash slot → node keeping it until a planned move
     relay:{sg}:ring:plan           string: the planned change being applied (JSON)

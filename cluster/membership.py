@@ -3,7 +3,7 @@
 Each node holds a lease key ``relay:{<region>}:lease:<node_id>`` (``SET … PX``) whose
 value describes it (epoch, mesh address, URLs, weight), renewed every ``renew_ms``.
 Joins and leaves are published on ``relay:{<region>}:members`` (and so are changes of
-the ring state ops make, :mod:`cluster.rebalance`); a lease that expires
+the ring state ops make, :mod:`cluster.ringstore`); a lease that expires
 (the node died or stalled) reaches every node through Redis keyspace notifications
 (``notify-keyspace-events Ex``). Nobody polls.
 

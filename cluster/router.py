@@ -49,9 +49,9 @@ from cluster.keys import owner_key
 from cluster.link import Link, parse_id
 from cluster.membership import Expired, Joined, Left, Member, Membership, MembershipEvent
 from cluster.mesh import Mesh, PeerUnavailable, RemoteError
-from cluster.placement import Placement, RingState, placement
-from cluster.rebalance import read_state, record_shape
+from cluster.rebalance import Placement, RingState, placement
 from cluster.ring import slot_of
+from cluster.ringstore import read_state, record_shape
 from cluster.slotlog import FencedError, RedisSlotLog
 from relay.batch import AppendToLog, Batcher, ack_events
 from relay.codec import AckEvent, CodecError, MessageEvent, encode_batch
@@ -164,7 +164,7 @@ class Router:
         self.slotlog = RedisSlotLog.from_url(c.redis_url, self.region)
         self.members: dict[str, Member] = {}
         # Where the slots are: the ring of the live members, with the weights and holds
-        # ops set (cluster/placement.py, cluster/rebalance.py).
+        # ops set (cluster/rebalance.py, cluster/ringstore.py).
         self.ring: Placement | None = None
         self.ring_state = RingState()
         # Reads of the ring state one at a time: a later read never installs older state.

@@ -20,8 +20,8 @@ import redis
 
 from cluster.keys import PREFIX, control_channel, epoch_key, lease_prefix, owner_key, region_tag
 from cluster.membership import Member
-from cluster.placement import Plan, RingState, make_plan, placement
-from cluster.rebalance import ApplyResult, Progress, parse_state, queue_state
+from cluster.rebalance import Plan, RingState, make_plan, placement
+from cluster.ringstore import ApplyResult, Progress, parse_state, queue_state
 
 
 class Unreachable(Exception):
@@ -201,7 +201,7 @@ def ring_plan(
     the balance before and after; ``"plan"`` is what ``relay ring apply`` carries out.
     ``slots``/``replicas`` default to what the region's nodes recorded.
     Computed only: nothing changes. Raises the errors of
-    :func:`cluster.placement.make_plan`."""
+    :func:`cluster.rebalance.make_plan`."""
     try:
         with _client(url) as r:
             ms = members(r, region)
@@ -274,10 +274,10 @@ def apply_change(
     replicas: int = 2,
 ) -> ApplyResult:
     """Carry ``plan`` out (None: resume the interrupted change of ``region``); see
-    :func:`cluster.rebalance.apply_plan` for what it does and raises."""
+    :func:`cluster.ringstore.apply_plan` for what it does and raises."""
     from redis.asyncio import Redis as AsyncRedis
 
-    from cluster.rebalance import RedisRingStore, apply_plan
+    from cluster.ringstore import RedisRingStore, apply_plan
 
     async def run() -> ApplyResult:
         client = AsyncRedis.from_url(url, socket_timeout=5, socket_connect_timeout=5)

@@ -649,7 +649,7 @@ def ring_plan_cmd(
         table.add_row(n, str(b["slots_per_node"].get(n, 0)), str(a["slots_per_node"].get(n, 0)))
     Console(stderr=True).print(table)
     if apply_now:
-        from cluster.placement import Plan
+        from cluster.rebalance import Plan
 
         result = _carry_out(
             redis_url,
@@ -703,7 +703,7 @@ def ring_apply(
     75 when another change is running or an interrupted one must be resumed first.
     """
     from cluster.errors import PlanError
-    from cluster.placement import Plan
+    from cluster.rebalance import Plan
 
     if resume == (plan_file is not None):
         raise click.UsageError("give a PLAN file, or --resume (with --region)")
@@ -786,7 +786,7 @@ def node_add(
     75 when another change is under way.
     """
     from cluster.errors import RebalanceError
-    from cluster.placement import Plan
+    from cluster.rebalance import Plan
     from cluster.status import Unreachable, ring_plan
 
     region = node_id.split("/", 1)[0]

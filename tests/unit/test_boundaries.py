@@ -28,7 +28,7 @@ CORE = [
     "cluster/shaping.py",
     "cluster/wire.py",
     "cluster/checkpoint.py",
-    "cluster/placement.py",
+    "cluster/rebalance.py",
     "relay/config.py",
 ]
 FORBIDDEN = {

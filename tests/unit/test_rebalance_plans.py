@@ -1,4 +1,4 @@
-"""Placement and plans of ring changes (cluster/placement.py): pure, no I/O.
+"""Placement and plans of ring changes (cluster/rebalance.py): pure, no I/O.
 
 What a plan must be: deterministic (the same inputs in any order give the same plan),
 minimal (exactly the slots whose owner differs between the ring now and the ring the
@@ -22,7 +22,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from cluster.errors import ChangeInProgress, NodeDown, PlanError, RebalanceError
-from cluster.placement import (
+from cluster.rebalance import (
     Placement,
     Plan,
     RingState,

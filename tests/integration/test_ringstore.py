@@ -1,4 +1,4 @@
-"""The ring store (cluster/rebalance.py): one suite run against MemoryRingStore and
+"""The ring store (cluster/ringstore.py): one suite run against MemoryRingStore and
 against RedisRingStore on a real Redis server, then what only Redis has (the lock's TTL,
 the announcements on the members channel, the shape the nodes record) and a whole apply
 with the nodes played by a task that follows the ring state as the routers do.
@@ -23,8 +23,9 @@ from twisted.internet.defer import Deferred
 from cluster.errors import ChangeInProgress, MoveStuck, PlanError, StalePlan
 from cluster.keys import lease_key, members_channel, owner_key, ring_key
 from cluster.membership import Member
-from cluster.placement import Plan, RingState, make_plan, placement
-from cluster.rebalance import (
+from cluster.rebalance import Plan, RingState, make_plan, placement
+from cluster.ring import Ring
+from cluster.ringstore import (
     LockLost,
     MemoryRingStore,
     RedisRingStore,
@@ -33,7 +34,6 @@ from cluster.rebalance import (
     read_state,
     record_shape,
 )
-from cluster.ring import Ring
 from tests.conftest import aio
 
 S = 32
@@ -404,7 +404,7 @@ async def play_nodes(b: Backend, stop: asyncio.Event) -> None:
             if pubsub is not None:
                 await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
             else:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the simulated nodes poll the ring state
     finally:
         if pubsub is not None:
             await pubsub.aclose()
@@ -520,7 +520,7 @@ async def test_an_apply_whose_lock_expired_stops_and_does_not_take_it_back(
             await backend.expire_lock()
             if then == "another apply":
                 assert await s.lock("thief", 10_000)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the poll itself: yield once
 
     # Nobody claims what is released: the apply polls with two slots in flight.
     with pytest.raises(LockLost):

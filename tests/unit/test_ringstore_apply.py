@@ -1,8 +1,8 @@
-"""Applying ring plans (cluster/rebalance.py) against MemoryRingStore, with the nodes
+"""Applying ring plans (cluster/ringstore.py) against MemoryRingStore, with the nodes
 played by its ``on_unhold`` hook: no Redis, no event loop, no real time.
 
 The store contract itself (the same cases against MemoryRingStore and RedisRingStore) is
-tests/integration/test_rebalance_redis.py.
+tests/integration/test_ringstore.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.errors import ChangeInProgress, MoveStuck, NodeDown, PlanError, StalePlan
-from cluster.placement import Placement, Plan, RingState, make_plan, placement
-from cluster.rebalance import (
+from cluster.rebalance import Placement, Plan, RingState, make_plan, placement
+from cluster.ring import Ring
+from cluster.ringstore import (
     LOCK_TTL_MS,
     ApplyResult,
     LockLost,
@@ -28,7 +29,6 @@ from cluster.rebalance import (
     RingStore,
     apply_plan,
 )
-from cluster.ring import Ring
 
 S = 64
 R = 2
