@@ -67,6 +67,28 @@ class Member:
         )
 
 
+def decode_leases(values: list[Any]) -> dict[str, Member]:
+    """The members described by lease values (MGET replies); expired (None) and
+    malformed ones are skipped."""
+    out: dict[str, Member] = {}
+    for raw in values:
+        if raw is None:
+            continue
+        try:
+            m = Member.decode(raw)
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed lease value %r", raw[:200])
+            continue
+        out[m.node_id] = m
+    return out
+
+
+async def leases(client: Redis, region: str) -> dict[str, Member]:
+    """Every member of ``region`` holding a lease now."""
+    keys = [k async for k in client.scan_iter(match=lease_prefix(region) + "*", count=1000)]
+    return decode_leases(await client.mget(keys)) if keys else {}
+
+
 @dataclass(frozen=True, slots=True)
 class Joined:
     member: Member
@@ -186,20 +208,7 @@ class Membership:
 
     async def snapshot(self) -> dict[str, Member]:
         """Every member holding a lease now."""
-        out: dict[str, Member] = {}
-        keys = [k async for k in self.client.scan_iter(match=self._lease_prefix + "*", count=1000)]
-        if not keys:
-            return out
-        for raw in await self.client.mget(keys):
-            if raw is None:
-                continue
-            try:
-                m = Member.decode(raw)
-            except (ValueError, KeyError, TypeError):
-                log.warning("ignoring a malformed lease value %r", raw[:200])
-                continue
-            out[m.node_id] = m
-        return out
+        return await leases(self.client, self.region)
 
     # -- loops ---------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ from cluster.errors import (
     RebalanceError,
     StalePlan,
 )
-from cluster.keys import lease_prefix, members_channel, owner_key, ring_key
+from cluster.keys import members_channel, owner_key, ring_key
 from cluster.rebalance import Plan, RingState, check_shape, effective_weights, placement
 from cluster.ring import DEFAULT_REPLICAS, DEFAULT_SLOTS, MAX_WEIGHT, Move
 
@@ -272,20 +272,9 @@ class RedisRingStore:
         return await read_state(self.client, self.region)
 
     async def leases(self) -> dict[str, float]:
-        from cluster.membership import Member
+        from cluster.membership import leases
 
-        prefix = lease_prefix(self.region)
-        keys = [k async for k in self.client.scan_iter(match=prefix + "*", count=1000)]
-        out: dict[str, float] = {}
-        for raw in await self.client.mget(keys) if keys else []:
-            if raw is None:
-                continue
-            try:
-                m = Member.decode(raw)
-            except (ValueError, KeyError, TypeError):
-                continue
-            out[m.node_id] = m.weight
-        return out
+        return {n: m.weight for n, m in (await leases(self.client, self.region)).items()}
 
     async def owners(self, slots: Sequence[int]) -> dict[int, str]:
         pipe = self.client.pipeline(transaction=False)

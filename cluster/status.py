@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from cluster.keys import PREFIX, control_channel, epoch_key, lease_prefix, owner_key, region_tag
-from cluster.membership import Member
+from cluster.membership import Member, decode_leases
 from cluster.rebalance import Plan, RingState, make_plan, placement
 from cluster.ringstore import ApplyResult, Progress, parse_state, queue_state
 
@@ -34,16 +34,7 @@ def _client(url: str) -> redis.Redis:
 
 def members(r: redis.Redis, region: str) -> dict[str, Member]:
     keys = list(r.scan_iter(match=lease_prefix(region) + "*", count=1000))
-    out: dict[str, Member] = {}
-    for raw in r.mget(keys) if keys else []:
-        if raw is None:
-            continue
-        try:
-            m = Member.decode(raw)
-        except (ValueError, KeyError, TypeError):
-            continue
-        out[m.node_id] = m
-    return out
+    return decode_leases(r.mget(keys)) if keys else {}
 
 
 def ring_state(r: redis.Redis, region: str) -> RingState:
