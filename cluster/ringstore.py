@@ -53,9 +53,17 @@ from cluster.errors import (
     StalePlan,
 )
 from cluster.keys import members_channel, owner_key, ring_key
-from cluster.rebalance import Plan, RingState, check_shape, effective_weights, placement
+from cluster.rebalance import (
+    Placement,
+    Plan,
+    RingState,
+    check_shape,
+    effective_weights,
+    placement,
+)
 from cluster.ring import DEFAULT_REPLICAS, DEFAULT_SLOTS, MAX_WEIGHT, Move
 
+RETARGET_S = 1.0  # how often an apply checks its moves' targets against the live ring
 LOCK_TTL_MS = 10_000  # renewed at every poll; a killed apply frees it this soon
 POLL_S = 0.05
 DEFAULT_MAX_MOVING = 4
@@ -500,6 +508,14 @@ async def apply_plan(
             for m in released
             if records.get(m.slot) != target.owner(m.slot)
         ]
+
+        async def where_now() -> Placement | None:
+            # The ring as the nodes compute it now, holds aside: where moves must land.
+            state_now = await store.read()
+            return placement(
+                await store.leases(), state_now, slots=slots, replicas=replicas, holds=False
+            )
+
         moved = await _move(
             store,
             token,
@@ -511,6 +527,7 @@ async def apply_plan(
             poll_s,
             sleep,
             clock,
+            where_now,
         )
         await store.finish(token)
         return ApplyResult(tuple(moved), plan is None, clock() - started)
@@ -529,17 +546,29 @@ async def _move(
     poll_s: float,
     sleep: Callable[[float], Awaitable[None]],
     clock: Callable[[], float],
+    where_now: Callable[[], Awaitable[Placement | None]],
 ) -> list[Move]:
     """Release the holds of ``todo`` and wait for them and for ``landing`` (released
-    already) to reach their new owners."""
+    already) to reach their new owners. Once a second the targets are checked against
+    the ring of the nodes alive now: a target that died or left (its slot fails over
+    elsewhere) or a node that joined changes where a move lands."""
     total = len(todo) + len(landing)
     on_progress(Progress(0, total, None))
     pending = list(todo)
     moving = {m.slot: (m, clock()) for m in landing}
     done: list[Move] = []
+    next_check = clock() + RETARGET_S
     while pending or moving:
         if not await store.renew(token, LOCK_TTL_MS):
             raise LockLost("the ring lock was lost (expired?): another change may run")
+        if clock() >= next_check:
+            next_check = clock() + RETARGET_S
+            target = await where_now()
+            if target is not None:
+                pending = [Move(m.slot, m.from_node, target.owner(m.slot)) for m in pending]
+                for slot, (m, _since) in list(moving.items()):
+                    if target.owner(slot) != m.to_node:
+                        moving[slot] = (Move(slot, m.from_node, target.owner(slot)), clock())
         start = pending[: max(0, max_moving - len(moving))]
         del pending[: len(start)]
         if start:

@@ -399,6 +399,29 @@ def test_a_stuck_slot_stops_the_apply_and_resume_finishes_it(which: str) -> None
     assert_done(store, nodes, plan, {})
 
 
+def test_moves_follow_the_live_ring_when_their_target_dies() -> None:
+    store, nodes = region(THREE, standbys=["sg/n4"])
+    plan = plan_for(store, add={"sg/n4": 1.0})
+    nodes.delay = lambda slot: 2
+
+    def on_progress(p: Progress) -> None:
+        if p.done == 1:  # sg/n4 dies after its first slot: its lease goes
+            del store.lease_weights["sg/n4"]
+
+    result = apply(store, plan, nodes, max_moving=2, move_timeout_s=5.0, on_progress=on_progress)
+    # No MoveStuck: within a second the moves left were sent where the live ring says.
+    assert len(result.moved) == len(plan.moves)
+    assert result.moved[0].to_node == "sg/n4"
+    # The two in flight when it died may have landed on it; every later one lands on
+    # the live ring (here: stays where it was, as sg/n4 is gone).
+    live = nodes.target()
+    later = result.moved[2:]
+    assert later and all(m.to_node != "sg/n4" for m in later)
+    assert all(store.owner_records[m.slot] == live.owner(m.slot) for m in later)
+    assert store.state.holds == {} and store.state.plan == ""
+    assert nodes.now < 5.0
+
+
 def plan_for_anything() -> Plan:
     other, _ = region(THREE)
     return plan_for(other, remove=["sg/n3"])
