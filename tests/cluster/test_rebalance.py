@@ -1,5 +1,6 @@
 """Planned ring changes on a real region (processes, Redis): `relay node add`, `relay ring
-plan`/`apply` under publish load, and an apply killed half-way then resumed."""
+plan`/`apply` under publish load, an apply killed half-way then resumed, and a node killed
+under an apply."""
 
 from __future__ import annotations
 
@@ -256,3 +257,62 @@ async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region3: Any)
     )
     assert r.returncode == 2, r.stderr
     assert "256 slots" in r.stderr
+
+
+@aio
+async def test_an_apply_survives_a_node_killed_under_it(region3: Any) -> None:
+    import os
+    import signal
+
+    cluster, doc = region3
+    url = doc["regions"]["sg"]["redis"]
+    nodes = list(doc["regions"]["sg"]["nodes"])
+    n4 = await asyncio.to_thread(cluster.add_node, "sg", "n4", {"weight": 0})
+    await asyncio.to_thread(wait_settled, cluster, [*nodes, n4])
+    channels = [f"room:{i}" for i in range(32)]
+    acked: dict[str, list[str]] = {ch: [] for ch in channels}
+    stop = asyncio.Event()
+
+    async def publisher(k: int, node: dict[str, Any]) -> None:
+        c = await RelayClient.connect(node["ws"], retry=PATIENT)
+        i = 0
+        while not stop.is_set() and i < 3000:  # bounded, whatever happens
+            ch = channels[(k * 5 + i) % len(channels)]
+            await c.publish(ch, "x", id=f"k{k}-{i}", ack="log", timeout_s=30)
+            acked[ch].append(f"k{k}-{i}")
+            i += 1
+        await c.close()
+
+    # Publishers on the nodes that live; sg/n2 is killed while slots move to sg/n4.
+    pubs = [asyncio.ensure_future(publisher(k, [nodes[0], nodes[2]][k % 2])) for k in range(4)]
+    await until(lambda: sum(map(len, acked.values())) >= 50, 30, "publishers under way")
+    add = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        "node",
+        "add",
+        "sg/n4",
+        "--redis",
+        url,
+        "--max-moving",
+        "1",
+        "--json",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    await until(lambda: held(url) > 0, 30, "the change under way")
+    os.kill(nodes[1]["pid"], signal.SIGKILL)
+    out, err = await asyncio.wait_for(add.communicate(), 120)
+    assert add.returncode == 0, err.decode()[-2000:]
+    assert json.loads(out)["steps"][0]["moved_slots"] > 0
+    stop.set()
+    await asyncio.gather(*pubs)
+    await asyncio.to_thread(wait_settled, cluster, [nodes[0], nodes[2], n4])
+    assert held(url) == 0
+    # The ring of the nodes alive, weights as ops set them; nothing acknowledged lost.
+    want = Ring({"sg/n1": 1.0, "sg/n3": 1.0, "sg/n4": 1.0}).assignment()
+    assert owner_records(url) == list(want)
+    for ch in channels:
+        got = await pending_ids(n4["ws"], ch)
+        assert Counter(got) == Counter(acked[ch]), ch
