@@ -232,6 +232,7 @@ class Mesh:
         self.connections: dict[str, MeshProtocol] = {}
         self.wanted: dict[str, str] = {}  # peer → host:port, for the peers we dial
         self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
+        self._on_result: dict[int, Callable[[Any], None]] = {}
         self._ids = itertools.count(1)
         self._port: Any = None
         self._stopped = False
@@ -305,14 +306,27 @@ class Mesh:
 
     # -- requests ------------------------------------------------------------------
 
-    async def request(self, peer: str, op: str, args: Any) -> Any:
-        """Ask ``peer`` to do ``op``; raise PeerUnavailable or RemoteError."""
+    async def request(
+        self,
+        peer: str,
+        op: str,
+        args: Any,
+        on_result: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Ask ``peer`` to do ``op``; raise PeerUnavailable or RemoteError.
+
+        ``on_result`` is called with a successful result as soon as the reply frame is
+        read, before any frame after it on the connection: deliveries that follow a
+        ``sub`` reply then find the subscription registered (the awaiting coroutine only
+        resumes a loop turn or two later)."""
         conn = self.connections.get(peer)
         if conn is None:
             raise PeerUnavailable(f"no connection to {peer}")
         req_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = (peer, fut)
+        if on_result is not None:
+            self._on_result[req_id] = on_result
         conn.send([Kind.REQUEST, req_id, op, args])
         try:
             return await asyncio.wait_for(fut, self.request_timeout_s)
@@ -320,6 +334,7 @@ class Mesh:
             raise PeerUnavailable(f"{peer} did not answer {op} in time") from None
         finally:
             self._pending.pop(req_id, None)
+            self._on_result.pop(req_id, None)
 
     def complete(self, req_id: int, ok: bool, result: Any) -> None:
         entry = self._pending.get(req_id)
@@ -327,6 +342,13 @@ class Mesh:
             return
         fut = entry[1]
         if ok:
+            on_result = self._on_result.pop(req_id, None)
+            if on_result is not None:
+                try:
+                    on_result(result)
+                except Exception as e:
+                    fut.set_exception(e)
+                    return
             fut.set_result(result)
         else:
             code, reason = (

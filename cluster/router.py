@@ -1163,7 +1163,8 @@ class Router:
         await self._refresh_ring_state()  # a ring event we missed? (then a rebalance runs)
         if self.ring is None or self.me not in self.ring.nodes:
             return
-        slots = sorted(self.owned)
+        # Slots being handed over release their records on purpose: not a move to heal.
+        slots = sorted(s for s in self.owned if s not in self.releasing)
         if slots:
             pipe = self.client.pipeline(transaction=False)
             for slot in slots:
@@ -1245,10 +1246,15 @@ class Router:
         op: str,
         args: dict[str, Any],
         reply: Callable[[Any, Code | None, str], None],
+        *,
+        at_once: bool = False,
     ) -> None:
+        """Send ``op`` to ``owner``; ``reply`` with its result or error. ``at_once``: reply
+        in the same turn as the reply frame, before any delivery that follows it."""
         assert self.mesh is not None
+        on_result = (lambda r: reply(r, None, "")) if at_once else None
         try:
-            result = await self.mesh.request(owner, op, args)
+            result = await self.mesh.request(owner, op, args, on_result=on_result)
         except RemoteError as e:
             code = Code(e.code) if e.code in Code.__members__.values() else Code.UNAVAILABLE
             reply(None, code, e.reason)
@@ -1256,7 +1262,8 @@ class Router:
         except PeerUnavailable as e:
             reply(None, Code.UNAVAILABLE, str(e))
             return
-        reply(result, None, "")
+        if not at_once:
+            reply(result, None, "")
 
     def _publish_local(
         self,
@@ -1360,7 +1367,7 @@ class Router:
             self.registered[ch] = owner
             reply([fields_message(f) for f in result], None, "")
 
-        self._spawn(self._forward(owner, "sub", {"ch": ch}, registered))
+        self._spawn(self._forward(owner, "sub", {"ch": ch}, registered, at_once=True))
 
     def unsubscribe(self, handle: Hashable, ch: str) -> None:
         self.node.unsubscribe(handle, ch)
@@ -1443,17 +1450,24 @@ class Router:
                         self.fan_out(m, handles)
                     return
             elif self.mesh is not None:
+
+                def registered(result: Any, owner: str = owner) -> None:
+                    # In the same turn as the reply: the deliveries that follow it on the
+                    # connection are the messages after these pending ones.
+                    self.registered[ch] = owner
+                    handles = tuple(self.node.subscribers.get(ch, ()))
+                    for m in (fields_message(f) for f in result):
+                        self.fan_out(m, handles)
+
                 try:
-                    result = await self.mesh.request(owner, "sub", {"ch": ch})
+                    await self.mesh.request(owner, "sub", {"ch": ch}, on_result=registered)
                 except (PeerUnavailable, RemoteError) as e:
                     log.debug("re-subscribing %s with %s: %s", ch, owner, e)
                 else:
-                    if self.owner_of(ch) == owner:
-                        self.registered[ch] = owner
-                        handles = tuple(self.node.subscribers.get(ch, ()))
-                        for m in (fields_message(f) for f in result):
-                            self.fan_out(m, handles)
-                        return
+                    if self.owner_of(ch) != owner:
+                        self.registered.pop(ch, None)
+                        continue  # the ring moved during the request: follow it
+                    return
             await asyncio.sleep(0.1)  # the new owner is still claiming the slot
         log.warning("could not re-subscribe %s with its new owner", ch)
 

@@ -22,6 +22,8 @@ class Recorder:
         self.interest: list[tuple[str, str, bool]] = []
         self.up: list[str] = []
         self.down: list[str] = []
+        self.mesh: Any = None
+        self.seen: list[tuple[str, Any]] = []
 
     def on_request(self, peer: str, op: str, args: Any) -> Any:
         if op == "echo":
@@ -30,6 +32,9 @@ class Recorder:
             return self._slow(args)
         if op == "refuse":
             raise RemoteError("unavailable", "not the owner")
+        if op == "sub":  # answer, then at once deliver on the same connection
+            asyncio.get_running_loop().call_soon(self.mesh.deliver, peer, "ch", ["after"])
+            return ["pending"]
         raise ValueError("boom")
 
     async def _slow(self, args: Any) -> Any:
@@ -38,6 +43,7 @@ class Recorder:
 
     def on_deliver(self, peer: str, ch: str, fields: list[Any]) -> None:
         self.delivered.append((peer, ch, fields))
+        self.seen.append(("deliver", fields))
 
     def on_interest(self, peer: str, ch: str, on: bool) -> None:
         self.interest.append((peer, ch, on))
@@ -161,3 +167,15 @@ async def test_silent_peer_is_dropped_by_pings() -> None:
     await until(lambda: "sg/a" in rb.down, timeout_s=5, what="dropped for missed pings")
     writer.close()
     await b.stop()
+
+
+@aio
+async def test_on_result_runs_before_the_deliveries_that_follow_the_reply(pair: Any) -> None:
+    a, b, ra, rb, _ = pair
+    rb.mesh = b
+    await until(lambda: "sg/b" in a.connections and "sg/a" in b.connections, what="connected")
+    result = await a.request("sg/b", "sub", None, on_result=lambda r: ra.seen.append(("reply", r)))
+    assert result == ["pending"]
+    await until(lambda: len(ra.seen) == 2, what="the delivery")
+    # A subscriber registered in on_result misses nothing that follows its reply.
+    assert ra.seen == [("reply", ["pending"]), ("deliver", ["after"])]
