@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.errors import ChangeInProgress, NodeDown, PlanError
+from cluster.errors import ChangeInProgress, NodeDown, PlanError, RingError
 from cluster.ring import MAX_WEIGHT, Move, Ring
 
 PLAN_FORMAT = 1
@@ -85,12 +85,17 @@ class Placement:
     def replicas(self) -> int:
         return self.ring.replicas
 
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < len(self._owners):
+            raise RingError(f"slot {slot} is not in [0, {len(self._owners)})")
+
     def owner(self, slot: int) -> str:
-        self.ring.owner(slot)  # checks the slot
+        """The node serving ``slot`` (on every routed op: one check, one index)."""
+        self._check_slot(slot)
         return self._owners[slot]
 
     def preference_list(self, slot: int) -> tuple[str, ...]:
-        self.ring.owner(slot)
+        self._check_slot(slot)
         return self._prefs[slot]
 
     def assignment(self) -> tuple[str, ...]:

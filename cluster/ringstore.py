@@ -498,7 +498,16 @@ async def apply_plan(
                 slots, replicas = stored.slots, stored.replicas
                 # Released before the interruption (or a MoveStuck), maybe not landed yet.
                 released = [m for m in stored.moves if m.slot not in state.holds]
-        target = placement(leases, state, slots=slots, replicas=replicas, holds=False)
+
+        def where(leases_now: Mapping[str, float], state_now: RingState) -> Placement | None:
+            # The ring as the nodes compute it, holds aside: where the moves must land.
+            return placement(leases_now, state_now, slots=slots, replicas=replicas, holds=False)
+
+        async def where_now() -> Placement | None:
+            state_now = await store.read()
+            return where(await store.leases(), state_now)
+
+        target = where(leases, state)
         if target is None:
             raise PlanError("no live node has a positive weight: nothing can own the slots")
         todo = [Move(s, n, target.owner(s)) for s, n in sorted(state.holds.items())]
@@ -508,13 +517,6 @@ async def apply_plan(
             for m in released
             if records.get(m.slot) != target.owner(m.slot)
         ]
-
-        async def where_now() -> Placement | None:
-            # The ring as the nodes compute it now, holds aside: where moves must land.
-            state_now = await store.read()
-            return placement(
-                await store.leases(), state_now, slots=slots, replicas=replicas, holds=False
-            )
 
         moved = await _move(
             store,

@@ -340,10 +340,9 @@ class Router:
                 await asyncio.sleep(0.05)  # appends under way or to retry
         with contextlib.suppress(Exception):
             await self._snapshot_all()  # the last batch is in the log: save the state
-        # Checkpoint and release every slot: the next owners start from all of it.
+        # Checkpoint and release every slot (draining, each is lost at the end of it):
+        # the next owners start from all of it.
         await self._release(list(self.owned))
-        for slot in list(self.owned):
-            self._lose(slot)
         if self.membership is not None:
             await self.membership.stop()  # no renewal may re-take the lease
             await self.membership.leave()

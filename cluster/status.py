@@ -20,7 +20,7 @@ import redis
 
 from cluster.keys import PREFIX, control_channel, epoch_key, lease_prefix, owner_key, region_tag
 from cluster.membership import Member, decode_leases
-from cluster.rebalance import Plan, RingState, make_plan, placement
+from cluster.rebalance import Plan, RingState, effective_weights, make_plan, placement
 from cluster.ringstore import ApplyResult, Progress, parse_state, queue_state
 
 
@@ -174,6 +174,18 @@ def links_status(url: str, region: str, admin_token: str = "") -> list[dict[str,
                     row.update({k: link[k] for k in LINK_FIELDS})
         out.append(row)
     return out
+
+
+def ring_weights(url: str, region: str) -> dict[str, float]:
+    """The nodes on ``region``'s ring now (live, weight > 0) and their weights."""
+    try:
+        with _client(url) as r:
+            ms = members(r, region)
+            state = ring_state(r, region)
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        raise Unreachable(f"cannot reach {url}: {e}") from e
+    weights = effective_weights({n: m.weight for n, m in ms.items()}, state)
+    return {n: w for n, w in weights.items() if w > 0}
 
 
 def ring_plan(

@@ -787,16 +787,14 @@ def node_add(
     """
     from cluster.errors import RebalanceError
     from cluster.rebalance import Plan
-    from cluster.status import Unreachable, ring_plan
+    from cluster.status import Unreachable, ring_plan, ring_weights
 
     region = node_id.split("/", 1)[0]
     done: list[dict[str, Any]] = []
     for i in range(1, steps + 1):
         w = round(weight * i / steps, 6)
         try:
-            on_ring = ring_plan(
-                redis_url, region, add={}, remove=[], weights={}, slots=slots, replicas=replicas
-            )["plan"]["before"]
+            on_ring = ring_weights(redis_url, region)
             change: dict[str, Any] = (
                 {"weights": {node_id: w}} if node_id in on_ring else {"add": {node_id: w}}
             )
