@@ -25,6 +25,8 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
 EXIT_TEMPFAIL = 75
 EXIT_CONFIG = 78
+# relay links: some link is not running (stalled, failing, down or unknown).
+EXIT_LINK_UNHEALTHY = 1
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -379,7 +381,9 @@ def status(redis_url: str, region: str, slots: int, admin_token: str, as_json: b
 def links(redis_url: str, region: str, admin_token: str, as_json: bool) -> None:
     """Every link out of a region: holder, state, lag, backlog, gaps.
 
-    Exit 0; 69 when the region's Redis cannot be reached.
+    Exit 0 when every link runs; 1 when one is stalled, failing, down (nobody holds
+    it) or unknown (its holder does not answer); 69 when the region's Redis cannot be
+    reached.
     """
     from cluster.status import Unreachable, links_status
 
@@ -388,8 +392,11 @@ def links(redis_url: str, region: str, admin_token: str, as_json: bool) -> None:
     except Unreachable as e:
         err.print(f"relay links: {e}")
         sys.exit(EXIT_UNAVAILABLE)
+    unhealthy = [r["to"] for r in rows if r["state"] != "running"]
     if as_json:
         click.echo(json.dumps({"region": region, "links": rows}))
+        if unhealthy:
+            sys.exit(EXIT_LINK_UNHEALTHY)
         return
     from rich.table import Table
 
@@ -407,6 +414,9 @@ def links(redis_url: str, region: str, admin_token: str, as_json: bool) -> None:
             str(r.get("gaps_total", "")),
         )
     Console().print(table)
+    if unhealthy:
+        err.print(f"relay links: not running: {', '.join(unhealthy)}")
+        sys.exit(EXIT_LINK_UNHEALTHY)
 
 
 @cli.group()

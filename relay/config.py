@@ -265,6 +265,14 @@ class ClusterConfig:
     checkpoint_interval_s: float = _opt(
         5.0, "float", "how often changed slots are checkpointed to Redis", lo=0, lo_open=True
     )
+    link_max_backlog_s: float = _opt(
+        120.0,
+        "float",
+        "a slot log is kept for a link at most this far behind; past it the link resyncs "
+        "the slot from its checkpoint",
+        lo=0,
+        lo_open=True,
+    )
 
 
 _SECTIONS: Final[dict[str, type[Any]]] = {
