@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 TAIL_BLOCK_MS = 500
 COPY_COUNT = 200
-STALL_AFTER_S = 3.0
+STALL_AFTER_S = 2.0
 MAX_BACKOFF_S = 5.0
 # With nothing to copy, the destination is still asked this often whether it answers
 # (a cut WAN shows as an error even when no entry waits), and must answer within this.

@@ -216,6 +216,7 @@ class Router:
             "mirror_gaps": 0,
             # Slot logs trimmed past a link that fell further behind than allowed.
             "backlog_trims": 0,
+            "checkpoints": 0,
         }
         # Inter-region: peers (name → Redis URL), links from here to each, and what this
         # node applied of each origin's mirrors.
@@ -1293,6 +1294,7 @@ class Router:
         data, positions = self._checkpoint_data(slot, events)
         try:
             await self.slotlog.write_checkpoint(slot, self.me, epoch, data, covers)
+            self.counters["checkpoints"] += 1
             await self.slotlog.trim(slot, await self._trim_bound(slot, covers, floor))
             for origin, position in positions.items():
                 await self.slotlog.trim_mirror(slot, origin, position)

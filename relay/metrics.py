@@ -185,7 +185,7 @@ def cluster_metrics(router: Any, labels: list[str], who: list[str]) -> Iterator[
             ),
             (
                 "relay_link_stalled",
-                "1 while entries wait and the link has made no progress for 3 s",
+                "1 while entries wait and the link has made no progress for 2 s",
                 GaugeMetricFamily,
                 lambda link: int(link.holding and link.stalled),
             ),
