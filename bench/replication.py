@@ -34,6 +34,7 @@ from typing import Any
 import click
 import redis
 import websockets
+from websockets.typing import Subprotocol
 
 from bench.procs import report
 from bench.region import _children_output_to, _env
@@ -87,7 +88,8 @@ class Soak:
         return url
 
     async def _hello(self, url: str) -> Any:
-        c = await websockets.connect(url, subprotocols=["relay.v1.json"], max_size=None)
+        proto = Subprotocol("relay.v1.json")
+        c = await websockets.connect(url, subprotocols=[proto], max_size=None)
         await c.send(json.dumps({"op": "hello"}))
         return c
 
@@ -153,7 +155,7 @@ class Soak:
                 to_ack.clear()
                 if batch:
                     await c.send(json.dumps(batch))
-                    self.acked += sum(len(b["ids"]) for b in batch)  # type: ignore[arg-type]
+                    self.acked += sum(len(b["ids"]) for b in batch)
         finally:
             reader.cancel()
             await c.close()

@@ -1287,14 +1287,14 @@ class Router:
         covers = self.applied.get(slot)
         if epoch is None or covers is None or covers == "0-0":
             return
-        if floor is None and self.links:
-            floor = (await self._link_floors([slot])).get(slot, "0-0")
         self.dirty.discard(slot)
         events = slot_state(self.node, sorted(self.slot_channels.get(slot, ())), self.wall_ms())
         data, positions = self._checkpoint_data(slot, events)
         try:
             await self.slotlog.write_checkpoint(slot, self.me, epoch, data, covers)
             self.counters["checkpoints"] += 1
+            if floor is None and self.links:
+                floor = (await self._link_floors([slot])).get(slot, "0-0")
             await self.slotlog.trim(slot, await self._trim_bound(slot, covers, floor))
             for origin, position in positions.items():
                 await self.slotlog.trim_mirror(slot, origin, position)

@@ -254,9 +254,7 @@ async def test_a_burst_during_a_cut_arrives_whole_and_live_after_the_heal(sg_fra
     assert len(h.published) == total, h.errors
     # Longer than a checkpoint interval: sg checkpoints (and trims) every slot meanwhile.
     touched = len({slot_of(ch, 256) for ch in channels})
-    await until_true(
-        lambda: checkpointed_since(doc, "sg", before) >= touched, "sg checkpoints", 30
-    )
+    await until_true(lambda: checkpointed_since(doc, "sg", before) >= touched, "sg checkpoints", 30)
     wan(doc, "/reset", pair="sg-fra")
     wan(doc, "/set", pair="sg-fra", blackhole=0)
     assert_clean(await converged(entry_urls(doc), h, timeout_s=120))
