@@ -4,7 +4,11 @@ Load generators record each publish they attempted and each ``puback`` they got;
 record what a subscriber acknowledged (answered ``acked``). The checker then reads every
 pending message of every channel in a region (raw, no client-side dedupe) and reports:
 
-- ``lost``: acknowledged at publish, never acked by a subscriber, not pending;
+- ``lost``: acknowledged at ``log`` (or ``remote``), never acked by a subscriber, not
+  pending;
+- ``diverged``: acknowledged at ``mem`` (which a failover may lose: at most a batch
+  window), not acked, pending in some region and not in another: whatever a region
+  kept, every region must keep;
 - ``doubled``: pending more than once;
 - ``resurrected``: acked by a subscriber, pending again;
 - ``invented``: pending but never published.
@@ -29,7 +33,8 @@ from tests.wsclient import Client
 @dataclass
 class History:
     attempted: set[tuple[str, str]] = field(default_factory=set)  # (ch, id)
-    published: set[tuple[str, str]] = field(default_factory=set)  # puback received
+    published: set[tuple[str, str]] = field(default_factory=set)  # puback at log or above
+    published_mem: set[tuple[str, str]] = field(default_factory=set)  # puback at mem
     acked: set[tuple[str, str]] = field(default_factory=set)  # a subscriber's ack answered
     errors: Counter[str] = field(default_factory=Counter)
 
@@ -45,17 +50,20 @@ class Verdict:
     resurrected: list[tuple[str, str]]
     invented: list[tuple[str, str]]
     pending: int
+    present: frozenset[tuple[str, str]] = frozenset()
+    diverged: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.doubled or self.resurrected or self.invented)
+        return not (self.lost or self.doubled or self.resurrected or self.invented or self.diverged)
 
     def __str__(self) -> str:
         return (
             f"{self.region}: {self.pending} pending, lost {len(self.lost)} "
             f"{self.lost[:5]}, doubled {len(self.doubled)} {self.doubled[:5]}, "
             f"resurrected {len(self.resurrected)} {self.resurrected[:5]}, "
-            f"invented {len(self.invented)} {self.invented[:5]}"
+            f"invented {len(self.invented)} {self.invented[:5]}, "
+            f"diverged {len(self.diverged)} {self.diverged[:5]}"
         )
 
 
@@ -99,6 +107,7 @@ async def check(region: str, url: str, h: History) -> Verdict:
         resurrected=sorted(k for k in h.acked if counts[k] > 0),
         invented=sorted(k for k in counts if k not in h.attempted),
         pending=len(pending),
+        present=frozenset(counts),
     )
 
 
@@ -110,13 +119,22 @@ async def converged(
     deadline = time.monotonic() + timeout_s
     while True:
         verdicts = {r: await check(r, url, h) for r, url in regions.items()}
+        mem = h.published_mem - h.acked
+        kept = [v.present & mem for v in verdicts.values()]
+        for v in verdicts.values():
+            v.diverged = sorted(set().union(*kept) - v.present)
         if all(v.ok for v in verdicts.values()) or time.monotonic() > deadline:
             return verdicts
         await asyncio.sleep(0.5)  # poll interval while links and owners catch up
 
 
+# Errors a client retries with the same id (PROTOCOL.md: "retry" codes).
+RETRY = frozenset({"unavailable", "overloaded", "rate_limited", "internal"})
+
+
 class Publisher:
-    """One connection publishing ``(ch, id)`` pairs, many in flight, recording pubacks."""
+    """One connection publishing ``(ch, id)`` pairs, many in flight, recording pubacks;
+    a publish refused with a retry code is sent again with the same id, as the SDK does."""
 
     def __init__(self, c: Client, h: History, ack: str, body: str) -> None:
         self.c = c
@@ -124,6 +142,7 @@ class Publisher:
         self.ack = ack
         self.body = body
         self.in_flight: dict[str, str] = {}
+        self.retry: list[tuple[str, str]] = []
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
@@ -136,10 +155,13 @@ class Publisher:
             if obj["op"] == "puback":
                 ch = self.in_flight.pop(obj["id"], None)
                 if ch is not None:
-                    self.h.published.add((ch, obj["id"]))
+                    to = self.h.published_mem if obj["ack"] == "mem" else self.h.published
+                    to.add((ch, obj["id"]))
             elif obj["op"] == "error":
-                self.in_flight.pop(obj.get("id", ""), None)
+                ch = self.in_flight.pop(obj.get("id", ""), None)
                 self.h.errors[obj["code"]] += 1
+                if ch is not None and obj["code"] in RETRY:
+                    self.retry.append((ch, obj["id"]))
 
     async def send(self, pairs: list[tuple[str, str]]) -> None:
         for ch, msg_id in pairs:
@@ -153,9 +175,13 @@ class Publisher:
         )
 
     async def drain(self, timeout_s: float = 60) -> None:
-        """Wait until every publish was answered (or the deadline passes)."""
+        """Wait until every publish was acknowledged or refused for good, sending the
+        retryable ones again (or until the deadline passes)."""
         deadline = time.monotonic() + timeout_s
-        while self.in_flight and time.monotonic() < deadline:
+        while (self.in_flight or self.retry) and time.monotonic() < deadline:
+            if self.retry and not self.in_flight:
+                again, self.retry = self.retry, []
+                await self.send(again)
             await asyncio.sleep(0.05)  # poll until the pubacks are in
 
     async def close(self) -> None:

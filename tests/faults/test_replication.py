@@ -157,7 +157,7 @@ async def test_steady_load_over_a_slow_wan_with_frequent_checkpoints_loses_nothi
             ws(doc, "sg", 1), h, channels=CHANNELS, rate=400, duration_s=30, prefix="b", ack="mem"
         ),
     )
-    assert len(h.published) > 20_000, h.errors
+    assert len(h.published) > 10_000 and len(h.published_mem) > 10_000, h.errors
     assert_clean(await converged(entry_urls(doc), h))
 
 
