@@ -73,7 +73,9 @@ def test_config_validate_good_and_bad(tmp_path: Path) -> None:
     bad.write_text('[client]\nport = "x"\nmax_body = -1\n[nodee]\nid = "a"\n')
     r = relay("config", "validate", str(bad))
     assert r.returncode == 78
-    assert "client.port" in r.stderr and "client.max_body" in r.stderr and "nodee" in r.stderr
+    # The problems are the command's result: on stdout.
+    assert "client.port" in r.stdout and "client.max_body" in r.stdout and "nodee" in r.stdout
+    assert "3 problems" in r.stdout
     r = relay("config", "validate", "--json", str(bad))
     assert r.returncode == 78
     doc = json.loads(r.stdout)
@@ -84,7 +86,8 @@ def test_env_override_is_validated(tmp_path: Path) -> None:
     good = tmp_path / "n.toml"
     good.write_text("")
     r = relay("config", "validate", str(good), env={"RELAY_CLIENT__PORT": "99999"})
-    assert r.returncode == 78 and "RELAY_CLIENT__PORT" in r.stderr
+    assert r.returncode == 78 and "RELAY_CLIENT__PORT" in r.stdout
+    assert "1 problem\n" in r.stdout
 
 
 def test_serve_refuses_bad_config_with_78(tmp_path: Path) -> None:
