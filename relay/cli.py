@@ -166,6 +166,9 @@ def serve(config_path: str | None, ready_file: str | None, log_level: str) -> No
 
 # -- dev --------------------------------------------------------------------------
 
+# The first node of `relay dev` on the client port a node's config defaults to.
+DEFAULT_DEV_PORT_BASE = 7400
+
 
 @cli.group(invoke_without_command=True)
 @click.option("--regions", default="local", show_default=True, help="Comma-separated region names.")
@@ -179,11 +182,13 @@ def serve(config_path: str | None, ready_file: str | None, log_level: str) -> No
 )
 @click.option(
     "--port-base",
-    type=click.IntRange(1024, 65000),
+    type=click.IntRange(0, 65000),
     default=None,
     help="Predictable ports: node i (across regions) listens on BASE+10*i (WebSocket), "
     "+1 (admin), +2 (mesh); region k's Redis on BASE+10*k+3 and its WAN proxy ports on "
-    "BASE+10*k+4..8; the WAN control on BASE+9. Default: free ports.",
+    "BASE+10*k+4..8; the WAN control on BASE+9. 0: free ports. Default: "
+    f"{DEFAULT_DEV_PORT_BASE} when those ports are free (the first node at "
+    f"ws://127.0.0.1:{DEFAULT_DEV_PORT_BASE}/v1/ws), else free ports.",
 )
 @click.option(
     "--ready-file",
@@ -259,13 +264,22 @@ def dev(
         context.check_name(context_name)
     except context.ContextError as e:
         raise click.BadParameter(str(e), param_hint="--context") from None
+    if 0 < (port_base or 0) < 1024:
+        raise click.BadParameter("give 0 (free ports) or 1024..65000", param_hint="--port-base")
     cluster = DevCluster(
         names,
         nodes_per_region=nodes,
-        port_base=port_base,
+        port_base=port_base or None,
         wan_latency_ms=wan_latency_ms,
         wan_jitter_ms=wan_jitter_ms,
     )
+    if port_base is None:
+        cluster.port_base = DEFAULT_DEV_PORT_BASE
+        try:
+            cluster.check_ports()
+        except RelayError as e:
+            err.print(f"relay dev: {e}; using free ports instead", markup=False, highlight=False)
+            cluster.port_base = None
     previous = context.current_name(os.environ)
 
     def publish(doc: dict[str, Any]) -> None:

@@ -55,6 +55,15 @@ async def next_turn() -> None:
     await fut
 
 
+@pytest.fixture(autouse=True)
+def _cli_context_home(tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLI contexts (``relay dev`` writes one) go to a temporary directory, never the
+    real home; no context or Redis URL is inherited from the environment."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg")))
+    monkeypatch.delenv("RELAY_CONTEXT", raising=False)
+    monkeypatch.delenv("RELAY_CLUSTER__REDIS_URL", raising=False)
+
+
 def node_config(**sections: dict[str, Any]) -> Config:
     """A config for a test node on free loopback ports, with overrides per section."""
     base = load_config(

@@ -131,7 +131,7 @@ def test_serve_then_sigterm_closes_clients_with_1001(tmp_path: Path) -> None:
 def test_dev_writes_ready_file_and_serves(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
-        [*RELAY, "dev", "--ready-file", str(ready)],
+        [*RELAY, "dev", "--ready-file", str(ready), "--port-base", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
