@@ -130,3 +130,23 @@ def redis_url(redis_server: Any) -> str:
         r.config_set("notify-keyspace-events", "")
     url: str = redis_server.url
     return url
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say at the end of the run when the browser tests were skipped, and why: a green
+    run without them has not tested the dashboard or the demo."""
+    from tests.browser.conftest import SKIP_PREFIX
+
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else ""
+        if SKIP_PREFIX in str(reason):
+            why = str(reason).split(SKIP_PREFIX, 1)[1].lstrip(": ")
+            reasons[why] = reasons.get(why, 0) + 1
+    for why, n in reasons.items():
+        terminalreporter.write_sep("=", "browser tests skipped", yellow=True, bold=True)
+        terminalreporter.write_line(
+            f"{n} browser test{'s' if n != 1 else ''} did not run: {why}. "
+            "The dashboard and the demo page are untested in this run."
+        )
