@@ -168,10 +168,19 @@ def serve(config_path: str | None, ready_file: str | None, log_level: str) -> No
 
 # The first node of `relay dev` on the client port a node's config defaults to.
 DEFAULT_DEV_PORT_BASE = 7400
+# A bare `relay dev` shows the mission: regions a message follows its recipient across,
+# one node each (light on a laptop), linked over a simulated WAN.
+DEFAULT_DEV_REGIONS = ("sg", "fra", "iad")
+DEFAULT_DEV_WAN_LATENCY_MS = 40.0
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--regions", default="local", show_default=True, help="Comma-separated region names.")
+@click.option(
+    "--regions",
+    default=",".join(DEFAULT_DEV_REGIONS),
+    show_default=True,
+    help="Comma-separated region names (one, e.g. --regions local, for a single region).",
+)
 @click.option(
     "--nodes",
     "nodes",
@@ -202,7 +211,8 @@ DEFAULT_DEV_PORT_BASE = 7400
     type=click.FloatRange(0, 10_000),
     default=None,
     help="Put a fault proxy with this one-way latency between every pair of regions, so "
-    "the links cross a WAN-like path (its control URL goes into the ready file).",
+    "the links cross a WAN-like path (its control URL goes into the ready file). "
+    f"Default with several regions: {DEFAULT_DEV_WAN_LATENCY_MS:g}.",
 )
 @click.option(
     "--wan-jitter-ms",
@@ -229,20 +239,23 @@ def dev(
     wan_jitter_ms: float,
     context_name: str,
 ) -> None:
-    """Run a local cluster: embedded Redis, anonymous access, until Ctrl-C.
+    """Run a local cluster until Ctrl-C: by default three regions (sg, fra, iad) of one
+    node each, an embedded Redis per region, links across a simulated WAN (40 ms each
+    way), anonymous access.
 
     Prints every node's WebSocket and admin URL, and each region's dashboard and chat
-    demo page (open them in a browser). Or try it with any WebSocket client:
-    send {"op":"sub","ch":"inbox:alice"} on one connection and
-    {"op":"pub","id":"1","ch":"inbox:alice","body":"hi"} on another.
+    demo page (open them in a browser: a message follows its recipient across regions).
+    Or try it with any WebSocket client: send {"op":"sub","ch":"inbox:alice"} on one
+    connection and {"op":"pub","id":"1","ch":"inbox:alice","body":"hi"} on another.
 
     \b
     While it runs, the ops commands need no flags (it writes the CLI context "dev"
     and makes it current):
       relay status                   the first region's nodes and slots
-      relay node drain local/n1      the node leaves; the others keep serving
-      relay dev restart local/n1     start it again (or after a kill -9)
-      relay node add local/n2        start a new node and move slots to it
+      relay links                    its links to the other regions
+      relay node add sg/n2           start a new node and move slots to it
+      relay node drain sg/n2         the node leaves; the others keep serving
+      relay dev restart sg/n2        start it again (or after a kill -9)
     A node that exits is reported; the cluster keeps running.
     """
     if ctx.invoked_subcommand is not None:
@@ -264,6 +277,8 @@ def dev(
         context.check_name(context_name)
     except context.ContextError as e:
         raise click.BadParameter(str(e), param_hint="--context") from None
+    if wan_latency_ms is None and len(names) > 1:
+        wan_latency_ms = DEFAULT_DEV_WAN_LATENCY_MS
     if 0 < (port_base or 0) < 1024:
         raise click.BadParameter("give 0 (free ports) or 1024..65000", param_hint="--port-base")
     cluster = DevCluster(
@@ -283,9 +298,8 @@ def dev(
     previous = context.current_name(os.environ)
 
     def publish(doc: dict[str, Any]) -> None:
-        """The ready file and the CLI context follow the cluster."""
-        if ready_file:
-            write_ready_file(ready_file, doc)
+        """The CLI context and the ready file follow the cluster (the ready file last:
+        who sees it may use the context at once)."""
         context.save(
             context.Context(
                 context_name,
@@ -295,6 +309,8 @@ def dev(
             os.environ,
             make_current=True,
         )
+        if ready_file:
+            write_ready_file(ready_file, doc)
 
     try:
         doc = cluster.start()

@@ -205,15 +205,16 @@ def test_dev_port_base_decides_every_port(tmp_path: Path) -> None:
 
 
 def test_dev_busy_port_is_one_line_naming_port_and_flag(tmp_path: Path) -> None:
-    base = free_block(10)
+    base = free_block(30)
     with socket.socket() as s:
-        s.bind(("127.0.0.1", base + 3))
+        s.bind(("127.0.0.1", base + 13))
         s.listen()
         r = relay("dev", "--port-base", str(base), timeout=60)
     assert r.returncode == 1
+    # sg, fra, iad: fra's Redis is +3 of block 1; iad's WAN pairs end at +25.
     assert r.stderr.strip().splitlines() == [
-        f"relay dev: cannot start: port {base + 3} (Redis of local) is in use: choose "
-        f"another --port-base (this cluster uses {base}-{base + 3})"
+        f"relay dev: cannot start: port {base + 13} (Redis of fra) is in use: choose "
+        f"another --port-base (this cluster uses {base}-{base + 25})"
     ]
 
 

@@ -33,7 +33,7 @@ def test_readme_sdk_snippet_runs_against_relay_dev(tmp_path: Path) -> None:
     url = f"ws://127.0.0.1:{DEFAULT_DEV_PORT_BASE}/v1/ws"
     assert url in snippet
     # Here the suite picks free ports (other tests and developers may hold 7400).
-    base = free_block(10)
+    base = free_block(30)
     script = tmp_path / "snippet.py"
     script.write_text(snippet.replace(url, f"ws://127.0.0.1:{base}/v1/ws"))
     with relay_dev(tmp_path, "--port-base", str(base)):

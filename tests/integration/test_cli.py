@@ -128,7 +128,9 @@ def test_serve_then_sigterm_closes_clients_with_1001(tmp_path: Path) -> None:
             proc.wait()
 
 
-def test_dev_writes_ready_file_and_serves(tmp_path: Path) -> None:
+def test_dev_writes_ready_file_and_serves_the_mission(tmp_path: Path) -> None:
+    """A bare `relay dev`: three regions over a simulated WAN; a message published in
+    one reaches its recipient in another."""
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
         [*RELAY, "dev", "--ready-file", str(ready), "--port-base", "0"],
@@ -138,24 +140,36 @@ def test_dev_writes_ready_file_and_serves(tmp_path: Path) -> None:
     )
     try:
         doc = wait_for_file(ready, proc, timeout_s=60)
-        assert list(doc["regions"]) == ["local"]
-        region = doc["regions"]["local"]
-        assert region["redis"].startswith("redis://127.0.0.1:")
-        (node,) = region["nodes"]
-        assert set(node) == {"id", "ws", "admin", "pid"}
-        assert node["id"] == "local/n1"
-        with connect(node["ws"]) as a, connect(node["ws"]) as b:
+        assert list(doc["regions"]) == ["sg", "fra", "iad"]
+        assert doc["wan"]["control"].startswith("http://127.0.0.1:")
+        assert set(doc["wan"]["pairs"]) == {
+            f"{a}-{b}" for a in doc["regions"] for b in doc["regions"] if a != b
+        }
+        nodes = {}
+        for name, region in doc["regions"].items():
+            assert region["redis"].startswith("redis://127.0.0.1:")
+            (node,) = region["nodes"]
+            assert set(node) == {"id", "ws", "admin", "pid"}
+            assert node["id"] == f"{name}/n1"
+            nodes[name] = node
+        with connect(nodes["fra"]["ws"]) as a, connect(nodes["sg"]["ws"]) as b:
             a.send(json.dumps({"op": "sub", "ch": "inbox:alice"}))
             assert [o["op"] for o in objects(a, 2)] == ["welcome", "subscribed"]
             b.send(json.dumps({"op": "pub", "id": "hi", "ch": "inbox:alice", "body": "hello"}))
-            (msg,) = objects(a, 1)
-            assert msg["op"] == "msg" and msg["body"] == "hello"
+            deadline = time.monotonic() + 30  # links start, then one WAN crossing
+            while True:
+                try:
+                    (msg,) = objects(a, 1)
+                    break
+                except TimeoutError:
+                    assert time.monotonic() < deadline, "the message did not cross regions"
+            assert msg["op"] == "msg" and msg["body"] == "hello" and msg["origin"] == "sg"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         # Every child is gone.
-        for pid in (node["pid"],):
+        for node in nodes.values():
             with pytest.raises(ProcessLookupError):
-                os.kill(pid, 0)
+                os.kill(node["pid"], 0)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -184,7 +198,7 @@ def test_dev_port_base_makes_ports_predictable(tmp_path: Path) -> None:
     base = next(b for b in range(20000, 30000, 10) if free_run(b))
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
-        [*RELAY, "dev", "--ready-file", str(ready), "--port-base", str(base)],
+        [*RELAY, "dev", "--regions", "local", "--ready-file", str(ready), "--port-base", str(base)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
