@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from relay.cli import DEFAULT_DEV_PORT_BASE
+from relay.cli_dev import DEFAULT_DEV_PORT_BASE
 from tests.cluster.test_dev import free_block, relay_dev
 
 README = Path(__file__).resolve().parents[2] / "README.md"

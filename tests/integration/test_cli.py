@@ -51,7 +51,25 @@ def objects(ws: Any, n: int) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize(
     "args",
-    [(), ("serve",), ("dev",), ("config",), ("config", "validate"), ("config", "init"), ("bench",)],
+    [
+        (),
+        ("serve",),
+        ("dev",),
+        ("dev", "restart"),
+        ("dev", "start"),
+        ("dev", "nodes"),
+        ("config",),
+        ("config", "validate"),
+        ("config", "init"),
+        ("token",),
+        ("context",),
+        ("context", "add"),
+        ("status",),
+        ("links",),
+        ("ring", "plan"),
+        ("node", "add"),
+        ("bench",),
+    ],
 )
 def test_every_command_has_help(args: tuple[str, ...]) -> None:
     r = relay(*args, "--help")
