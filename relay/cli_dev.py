@@ -140,7 +140,12 @@ def dev(
         try:
             cluster.check_ports()
         except RelayError as e:
-            err.print(f"relay dev: {e}; using free ports instead", markup=False, highlight=False)
+            busy = str(e).split(": choose", 1)[0]
+            err.print(
+                f"relay dev: {busy}; using free ports instead (--port-base N to choose)",
+                markup=False,
+                highlight=False,
+            )
             cluster.port_base = None
     previous = context.current_name(os.environ)
 
