@@ -152,15 +152,23 @@ def dev(
     def publish(doc: dict[str, Any]) -> None:
         """The CLI context and the ready file follow the cluster (the ready file last:
         who sees it may use the context at once)."""
-        context.save(
-            context.Context(
-                context_name,
-                {r: d["redis"] for r, d in doc["regions"].items()},
-                dev_control=str(cluster.control_path),
-            ),
-            os.environ,
-            make_current=True,
-        )
+        try:
+            context.save(
+                context.Context(
+                    context_name,
+                    {r: d["redis"] for r, d in doc["regions"].items()},
+                    dev_control=str(cluster.control_path),
+                ),
+                os.environ,
+                make_current=True,
+            )
+        except OSError as e:
+            err.print(
+                f"relay dev: cannot write the CLI context ({e}); give the ops commands "
+                "--redis and --region",
+                markup=False,
+                highlight=False,
+            )
         if ready_file:
             write_ready_file(ready_file, doc)
 
