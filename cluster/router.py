@@ -781,6 +781,8 @@ class Router:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if self.stopped:
+                    return  # our own clients closed under the read: not a failure
                 log.warning("tailing mirrors of %s failed: %s", origin, e)
                 await asyncio.sleep(0.5)  # back off before retrying Redis
                 continue
@@ -855,6 +857,8 @@ class Router:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if self.stopped:
+                    return  # our own clients closed under the read: not a failure
                 log.warning("tailing slot logs failed: %s", e)
                 await asyncio.sleep(0.5)  # back off before retrying Redis
                 continue
