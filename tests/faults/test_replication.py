@@ -358,7 +358,9 @@ async def test_an_owner_paused_past_its_lease_brings_back_nothing_acked(sg3_fra:
         wait_settled(cluster, others, timeout_s=30)
         # Light publishing goes on in both regions meanwhile.
         await fra.send([(ch, f"during-{ch}") for ch in chans[:20]])
-        await ack_all(others[0]["ws"], h, [(ch, f"f{k}-{ch}") for ch in mine for k in (0, 1)])
+        acked = [(ch, f"f{k}-{ch}") for ch in mine for k in (0, 1)]
+        # Every one was pending in sg before the pause: its successors must hold them.
+        assert await ack_all(others[0]["ws"], h, acked) == len(acked)
         before = checkpoint_ids(doc, "sg")
         await until_true(
             lambda: checkpointed_since(doc, "sg", before) >= 10,
