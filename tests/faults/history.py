@@ -67,6 +67,10 @@ class Verdict:
         )
 
 
+# Errors a client retries with the same id (PROTOCOL.md: "retry" codes).
+RETRY = frozenset({"unavailable", "overloaded", "rate_limited", "internal"})
+
+
 async def hello(url: str) -> Client:
     c = await Client.connect(url)
     await c.request({"op": "hello"}, "welcome")
@@ -90,6 +94,10 @@ async def read_pending(url: str, channels: Iterable[str], timeout_s: float = 60)
                 want[obj["ch"]] = obj["pending"]
             elif obj["op"] == "msg":
                 got.append((obj["ch"], obj["id"]))
+            elif obj["op"] == "error" and obj.get("code") in RETRY and obj.get("ch"):
+                # The channel's slot is moving (a handoff): ask again, as a client would.
+                await asyncio.sleep(0.1)  # back off before the retry, within the deadline
+                await c.send({"op": "sub", "ch": obj["ch"]})
             elif obj["op"] == "error":
                 raise AssertionError(f"reading pending: {obj}")
         return got
@@ -126,10 +134,6 @@ async def converged(
         if all(v.ok for v in verdicts.values()) or time.monotonic() > deadline:
             return verdicts
         await asyncio.sleep(0.5)  # poll interval while links and owners catch up
-
-
-# Errors a client retries with the same id (PROTOCOL.md: "retry" codes).
-RETRY = frozenset({"unavailable", "overloaded", "rate_limited", "internal"})
 
 
 class Publisher:

@@ -220,6 +220,7 @@ async def test_a_blackholed_link_is_stalled_within_3s_then_heals_without_loss(
         await asyncio.sleep(0.2)  # poll until the link runs again
 
 
+@pytest.mark.timeout(300)  # tens of thousands of acks at log: slow on a busy machine
 @aio
 async def test_a_burst_during_a_cut_arrives_whole_and_live_after_the_heal(sg_fra: Any) -> None:
     """Tens of thousands of messages at full speed while the link is cut for longer than
