@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -207,6 +208,10 @@ async def test_a_blackholed_link_is_stalled_within_3s_then_heals_without_loss(
         stderr=asyncio.subprocess.DEVNULL,
     )
     assert await asyncio.wait_for(proc.wait(), 60) == 1
+    node = next(n for n in doc["regions"]["sg"]["nodes"] if n["id"] == holders[0]["node"])
+    with urllib.request.urlopen(node["admin"] + "/metrics", timeout=5) as m:
+        metrics = m.read().decode()
+    assert f'relay_link_stalled{{node="{node["id"]}",peer="fra",region="sg"}} 1.0' in metrics
     # Held for the rest of 10 s, always exactly one holder.
     while time.monotonic() - cut < 10:
         assert len([r for r in link_rows(doc, "sg", "fra") if r["holder"]]) <= 1
