@@ -167,7 +167,7 @@ def cluster_metrics(router: Any, labels: list[str], who: list[str]) -> Iterator[
             ),
             (
                 "relay_link_backlog_entries",
-                "Entries read but not yet copied",
+                "Entries waiting for the link that it has seen (a lower bound)",
                 GaugeMetricFamily,
                 lambda link: link.backlog_entries,
             ),
