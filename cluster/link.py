@@ -300,6 +300,9 @@ class Link:
         while not self._stopped:
             now = time.monotonic()
             after = {s: p for s, p in self.position.items() if self._parked.get(s, 0) <= now}
+            if not after:
+                await asyncio.sleep(PARK_S)  # every slot waits for a checkpoint
+                continue
             entries = await self.local.tail(after, TAIL_BLOCK_MS, COPY_COUNT)
             if not entries:
                 self.backlog_entries = 0
