@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -245,6 +246,18 @@ class ClusterConfig:
     advertise_host: str = _opt(
         "", "str", "address the region's other nodes dial for the mesh (empty = mesh_host)"
     )
+    mesh_secret: str = _opt(
+        "",
+        "str",
+        "the region's mesh secret (every node the same, 32+ characters); nodes prove it "
+        "to each other before any mesh op; required unless mesh_host is loopback",
+    )
+    mesh_accept_secrets: tuple[str, ...] = _opt(
+        (),
+        "list[str]",
+        "other mesh secrets accepted from peers, while the secret is being rotated",
+        nonempty=True,
+    )
     weight: float = _opt(
         1.0,
         "float",
@@ -276,8 +289,8 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "cluster": ClusterConfig,
 }
 
+MIN_MESH_SECRET_CHARS: Final = 32
 _NODE_ID_PART: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
-_LOOPBACK_HOSTS: Final = frozenset({"localhost", "::1"})
 _WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::", ""})
 
 
@@ -378,6 +391,30 @@ class Config:
                 f"must not exceed store.max_ttl_s ({s.max_ttl_s}), got {s.default_ttl_s}",
             )
 
+        cl = self.cluster
+        if ok("cluster.mesh_secret", "cluster.mesh_accept_secrets"):
+            for key, secret in (
+                ("cluster.mesh_secret", cl.mesh_secret),
+                *(("cluster.mesh_accept_secrets", x) for x in cl.mesh_accept_secrets),
+            ):
+                if secret and len(secret) < MIN_MESH_SECRET_CHARS:
+                    yield _Problem(
+                        (key,),
+                        f"must be at least {MIN_MESH_SECRET_CHARS} characters, got {len(secret)}",
+                    )
+        # Anyone who can reach the mesh port could otherwise act as a node of the region.
+        if (
+            ok("cluster.mesh_host", "cluster.mesh_secret", "cluster.redis_url")
+            and cl.redis_url
+            and not cl.mesh_secret
+            and not _is_loopback(cl.mesh_host)
+        ):
+            yield _Problem(
+                ("cluster.mesh_secret", "cluster.mesh_host"),
+                "must be set when cluster.mesh_host is not a loopback address "
+                f"({_show(cl.mesh_host)}): the mesh would be open to anyone who reaches it",
+            )
+
         a = self.admin
         if (
             ok("admin.port", "client.port", "admin.host", "client.host")
@@ -416,7 +453,14 @@ def _homes(key: str, but: str = "") -> str:
 
 
 def _is_loopback(host: str) -> bool:
-    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+    """An address literal in 127.0.0.0/8 or ::1, or ``localhost``; never a name that
+    merely starts with "127." (that resolves wherever its owner likes)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _file_problem(path: str) -> str | None:

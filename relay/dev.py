@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -57,6 +58,8 @@ class DevCluster:
     _wan_proc: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
     redis: dict[str, RedisServer] = field(default_factory=dict)
+    # Each region's mesh secret (cluster.mesh_secret), fresh for every cluster.
+    mesh_secrets: dict[str, str] = field(default_factory=dict)
     nodes: list[DevNode] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -93,11 +96,14 @@ class DevCluster:
             admin_port = ws_port + 1
             mesh_port = ws_port + 2
         config = d / "node.toml"
+        config.touch(mode=0o600, exist_ok=True)  # it holds the mesh secret
+        config.chmod(0o600)
         config.write_text(
             f'[node]\nid = "{node_id}"\ndata_dir = "{d / "data"}"\n'
             f"[client]\nport = {ws_port}\nallow_anonymous = true\n"
             f"[admin]\nport = {admin_port}\n"
             f'[cluster]\nredis_url = "{self.redis[region].url}"\nmesh_port = {mesh_port}\n'
+            f'mesh_secret = "{self.mesh_secret(region)}"\n'
             f"peers = {json.dumps(self.peer_urls(region))}\n"
             + "".join(
                 f"{k} = {v}\n" for k, v in {**self.cluster_settings, **(settings or {})}.items()
@@ -154,6 +160,12 @@ class DevCluster:
         n.ready_file.unlink(missing_ok=True)
         n.proc = subprocess.Popen(n.cmd, stdin=subprocess.DEVNULL)
         return self._await(n, timeout_s)
+
+    def mesh_secret(self, region: str) -> str:
+        """``region``'s mesh secret: what its nodes prove to each other on the mesh."""
+        if region not in self.mesh_secrets:
+            self.mesh_secrets[region] = secrets.token_urlsafe(32)
+        return self.mesh_secrets[region]
 
     def peer_urls(self, region: str) -> list[str]:
         """``name=url`` of every other region's Redis, as this region's links reach it

@@ -120,6 +120,27 @@ def cluster_metrics(router: Any, labels: list[str], who: list[str]) -> Iterator[
         c = CounterMetricFamily(name, doc, labels=labels)
         c.add_metric(who, router.counters[key])
         yield c
+    mesh = router.mesh
+    for name, doc, value in (
+        (
+            "relay_mesh_refused_total",
+            "Mesh connections refused before admission (handshake, proof, lease, duplicate)",
+            mesh.counters["refused"] if mesh is not None else 0,
+        ),
+        (
+            "relay_mesh_bad_requests_total",
+            "Mesh requests and deliveries refused for their arguments",
+            router.mesh_counters["bad_requests"],
+        ),
+        (
+            "relay_slot_log_encode_failures_total",
+            "Slot-log entries that could not be encoded (a bug; their waiters got internal)",
+            router.mesh_counters["encode_failures"],
+        ),
+    ):
+        c = CounterMetricFamily(name, doc, labels=labels)
+        c.add_metric(who, value)
+        yield c
     risk = router.data_at_risk()
     for name, doc, value in (
         (
