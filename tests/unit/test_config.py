@@ -561,6 +561,27 @@ def test_admin_token_required_off_loopback() -> None:
         assert load_config(None, {"RELAY_ADMIN__HOST": host}).admin.host == host
 
 
+@pytest.mark.parametrize("host", ["127.evil.example", "127.0.0.1.nip.io", "0.0.0.0", "10.0.0.5"])
+def test_a_name_that_starts_with_127_is_not_loopback(host: str) -> None:
+    (problem,) = problems_of(None, {"RELAY_ADMIN__HOST": host})
+    assert problem.startswith("admin.token: must be set when admin.host is not a loopback")
+
+
+def test_mesh_secret_required_off_loopback() -> None:
+    env = {"RELAY_CLUSTER__REDIS_URL": "redis://r:6379/0", "RELAY_CLUSTER__MESH_HOST": "0.0.0.0"}
+    (problem,) = problems_of(None, env)
+    assert problem.startswith(
+        'cluster.mesh_secret: must be set when cluster.mesh_host is not a loopback address ("0.0.0.0")'
+    )
+    secret = "k" * 32
+    assert load_config(None, {**env, "RELAY_CLUSTER__MESH_SECRET": secret}).cluster.mesh_secret
+    (short,) = problems_of(None, {**env, "RELAY_CLUSTER__MESH_SECRET": "short"})
+    assert short.startswith("cluster.mesh_secret: must be at least 32 characters, got 5")
+    # Loopback, or a standalone node (no mesh at all), needs none.
+    assert load_config(None, {**env, "RELAY_CLUSTER__MESH_HOST": "::1"})
+    assert load_config(None, {"RELAY_CLUSTER__MESH_HOST": "0.0.0.0"})
+
+
 # --- the default file -------------------------------------------------------------------
 
 
