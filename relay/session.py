@@ -187,6 +187,16 @@ class Session:
             self.closed = True
         return out
 
+    def expire(self, now_ms: int) -> Outcome:
+        """The edge's timer for :attr:`expires_s` fired: close with 1008 ``token expired``
+        if the token has run out (a newer ``hello`` may have moved the time on)."""
+        out = Outcome()
+        if not self.closed and self.expires_s is not None and now_ms / 1000 >= self.expires_s:
+            self._error(out, Code.UNAUTHORIZED, "token expired")
+            out.close = (CLOSE_POLICY_VIOLATION, "token expired")
+            self.closed = True
+        return out
+
     def connection_lost(self) -> None:
         """The connection is gone: drop its subscriptions (messages stay pending)."""
         if self.router is not None:
@@ -262,6 +272,10 @@ class Session:
     def _welcome(self, out: Outcome, grants: Grants, expires_s: float | None) -> None:
         self.grants = grants
         self.expires_s = expires_s
+        # A new hello replaces the grants: subscriptions they no longer cover end here.
+        dropped = sorted(ch for ch in self.subscriptions if not grants.may_sub(ch))
+        for ch in dropped:
+            self._drop_subscription(ch)
         lim = self.limits
         out.replies.append(
             {
@@ -276,6 +290,10 @@ class Session:
                     "burst": lim.burst,
                 },
             }
+        )
+        out.replies.extend(
+            {"op": "unsubscribed", "ch": ch, "reason": "not granted by the new token"}
+            for ch in dropped
         )
 
     def _pub(self, obj: dict[str, Any], out: Outcome, now_ms: int) -> None:
@@ -339,16 +357,17 @@ class Session:
         out.replies.append({"op": "acked", "ch": ch, "n": n})
 
     def _unsub(self, obj: dict[str, Any], out: Outcome) -> None:
+        # Always allowed: leaving a channel needs no grant (the token may have changed).
         ch = check_channel(obj.get("ch"))
-        assert self.grants is not None
-        if not self.grants.may_sub(ch):
-            raise BadObject(Code.FORBIDDEN, "token does not grant unsub here", ch=ch)
+        self._drop_subscription(ch)
+        out.replies.append({"op": "unsubscribed", "ch": ch})
+
+    def _drop_subscription(self, ch: str) -> None:
         if self.router is not None:
             self.router.unsubscribe(self, ch)
         else:
             self.node.unsubscribe(self, ch)
         self.subscriptions.discard(ch)
-        out.replies.append({"op": "unsubscribed", "ch": ch})
 
     # -- routed ops (a cluster node: the owner may be elsewhere) -------------------
 

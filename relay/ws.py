@@ -95,6 +95,9 @@ class RelayProtocol(WebSocketServerProtocol):
         # While draining the outbox, frames go to Twisted one by one so that its
         # buffer fills and pauses us (the replay is paced, not encoded all at once).
         self.pacing = False
+        # The token's expiry this connection is closed at (relay/session.py).
+        self._expiry_at: float | None = None
+        self._expiry_timer: Any = None
 
     # -- Autobahn hooks (delegate only) --------------------------------------------
 
@@ -198,6 +201,7 @@ class RelayProtocol(WebSocketServerProtocol):
 
     def carry_out(self, out: Outcome) -> None:
         f = self.factory
+        self._watch_expiry()
         if out.replies:
             payload = encode_frame(out.replies, self.fmt)
             if len(payload) <= f.out_frame_budget:
@@ -217,6 +221,28 @@ class RelayProtocol(WebSocketServerProtocol):
         if out.close is not None:
             code, reason = out.close
             self.close_with(code, reason)
+
+    def _watch_expiry(self) -> None:
+        """Close the connection when its token runs out, not at its next op."""
+        s = self.session
+        expires_s = s.expires_s if s is not None else None
+        if expires_s == self._expiry_at:
+            return
+        if self._expiry_timer is not None and self._expiry_timer.active():
+            self._expiry_timer.cancel()
+        self._expiry_timer = None
+        self._expiry_at = expires_s
+        if expires_s is not None:
+            delay = max(0.0, expires_s - self.factory.clock_ms() / 1000)
+            self._expiry_timer = self.factory.reactor.callLater(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry_timer = None
+        if self.session is not None:
+            out = self.session.expire(self.factory.clock_ms())
+            if out.close is not None:
+                self.factory.stats["expired"] += 1
+            self.carry_out(out)
 
     def close_with(self, code: int, reason: str) -> None:
         """Close with a protocol close code (1001, 1002, 1008: Autobahn's public
@@ -333,6 +359,9 @@ class RelayProtocol(WebSocketServerProtocol):
     def on_close(self, code: int | None) -> None:
         f = self.factory
         f.connections.discard(self)
+        if self._expiry_timer is not None and self._expiry_timer.active():
+            self._expiry_timer.cancel()
+        self._expiry_timer = None
         if self.session is not None:
             self.session.connection_lost()
             self.session = None
@@ -385,7 +414,12 @@ class RelayFactory(WebSocketServerFactory):
         # Our own frames stay well under the max_frame we announce to clients.
         self.out_frame_budget = max(1024, limits.max_frame // 2)
         self.draining = False
-        self.stats: dict[str, int] = {"connections_opened": 0, "frames_in": 0, "delivered": 0}
+        self.stats: dict[str, int] = {
+            "connections_opened": 0,
+            "frames_in": 0,
+            "delivered": 0,
+            "expired": 0,
+        }
         self.errors: dict[str, int] = {}
         self.disconnects: dict[str, int] = {}
         self.allowed_origin_patterns = allowed_origins
