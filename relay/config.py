@@ -182,6 +182,30 @@ class ClientConfig:
         "per-connection send buffer; above it the client is cut off (slow consumer)",
         **_POSITIVE,
     )
+    max_handshake_bytes: int = _opt(
+        16384, "int", "largest opening handshake (request line and headers), bytes", lo=1024
+    )
+    hello_timeout_s: float = _opt(
+        10.0,
+        "float",
+        "close a connection that has not said hello (or any op) this long after opening",
+        lo=0,
+        lo_open=True,
+    )
+    max_connections: int = _opt(50000, "int", "open client connections per node", **_POSITIVE)
+    max_connections_per_ip: int = _opt(
+        0,
+        "int",
+        "open client connections from one IP address (0 = no cap; behind a load balancer "
+        "every client has its address)",
+        lo=0,
+    )
+    max_subscriptions_per_connection: int = _opt(
+        1000, "int", "channels one connection may subscribe", **_POSITIVE
+    )
+    max_subscriptions: int = _opt(
+        1000000, "int", "subscriptions of all connections of the node together", **_POSITIVE
+    )
     tls_cert: str = _opt("", "path", "PEM certificate chain; set it and tls_key to serve wss://")
     tls_key: str = _opt("", "path", "PEM private key of tls_cert")
 

@@ -86,6 +86,27 @@ class NodeCollector(Collector):
         for code, n in sorted(f.errors.items()):
             errors.add_metric([*who, code], n)
         yield errors
+        yield gauge(
+            "relay_subscriptions", "Subscriptions held by this node's clients", f.budget.taken
+        )
+        refused = CounterMetricFamily(
+            "relay_connections_refused_total",
+            "Client connections refused or closed by a limit, by reason",
+            labels=[*labels, "reason"],
+        )
+        for reason in (
+            "max_connections",
+            "max_connections_per_ip",
+            "handshake_too_large",
+            "hello_timeout",
+        ):
+            refused.add_metric([*who, reason], f.refused.get(reason, 0))
+        yield refused
+        yield counter(
+            "relay_subscriptions_refused_total",
+            "Subscriptions refused at the node's max_subscriptions",
+            f.budget.refused,
+        )
         router = getattr(s, "router", None)
         if router is not None:
             yield from cluster_metrics(router, labels, who)

@@ -86,6 +86,7 @@ class RelayServer:
             default_ttl_s=config.store.default_ttl_s,
             max_ttl_s=config.store.max_ttl_s,
             allow_anonymous=c.allow_anonymous,
+            max_subscriptions=c.max_subscriptions_per_connection,
         )
         scheme = "wss" if c.tls_enabled else "ws"
         self.factory = RelayFactory(
@@ -101,6 +102,11 @@ class RelayServer:
             ping_interval_s=c.ping_interval_s,
             ping_timeout_s=c.ping_timeout_s,
             handshake_timeout_s=c.handshake_timeout_s,
+            max_handshake_bytes=c.max_handshake_bytes,
+            hello_timeout_s=c.hello_timeout_s,
+            max_connections=c.max_connections,
+            max_connections_per_ip=c.max_connections_per_ip,
+            max_subscriptions=c.max_subscriptions,
         )
         self.router: Any = None
         if config.cluster.redis_url:

@@ -19,9 +19,16 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.tcp import Server as _tcp_server
 from zope.interface import implementer
 
-from relay.errors import CLOSE_GOING_AWAY, Code
+from relay.errors import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, Code
 from relay.frames import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, Format, encode_frame
-from relay.session import ChannelRouter, Limits, Outcome, Session, message_object
+from relay.session import (
+    ChannelRouter,
+    Limits,
+    Outcome,
+    Session,
+    SubscriptionBudget,
+    message_object,
+)
 from relay.store import Message
 
 if TYPE_CHECKING:
@@ -98,8 +105,26 @@ class RelayProtocol(WebSocketServerProtocol):
         # The token's expiry this connection is closed at (relay/session.py).
         self._expiry_at: float | None = None
         self._expiry_timer: Any = None
+        self._hello_timer: Any = None
+        self._ip: str | None = None  # counted against the connection caps
+        self._handshake_bytes = 0
 
-    # -- Autobahn hooks (delegate only) --------------------------------------------
+    # -- Twisted and Autobahn hooks (delegate only) --------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.on_connection_made()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        self.on_connection_lost()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == WebSocketServerProtocol.STATE_CONNECTING and not self.handshake_fits(
+            len(data)
+        ):
+            return
+        super().dataReceived(data)
 
     def onConnect(self, request: Any) -> str | None:
         return self.on_connect(request.path, request.protocols, request.origin)
@@ -154,6 +179,53 @@ class RelayProtocol(WebSocketServerProtocol):
 
     # -- behaviour -----------------------------------------------------------------
 
+    def on_connection_made(self) -> None:
+        """Count the socket against client.max_connections(_per_ip), or refuse it."""
+        f = self.factory
+        transport: Any = self.transport
+        ip = str(getattr(transport.getPeer(), "host", ""))
+        why = f.admit(ip)
+        if why is not None:
+            f.refused[why] = f.refused.get(why, 0) + 1
+            transport.abortConnection()
+            return
+        self._ip = ip
+
+    def on_connection_lost(self) -> None:
+        if self._ip is not None:
+            self.factory.release(self._ip)
+            self._ip = None
+        for timer in (self._hello_timer, self._expiry_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._hello_timer = self._expiry_timer = None
+
+    def handshake_fits(self, n: int) -> bool:
+        """Bound the opening handshake's bytes (Autobahn rescans its whole buffer on every
+        read): over client.max_handshake_bytes answers 431 and closes."""
+        f = self.factory
+        self._handshake_bytes += n
+        if self._handshake_bytes <= f.max_handshake_bytes:
+            return True
+        f.refused["handshake_too_large"] = f.refused.get("handshake_too_large", 0) + 1
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"Connection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.state = WebSocketServerProtocol.STATE_CLOSED
+        transport.loseConnection()
+        return False
+
+    def _hello_due(self) -> None:
+        self._hello_timer = None
+        s = self.session
+        if s is not None and s.grants is None and not s.closed:
+            f = self.factory
+            f.refused["hello_timeout"] = f.refused.get("hello_timeout", 0) + 1
+            s.closed = True
+            self.close_with(CLOSE_POLICY_VIOLATION, "no hello in time")
+
     def on_connect(self, path: str, protocols: list[str], origin: str | None) -> str | None:
         f = self.factory
         if path != WS_PATH:
@@ -184,7 +256,9 @@ class RelayProtocol(WebSocketServerProtocol):
             overloaded=f.overloaded,
             sink=self,
             router=f.router,
+            budget=f.budget,
         )
+        self._hello_timer = f.reactor.callLater(f.hello_timeout_s, self._hello_due)
         self.outbox = _Outbox(self)
         self.registerProducer(self.outbox, True)
         f.connections.add(self)
@@ -359,9 +433,6 @@ class RelayProtocol(WebSocketServerProtocol):
     def on_close(self, code: int | None) -> None:
         f = self.factory
         f.connections.discard(self)
-        if self._expiry_timer is not None and self._expiry_timer.active():
-            self._expiry_timer.cancel()
-        self._expiry_timer = None
         if self.session is not None:
             self.session.connection_lost()
             self.session = None
@@ -401,6 +472,11 @@ class RelayFactory(WebSocketServerFactory):
         ping_interval_s: float,
         ping_timeout_s: float,
         handshake_timeout_s: float,
+        max_handshake_bytes: int = 16384,
+        hello_timeout_s: float = 10.0,
+        max_connections: int = 50000,
+        max_connections_per_ip: int = 0,
+        max_subscriptions: int = 1000000,
     ) -> None:
         super().__init__(url, protocols=[SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK])
         self.node = node
@@ -423,6 +499,15 @@ class RelayFactory(WebSocketServerFactory):
         self.errors: dict[str, int] = {}
         self.disconnects: dict[str, int] = {}
         self.allowed_origin_patterns = allowed_origins
+        self.max_handshake_bytes = max_handshake_bytes
+        self.hello_timeout_s = hello_timeout_s
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.sockets = 0  # open TCP connections, handshaken or not
+        self.per_ip: dict[str, int] = {}
+        self.budget = SubscriptionBudget(max_subscriptions)
+        # Connections refused or closed by a limit, by reason (relay_connections_refused_total).
+        self.refused: dict[str, int] = {}
         # Set by the server in cluster mode: routes channel ops to slot owners.
         self.router: ChannelRouter | None = None
         # Connections with frames queued this turn, and whether a flush is scheduled.
@@ -441,6 +526,25 @@ class RelayFactory(WebSocketServerFactory):
             "tcpNoDelay": True,
         }
         self.setProtocolOptions(**options)
+
+    def admit(self, ip: str) -> str | None:
+        """Take a connection slot for ``ip``; the reason it is refused, else None."""
+        if self.sockets >= self.max_connections:
+            return "max_connections"
+        n = self.per_ip.get(ip, 0)
+        if self.max_connections_per_ip and n >= self.max_connections_per_ip:
+            return "max_connections_per_ip"
+        self.sockets += 1
+        self.per_ip[ip] = n + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.sockets -= 1
+        n = self.per_ip.get(ip, 1) - 1
+        if n > 0:
+            self.per_ip[ip] = n
+        else:
+            self.per_ip.pop(ip, None)
 
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:

@@ -571,7 +571,8 @@ def test_mesh_secret_required_off_loopback() -> None:
     env = {"RELAY_CLUSTER__REDIS_URL": "redis://r:6379/0", "RELAY_CLUSTER__MESH_HOST": "0.0.0.0"}
     (problem,) = problems_of(None, env)
     assert problem.startswith(
-        'cluster.mesh_secret: must be set when cluster.mesh_host is not a loopback address ("0.0.0.0")'
+        "cluster.mesh_secret: must be set when cluster.mesh_host is not a loopback address"
+        ' ("0.0.0.0")'
     )
     secret = "k" * 32
     assert load_config(None, {**env, "RELAY_CLUSTER__MESH_SECRET": secret}).cluster.mesh_secret
