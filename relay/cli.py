@@ -45,12 +45,30 @@ def _load_config_or_exit(path: str | None) -> Any:
     from relay.config import ConfigError, load_config
 
     try:
-        return load_config(path, os.environ)
+        config = load_config(path, os.environ)
     except ConfigError as e:
         err.print(f"[bold red]relay: bad configuration[/] ({len(e.problems)} problems):")
         for p in e.problems:
             err.print(f"  - {p}", markup=False, highlight=False)
         sys.exit(EXIT_CONFIG)
+    _warn_if_exposed(path)
+    return config
+
+
+def _warn_if_exposed(path: str | None) -> None:
+    """Warn (stderr) when a config file that holds secrets is readable by other users."""
+    from relay.config import exposed_secrets
+
+    if path is None:
+        return
+    keys = exposed_secrets(path)
+    if keys:
+        err.print(
+            f"relay: warning: {path} holds secrets ({', '.join(keys)}) and other users "
+            f"can read it; chmod 600 {path}",
+            markup=False,
+            highlight=False,
+        )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -252,6 +270,7 @@ def config_validate(file: str, as_json: bool) -> None:
 
     try:
         load_config(file, os.environ)
+        _warn_if_exposed(file)
     except ConfigError as e:
         if as_json:
             click.echo(json.dumps({"ok": False, "problems": e.problems}))
@@ -280,8 +299,11 @@ def config_init(file: str | None) -> None:
     if p.exists():
         err.print(f"relay: {file} exists; not overwriting it")
         sys.exit(EXIT_FAILED)
-    p.write_text(text)
-    err.print(f"wrote {file}")
+    # Owner-only from the first byte: this is the file secrets get written into.
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    err.print(f"wrote {file} (mode 0600: keep it so once it holds secrets)")
 
 
 # -- status, node -----------------------------------------------------------------

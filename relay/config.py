@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
+from relay.auth import key_problems
 from relay.errors import RelayError
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "StoreConfig",
     "dump_default_toml",
     "env_var_name",
+    "exposed_secrets",
     "load_config",
 ]
 
@@ -372,6 +374,7 @@ class Config:
                 yield _Problem(("client.tls_cert",), "is set but client.tls_key is not")
             if c.tls_key and not c.tls_cert:
                 yield _Problem(("client.tls_key",), "is set but client.tls_cert is not")
+        file_ok: set[str] = set()
         for key, path in (
             ("client.tls_cert", c.tls_cert),
             ("client.tls_key", c.tls_key),
@@ -381,6 +384,24 @@ class Config:
                 problem = _file_problem(path)
                 if problem:
                     yield _Problem((key,), problem)
+                else:
+                    file_ok.add(key)
+        # The token keys as the verifier will load them, so `serve` never dies on one.
+        au = self.auth
+        if ok("auth.hs256_secret") and au.hs256_secret:
+            for text in key_problems(au.hs256_secret, None):
+                yield _Problem(("auth.hs256_secret",), text.removeprefix("auth.hs256_secret "))
+        if "auth.es256_public_key" in file_ok:
+            try:
+                with open(au.es256_public_key, "rb") as f:
+                    pem = f.read()
+            except OSError as e:
+                yield _Problem(("auth.es256_public_key",), f"cannot be read: {e.strerror}")
+            else:
+                for text in key_problems(None, pem):
+                    yield _Problem(
+                        ("auth.es256_public_key",), text.removeprefix("auth.es256_public_key: ")
+                    )
 
         if ok("cluster.peers", "node.id"):
             seen: set[str] = set()
@@ -457,6 +478,43 @@ class Config:
                 ("admin.token", "admin.host"),
                 f"must be set when admin.host is not a loopback address ({_show(a.host)})",
             )
+
+
+def exposed_secrets(path: str | os.PathLike[str]) -> list[str]:
+    """The secret keys a config file holds while other users may read it (mode & 0o077);
+    empty when it holds none or only its owner can read it. The caller warns."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return []
+    if not mode & 0o077:
+        return []
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return []
+    held = []
+    for section, key in _SECRET_KEYS:
+        table = doc.get(section)
+        if isinstance(table, dict) and table.get(key):
+            held.append(f"{section}.{key}")
+    for section, key in (("cluster", "redis_url"), ("cluster", "peers")):
+        table = doc.get(section)
+        values = table.get(key) if isinstance(table, dict) else None
+        for v in values if isinstance(values, list) else [values]:
+            if isinstance(v, str) and re.search(r"://[^/@\s]*:[^/@\s]*@", v):
+                held.append(f"{section}.{key}")
+                break
+    return held
+
+
+_SECRET_KEYS: Final = (
+    ("auth", "hs256_secret"),
+    ("admin", "token"),
+    ("cluster", "mesh_secret"),
+    ("cluster", "mesh_accept_secrets"),
+)
 
 
 def _walk(config: Config) -> Iterator[tuple[str, str, _Rule, object]]:

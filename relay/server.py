@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 from prometheus_client import CollectorRegistry
 from twisted.internet import defer, task
+from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Site
 
 from relay import __version__
@@ -25,6 +26,7 @@ from relay.config import Config
 from relay.dedupe import DedupeIndex
 from relay.metrics import NodeCollector
 from relay.node import Node
+from relay.redact import redact_text
 from relay.session import Limits
 from relay.store import PendingStore
 from relay.ws import RelayFactory
@@ -60,6 +62,13 @@ def build_verifier(config: Config) -> TokenVerifier | None:
     if not a.hs256_secret and key is None:
         return None
     return TokenVerifier(hs256_secret=a.hs256_secret or None, es256_public_key_pem=key)
+
+
+def redacted_access_log(timestamp: str, request: Any) -> str:
+    """The admin port's access-log line (combined format) with every ``token=`` value,
+    in the request line and in the Referer, replaced by ``REDACTED``."""
+    line: str = combinedLogFormatter(timestamp, request)
+    return redact_text(line)
 
 
 class RelayServer:
@@ -145,7 +154,7 @@ class RelayServer:
         else:
             self.ws_port = self.reactor.listenTCP(c.port, self.factory, interface=c.host)
         a = self.config.admin
-        site = Site(admin_root(self, self.registry, a.token))
+        site = Site(admin_root(self, self.registry, a.token), logFormatter=redacted_access_log)
         site.displayTracebacks = False
         self.admin_port = self.reactor.listenTCP(a.port, site, interface=a.host)
         self._ports = (self.ws_port.getHost().port, self.admin_port.getHost().port)

@@ -188,7 +188,7 @@ def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
         ("RELAY_CLIENT__ALLOWED_ORIGINS", "[]", "client", "allowed_origins", ()),
         ("RELAY_STORE__DEDUPE_MAX_IDS", "1_000", "store", "dedupe_max_ids", 1000),
         # String keys keep the raw text: a numeric or boolean-looking secret stays a string.
-        ("RELAY_AUTH__HS256_SECRET", "123456", "auth", "hs256_secret", "123456"),
+        ("RELAY_AUTH__HS256_SECRET", "1" * 32, "auth", "hs256_secret", "1" * 32),
         ("RELAY_ADMIN__TOKEN", "true", "admin", "token", "true"),
         (
             "RELAY_ADMIN__TOKEN",
@@ -464,9 +464,24 @@ es256_public_key = "{tmp_path / "no-key.pem"}"
 
 
 def test_existing_es256_key_is_accepted(tmp_path: Path) -> None:
-    pem = write(tmp_path, "-----BEGIN PUBLIC KEY-----\n", "es256.pem")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    text = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    pem = write(tmp_path, text, "es256.pem")
     config = load_config(None, {"RELAY_AUTH__ES256_PUBLIC_KEY": str(pem)})
     assert config.auth.es256_public_key == str(pem)
+
+
+def test_token_keys_are_checked_as_the_verifier_loads_them(tmp_path: Path) -> None:
+    pem = write(tmp_path, "-----BEGIN PUBLIC KEY-----\n", "es256.pem")
+    env = {"RELAY_AUTH__ES256_PUBLIC_KEY": str(pem), "RELAY_AUTH__HS256_SECRET": "short"}
+    hs, es = problems_of(None, env)
+    assert hs.startswith("auth.hs256_secret: must be at least 32 bytes")
+    assert es.startswith("auth.es256_public_key: ")
 
 
 def test_tls_enabled_property() -> None:
