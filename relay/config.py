@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import ipaddress
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from typing import Any, Final, Literal, TypeVar
 
 from relay.auth import key_problems
 from relay.errors import RelayError
+from relay.loopback import is_loopback
 
 __all__ = [
     "AdminConfig",
@@ -535,14 +535,7 @@ def _homes(key: str, but: str = "") -> str:
 
 
 def _is_loopback(host: str) -> bool:
-    """An address literal in 127.0.0.0/8 or ::1, or ``localhost``; never a name that
-    merely starts with "127." (that resolves wherever its owner likes)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(host)
 
 
 def _file_problem(path: str) -> str | None:

@@ -29,6 +29,9 @@ from urllib.parse import quote
 from relay.errors import RelayError
 from relay.redis_server import RedisServer
 
+# Browser origins a dev node accepts: its own loopback pages (the admin port's demo).
+DEV_ORIGINS = ("http://127.0.0.1:*", "http://localhost:*", "http://[[]::1]:*")
+
 
 class DevError(RelayError):
     """The local cluster could not start."""
@@ -101,6 +104,8 @@ class DevCluster:
         config.write_text(
             f'[node]\nid = "{node_id}"\ndata_dir = "{d / "data"}"\n'
             f"[client]\nport = {ws_port}\nallow_anonymous = true\n"
+            # Pages on loopback only: no other site's page may open a socket here.
+            f"allowed_origins = {json.dumps(list(DEV_ORIGINS))}\n"
             f"[admin]\nport = {admin_port}\n"
             f'[cluster]\nredis_url = "{self.redis[region].url}"\nmesh_port = {mesh_port}\n'
             f'mesh_secret = "{self.mesh_secret(region)}"\n'
@@ -308,5 +313,7 @@ def write_ready_file(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
     """Write atomically, so a reader never sees half a document."""
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    # Owner-only: it holds the WAN proxy's control token.
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, p)

@@ -24,6 +24,7 @@ from relay.admin import admin_root
 from relay.auth import TokenVerifier
 from relay.config import Config
 from relay.dedupe import DedupeIndex
+from relay.loopback import is_loopback
 from relay.metrics import NodeCollector
 from relay.node import Node
 from relay.redact import redact_text
@@ -154,7 +155,8 @@ class RelayServer:
         else:
             self.ws_port = self.reactor.listenTCP(c.port, self.factory, interface=c.host)
         a = self.config.admin
-        site = Site(admin_root(self, self.registry, a.token), logFormatter=redacted_access_log)
+        root = admin_root(self, self.registry, a.token, loopback_only=is_loopback(a.host))
+        site = Site(root, logFormatter=redacted_access_log)
         site.displayTracebacks = False
         self.admin_port = self.reactor.listenTCP(a.port, site, interface=a.host)
         self._ports = (self.ws_port.getHost().port, self.admin_port.getHost().port)

@@ -30,6 +30,10 @@ CORE = [
     "cluster/checkpoint.py",
     "cluster/rebalance.py",
     "relay/config.py",
+    "relay/loopback.py",
+    "relay/redact.py",
+    "cluster/meshauth.py",
+    "cluster/meshops.py",
 ]
 FORBIDDEN = {
     "twisted",
