@@ -8,11 +8,14 @@ the same checks as a client's, and a bad one fails alone.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cluster.keys import epoch_key, lease_key
 from cluster.membership import Member
@@ -216,3 +219,137 @@ async def test_an_admitted_peers_arguments_are_checked_like_a_clients(region2: A
     assert await pending(doc, ch) == 1
     status = await asyncio.to_thread(admin_status, n2["admin"])
     assert status["cluster"]["batcher"]["in_flight"] == 0
+
+
+# -- fuzz: an admitted peer sending anything ---------------------------------------------
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(),
+    st.text(max_size=80),
+    st.binary(max_size=200),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_pub_args = st.fixed_dictionaries(
+    {
+        "ch": st.one_of(
+            st.sampled_from(["inbox:fuzz", "inbox:*", "", "x" * 201]), st.text(max_size=20), _values
+        ),
+        "id": st.one_of(st.text(max_size=70), _values),
+        "body": st.one_of(st.binary(max_size=300), _values),
+        "from": st.one_of(st.text(max_size=30), _values),
+        "ttl_ms": st.one_of(st.integers(-10, 10**14), _values),
+        "ack": st.sampled_from(["mem", "log", "remote", "x"]),
+    }
+)
+_ack_args = st.fixed_dictionaries(
+    {
+        "ch": st.one_of(st.just("inbox:fuzz"), _values),
+        "ids": st.one_of(st.lists(st.text(max_size=70), max_size=5), _values),
+    }
+)
+_messages = st.one_of(
+    st.tuples(
+        st.just(int(Kind.REQUEST)),
+        st.integers(0, 2**40),
+        st.sampled_from(["pub", "sub", "ack", "unknown"]),
+        st.one_of(_pub_args, _ack_args, _values),
+    ).map(list),
+    st.tuples(st.just(int(Kind.DELIVER)), _values, _values).map(list),
+    st.tuples(st.just(int(Kind.INTEREST)), _values, _values).map(list),
+    st.tuples(st.sampled_from([int(k) for k in Kind] + [0, 99]), _values).map(list),
+    st.lists(_values, max_size=6).map(lambda xs: [int(Kind.REQUEST), *xs]),
+)
+_frames = st.lists(
+    st.one_of(
+        _messages.map(lambda m: ("msg", m)), st.binary(max_size=40).map(lambda b: ("raw", b))
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+def _fuzz_once(
+    doc: dict[str, Any], secret: str, port: int, peer_id: str, frames: list[Any]
+) -> None:
+    epoch = fake_member(doc, peer_id)
+    p = MeshPeer(port)
+    try:
+        auth = p.handshake(peer_id, epoch, secret)
+        assert auth is not None and auth[0] == Kind.AUTH, auth
+        for kind, item in frames:
+            if kind == "raw":
+                p.send_raw(len(item).to_bytes(4, "big") + item)
+            else:
+                p.send(item)
+        # Read what comes back for a moment (or until the node cuts us off).
+        p.closed_within(0.2)
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # cut off for garbage: allowed
+    finally:
+        p.close()
+
+
+def _legit_pub(node: dict[str, Any], ch: str, msg_id: str) -> str:
+    from websockets.sync.client import connect
+
+    with connect(node["ws"], open_timeout=5) as ws:
+        ws.send(json.dumps({"op": "hello"}))
+        assert json.loads(ws.recv(timeout=5))["op"] == "welcome"
+        ws.send(json.dumps({"op": "pub", "id": msg_id, "ch": ch, "body": "keep", "ack": "log"}))
+        reply = json.loads(ws.recv(timeout=10))
+    assert reply["op"] == "puback", reply
+    return str(reply["ack"])
+
+
+def test_fuzzed_mesh_frames_never_stop_a_node_or_lose_an_acked_message(region2: Any) -> None:
+    """Anything an admitted peer sends: the node keeps answering clients (a pub through
+    the other node, forwarded to it, is acked at log after every example) and every
+    acknowledged message is still pending at the end."""
+    cluster, doc = region2
+    n1, n2 = doc["regions"]["sg"]["nodes"]
+    port, secret = mesh_port(doc, n2["id"]), cluster.mesh_secret("sg")
+    ch = channel_owned_by(doc, n2["id"], "inbox:kept-")
+    acked: list[str] = []
+    counter = iter(range(10**6))
+
+    @settings(
+        max_examples=40,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        derandomize=True,
+    )
+    @given(frames=_frames)
+    def run(frames: list[Any]) -> None:
+        i = next(counter)
+        _fuzz_once(doc, secret, port, f"sg/f{i}", frames)
+        msg_id = f"kept-{i}"
+        assert _legit_pub(n1, ch, msg_id) == "log"
+        acked.append(msg_id)
+
+    run()
+    for n in cluster.nodes:
+        assert n.proc.poll() is None, f"{n.id} exited"
+    from websockets.sync.client import connect
+
+    with connect(n1["ws"], open_timeout=5) as ws:
+        ws.send(json.dumps({"op": "hello"}))
+        ws.recv(timeout=5)
+        ws.send(json.dumps({"op": "sub", "ch": ch}))
+        sub = json.loads(ws.recv(timeout=10))
+        assert sub["op"] == "subscribed" and sub["pending"] == len(acked)
+        got = set()
+        while len(got) < len(acked):
+            data = json.loads(ws.recv(timeout=10))
+            for o in data if isinstance(data, list) else [data]:
+                if o["op"] == "msg":
+                    got.add(o["id"])
+    assert got == set(acked)
