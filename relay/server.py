@@ -118,6 +118,7 @@ class RelayServer:
             max_connections_per_ip=c.max_connections_per_ip,
             max_subscriptions=c.max_subscriptions,
         )
+        self.factory.loopback_only = is_loopback(c.host)
         self.router: Any = None
         if config.cluster.redis_url:
             from cluster.router import Router

@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from relay.errors import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, Code
 from relay.frames import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, Format, encode_frame
+from relay.loopback import host_header_is_loopback
 from relay.session import (
     ChannelRouter,
     Limits,
@@ -127,7 +128,8 @@ class RelayProtocol(WebSocketServerProtocol):
         super().dataReceived(data)
 
     def onConnect(self, request: Any) -> str | None:
-        return self.on_connect(request.path, request.protocols, request.origin)
+        host = request.headers.get("host")
+        return self.on_connect(request.path, request.protocols, request.origin, host)
 
     def onOpen(self) -> None:
         self.on_open()
@@ -226,8 +228,13 @@ class RelayProtocol(WebSocketServerProtocol):
             s.closed = True
             self.close_with(CLOSE_POLICY_VIOLATION, "no hello in time")
 
-    def on_connect(self, path: str, protocols: list[str], origin: str | None) -> str | None:
+    def on_connect(
+        self, path: str, protocols: list[str], origin: str | None, host: str | None = None
+    ) -> str | None:
         f = self.factory
+        if f.loopback_only and not host_header_is_loopback(host):
+            # Bound to loopback: another Host is DNS rebinding, never a local client.
+            raise ConnectionDeny(421, "this port answers loopback hosts only")
         if path != WS_PATH:
             raise ConnectionDeny(404, f"no WebSocket here; use {WS_PATH}")
         # Autobahn gives "" when there is no Origin header: not a browser, not checked.
@@ -501,6 +508,8 @@ class RelayFactory(WebSocketServerFactory):
         self.disconnects: dict[str, int] = {}
         self.allowed_origin_patterns = allowed_origins
         self.max_handshake_bytes = max_handshake_bytes
+        # Set by the server when the client port is bound to loopback: Host is checked.
+        self.loopback_only = False
         self.hello_timeout_s = hello_timeout_s
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip

@@ -207,3 +207,25 @@ async def test_a_new_hello_drops_the_subscriptions_it_no_longer_grants(secured: 
     }
     await c.close()
     await p.close()
+
+
+@pytest.mark.parametrize("sub", ["al\x00ice", "<img src=x onerror=alert(1)>\n", "x" * 257])
+@aio
+async def test_a_token_whose_sub_is_not_printable_is_refused(secured: Any, sub: str) -> None:
+    e, code = await refused(secured.ws_url, token(sub=sub))
+    assert (e["code"], code) == ("unauthorized", 1008)
+
+
+@aio
+async def test_a_channel_name_with_a_star_is_refused(secured: Any) -> None:
+    """A grant built from a user name ("inbox:" + name) never becomes a prefix."""
+    c = await Client.connect(secured.ws_url)
+    tok = token(sub="bob*", can_pub=["inbox:*"], can_sub=["inbox:bob*"])
+    await c.request({"op": "hello", "token": tok}, "welcome")
+    for op in (
+        {"op": "sub", "ch": "inbox:bob*"},
+        {"op": "pub", "id": "1", "ch": "inbox:bob*", "body": "x"},
+    ):
+        e = await c.request(op, "error")
+        assert e["code"] == "bad_request" and "*" in e["reason"]
+    await c.close()

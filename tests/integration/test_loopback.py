@@ -117,3 +117,46 @@ def test_the_wan_control_needs_post_the_token_and_good_values(wan: dict[str, Any
     assert http(f"{control}/set", "POST", auth, "pair=a-b&blackhole=1&latency_ms=5")[0] == 200
     after = json.loads(http(f"{control}/status", headers=auth)[1])["a-b"]
     assert (after["blackholed"], after["latency_ms"]) == (True, 5.0)
+
+
+def test_a_name_starting_with_127_is_not_loopback_for_config_validate(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[admin]\nhost = "127.evil.example"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "relay", "config", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 78, r.stderr
+    assert "admin.token: must be set when admin.host is not a loopback address" in r.stderr
+
+
+def ws_handshake_status(host_port: tuple[str, int], host_header: str) -> int:
+    """The status line's code of a WebSocket opening handshake sent with ``host_header``."""
+    request = (
+        "GET /v1/ws HTTP/1.1\r\n"
+        f"Host: {host_header}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with socket.create_connection(host_port, timeout=5) as s:
+        s.sendall(request.encode())
+        data = b""
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+@aio
+async def test_the_client_port_on_loopback_refuses_other_hosts(anon_node: RelayServer) -> None:
+    u = urlsplit(anon_node.ws_url)
+    assert u.hostname and u.port
+    address = (u.hostname, u.port)
+    for bad in ("attacker.example", f"attacker.example:{u.port}", "127.evil.example"):
+        assert await asyncio.to_thread(ws_handshake_status, address, bad) == 421, bad
+    good = f"127.0.0.1:{u.port}"
+    assert await asyncio.to_thread(ws_handshake_status, address, good) == 101
