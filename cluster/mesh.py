@@ -165,6 +165,8 @@ class MeshProtocol(protocol.Protocol):
 
     def refuse(self, why: str) -> None:
         """Cut the connection off for breaking the protocol or failing the handshake."""
+        if self.state == "closed":
+            return
         mesh = self.factory.mesh
         who = self.peer or self._claimed or "unknown peer"
         if self.state != "open":
