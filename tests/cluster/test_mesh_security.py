@@ -22,6 +22,7 @@ from cluster.membership import Member
 from cluster.ring import slot_of
 from cluster.status import owners
 from cluster.wire import Kind
+from relay.codec import AckEvent, MessageEvent, decode_batch
 from relay.dev import DevCluster
 from tests.cluster.conftest import FAST, admin_status, wait_settled
 from tests.conftest import aio
@@ -60,10 +61,26 @@ def channel_owned_by(doc: dict[str, Any], node_id: str, prefix: str) -> str:
     return f"{prefix}{i}"
 
 
-def slot_log_length(doc: dict[str, Any], ch: str) -> int:
+def log_top(doc: dict[str, Any], ch: str) -> bytes:
+    """The id of the newest entry of ``ch``'s slot log."""
     with redis.Redis.from_url(doc["regions"]["sg"]["redis"]) as r:
-        n: int = r.xlen(f"relay:{{sg:{slot_of(ch, 256)}}}:log")
-    return n
+        top = r.xrevrange(f"relay:{{sg:{slot_of(ch, 256)}}}:log", count=1)
+    return bytes(top[0][0]) if top else b"0-0"
+
+
+def logged_since(doc: dict[str, Any], ch: str, after: bytes) -> set[str]:
+    """The message ids in ``ch``'s slot log after entry ``after`` (trims only remove
+    entries older than the newest checkpoint, so none after ``after`` is lost)."""
+    with redis.Redis.from_url(doc["regions"]["sg"]["redis"]) as r:
+        entries = r.xrange(f"relay:{{sg:{slot_of(ch, 256)}}}:log", min=b"(" + after)
+    ids = set()
+    for _, fields in entries:
+        for ev in decode_batch(fields[b"d"]):
+            if isinstance(ev, MessageEvent):
+                ids.add(ev.id)
+            elif isinstance(ev, AckEvent):
+                ids.update(f"ack:{i}" for i in ev.ids)
+    return ids
 
 
 def fake_member(doc: dict[str, Any], node_id: str) -> int:
@@ -95,25 +112,31 @@ async def publish(node: dict[str, Any], ch: str, msg_id: str) -> dict[str, Any]:
 
 
 def attack(port: int, node_id: str, epoch: int, secret: str | None, ch: str) -> bool:
-    """Handshake as ``node_id``, then forge a pub, an ack, a sub and an interest; whether
-    the node cut the connection off without answering any of them."""
-    p = MeshPeer(port)
-    try:
-        p.handshake(node_id, epoch, secret)
-        args = {"ch": ch, "id": "forged", "body": b"x", "from": "admin", "ttl_ms": 10**12}
-        p.send([Kind.REQUEST, 1, "pub", {**args, "ack": "mem"}])
-        p.send([Kind.REQUEST, 2, "sub", {"ch": ch}])
-        p.send([Kind.REQUEST, 3, "ack", {"ch": ch, "ids": ["legit"]}])
-        p.send([Kind.INTEREST, ch, True])
-        while True:
-            p.sock.settimeout(10)
-            m = p.recv()
-            if m is None:
-                return True
-            if m[0] == Kind.REPLY:
-                return False
-    finally:
-        p.close()
+    """Say hello as ``node_id`` (this protocol's handshake, and the bare
+    ``[HELLO, id, epoch]`` of before it), then forge a pub, a sub, an ack and an interest;
+    whether the node cut both connections off without answering any of them."""
+    for legacy in (False, True):
+        p = MeshPeer(port)
+        try:
+            if legacy:
+                p.send([Kind.HELLO, node_id, epoch])
+            else:
+                p.handshake(node_id, epoch, secret)
+            args = {"ch": ch, "id": "forged", "body": b"x", "from": "admin", "ttl_ms": 10**12}
+            p.send([Kind.REQUEST, 1, "pub", {**args, "ack": "mem"}])
+            p.send([Kind.REQUEST, 2, "sub", {"ch": ch}])
+            p.send([Kind.REQUEST, 3, "ack", {"ch": ch, "ids": ["legit"]}])
+            p.send([Kind.INTEREST, ch, True])
+            while True:
+                p.sock.settimeout(10)
+                m = p.recv()
+                if m is None:
+                    break
+                if m[0] == Kind.REPLY:
+                    return False
+        finally:
+            p.close()
+    return True
 
 
 @pytest.mark.parametrize(
@@ -128,20 +151,23 @@ async def test_peers_that_cannot_prove_membership_are_refused_before_any_op(
     n1, n2 = doc["regions"]["sg"]["nodes"]
     ch = channel_owned_by(doc, n2["id"], f"inbox:{who}-")
     assert (await publish(n1, ch, "legit"))["ack"] == "log"
-    before = slot_log_length(doc, ch)
+    before = log_top(doc, ch)
+    live_epoch = lease(doc, n1["id"]).epoch
     node_id, epoch, secret = {
         "new-id-no-secret": ("sg/a0", 1, None),
-        "live-id-no-secret": (n1["id"], lease(doc, n1["id"]).epoch, None),
-        "live-id-wrong-secret": (n1["id"], lease(doc, n1["id"]).epoch, "w" * 43),
+        "live-id-no-secret": (n1["id"], live_epoch, None),
+        "live-id-wrong-secret": (n1["id"], live_epoch, "w" * 43),
         # The right secret, but the live node's own id and epoch: never replaces it.
-        "live-id-same-epoch": (n1["id"], lease(doc, n1["id"]).epoch, cluster.mesh_secret("sg")),
+        "live-id-same-epoch": (n1["id"], live_epoch, "right"),
     }[who]
+    if secret == "right":
+        secret = cluster.mesh_secret("sg")
     assert await asyncio.to_thread(attack, mesh_port(doc, n2["id"]), node_id, epoch, secret, ch)
     # Nothing stored, nothing acked away, and the real n1 → n2 path still works.
-    assert slot_log_length(doc, ch) == before
     assert await pending(doc, ch) == 1
     assert (await publish(n1, ch, "after"))["ack"] == "log"
     assert await pending(doc, ch) == 2
+    assert logged_since(doc, ch, before) == {"after"}
 
 
 @aio
