@@ -56,7 +56,7 @@ def _load_config_or_exit(path: str | None) -> Any:
 
 
 def _warn_if_exposed(path: str | None) -> None:
-    """Warn (stderr) when a config file that holds secrets is readable by other users."""
+    """Warn (stderr) when a config file that holds secrets is world-readable."""
     from relay.config import exposed_secrets
 
     if path is None:
@@ -64,7 +64,7 @@ def _warn_if_exposed(path: str | None) -> None:
     keys = exposed_secrets(path)
     if keys:
         err.print(
-            f"relay: warning: {path} holds secrets ({', '.join(keys)}) and other users "
+            f"relay: warning: {path} holds secrets ({', '.join(keys)}) and any user "
             f"can read it; chmod 600 {path}",
             markup=False,
             highlight=False,

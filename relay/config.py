@@ -481,13 +481,14 @@ class Config:
 
 
 def exposed_secrets(path: str | os.PathLike[str]) -> list[str]:
-    """The secret keys a config file holds while other users may read it (mode & 0o077);
-    empty when it holds none or only its owner can read it. The caller warns."""
+    """The secret keys a config file holds while every user may read it (mode o+r);
+    empty when it holds none or is not world-readable (a file shared with the service's
+    own group, as the terraform nodes do, is fine). The caller warns."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return []
-    if not mode & 0o077:
+    if not mode & 0o004:
         return []
     try:
         with open(path, "rb") as f:
