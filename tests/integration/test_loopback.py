@@ -160,3 +160,26 @@ async def test_the_client_port_on_loopback_refuses_other_hosts(anon_node: RelayS
         assert await asyncio.to_thread(ws_handshake_status, address, bad) == 421, bad
     good = f"127.0.0.1:{u.port}"
     assert await asyncio.to_thread(ws_handshake_status, address, good) == 101
+
+
+def test_config_validate_refuses_an_open_mesh_without_a_secret(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    base = '[cluster]\nredis_url = "redis://127.0.0.1:6379/0"\nmesh_host = "0.0.0.0"\n'
+    path.write_text(base)
+    r = subprocess.run(
+        [sys.executable, "-m", "relay", "config", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 78, r.stderr
+    assert "cluster.mesh_secret: must be set when cluster.mesh_host is not a loopback" in r.stderr
+    path.write_text(base + f'mesh_secret = "{"m" * 32}"\n')
+    path.chmod(0o600)
+    r = subprocess.run(
+        [sys.executable, "-m", "relay", "config", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
