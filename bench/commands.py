@@ -473,7 +473,9 @@ def register(group: click.Group) -> None:
     from bench.durability import register as register_durability
     from bench.rebalance import register as register_rebalance
     from bench.region import register as register_region
+    from bench.replication import register as register_replication
 
     register_region(group)
+    register_replication(group)
     register_durability(group)
     register_rebalance(group)

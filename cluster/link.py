@@ -8,12 +8,27 @@ bytes**, pipelined on one connection so a batch pays the WAN round trip once. A 
 copy is refused by Redis (the id is not above the mirror's top), so retries and restarts
 are safe; a (re)started link resumes from the destination's mirror tops.
 
-When the origin has trimmed a slot's log past the resume point (``max-deleted-entry-id``
-above it), that is a *gap*: the link copies the origin's checkpoint of the slot into the
-mirror under the checkpoint's id and carries on after it (counted and reported).
+**Chains.** Every log entry names the one before it (``p``). The link checks that chain
+as it copies: an entry whose ``p`` is not the link's position for its slot means entries
+were trimmed under the link (it fell further behind than ``cluster.link_max_backlog_s``,
+or it resumes after a long cut). That is a *gap*: the link copies the origin's
+checkpoint of the slot (pending messages, ack tombstones, the clock it was taken at) into
+the mirror under the checkpoint's id — with ``p`` set to the link's position, so the
+mirror's own chain stays whole — and carries on after it. Gaps are counted and logged;
+nothing is ever skipped.
 
-What each destination confirmed is published on ``relay:{<origin>}:confirmed`` (and kept
-in a hash), which is what ``ack=remote`` waits for.
+**Lease.** The lease is renewed by a task of its own every third of its TTL, whatever the
+copy loop is waiting on; a node holds the link only while its last renewal was *sent*
+less than a TTL ago, so a holder stuck on a cut WAN stops calling itself the holder
+before another node can take the lease. A renewal that finds the lease gone stops the
+copy at once.
+
+**Health.** Lag is the age of the oldest entry the destination has not confirmed; a link
+with entries waiting that has made no progress for :data:`STALL_AFTER_S` is ``stalled``.
+
+What each destination confirmed is kept in a hash (``relay:{<origin>}:link:<dest>:
+confirmed``, slot → id; the trim floor of the origin's slot logs) and published on
+``relay:{<origin>}:confirmed`` (what ``ack=remote`` waits for).
 """
 
 from __future__ import annotations
@@ -28,7 +43,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from cluster.keys import PREFIX, confirmed_channel, link_lease_key, log_key, region_tag
+from cluster.chain import parse_id, split_on_gaps
+from cluster.errors import ClusterError
+from cluster.keys import PREFIX, confirmed_channel, link_lease_key, region_tag
 from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
 from cluster.slotlog import RedisSlotLog, TailEntry
 
@@ -36,18 +53,21 @@ log = logging.getLogger(__name__)
 
 TAIL_BLOCK_MS = 500
 COPY_COUNT = 200
-STALL_AFTER_S = 3.0
+STALL_AFTER_S = 2.0
 MAX_BACKOFF_S = 5.0
+# With nothing to copy, the destination is still asked this often whether it answers
+# (a cut WAN shows as an error even when no entry waits), and must answer within this.
+PROBE_EVERY_S = 1.0
+PROBE_TIMEOUT_S = 2.5
+
+
+class LinkGap(ClusterError):
+    """Entries of ``slot`` were trimmed under the link and no checkpoint covers them yet."""
 
 
 def confirmed_key(region: str, dest: str) -> str:
     """Hash slot → newest entry id confirmed in ``dest``'s mirror."""
     return f"{PREFIX}:{region_tag(region)}:link:{dest}:confirmed"
-
-
-def parse_id(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 class Link:
@@ -78,18 +98,20 @@ class Link:
             socket_timeout=10,
             socket_connect_timeout=5,
         )
-        self.client = Redis.from_url(local_url)
+        self.client = Redis.from_url(local_url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
         self.lease_key = link_lease_key(region, dest)
         self.lease_value = node_id
         self.state = "standby"
-        self.holding = False
+        # The lease is ours until this (monotonic): last renewal sent + TTL.
+        self.lease_valid_until = 0.0
         self.copied_entries = 0
         self.bytes_total = 0
         self.gaps_total = 0
         self.errors_total = 0
-        self.newest_copied_ms = 0
         self.backlog_entries = 0
-        self.copy_started: float | None = None
+        # Time part (ms) of the oldest entry read but not confirmed by the destination.
+        self.waiting_oldest_ms: int | None = None
+        self.last_progress = time.monotonic()
         self.last_error = ""
         self.position: dict[int, str] = {}
         self._task: asyncio.Task[None] | None = None
@@ -106,9 +128,10 @@ class Link:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if self.holding:
+        if self.lease_valid_until:
             with contextlib.suppress(RedisError, OSError):
                 await self.client.eval(RELEASE_IF_OURS, 1, self.lease_key, self.lease_value)
+            self.lease_valid_until = 0.0
         for c in (self.local, self.remote):
             with contextlib.suppress(Exception):
                 await c.close()
@@ -118,24 +141,39 @@ class Link:
     # -- views ---------------------------------------------------------------------
 
     @property
+    def holding(self) -> bool:
+        """This node surely holds the link's lease now (its last renewal was sent less
+        than a TTL ago and found the lease ours)."""
+        return time.monotonic() < self.lease_valid_until
+
+    @property
     def stalled(self) -> bool:
-        """A copy has been under way for longer than STALL_AFTER_S (the WAN is stuck)."""
-        return self.copy_started is not None and time.monotonic() - self.copy_started > (
-            STALL_AFTER_S
+        """Entries wait and the link has made no progress for STALL_AFTER_S."""
+        return (
+            self.waiting_oldest_ms is not None
+            and time.monotonic() - self.last_progress > STALL_AFTER_S
         )
 
     def lag_s(self, now_ms: int) -> float:
-        if not self.holding or (self.backlog_entries == 0 and not self.stalled):
+        """Age of the oldest entry the destination has not confirmed (0: none waits)."""
+        if not self.holding or self.waiting_oldest_ms is None:
             return 0.0
-        return max(0.0, (now_ms - self.newest_copied_ms) / 1000) if self.newest_copied_ms else 0.0
+        return max(0.0, (now_ms - self.waiting_oldest_ms) / 1000)
 
     def status(self, now_ms: int) -> dict[str, Any]:
+        holding = self.holding
+        if not holding:
+            state = "standby"
+        elif self.stalled:
+            state = "stalled"
+        else:
+            state = self.state
         return {
             "dest": self.dest,
-            "state": "stalled" if self.holding and self.stalled else self.state,
-            "holder": self.holding,
+            "state": state,
+            "holder": holding,
             "lag_s": round(self.lag_s(now_ms), 3),
-            "backlog_entries": self.backlog_entries,
+            "backlog_entries": self.backlog_entries if holding else 0,
             "copied_entries": self.copied_entries,
             "bytes_total": self.bytes_total,
             "gaps_total": self.gaps_total,
@@ -146,20 +184,59 @@ class Link:
     # -- the loop ------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Keep the lease (take it when free, renew it every third of its TTL) and run
+        the copy while it is ours; a renewal that finds it gone stops the copy at once."""
+        copier: asyncio.Task[None] | None = None
+        renew_every = self.lease_ttl_ms / 3000
+        try:
+            while not self._stopped:
+                try:
+                    ours = await self._acquire()
+                except (RedisError, OSError) as e:
+                    # The local Redis did not answer: the lease runs out on its own time.
+                    log.warning("link %s→%s: renewing the lease: %s", self.region, self.dest, e)
+                    ours = self.holding
+                if ours and copier is None:
+                    self.last_progress = time.monotonic()
+                    copier = asyncio.ensure_future(self._copy_forever())
+                elif not ours and copier is not None:
+                    log.warning("link %s→%s: lease lost; stopping", self.region, self.dest)
+                    await self._cancel(copier)
+                    copier = None
+                if not ours:
+                    self.state = "standby"
+                    self._progressed()
+                await asyncio.sleep(renew_every)  # the lease's renewal period
+        finally:
+            if copier is not None:
+                await self._cancel(copier)
+
+    @staticmethod
+    async def _cancel(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    async def _acquire(self) -> bool:
+        """Take the lease if it is free or renew it if it is ours."""
+        sent = time.monotonic()
+        got = await self.client.set(self.lease_key, self.lease_value, nx=True, px=self.lease_ttl_ms)
+        if not got:
+            got = await self.client.eval(
+                RENEW_IF_OURS, 1, self.lease_key, self.lease_value, str(self.lease_ttl_ms)
+            )
+        self.lease_valid_until = sent + self.lease_ttl_ms / 1000 if got else 0.0
+        return bool(got)
+
+    async def _copy_forever(self) -> None:
+        """The copy loop, restarted with a backoff after each failure (while leased)."""
         backoff = 0.2
         while not self._stopped:
             try:
-                if not await self._acquire():
-                    self.state = "standby"
-                    await asyncio.sleep(self.lease_ttl_ms / 3000)  # retry the lease
-                    continue
-                self.holding = True
-                self.state = "running"
-                await self._copy_while_leased()
-                backoff = 0.2
+                await self._copy_loop()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, ValueError) as e:
+            except (RedisError, OSError, ValueError, ClusterError) as e:
                 self.errors_total += 1
                 self.last_error = f"{type(e).__name__}: {e}"
                 self.state = "error"
@@ -172,45 +249,48 @@ class Link:
                 )
                 await asyncio.sleep(backoff)  # back off before retrying the WAN
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
-            finally:
-                self.copy_started = None
+            else:
+                backoff = 0.2
 
-    async def _acquire(self) -> bool:
-        if self.holding:
-            renewed = await self.client.eval(
-                RENEW_IF_OURS, 1, self.lease_key, self.lease_value, str(self.lease_ttl_ms)
-            )
-            self.holding = bool(renewed)
-            if self.holding:
-                return True
-        got = await self.client.set(self.lease_key, self.lease_value, nx=True, px=self.lease_ttl_ms)
-        self.holding = bool(got)
-        return self.holding
-
-    async def _copy_while_leased(self) -> None:
+    async def _copy_loop(self) -> None:
         slots = list(range(self.slots))
         tops = await self.remote.mirror_tops(slots, self.region)
         self.position = {s: tops[s] or "0-0" for s in slots}
-        await self._heal_gaps(slots)
-        renew_every = self.lease_ttl_ms / 3000
-        renewed_at = time.monotonic()
+        # What the destination holds is the trim floor of our logs: say so at once.
+        await self._announce(dict(self.position))
+        self.state = "running"
+        probed = time.monotonic()
         while not self._stopped:
-            if time.monotonic() - renewed_at >= renew_every:
-                if not await self._acquire():
-                    self.state = "standby"
-                    return
-                renewed_at = time.monotonic()
             entries = await self.local.tail(self.position, TAIL_BLOCK_MS, COPY_COUNT)
             if not entries:
                 self.backlog_entries = 0
+                self.waiting_oldest_ms = None
+                self.last_progress = time.monotonic()
+                if time.monotonic() - probed >= PROBE_EVERY_S:
+                    probed = time.monotonic()
+                    await self._probe()
                 continue
             self.backlog_entries = len(entries)
-            await self._copy(entries)
+            oldest = min(parse_id(e.id)[0] for e in entries)
+            if self.waiting_oldest_ms is None or oldest < self.waiting_oldest_ms:
+                self.waiting_oldest_ms = oldest
+            good, gaps = split_on_gaps(self.position, entries)
+            if good:
+                await self._copy(good)
+            for slot, missing in gaps.items():
+                await self._resync(slot, missing)
+            self._progressed()
+            probed = time.monotonic()
+
+    async def _probe(self) -> None:
+        """Ask the destination for one mirror top, bounded: a cut WAN becomes an error."""
+        try:
+            await asyncio.wait_for(self.remote.mirror_top(0, self.region), PROBE_TIMEOUT_S)
+        except TimeoutError:
+            raise ClusterError(f"{self.dest}'s Redis does not answer") from None
 
     async def _copy(self, entries: list[TailEntry]) -> None:
-        self.copy_started = time.monotonic()
         results = await self.remote.mirror_append_many(self.region, entries)
-        self.copy_started = None
         confirmed: dict[int, str] = {}
         for e, copied in zip(entries, results, strict=True):
             self.position[e.slot] = e.id
@@ -218,11 +298,41 @@ class Link:
             if copied:
                 self.copied_entries += 1
                 self.bytes_total += len(e.data)
-        self.newest_copied_ms = max(parse_id(e.id)[0] for e in entries)
-        self.backlog_entries = 0
         await self._announce(confirmed)
 
+    def _progressed(self) -> None:
+        self.last_progress = time.monotonic()
+        self.backlog_entries = 0
+        self.waiting_oldest_ms = None
+
+    async def _resync(self, slot: int, missing: str) -> None:
+        """Entries of ``slot`` after our position, up to ``missing`` at least, were
+        trimmed: copy the slot's checkpoint in their place and go on after it."""
+        cp = await self.local.read_checkpoint(slot)
+        if cp is None or parse_id(cp.covers_id) < parse_id(missing):
+            raise LinkGap(
+                f"slot {slot}: entries after {self.position[slot]} were trimmed and no "
+                "checkpoint covers them yet"
+            )
+        self.gaps_total += 1
+        log.warning(
+            "link %s→%s: slot %d was trimmed past %s; resyncing from its checkpoint at %s",
+            self.region,
+            self.dest,
+            slot,
+            self.position[slot],
+            cp.covers_id,
+        )
+        resync = TailEntry(slot, cp.covers_id, cp.data, self.position[slot])
+        (copied,) = await self.remote.mirror_append_many(self.region, [resync])
+        if copied:
+            self.bytes_total += len(cp.data)
+        self.position[slot] = cp.covers_id
+        await self._announce({slot: cp.covers_id})
+
     async def _announce(self, confirmed: dict[int, str]) -> None:
+        if not confirmed:
+            return
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hset(
                 confirmed_key(self.region, self.dest),
@@ -233,41 +343,3 @@ class Link:
                 json.dumps({"dest": self.dest, "slots": {str(s): i for s, i in confirmed.items()}}),
             )
             await pipe.execute()
-
-    async def _heal_gaps(self, slots: list[int]) -> None:
-        """Slots whose log was trimmed past the resume point: copy the checkpoint."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for s in slots:
-                pipe.xinfo_stream(log_key(self.region, s))
-            infos = await pipe.execute(raise_on_error=False)
-        for s, info in zip(slots, infos, strict=True):
-            if isinstance(info, Exception):
-                continue  # no log yet for this slot
-            removed = int(info.get("entries-added", 0)) - int(info.get("length", 0))
-            if removed <= 0:
-                continue
-            first = info.get("first-entry")
-            first_id = _text(first[0]) if first else _text(info["last-generated-id"])
-            if parse_id(first_id) <= parse_id(self.position[s]):
-                continue  # the resume point is still in the log
-            # Entries below the log's first were trimmed and some may be newer than the
-            # resume point (conservatively: a resync is idempotent, just more bytes).
-            cp = await self.local.read_checkpoint(s)
-            if cp is None or parse_id(cp.covers_id) <= parse_id(self.position[s]):
-                continue
-            self.gaps_total += 1
-            log.warning(
-                "link %s→%s: slot %d was trimmed past %s; resyncing from its checkpoint at %s",
-                self.region,
-                self.dest,
-                s,
-                self.position[s],
-                cp.covers_id,
-            )
-            await self.remote.mirror_append(s, self.region, cp.covers_id, cp.data)
-            self.position[s] = cp.covers_id
-            await self._announce({s: cp.covers_id})
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -34,7 +34,13 @@ from redis.exceptions import RedisError
 
 from cluster import meshops
 from cluster.apply import apply_events, slot_state
-from cluster.checkpoint import decode_checkpoint, encode_checkpoint
+from cluster.chain import parse_id, split_on_gaps, trim_bound
+from cluster.checkpoint import (
+    decode_checkpoint,
+    encode_checkpoint,
+    superseded,
+    tombstone_events,
+)
 from cluster.errors import ClusterError
 from cluster.failure import (
     DetectorConfig,
@@ -48,7 +54,7 @@ from cluster.failure import (
 )
 from cluster.failure import Left as DetectorLeft
 from cluster.keys import owner_key
-from cluster.link import Link, parse_id
+from cluster.link import Link, confirmed_key
 from cluster.membership import Expired, Joined, Left, Member, Membership, MembershipEvent
 from cluster.mesh import Mesh, PeerUnavailable, RemoteError
 from cluster.rebalance import Placement, RingState, placement
@@ -56,8 +62,9 @@ from cluster.ring import slot_of
 from cluster.ringstore import read_state, record_shape
 from cluster.slotlog import FencedError, RedisSlotLog
 from relay.batch import AppendToLog, Batcher, ack_events
-from relay.codec import AckEvent, CodecError, MessageEvent, encode_batch
+from relay.codec import DEFAULT_MAX_EVENTS, AckEvent, CodecError, MessageEvent, encode_batch
 from relay.config import Config
+from relay.dedupe import dedupe_key
 from relay.errors import Code, InvariantError
 from relay.frames import BadObject
 from relay.hlc import physical_ms
@@ -211,7 +218,18 @@ class Router:
         # Hand-overs and waits for them likewise (the pools hold 100 connections).
         self._handovers = asyncio.Semaphore(8)
         self._rebalancing = asyncio.Lock()
-        self.counters = {"failovers": 0, "fenced": 0, "appends": 0, "append_errors": 0}
+        self.counters = {
+            "failovers": 0,
+            "fenced": 0,
+            "appends": 0,
+            "append_errors": 0,
+            # Readers that found entries trimmed under them (chain breaks) and rebuilt.
+            "log_gaps": 0,
+            "mirror_gaps": 0,
+            # Slot logs trimmed past a link that fell further behind than allowed.
+            "backlog_trims": 0,
+            "checkpoints": 0,
+        }
         self.mesh_counters = {"bad_requests": 0, "encode_failures": 0}
         # Inter-region: peers (name → Redis URL), links from here to each, and what this
         # node applied of each origin's mirrors.
@@ -625,6 +643,7 @@ class Router:
                 break
             for e in entries:
                 if e.prev and e.prev != self.applied[slot]:
+                    self.counters["log_gaps"] += 1
                     return False
                 self._apply(slot, e.data, now)
                 self.applied[slot] = e.id
@@ -637,28 +656,49 @@ class Router:
                 if not entries:
                     break
                 for e in entries:
-                    self._apply(slot, e.data, now)
+                    if e.prev and e.prev != done.get(slot, "0-0"):
+                        # The mirror was trimmed past where this state stands (a newer
+                        # checkpoint covers it): rebuild from that one.
+                        self.counters["mirror_gaps"] += 1
+                        return False
+                    self._apply(slot, e.data, now, origin=origin)
                     done[slot] = e.id
         return True
 
-    def _apply(self, slot: int, data: bytes, now_ms: int) -> list[Message]:
-        """Apply a log entry, mirror entry or checkpoint; return the messages it added."""
+    def _apply(self, slot: int, data: bytes, now_ms: int, *, origin: str = "") -> list[Message]:
+        """Apply a log entry, mirror entry or checkpoint; return the messages it added.
+
+        ``origin``: the entry came from the mirror of that region's log. A checkpoint
+        there is a resync (the link found entries trimmed under it): its mirror
+        positions are the origin's, not ours, and it proves which of the origin's
+        messages are gone there (``superseded``)."""
         try:
-            events, mirrors = decode_checkpoint(data)
+            cp = decode_checkpoint(data)
         except CodecError as e:
             log.error("slot %d: undecodable entry skipped: %s", slot, e)
             return []
-        for origin, by_slot in mirrors.items():
-            if origin in self.mirror_applied and slot in by_slot:
-                known = self.mirror_applied[origin].get(slot, "0-0")
-                if parse_id(by_slot[slot]) > parse_id(known):
-                    self.mirror_applied[origin][slot] = by_slot[slot]
-        added = apply_events(self.node, events, now_ms)
+        if not origin:
+            for o, by_slot in cp.mirrors.items():
+                if o in self.mirror_applied and slot in by_slot:
+                    known = self.mirror_applied[o].get(slot, "0-0")
+                    if parse_id(by_slot[slot]) > parse_id(known):
+                        self.mirror_applied[o][slot] = by_slot[slot]
+        added = apply_events(self.node, cp.events, now_ms)
         for m in added:
             self.slot_channels.setdefault(slot, set()).add(m.ch)
-        for ev in events:
+        for ev in cp.events:
             if isinstance(ev, AckEvent):
                 self._tombstone(slot, ev.ch, list(ev.ids), ev.hlc)
+        if origin and cp.is_checkpoint:
+            held = [
+                (m.ch, m.id, m.origin, m.hlc)
+                for ch in sorted(self.slot_channels.get(slot, ()))
+                for m in self.node.store.pending(ch, now_ms)
+            ]
+            for ch, msg_id in superseded(cp, origin, held):
+                for m in self.node.store.ack(ch, [msg_id]):
+                    self.node.dedupe.remember(dedupe_key(ch, msg_id), m.hlc, now_ms)
+                    self._tombstone(slot, ch, [msg_id], m.hlc)
         return added
 
     async def _release(self, slots: list[int]) -> None:
@@ -738,26 +778,79 @@ class Router:
                 self._mirror_tasks[origin] = asyncio.ensure_future(self._mirror_loop(origin, slots))
 
     async def _mirror_loop(self, origin: str, slots: list[int]) -> None:
-        """Apply what the link from ``origin`` copies into our mirrors of its logs."""
+        """Apply what the link from ``origin`` copies into our mirrors of its logs.
+
+        Only slots whose state is loaded (owned, or a replica caught up) are read, each
+        from exactly where that state stands, and the chain is checked: a mirror entry
+        whose ``p`` is not our position means entries were trimmed under us, and the
+        slot is rebuilt from its checkpoint, never read on past the hole."""
         done = self.mirror_applied[origin]
         while not self.stopped:
+            after = {
+                s: done.get(s, "0-0")
+                for s in slots
+                if s in self.applied and not self._slot_lock(s).locked()
+            }
+            if not after:
+                await asyncio.sleep(0.1)  # the slots are being (re)built: look again soon
+                continue
             try:
-                after = {s: done.get(s, "0-0") for s in slots}
                 entries = await self.slotlog.tail(after, TAIL_BLOCK_MS, origin=origin)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if self.stopped:
+                    return  # our own clients closed under the read: not a failure
                 log.warning("tailing mirrors of %s failed: %s", origin, e)
                 await asyncio.sleep(0.5)  # back off before retrying Redis
                 continue
             now = self.wall_ms()
-            for t in entries:
-                added = self._apply(t.slot, t.data, now)
+            # Slots rebuilt or caught up while we waited are read again next time.
+            stale = {
+                s
+                for s in after
+                if done.get(s, "0-0") != after[s]
+                or s not in self.applied
+                or self._slot_lock(s).locked()
+            }
+            good, gapped = split_on_gaps(after, [t for t in entries if t.slot not in stale])
+            for t in good:
+                added = self._apply(t.slot, t.data, now, origin=origin)
                 done[t.slot] = t.id
                 if t.slot in self.owned:
                     self._changed(t.slot)
                     for m in added:
                         self._deliver(m)
+            for s, missing in sorted(gapped.items()):
+                self.counters["mirror_gaps"] += 1
+                log.warning(
+                    "slot %d: the mirror of %s was trimmed past %s; rebuilding",
+                    s,
+                    origin,
+                    after[s],
+                )
+                try:
+                    if s in self.owned:
+                        await self._mirror_gap_owned(s, origin, missing)
+                    else:
+                        await self._catch_up(s, fresh=True)
+                except (RedisError, OSError, ClusterError) as e:
+                    log.warning("rebuilding slot %d failed: %s", s, e)
+
+    async def _mirror_gap_owned(self, slot: int, origin: str, missing: str) -> None:
+        """An owned slot's mirror of ``origin`` was trimmed past our position (only a
+        checkpoint of this slot trims it): merge that checkpoint, which covers the hole.
+        Its acks since are remembered here, so merging brings back nothing acked."""
+        async with self._slot_lock(slot):
+            cp = await self.slotlog.read_checkpoint(slot)
+            if cp is None:
+                return
+            covered = decode_checkpoint(cp.data).mirrors.get(origin, {}).get(slot, "0-0")
+            if parse_id(covered) < parse_id(missing):
+                log.error("slot %d: no checkpoint covers the mirror of %s yet", slot, origin)
+                return
+            self._apply(slot, cp.data, self.wall_ms())
+            self._changed(slot)
 
     async def _tail_loop(self, slots: list[int]) -> None:
         for s in slots:
@@ -782,6 +875,8 @@ class Router:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if self.stopped:
+                    return  # our own clients closed under the read: not a failure
                 log.warning("tailing slot logs failed: %s", e)
                 await asyncio.sleep(0.5)  # back off before retrying Redis
                 continue
@@ -798,6 +893,7 @@ class Router:
                     # checkpointed while we lagged): what we hold of the slot is not
                     # complete. Rebuild it from the checkpoint.
                     gapped.add(t.slot)
+                    self.counters["log_gaps"] += 1
                     continue
                 self._apply(t.slot, t.data, now)
                 self.applied[t.slot] = t.id
@@ -1163,31 +1259,95 @@ class Router:
             and self.ring.owner(slot) == self.me
         )
 
-    def _checkpoint_data(self, slot: int, events: list[Any]) -> bytes:
-        mirrors = {o: {slot: done[slot]} for o, done in self.mirror_applied.items() if slot in done}
-        return encode_checkpoint(events, mirrors)
+    def _checkpoint_data(self, slot: int, events: list[Any]) -> tuple[bytes, dict[str, str]]:
+        """The checkpoint of ``slot``: ``events`` (its pending messages), its recent acks
+        as tombstones and the clock now; and the mirror positions it covers."""
+        positions = {o: done[slot] for o, done in self.mirror_applied.items() if slot in done}
+        room = DEFAULT_MAX_EVENTS - len(events)
+        acks = tombstone_events(self.tombstones.get(slot, ()), self.region, limit=room)
+        hlc = self.node.clock.tick(self.wall_ms())
+        data = encode_checkpoint(
+            [*acks, *events], {o: {slot: i} for o, i in positions.items()}, hlc=hlc
+        )
+        return data, positions
 
     async def _checkpoint_loop(self) -> None:
         interval = self.config.cluster.checkpoint_interval_s
         while not self.stopped:
             await asyncio.sleep(interval)  # the checkpoint period
-            for slot in sorted(self.dirty):
-                if slot not in self.releasing:
-                    await self._checkpoint(slot)
+            slots = [s for s in sorted(self.dirty) if s not in self.releasing]
+            try:
+                floors = await self._link_floors(slots)
+            except (RedisError, OSError) as e:
+                log.warning("reading the links' positions failed: %s", e)
+                floors = {}
+            for slot in slots:
+                await self._checkpoint(slot, floors.get(slot, "0-0") if self.links else None)
 
-    async def _checkpoint(self, slot: int) -> None:
-        """Write ``slot``'s state as its checkpoint, then trim the log behind it."""
+    async def _link_floors(self, slots: list[int]) -> dict[int, str]:
+        """Per slot, the oldest position every link out of this region has confirmed
+        ("0-0" where some link has confirmed nothing): the slot log is kept after it."""
+        if not slots or not self.links:
+            return {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for link in self.links:
+                pipe.hmget(confirmed_key(self.region, link.dest), [str(s) for s in slots])
+            rows = await pipe.execute()
+        floors: dict[int, str] = {}
+        for i, slot in enumerate(slots):
+            ids = [row[i] for row in rows]
+            if any(v is None for v in ids):
+                floors[slot] = "0-0"
+            else:
+                floors[slot] = min((v.decode() for v in ids), key=parse_id)
+        return floors
+
+    async def _trim_bound(self, slot: int, covers: str, floor: str | None) -> str:
+        """Where ``slot``'s log may be trimmed: behind the checkpoint and behind every
+        link, unless the oldest entry a link still needs is older than
+        ``cluster.link_max_backlog_s``: that link is then declared gapped for the slot
+        (it resyncs it from the checkpoint) rather than pinning the log for ever."""
+        oldest = None
+        if floor is not None and parse_id(floor) < parse_id(covers):
+            oldest = await self.slotlog.first_after(slot, floor)
+        max_backlog_s = self.config.cluster.link_max_backlog_s
+        bound = trim_bound(
+            covers=covers,
+            floor=floor,
+            oldest_unconfirmed=oldest,
+            now_ms=self.wall_ms(),
+            max_backlog_ms=max_backlog_s * 1000,
+        )
+        if bound.gapped:
+            self.counters["backlog_trims"] += 1
+            log.warning(
+                "slot %d: a link is more than %.0f s behind (at %s); trimming past it, "
+                "it will resync the slot from its checkpoint",
+                slot,
+                max_backlog_s,
+                floor,
+            )
+        return bound.before_id
+
+    async def _checkpoint(self, slot: int, floor: str | None = None) -> None:
+        """Write ``slot``'s state as its checkpoint, then trim the log behind it (and
+        behind every link: ``floor``, their oldest confirmed position, None without
+        links) and our mirrors of other regions behind what it covers."""
         epoch = self.owned.get(slot)
         covers = self.applied.get(slot)
         if epoch is None or covers is None or covers == "0-0":
             return
         self.dirty.discard(slot)
         events = slot_state(self.node, sorted(self.slot_channels.get(slot, ())), self.wall_ms())
+        data, positions = self._checkpoint_data(slot, events)
         try:
-            await self.slotlog.write_checkpoint(
-                slot, self.me, epoch, self._checkpoint_data(slot, events), covers
-            )
-            await self.slotlog.trim(slot, covers)
+            await self.slotlog.write_checkpoint(slot, self.me, epoch, data, covers)
+            self.counters["checkpoints"] += 1
+            if floor is None and self.links:
+                floor = (await self._link_floors([slot])).get(slot, "0-0")
+            await self.slotlog.trim(slot, await self._trim_bound(slot, covers, floor))
+            for origin, position in positions.items():
+                await self.slotlog.trim_mirror(slot, origin, position)
         except FencedError:
             self._lose(slot)
         except Exception as e:

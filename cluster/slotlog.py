@@ -283,6 +283,18 @@ class SlotLog(Protocol):
         whose position is below it has a gap (the log was trimmed past it)."""
         ...
 
+    async def first_after(self, slot: int, after_id: str) -> str | None:
+        """The id of the oldest entry of ``slot``'s log above ``after_id`` (None: none):
+        its time part is how long a reader at ``after_id`` has been behind."""
+        ...
+
+    async def trim_mirror(self, slot: int, origin: str, before_id: str) -> int:
+        """Remove the entries of the mirror of ``origin``'s log ``slot`` with ids below
+        ``before_id`` (the mirror's top id is kept, so a link still resumes after it).
+        The caller must hold a checkpoint of the slot covering the mirror up to
+        ``before_id``: a reader behind it rebuilds from that. Returns entries removed."""
+        ...
+
     async def close(self) -> None:
         """Close the connections; the object cannot be used afterwards."""
         ...
@@ -739,6 +751,18 @@ class RedisSlotLog:
         rows: Any = await self._client.xrange(log_key, min="-", max="+", count=1)
         return _text(rows[0][0]) if rows else None
 
+    async def first_after(self, slot: int, after_id: str) -> str | None:
+        _, log_key, _ = self._keys(check_slot(slot))
+        _parse_id(after_id)
+        rows: Any = await self._client.xrange(log_key, min=f"({after_id}", max="+", count=1)
+        return _text(rows[0][0]) if rows else None
+
+    async def trim_mirror(self, slot: int, origin: str, before_id: str) -> int:
+        key = keys.mirror_key(self._region, check_slot(slot), _check_origin(self._region, origin))
+        if _parse_id(before_id) == (0, 0):
+            return 0
+        return int(await self._client.xtrim(key, minid=before_id))
+
     async def close(self) -> None:
         try:
             await self._client.aclose()
@@ -1035,6 +1059,23 @@ class MemorySlotLog:
         self._check_open()
         stream = self._stream(check_slot(slot), "")
         return stream.entries[0].id if stream is not None and stream.entries else None
+
+    async def first_after(self, slot: int, after_id: str) -> str | None:
+        self._check_open()
+        stream = self._stream(check_slot(slot), "")
+        after = stream.after(_parse_id(after_id), 1) if stream is not None else []
+        return after[0].id if after else None
+
+    async def trim_mirror(self, slot: int, origin: str, before_id: str) -> int:
+        self._check_open()
+        stream = self._stream(check_slot(slot), origin)
+        before = _parse_id(before_id)
+        if stream is None or before == (0, 0):
+            return 0
+        cut = bisect.bisect_left(stream.ids, before)
+        del stream.ids[:cut]
+        del stream.entries[:cut]
+        return cut
 
     async def close(self) -> None:
         self._closed = True

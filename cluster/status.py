@@ -34,6 +34,17 @@ def _unreachable(url: str, e: Exception) -> Unreachable:
     return Unreachable(f"cannot reach {url_without_credentials(url)}: {redact_text(str(e))}")
 
 
+class UnknownRegion(LookupError):
+    """No node of the region has ever joined through this Redis (a typo, most often)."""
+
+
+def check_known(r: redis.Redis, region: str) -> None:
+    """Raise :class:`UnknownRegion` unless a node of ``region`` ever joined through ``r``
+    (every join takes an epoch from the region's counter)."""
+    if not r.exists(epoch_key(region)):
+        raise UnknownRegion(f"no region {region!r} in that Redis: no node of it ever joined")
+
+
 def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
@@ -82,6 +93,7 @@ def region_status(url: str, region: str, slots: int = 256, admin_token: str = ""
     holds at risk (from its /status; null when its admin port does not answer)."""
     try:
         with _client(url) as r:
+            check_known(r, region)
             ms = members(r, region)
             table = owners(r, region, slots)
             ring_epoch = int(r.get(epoch_key(region)) or 0)
@@ -157,6 +169,7 @@ def links_status(url: str, region: str, admin_token: str = "") -> list[dict[str,
     lag and backlog. A link nobody holds is reported ``down``."""
     try:
         with _client(url) as r:
+            check_known(r, region)
             ms = members(r, region)
             prefix = f"{PREFIX}:{region_tag(region)}:link:"
             keys = [k.decode() for k in r.scan_iter(match=prefix + "*", count=1000)]
@@ -213,6 +226,7 @@ def ring_plan(
     :func:`cluster.rebalance.make_plan`."""
     try:
         with _client(url) as r:
+            check_known(r, region)
             ms = members(r, region)
             state = ring_state(r, region)
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:

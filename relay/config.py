@@ -304,6 +304,14 @@ class ClusterConfig:
     checkpoint_interval_s: float = _opt(
         5.0, "float", "how often changed slots are checkpointed to Redis", lo=0, lo_open=True
     )
+    link_max_backlog_s: float = _opt(
+        120.0,
+        "float",
+        "a slot log is kept for a link at most this far behind; past it the link resyncs "
+        "the slot from its checkpoint",
+        lo=0,
+        lo_open=True,
+    )
 
 
 _SECTIONS: Final[dict[str, type[Any]]] = {
@@ -346,6 +354,19 @@ class Config:
         files that ``tls_cert``, ``tls_key`` and ``es256_public_key`` name.
         """
         return [f"{p.keys[0]}: {p.text}" for p in self._problems()]
+
+    def warnings(self) -> list[str]:
+        """What is usable but probably not meant (``relay config validate`` prints it)."""
+        out = []
+        if not (
+            self.client.allow_anonymous or self.auth.hs256_secret or self.auth.es256_public_key
+        ):
+            out.append(
+                "no client can connect: client.allow_anonymous is false and neither "
+                "auth.hs256_secret nor auth.es256_public_key is set (`relay config init` "
+                "writes a secret; `relay token` signs tokens with it)"
+            )
+        return out
 
     def _problems(self) -> Iterator[_Problem]:
         bad: set[str] = set()
@@ -471,6 +492,25 @@ class Config:
                 ("admin.port", "client.port"),
                 f"is the same as client.port ({c.port}) on an overlapping address",
             )
+        cl = self.cluster
+        if (
+            ok("cluster.redis_url")
+            and cl.redis_url
+            and not cl.redis_url.startswith(("redis://", "rediss://", "unix://"))
+        ):
+            yield _Problem(
+                ("cluster.redis_url",),
+                f"must be a redis://, rediss:// or unix:// URL, got {_show(cl.redis_url)}",
+            )
+        if ok("cluster.lease_ttl_ms", "cluster.lease_renew_ms") and (
+            cl.lease_ttl_ms <= cl.lease_renew_ms
+        ):
+            yield _Problem(
+                ("cluster.lease_ttl_ms", "cluster.lease_renew_ms"),
+                f"must be above cluster.lease_renew_ms ({cl.lease_renew_ms}), got "
+                f"{cl.lease_ttl_ms} (a lease would expire before it is renewed)",
+            )
+
         # The admin port can drain nodes and move slots: never open it to a network
         # without a token.
         if ok("admin.host", "admin.token") and not a.token and not _is_loopback(a.host):
@@ -725,8 +765,9 @@ def _toml(value: object) -> str:
     raise TypeError(f"no TOML form for {value!r}")
 
 
-def dump_default_toml() -> str:
-    """An annotated config file holding every key at its default (``relay config init``)."""
+def dump_default_toml(**values: object) -> str:
+    """An annotated config file holding every key at its default, but for ``values``
+    (``hs256_secret=…``: a key of any section by its name) (``relay config init``)."""
     lines = [
         "# relay node configuration (TOML).",
         "#",
@@ -745,6 +786,6 @@ def dump_default_toml() -> str:
                 "",
                 f"# {rule.doc}.",
                 f"# {rule.describe()}; env {env_var_name(section, f.name)}",
-                f"{f.name} = {_toml(getattr(obj, f.name))}",
+                f"{f.name} = {_toml(values.get(f.name, getattr(obj, f.name)))}",
             ]
     return "\n".join(lines) + "\n"

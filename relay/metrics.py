@@ -203,7 +203,7 @@ def cluster_metrics(router: Any, labels: list[str], who: list[str]) -> Iterator[
         per_peer: list[tuple[str, str, Any, Callable[[Any], float]]] = [
             (
                 "relay_link_lag_seconds",
-                "now - time of the newest copied id (0 when caught up)",
+                "Age of the oldest entry the peer has not confirmed (0 when caught up)",
                 GaugeMetricFamily,
                 lambda link: link.lag_s(now_ms),
             ),
@@ -227,7 +227,7 @@ def cluster_metrics(router: Any, labels: list[str], who: list[str]) -> Iterator[
             ),
             (
                 "relay_link_stalled",
-                "1 while a copy to the peer makes no progress",
+                "1 while entries wait and the link has made no progress for 2 s",
                 GaugeMetricFamily,
                 lambda link: int(link.holding and link.stalled),
             ),

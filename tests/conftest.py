@@ -55,6 +55,15 @@ async def next_turn() -> None:
     await fut
 
 
+@pytest.fixture(autouse=True)
+def _cli_context_home(tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLI contexts (``relay dev`` writes one) go to a temporary directory, never the
+    real home; no context or Redis URL is inherited from the environment."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg")))
+    monkeypatch.delenv("RELAY_CONTEXT", raising=False)
+    monkeypatch.delenv("RELAY_CLUSTER__REDIS_URL", raising=False)
+
+
 def node_config(**sections: dict[str, Any]) -> Config:
     """A config for a test node on free loopback ports, with overrides per section."""
     base = load_config(
@@ -121,3 +130,23 @@ def redis_url(redis_server: Any) -> str:
         r.config_set("notify-keyspace-events", "")
     url: str = redis_server.url
     return url
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say at the end of the run when the browser tests were skipped, and why: a green
+    run without them has not tested the dashboard or the demo."""
+    from tests.browser.conftest import SKIP_PREFIX
+
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else ""
+        if SKIP_PREFIX in str(reason):
+            why = str(reason).split(SKIP_PREFIX, 1)[1].lstrip(": ")
+            reasons[why] = reasons.get(why, 0) + 1
+    for why, n in reasons.items():
+        terminalreporter.write_sep("=", "browser tests skipped", yellow=True, bold=True)
+        terminalreporter.write_line(
+            f"{n} browser test{'s' if n != 1 else ''} did not run: {why}. "
+            "The dashboard and the demo page are untested in this run."
+        )

@@ -233,7 +233,7 @@
     }
     $("#send").disabled = true;
     $("#disconnect").disabled = true;
-    setStatus("closed", "disconnected");
+    setStatus("idle", "disconnected");
   }
 
   function remember() {
@@ -248,8 +248,14 @@
 
   function connect() {
     const name = $("#name").value.trim();
+    if (!name) {
+      setStatus("error", "type your name first: you receive what is sent to inbox:<your name>");
+      $("#name").focus();
+      return;
+    }
     if (!NAME_RE.test(name)) {
       setStatus("error", "a name is 1–40 letters, digits, '_', '.' or '-'");
+      $("#name").focus();
       return;
     }
     disconnect();

@@ -1,9 +1,9 @@
 """Browser tests: Playwright driving Debian's Chromium (``apt-get install chromium``).
 
 No browser is downloaded (never ``playwright install``): Playwright launches
-``/usr/bin/chromium``, headless. When that browser is missing the tests are skipped,
-except in CI (``CI=true``), where they fail. Screenshots go to
-``artifacts/browser/`` (gitignored).
+``/usr/bin/chromium``, headless. When that browser is missing the tests are skipped, and
+the run's summary says so (tests/conftest.py), except in CI (``CI=true``), where they
+fail. Screenshots go to ``artifacts/browser/`` (gitignored).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
+# RELAY_CHROMIUM: another Chromium binary (the tests of the skip message point it nowhere).
+CHROMIUM = os.environ.get("RELAY_CHROMIUM", "/usr/bin/chromium")
+SKIP_PREFIX = "browser tests need Debian's Chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -36,7 +38,7 @@ def _browser_available() -> None:
         why = f"{CHROMIUM} is missing (apt-get install -y chromium)"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"browser tests cannot run: {why} (CI=true: they must)")
-        pytest.skip(f"browser tests need Debian's Chromium: {why}")
+        pytest.skip(f"{SKIP_PREFIX}: {why}")
     try:
         import playwright.async_api  # noqa: F401
     except ImportError:

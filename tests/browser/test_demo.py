@@ -119,3 +119,50 @@ async def test_demo_delivers_live_across_regions_and_from_the_store_in_a_third(
             await expect(m.locator("[data-field=ack]")).to_have_text("acked")
         await screenshot(bob, "demo-bob-iad-stored")
     assert errors.errors == []
+
+
+@pytest.fixture
+def one_region() -> Iterator[dict[str, Any]]:
+    cluster = DevCluster(["sg"], nodes_per_region=1, cluster_settings=FAST)
+    doc = cluster.start(timeout_s=60)
+    try:
+        yield doc
+    finally:
+        cluster.stop()
+
+
+@aio
+async def test_demo_idle_hint_is_not_an_error_and_an_empty_name_says_why(
+    one_region: dict[str, Any],
+) -> None:
+    from playwright.async_api import expect
+
+    url = page_urls(one_region)["sg"]["demo"]
+    errors = PageErrors()
+    async with chromium() as browser:
+        page = errors.watch(await browser.new_page(viewport={"width": 1300, "height": 900}))
+        await page.goto(url)
+        await expect(page.locator("body")).to_have_attribute("data-ready", "1")
+        status = page.locator("#status")
+
+        def color() -> Any:
+            return status.evaluate("e => getComputedStyle(e).color")
+
+        bad = await page.evaluate(
+            "() => { const e = document.createElement('span');"
+            " e.style.color = 'var(--bad)'; document.body.append(e);"
+            " const c = getComputedStyle(e).color; e.remove(); return c; }"
+        )
+        await expect(status).to_contain_text("Pick a name and a region")
+        assert await color() != bad  # a hint, not an alarm
+        await page.click("#connect")
+        await expect(status).to_contain_text("type your name first")
+        assert await color() == bad
+        await expect(page.locator("#name")).to_be_focused()
+        await page.fill("#name", "bob")
+        await page.click("#connect")
+        await expect(status).to_contain_text("pending from the store, then live")
+        await page.click("#disconnect")
+        await expect(status).to_have_text("disconnected")
+        assert await color() != bad
+    assert errors.errors == []

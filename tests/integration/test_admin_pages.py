@@ -164,18 +164,22 @@ def test_relay_dev_prints_the_pages_of_every_region(tmp_path: Path) -> None:
     """``relay dev`` prints each region's dashboard and a demo URL naming every region."""
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "dev", "--regions", "sg,fra", "--ready-file", str(ready)],
+        [
+            *(sys.executable, "-m", "relay", "dev", "--regions", "sg,fra"),
+            *("--ready-file", str(ready), "--port-base", "0"),
+        ],
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
     )
     lines: list[str] = []
     serving = threading.Event()
 
     def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
+        # The URLs are the command's output: on stdout.
+        assert proc.stdout is not None
+        for line in proc.stdout:
             lines.append(line.rstrip("\n"))
             if line.startswith("relay dev: serving"):
                 serving.set()

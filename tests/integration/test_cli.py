@@ -51,7 +51,25 @@ def objects(ws: Any, n: int) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize(
     "args",
-    [(), ("serve",), ("dev",), ("config",), ("config", "validate"), ("config", "init"), ("bench",)],
+    [
+        (),
+        ("serve",),
+        ("dev",),
+        ("dev", "restart"),
+        ("dev", "start"),
+        ("dev", "nodes"),
+        ("config",),
+        ("config", "validate"),
+        ("config", "init"),
+        ("token",),
+        ("context",),
+        ("context", "add"),
+        ("status",),
+        ("links",),
+        ("ring", "plan"),
+        ("node", "add"),
+        ("bench",),
+    ],
 )
 def test_every_command_has_help(args: tuple[str, ...]) -> None:
     r = relay(*args, "--help")
@@ -73,7 +91,9 @@ def test_config_validate_good_and_bad(tmp_path: Path) -> None:
     bad.write_text('[client]\nport = "x"\nmax_body = -1\n[nodee]\nid = "a"\n')
     r = relay("config", "validate", str(bad))
     assert r.returncode == 78
-    assert "client.port" in r.stderr and "client.max_body" in r.stderr and "nodee" in r.stderr
+    # The problems are the command's result: on stdout.
+    assert "client.port" in r.stdout and "client.max_body" in r.stdout and "nodee" in r.stdout
+    assert "3 problems" in r.stdout
     r = relay("config", "validate", "--json", str(bad))
     assert r.returncode == 78
     doc = json.loads(r.stdout)
@@ -84,7 +104,8 @@ def test_env_override_is_validated(tmp_path: Path) -> None:
     good = tmp_path / "n.toml"
     good.write_text("")
     r = relay("config", "validate", str(good), env={"RELAY_CLIENT__PORT": "99999"})
-    assert r.returncode == 78 and "RELAY_CLIENT__PORT" in r.stderr
+    assert r.returncode == 78 and "RELAY_CLIENT__PORT" in r.stdout
+    assert "1 problem\n" in r.stdout
 
 
 def test_serve_refuses_bad_config_with_78(tmp_path: Path) -> None:
@@ -125,34 +146,48 @@ def test_serve_then_sigterm_closes_clients_with_1001(tmp_path: Path) -> None:
             proc.wait()
 
 
-def test_dev_writes_ready_file_and_serves(tmp_path: Path) -> None:
+def test_dev_writes_ready_file_and_serves_the_mission(tmp_path: Path) -> None:
+    """A bare `relay dev`: three regions over a simulated WAN; a message published in
+    one reaches its recipient in another."""
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
-        [*RELAY, "dev", "--ready-file", str(ready)],
+        [*RELAY, "dev", "--ready-file", str(ready), "--port-base", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         doc = wait_for_file(ready, proc, timeout_s=60)
-        assert list(doc["regions"]) == ["local"]
-        region = doc["regions"]["local"]
-        assert region["redis"].startswith("redis://127.0.0.1:")
-        (node,) = region["nodes"]
-        assert set(node) == {"id", "ws", "admin", "pid"}
-        assert node["id"] == "local/n1"
-        with connect(node["ws"]) as a, connect(node["ws"]) as b:
+        assert list(doc["regions"]) == ["sg", "fra", "iad"]
+        assert doc["wan"]["control"].startswith("http://127.0.0.1:")
+        assert set(doc["wan"]["pairs"]) == {
+            f"{a}-{b}" for a in doc["regions"] for b in doc["regions"] if a != b
+        }
+        nodes = {}
+        for name, region in doc["regions"].items():
+            assert region["redis"].startswith("redis://127.0.0.1:")
+            (node,) = region["nodes"]
+            assert set(node) == {"id", "ws", "admin", "pid"}
+            assert node["id"] == f"{name}/n1"
+            nodes[name] = node
+        with connect(nodes["fra"]["ws"]) as a, connect(nodes["sg"]["ws"]) as b:
             a.send(json.dumps({"op": "sub", "ch": "inbox:alice"}))
             assert [o["op"] for o in objects(a, 2)] == ["welcome", "subscribed"]
             b.send(json.dumps({"op": "pub", "id": "hi", "ch": "inbox:alice", "body": "hello"}))
-            (msg,) = objects(a, 1)
-            assert msg["op"] == "msg" and msg["body"] == "hello"
+            deadline = time.monotonic() + 30  # links start, then one WAN crossing
+            while True:
+                try:
+                    (msg,) = objects(a, 1)
+                    break
+                except TimeoutError:
+                    assert time.monotonic() < deadline, "the message did not cross regions"
+            assert msg["op"] == "msg" and msg["body"] == "hello" and msg["origin"] == "sg"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         # Every child is gone.
-        for pid in (node["pid"],):
+        for node in nodes.values():
             with pytest.raises(ProcessLookupError):
-                os.kill(pid, 0)
+                os.kill(node["pid"], 0)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -181,7 +216,7 @@ def test_dev_port_base_makes_ports_predictable(tmp_path: Path) -> None:
     base = next(b for b in range(20000, 30000, 10) if free_run(b))
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
-        [*RELAY, "dev", "--ready-file", str(ready), "--port-base", str(base)],
+        [*RELAY, "dev", "--regions", "local", "--ready-file", str(ready), "--port-base", str(base)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

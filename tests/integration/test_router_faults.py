@@ -116,7 +116,7 @@ async def test_a_slot_rebuilt_after_a_trim_holds_every_logged_message() -> None:
         for m in b.node.store.pending(ch, 0)
     ]
     await log.write_checkpoint(
-        slot, "sg/n2", b.owned[slot], b._checkpoint_data(slot, events), b.applied[slot]
+        slot, "sg/n2", b.owned[slot], b._checkpoint_data(slot, events)[0], b.applied[slot]
     )
     await log.trim(slot, b.applied[slot])
     # Back to a: it must rebuild from the checkpoint, not trust its stale position.

@@ -51,12 +51,13 @@ def test_config_init_writes_an_owner_only_file_and_readable_secrets_are_warned(
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     path.write_text(path.read_text().replace('token = ""', 'token = "admin-token-0123456789"', 1))
     r = relay("config", "validate", str(path))
-    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert r.returncode == 0 and "warning" not in r.stdout + r.stderr, r.stderr
     path.chmod(0o644)
     r = relay("config", "validate", str(path))
     assert r.returncode == 0, r.stderr
-    assert "holds secrets (admin.token)" in r.stderr and "chmod 600" in r.stderr
-    assert "admin-token-0123456789" not in r.stderr
+    said = r.stdout + r.stderr
+    assert "holds secrets (" in said and "admin.token" in said and "chmod 600" in said
+    assert "admin-token-0123456789" not in said
 
 
 def test_validate_checks_the_token_keys_and_serve_exits_78(tmp_path: Path) -> None:
@@ -66,11 +67,11 @@ def test_validate_checks_the_token_keys_and_serve_exits_78(tmp_path: Path) -> No
     path.write_text(f'[auth]\nhs256_secret = "short"\nes256_public_key = "{bad_pem}"\n')
     r = relay("config", "validate", str(path))
     assert r.returncode == 78, r.stderr
-    assert "auth.hs256_secret: must be at least 32 bytes" in r.stderr
-    assert "auth.es256_public_key:" in r.stderr
+    assert "auth.hs256_secret: must be at least 32 bytes" in r.stdout + r.stderr
+    assert "auth.es256_public_key:" in r.stdout + r.stderr
     r = relay("serve", "--config", str(path), timeout=30)
     assert r.returncode == 78, r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
 
 
 def test_the_admin_token_never_reaches_the_access_log(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ CORE = [
     "cluster/shaping.py",
     "cluster/wire.py",
     "cluster/checkpoint.py",
+    "cluster/chain.py",
     "cluster/rebalance.py",
     "relay/config.py",
     "relay/loopback.py",

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from relay.config import (
     AdminConfig,
+    AuthConfig,
     ClientConfig,
+    ClusterConfig,
     Config,
     ConfigError,
     NodeConfig,
@@ -598,7 +600,46 @@ def test_mesh_secret_required_off_loopback() -> None:
     assert load_config(None, {"RELAY_CLUSTER__MESH_HOST": "0.0.0.0"})
 
 
+def test_redis_url_needs_a_redis_scheme() -> None:
+    for url in ("redis://r:6379/0", "rediss://r:6380", "unix:///tmp/r.sock", ""):
+        assert Config(cluster=ClusterConfig(redis_url=url)).validate() == [], url
+    for url in ("http://r:6379", "r:6379", "localhost"):
+        (problem,) = Config(cluster=ClusterConfig(redis_url=url)).validate()
+        assert problem.startswith("cluster.redis_url: must be a redis://, rediss:// or unix://")
+
+
+def test_lease_ttl_must_be_above_its_renewal() -> None:
+    for ttl, renew in ((1000, 1000), (500, 1000)):
+        (problem,) = Config(
+            cluster=ClusterConfig(lease_ttl_ms=ttl, lease_renew_ms=renew)
+        ).validate()
+        assert problem.startswith(
+            f"cluster.lease_ttl_ms: must be above cluster.lease_renew_ms ({renew}), got {ttl}"
+        )
+    assert Config(cluster=ClusterConfig(lease_ttl_ms=1001, lease_renew_ms=1000)).validate() == []
+
+
+def test_warning_when_no_client_can_authenticate() -> None:
+    (warning,) = Config().warnings()
+    assert warning.startswith("no client can connect")
+    assert Config(client=ClientConfig(allow_anonymous=True)).warnings() == []
+    assert Config(auth=AuthConfig(hs256_secret="x" * 32)).warnings() == []
+    assert Config(auth=AuthConfig(es256_public_key="k.pem")).warnings() == []
+
+
+def test_one_problem_is_one_problem() -> None:
+    assert str(ConfigError(["a: bad"])).startswith("1 problem in the configuration:")
+    assert str(ConfigError(["a: bad", "b: bad"])).startswith("2 problems in")
+
+
 # --- the default file -------------------------------------------------------------------
+
+
+def test_default_toml_with_a_value(tmp_path: Path) -> None:
+    path = write(tmp_path, dump_default_toml(hs256_secret="s" * 40))
+    config = load_config(path, {})
+    assert config.auth.hs256_secret == "s" * 40
+    assert config.warnings() == []
 
 
 def test_default_toml_round_trip(tmp_path: Path) -> None:

@@ -129,7 +129,9 @@ def test_a_name_starting_with_127_is_not_loopback_for_config_validate(tmp_path: 
         timeout=60,
     )
     assert r.returncode == 78, r.stderr
-    assert "admin.token: must be set when admin.host is not a loopback address" in r.stderr
+    assert (
+        "admin.token: must be set when admin.host is not a loopback address" in r.stdout + r.stderr
+    )
 
 
 def ws_handshake_status(host_port: tuple[str, int], host_header: str) -> int:
@@ -173,7 +175,10 @@ def test_config_validate_refuses_an_open_mesh_without_a_secret(tmp_path: Path) -
         timeout=60,
     )
     assert r.returncode == 78, r.stderr
-    assert "cluster.mesh_secret: must be set when cluster.mesh_host is not a loopback" in r.stderr
+    assert (
+        "cluster.mesh_secret: must be set when cluster.mesh_host is not a loopback"
+        in r.stdout + r.stderr
+    )
     path.write_text(base + f'mesh_secret = "{"m" * 32}"\n')
     path.chmod(0o600)
     r = subprocess.run(
