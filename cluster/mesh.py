@@ -375,7 +375,7 @@ class Mesh:
         any other accepted during a rotation; none = the empty secret (loopback only)."""
         self.node_id = node_id
         self.keys = tuple(meshauth.secret_key(s) for s in secrets) or (b"",)
-        self.epoch = epoch
+        self._epoch = epoch
         self.handler = handler
         self.reactor = reactor
         self.clock = clock
@@ -392,8 +392,25 @@ class Mesh:
         self._ids = itertools.count(1)
         self._port: Any = None
         self._stopped = False
+        self._dialling: set[str] = set()
         # Connections cut off before admission (bad handshake, proof, lease or a duplicate).
         self.counters = {"refused": 0, "replaced": 0}
+
+    @property
+    def epoch(self) -> int:
+        """The epoch this node's ``HELLO`` claims: its lease's."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        # A new lease (join, rejoin): peers refuse a HELLO at the old epoch, so dial the
+        # peers we lack now rather than at the next retry.
+        changed = epoch != self._epoch
+        self._epoch = epoch
+        if changed and not self._stopped:
+            for peer in list(self.wanted):
+                if peer not in self.connections:
+                    self._dial(peer)
 
     # -- listening and dialling ----------------------------------------------------
 
@@ -420,12 +437,19 @@ class Mesh:
             conn.transport.abortConnection()
 
     def _dial(self, peer: str) -> None:
-        if self._stopped or peer not in self.wanted or peer in self.connections:
+        if (
+            self._stopped
+            or peer not in self.wanted
+            or peer in self.connections
+            or peer in self._dialling
+        ):
             return
+        self._dialling.add(peer)  # one attempt at a time: until attach() or dial_failed()
         host, port = self.wanted[peer].rsplit(":", 1)
         self.reactor.connectTCP(host, int(port), _Dialer(self, peer), timeout=5)
 
     def dial_failed(self, peer: str) -> None:
+        self._dialling.discard(peer)
         if not self._stopped and peer in self.wanted and peer not in self.connections:
             self.reactor.callLater(self.retry_s, self._dial, peer)
 
@@ -449,6 +473,8 @@ class Mesh:
             old.state = "closed"
             old.transport.abortConnection()
         self.connections[conn.peer] = conn
+        if conn.dialled is not None:
+            self._dialling.discard(conn.dialled)
         self.handler.on_peer_up(conn.peer, conn.peer_epoch)
         return True
 
