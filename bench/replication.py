@@ -82,6 +82,7 @@ class Soak:
         self.received: set[str] = set()
         self.acked = 0
         self.stop = False
+        self.publishing = True
 
     def ws(self, region: str) -> str:
         url: str = self.doc["regions"][region]["nodes"][0]["ws"]
@@ -215,6 +216,7 @@ async def _soak(
             for r in REGIONS:
                 row[r] = await asyncio.to_thread(sample, doc["regions"][r]["redis"], r)
             row["published"], row["acked"] = len(s.published), s.acked
+            row["publishing"] = s.publishing
             samples.append(row)
             click.echo(
                 f"  t={row['t_s']:>6}s  "
@@ -230,6 +232,7 @@ async def _soak(
     acker = asyncio.ensure_future(s.subscribe_and_ack())
     sampling = asyncio.ensure_future(sampler())
     await s.publish(duration_s)
+    s.publishing = False
     # The subscriber gets and acks the rest; give the links a bounded while.
     deadline = time.monotonic() + 60
     while not s.published <= s.received and time.monotonic() < deadline:
@@ -252,19 +255,27 @@ async def _soak(
 
 
 def growth(samples: list[dict[str, Any]], settle_s: float) -> dict[str, dict[str, float]]:
-    """Per region and figure: the value at the first sample at or after ``settle_s`` and
-    at the last sample of the run (before the final drain), and the growth between."""
-    during = [x for x in samples if x["t_s"] != "end"]
-    base = next((x for x in during if x["t_s"] >= settle_s), during[0])
-    last = during[-1]
+    """Per region and figure, over the samples taken while publishing from ``settle_s``
+    on: the median of their first half (``_start``) and of their second half (``_end``),
+    and the growth between (medians of halves: a trend, not one sample's noise);
+    ``used_memory_less_checkpoints_growth`` leaves out what the checkpoints' tombstones
+    added (bounded by the dedupe window)."""
+    during = [x for x in samples if x.get("publishing")]
+    after = [x for x in during if x["t_s"] >= settle_s] or during
+    half = max(1, len(after) // 2)
+    first, last = after[:half], after[-half:]
     out: dict[str, dict[str, float]] = {}
     for r in REGIONS:
         out[r] = {}
         for k in ("used_memory", "keys", "log_entries", "mirror_entries", "checkpoint_bytes"):
-            a, b = base[r][k], last[r][k]
+            a = statistics.median(x[r][k] for x in first)
+            b = statistics.median(x[r][k] for x in last)
             out[r][f"{k}_start"] = a
             out[r][f"{k}_end"] = b
             out[r][f"{k}_growth"] = round((b - a) / a, 4) if a else 0.0
+        m0 = statistics.median(x[r]["used_memory"] - x[r]["checkpoint_bytes"] for x in first)
+        m1 = statistics.median(x[r]["used_memory"] - x[r]["checkpoint_bytes"] for x in last)
+        out[r]["used_memory_less_checkpoints_growth"] = round((m1 - m0) / m0, 4) if m0 else 0.0
     return out
 
 
@@ -349,7 +360,8 @@ def replication_cmd(
         x = g[r]
         lines.append(
             f"{r}: used_memory {x['used_memory_start'] / 1e6:.2f} -> "
-            f"{x['used_memory_end'] / 1e6:.2f} MB ({x['used_memory_growth']:+.1%}), "
+            f"{x['used_memory_end'] / 1e6:.2f} MB ({x['used_memory_growth']:+.1%}; "
+            f"{x['used_memory_less_checkpoints_growth']:+.1%} less checkpoints), "
             f"keys {x['keys_start']:.0f} -> {x['keys_end']:.0f}, "
             f"log entries {x['log_entries_start']:.0f} -> {x['log_entries_end']:.0f}, "
             f"mirror entries {x['mirror_entries_start']:.0f} -> {x['mirror_entries_end']:.0f}, "

@@ -15,7 +15,7 @@ Pure: ids are Redis stream ids (``"<ms>-<seq>"``), times are passed in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -75,23 +75,28 @@ class TrimBound:
 def trim_bound(
     *,
     covers: str,
-    floor: str | None,
-    oldest_unconfirmed: str | None,
+    links: Sequence[tuple[str, str | None]],
     now_ms: int,
     max_backlog_ms: float,
 ) -> TrimBound:
     """Where a slot log may be trimmed.
 
-    ``covers``: the id the newest checkpoint covers; ``floor``: the oldest position the
-    region's links have confirmed for the slot (None: no links; ``"0-0"``: a link has
-    confirmed nothing); ``oldest_unconfirmed``: the id of the first entry after
-    ``floor`` (None: none). Never past the checkpoint; past ``floor`` only when the
-    oldest entry a link still needs is older than ``max_backlog_ms``.
+    ``covers``: the id the newest checkpoint covers; ``links``: per link of the region,
+    the position it has confirmed for the slot (``"0-0"``: nothing yet) and the id of the
+    first entry after it (None: none). Never past the checkpoint; never past a link,
+    unless the oldest entry that link still needs is older than ``max_backlog_ms``: then
+    that link alone is passed over (``gapped``), the others still hold the log.
     """
-    if floor is None or parse_id(floor) >= parse_id(covers):
-        return TrimBound(covers)
-    if oldest_unconfirmed is None or parse_id(oldest_unconfirmed) > parse_id(covers):
-        return TrimBound(covers)  # nothing the checkpoint covers waits for a link
-    if now_ms - parse_id(oldest_unconfirmed)[0] > max_backlog_ms:
-        return TrimBound(covers, gapped=True)
-    return TrimBound(floor)
+    bound = covers
+    gapped = False
+    for floor, oldest in links:
+        if parse_id(floor) >= parse_id(covers):
+            continue
+        if oldest is None or parse_id(oldest) > parse_id(covers):
+            continue  # nothing the checkpoint covers waits for this link
+        if now_ms - parse_id(oldest)[0] > max_backlog_ms:
+            gapped = True
+            continue
+        if parse_id(floor) < parse_id(bound):
+            bound = floor
+    return TrimBound(bound, gapped)

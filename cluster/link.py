@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -44,6 +45,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cluster.chain import parse_id, split_on_gaps
+from cluster.checkpoint import without_clock
 from cluster.errors import ClusterError
 from cluster.keys import PREFIX, confirmed_channel, link_lease_key, region_tag
 from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
@@ -62,7 +64,16 @@ PROBE_TIMEOUT_S = 2.5
 
 
 class LinkGap(ClusterError):
-    """Entries of ``slot`` were trimmed under the link and no checkpoint covers them yet."""
+    """Entries of a slot were trimmed under the link and no checkpoint covers them yet."""
+
+
+class LeaseLost(ClusterError):
+    """The link's lease is no longer surely ours: stop writing to the destination."""
+
+
+# A slot whose resync must wait (no checkpoint covers its hole yet) is left out of the
+# copy for this long; the other slots go on.
+PARK_S = 1.0
 
 
 def confirmed_key(region: str, dest: str) -> str:
@@ -100,7 +111,9 @@ class Link:
         )
         self.client = Redis.from_url(local_url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
         self.lease_key = link_lease_key(region, dest)
-        self.lease_value = node_id
+        # The node id, then this incarnation: a restarted process with the same id does
+        # not renew (or release) the lease of the one before it.
+        self.lease_value = f"{node_id}#{secrets.token_hex(6)}"
         self.state = "standby"
         # The lease is ours until this (monotonic): last renewal sent + TTL.
         self.lease_valid_until = 0.0
@@ -114,6 +127,7 @@ class Link:
         self.last_progress = time.monotonic()
         self.last_error = ""
         self.position: dict[int, str] = {}
+        self._parked: dict[int, float] = {}  # slot → monotonic time it is copied again
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
 
@@ -206,10 +220,33 @@ class Link:
                 if not ours:
                     self.state = "standby"
                     self._progressed()
+                elif self.state != "running" or self.stalled:
+                    await self._measure_waiting()
                 await asyncio.sleep(renew_every)  # the lease's renewal period
         finally:
             if copier is not None:
                 await self._cancel(copier)
+
+    async def _measure_waiting(self) -> None:
+        """While the copy is failing or stuck, find the oldest entry not yet in the
+        destination from our own Redis, so lag grows truthfully through a cut that
+        began while nothing was waiting."""
+        try:
+            positions = self.position
+            if not positions:
+                confirmed = await self.client.hgetall(confirmed_key(self.region, self.dest))
+                positions = {int(k): _text(v) for k, v in confirmed.items()}
+            if not positions:
+                return
+            firsts = await self.local.first_after_many(positions)
+        except (RedisError, OSError) as e:
+            log.warning("link %s→%s: reading the backlog: %s", self.region, self.dest, e)
+            return
+        if firsts:
+            oldest = min(parse_id(i)[0] for i in firsts.values())
+            if self.waiting_oldest_ms is None or oldest < self.waiting_oldest_ms:
+                self.waiting_oldest_ms = oldest
+            self.backlog_entries = max(self.backlog_entries, len(firsts))
 
     @staticmethod
     async def _cancel(task: asyncio.Task[None]) -> None:
@@ -261,7 +298,9 @@ class Link:
         self.state = "running"
         probed = time.monotonic()
         while not self._stopped:
-            entries = await self.local.tail(self.position, TAIL_BLOCK_MS, COPY_COUNT)
+            now = time.monotonic()
+            after = {s: p for s, p in self.position.items() if self._parked.get(s, 0) <= now}
+            entries = await self.local.tail(after, TAIL_BLOCK_MS, COPY_COUNT)
             if not entries:
                 self.backlog_entries = 0
                 self.waiting_oldest_ms = None
@@ -278,7 +317,11 @@ class Link:
             if good:
                 await self._copy(good)
             for slot, missing in gaps.items():
-                await self._resync(slot, missing)
+                try:
+                    await self._resync(slot, missing)
+                except LinkGap as e:
+                    log.warning("link %s→%s: %s; retrying it shortly", self.region, self.dest, e)
+                    self._parked[slot] = time.monotonic() + PARK_S
             self._progressed()
             probed = time.monotonic()
 
@@ -289,7 +332,12 @@ class Link:
         except TimeoutError:
             raise ClusterError(f"{self.dest}'s Redis does not answer") from None
 
+    def _check_lease(self) -> None:
+        if not self.holding:
+            raise LeaseLost("the link's lease is not surely ours: not writing")
+
     async def _copy(self, entries: list[TailEntry]) -> None:
+        self._check_lease()
         results = await self.remote.mirror_append_many(self.region, entries)
         confirmed: dict[int, str] = {}
         for e, copied in zip(entries, results, strict=True):
@@ -307,13 +355,28 @@ class Link:
 
     async def _resync(self, slot: int, missing: str) -> None:
         """Entries of ``slot`` after our position, up to ``missing`` at least, were
-        trimmed: copy the slot's checkpoint in their place and go on after it."""
+        trimmed: copy the slot's checkpoint in their place and go on after it.
+
+        The checkpoint goes into the mirror above its top, so the mirror's chain stays
+        whole. It proves the origin's own messages gone (``superseded``) only when the
+        hole is a trim of the same log after our position; when the log went back or
+        began again (``missing`` at or below our position: the origin's Redis lost
+        entries) it is merged as a plain state, its clock left out."""
+        position = self.position[slot]
         cp = await self.local.read_checkpoint(slot)
         if cp is None or parse_id(cp.covers_id) < parse_id(missing):
             raise LinkGap(
-                f"slot {slot}: entries after {self.position[slot]} were trimmed and no "
-                "checkpoint covers them yet"
+                f"slot {slot}: entries after {position} were trimmed and no checkpoint "
+                "covers them yet"
             )
+        if parse_id(cp.covers_id) <= parse_id(position):
+            raise LinkGap(
+                f"slot {slot}: its log went back behind the copied {position}; waiting for "
+                "a checkpoint above it"
+            )
+        data = cp.data
+        if parse_id(missing) <= parse_id(position):
+            data = without_clock(data)
         self.gaps_total += 1
         log.warning(
             "link %s→%s: slot %d was trimmed past %s; resyncing from its checkpoint at %s",
@@ -323,10 +386,13 @@ class Link:
             self.position[slot],
             cp.covers_id,
         )
-        resync = TailEntry(slot, cp.covers_id, cp.data, self.position[slot])
+        resync = TailEntry(slot, cp.covers_id, data, position)
+        self._check_lease()
         (copied,) = await self.remote.mirror_append_many(self.region, [resync])
-        if copied:
-            self.bytes_total += len(cp.data)
+        if not copied:
+            # Someone else wrote above our position: our view of the mirror is stale.
+            raise ClusterError(f"slot {slot}: the mirror moved under the link; re-reading")
+        self.bytes_total += len(data)
         self.position[slot] = cp.covers_id
         await self._announce({slot: cp.covers_id})
 
@@ -343,3 +409,7 @@ class Link:
                 json.dumps({"dest": self.dest, "slots": {str(s): i for s, i in confirmed.items()}}),
             )
             await pipe.execute()
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v

@@ -194,6 +194,7 @@ class Router:
         self.claiming: set[int] = set()
         self._claim_tasks: dict[int, asyncio.Task[Any]] = {}
         self._catch_up_locks: dict[int, asyncio.Lock] = {}
+        self._checkpoint_locks: dict[int, asyncio.Lock] = {}
         self.releasing: set[int] = set()  # owned slots being handed over: not served
         self.replicated: set[int] = set()
         self.applied: dict[int, str] = {}  # slot → newest log id applied here
@@ -683,12 +684,28 @@ class Router:
                     known = self.mirror_applied[o].get(slot, "0-0")
                     if parse_id(by_slot[slot]) > parse_id(known):
                         self.mirror_applied[o][slot] = by_slot[slot]
-        added = apply_events(self.node, cp.events, now_ms)
+        events = cp.events
+        if cp.is_checkpoint:
+            if cp.hlc:
+                self.node.clock.observe(cp.hlc)
+            # A checkpoint is a state from the past: what was acked here since must not
+            # come back with it. The dedupe index forgets an id a window after the message
+            # was accepted; the slot's tombstones last a window from the ack.
+            gone = {(ch, i) for ch, i, _ in self.tombstones.get(slot, ())}
+            if gone:
+                events = [
+                    e for e in events if not (isinstance(e, MessageEvent) and (e.ch, e.id) in gone)
+                ]
+        else:
+            gone = set()
+        added = apply_events(self.node, events, now_ms)
         for m in added:
             self.slot_channels.setdefault(slot, set()).add(m.ch)
-        for ev in cp.events:
+        for ev in events:
             if isinstance(ev, AckEvent):
-                self._tombstone(slot, ev.ch, list(ev.ids), ev.hlc)
+                new = [i for i in ev.ids if (ev.ch, i) not in gone]
+                if new:
+                    self._tombstone(slot, ev.ch, new, ev.hlc)
         if origin and cp.is_checkpoint:
             held = [
                 (m.ch, m.id, m.origin, m.hlc)
@@ -698,7 +715,8 @@ class Router:
             for ch, msg_id in superseded(cp, origin, held):
                 for m in self.node.store.ack(ch, [msg_id]):
                     self.node.dedupe.remember(dedupe_key(ch, msg_id), m.hlc, now_ms)
-                    self._tombstone(slot, ch, [msg_id], m.hlc)
+                    # Gone there by the checkpoint's time: a tombstone from then on.
+                    self._tombstone(slot, ch, [msg_id], cp.hlc)
         return added
 
     async def _release(self, slots: list[int]) -> None:
@@ -834,8 +852,10 @@ class Router:
                         await self._mirror_gap_owned(s, origin, missing)
                     else:
                         await self._catch_up(s, fresh=True)
-                except (RedisError, OSError, ClusterError) as e:
+                except (RedisError, OSError, ClusterError, CodecError) as e:
                     log.warning("rebuilding slot %d failed: %s", s, e)
+            if gapped:
+                await asyncio.sleep(0.2)  # a hole no checkpoint covers yet: do not spin
 
     async def _mirror_gap_owned(self, slot: int, origin: str, missing: str) -> None:
         """An owned slot's mirror of ``origin`` was trimmed past our position (only a
@@ -857,7 +877,7 @@ class Router:
             if s not in self.applied:
                 try:
                     await self._catch_up(s)
-                except (RedisError, OSError) as e:
+                except (RedisError, OSError, ClusterError) as e:
                     log.warning("replica catch-up of slot %d failed: %s", s, e)
         while not self.stopped:
             try:
@@ -1280,72 +1300,85 @@ class Router:
                 floors = await self._link_floors(slots)
             except (RedisError, OSError) as e:
                 log.warning("reading the links' positions failed: %s", e)
-                floors = {}
+                floors = {}  # each checkpoint reads its slot's, or does not trim
             for slot in slots:
-                await self._checkpoint(slot, floors.get(slot, "0-0") if self.links else None)
+                if slot not in self.releasing:  # a hand-over checkpoints it itself
+                    await self._checkpoint(slot, floors.get(slot))
 
-    async def _link_floors(self, slots: list[int]) -> dict[int, str]:
-        """Per slot, the oldest position every link out of this region has confirmed
-        ("0-0" where some link has confirmed nothing): the slot log is kept after it."""
+    async def _link_floors(self, slots: list[int]) -> dict[int, list[str]]:
+        """Per slot, the position each link out of this region has confirmed ("0-0"
+        where it has confirmed nothing): the slot log is kept after them."""
         if not slots or not self.links:
             return {}
         async with self.client.pipeline(transaction=False) as pipe:
             for link in self.links:
                 pipe.hmget(confirmed_key(self.region, link.dest), [str(s) for s in slots])
             rows = await pipe.execute()
-        floors: dict[int, str] = {}
-        for i, slot in enumerate(slots):
-            ids = [row[i] for row in rows]
-            if any(v is None for v in ids):
-                floors[slot] = "0-0"
-            else:
-                floors[slot] = min((v.decode() for v in ids), key=parse_id)
-        return floors
+        return {
+            slot: [row[i].decode() if row[i] is not None else "0-0" for row in rows]
+            for i, slot in enumerate(slots)
+        }
 
-    async def _trim_bound(self, slot: int, covers: str, floor: str | None) -> str:
+    async def _trim_bound(self, slot: int, covers: str, floors: list[str] | None) -> str | None:
         """Where ``slot``'s log may be trimmed: behind the checkpoint and behind every
         link, unless the oldest entry a link still needs is older than
         ``cluster.link_max_backlog_s``: that link is then declared gapped for the slot
-        (it resyncs it from the checkpoint) rather than pinning the log for ever."""
-        oldest = None
-        if floor is not None and parse_id(floor) < parse_id(covers):
-            oldest = await self.slotlog.first_after(slot, floor)
+        (it resyncs it from the checkpoint) rather than pinning the log for ever.
+        None: the links' positions are unknown (not read), so nothing is trimmed."""
+        if not self.links:
+            return covers
+        if floors is None:
+            return None
+        links: list[tuple[str, str | None]] = []
+        for floor in floors:
+            oldest = None
+            if parse_id(floor) < parse_id(covers):
+                oldest = await self.slotlog.first_after(slot, floor)
+            links.append((floor, oldest))
         max_backlog_s = self.config.cluster.link_max_backlog_s
         bound = trim_bound(
-            covers=covers,
-            floor=floor,
-            oldest_unconfirmed=oldest,
-            now_ms=self.wall_ms(),
-            max_backlog_ms=max_backlog_s * 1000,
+            covers=covers, links=links, now_ms=self.wall_ms(), max_backlog_ms=max_backlog_s * 1000
         )
         if bound.gapped:
             self.counters["backlog_trims"] += 1
             log.warning(
-                "slot %d: a link is more than %.0f s behind (at %s); trimming past it, "
-                "it will resync the slot from its checkpoint",
+                "slot %d: a link is more than %.0f s behind; trimming past it, it will "
+                "resync the slot from its checkpoint",
                 slot,
                 max_backlog_s,
-                floor,
             )
         return bound.before_id
 
-    async def _checkpoint(self, slot: int, floor: str | None = None) -> None:
-        """Write ``slot``'s state as its checkpoint, then trim the log behind it (and
-        behind every link: ``floor``, their oldest confirmed position, None without
-        links) and our mirrors of other regions behind what it covers."""
+    async def _checkpoint(self, slot: int, floors: list[str] | None = None) -> None:
+        """Write ``slot``'s state as its checkpoint, then trim the log behind it and
+        behind every link (``floors``: each link's confirmed position, read when not
+        given) and our mirrors of other regions behind what it covers. One checkpoint
+        of a slot at a time, so what one writes never goes back behind another's."""
+        lock = self._checkpoint_locks.get(slot)
+        if lock is None:
+            lock = self._checkpoint_locks[slot] = asyncio.Lock()
+        async with lock:
+            await self._checkpoint_now(slot, floors)
+
+    async def _checkpoint_now(self, slot: int, floors: list[str] | None) -> None:
         epoch = self.owned.get(slot)
         covers = self.applied.get(slot)
-        if epoch is None or covers is None or covers == "0-0":
+        if epoch is None or covers is None:
             return
         self.dirty.discard(slot)
-        events = slot_state(self.node, sorted(self.slot_channels.get(slot, ())), self.wall_ms())
-        data, positions = self._checkpoint_data(slot, events)
         try:
+            events = slot_state(self.node, sorted(self.slot_channels.get(slot, ())), self.wall_ms())
+            data, positions = self._checkpoint_data(slot, events)
+            if covers == "0-0" and not positions:
+                return  # nothing logged or mirrored yet: nothing to cover
             await self.slotlog.write_checkpoint(slot, self.me, epoch, data, covers)
             self.counters["checkpoints"] += 1
-            if floor is None and self.links:
-                floor = (await self._link_floors([slot])).get(slot, "0-0")
-            await self.slotlog.trim(slot, await self._trim_bound(slot, covers, floor))
+            if covers != "0-0":
+                if floors is None and self.links:
+                    floors = (await self._link_floors([slot])).get(slot)
+                bound = await self._trim_bound(slot, covers, floors)
+                if bound is not None:
+                    await self.slotlog.trim(slot, bound)
             for origin, position in positions.items():
                 await self.slotlog.trim_mirror(slot, origin, position)
         except FencedError:

@@ -288,6 +288,11 @@ class SlotLog(Protocol):
         its time part is how long a reader at ``after_id`` has been behind."""
         ...
 
+    async def first_after_many(self, slots_after: Mapping[int, str]) -> dict[int, str]:
+        """:meth:`first_after` of each slot, in one round trip; slots with no entry after
+        their id are left out."""
+        ...
+
     async def trim_mirror(self, slot: int, origin: str, before_id: str) -> int:
         """Remove the entries of the mirror of ``origin``'s log ``slot`` with ids below
         ``before_id`` (the mirror's top id is kept, so a link still resumes after it).
@@ -757,6 +762,14 @@ class RedisSlotLog:
         rows: Any = await self._client.xrange(log_key, min=f"({after_id}", max="+", count=1)
         return _text(rows[0][0]) if rows else None
 
+    async def first_after_many(self, slots_after: Mapping[int, str]) -> dict[int, str]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for slot, after in slots_after.items():
+                _parse_id(after)
+                pipe.xrange(self._keys(check_slot(slot))[1], min=f"({after}", max="+", count=1)
+            rows = await pipe.execute()
+        return {s: _text(r[0][0]) for s, r in zip(slots_after, rows, strict=True) if r}
+
     async def trim_mirror(self, slot: int, origin: str, before_id: str) -> int:
         key = keys.mirror_key(self._region, check_slot(slot), _check_origin(self._region, origin))
         if _parse_id(before_id) == (0, 0):
@@ -1065,6 +1078,10 @@ class MemorySlotLog:
         stream = self._stream(check_slot(slot), "")
         after = stream.after(_parse_id(after_id), 1) if stream is not None else []
         return after[0].id if after else None
+
+    async def first_after_many(self, slots_after: Mapping[int, str]) -> dict[int, str]:
+        out = {s: await self.first_after(s, a) for s, a in slots_after.items()}
+        return {s: i for s, i in out.items() if i is not None}
 
     async def trim_mirror(self, slot: int, origin: str, before_id: str) -> int:
         self._check_open()

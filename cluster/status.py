@@ -180,7 +180,8 @@ def links_status(url: str, region: str, admin_token: str = "") -> list[dict[str,
     out: list[dict[str, Any]] = []
     for dest in sorted(dests):
         holder_raw = leases.get(dest)
-        holder = holder_raw.decode() if holder_raw else None
+        # The lease holds "<node id>#<incarnation>".
+        holder = holder_raw.decode().split("#", 1)[0] if holder_raw else None
         row: dict[str, Any] = {"from": region, "to": dest, "holder": holder, "state": "down"}
         member = ms.get(holder) if holder else None
         if member is not None and member.admin:

@@ -166,7 +166,7 @@ def link_holder(doc: dict[str, Any], dest: str) -> str:
 
     with redis.Redis.from_url(doc["regions"]["sg"]["redis"]) as r:
         v = r.get(f"relay:{{sg}}:link:{dest}")
-    return v.decode() if v else ""
+    return v.decode().split("#", 1)[0] if v else ""
 
 
 @aio

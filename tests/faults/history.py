@@ -220,12 +220,14 @@ async def steady(
     return n
 
 
-async def ack_all(url: str, h: History, keys: Iterable[tuple[str, str]]) -> None:
-    """Ack ``keys`` through ``url`` and record those answered."""
+async def ack_all(url: str, h: History, keys: Iterable[tuple[str, str]]) -> int:
+    """Ack ``keys`` through ``url`` and record those answered; return how many of them
+    the node said were pending (the sum of ``acked.n``)."""
     by_ch: dict[str, list[str]] = {}
     for ch, i in keys:
         by_ch.setdefault(ch, []).append(i)
     c = await hello(url)
+    n = 0
     try:
         for ch, ids in by_ch.items():
             for j in range(0, len(ids), 1000):
@@ -234,11 +236,13 @@ async def ack_all(url: str, h: History, keys: Iterable[tuple[str, str]]) -> None
                 while True:
                     obj = await c.recv(timeout_s=30)
                     if obj["op"] == "acked":
+                        n += obj["n"]
                         break
                     assert obj["op"] != "error", obj
                 h.acked.update((ch, i) for i in part)
     finally:
         await c.close()
+    return n
 
 
 def admin_status(admin_url: str) -> dict[str, Any]:

@@ -46,25 +46,24 @@ def test_a_slot_never_read_starts_at_zero() -> None:
 def test_trim_bound_rules() -> None:
     common: dict[str, Any] = {"now_ms": 100_000, "max_backlog_ms": 10_000}
     # No links: the checkpoint is the bound.
-    assert trim_bound(covers="50-0", floor=None, oldest_unconfirmed=None, **common) == TrimBound(
-        "50-0"
-    )
+    assert trim_bound(covers="50-0", links=[], **common) == TrimBound("50-0")
     # Links ahead of the checkpoint: the checkpoint.
-    assert trim_bound(covers="50-0", floor="60-0", oldest_unconfirmed=None, **common) == (
-        TrimBound("50-0")
-    )
+    assert trim_bound(covers="50-0", links=[("60-0", None)], **common) == TrimBound("50-0")
     # A link behind, recently: its position.
-    assert trim_bound(
-        covers="95000-0", floor="40-0", oldest_unconfirmed="95000-0", **common
-    ) == TrimBound("40-0")
+    recent = ("40-0", "95000-0")
+    assert trim_bound(covers="95000-0", links=[recent], **common) == TrimBound("40-0")
     # A link behind by more than the backlog bound: gapped, the checkpoint.
-    assert trim_bound(
-        covers="95000-0", floor="40-0", oldest_unconfirmed="41-0", **common
-    ) == TrimBound("95000-0", gapped=True)
+    old = ("40-0", "41-0")
+    assert trim_bound(covers="95000-0", links=[old], **common) == TrimBound("95000-0", gapped=True)
     # Nothing the checkpoint covers waits: the checkpoint.
-    assert trim_bound(
-        covers="95000-0", floor="40-0", oldest_unconfirmed="96000-0", **common
-    ) == TrimBound("95000-0")
+    idle = ("40-0", "96000-0")
+    assert trim_bound(covers="95000-0", links=[idle], **common) == TrimBound("95000-0")
+    # One link gapped does not pass over the others: the healthy one still holds the log.
+    healthy = ("94000-0", "94500-0")
+    assert trim_bound(covers="95000-0", links=[old, healthy], **common) == TrimBound(
+        "94000-0", gapped=True
+    )
+    assert trim_bound(covers="95000-0", links=[recent, healthy], **common) == TrimBound("40-0")
 
 
 # ---- random interleavings ----------------------------------------------------------------
@@ -166,14 +165,13 @@ async def run(ops: list[tuple[str, int]], max_backlog_ms: int, honour_floor: boo
                 await w.log.write_checkpoint(SLOT, OWNER, 1, encode(w.state_at[top]), top)
                 w.covers = top
         elif op == "trim" and w.covers != "0-0":
-            floor = min((r.position for r in readers), key=parse_id) if honour_floor else None
-            oldest = await w.log.first_after(SLOT, floor) if floor else None
+            links = (
+                [(r.position, await w.log.first_after(SLOT, r.position)) for r in readers]
+                if honour_floor
+                else []
+            )
             bound = trim_bound(
-                covers=w.covers,
-                floor=floor,
-                oldest_unconfirmed=oldest,
-                now_ms=now[0],
-                max_backlog_ms=max_backlog_ms,
+                covers=w.covers, links=links, now_ms=now[0], max_backlog_ms=max_backlog_ms
             )
             await w.log.trim(SLOT, bound.before_id)
         elif op == "read":
