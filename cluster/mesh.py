@@ -2,7 +2,13 @@
 
 The node with the smaller id dials; both ends then send on the same connection, so what
 one node sends another (replies and deliveries alike) arrives in order. Each end says
-``HELLO`` (node id, epoch) first. Requests carry an id and are answered with ``REPLY``;
+``HELLO`` (node id, epoch, nonce) first, then ``AUTH``: a proof that it holds the region's
+mesh secret (:mod:`cluster.meshauth`). A peer is admitted only once its proof checks out
+*and* the handler confirms that its id holds a live lease at that epoch; until then no
+other message of it is acted on, and a peer that breaks the handshake, or does not finish
+it in time, is cut off. A second connection claiming a connected peer's id never replaces
+the live one (only a newer epoch does: the peer restarted). Requests carry an id and are
+answered with ``REPLY``;
 ``DELIVER`` and ``INTEREST`` are one-way. Pings run on every connection: a peer that
 does not answer within ``ping_timeout_s`` is reported (a stalled reactor shows up here
 before its lease expires) and the connection is dropped. A peer that stops reading is cut
@@ -15,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -22,6 +29,7 @@ from twisted.internet import protocol, task
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from cluster import meshauth
 from cluster.errors import ClusterError
 from cluster.wire import FrameReader, Kind, WireError, encode
 
@@ -54,6 +62,10 @@ class Handler(Protocol):
 
     def on_peer_down(self, peer: str, reason: str) -> None: ...
 
+    def admit_peer(self, peer: str, epoch: int) -> Awaitable[bool] | bool:
+        """Whether ``peer`` (its proof checked) holds a live lease at ``epoch``."""
+        ...
+
 
 @implementer(IPushProducer)
 class _Pressure:
@@ -72,6 +84,11 @@ class _Pressure:
         self.paused = True
 
 
+# Messages a peer may have in flight while its admission is checked (it admitted us
+# first and started sending); more than this and it is cut off.
+MAX_QUEUED_BEFORE_ADMISSION = 10_000
+
+
 class MeshProtocol(protocol.Protocol):
     """One mesh connection (either end)."""
 
@@ -86,6 +103,18 @@ class MeshProtocol(protocol.Protocol):
         self._pinger: task.LoopingCall | None = None
         self._ping_seq = 0
         self._last_pong = 0.0
+        # Handshake: hello → auth → admitting → open.
+        self.state = "hello"
+        self.dialled: str | None = None  # the peer we dialled (None: it dialled us)
+        self._nonce = b""
+        self._peer_nonce = b""
+        self._claimed: str | None = None
+        self._queued: list[list[Any]] = []
+        self._started = 0.0
+
+    @property
+    def role(self) -> str:
+        return meshauth.DIAL if self.dialled is not None else meshauth.LISTEN
 
     # Twisted hooks delegate.
     def connectionMade(self) -> None:
@@ -101,13 +130,15 @@ class MeshProtocol(protocol.Protocol):
 
     def connection_made(self) -> None:
         f = self.factory
+        self.dialled = getattr(f, "peer", None)
         self.reader = FrameReader(f.mesh.max_frame)
         # Mesh messages are small and latency-bound: no Nagle delay.
         with contextlib.suppress(AttributeError, OSError):
             self.transport.setTcpNoDelay(True)
         self.transport.registerProducer(self.pressure, True)
-        self.send([Kind.HELLO, f.mesh.node_id, f.mesh.epoch])
-        self._last_pong = f.mesh.clock()
+        self._nonce = os.urandom(meshauth.NONCE_BYTES)
+        self.send([Kind.HELLO, f.mesh.node_id, f.mesh.epoch, self._nonce])
+        self._started = self._last_pong = f.mesh.clock()
         self._pinger = task.LoopingCall(self._ping)
         self._pinger.clock = f.mesh.reactor
         self._pinger.start(f.mesh.ping_interval_s, now=False)
@@ -117,26 +148,134 @@ class MeshProtocol(protocol.Protocol):
         try:
             messages = self.reader.feed(data)
         except WireError as e:
-            log.warning("mesh: dropping %s: %s", self.peer or "unknown peer", e)
-            self.transport.abortConnection()
+            self.refuse(str(e))
             return
         for m in messages:
+            if self.state == "closed":
+                return
             try:
                 self.handle(m)
+            except WireError as e:
+                self.refuse(str(e))
+                return
             except Exception:
                 log.exception("mesh: bad message from %s: %r", self.peer, m[:3])
-                self.transport.abortConnection()
+                self.refuse("bad message")
                 return
 
+    def refuse(self, why: str) -> None:
+        """Cut the connection off for breaking the protocol or failing the handshake."""
+        if self.state == "closed":
+            return
+        mesh = self.factory.mesh
+        who = self.peer or self._claimed or "unknown peer"
+        if self.state != "open":
+            mesh.counters["refused"] += 1
+            address = getattr(self.transport.getPeer(), "host", "?")
+            log.warning("mesh: refused %s from %s: %s", who, address, why)
+        else:
+            log.warning("mesh: dropping %s: %s", who, why)
+        self.state = "closed"
+        self._queued.clear()
+        self.transport.abortConnection()
+
     def handle(self, m: list[Any]) -> None:
+        if self.state == "hello":
+            self._hello(m)
+        elif self.state == "auth":
+            self._auth(m)
+        elif self.state == "admitting":
+            if len(self._queued) >= MAX_QUEUED_BEFORE_ADMISSION:
+                raise WireError("too many messages before admission")
+            self._queued.append(m)
+        elif self.state == "open":
+            self._serve(m)
+
+    def _hello(self, m: list[Any]) -> None:
+        mesh = self.factory.mesh
+        if (
+            m[0] != Kind.HELLO
+            or len(m) != 4
+            or not isinstance(m[1], str)
+            or type(m[2]) is not int
+            or not isinstance(m[3], bytes)
+            or len(m[3]) != meshauth.NONCE_BYTES
+        ):
+            raise WireError("first message must be HELLO [id, epoch, nonce]")
+        peer, epoch = m[1], m[2]
+        self._claimed = peer[:80]
+        region = mesh.node_id.partition("/")[0]
+        if peer == mesh.node_id or peer.partition("/")[0] != region or len(peer) > 80:
+            raise WireError(f"{peer[:80]!r} is not another node of region {region}")
+        if self.dialled is not None and peer != self.dialled:
+            raise WireError(f"dialled {self.dialled} but {peer!r} answered")
+        if self.dialled is None and not peer < mesh.node_id:
+            raise WireError("the node with the larger id never dials")
+        self.peer_epoch = epoch
+        self._peer_nonce = m[3]
+        self.state = "auth"
+        proof = meshauth.proof(
+            mesh.keys[0],
+            role=self.role,
+            sender=mesh.node_id,
+            receiver=peer,
+            sender_nonce=self._nonce,
+            receiver_nonce=self._peer_nonce,
+        )
+        self.send([Kind.AUTH, proof])
+
+    def _auth(self, m: list[Any]) -> None:
+        mesh = self.factory.mesh
+        if m[0] != Kind.AUTH or len(m) != 2:
+            raise WireError("second message must be AUTH")
+        assert self._claimed is not None
+        peer_role = meshauth.LISTEN if self.role == meshauth.DIAL else meshauth.DIAL
+        if not meshauth.verify(
+            mesh.keys,
+            m[1],
+            role=peer_role,
+            sender=self._claimed,
+            receiver=mesh.node_id,
+            sender_nonce=self._peer_nonce,
+            receiver_nonce=self._nonce,
+        ):
+            raise WireError("its proof does not match the region's mesh secret")
+        self.state = "admitting"
+        admitted = mesh.handler.admit_peer(self._claimed, self.peer_epoch)
+        if isinstance(admitted, bool):
+            self._admitted(admitted)
+        else:
+            fut = asyncio.ensure_future(admitted)
+            fut.add_done_callback(
+                lambda f: self._admitted(not f.cancelled() and f.exception() is None and f.result())
+            )
+
+    def _admitted(self, ok: bool) -> None:
+        if self.state != "admitting":
+            return
+        if not ok:
+            self.refuse(f"no live lease for it at epoch {self.peer_epoch}")
+            return
+        self.peer = self._claimed
+        if not self.factory.mesh.attach(self):
+            self.refuse("a live connection for this id exists")
+            return
+        self.state = "open"
+        queued, self._queued = self._queued, []
+        for m in queued:
+            if self.state != "open":
+                return
+            try:
+                self._serve(m)
+            except Exception:
+                log.exception("mesh: bad message from %s: %r", self.peer, m[:3])
+                self.refuse("bad message")
+                return
+
+    def _serve(self, m: list[Any]) -> None:
         kind = m[0]
         mesh = self.factory.mesh
-        if self.peer is None:
-            if kind != Kind.HELLO or len(m) != 3 or not isinstance(m[1], str):
-                raise WireError("first message must be HELLO")
-            self.peer, self.peer_epoch = m[1], int(m[2])
-            mesh.attach(self)
-            return
+        assert self.peer is not None
         if kind == Kind.PING:
             self.send([Kind.PONG, m[1]])
         elif kind == Kind.PONG:
@@ -149,10 +288,12 @@ class MeshProtocol(protocol.Protocol):
             mesh.complete(int(req_id), bool(ok), result)
         elif kind == Kind.DELIVER:
             _, ch, fields = m
-            mesh.handler.on_deliver(self.peer, str(ch), list(fields))
+            if isinstance(ch, str) and isinstance(fields, list):
+                mesh.handler.on_deliver(self.peer, ch, fields)
         elif kind == Kind.INTEREST:
             _, ch, on = m
-            mesh.handler.on_interest(self.peer, str(ch), bool(on))
+            if isinstance(ch, str):
+                mesh.handler.on_interest(self.peer, ch, bool(on))
         else:
             raise WireError(f"unknown message kind {kind}")
 
@@ -169,6 +310,11 @@ class MeshProtocol(protocol.Protocol):
 
     def _ping(self) -> None:
         mesh = self.factory.mesh
+        if self.state != "open":
+            # No pings before admission; the handshake gets the same time a ping does.
+            if mesh.clock() - self._started > mesh.ping_interval_s + mesh.ping_timeout_s:
+                self.refuse("did not finish the handshake in time")
+            return
         if mesh.clock() - self._last_pong > mesh.ping_interval_s + mesh.ping_timeout_s:
             log.warning("mesh: %s missed its pings; dropping the connection", self.peer)
             self.transport.abortConnection()
@@ -179,7 +325,13 @@ class MeshProtocol(protocol.Protocol):
     def connection_lost(self, reason: str) -> None:
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
-        self.factory.mesh.detach(self, reason)
+        was_open = self.state == "open"
+        self.state = "closed"
+        mesh = self.factory.mesh
+        if was_open:
+            mesh.detach(self, reason)
+        elif self.dialled is not None:
+            mesh.dial_failed(self.dialled)  # refused or cut during the handshake: retry
 
 
 class MeshFactory(protocol.Factory):
@@ -217,9 +369,13 @@ class Mesh:
         max_frame: int = 8 * 1024 * 1024,
         max_outbound_bytes: int = 64 * 1024 * 1024,
         retry_s: float = 0.2,
+        secrets: tuple[str, ...] = (),
     ) -> None:
+        """``secrets``: the region's mesh secret first (what this node proves with), then
+        any other accepted during a rotation; none = the empty secret (loopback only)."""
         self.node_id = node_id
-        self.epoch = epoch
+        self.keys = tuple(meshauth.secret_key(s) for s in secrets) or (b"",)
+        self._epoch = epoch
         self.handler = handler
         self.reactor = reactor
         self.clock = clock
@@ -236,6 +392,25 @@ class Mesh:
         self._ids = itertools.count(1)
         self._port: Any = None
         self._stopped = False
+        self._dialling: set[str] = set()
+        # Connections cut off before admission (bad handshake, proof, lease or a duplicate).
+        self.counters = {"refused": 0, "replaced": 0}
+
+    @property
+    def epoch(self) -> int:
+        """The epoch this node's ``HELLO`` claims: its lease's."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        # A new lease (join, rejoin): peers refuse a HELLO at the old epoch, so dial the
+        # peers we lack now rather than at the next retry.
+        changed = epoch != self._epoch
+        self._epoch = epoch
+        if changed and not self._stopped:
+            for peer in list(self.wanted):
+                if peer not in self.connections:
+                    self._dial(peer)
 
     # -- listening and dialling ----------------------------------------------------
 
@@ -262,22 +437,46 @@ class Mesh:
             conn.transport.abortConnection()
 
     def _dial(self, peer: str) -> None:
-        if self._stopped or peer not in self.wanted:
+        if (
+            self._stopped
+            or peer not in self.wanted
+            or peer in self.connections
+            or peer in self._dialling
+        ):
             return
+        self._dialling.add(peer)  # one attempt at a time: until attach() or dial_failed()
         host, port = self.wanted[peer].rsplit(":", 1)
         self.reactor.connectTCP(host, int(port), _Dialer(self, peer), timeout=5)
 
     def dial_failed(self, peer: str) -> None:
+        self._dialling.discard(peer)
         if not self._stopped and peer in self.wanted and peer not in self.connections:
             self.reactor.callLater(self.retry_s, self._dial, peer)
 
-    def attach(self, conn: MeshProtocol) -> None:
+    def attach(self, conn: MeshProtocol) -> bool:
+        """Make ``conn`` (admitted) the connection to its peer; False when a live one is
+        there already. Only a newer epoch (the peer restarted, its old connection is dead
+        even if we have not noticed) replaces a connection, and that is logged."""
         assert conn.peer is not None
         old = self.connections.get(conn.peer)
-        self.connections[conn.peer] = conn
         if old is not None and old is not conn:
-            old.transport.loseConnection()
+            if conn.peer_epoch <= old.peer_epoch:
+                return False
+            log.warning(
+                "mesh: %s reconnected at epoch %d; dropping its epoch %d connection",
+                conn.peer,
+                conn.peer_epoch,
+                old.peer_epoch,
+            )
+            self.counters["replaced"] += 1
+            self.detach(old, "replaced by a newer epoch")
+            old.state = "closed"
+            old.transport.abortConnection()
+        self.connections[conn.peer] = conn
+        if conn.dialled is not None:
+            self._dialling.discard(conn.dialled)
         self.handler.on_peer_up(conn.peer, conn.peer_epoch)
+        return True
 
     def detach(self, conn: MeshProtocol, reason: str) -> None:
         peer = conn.peer

@@ -22,6 +22,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cluster import meshops
 from cluster.apply import apply_events, slot_state
 from cluster.chain import parse_id, split_on_gaps, trim_bound
 from cluster.checkpoint import (
@@ -63,7 +65,8 @@ from relay.batch import AppendToLog, Batcher, ack_events
 from relay.codec import DEFAULT_MAX_EVENTS, AckEvent, CodecError, MessageEvent, encode_batch
 from relay.config import Config
 from relay.dedupe import dedupe_key
-from relay.errors import Code
+from relay.errors import Code, InvariantError
+from relay.frames import BadObject
 from relay.hlc import physical_ms
 from relay.node import Node
 from relay.snapshot import DirtySlots, encode_snapshot
@@ -111,6 +114,14 @@ class Buckets:
         return out
 
 
+def _failure(w: PubWaiter | None, moved: str) -> tuple[Code, str]:
+    """The code and reason a failed waiter is answered with: ``internal`` when its entry
+    could not be encoded, else ``unavailable`` (the slot moved; retry)."""
+    if w is not None and w.failed:
+        return Code.INTERNAL, w.failed
+    return Code.UNAVAILABLE, moved
+
+
 class Unavailable(ClusterError):
     """The channel's owner cannot serve right now; the client may retry (``unavailable``)."""
 
@@ -123,6 +134,7 @@ class PubWaiter:
     done: Callable[[str | None], None]  # called with the level reached, or None on failure
     level: str = "log"
     since: float = 0.0
+    failed: str = ""  # set before done(None) when the failure is a bug, not a move
 
 
 def message_fields(m: Message) -> list[Any]:
@@ -219,6 +231,7 @@ class Router:
             "backlog_trims": 0,
             "checkpoints": 0,
         }
+        self.mesh_counters = {"bad_requests": 0, "encode_failures": 0}
         # Inter-region: peers (name → Redis URL), links from here to each, and what this
         # node applied of each origin's mirrors.
         self.peers: dict[str, str] = dict(p.split("=", 1) for p in c.peers)
@@ -262,7 +275,12 @@ class Router:
     async def start(self, *, ws: str, admin: str) -> None:
         c = self.config.cluster
         self.mesh = Mesh(
-            node_id=self.me, epoch=0, handler=self, reactor=self.reactor, clock=time.monotonic
+            node_id=self.me,
+            epoch=0,
+            handler=self,
+            reactor=self.reactor,
+            clock=time.monotonic,
+            secrets=(c.mesh_secret, *c.mesh_accept_secrets),
         )
         port = self.mesh.listen(c.mesh_host, c.mesh_port)
         host = c.advertise_host or c.mesh_host
@@ -938,9 +956,18 @@ class Router:
                 self._not_appended(e, "the slot is not ours now")
         if not ready:
             return
-        entries = ready
+        # Each entry is encoded on its own: one that cannot be fails alone.
+        entries, items = [], []
+        for e in ready:
+            try:
+                items.append((e.slot, encode_batch(e.events)))
+            except InvariantError as err:
+                self._not_encoded(e, err)
+            else:
+                entries.append(e)
+        if not entries:
+            return
         epochs = {e.slot: self.owned[e.slot] for e in entries}
-        items = [(e.slot, encode_batch(e.events)) for e in entries]
         started = time.monotonic()
         try:
             results = await self.slotlog.append_many(items, self.me, epochs)
@@ -1017,6 +1044,25 @@ class Router:
                 self.remote_waiters[slot] = keep
             else:
                 del self.remote_waiters[slot]
+
+    def _not_encoded(self, e: AppendToLog, err: Exception) -> None:
+        """An entry the codec refuses (a bug upstream: every argument was checked). Only
+        its own waiters hear of it, with ``internal`` and a correlation id."""
+        cid = uuid.uuid4().hex[:12]
+        self.mesh_counters["encode_failures"] += 1
+        log.error(
+            "slot %d: an entry of %d events cannot be encoded (correlation id %s): %s",
+            e.slot,
+            len(e.events),
+            cid,
+            err,
+        )
+        self.batcher.append_failed(e.batch_id)
+        self._retried.discard(e.batch_id)
+        for w in e.waiters:
+            if isinstance(w, PubWaiter):
+                w.failed = f"internal error, correlation id {cid}"
+                w.done(None)
 
     def _not_appended(self, e: AppendToLog, why: str) -> None:
         """An entry that cannot be appended under our current epoch."""
@@ -1478,11 +1524,12 @@ class Router:
                 # The first copy may still be on its way to the log: answer with it.
                 def dup_done(level: str | None) -> None:
                     if level is None:
-                        reply(None, Code.UNAVAILABLE, "the slot moved before it was logged")
+                        reply(None, *_failure(dup_w, "the slot moved before it was logged"))
                     else:
                         reply({**fields, "ack": level}, None, "")
 
-                self.batcher.add_waiter(slot, PubWaiter(dup_done, level=ack), now)
+                dup_w = PubWaiter(dup_done, level=ack)
+                self.batcher.add_waiter(slot, dup_w, now)
             elif ack == "remote" and self.links and slot in self.applied:
                 # Confirmed once the slot's newest entry (at or after the first copy's)
                 # is in another region.
@@ -1506,7 +1553,7 @@ class Router:
 
             def done(level: str | None) -> None:
                 if level is None:
-                    reply(None, Code.UNAVAILABLE, "the slot moved before the message was logged")
+                    reply(None, *_failure(waiter, "the slot moved before the message was logged"))
                 else:
                     reply({**fields, "ack": level}, None, "")
 
@@ -1604,11 +1651,12 @@ class Router:
 
         def done(level: str | None) -> None:
             if level is None:
-                reply(None, Code.UNAVAILABLE, "the slot moved before the ack was logged")
+                reply(None, *_failure(w, "the slot moved before the ack was logged"))
             else:
                 reply(n, None, "")
 
-        self.batcher.add_waiter(slot, PubWaiter(done), self.wall_ms())
+        w = PubWaiter(done)
+        self.batcher.add_waiter(slot, w, self.wall_ms())
 
     def _ack_local(self, slot: int, ch: str, ids: list[str]) -> int:
         now = self.wall_ms()
@@ -1666,31 +1714,45 @@ class Router:
     # -- mesh handler --------------------------------------------------------------
 
     def on_request(self, peer: str, op: str, args: Any) -> Any:
-        if op == "pub":
-            return self._serve_pub(args)
-        ch = str(args["ch"])
+        # A peer's arguments pass the same checks as a client's (cluster/meshops.py).
+        try:
+            if op == "pub":
+                c = self.config
+                return self._serve_pub(
+                    meshops.parse_pub(
+                        args, max_body=c.client.max_body, max_ttl_ms=c.store.max_ttl_s * 1000
+                    )
+                )
+            if op == "sub":
+                ch, ids = meshops.parse_sub(args), None
+            elif op == "ack":
+                ch, ids = meshops.parse_ack(args)
+            else:
+                raise BadObject(Code.BAD_REQUEST, f"unknown mesh op {str(op)[:40]!r}")
+        except BadObject as e:
+            self.mesh_counters["bad_requests"] += 1
+            log.warning("mesh: %s's %s refused: %s", peer, str(op)[:40], e.reason)
+            raise RemoteError(e.code.value, e.reason) from None
         slot = slot_of(ch, self.slots)
         if not self.serving(slot):
             raise RemoteError("unavailable", f"{self.me} does not serve slot {slot} now")
-        if op == "sub":
+        if ids is None:
             self.interest.setdefault(ch, set()).add(peer)
             return [message_fields(m) for m in self.node.store.pending(ch, self.wall_ms())]
-        if op == "ack":
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-            def acked(n: int | None, code: Code | None, reason: str) -> None:
-                if fut.done():
-                    return
-                if code is not None:
-                    fut.set_exception(RemoteError(code.value, reason))
-                else:
-                    fut.set_result(n)
+        def acked(n: int | None, code: Code | None, reason: str) -> None:
+            if fut.done():
+                return
+            if code is not None:
+                fut.set_exception(RemoteError(code.value, reason))
+            else:
+                fut.set_result(n)
 
-            self._ack_logged(slot, ch, [str(i) for i in args["ids"]], acked)
-            return fut
-        raise RemoteError("bad_request", f"unknown mesh op {op!r}")
+        self._ack_logged(slot, ch, ids, acked)
+        return fut
 
-    def _serve_pub(self, args: dict[str, Any]) -> Any:
+    def _serve_pub(self, p: meshops.MeshPub) -> Any:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
         def reply(result: dict[str, Any] | None, code: Code | None, reason: str) -> None:
@@ -1701,17 +1763,9 @@ class Router:
             else:
                 fut.set_result(result)
 
-        ch = str(args["ch"])
         try:
             self._publish_local(
-                slot_of(ch, self.slots),
-                ch,
-                str(args["id"]),
-                bytes(args["body"]),
-                str(args["from"]),
-                int(args["ttl_ms"]),
-                str(args["ack"]),
-                reply,
+                slot_of(p.ch, self.slots), p.ch, p.id, p.body, p.sender, p.ttl_ms, p.ack, reply
             )
         except Unavailable as e:
             raise RemoteError("unavailable", str(e)) from None
@@ -1722,10 +1776,21 @@ class Router:
             return  # from an owner we no longer follow for this channel
         local = self.node.subscribers.get(ch)
         if local:
-            self.fan_out(fields_message(fields), tuple(local))
+            try:
+                message = meshops.parse_delivery(ch, fields)
+            except BadObject as e:
+                self.mesh_counters["bad_requests"] += 1
+                log.warning("mesh: %s delivered a bad message on %r: %s", peer, ch, e.reason)
+                return
+            self.fan_out(message, tuple(local))
 
     def on_interest(self, peer: str, ch: str, on: bool) -> None:
         if on:
+            try:
+                meshops.parse_sub({"ch": ch})
+            except BadObject:
+                self.mesh_counters["bad_requests"] += 1
+                return
             self.interest.setdefault(ch, set()).add(peer)
         else:
             peers = self.interest.get(ch)
@@ -1733,6 +1798,21 @@ class Router:
                 peers.discard(peer)
                 if not peers:
                     del self.interest[ch]
+
+    async def admit_peer(self, peer: str, epoch: int) -> bool:
+        """A mesh peer proved the region's secret: admit it only if ``peer`` holds a live
+        lease at ``epoch`` (asks Redis when our view has not heard of it yet)."""
+        m = self.members.get(peer)
+        if m is not None and m.epoch == epoch and peer in self.detector.live():
+            return True
+        if self.membership is None:
+            return False
+        try:
+            m = (await self.membership.snapshot()).get(peer)
+        except (RedisError, OSError) as e:
+            log.warning("mesh: cannot check %s's lease: %s", peer, e)
+            return False
+        return m is not None and m.epoch == epoch
 
     def on_peer_up(self, peer: str, epoch: int) -> None:
         pass

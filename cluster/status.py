@@ -22,10 +22,16 @@ from cluster.keys import PREFIX, control_channel, epoch_key, lease_prefix, owner
 from cluster.membership import Member, decode_leases
 from cluster.rebalance import Plan, RingState, effective_weights, make_plan, placement
 from cluster.ringstore import ApplyResult, Progress, parse_state, queue_state
+from relay.redact import redact_text, url_without_credentials
 
 
 class Unreachable(Exception):
     """The region's Redis cannot be reached."""
+
+
+def _unreachable(url: str, e: Exception) -> Unreachable:
+    """The error for a Redis that does not answer, naming it without its password."""
+    return Unreachable(f"cannot reach {url_without_credentials(url)}: {redact_text(str(e))}")
 
 
 class UnknownRegion(LookupError):
@@ -93,7 +99,7 @@ def region_status(url: str, region: str, slots: int = 256, admin_token: str = ""
             ring_epoch = int(r.get(epoch_key(region)) or 0)
             state = ring_state(r, region)
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-        raise Unreachable(f"cannot reach {url}: {e}") from e
+        raise _unreachable(url, e) from e
     counts = Counter(o for o, _ in table if o is not None)
     change: Any = None
     if state.plan:
@@ -144,7 +150,7 @@ def drain(url: str, region: str, node_id: str, slots: int = 256, timeout_s: floa
                 time.sleep(0.1)  # poll interval while the slots move
             return False
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-        raise Unreachable(f"cannot reach {url}: {e}") from e
+        raise _unreachable(url, e) from e
 
 
 LINK_FIELDS = (
@@ -170,7 +176,7 @@ def links_status(url: str, region: str, admin_token: str = "") -> list[dict[str,
             leases = {k[len(prefix) :]: r.get(k) for k in keys if ":" not in k[len(prefix) :]}
             dests = {k[len(prefix) :].split(":", 1)[0] for k in keys}
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-        raise Unreachable(f"cannot reach {url}: {e}") from e
+        raise _unreachable(url, e) from e
     out: list[dict[str, Any]] = []
     for dest in sorted(dests):
         holder_raw = leases.get(dest)
@@ -197,7 +203,7 @@ def ring_weights(url: str, region: str) -> dict[str, float]:
             ms = members(r, region)
             state = ring_state(r, region)
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-        raise Unreachable(f"cannot reach {url}: {e}") from e
+        raise _unreachable(url, e) from e
     weights = effective_weights({n: m.weight for n, m in ms.items()}, state)
     return {n: w for n, w in weights.items() if w > 0}
 
@@ -225,7 +231,7 @@ def ring_plan(
             ms = members(r, region)
             state = ring_state(r, region)
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-        raise Unreachable(f"cannot reach {url}: {e}") from e
+        raise _unreachable(url, e) from e
     leases = {n: m.weight for n, m in ms.items()}
     # Unless told, the shape the region's nodes recorded.
     slots = slots or state.slots or 256
@@ -315,4 +321,4 @@ def apply_change(
     try:
         return asyncio.run(run())
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-        raise Unreachable(f"cannot reach {url}: {e}") from e
+        raise _unreachable(url, e) from e

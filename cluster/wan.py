@@ -4,19 +4,23 @@
 :class:`~cluster.faultproxy.FaultProxy` per pair on loopback, and an HTTP control port:
 
 - ``GET /status``: every pair's settings and byte counts (JSON);
-- ``GET /set?pair=NAME&latency_ms=…&jitter_ms=…&blackhole=0|1&bandwidth=…``: change a
-  pair live (``pair=*`` for all);
-- ``GET /reset?pair=NAME``: reset every connection of a pair.
+- ``POST /set`` with ``pair=NAME&latency_ms=…&jitter_ms=…&blackhole=0|1&bandwidth=…``
+  (query or form body): change a pair live (``pair=*`` for all);
+- ``POST /reset`` with ``pair=NAME``: reset every connection of a pair.
 
-It writes ``{"control": URL, "pairs": {NAME: port}}`` to ``--ready-file`` once listening,
-and stops on SIGTERM/SIGINT.
+Every request needs ``Authorization: Bearer <token>`` and a loopback ``Host`` (a web page
+elsewhere can neither set the header nor pass a rebinding name); a bad value is answered
+400. It writes ``{"control": URL, "token": T, "pairs": {NAME: port}}`` (mode 0600) to
+``--ready-file`` once listening, and stops on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
+import secrets
 import sys
 from typing import Any
 
@@ -29,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.web import resource, server
 
     from cluster.faultproxy import FaultProxy
+    from cluster.shaping import ShapeError
+    from relay.loopback import host_header_is_loopback
 
     reactor: Any = _reactor
     ap = argparse.ArgumentParser(prog="python -m cluster.wan", description=__doc__)
@@ -69,11 +75,35 @@ def main(argv: list[str] | None = None) -> None:
         v = request.args.get(key.encode())
         return v[0].decode() if v else None
 
+    token = secrets.token_urlsafe(24)
+
+    def refused(request: Any) -> bytes | None:
+        """The answer to a request that may not control the proxies, else None."""
+        if not host_header_is_loopback(request.getHeader(b"host")):
+            request.setResponseCode(421)
+            return b'{"error": "loopback hosts only"}'
+        given = request.getHeader(b"authorization") or b""
+        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+            request.setResponseCode(401)
+            return b'{"error": "the token from the ready file is required"}'
+        return None
+
     class Control(resource.Resource):
         isLeaf = True
 
         def render_GET(self, request: Any) -> bytes:
             request.setHeader(b"content-type", b"application/json")
+            if request.path in (b"/set", b"/reset"):
+                request.setResponseCode(405)
+                request.setHeader(b"allow", b"POST")
+                return b'{"error": "use POST"}'
+            return self.render_POST(request)
+
+        def render_POST(self, request: Any) -> bytes:
+            request.setHeader(b"content-type", b"application/json")
+            no = refused(request)
+            if no is not None:
+                return no
             try:
                 path = request.path.decode()
                 if path == "/set":
@@ -93,9 +123,17 @@ def main(argv: list[str] | None = None) -> None:
                 elif path != "/status":
                     request.setResponseCode(404)
                     return b'{"error": "not found"}'
-                doc = {name: {"port": p.port, **_stats(p)} for name, p in proxies.items()}
+                doc = {
+                    name: {
+                        "port": p.port,
+                        "blackholed": p.blackholed,
+                        "latency_ms": p.shape.latency_ms,
+                        **_stats(p),
+                    }
+                    for name, p in proxies.items()
+                }
                 return json.dumps(doc).encode()
-            except (KeyError, ValueError) as e:
+            except (KeyError, ValueError, ShapeError) as e:
                 request.setResponseCode(400)
                 return json.dumps({"error": str(e)}).encode()
 
@@ -103,10 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     control = reactor.listenTCP(args.control_port, site, interface="127.0.0.1")
     ready = {
         "control": f"http://127.0.0.1:{control.getHost().port}",
+        "token": token,
         "pairs": {name: p.port for name, p in proxies.items()},
     }
     tmp = args.ready_file + ".tmp"
-    with open(tmp, "w") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         json.dump(ready, f)
     os.replace(tmp, args.ready_file)
     reactor.run()

@@ -30,13 +30,14 @@ class WireError(ClusterError):
 
 
 class Kind(enum.IntEnum):
-    HELLO = 1  # [HELLO, node_id, epoch]
+    HELLO = 1  # [HELLO, node_id, epoch, nonce]
     PING = 2  # [PING, seq]
     PONG = 3  # [PONG, seq]
     REQUEST = 4  # [REQUEST, req_id, op, args]
     REPLY = 5  # [REPLY, req_id, ok, result]
     DELIVER = 6  # [DELIVER, ch, [msg fields...]]
     INTEREST = 7  # [INTEREST, ch, on]
+    AUTH = 8  # [AUTH, proof] (cluster/meshauth.py)
 
 
 def encode(message: list[Any]) -> bytes:

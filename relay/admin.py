@@ -31,8 +31,10 @@ from twisted.python.failure import Failure
 from twisted.web import resource
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.pages import notFound
+from twisted.web.pages import errorPage, notFound
 from twisted.web.server import NOT_DONE_YET, Request
+
+from relay.loopback import host_header_is_loopback
 
 if TYPE_CHECKING:
     from relay.server import RelayServer
@@ -324,13 +326,27 @@ class Static(resource.Resource):
 
 
 class _Root(resource.Resource):
+    def __init__(self, loopback_only: bool) -> None:
+        super().__init__()
+        self.loopback_only = loopback_only
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Any:
+        # Bound to loopback: a Host that is not loopback is DNS rebinding or a proxy
+        # error, never a legitimate client of this port.
+        if self.loopback_only and not host_header_is_loopback(request.getHeader(b"host")):
+            return errorPage(421, "Misdirected Request", "this port answers loopback hosts only")
+        return super().getChildWithDefault(path, request)
+
     def getChild(self, path: bytes, request: Request) -> Any:
         return notFound()
 
 
-def admin_root(server: RelayServer, registry: CollectorRegistry, token: str) -> resource.Resource:
-    """The admin site's root resource."""
-    root = _Root()
+def admin_root(
+    server: RelayServer, registry: CollectorRegistry, token: str, *, loopback_only: bool = False
+) -> resource.Resource:
+    """The admin site's root resource; ``loopback_only`` (the port is bound to loopback)
+    answers 421 to any request whose ``Host`` is not a loopback address."""
+    root = _Root(loopback_only)
     dashboard = Page(token, "dashboard.html")
     demo = Page(token, "demo.html")
     config: Any = DemoConfig(token, server)

@@ -25,6 +25,9 @@ from relay.errors import RelayError
 # and JSON work proportional to a whole frame. It also bounds ``sub`` far below the
 # sender limit of the store and codec (65535 bytes).
 MAX_TOKEN_CHARS: Final = 8192
+# A token's ``sub`` becomes every message's ``from``: printable and short, so it cannot
+# break logs or a page that shows it.
+MAX_SUB_CHARS: Final = 256
 # RFC 7518 §3.2: an HS256 key must be at least as long as the hash output.
 MIN_HS256_SECRET_BYTES: Final = 32
 
@@ -173,7 +176,7 @@ class TokenVerifier:
         claims = self._decode(token, key, alg)
         self._check_times(claims, now_s)
         sub = claims["sub"]
-        if not isinstance(sub, str) or not sub:
+        if not isinstance(sub, str) or not 1 <= len(sub) <= MAX_SUB_CHARS or not sub.isprintable():
             raise TokenError("bad sub")
         exp = claims["exp"]
         return Grants(

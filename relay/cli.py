@@ -48,12 +48,30 @@ def _load_config_or_exit(path: str | None) -> Any:
     from relay.config import ConfigError, load_config
 
     try:
-        return load_config(path, os.environ)
+        config = load_config(path, os.environ)
     except ConfigError as e:
         err.print(f"[bold red]relay: bad configuration[/] ({problems(len(e.problems))}):")
         for p in e.problems:
             err.print(f"  - {p}", markup=False, highlight=False)
         sys.exit(EXIT_CONFIG)
+    _warn_if_exposed(path)
+    return config
+
+
+def _warn_if_exposed(path: str | None) -> None:
+    """Warn (stderr) when a config file that holds secrets is world-readable."""
+    from relay.config import exposed_secrets
+
+    if path is None:
+        return
+    keys = exposed_secrets(path)
+    if keys:
+        err.print(
+            f"relay: warning: {path} holds secrets ({', '.join(keys)}) and any user "
+            f"can read it; chmod 600 {path}",
+            markup=False,
+            highlight=False,
+        )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -179,6 +197,7 @@ def config_validate(file: str, as_json: bool) -> None:
             for p in e.problems:
                 say(f"  - {p}")
         sys.exit(EXIT_CONFIG)
+    _warn_if_exposed(file)
     warnings = config.warnings()
     if as_json:
         click.echo(json.dumps({"ok": True, "problems": [], "warnings": warnings}))

@@ -25,7 +25,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
+from relay.auth import key_problems
 from relay.errors import RelayError
+from relay.loopback import is_loopback
 
 __all__ = [
     "AdminConfig",
@@ -38,6 +40,7 @@ __all__ = [
     "StoreConfig",
     "dump_default_toml",
     "env_var_name",
+    "exposed_secrets",
     "load_config",
 ]
 
@@ -181,6 +184,30 @@ class ClientConfig:
         "per-connection send buffer; above it the client is cut off (slow consumer)",
         **_POSITIVE,
     )
+    max_handshake_bytes: int = _opt(
+        16384, "int", "largest opening handshake (request line and headers), bytes", lo=1024
+    )
+    hello_timeout_s: float = _opt(
+        10.0,
+        "float",
+        "close a connection that has not said hello (or any op) this long after opening",
+        lo=0,
+        lo_open=True,
+    )
+    max_connections: int = _opt(50000, "int", "open client connections per node", **_POSITIVE)
+    max_connections_per_ip: int = _opt(
+        0,
+        "int",
+        "open client connections from one IP address (0 = no cap; behind a load balancer "
+        "every client has its address)",
+        lo=0,
+    )
+    max_subscriptions_per_connection: int = _opt(
+        1000, "int", "channels one connection may subscribe", **_POSITIVE
+    )
+    max_subscriptions: int = _opt(
+        1000000, "int", "subscriptions of all connections of the node together", **_POSITIVE
+    )
     tls_cert: str = _opt("", "path", "PEM certificate chain; set it and tls_key to serve wss://")
     tls_key: str = _opt("", "path", "PEM private key of tls_cert")
 
@@ -245,6 +272,18 @@ class ClusterConfig:
     advertise_host: str = _opt(
         "", "str", "address the region's other nodes dial for the mesh (empty = mesh_host)"
     )
+    mesh_secret: str = _opt(
+        "",
+        "str",
+        "the region's mesh secret (every node the same, 32+ characters); nodes prove it "
+        "to each other before any mesh op; required unless mesh_host is loopback",
+    )
+    mesh_accept_secrets: tuple[str, ...] = _opt(
+        (),
+        "list[str]",
+        "other mesh secrets accepted from peers, while the secret is being rotated",
+        nonempty=True,
+    )
     weight: float = _opt(
         1.0,
         "float",
@@ -284,8 +323,8 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "cluster": ClusterConfig,
 }
 
+MIN_MESH_SECRET_CHARS: Final = 32
 _NODE_ID_PART: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
-_LOOPBACK_HOSTS: Final = frozenset({"localhost", "::1"})
 _WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::", ""})
 
 
@@ -356,6 +395,7 @@ class Config:
                 yield _Problem(("client.tls_cert",), "is set but client.tls_key is not")
             if c.tls_key and not c.tls_cert:
                 yield _Problem(("client.tls_key",), "is set but client.tls_cert is not")
+        file_ok: set[str] = set()
         for key, path in (
             ("client.tls_cert", c.tls_cert),
             ("client.tls_key", c.tls_key),
@@ -365,6 +405,24 @@ class Config:
                 problem = _file_problem(path)
                 if problem:
                     yield _Problem((key,), problem)
+                else:
+                    file_ok.add(key)
+        # The token keys as the verifier will load them, so `serve` never dies on one.
+        au = self.auth
+        if ok("auth.hs256_secret") and au.hs256_secret:
+            for text in key_problems(au.hs256_secret, None):
+                yield _Problem(("auth.hs256_secret",), text.removeprefix("auth.hs256_secret "))
+        if "auth.es256_public_key" in file_ok:
+            try:
+                with open(au.es256_public_key, "rb") as f:
+                    pem = f.read()
+            except OSError as e:
+                yield _Problem(("auth.es256_public_key",), f"cannot be read: {e.strerror}")
+            else:
+                for text in key_problems(None, pem):
+                    yield _Problem(
+                        ("auth.es256_public_key",), text.removeprefix("auth.es256_public_key: ")
+                    )
 
         if ok("cluster.peers", "node.id"):
             seen: set[str] = set()
@@ -397,6 +455,30 @@ class Config:
             yield _Problem(
                 ("store.default_ttl_s", "store.max_ttl_s"),
                 f"must not exceed store.max_ttl_s ({s.max_ttl_s}), got {s.default_ttl_s}",
+            )
+
+        cl = self.cluster
+        if ok("cluster.mesh_secret", "cluster.mesh_accept_secrets"):
+            for key, secret in (
+                ("cluster.mesh_secret", cl.mesh_secret),
+                *(("cluster.mesh_accept_secrets", x) for x in cl.mesh_accept_secrets),
+            ):
+                if secret and len(secret) < MIN_MESH_SECRET_CHARS:
+                    yield _Problem(
+                        (key,),
+                        f"must be at least {MIN_MESH_SECRET_CHARS} characters, got {len(secret)}",
+                    )
+        # Anyone who can reach the mesh port could otherwise act as a node of the region.
+        if (
+            ok("cluster.mesh_host", "cluster.mesh_secret", "cluster.redis_url")
+            and cl.redis_url
+            and not cl.mesh_secret
+            and not _is_loopback(cl.mesh_host)
+        ):
+            yield _Problem(
+                ("cluster.mesh_secret", "cluster.mesh_host"),
+                "must be set when cluster.mesh_host is not a loopback address "
+                f"({_show(cl.mesh_host)}): the mesh would be open to anyone who reaches it",
             )
 
         a = self.admin
@@ -438,6 +520,44 @@ class Config:
             )
 
 
+def exposed_secrets(path: str | os.PathLike[str]) -> list[str]:
+    """The secret keys a config file holds while every user may read it (mode o+r);
+    empty when it holds none or is not world-readable (a file shared with the service's
+    own group, as the terraform nodes do, is fine). The caller warns."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return []
+    if not mode & 0o004:
+        return []
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return []
+    held = []
+    for section, key in _SECRET_KEYS:
+        table = doc.get(section)
+        if isinstance(table, dict) and table.get(key):
+            held.append(f"{section}.{key}")
+    for section, key in (("cluster", "redis_url"), ("cluster", "peers")):
+        table = doc.get(section)
+        values = table.get(key) if isinstance(table, dict) else None
+        for v in values if isinstance(values, list) else [values]:
+            if isinstance(v, str) and re.search(r"://[^/@\s]*:[^/@\s]*@", v):
+                held.append(f"{section}.{key}")
+                break
+    return held
+
+
+_SECRET_KEYS: Final = (
+    ("auth", "hs256_secret"),
+    ("admin", "token"),
+    ("cluster", "mesh_secret"),
+    ("cluster", "mesh_accept_secrets"),
+)
+
+
 def _walk(config: Config) -> Iterator[tuple[str, str, _Rule, object]]:
     """(section, key, rule, value) for every key, in schema order."""
     for section in _SECTIONS:
@@ -456,7 +576,7 @@ def _homes(key: str, but: str = "") -> str:
 
 
 def _is_loopback(host: str) -> bool:
-    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+    return is_loopback(host)
 
 
 def _file_problem(path: str) -> str | None:

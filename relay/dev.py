@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -33,6 +34,8 @@ from urllib.parse import quote
 from relay.errors import RelayError
 from relay.redis_server import RedisServer
 
+# Browser origins a dev node accepts: its own loopback pages (the admin port's demo).
+DEV_ORIGINS = ("http://127.0.0.1:*", "http://localhost:*", "http://[[]::1]:*")
 # With port_base, region k may have a WAN proxy port towards each other region in
 # offsets 4..8 of its block: at most 6 regions.
 MAX_WAN_REGIONS_WITH_PORT_BASE = 6
@@ -136,6 +139,8 @@ class DevCluster:
     _wan_proc: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
     redis: dict[str, RedisServer] = field(default_factory=dict)
+    # Each region's mesh secret (cluster.mesh_secret), fresh for every cluster.
+    mesh_secrets: dict[str, str] = field(default_factory=dict)
     nodes: list[DevNode] = field(default_factory=list)
     _tmp: tempfile.TemporaryDirectory[str] | None = None
     # Redis servers and the WAN proxy whose exit was reported.
@@ -219,11 +224,16 @@ class DevCluster:
         if ports is None and self.layout is not None:
             ws_port, admin_port, mesh_port = self.layout.node(index)
         config = d / "node.toml"
+        config.touch(mode=0o600, exist_ok=True)  # it holds the mesh secret
+        config.chmod(0o600)
         config.write_text(
             f'[node]\nid = "{node_id}"\ndata_dir = "{d / "data"}"\n'
             f"[client]\nport = {ws_port}\nallow_anonymous = true\n"
+            # Pages on loopback only: no other site's page may open a socket here.
+            f"allowed_origins = {json.dumps(list(DEV_ORIGINS))}\n"
             f"[admin]\nport = {admin_port}\n"
             f'[cluster]\nredis_url = "{self.redis[region].url}"\nmesh_port = {mesh_port}\n'
+            f'mesh_secret = "{self.mesh_secret(region)}"\n'
             f"peers = {json.dumps(self.peer_urls(region))}\n"
             + "".join(
                 f"{k} = {v}\n" for k, v in {**self.cluster_settings, **(settings or {})}.items()
@@ -312,6 +322,12 @@ class DevCluster:
         n.ready_file.unlink(missing_ok=True)
         n.proc = _popen(n.cmd)
         return self._await(n, timeout_s)
+
+    def mesh_secret(self, region: str) -> str:
+        """``region``'s mesh secret: what its nodes prove to each other on the mesh."""
+        if region not in self.mesh_secrets:
+            self.mesh_secrets[region] = secrets.token_urlsafe(32)
+        return self.mesh_secrets[region]
 
     def stop_node(self, node_id: str, timeout_s: float = 15.0) -> None:
         """SIGTERM ``node_id`` (it drains) and wait for it to exit."""
@@ -551,5 +567,7 @@ def write_ready_file(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
     """Write atomically, so a reader never sees half a document."""
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    # Owner-only: it holds the WAN proxy's control token.
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, p)

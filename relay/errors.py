@@ -43,6 +43,7 @@ class Code(enum.StrEnum):
     FORBIDDEN = "forbidden"
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
+    TOO_MANY = "too_many"
     OVERLOADED = "overloaded"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
@@ -71,6 +72,9 @@ CODES: dict[Code, CodeInfo] = {
     Code.FORBIDDEN: CodeInfo(False, None, "the token does not grant this op on this channel"),
     Code.TOO_LARGE: CodeInfo(False, None, "body over max_body"),
     Code.RATE_LIMITED: CodeInfo(True, None, "over the connection's rate; slow down"),
+    Code.TOO_MANY: CodeInfo(
+        False, None, "over a per-connection limit (subscriptions); unsub first"
+    ),
     Code.OVERLOADED: CodeInfo(True, None, "node protecting its memory; retry later"),
     Code.UNAVAILABLE: CodeInfo(True, None, "owner unreachable; retry later"),
     Code.INTERNAL: CodeInfo(True, None, "a bug; reason carries a correlation id"),

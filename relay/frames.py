@@ -104,7 +104,13 @@ def _is_clean(s: str) -> bool:
 
 def check_channel(v: Any) -> str:
     # Fast path: printable ASCII is valid UTF-8 of one byte a character.
-    if type(v) is str and v.isascii() and 0 < len(v) <= MAX_CHANNEL_BYTES and v.isprintable():
+    if (
+        type(v) is str
+        and v.isascii()
+        and 0 < len(v) <= MAX_CHANNEL_BYTES
+        and v.isprintable()
+        and "*" not in v
+    ):
         return v
     if not isinstance(v, str):
         raise BadObject(Code.BAD_REQUEST, "ch must be a string")
@@ -113,6 +119,10 @@ def check_channel(v: Any) -> str:
         raise BadObject(Code.BAD_REQUEST, f"ch must be 1-{MAX_CHANNEL_BYTES} bytes")
     if not _is_clean(v):
         raise BadObject(Code.BAD_REQUEST, "ch has control or non-printable characters")
+    if "*" in v:
+        # "*" is the grants' wildcard: a channel named "inbox:bob*" would make the grant
+        # built from it ("inbox:bob*") cover every channel it prefixes.
+        raise BadObject(Code.BAD_REQUEST, 'ch must not contain "*"')
     try:
         v.encode()
     except UnicodeEncodeError:

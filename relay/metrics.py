@@ -86,6 +86,27 @@ class NodeCollector(Collector):
         for code, n in sorted(f.errors.items()):
             errors.add_metric([*who, code], n)
         yield errors
+        yield gauge(
+            "relay_subscriptions", "Subscriptions held by this node's clients", f.budget.taken
+        )
+        refused = CounterMetricFamily(
+            "relay_connections_refused_total",
+            "Client connections refused or closed by a limit, by reason",
+            labels=[*labels, "reason"],
+        )
+        for reason in (
+            "max_connections",
+            "max_connections_per_ip",
+            "handshake_too_large",
+            "hello_timeout",
+        ):
+            refused.add_metric([*who, reason], f.refused.get(reason, 0))
+        yield refused
+        yield counter(
+            "relay_subscriptions_refused_total",
+            "Subscriptions refused at the node's max_subscriptions",
+            f.budget.refused,
+        )
         router = getattr(s, "router", None)
         if router is not None:
             yield from cluster_metrics(router, labels, who)
@@ -119,6 +140,27 @@ def cluster_metrics(router: Any, labels: list[str], who: list[str]) -> Iterator[
     ):
         c = CounterMetricFamily(name, doc, labels=labels)
         c.add_metric(who, router.counters[key])
+        yield c
+    mesh = router.mesh
+    for name, doc, value in (
+        (
+            "relay_mesh_refused_total",
+            "Mesh connections refused before admission (handshake, proof, lease, duplicate)",
+            mesh.counters["refused"] if mesh is not None else 0,
+        ),
+        (
+            "relay_mesh_bad_requests_total",
+            "Mesh requests and deliveries refused for their arguments",
+            router.mesh_counters["bad_requests"],
+        ),
+        (
+            "relay_slot_log_encode_failures_total",
+            "Slot-log entries that could not be encoded (a bug; their waiters got internal)",
+            router.mesh_counters["encode_failures"],
+        ),
+    ):
+        c = CounterMetricFamily(name, doc, labels=labels)
+        c.add_metric(who, value)
         yield c
     risk = router.data_at_risk()
     for name, doc, value in (

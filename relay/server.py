@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 from prometheus_client import CollectorRegistry
 from twisted.internet import defer, task
+from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Site
 
 from relay import __version__
@@ -23,8 +24,10 @@ from relay.admin import admin_root
 from relay.auth import TokenVerifier
 from relay.config import Config
 from relay.dedupe import DedupeIndex
+from relay.loopback import is_loopback
 from relay.metrics import NodeCollector
 from relay.node import Node
+from relay.redact import redact_text
 from relay.session import Limits
 from relay.store import PendingStore
 from relay.ws import RelayFactory
@@ -62,6 +65,13 @@ def build_verifier(config: Config) -> TokenVerifier | None:
     return TokenVerifier(hs256_secret=a.hs256_secret or None, es256_public_key_pem=key)
 
 
+def redacted_access_log(timestamp: str, request: Any) -> str:
+    """The admin port's access-log line (combined format) with every ``token=`` value,
+    in the request line and in the Referer, replaced by ``REDACTED``."""
+    line: str = combinedLogFormatter(timestamp, request)
+    return redact_text(line)
+
+
 class RelayServer:
     """A running node (call :meth:`start`; then :attr:`ws_url` and :attr:`admin_url`)."""
 
@@ -86,6 +96,7 @@ class RelayServer:
             default_ttl_s=config.store.default_ttl_s,
             max_ttl_s=config.store.max_ttl_s,
             allow_anonymous=c.allow_anonymous,
+            max_subscriptions=c.max_subscriptions_per_connection,
         )
         scheme = "wss" if c.tls_enabled else "ws"
         self.factory = RelayFactory(
@@ -101,7 +112,13 @@ class RelayServer:
             ping_interval_s=c.ping_interval_s,
             ping_timeout_s=c.ping_timeout_s,
             handshake_timeout_s=c.handshake_timeout_s,
+            max_handshake_bytes=c.max_handshake_bytes,
+            hello_timeout_s=c.hello_timeout_s,
+            max_connections=c.max_connections,
+            max_connections_per_ip=c.max_connections_per_ip,
+            max_subscriptions=c.max_subscriptions,
         )
+        self.factory.loopback_only = is_loopback(c.host)
         self.router: Any = None
         if config.cluster.redis_url:
             from cluster.router import Router
@@ -139,7 +156,8 @@ class RelayServer:
         else:
             self.ws_port = self.reactor.listenTCP(c.port, self.factory, interface=c.host)
         a = self.config.admin
-        site = Site(admin_root(self, self.registry, a.token))
+        root = admin_root(self, self.registry, a.token, loopback_only=is_loopback(a.host))
+        site = Site(root, logFormatter=redacted_access_log)
         site.displayTracebacks = False
         self.admin_port = self.reactor.listenTCP(a.port, site, interface=a.host)
         self._ports = (self.ws_port.getHost().port, self.admin_port.getHost().port)

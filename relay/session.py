@@ -58,6 +58,27 @@ class Limits:
     default_ttl_s: int = 604800
     max_ttl_s: int = 2592000
     allow_anonymous: bool = False
+    max_subscriptions: int = 1000  # per connection
+
+
+class SubscriptionBudget:
+    """Subscriptions held by all the sessions of a node, against a node-wide cap; the
+    sessions take and give back (``taken`` is what /metrics shows)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self.refused = 0
+
+    def take(self) -> bool:
+        if self.taken >= self.limit:
+            self.refused += 1
+            return False
+        self.taken += 1
+        return True
+
+    def give_back(self, n: int = 1) -> None:
+        self.taken = max(0, self.taken - n)
 
 
 class Sink(Protocol):
@@ -135,8 +156,13 @@ class Session:
         overloaded: Callable[[], bool] = lambda: False,
         sink: Sink | None = None,
         router: ChannelRouter | None = None,
+        budget: SubscriptionBudget | None = None,
     ) -> None:
         self.node = node
+        self.budget = budget or SubscriptionBudget(2**62)
+        # Channels subscribed or being subscribed (a routed sub is answered later): what
+        # counts against max_subscriptions and the node's budget.
+        self.held: set[str] = set()
         self.router = router
         self.fmt = fmt
         self.limits = limits
@@ -187,6 +213,16 @@ class Session:
             self.closed = True
         return out
 
+    def expire(self, now_ms: int) -> Outcome:
+        """The edge's timer for :attr:`expires_s` fired: close with 1008 ``token expired``
+        if the token has run out (a newer ``hello`` may have moved the time on)."""
+        out = Outcome()
+        if not self.closed and self.expires_s is not None and now_ms / 1000 >= self.expires_s:
+            self._error(out, Code.UNAUTHORIZED, "token expired")
+            out.close = (CLOSE_POLICY_VIOLATION, "token expired")
+            self.closed = True
+        return out
+
     def connection_lost(self) -> None:
         """The connection is gone: drop its subscriptions (messages stay pending)."""
         if self.router is not None:
@@ -194,6 +230,8 @@ class Session:
                 self.router.unsubscribe(self, ch)
         self.node.drop(self, self.subscriptions)
         self.subscriptions.clear()
+        self.budget.give_back(len(self.held))
+        self.held.clear()
         self.closed = True
 
     # -- dispatch ------------------------------------------------------------------
@@ -262,6 +300,10 @@ class Session:
     def _welcome(self, out: Outcome, grants: Grants, expires_s: float | None) -> None:
         self.grants = grants
         self.expires_s = expires_s
+        # A new hello replaces the grants: subscriptions they no longer cover end here.
+        dropped = sorted(ch for ch in self.subscriptions if not grants.may_sub(ch))
+        for ch in dropped:
+            self._drop_subscription(ch)
         lim = self.limits
         out.replies.append(
             {
@@ -276,6 +318,10 @@ class Session:
                     "burst": lim.burst,
                 },
             }
+        )
+        out.replies.extend(
+            {"op": "unsubscribed", "ch": ch, "reason": "not granted by the new token"}
+            for ch in dropped
         )
 
     def _pub(self, obj: dict[str, Any], out: Outcome, now_ms: int) -> None:
@@ -318,6 +364,8 @@ class Session:
         assert self.grants is not None
         if not self.grants.may_sub(ch):
             raise BadObject(Code.FORBIDDEN, "token does not grant sub here", ch=ch)
+        if ch not in self.held:
+            self._hold(ch)
         if self.router is not None:
             self._routed_sub(ch, out)
             return
@@ -339,16 +387,39 @@ class Session:
         out.replies.append({"op": "acked", "ch": ch, "n": n})
 
     def _unsub(self, obj: dict[str, Any], out: Outcome) -> None:
+        # Always allowed: leaving a channel needs no grant (the token may have changed).
         ch = check_channel(obj.get("ch"))
-        assert self.grants is not None
-        if not self.grants.may_sub(ch):
-            raise BadObject(Code.FORBIDDEN, "token does not grant unsub here", ch=ch)
+        self._drop_subscription(ch)
+        out.replies.append({"op": "unsubscribed", "ch": ch})
+
+    def _hold(self, ch: str) -> None:
+        """Count a new subscription against the limits, or refuse it."""
+        lim = self.limits.max_subscriptions
+        if len(self.held) >= lim:
+            raise BadObject(
+                Code.TOO_MANY, f"over max_subscriptions ({lim}) on this connection", ch=ch
+            )
+        overloaded = self._overloaded
+        if overloaded is None:
+            overloaded = self._overloaded = self.overloaded()
+        if overloaded:
+            raise BadObject(Code.OVERLOADED, "node memory is high; retry later", ch=ch)
+        if not self.budget.take():
+            raise BadObject(Code.OVERLOADED, "node is at its subscription limit", ch=ch)
+        self.held.add(ch)
+
+    def _release(self, ch: str) -> None:
+        if ch in self.held:
+            self.held.discard(ch)
+            self.budget.give_back()
+
+    def _drop_subscription(self, ch: str) -> None:
         if self.router is not None:
             self.router.unsubscribe(self, ch)
         else:
             self.node.unsubscribe(self, ch)
         self.subscriptions.discard(ch)
-        out.replies.append({"op": "unsubscribed", "ch": ch})
+        self._release(ch)
 
     # -- routed ops (a cluster node: the owner may be elsewhere) -------------------
 
@@ -407,6 +478,8 @@ class Session:
 
         def reply(pending: Any, code: Code | None, reason: str) -> None:
             if code is not None:
+                if ch not in self.subscriptions:
+                    self._release(ch)
                 self._answer(out, now, self._error_obj(code, reason, None, ch), code)
                 return
             if self.closed:

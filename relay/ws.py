@@ -19,9 +19,17 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.tcp import Server as _tcp_server
 from zope.interface import implementer
 
-from relay.errors import CLOSE_GOING_AWAY, Code
+from relay.errors import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, Code
 from relay.frames import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, Format, encode_frame
-from relay.session import ChannelRouter, Limits, Outcome, Session, message_object
+from relay.loopback import host_header_is_loopback
+from relay.session import (
+    ChannelRouter,
+    Limits,
+    Outcome,
+    Session,
+    SubscriptionBudget,
+    message_object,
+)
 from relay.store import Message
 
 if TYPE_CHECKING:
@@ -95,11 +103,33 @@ class RelayProtocol(WebSocketServerProtocol):
         # While draining the outbox, frames go to Twisted one by one so that its
         # buffer fills and pauses us (the replay is paced, not encoded all at once).
         self.pacing = False
+        # The token's expiry this connection is closed at (relay/session.py).
+        self._expiry_at: float | None = None
+        self._expiry_timer: Any = None
+        self._hello_timer: Any = None
+        self._ip: str | None = None  # counted against the connection caps
+        self._handshake_bytes = 0
 
-    # -- Autobahn hooks (delegate only) --------------------------------------------
+    # -- Twisted and Autobahn hooks (delegate only) --------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.on_connection_made()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        self.on_connection_lost()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == WebSocketServerProtocol.STATE_CONNECTING and not self.handshake_fits(
+            len(data)
+        ):
+            return
+        super().dataReceived(data)
 
     def onConnect(self, request: Any) -> str | None:
-        return self.on_connect(request.path, request.protocols, request.origin)
+        host = request.headers.get("host")
+        return self.on_connect(request.path, request.protocols, request.origin, host)
 
     def onOpen(self) -> None:
         self.on_open()
@@ -151,11 +181,64 @@ class RelayProtocol(WebSocketServerProtocol):
 
     # -- behaviour -----------------------------------------------------------------
 
-    def on_connect(self, path: str, protocols: list[str], origin: str | None) -> str | None:
+    def on_connection_made(self) -> None:
+        """Count the socket against client.max_connections(_per_ip), or refuse it."""
         f = self.factory
+        transport: Any = self.transport
+        ip = str(getattr(transport.getPeer(), "host", ""))
+        why = f.admit(ip)
+        if why is not None:
+            f.refused[why] = f.refused.get(why, 0) + 1
+            transport.abortConnection()
+            return
+        self._ip = ip
+
+    def on_connection_lost(self) -> None:
+        if self._ip is not None:
+            self.factory.release(self._ip)
+            self._ip = None
+        for timer in (self._hello_timer, self._expiry_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._hello_timer = self._expiry_timer = None
+
+    def handshake_fits(self, n: int) -> bool:
+        """Bound the opening handshake's bytes (Autobahn rescans its whole buffer on every
+        read): over client.max_handshake_bytes answers 431 and closes."""
+        f = self.factory
+        self._handshake_bytes += n
+        if self._handshake_bytes <= f.max_handshake_bytes:
+            return True
+        f.refused["handshake_too_large"] = f.refused.get("handshake_too_large", 0) + 1
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"Connection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.state = WebSocketServerProtocol.STATE_CLOSED
+        transport.loseConnection()
+        return False
+
+    def _hello_due(self) -> None:
+        self._hello_timer = None
+        s = self.session
+        if s is not None and s.grants is None and not s.closed:
+            f = self.factory
+            f.refused["hello_timeout"] = f.refused.get("hello_timeout", 0) + 1
+            s.closed = True
+            self.close_with(CLOSE_POLICY_VIOLATION, "no hello in time")
+
+    def on_connect(
+        self, path: str, protocols: list[str], origin: str | None, host: str | None = None
+    ) -> str | None:
+        f = self.factory
+        if f.loopback_only and not host_header_is_loopback(host):
+            # Bound to loopback: another Host is DNS rebinding, never a local client.
+            raise ConnectionDeny(421, "this port answers loopback hosts only")
         if path != WS_PATH:
             raise ConnectionDeny(404, f"no WebSocket here; use {WS_PATH}")
-        if origin is not None and not f.origin_allowed(origin):
+        # Autobahn gives "" when there is no Origin header: not a browser, not checked.
+        if origin and not f.origin_allowed(origin):
             raise ConnectionDeny(403, "origin not allowed")
         if f.draining:
             raise ConnectionDeny(503, "node is shutting down")
@@ -181,7 +264,9 @@ class RelayProtocol(WebSocketServerProtocol):
             overloaded=f.overloaded,
             sink=self,
             router=f.router,
+            budget=f.budget,
         )
+        self._hello_timer = f.reactor.callLater(f.hello_timeout_s, self._hello_due)
         self.outbox = _Outbox(self)
         self.registerProducer(self.outbox, True)
         f.connections.add(self)
@@ -198,6 +283,7 @@ class RelayProtocol(WebSocketServerProtocol):
 
     def carry_out(self, out: Outcome) -> None:
         f = self.factory
+        self._watch_expiry()
         if out.replies:
             payload = encode_frame(out.replies, self.fmt)
             if len(payload) <= f.out_frame_budget:
@@ -217,6 +303,28 @@ class RelayProtocol(WebSocketServerProtocol):
         if out.close is not None:
             code, reason = out.close
             self.close_with(code, reason)
+
+    def _watch_expiry(self) -> None:
+        """Close the connection when its token runs out, not at its next op."""
+        s = self.session
+        expires_s = s.expires_s if s is not None else None
+        if expires_s == self._expiry_at:
+            return
+        if self._expiry_timer is not None and self._expiry_timer.active():
+            self._expiry_timer.cancel()
+        self._expiry_timer = None
+        self._expiry_at = expires_s
+        if expires_s is not None:
+            delay = max(0.0, expires_s - self.factory.clock_ms() / 1000)
+            self._expiry_timer = self.factory.reactor.callLater(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry_timer = None
+        if self.session is not None:
+            out = self.session.expire(self.factory.clock_ms())
+            if out.close is not None:
+                self.factory.stats["expired"] += 1
+            self.carry_out(out)
 
     def close_with(self, code: int, reason: str) -> None:
         """Close with a protocol close code (1001, 1002, 1008: Autobahn's public
@@ -372,6 +480,11 @@ class RelayFactory(WebSocketServerFactory):
         ping_interval_s: float,
         ping_timeout_s: float,
         handshake_timeout_s: float,
+        max_handshake_bytes: int = 16384,
+        hello_timeout_s: float = 10.0,
+        max_connections: int = 50000,
+        max_connections_per_ip: int = 0,
+        max_subscriptions: int = 1000000,
     ) -> None:
         super().__init__(url, protocols=[SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK])
         self.node = node
@@ -385,10 +498,26 @@ class RelayFactory(WebSocketServerFactory):
         # Our own frames stay well under the max_frame we announce to clients.
         self.out_frame_budget = max(1024, limits.max_frame // 2)
         self.draining = False
-        self.stats: dict[str, int] = {"connections_opened": 0, "frames_in": 0, "delivered": 0}
+        self.stats: dict[str, int] = {
+            "connections_opened": 0,
+            "frames_in": 0,
+            "delivered": 0,
+            "expired": 0,
+        }
         self.errors: dict[str, int] = {}
         self.disconnects: dict[str, int] = {}
         self.allowed_origin_patterns = allowed_origins
+        self.max_handshake_bytes = max_handshake_bytes
+        # Set by the server when the client port is bound to loopback: Host is checked.
+        self.loopback_only = False
+        self.hello_timeout_s = hello_timeout_s
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.sockets = 0  # open TCP connections, handshaken or not
+        self.per_ip: dict[str, int] = {}
+        self.budget = SubscriptionBudget(max_subscriptions)
+        # Connections refused or closed by a limit, by reason (relay_connections_refused_total).
+        self.refused: dict[str, int] = {}
         # Set by the server in cluster mode: routes channel ops to slot owners.
         self.router: ChannelRouter | None = None
         # Connections with frames queued this turn, and whether a flush is scheduled.
@@ -407,6 +536,25 @@ class RelayFactory(WebSocketServerFactory):
             "tcpNoDelay": True,
         }
         self.setProtocolOptions(**options)
+
+    def admit(self, ip: str) -> str | None:
+        """Take a connection slot for ``ip``; the reason it is refused, else None."""
+        if self.sockets >= self.max_connections:
+            return "max_connections"
+        n = self.per_ip.get(ip, 0)
+        if self.max_connections_per_ip and n >= self.max_connections_per_ip:
+            return "max_connections_per_ip"
+        self.sockets += 1
+        self.per_ip[ip] = n + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.sockets -= 1
+        n = self.per_ip.get(ip, 1) - 1
+        if n > 0:
+            self.per_ip[ip] = n
+        else:
+            self.per_ip.pop(ip, None)
 
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:

@@ -3,7 +3,7 @@
 # routes, and the Redis TLS port). Each region's nodes get every other region's Redis
 # in cluster.peers, so the links copy its slot logs everywhere.
 #
-# Adding a region: an entry in var.regions (and certificate_arns, redis_auth_tokens),
+# Adding a region: an entry in var.regions (and certificate_arns, redis_auth_tokens, mesh_secrets),
 # a provider block, a module block, one interregion block per existing region, and the
 # new module in every other region's peers and in the outputs. docs/DEPLOY.md.
 
@@ -54,6 +54,7 @@ module "sg" {
   redis_auth_token_update_strategy = var.redis_auth_token_update_strategy
   relay_package                    = var.relay_package
   admin_token                      = var.admin_token
+  mesh_secret                      = var.mesh_secrets["sg"]
   jwt_hs256_secret                 = var.jwt_hs256_secret
   jwt_es256_public_key_pem         = var.jwt_es256_public_key_pem
   client_cidrs                     = var.client_cidrs
@@ -80,6 +81,7 @@ module "fra" {
   redis_auth_token_update_strategy = var.redis_auth_token_update_strategy
   relay_package                    = var.relay_package
   admin_token                      = var.admin_token
+  mesh_secret                      = var.mesh_secrets["fra"]
   jwt_hs256_secret                 = var.jwt_hs256_secret
   jwt_es256_public_key_pem         = var.jwt_es256_public_key_pem
   client_cidrs                     = var.client_cidrs
@@ -106,6 +108,7 @@ module "iad" {
   redis_auth_token_update_strategy = var.redis_auth_token_update_strategy
   relay_package                    = var.relay_package
   admin_token                      = var.admin_token
+  mesh_secret                      = var.mesh_secrets["iad"]
   jwt_hs256_secret                 = var.jwt_hs256_secret
   jwt_es256_public_key_pem         = var.jwt_es256_public_key_pem
   client_cidrs                     = var.client_cidrs

@@ -92,6 +92,12 @@ variable "admin_token" {
   sensitive   = true
 }
 
+variable "mesh_secrets" {
+  description = "Each region's mesh secret (relay cluster.mesh_secret), by region name: 32+ characters without whitespace, different in every region."
+  type        = map(string)
+  sensitive   = true
+}
+
 variable "jwt_hs256_secret" {
   description = "Secret that verifies HS256 client tokens, the same in every region (a token works wherever its holder connects). Set this or jwt_es256_public_key_pem."
   type        = string

@@ -145,14 +145,19 @@
     }
     seen.add(o.id);
     const b = parseBody(o.body);
-    const from = b.from || o.from;
+    // Who sent it is the node's `from` (the token's subject, or "anon"); a name written
+    // in the body is only a claim, shown as one.
+    const from = String(o.from || "anon");
+    const claimed = b.from && b.from !== from ? String(b.from) : null;
     const when = o.ts ? new Date(o.ts).toLocaleTimeString("en-GB") : "";
     const ackTag = el("span", { class: "tag", "data-field": "ack" }, "not acked");
     const li = el(
       "li",
-      { class: "msg", "data-id": o.id, "data-from": from, "data-origin": o.origin || "", "data-how": stored ? "stored" : "live" },
+      { class: "msg", "data-id": o.id, "data-from": from, "data-claimed": claimed, "data-origin": o.origin || "", "data-how": stored ? "stored" : "live" },
       el("div", { class: "meta" },
-        el("span", { class: "who" }, from), ` · ${when} · from region ${o.origin || "?"}`,
+        el("span", { class: "who" }, from),
+        claimed ? el("span", { class: "tag claimed", title: "written in the message, not verified" }, `says "${claimed}" (unverified)`) : null,
+        ` · ${when} · from region ${o.origin || "?"}`,
         el("span", { class: stored ? "tag stored" : "tag" }, stored ? "from the pending store" : "live"),
         ackTag),
       el("div", { class: "text" }, b.text),

@@ -86,7 +86,11 @@ async def test_demo_delivers_live_across_regions_and_from_the_store_in_a_third(
         first = bob.locator("#inbox li.msg", has_text="hello bob, from sg")
         await expect(first).to_have_attribute("data-how", "live", timeout=DELIVER_MS)
         await expect(first).to_have_attribute("data-origin", "sg")
-        await expect(first).to_have_attribute("data-from", "alice")
+        # The authenticated sender (relay dev is anonymous), and the name in the body
+        # shown as an unverified claim only.
+        await expect(first).to_have_attribute("data-from", "anon")
+        await expect(first).to_have_attribute("data-claimed", "alice")
+        await expect(first.locator(".who")).to_have_text("anon")
         await expect(first.locator("[data-field=ack]")).to_have_text("acked")
         await screenshot(bob, "demo-bob-fra-live")
 

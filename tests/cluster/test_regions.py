@@ -211,8 +211,11 @@ async def test_ack_remote_survives_losing_the_origin_region(world: Any) -> None:
 
 
 def wan(doc: dict[str, Any], action: str, **params: Any) -> dict[str, Any]:
-    query = "&".join(f"{k}={v}" for k, v in params.items())
-    with urllib.request.urlopen(f"{doc['wan']['control']}/{action}?{query}", timeout=5) as r:
+    """Drive the WAN proxies' control port: POST, with the token from the ready file."""
+    body = "&".join(f"{k}={v}" for k, v in params.items()).encode()
+    req = urllib.request.Request(f"{doc['wan']['control']}/{action}", data=body, method="POST")
+    req.add_header("Authorization", f"Bearer {doc['wan']['token']}")
+    with urllib.request.urlopen(req, timeout=5) as r:
         out: dict[str, Any] = json.loads(r.read())
         return out
 

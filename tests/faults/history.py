@@ -256,8 +256,11 @@ def admin_status(admin_url: str) -> dict[str, Any]:
 
 
 def wan(doc: dict[str, Any], path: str, **params: Any) -> dict[str, Any]:
-    """Drive the WAN proxy of a ``relay dev`` cluster (``/set``, ``/reset``)."""
-    query = "&".join(f"{k}={v}" for k, v in params.items())
-    with urllib.request.urlopen(f"{doc['wan']['control']}{path}?{query}", timeout=5) as r:
+    """Drive the WAN proxy of a ``relay dev`` cluster (``/set``, ``/reset``): POST, with
+    the token from the ready file."""
+    body = "&".join(f"{k}={v}" for k, v in params.items()).encode()
+    req = urllib.request.Request(f"{doc['wan']['control']}{path}", data=body, method="POST")
+    req.add_header("Authorization", f"Bearer {doc['wan']['token']}")
+    with urllib.request.urlopen(req, timeout=5) as r:
         out: dict[str, Any] = json.loads(r.read())
         return out

@@ -11,6 +11,7 @@ from typing import Any
 
 import jwt
 import pytest
+import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -136,16 +137,95 @@ async def test_hello_without_token_on_secured_node(secured: Any) -> None:
 @aio
 async def test_token_expiring_mid_session_closes(secured: Any) -> None:
     c = await Client.connect(secured.ws_url)
-    await c.request({"op": "hello", "token": token(exp=time.time() + 1.0)}, "welcome")
+    c_exp = time.time() + 1.0
+    await c.request({"op": "hello", "token": token(exp=c_exp)}, "welcome")
     await c.request({"op": "sub", "ch": "inbox:alice"}, "subscribed")
     deadline = time.monotonic() + 10
     while True:
-        await c.send({"op": "pub", "id": f"t{time.monotonic()}", "ch": "inbox:x", "body": "b"})
-        r = await c.recv()
+        try:
+            await c.send({"op": "pub", "id": f"t{time.monotonic()}", "ch": "inbox:x", "body": "b"})
+            r = await c.recv()
+        except websockets.ConnectionClosed:
+            break  # closed at exp by the node, between two pubs
         if r["op"] == "error":
             assert r["code"] == "unauthorized"
             break
+        assert r["op"] == "puback" and time.time() < c_exp
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)  # poll interval until the token expires
     code, _ = await c.closed()
     assert code == 1008
+
+
+async def publisher(url: str) -> Client:
+    c = await Client.connect(url)
+    tok = token(sub="bob", can_pub=["inbox:*", "room:*"], can_sub=[])
+    await c.request({"op": "hello", "token": tok}, "welcome")
+    return c
+
+
+@aio
+async def test_a_silent_subscriber_is_closed_when_its_token_expires(secured: Any) -> None:
+    """No op after hello: the node still closes at exp (1008), and nothing published
+    after it reaches the connection."""
+    c = await Client.connect(secured.ws_url)
+    exp = time.time() + 1.0
+    await c.request({"op": "hello", "token": token(exp=exp)}, "welcome")
+    await c.request({"op": "sub", "ch": "inbox:alice"}, "subscribed")
+    e = await c.expect("error", timeout_s=5)
+    assert e["code"] == "unauthorized" and e["reason"] == "token expired"
+    assert time.time() >= exp
+    p = await publisher(secured.ws_url)
+    await p.request({"op": "pub", "id": "late", "ch": "inbox:alice", "body": "x"}, "puback")
+    code, reason = await c.closed()
+    assert (code, reason) == (1008, "token expired")
+    await p.close()
+
+
+@aio
+async def test_a_new_hello_drops_the_subscriptions_it_no_longer_grants(secured: Any) -> None:
+    c = await Client.connect(secured.ws_url)
+    wide = token(can_sub=["inbox:alice", "room:*"])
+    await c.request({"op": "hello", "token": wide}, "welcome")
+    await c.request({"op": "sub", "ch": "inbox:alice"}, "subscribed")
+    await c.request({"op": "sub", "ch": "room:1"}, "subscribed")
+    await c.request({"op": "hello", "token": token(can_sub=["inbox:alice"])}, "welcome")
+    assert await c.expect("unsubscribed") == {
+        "op": "unsubscribed",
+        "ch": "room:1",
+        "reason": "not granted by the new token",
+    }
+    p = await publisher(secured.ws_url)
+    await p.request({"op": "pub", "id": "r", "ch": "room:1", "body": "no"}, "puback")
+    await p.request({"op": "pub", "id": "i", "ch": "inbox:alice", "body": "yes"}, "puback")
+    m = await c.expect("msg")
+    assert (m["ch"], m["id"]) == ("inbox:alice", "i")  # never room:1's
+    # Leaving a channel needs no grant.
+    assert await c.request({"op": "unsub", "ch": "room:2"}, "unsubscribed") == {
+        "op": "unsubscribed",
+        "ch": "room:2",
+    }
+    await c.close()
+    await p.close()
+
+
+@pytest.mark.parametrize("sub", ["al\x00ice", "<img src=x onerror=alert(1)>\n", "x" * 257])
+@aio
+async def test_a_token_whose_sub_is_not_printable_is_refused(secured: Any, sub: str) -> None:
+    e, code = await refused(secured.ws_url, token(sub=sub))
+    assert (e["code"], code) == ("unauthorized", 1008)
+
+
+@aio
+async def test_a_channel_name_with_a_star_is_refused(secured: Any) -> None:
+    """A grant built from a user name ("inbox:" + name) never becomes a prefix."""
+    c = await Client.connect(secured.ws_url)
+    tok = token(sub="bob*", can_pub=["inbox:*"], can_sub=["inbox:bob*"])
+    await c.request({"op": "hello", "token": tok}, "welcome")
+    for op in (
+        {"op": "sub", "ch": "inbox:bob*"},
+        {"op": "pub", "id": "1", "ch": "inbox:bob*", "body": "x"},
+    ):
+        e = await c.request(op, "error")
+        assert e["code"] == "bad_request" and "*" in e["reason"]
+    await c.close()

@@ -11,9 +11,12 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
+from cluster import meshauth
 from cluster.mesh import Mesh, PeerUnavailable, RemoteError
-from cluster.wire import Kind, encode
+from cluster.wire import FrameReader, Kind, encode
 from tests.conftest import aio, next_turn, until
+
+SECRET = "s" * 32
 
 
 class Recorder:
@@ -24,8 +27,14 @@ class Recorder:
         self.down: list[str] = []
         self.mesh: Any = None
         self.seen: list[tuple[str, Any]] = []
+        self.requests: list[tuple[str, str]] = []
+        self.leases: dict[str, int] | None = None  # None: admit every peer
+
+    def admit_peer(self, peer: str, epoch: int) -> bool:
+        return self.leases is None or self.leases.get(peer) == epoch
 
     def on_request(self, peer: str, op: str, args: Any) -> Any:
+        self.requests.append((peer, op))
         if op == "echo":
             return args
         if op == "slow":
@@ -58,7 +67,33 @@ class Recorder:
 def make(node_id: str, rec: Recorder, **kw: Any) -> Mesh:
     from twisted.internet import reactor
 
+    kw.setdefault("secrets", (SECRET,))
     return Mesh(node_id=node_id, epoch=1, handler=rec, reactor=reactor, clock=time.monotonic, **kw)
+
+
+async def raw_peer(
+    port: int, node_id: str = "sg/a", secret: str | None = SECRET, epoch: int = 1
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A hand-made peer that dials ``port`` as ``node_id`` and proves ``secret``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    frames = FrameReader()
+    hello: list[Any] = []
+    while not hello:
+        hello = frames.feed(await reader.read(4096))
+    nonce = b"n" * meshauth.NONCE_BYTES
+    writer.write(encode([Kind.HELLO, node_id, epoch, nonce]))
+    if secret is not None:
+        key = meshauth.secret_key(secret)
+        proof = meshauth.proof(
+            key,
+            role=meshauth.DIAL,
+            sender=node_id,
+            receiver=hello[0][1],
+            sender_nonce=nonce,
+            receiver_nonce=hello[0][3],
+        )
+        writer.write(encode([Kind.AUTH, proof]))
+    return reader, writer
 
 
 @pytest.fixture
@@ -123,8 +158,10 @@ def _garbage_peer(port: int, payload: bytes) -> bool:
         b"\xff\xff\xff\xff",
         encode([Kind.PING, 1]),
         encode([Kind.HELLO, "sg/x", 1]) + (5).to_bytes(4, "big") + b"\xc1\xc1\xc1\xc1\xc1",
+        encode([Kind.HELLO, "sg/a", 1, b"n" * 16]) + encode([Kind.REQUEST, 1, "echo", 1]),
+        encode([Kind.HELLO, "sg/a", 1, b"n" * 16]) + encode([Kind.AUTH, b"p" * 32]),
     ],
-    ids=["http", "huge-length", "no-hello", "garbage-after-hello"],
+    ids=["http", "huge-length", "no-hello", "garbage-after-hello", "no-auth", "bad-proof"],
 )
 @aio
 async def test_garbage_peers_are_cut_off_and_node_keeps_serving(pair: Any, payload: bytes) -> None:
@@ -140,9 +177,8 @@ async def test_peer_that_stops_reading_is_cut_off() -> None:
     b = make("sg/b", rb, max_outbound_bytes=1_000_000, ping_timeout_s=60)
     port = b.listen("127.0.0.1", 0)
     # A peer that says hello and then never reads.
-    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _reader, writer = await raw_peer(port)
     writer.transport.pause_reading()  # type: ignore[attr-defined]
-    writer.write(encode([Kind.HELLO, "sg/a", 1]))
     await until(lambda: "sg/a" in b.connections, what="hello")
     body = b"x" * 60_000
     sent = 0
@@ -162,8 +198,7 @@ async def test_silent_peer_is_dropped_by_pings() -> None:
     rb = Recorder()
     b = make("sg/b", rb, ping_interval_s=0.05, ping_timeout_s=0.2)
     port = b.listen("127.0.0.1", 0)
-    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(encode([Kind.HELLO, "sg/a", 1]))  # then never answers a ping
+    _reader, writer = await raw_peer(port)  # then never answers a ping
     await until(lambda: "sg/a" in rb.down, timeout_s=5, what="dropped for missed pings")
     writer.close()
     await b.stop()
@@ -179,3 +214,97 @@ async def test_on_result_runs_before_the_deliveries_that_follow_the_reply(pair: 
     await until(lambda: len(ra.seen) == 2, what="the delivery")
     # A subscriber registered in on_result misses nothing that follows its reply.
     assert ra.seen == [("reply", ["pending"]), ("deliver", ["after"])]
+
+
+async def _closed(reader: asyncio.StreamReader, timeout_s: float = 5.0) -> bool:
+    """Whether the node closes the connection in time (what it sends is dropped)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            data = await asyncio.wait_for(reader.read(65536), deadline - time.monotonic())
+        except (ConnectionResetError, TimeoutError):
+            return True
+        if not data:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("secret", [None, "w" * 32], ids=["unauthenticated", "wrong-secret"])
+@aio
+async def test_a_peer_without_the_secret_is_refused_before_any_op(
+    pair: Any, secret: str | None
+) -> None:
+    """An impostor of the live peer sg/a, without the secret: its requests never reach the
+    handler, and the real sg/a keeps its connection."""
+    a, b, _ra, rb, pb = pair
+    await until(lambda: "sg/a" in b.connections, what="connected")
+    live = b.connections["sg/a"]
+    reader, writer = await raw_peer(pb, "sg/a", secret)
+    writer.write(encode([Kind.REQUEST, 1, "echo", "forged"]))
+    writer.write(encode([Kind.INTEREST, "inbox:x", True]))
+    assert await _closed(reader)
+    assert rb.requests == [] and rb.interest == []
+    assert b.connections["sg/a"] is live and b.counters["refused"] == 1
+    assert await a.request("sg/b", "echo", "still") == "still"
+    writer.close()
+
+
+@aio
+async def test_a_second_connection_never_replaces_the_live_one(pair: Any) -> None:
+    """Even with the secret: same id and epoch as the live connection is refused."""
+    a, b, _ra, rb, pb = pair
+    await until(lambda: "sg/a" in b.connections, what="connected")
+    live = b.connections["sg/a"]
+    reader, writer = await raw_peer(pb, "sg/a", SECRET, epoch=1)
+    writer.write(encode([Kind.REQUEST, 1, "echo", "forged"]))
+    assert await _closed(reader)
+    assert b.connections["sg/a"] is live and rb.requests == []
+    assert await a.request("sg/b", "echo", "still") == "still"
+    writer.close()
+
+
+@aio
+async def test_a_peer_without_a_live_lease_at_its_epoch_is_refused() -> None:
+    rb = Recorder()
+    rb.leases = {"sg/a": 7}
+    b = make("sg/b", rb)
+    port = b.listen("127.0.0.1", 0)
+    reader, writer = await raw_peer(port, "sg/a", SECRET, epoch=6)
+    writer.write(encode([Kind.REQUEST, 1, "echo", 1]))
+    assert await _closed(reader)
+    assert rb.requests == [] and "sg/a" not in b.connections
+    writer.close()
+    reader, writer = await raw_peer(port, "sg/a", SECRET, epoch=7)
+    writer.write(encode([Kind.REQUEST, 1, "echo", 1]))
+    await until(lambda: rb.requests == [("sg/a", "echo")], what="the admitted peer's request")
+    writer.close()
+    await b.stop()
+
+
+@aio
+async def test_a_peer_that_never_finishes_the_handshake_is_cut_off() -> None:
+    rb = Recorder()
+    b = make("sg/b", rb, ping_interval_s=0.05, ping_timeout_s=0.2)
+    port = b.listen("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)  # says nothing
+    assert await _closed(reader, 3.0)
+    assert b.counters["refused"] == 1
+    writer.close()
+    await b.stop()
+
+
+@aio
+async def test_secrets_during_a_rotation() -> None:
+    """A node proving the new secret talks to one that still proves the old, as long as
+    each accepts the other's."""
+    ra, rb = Recorder(), Recorder()
+    old, new = "o" * 32, "n" * 32
+    a = make("sg/a", ra, secrets=(new, old))
+    b = make("sg/b", rb, secrets=(old, new))
+    pb = b.listen("127.0.0.1", 0)
+    a.listen("127.0.0.1", 0)
+    a.want("sg/b", f"127.0.0.1:{pb}")
+    await until(lambda: "sg/b" in a.connections and "sg/a" in b.connections, what="connected")
+    assert await a.request("sg/b", "echo", 1) == 1
+    for m in (a, b):
+        await m.stop()

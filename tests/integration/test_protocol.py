@@ -369,12 +369,15 @@ async def test_rate_limited_then_closed_1008(make_node: Any) -> None:
 
 
 @aio
-async def test_overloaded_node_refuses_pub_not_sub(make_node: Any) -> None:
+async def test_overloaded_node_refuses_pub_and_sub_not_unsub_or_ack(make_node: Any) -> None:
     node = make_node(client={"allow_anonymous": True}, store={"memory_high_watermark_bytes": 1})
     c = await anon(node)
     e = await c.request(pub("o"), "error")
     assert e["code"] == "overloaded" and e["id"] == "o"
-    await c.request({"op": "sub", "ch": "inbox:alice"}, "subscribed")
+    e = await c.request({"op": "sub", "ch": "inbox:alice"}, "error")
+    assert e["code"] == "overloaded" and e["ch"] == "inbox:alice"
+    await c.request({"op": "unsub", "ch": "inbox:alice"}, "unsubscribed")
+    await c.request({"op": "ack", "ch": "inbox:alice", "ids": ["o"]}, "acked")
     await c.close()
 
 

@@ -176,3 +176,33 @@ async def test_a_replica_that_lagged_behind_a_trim_rebuilds_from_the_checkpoint(
     await a._claim_now(slot)
     assert sorted(m.id for m in a.node.store.pending(ch, 0)) == ["m1", "m2", "m3", "m4"]
     await log.close()
+
+
+@aio
+async def test_an_entry_that_cannot_be_encoded_fails_alone() -> None:
+    """A bad event (here an id the codec refuses, put past every check) in one slot: its
+    own waiter gets ``internal``; a good pub of another slot in the same flush is logged,
+    and nothing stays in flight."""
+    log = MemorySlotLog("sg")
+    r = router("sg/n1", log)
+    r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    bad_ch, good_ch = "inbox:bad", "inbox:good"
+    assert slot_of(bad_ch, r.slots) != slot_of(good_ch, r.slots)
+    for ch in (bad_ch, good_ch):
+        await r._claim_now(slot_of(ch, r.slots))
+    answered: dict[str, Any] = {}
+    for ch, msg_id in ((bad_ch, "i" * 65), (good_ch, "fine")):
+        r.publish(
+            ch=ch,
+            msg_id=msg_id,
+            body=b"x",
+            sender="s",
+            ttl_ms=60_000,
+            ack="log",
+            reply=lambda f, c, s, ch=ch: answered.__setitem__(ch, (f or {}).get("ack", c)),
+        )
+    await r._flush(force=True)
+    assert answered == {good_ch: "log", bad_ch: "internal"}
+    assert r.batcher.in_flight == 0
+    assert r.mesh_counters["encode_failures"] == 1
+    assert await logged_ids(log, slot_of(good_ch, r.slots)) == {"fine"}

@@ -169,9 +169,9 @@ def test_default_zones_belong_to_their_region(m: Module) -> None:
 
 @pytest.mark.parametrize("m", DEPLOYMENTS, ids=IDS)
 def test_deployment_secrets_are_sensitive_and_have_no_default(m: Module) -> None:
-    for var in ("redis_auth_tokens", "admin_token", "jwt_hs256_secret"):
+    for var in ("redis_auth_tokens", "mesh_secrets", "admin_token", "jwt_hs256_secret"):
         assert m.variables[var]["sensitive"] is True, var
-    for var in ("redis_auth_tokens", "admin_token"):
+    for var in ("redis_auth_tokens", "mesh_secrets", "admin_token"):
         assert "default" not in m.variables[var], var
 
 

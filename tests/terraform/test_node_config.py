@@ -51,6 +51,7 @@ VALUES = {
     "REDIS_AUTH_TOKEN": "Tok#en&w1th$pecial^<chars>-0123",
     "ADMIN_TOKEN": 'admin-"quoted"-and\\backslashed-token-0123456789',
     "AUTH_HS256_SECRET": "hs256-secret-0123456789-0123456789-abcdef",
+    "MESH_SECRET": "mesh-secret-0123456789-0123456789-abcdef",
     "PEER_FRA_REDIS_AUTH_TOKEN": "fra-token!#&$^<>-0123456789",
     # PEER_US_EAST_REDIS_AUTH_TOKEN: unreadable at start (its region's SSM is down)
 }
@@ -108,6 +109,12 @@ def bootstrap_settings(*, hs256: bool = True) -> dict[str, Any]:
         "ADMIN_TOKEN": {
             "region": "ap-southeast-1",
             "parameter": "/relay/sg/admin-token",
+            "quote": "none",
+            "optional": False,
+        },
+        "MESH_SECRET": {
+            "region": "ap-southeast-1",
+            "parameter": "/relay/sg/mesh-secret",
             "quote": "none",
             "optional": False,
         },
@@ -231,6 +238,7 @@ def test_the_bootstrap_settings_mirror_main_tf() -> None:
     for name, quote, optional in (
         ("REDIS_AUTH_TOKEN", "url", "false"),
         ("ADMIN_TOKEN", "none", "false"),
+        ("MESH_SECRET", "none", "false"),
         ("AUTH_HS256_SECRET", "none", "false"),
     ):
         assert re.search(
@@ -326,6 +334,7 @@ def test_the_rendered_config_passes_relay_config_validate(tmp_path: Path) -> Non
     assert cfg["auth"]["es256_public_key"].endswith("jwt-es256.pem")
     assert cfg["admin"]["host"] == "0.0.0.0"
     assert cfg["admin"]["token"] == VALUES["ADMIN_TOKEN"]  # TOML-escaped and back
+    assert cfg["cluster"]["mesh_secret"] == VALUES["MESH_SECRET"]
     cluster = cfg["cluster"]
     assert (cluster["mesh_host"], cluster["mesh_port"]) == ("0.0.0.0", 7402)
     assert cluster["advertise_host"] == VALUES["PRIVATE_IP"]

@@ -69,7 +69,7 @@ def test_the_redis_auth_token_comes_from_a_sensitive_variable() -> None:
 
 
 def test_every_secret_is_a_sensitive_variable_kept_in_ssm() -> None:
-    for var in ("redis_auth_token", "admin_token", "jwt_hs256_secret"):
+    for var in ("redis_auth_token", "admin_token", "mesh_secret", "jwt_hs256_secret"):
         assert M.variables[var]["sensitive"] is True, var
     for name, param in M.of_type("aws_ssm_parameter").items():
         assert param["type"] == "SecureString", name
@@ -78,7 +78,7 @@ def test_every_secret_is_a_sensitive_variable_kept_in_ssm() -> None:
     # compared with "" to decide whether a feature is on).
     for key in ("relay_toml", "bootstrap_settings", "user_data"):
         text = str(M.locals[key])
-        for var in ("redis_auth_token", "admin_token", "jwt_hs256_secret"):
+        for var in ("redis_auth_token", "admin_token", "mesh_secret", "jwt_hs256_secret"):
             assert not re.search(rf"var\.{var}\b(?!\s*[!=]=)", text), f"{var} in local.{key}"
 
 

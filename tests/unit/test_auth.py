@@ -213,7 +213,9 @@ def test_missing_sub() -> None:
     assert refused(HS, hs(claims(sub=_DROP))) == "missing sub"
 
 
-@pytest.mark.parametrize("sub", ["", 5, ["alice"], True])
+@pytest.mark.parametrize(
+    "sub", ["", 5, ["alice"], True, "al\x00ice", "bob\n", "a\u202e", "x" * 257]
+)
 def test_bad_sub(sub: Any) -> None:
     assert refused(HS, hs(claims(sub=sub))) == "bad sub"
 

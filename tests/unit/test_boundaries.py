@@ -31,6 +31,10 @@ CORE = [
     "cluster/chain.py",
     "cluster/rebalance.py",
     "relay/config.py",
+    "relay/loopback.py",
+    "relay/redact.py",
+    "cluster/meshauth.py",
+    "cluster/meshops.py",
 ]
 FORBIDDEN = {
     "twisted",

@@ -190,7 +190,7 @@ def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
         ("RELAY_CLIENT__ALLOWED_ORIGINS", "[]", "client", "allowed_origins", ()),
         ("RELAY_STORE__DEDUPE_MAX_IDS", "1_000", "store", "dedupe_max_ids", 1000),
         # String keys keep the raw text: a numeric or boolean-looking secret stays a string.
-        ("RELAY_AUTH__HS256_SECRET", "123456", "auth", "hs256_secret", "123456"),
+        ("RELAY_AUTH__HS256_SECRET", "1" * 32, "auth", "hs256_secret", "1" * 32),
         ("RELAY_ADMIN__TOKEN", "true", "admin", "token", "true"),
         (
             "RELAY_ADMIN__TOKEN",
@@ -466,9 +466,24 @@ es256_public_key = "{tmp_path / "no-key.pem"}"
 
 
 def test_existing_es256_key_is_accepted(tmp_path: Path) -> None:
-    pem = write(tmp_path, "-----BEGIN PUBLIC KEY-----\n", "es256.pem")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    text = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    pem = write(tmp_path, text, "es256.pem")
     config = load_config(None, {"RELAY_AUTH__ES256_PUBLIC_KEY": str(pem)})
     assert config.auth.es256_public_key == str(pem)
+
+
+def test_token_keys_are_checked_as_the_verifier_loads_them(tmp_path: Path) -> None:
+    pem = write(tmp_path, "-----BEGIN PUBLIC KEY-----\n", "es256.pem")
+    env = {"RELAY_AUTH__ES256_PUBLIC_KEY": str(pem), "RELAY_AUTH__HS256_SECRET": "short"}
+    hs, es = problems_of(None, env)
+    assert hs.startswith("auth.hs256_secret: must be at least 32 bytes")
+    assert es.startswith("auth.es256_public_key: ")
 
 
 def test_tls_enabled_property() -> None:
@@ -561,6 +576,28 @@ def test_admin_token_required_off_loopback() -> None:
     assert config.admin.token == "t"
     for host in ("localhost", "127.0.0.2", "::1"):
         assert load_config(None, {"RELAY_ADMIN__HOST": host}).admin.host == host
+
+
+@pytest.mark.parametrize("host", ["127.evil.example", "127.0.0.1.nip.io", "0.0.0.0", "10.0.0.5"])
+def test_a_name_that_starts_with_127_is_not_loopback(host: str) -> None:
+    (problem,) = problems_of(None, {"RELAY_ADMIN__HOST": host})
+    assert problem.startswith("admin.token: must be set when admin.host is not a loopback")
+
+
+def test_mesh_secret_required_off_loopback() -> None:
+    env = {"RELAY_CLUSTER__REDIS_URL": "redis://r:6379/0", "RELAY_CLUSTER__MESH_HOST": "0.0.0.0"}
+    (problem,) = problems_of(None, env)
+    assert problem.startswith(
+        "cluster.mesh_secret: must be set when cluster.mesh_host is not a loopback address"
+        ' ("0.0.0.0")'
+    )
+    secret = "k" * 32
+    assert load_config(None, {**env, "RELAY_CLUSTER__MESH_SECRET": secret}).cluster.mesh_secret
+    (short,) = problems_of(None, {**env, "RELAY_CLUSTER__MESH_SECRET": "short"})
+    assert short.startswith("cluster.mesh_secret: must be at least 32 characters, got 5")
+    # Loopback, or a standalone node (no mesh at all), needs none.
+    assert load_config(None, {**env, "RELAY_CLUSTER__MESH_HOST": "::1"})
+    assert load_config(None, {"RELAY_CLUSTER__MESH_HOST": "0.0.0.0"})
 
 
 def test_redis_url_needs_a_redis_scheme() -> None:

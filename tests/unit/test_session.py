@@ -19,7 +19,7 @@ from relay.dedupe import DedupeIndex
 from relay.errors import Code, FrameError
 from relay.frames import Format, decode_body_b64, decode_frame
 from relay.node import Node
-from relay.session import Limits, Outcome, Session, message_object
+from relay.session import Limits, Outcome, Session, SubscriptionBudget, message_object
 from relay.store import PendingStore
 
 T0_MS = 1_700_000_000_000
@@ -69,6 +69,7 @@ class Conn:
         fmt: Format = Format.JSON,
         clock: Clock | None = None,
         overloaded: bool = False,
+        budget: SubscriptionBudget | None = None,
     ) -> None:
         self.node = node or make_node()
         self.clock = clock or Clock()
@@ -80,6 +81,7 @@ class Conn:
             verifier=verifier,
             now_s=self.clock.s,
             overloaded=lambda: overloaded,
+            budget=budget,
         )
 
     def frame(self, payload: bytes) -> Outcome:
@@ -232,8 +234,9 @@ def test_forbidden_keeps_the_connection_open() -> None:
         pub("2", ch="inbox:bob"),
         {"op": "sub", "ch": "inbox:alice"},
     )
-    assert ops(out) == ["error"] * 4 + ["puback", "subscribed"]
-    assert codes(out) == ["forbidden"] * 4
+    # unsub needs no grant: leaving a channel is always allowed.
+    assert ops(out) == ["error"] * 3 + ["unsubscribed", "puback", "subscribed"]
+    assert codes(out) == ["forbidden"] * 3
     assert out.replies[0]["id"] == "1" and out.replies[0]["ch"] == "room"
     assert out.close is None
 
@@ -351,14 +354,39 @@ def test_ttl_and_too_large() -> None:
     assert not store.contains("room", "c")
 
 
-def test_overloaded_refuses_pub_only() -> None:
+def test_overloaded_refuses_pub_and_new_subs() -> None:
     c = Conn(overloaded=True)
-    out = c.send(pub("m1"), {"op": "sub", "ch": "room"}, {"op": "ping"})
-    assert ops(out) == ["welcome", "error", "subscribed", "pong"]
+    out = c.send(
+        pub("m1"),
+        {"op": "sub", "ch": "room"},
+        {"op": "unsub", "ch": "room"},
+        {"op": "ack", "ch": "room", "ids": ["m1"]},
+        {"op": "ping"},
+    )
+    assert ops(out) == ["welcome", "error", "error", "unsubscribed", "acked", "pong"]
     err = out.replies[1]
     assert (err["code"], err["id"], err["ch"]) == ("overloaded", "m1", "room")
-    assert c.node.store.messages == 0
+    assert (out.replies[2]["code"], out.replies[2]["ch"]) == ("overloaded", "room")
+    assert c.node.store.messages == 0 and not c.session.subscriptions
     assert out.close is None
+
+
+def test_subscriptions_per_connection_and_per_node() -> None:
+    budget = SubscriptionBudget(5)
+    a = Conn(limits=Limits(allow_anonymous=True, max_subscriptions=3), budget=budget)
+    out = a.send(*({"op": "sub", "ch": f"c{i}"} for i in range(4)))
+    assert ops(out) == ["welcome"] + ["subscribed"] * 3 + ["error"]
+    assert out.replies[-1]["code"] == "too_many" and out.close is None
+    # Re-subscribing a channel it holds costs nothing; an unsub frees a place.
+    out = a.send({"op": "sub", "ch": "c0"}, {"op": "unsub", "ch": "c1"}, {"op": "sub", "ch": "c9"})
+    assert ops(out) == ["subscribed", "unsubscribed", "subscribed"]
+    b = Conn(limits=Limits(allow_anonymous=True, max_subscriptions=3), budget=budget)
+    out = b.send(*({"op": "sub", "ch": f"d{i}"} for i in range(3)))
+    assert ops(out) == ["welcome", "subscribed", "subscribed", "error"]
+    assert out.replies[-1]["code"] == "overloaded"
+    assert (budget.taken, budget.refused) == (5, 1)
+    a.session.connection_lost()
+    assert budget.taken == 2
 
 
 def correlation_ids(reason: str, log_text: str) -> set[str]:
@@ -598,7 +626,14 @@ def test_anything_a_client_sends(
             continue
         assert all(r["op"] != "error" or r["code"] != "internal" for r in out.replies)
         assert out.errors == [Code(r["code"]) for r in out.replies if r["op"] == "error"]
-        replies = iter(out.replies)
+        # A hello that narrows the grants is followed by an unsubscribed for each
+        # subscription dropped: part of its one answer.
+        grouped = []
+        for r in out.replies:
+            if r["op"] == "unsubscribed" and "reason" in r:
+                continue
+            grouped.append(r)
+        replies = iter(grouped)
         answered = 0
         for obj in objs:
             r = next(replies, None)

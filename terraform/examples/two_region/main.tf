@@ -23,6 +23,7 @@ module "fra" {
   relay_package      = var.relay_package
   redis_auth_token   = var.redis_auth_tokens["fra"]
   admin_token        = var.admin_token
+  mesh_secret        = var.mesh_secrets["fra"]
   jwt_hs256_secret   = var.jwt_hs256_secret
   admin_cidrs        = var.admin_cidrs
 
@@ -41,6 +42,7 @@ module "iad" {
   relay_package      = var.relay_package
   redis_auth_token   = var.redis_auth_tokens["iad"]
   admin_token        = var.admin_token
+  mesh_secret        = var.mesh_secrets["iad"]
   jwt_hs256_secret   = var.jwt_hs256_secret
   admin_cidrs        = var.admin_cidrs
 

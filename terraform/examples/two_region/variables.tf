@@ -62,6 +62,12 @@ variable "admin_token" {
   sensitive   = true
 }
 
+variable "mesh_secrets" {
+  description = "Each region's mesh secret, by region name (32+ characters)."
+  type        = map(string)
+  sensitive   = true
+}
+
 variable "jwt_hs256_secret" {
   description = "Secret that verifies HS256 client tokens in both regions."
   type        = string

@@ -116,6 +116,15 @@ resource "aws_ssm_parameter" "admin_token" {
   tags        = local.tags
 }
 
+resource "aws_ssm_parameter" "mesh_secret" {
+  name        = "/${var.name_prefix}/${var.name}/mesh-secret"
+  description = "Secret the nodes of ${local.name} prove to each other on the mesh"
+  type        = "SecureString"
+  key_id      = aws_kms_key.this.arn
+  value       = var.mesh_secret
+  tags        = local.tags
+}
+
 resource "aws_ssm_parameter" "jwt_hs256_secret" {
   count       = local.hs256_enabled ? 1 : 0
   name        = "/${var.name_prefix}/${var.name}/jwt-hs256-secret"
@@ -183,6 +192,12 @@ locals {
         ADMIN_TOKEN = {
           region    = local.aws_region
           parameter = aws_ssm_parameter.admin_token.name
+          quote     = "none"
+          optional  = false
+        }
+        MESH_SECRET = {
+          region    = local.aws_region
+          parameter = aws_ssm_parameter.mesh_secret.name
           quote     = "none"
           optional  = false
         }

@@ -12,7 +12,11 @@ locals {
   # What each node may read: this region's secrets, and each peer region's Redis token
   # (for cluster.peers). Nothing else.
   secret_parameter_arns = concat(
-    [aws_ssm_parameter.redis_auth_token.arn, aws_ssm_parameter.admin_token.arn],
+    [
+      aws_ssm_parameter.redis_auth_token.arn,
+      aws_ssm_parameter.admin_token.arn,
+      aws_ssm_parameter.mesh_secret.arn,
+    ],
     aws_ssm_parameter.jwt_hs256_secret[*].arn,
     [for p in var.peers : p.auth_token_parameter_arn],
   )

@@ -214,6 +214,17 @@ variable "admin_token" {
   }
 }
 
+variable "mesh_secret" {
+  description = "The region's mesh secret (relay cluster.mesh_secret): nodes prove it to each other before any mesh op. 32+ characters, the same on every node of the region."
+  type        = string
+  sensitive   = true
+
+  validation {
+    condition     = length(var.mesh_secret) >= 32 && !can(regex("[\\s]", var.mesh_secret))
+    error_message = "mesh_secret must be at least 32 characters, without whitespace."
+  }
+}
+
 variable "jwt_hs256_secret" {
   description = "Shared secret that verifies HS256 client tokens (relay auth.hs256_secret); empty = HS256 off. Set this or jwt_es256_public_key_pem."
   type        = string
