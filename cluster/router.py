@@ -1293,8 +1293,12 @@ class Router:
 
     async def _checkpoint_loop(self) -> None:
         interval = self.config.cluster.checkpoint_interval_s
+        due = time.monotonic() + interval
         while not self.stopped:
-            await asyncio.sleep(interval)  # the checkpoint period
+            # A fixed cadence: the time a round of checkpoints takes does not lengthen
+            # the period (the slot logs are trimmed only at checkpoints).
+            await asyncio.sleep(max(0.0, due - time.monotonic()))  # the checkpoint period
+            due = max(due + interval, time.monotonic())
             slots = [s for s in sorted(self.dirty) if s not in self.releasing]
             try:
                 floors = await self._link_floors(slots)
