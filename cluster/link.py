@@ -235,7 +235,9 @@ class Link:
             positions = self.position
             if not positions:
                 confirmed = await self.client.hgetall(confirmed_key(self.region, self.dest))
-                positions = {int(k): _text(v) for k, v in confirmed.items()}
+                positions = {
+                    int(k): v.decode() if isinstance(v, bytes) else v for k, v in confirmed.items()
+                }
             if not positions:
                 return
             firsts = await self.local.first_after_many(positions)
@@ -412,7 +414,3 @@ class Link:
                 json.dumps({"dest": self.dest, "slots": {str(s): i for s, i in confirmed.items()}}),
             )
             await pipe.execute()
-
-
-def _text(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
