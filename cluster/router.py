@@ -24,7 +24,8 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ from cluster.rebalance import Placement, RingState, placement
 from cluster.ring import slot_of
 from cluster.ringstore import read_state, record_shape
 from cluster.slotlog import FencedError, RedisSlotLog
+from cluster.slots import SlotEvent, SlotTable
 from relay.batch import AppendToLog, Batcher, ack_events
 from relay.codec import DEFAULT_MAX_EVENTS, AckEvent, CodecError, MessageEvent, encode_batch
 from relay.config import Config
@@ -189,14 +191,16 @@ class Router:
         # Reads of the ring state one at a time: a later read never installs older state.
         self._ring_reads = asyncio.Lock()
         self.epoch = 0
-        # Slot state (cluster/slots: none → replica → claiming → owner).
-        self.owned: dict[int, int] = {}  # slot → epoch we write under
-        self.claiming: set[int] = set()
+        # Slot state (cluster/slots.py: none → replica → claiming → owner → releasing),
+        # changed only through the table; these are its live read-only views.
+        self.slot_table = SlotTable()
+        self.owned: Mapping[int, int] = self.slot_table.owned  # slot → epoch we write under
+        self.claiming: AbstractSet[int] = self.slot_table.claiming
         self._claim_tasks: dict[int, asyncio.Task[Any]] = {}
         self._catch_up_locks: dict[int, asyncio.Lock] = {}
         self._checkpoint_locks: dict[int, asyncio.Lock] = {}
-        self.releasing: set[int] = set()  # owned slots being handed over: not served
-        self.replicated: set[int] = set()
+        self.releasing = self.slot_table.releasing  # owned slots being handed over: not served
+        self.replicated = self.slot_table.replicas  # the ring's replica slots of this node
         self.applied: dict[int, str] = {}  # slot → newest log id applied here
         self.dirty: set[int] = set()  # owned slots changed since their last checkpoint
         self.slot_channels: dict[int, set[str]] = {}
@@ -509,7 +513,7 @@ class Router:
             await asyncio.gather(*claims, return_exceptions=True)
 
     def _start_claim(self, slot: int) -> asyncio.Task[Any]:
-        self.claiming.add(slot)
+        self.slot_table.fire(slot, SlotEvent.CLAIM)
         task = self._claim_tasks[slot] = self._spawn(self._claim(slot))
         return task
 
@@ -521,7 +525,7 @@ class Router:
         mine = set(ring.slots_of(self.me)) if self.me in ring.nodes else set()
         replica = set(ring.replicas_of(self.me)) - mine if self.me in ring.nodes else set()
         await self._release([slot for slot in self.owned if slot not in mine])
-        self.replicated = replica
+        self.slot_table.set_replicas(replica)
         self._drop_foreign_snapshots()
         self._restart_tail()
         # Re-register subscriptions whose owner moved.
@@ -538,7 +542,7 @@ class Router:
 
     async def _claim(self, slot: int) -> None:
         """Take ``slot`` over: fence the old owner, read the log to its end, serve."""
-        self.claiming.add(slot)
+        self.slot_table.fire(slot, SlotEvent.CLAIM)
         try:
             await self._await_release(slot)
             async with self._claims:
@@ -546,7 +550,7 @@ class Router:
         except Exception:
             log.exception("claiming slot %d failed", slot)
         finally:
-            self.claiming.discard(slot)
+            self.slot_table.fire(slot, SlotEvent.CLAIM_ENDED)
             self._claim_tasks.pop(slot, None)
 
     async def _await_release(self, slot: int) -> None:
@@ -590,7 +594,8 @@ class Router:
                 return
             await self._catch_up(slot)
             if self._should_own(slot):
-                self.owned[slot] = epoch
+                self.slot_table.fire(slot, SlotEvent.CLAIM)  # called alone too (tests)
+                self.slot_table.fire(slot, SlotEvent.CLAIMED, epoch=epoch)
                 self._changed(slot)
             else:
                 # The ring moved on while we read the log: let the next owner have it now
@@ -725,7 +730,9 @@ class Router:
         records, so that their new owners, waiting for that, start from all of it."""
         if not slots:
             return
-        self.releasing.update(slots)
+        for s in slots:
+            if s in self.owned:
+                self.slot_table.fire(s, SlotEvent.RELEASE)
         try:
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
             await self._flush(force=True)
@@ -740,7 +747,7 @@ class Router:
                     log.warning("handing a slot over failed: %s", r)
         finally:
             for s in slots:
-                self.releasing.discard(s)
+                self.slot_table.fire(s, SlotEvent.RELEASE_ENDED)
                 if not self._should_own(s):
                     self._lose(s)
 
@@ -757,7 +764,7 @@ class Router:
         """Stop serving ``slot``. Its events still batched are failed (or kept for our
         claim, when the ring gives the slot back to us); its in-RAM state is dropped, to
         be rebuilt from checkpoint and log if it comes back."""
-        self.owned.pop(slot, None)
+        self.slot_table.fire(slot, SlotEvent.LOSE)
         self.dirty.discard(slot)
         for e in self.batcher.take(slot):
             self._not_appended(e, "the slot was lost")

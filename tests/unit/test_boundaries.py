@@ -24,6 +24,7 @@ CORE = [
     "cluster/apply.py",
     "cluster/ring.py",
     "cluster/failure.py",
+    "cluster/slots.py",
     "cluster/errors.py",
     "cluster/shaping.py",
     "cluster/wire.py",
