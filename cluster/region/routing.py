@@ -1,0 +1,295 @@
+"""Client ops on a channel: served here when this node owns its slot, else forwarded
+over the mesh to the owner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from cluster.mesh import PeerUnavailable, RemoteError
+from cluster.region.members import Members
+from cluster.region.state import (
+    RESUBSCRIBE_S,
+    PubWaiter,
+    Unavailable,
+    failure_answer,
+    fields_message,
+    message_fields,
+)
+from cluster.ring import slot_of
+from relay.batch import ack_events
+from relay.codec import MessageEvent
+from relay.errors import Code
+from relay.hlc import physical_ms
+from relay.store import Message
+
+log = logging.getLogger(__name__)
+
+
+class Routing(Members):
+    """Client ops: served here or forwarded to the owner."""
+
+    def publish(
+        self,
+        *,
+        ch: str,
+        msg_id: str,
+        body: bytes,
+        sender: str,
+        ttl_ms: int,
+        ack: str,
+        reply: Callable[[dict[str, Any] | None, Code | None, str], None],
+    ) -> None:
+        """Publish; ``reply(puback_fields, None, "")`` or ``reply(None, code, reason)``."""
+        slot = slot_of(ch, self.slots)
+        owner = self.owner_of(ch)
+        if owner == self.me:
+            try:
+                self._publish_local(slot, ch, msg_id, body, sender, ttl_ms, ack, reply)
+            except Unavailable as e:
+                reply(None, Code.UNAVAILABLE, str(e))
+            return
+        if owner is None or self.mesh is None:
+            reply(None, Code.UNAVAILABLE, "no owner for this channel right now")
+            return
+        args = {"ch": ch, "id": msg_id, "body": body, "from": sender, "ttl_ms": ttl_ms, "ack": ack}
+        self._spawn(self._forward(owner, "pub", args, reply))
+
+    async def _forward(
+        self,
+        owner: str,
+        op: str,
+        args: dict[str, Any],
+        reply: Callable[[Any, Code | None, str], None],
+        *,
+        at_once: bool = False,
+    ) -> None:
+        """Send ``op`` to ``owner``; ``reply`` with its result or error. ``at_once``: reply
+        in the same turn as the reply frame, before any delivery that follows it."""
+        assert self.mesh is not None
+        on_result = (lambda r: reply(r, None, "")) if at_once else None
+        try:
+            result = await self.mesh.request(owner, op, args, on_result=on_result)
+        except RemoteError as e:
+            code = Code(e.code) if e.code in Code.__members__.values() else Code.UNAVAILABLE
+            reply(None, code, e.reason)
+            return
+        except PeerUnavailable as e:
+            reply(None, Code.UNAVAILABLE, str(e))
+            return
+        if not at_once:
+            reply(result, None, "")
+
+    def _publish_local(
+        self,
+        slot: int,
+        ch: str,
+        msg_id: str,
+        body: bytes,
+        sender: str,
+        ttl_ms: int,
+        ack: str,
+        reply: Callable[[dict[str, Any] | None, Code | None, str], None],
+    ) -> None:
+        if not self.serving(slot):
+            raise Unavailable(f"slot {slot} is moving; retry")
+        now = self.wall_ms()
+        acc = self.node.publish(ch, msg_id, body, sender=sender, ttl_ms=ttl_ms, now_ms=now)
+        fields = {"ts": physical_ms(acc.hlc), "origin": acc.origin, "dup": acc.dup}
+        if acc.dup:
+            if ack != "mem" and self.batcher.busy(slot):
+                # The first copy may still be on its way to the log: answer with it.
+                def dup_done(level: str | None) -> None:
+                    if level is None:
+                        reply(None, *failure_answer(dup_w, "the slot moved before it was logged"))
+                    else:
+                        reply({**fields, "ack": level}, None, "")
+
+                dup_w = PubWaiter(dup_done, level=ack)
+                self.batcher.add_waiter(slot, dup_w, now)
+            elif ack == "remote" and self.links and slot in self.applied:
+                # Confirmed once the slot's newest entry (at or after the first copy's)
+                # is in another region.
+                def remote_done(level: str | None) -> None:
+                    if level is None:
+                        reply(None, Code.UNAVAILABLE, "no region confirmed it in time")
+                    else:
+                        reply({**fields, "ack": level}, None, "")
+
+                self._logged(slot, self.applied[slot], PubWaiter(remote_done, level="remote"))
+            else:
+                reply({**fields, "ack": "mem" if ack == "mem" else "log"}, None, "")
+            return
+        self.slot_channels.setdefault(slot, set()).add(ch)
+        self._changed(slot)
+        event = MessageEvent(msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms)
+        waiter = None
+        if ack == "mem":
+            reply({**fields, "ack": "mem"}, None, "")
+        else:
+
+            def done(level: str | None) -> None:
+                if level is None:
+                    reply(
+                        None,
+                        *failure_answer(waiter, "the slot moved before the message was logged"),
+                    )
+                else:
+                    reply({**fields, "ack": level}, None, "")
+
+            waiter = PubWaiter(done, level=ack)
+        for entry in self.batcher.add(slot, event, now, waiter):
+            self._spawn(self._append([entry]))
+        if acc.message is not None or ch in self.interest:
+            # Someone listens (here or on a peer): only then build the message to send.
+            self._deliver(
+                acc.message or Message(msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms)
+            )
+
+    def _deliver(self, message: Message) -> None:
+        local = self.node.subscribers.get(message.ch)
+        if local:
+            self.fan_out(message, tuple(local))
+        peers = self.interest.get(message.ch)
+        if peers and self.mesh is not None:
+            fields = message_fields(message)
+            for peer in list(peers):
+                if not self.mesh.deliver(peer, message.ch, fields):
+                    peers.discard(peer)
+
+    def subscribe(
+        self,
+        handle: Hashable,
+        ch: str,
+        reply: Callable[[list[Message] | None, Code | None, str], None],
+    ) -> None:
+        owner = self.owner_of(ch)
+        slot = slot_of(ch, self.slots)
+        if owner == self.me:
+            if not self.serving(slot):
+                reply(None, Code.UNAVAILABLE, f"slot {slot} is moving; retry")
+                return
+            self.registered[ch] = self.me
+            reply(self.node.subscribe(handle, ch, self.wall_ms()), None, "")
+            return
+        if owner is None or self.mesh is None:
+            reply(None, Code.UNAVAILABLE, "no owner for this channel right now")
+            return
+
+        def registered(result: Any, code: Code | None, reason: str) -> None:
+            if code is not None:
+                reply(None, code, reason)
+                return
+            # Registered now, in the same turn as the reply: deliveries that follow on
+            # this connection are exactly the messages after the pending ones.
+            self.node.subscribers.setdefault(ch, set()).add(handle)
+            self.registered[ch] = owner
+            reply([fields_message(f) for f in result], None, "")
+
+        self._spawn(self._forward(owner, "sub", {"ch": ch}, registered, at_once=True))
+
+    def unsubscribe(self, handle: Hashable, ch: str) -> None:
+        self.node.unsubscribe(handle, ch)
+        if ch not in self.node.subscribers:
+            owner = self.registered.pop(ch, None)
+            if owner is not None and owner != self.me and self.mesh is not None:
+                self.mesh.interest(owner, ch, False)
+
+    def ack(
+        self, ch: str, ids: list[str], reply: Callable[[int | None, Code | None, str], None]
+    ) -> None:
+        owner = self.owner_of(ch)
+        slot = slot_of(ch, self.slots)
+        if owner == self.me:
+            if not self.serving(slot):
+                reply(None, Code.UNAVAILABLE, f"slot {slot} is moving; retry")
+                return
+            self._ack_logged(slot, ch, ids, reply)
+            return
+        if owner is None or self.mesh is None:
+            reply(None, Code.UNAVAILABLE, "no owner for this channel right now")
+            return
+        self._spawn(
+            self._forward(
+                owner,
+                "ack",
+                {"ch": ch, "ids": ids},
+                lambda r, c, s: reply(None if c else int(r), c, s),
+            )
+        )
+
+    def _ack_logged(
+        self,
+        slot: int,
+        ch: str,
+        ids: list[str],
+        reply: Callable[[int | None, Code | None, str], None],
+    ) -> None:
+        """Ack, and answer once the ack is in the slot log: an acknowledged ack survives
+        a crash of this node (the message never comes back)."""
+        n = self._ack_local(slot, ch, ids)
+
+        def done(level: str | None) -> None:
+            if level is None:
+                reply(None, *failure_answer(w, "the slot moved before the ack was logged"))
+            else:
+                reply(n, None, "")
+
+        w = PubWaiter(done)
+        self.batcher.add_waiter(slot, w, self.wall_ms())
+
+    def _ack_local(self, slot: int, ch: str, ids: list[str]) -> int:
+        now = self.wall_ms()
+        n = self.node.ack(ch, ids, now)
+        hlc = self.node.clock.tick(now)
+        for ev in ack_events(ch, ids, hlc, self.region):
+            for entry in self.batcher.add(slot, ev, now):
+                self._spawn(self._append([entry]))
+        self._tombstone(slot, ch, ids, hlc)
+        self._changed(slot)
+        return n
+
+    async def _resubscribe(self, ch: str) -> None:
+        """The owner of ``ch`` moved: register with the new one and replay its pending
+        messages to our subscribers (clients drop what they already have, by id).
+
+        Retried until it works, the subscribers leave or the ring moves again: the new
+        owner answers ``unavailable`` until its claim has read the log.
+        """
+        self.registered.pop(ch, None)
+        deadline = time.monotonic() + RESUBSCRIBE_S
+        while not self.stopped and time.monotonic() < deadline:
+            handles = tuple(self.node.subscribers.get(ch, ()))
+            owner = self.owner_of(ch)
+            if not handles or owner is None or self.registered.get(ch) is not None:
+                return
+            if owner == self.me:
+                if self.serving(slot_of(ch, self.slots)):
+                    self.registered[ch] = self.me
+                    for m in self.node.store.pending(ch, self.wall_ms()):
+                        self.fan_out(m, handles)
+                    return
+            elif self.mesh is not None:
+
+                def registered(result: Any, owner: str = owner) -> None:
+                    # In the same turn as the reply: the deliveries that follow it on the
+                    # connection are the messages after these pending ones.
+                    self.registered[ch] = owner
+                    handles = tuple(self.node.subscribers.get(ch, ()))
+                    for m in (fields_message(f) for f in result):
+                        self.fan_out(m, handles)
+
+                try:
+                    await self.mesh.request(owner, "sub", {"ch": ch}, on_result=registered)
+                except (PeerUnavailable, RemoteError) as e:
+                    log.debug("re-subscribing %s with %s: %s", ch, owner, e)
+                else:
+                    if self.owner_of(ch) != owner:
+                        self.registered.pop(ch, None)
+                        continue  # the ring moved during the request: follow it
+                    return
+            await asyncio.sleep(0.1)  # the new owner is still claiming the slot
+        log.warning("could not re-subscribe %s with its new owner", ch)
