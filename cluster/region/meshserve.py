@@ -40,10 +40,10 @@ class MeshServe(Routing):
         except BadObject as e:
             self.mesh_counters["bad_requests"] += 1
             log.warning("mesh: %s's %s refused: %s", peer, str(op)[:40], e.reason)
-            raise RemoteError(e.code.value, e.reason) from None
+            raise RemoteError(e.code, e.reason) from None
         slot = slot_of(ch, self.slots)
         if not self.serving(slot):
-            raise RemoteError("unavailable", f"{self.me} does not serve slot {slot} now")
+            raise RemoteError(Code.UNAVAILABLE, f"{self.me} does not serve slot {slot} now")
         if ids is None:
             self.interest.setdefault(ch, set()).add(peer)
             return [message_fields(m) for m in self.node.store.pending(ch, self.wall_ms())]
@@ -53,7 +53,7 @@ class MeshServe(Routing):
             if fut.done():
                 return
             if code is not None:
-                fut.set_exception(RemoteError(code.value, reason))
+                fut.set_exception(RemoteError(code, reason))
             else:
                 fut.set_result(n)
 
@@ -67,7 +67,7 @@ class MeshServe(Routing):
             if fut.done():
                 return
             if code is not None:
-                fut.set_exception(RemoteError(code.value, reason))
+                fut.set_exception(RemoteError(code, reason))
             else:
                 fut.set_result(result)
 
@@ -76,7 +76,7 @@ class MeshServe(Routing):
                 slot_of(p.ch, self.slots), p.ch, p.id, p.body, p.sender, p.ttl_ms, p.ack, reply
             )
         except Unavailable as e:
-            raise RemoteError("unavailable", str(e)) from None
+            raise RemoteError(Code.UNAVAILABLE, str(e)) from None
         return fut
 
     def on_deliver(self, peer: str, ch: str, fields: list[Any]) -> None:

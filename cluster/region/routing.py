@@ -74,8 +74,7 @@ class Routing(Members):
         try:
             result = await self.mesh.request(owner, op, args, on_result=on_result)
         except RemoteError as e:
-            code = Code(e.code) if e.code in Code.__members__.values() else Code.UNAVAILABLE
-            reply(None, code, e.reason)
+            reply(None, e.code, e.reason)
             return
         except PeerUnavailable as e:
             reply(None, Code.UNAVAILABLE, str(e))
