@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from cluster import meshops
@@ -16,6 +17,22 @@ from relay.errors import Code
 from relay.frames import BadObject
 
 log = logging.getLogger(__name__)
+
+
+def answer_future() -> tuple[asyncio.Future[Any], Callable[[Any, Code | None, str], None]]:
+    """A future the mesh answers a peer with, and the ``reply(result, code, reason)``
+    that settles it (once): a code becomes the peer's :class:`RemoteError`."""
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def reply(result: Any, code: Code | None, reason: str) -> None:
+        if fut.done():
+            return
+        if code is not None:
+            fut.set_exception(RemoteError(code, reason))
+        else:
+            fut.set_result(result)
+
+    return fut, reply
 
 
 class MeshServe(Routing):
@@ -47,30 +64,12 @@ class MeshServe(Routing):
         if ids is None:
             self.interest.setdefault(ch, set()).add(peer)
             return [message_fields(m) for m in self.node.store.pending(ch, self.wall_ms())]
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        def acked(n: int | None, code: Code | None, reason: str) -> None:
-            if fut.done():
-                return
-            if code is not None:
-                fut.set_exception(RemoteError(code, reason))
-            else:
-                fut.set_result(n)
-
+        fut, acked = answer_future()
         self._ack_logged(slot, ch, ids, acked)
         return fut
 
     def _serve_pub(self, p: meshops.MeshPub) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        def reply(result: dict[str, Any] | None, code: Code | None, reason: str) -> None:
-            if fut.done():
-                return
-            if code is not None:
-                fut.set_exception(RemoteError(code, reason))
-            else:
-                fut.set_result(result)
-
+        fut, reply = answer_future()
         try:
             self._publish_local(
                 slot_of(p.ch, self.slots), p.ch, p.id, p.body, p.sender, p.ttl_ms, p.ack, reply

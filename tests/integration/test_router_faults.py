@@ -14,9 +14,7 @@ from cluster.ring import Ring, slot_of
 from cluster.router import Router
 from cluster.slotlog import MemorySlotLog
 from relay.codec import MessageEvent, decode_batch
-from relay.config import load_config
-from relay.server import build_node
-from tests.conftest import aio, until
+from tests.conftest import aio, memory_router, until
 
 
 class Flaky(MemorySlotLog):
@@ -30,18 +28,7 @@ class Flaky(MemorySlotLog):
 
 
 def router(node_id: str, log: MemorySlotLog) -> Router:
-    cfg = load_config(
-        None, {"RELAY_CLUSTER__REDIS_URL": "redis://127.0.0.1:1/0", "RELAY_NODE__ID": node_id}
-    )
-    r = Router(
-        config=cfg,
-        node=build_node(cfg),
-        reactor=None,
-        fan_out=lambda m, h: None,
-        wall_ms=lambda: 1_000_000,
-    )
-    r.slotlog = log  # type: ignore[assignment]
-    r.lease_fresh = lambda: True  # type: ignore[method-assign]
+    r: Router = memory_router(node_id, log)
     return r
 
 

@@ -28,9 +28,7 @@ from cluster.mesh import PeerUnavailable
 from cluster.ring import Ring
 from cluster.router import Router
 from cluster.slotlog import MemorySlotLog
-from relay.config import load_config
-from relay.server import build_node
-from tests.conftest import aio
+from tests.conftest import aio, memory_router
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = sorted((ROOT / "tests" / "scenarios").glob("*.txt"))
@@ -117,18 +115,7 @@ class Scenario:
 
     def add(self, name: str) -> None:
         node_id = f"{REGION}/{name}"
-        cfg = load_config(
-            None, {"RELAY_CLUSTER__REDIS_URL": "redis://127.0.0.1:1/0", "RELAY_NODE__ID": node_id}
-        )
-        r = Router(
-            config=cfg,
-            node=build_node(cfg),
-            reactor=None,
-            fan_out=lambda m, h: None,
-            wall_ms=lambda: self.net.now_ms,
-        )
-        r.slotlog = self.net.log  # type: ignore[assignment]
-        r.lease_fresh = lambda: True  # type: ignore[method-assign]
+        r = memory_router(node_id, self.net.log, lambda: self.net.now_ms)
         r.mesh = InMemoryMesh(self.net, node_id)  # type: ignore[assignment]
         self.net.routers[node_id] = r
 
