@@ -29,9 +29,9 @@ class Checkpoints(Snapshots):
     def _checkpoint_data(self, slot: int, events: list[Any]) -> tuple[bytes, dict[str, str]]:
         """The checkpoint of ``slot``: ``events`` (its pending messages), its recent acks
         as tombstones and the clock now; and the mirror positions it covers."""
-        positions = {o: done[slot] for o, done in self.mirror_applied.items() if slot in done}
+        positions = self.positions.mirrors_of(slot)
         room = DEFAULT_MAX_EVENTS - len(events)
-        acks = tombstone_events(self.tombstones.get(slot, ()), self.region, limit=room)
+        acks = tombstone_events(self.acks.of(slot), self.region, limit=room)
         hlc = self.node.clock.tick(self.wall_ms())
         data = encode_checkpoint(
             [*acks, *events], {o: {slot: i} for o, i in positions.items()}, hlc=hlc

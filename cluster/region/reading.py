@@ -52,7 +52,7 @@ class Reading(RegionState):
         """:meth:`_catch_up`; False when it found entries missing (trimmed under it)."""
         now = self.wall_ms()
         cp = await self.slotlog.read_checkpoint(slot)
-        known = self.applied.get(slot)
+        known = self.positions.at(slot)
         if known is not None and cp is not None and parse_id(cp.covers_id) > parse_id(known):
             # The log may be trimmed past where we are: rebuild from the checkpoint.
             self._forget_slot(slot)
@@ -60,36 +60,30 @@ class Reading(RegionState):
         if known is None:
             if cp is not None:
                 self._apply(slot, cp.data, now)
-                self.applied[slot] = cp.covers_id
-            else:
-                self.applied[slot] = "0-0"
-        while True:
-            entries = await self.slotlog.read(slot, self.applied[slot], CATCH_UP_COUNT)
-            if not entries:
-                break
-            for e in entries:
-                if e.prev and e.prev != self.applied[slot]:
-                    self.counters["log_gaps"] += 1
-                    return False
-                self._apply(slot, e.data, now)
-                self.applied[slot] = e.id
-        for origin in self.peers:
-            done = self.mirror_applied[origin]
-            while True:
-                entries = await self.slotlog.read(
-                    slot, done.get(slot, "0-0"), CATCH_UP_COUNT, origin=origin
-                )
-                if not entries:
-                    break
-                for e in entries:
-                    if e.prev and e.prev != done.get(slot, "0-0"):
-                        # The mirror was trimmed past where this state stands (a newer
-                        # checkpoint covers it): rebuild from that one.
-                        self.counters["mirror_gaps"] += 1
-                        return False
-                    self._apply(slot, e.data, now, origin=origin)
-                    done[slot] = e.id
+            self.positions.start(slot, cp.covers_id if cp is not None else None)
+        # The log, then every mirror of the slot: each read on to its end, chain checked.
+        for origin in ("", *self.peers):
+            if not await self._read_to_end(slot, now, origin):
+                # Trimmed past where this state stands (a newer checkpoint covers it).
+                self.counters["mirror_gaps" if origin else "log_gaps"] += 1
+                return False
         return True
+
+    async def _read_to_end(self, slot: int, now_ms: int, origin: str) -> bool:
+        """Apply ``slot``'s log (``origin`` empty) or our mirror of ``origin``'s, from our
+        position to its end; False at a hole in the chain (nothing past it applied)."""
+        positions = self.positions
+        while True:
+            after = positions.at(slot, origin)
+            assert after is not None  # the catch-up started the slot's state
+            entries = await self.slotlog.read(slot, after, CATCH_UP_COUNT, origin=origin)
+            if not entries:
+                return True
+            for e in entries:
+                if not positions.follows(slot, e.prev, origin):
+                    return False
+                self._apply(slot, e.data, now_ms, origin=origin)
+                positions.advance(slot, e.id, origin)
 
     def _apply(self, slot: int, data: bytes, now_ms: int, *, origin: str = "") -> list[Message]:
         """Apply a log entry, mirror entry or checkpoint; return the messages it added.
@@ -104,11 +98,7 @@ class Reading(RegionState):
             log.error("slot %d: undecodable entry skipped: %s", slot, e)
             return []
         if not origin:
-            for o, by_slot in cp.mirrors.items():
-                if o in self.mirror_applied and slot in by_slot:
-                    known = self.mirror_applied[o].get(slot, "0-0")
-                    if parse_id(by_slot[slot]) > parse_id(known):
-                        self.mirror_applied[o][slot] = by_slot[slot]
+            self.positions.merge_mirrors(slot, cp.mirrors)
         events = cp.events
         if cp.is_checkpoint:
             if cp.hlc:
@@ -116,7 +106,7 @@ class Reading(RegionState):
             # A checkpoint is a state from the past: what was acked here since must not
             # come back with it. The dedupe index forgets an id a window after the message
             # was accepted; the slot's tombstones last a window from the ack.
-            gone = {(ch, i) for ch, i, _ in self.tombstones.get(slot, ())}
+            gone = self.acks.gone(slot)
             if gone:
                 events = [
                     e for e in events if not (isinstance(e, MessageEvent) and (e.ch, e.id) in gone)
@@ -146,9 +136,7 @@ class Reading(RegionState):
 
     def _forget_slot(self, slot: int) -> None:
         """Drop what RAM holds of ``slot``: its pending messages and log positions."""
-        self.applied.pop(slot, None)
-        for done in self.mirror_applied.values():
-            done.pop(slot, None)
+        self.positions.forget(slot)
         for ch in self.slot_channels.pop(slot, ()):
             ids = [m.id for m in self.node.store.pending(ch, 0)]
             if ids:
@@ -283,10 +271,10 @@ class Reading(RegionState):
             for t in entries:
                 if t.slot in self.owned or t.slot in gapped or self._slot_lock(t.slot).locked():
                     continue
-                known = self.applied.get(t.slot)
+                known = self.positions.at(t.slot)
                 if known is not None and parse_id(t.id) <= parse_id(known):
                     continue  # applied meanwhile (a catch-up ran while we waited)
-                if t.prev and t.prev != known:
+                if not self.positions.follows(t.slot, t.prev):
                     # Entries between our position and this one were trimmed (the owner
                     # checkpointed while we lagged): what we hold of the slot is not
                     # complete. Rebuild it from the checkpoint.
@@ -294,7 +282,7 @@ class Reading(RegionState):
                     self.counters["log_gaps"] += 1
                     continue
                 self._apply(t.slot, t.data, now)
-                self.applied[t.slot] = t.id
+                self.positions.advance(t.slot, t.id)
             for s in sorted(gapped):
                 try:
                     await self._catch_up(s, fresh=True)

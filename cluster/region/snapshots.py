@@ -72,8 +72,8 @@ class Snapshots(Appends):
         # Only pointers are copied here; unpacking happens in the writer's thread.
         store = self.node.store
         records = [(ch, store.records(ch)) for ch in sorted(self.slot_channels.get(slot, ()))]
-        mirrors = {o: done[slot] for o, done in self.mirror_applied.items() if slot in done}
-        return log_id, mirrors, records, list(self.tombstones.get(slot, ()))
+        mirrors = self.positions.mirrors_of(slot)
+        return log_id, mirrors, records, list(self.acks.of(slot))
 
     def _encode_and_write(
         self, slot: int, state: tuple[str, dict[str, str], list[Any], list[Any]]

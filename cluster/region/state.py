@@ -16,7 +16,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Hashable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from cluster.failure import (
 from cluster.link import Link
 from cluster.membership import Member, Membership
 from cluster.mesh import Mesh
+from cluster.positions import Positions, Tombstones
 from cluster.rebalance import Placement, RingState
 from cluster.ring import slot_of
 from cluster.slotlog import RedisSlotLog
@@ -172,7 +172,6 @@ class RegionState:
         self._checkpoint_locks: dict[int, asyncio.Lock] = {}
         self.releasing = self.slot_table.releasing  # owned slots being handed over: not served
         self.replicated = self.slot_table.replicas  # the ring's replica slots of this node
-        self.applied: dict[int, str] = {}  # slot → newest log id applied here
         self.dirty: set[int] = set()  # owned slots changed since their last checkpoint
         self.slot_channels: dict[int, set[str]] = {}
         # Owner side: which peers have subscribers for a channel.
@@ -222,7 +221,11 @@ class RegionState:
             )
             for name, url in sorted(self.peers.items())
         ]
-        self.mirror_applied: dict[str, dict[int, str]] = {o: {} for o in self.peers}
+        # Where this node stands in each slot's log and our mirrors of it (cluster/positions):
+        # slot → newest log id applied here; origin → slot → newest mirror id applied.
+        self.positions = Positions(self.peers)
+        self.applied = self.positions.log
+        self.mirror_applied = self.positions.mirrors
         self._mirror_tasks: dict[str, asyncio.Task[None]] = {}
         # ack=remote: per slot, (entry id, waiter) until a link confirms the entry.
         self.remote_waiters: dict[int, list[tuple[tuple[int, int], PubWaiter]]] = {}
@@ -232,7 +235,8 @@ class RegionState:
         self.snapshot_interval_s = config.node.snapshot_interval_s
         self.slots_dir: Path | None = None
         # Recent acks per slot, (ch, id, hlc): a snapshot keeps them as tombstones.
-        self.tombstones: dict[int, deque[tuple[str, str, int]]] = {}
+        self.acks = Tombstones(TOMBSTONES_PER_SLOT)
+        self.tombstones = self.acks.by_slot
         self.snapshot_stats = {"written": 0, "failures": 0, "refused": 0, "bytes": 0, "loaded": 0}
         self._loaded_slots: set[int] = set()
         self.append_seconds = Buckets((0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
@@ -283,16 +287,9 @@ class RegionState:
         self.snapshots.mark(slot, time.monotonic())
 
     def _tombstone(self, slot: int, ch: str, ids: list[str], hlc: int) -> None:
-        q = self.tombstones.get(slot)
-        if q is None:
-            q = self.tombstones[slot] = deque()
-        q.extend((ch, i, hlc) for i in ids)
         # Only the dedupe window's worth matters (older ones dedupe nothing).
         cutoff = (self.wall_ms() - self.node.dedupe.window_ms) << 16
-        while q and q[0][2] < cutoff:
-            q.popleft()
-        while len(q) > TOMBSTONES_PER_SLOT:
-            q.popleft()
+        self.acks.add(slot, ch, ids, hlc, cutoff_hlc=cutoff)
 
     # -- carried out by the layers above (cluster/region/claims.py, routing.py)
 
