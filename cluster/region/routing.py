@@ -23,7 +23,7 @@ from cluster.ring import slot_of
 from relay.batch import ack_events
 from relay.codec import MessageEvent
 from relay.errors import Code
-from relay.hlc import physical_ms
+from relay.publish import Wait, plan_pub, puback_fields
 from relay.store import Message
 
 log = logging.getLogger(__name__)
@@ -97,49 +97,47 @@ class Routing(Members):
             raise Unavailable(f"slot {slot} is moving; retry")
         now = self.wall_ms()
         acc = self.node.publish(ch, msg_id, body, sender=sender, ttl_ms=ttl_ms, now_ms=now)
-        fields = {"ts": physical_ms(acc.hlc), "origin": acc.origin, "dup": acc.dup}
-        if acc.dup:
-            if ack != "mem" and self.batcher.busy(slot):
-                # The first copy may still be on its way to the log: answer with it.
-                def dup_done(level: str | None) -> None:
-                    if level is None:
-                        reply(None, *failure_answer(dup_w, "the slot moved before it was logged"))
-                    else:
-                        reply({**fields, "ack": level}, None, "")
+        plan = plan_pub(
+            dup=acc.dup,
+            ack=ack,
+            logged=True,
+            batch_busy=acc.dup and self.batcher.busy(slot),
+            remote_known=acc.dup and bool(self.links) and slot in self.applied,
+        )
+        waiter = None
+        if plan.wait is Wait.NONE:
+            reply(puback_fields(acc, plan.level), None, "")
+        elif plan.wait is Wait.REMOTE:
+            # A duplicate: confirmed once the slot's newest entry (at or after the first
+            # copy's) is in another region.
+            def remote_done(level: str | None) -> None:
+                if level is None:
+                    reply(None, Code.UNAVAILABLE, "no region confirmed it in time")
+                else:
+                    reply(puback_fields(acc, level), None, "")
 
-                dup_w = PubWaiter(dup_done, level=ack)
-                self.batcher.add_waiter(slot, dup_w, now)
-            elif ack == "remote" and self.links and slot in self.applied:
-                # Confirmed once the slot's newest entry (at or after the first copy's)
-                # is in another region.
-                def remote_done(level: str | None) -> None:
-                    if level is None:
-                        reply(None, Code.UNAVAILABLE, "no region confirmed it in time")
-                    else:
-                        reply({**fields, "ack": level}, None, "")
+            self._logged(slot, self.applied[slot], PubWaiter(remote_done, level="remote"))
+        else:
+            # Answered once the batch holding it (a duplicate: its first copy, which may
+            # still be on its way to the log) is logged.
+            moved = "the slot moved before {} logged".format(
+                "it was" if acc.dup else "the message was"
+            )
 
-                self._logged(slot, self.applied[slot], PubWaiter(remote_done, level="remote"))
-            else:
-                reply({**fields, "ack": "mem" if ack == "mem" else "log"}, None, "")
+            def done(level: str | None) -> None:
+                if level is None:
+                    reply(None, *failure_answer(waiter, moved))
+                else:
+                    reply(puback_fields(acc, level), None, "")
+
+            waiter = PubWaiter(done, level=plan.level)
+        if not plan.log:
+            if waiter is not None:
+                self.batcher.add_waiter(slot, waiter, now)
             return
         self.slot_channels.setdefault(slot, set()).add(ch)
         self._changed(slot)
         event = MessageEvent(msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms)
-        waiter = None
-        if ack == "mem":
-            reply({**fields, "ack": "mem"}, None, "")
-        else:
-
-            def done(level: str | None) -> None:
-                if level is None:
-                    reply(
-                        None,
-                        *failure_answer(waiter, "the slot moved before the message was logged"),
-                    )
-                else:
-                    reply({**fields, "ack": level}, None, "")
-
-            waiter = PubWaiter(done, level=ack)
         for entry in self.batcher.add(slot, event, now, waiter):
             self._spawn(self._append([entry]))
         if acc.message is not None or ch in self.interest:
