@@ -18,7 +18,7 @@ from cluster.slots import (
 )
 from tests.unit.test_boundaries import FORBIDDEN, imported
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 S = 7
 EPOCH = 4
 

@@ -30,7 +30,7 @@ from cluster.router import Router
 from cluster.slotlog import MemorySlotLog
 from tests.conftest import aio, memory_router
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SCENARIOS = sorted((ROOT / "tests" / "scenarios").glob("*.txt"))
 REGION = "sg"
 
