@@ -168,3 +168,16 @@ def memory_router(node_id: str, log: Any, wall_ms: Callable[[], int] = lambda: 1
     r.slotlog = log
     r.lease_fresh = lambda: True  # type: ignore[method-assign]
     return r
+
+
+def publish_at(r: Any, ch: str, msg_id: str, ack: str = "log", reply: Any = None) -> None:
+    """A client's ``pub`` of a one-byte body on router ``r`` (a minute's TTL)."""
+    r.publish(
+        ch=ch,
+        msg_id=msg_id,
+        body=b"x",
+        sender="s",
+        ttl_ms=60_000,
+        ack=ack,
+        reply=reply if reply is not None else (lambda *a: None),
+    )

@@ -71,9 +71,7 @@ class MeshServe(Routing):
     def _serve_pub(self, p: meshops.MeshPub) -> Any:
         fut, reply = answer_future()
         try:
-            self._publish_local(
-                slot_of(p.ch, self.slots), p.ch, p.id, p.body, p.sender, p.ttl_ms, p.ack, reply
-            )
+            self._publish_local(slot_of(p.ch, self.slots), p, reply)
         except Unavailable as e:
             raise RemoteError(Code.UNAVAILABLE, str(e)) from None
         return fut

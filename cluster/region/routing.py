@@ -10,6 +10,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from cluster.mesh import PeerUnavailable, RemoteError
+from cluster.meshops import MeshPub
 from cluster.region.members import Members
 from cluster.region.state import (
     RESUBSCRIBE_S,
@@ -48,7 +49,7 @@ class Routing(Members):
         owner = self.owner_of(ch)
         if owner == self.me:
             try:
-                self._publish_local(slot, ch, msg_id, body, sender, ttl_ms, ack, reply)
+                self._publish_local(slot, MeshPub(ch, msg_id, body, sender, ttl_ms, ack), reply)
             except Unavailable as e:
                 reply(None, Code.UNAVAILABLE, str(e))
             return
@@ -85,14 +86,11 @@ class Routing(Members):
     def _publish_local(
         self,
         slot: int,
-        ch: str,
-        msg_id: str,
-        body: bytes,
-        sender: str,
-        ttl_ms: int,
-        ack: str,
+        p: MeshPub,
         reply: Callable[[dict[str, Any] | None, Code | None, str], None],
     ) -> None:
+        """The owner's publish (a client's here, or a peer's over the mesh)."""
+        ch, msg_id, body, sender, ttl_ms, ack = p.ch, p.id, p.body, p.sender, p.ttl_ms, p.ack
         if not self.serving(slot):
             raise Unavailable(f"slot {slot} is moving; retry")
         now = self.wall_ms()
@@ -157,23 +155,36 @@ class Routing(Members):
                 if not self.mesh.deliver(peer, message.ch, fields):
                     peers.discard(peer)
 
+    def _route(
+        self, ch: str, reply: Callable[[Any, Code | None, str], None]
+    ) -> tuple[str, int] | None:
+        """The owner of ``ch`` (this node, serving it, or a peer the mesh reaches) and its
+        slot; None once ``reply`` has answered ``unavailable``."""
+        owner = self.owner_of(ch)
+        slot = slot_of(ch, self.slots)
+        if owner == self.me:
+            if not self.serving(slot):
+                reply(None, Code.UNAVAILABLE, f"slot {slot} is moving; retry")
+                return None
+            return owner, slot
+        if owner is None or self.mesh is None:
+            reply(None, Code.UNAVAILABLE, "no owner for this channel right now")
+            return None
+        return owner, slot
+
     def subscribe(
         self,
         handle: Hashable,
         ch: str,
         reply: Callable[[list[Message] | None, Code | None, str], None],
     ) -> None:
-        owner = self.owner_of(ch)
-        slot = slot_of(ch, self.slots)
+        routed = self._route(ch, reply)
+        if routed is None:
+            return
+        owner, _ = routed
         if owner == self.me:
-            if not self.serving(slot):
-                reply(None, Code.UNAVAILABLE, f"slot {slot} is moving; retry")
-                return
             self.registered[ch] = self.me
             reply(self.node.subscribe(handle, ch, self.wall_ms()), None, "")
-            return
-        if owner is None or self.mesh is None:
-            reply(None, Code.UNAVAILABLE, "no owner for this channel right now")
             return
 
         def registered(result: Any, code: Code | None, reason: str) -> None:
@@ -198,16 +209,12 @@ class Routing(Members):
     def ack(
         self, ch: str, ids: list[str], reply: Callable[[int | None, Code | None, str], None]
     ) -> None:
-        owner = self.owner_of(ch)
-        slot = slot_of(ch, self.slots)
-        if owner == self.me:
-            if not self.serving(slot):
-                reply(None, Code.UNAVAILABLE, f"slot {slot} is moving; retry")
-                return
-            self._ack_logged(slot, ch, ids, reply)
+        routed = self._route(ch, reply)
+        if routed is None:
             return
-        if owner is None or self.mesh is None:
-            reply(None, Code.UNAVAILABLE, "no owner for this channel right now")
+        owner, slot = routed
+        if owner == self.me:
+            self._ack_logged(slot, ch, ids, reply)
             return
         self._spawn(
             self._forward(

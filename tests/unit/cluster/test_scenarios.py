@@ -28,7 +28,7 @@ from cluster.mesh import PeerUnavailable
 from cluster.ring import Ring
 from cluster.router import Router
 from cluster.slotlog import MemorySlotLog
-from tests.conftest import aio, memory_router
+from tests.conftest import aio, memory_router, publish_at
 
 ROOT = Path(__file__).resolve().parents[3]
 SCENARIOS = sorted((ROOT / "tests" / "scenarios").glob("*.txt"))
@@ -173,15 +173,7 @@ class Scenario:
                 else:
                     self.reply = ["ok", result["ack"], *(["dup"] if result["dup"] else [])]
 
-            self.net.routers[self.node(name)].publish(
-                ch=self.ch,
-                msg_id=msg_id,
-                body=b"x",
-                sender="s",
-                ttl_ms=60_000,
-                ack=ack,
-                reply=reply,
-            )
+            publish_at(self.net.routers[self.node(name)], self.ch, msg_id, ack, reply)
             await self.answer()
         elif cmd == "ack":
             name, self.ch, *ids = args
