@@ -59,9 +59,8 @@ class Claims(Checkpoints):
         self._drop_foreign_snapshots()
         self._restart_tail()
         # Re-register subscriptions whose owner moved.
-        for ch, owner in list(self.registered.items()):
-            if self.owner_of(ch) != owner:
-                self._spawn(self._resubscribe(ch))
+        for ch in self.subs.moved(self.owner_of):
+            self._spawn(self._resubscribe(ch))
         # Claims under way count too: whoever asked for a rebalance (start, a rejoin)
         # waits until this node serves what the ring gives it.
         return [

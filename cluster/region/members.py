@@ -201,13 +201,8 @@ class Members(Claims):
         pass
 
     def on_peer_down(self, peer: str, reason: str) -> None:
-        for ch, peers in list(self.interest.items()):
-            peers.discard(peer)
-            if not peers:
-                del self.interest[ch]
-        for ch, owner in list(self.registered.items()):
-            if owner == peer:
-                self._spawn(self._resubscribe(ch))
+        for ch in self.subs.peer_down(peer):
+            self._spawn(self._resubscribe(ch))
         if not self.stopped:
             self._spawn(self._check_lease(peer))
 

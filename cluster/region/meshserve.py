@@ -62,7 +62,7 @@ class MeshServe(Routing):
         if not self.serving(slot):
             raise RemoteError(Code.UNAVAILABLE, f"{self.me} does not serve slot {slot} now")
         if ids is None:
-            self.interest.setdefault(ch, set()).add(peer)
+            self.subs.add(peer, ch)
             return [message_fields(m) for m in self.node.store.pending(ch, self.wall_ms())]
         fut, acked = answer_future()
         self._ack_logged(slot, ch, ids, acked)
@@ -77,7 +77,7 @@ class MeshServe(Routing):
         return fut
 
     def on_deliver(self, peer: str, ch: str, fields: list[Any]) -> None:
-        if self.registered.get(ch) != peer:
+        if not self.subs.follows(ch, peer):
             return  # from an owner we no longer follow for this channel
         local = self.node.subscribers.get(ch)
         if local:
@@ -96,10 +96,6 @@ class MeshServe(Routing):
             except BadObject:
                 self.mesh_counters["bad_requests"] += 1
                 return
-            self.interest.setdefault(ch, set()).add(peer)
+            self.subs.add(peer, ch)
         else:
-            peers = self.interest.get(ch)
-            if peers is not None:
-                peers.discard(peer)
-                if not peers:
-                    del self.interest[ch]
+            self.subs.remove(peer, ch)

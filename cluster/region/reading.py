@@ -137,11 +137,12 @@ class Reading(RegionState):
     def _forget_slot(self, slot: int) -> None:
         """Drop what RAM holds of ``slot``: its pending messages and log positions."""
         self.positions.forget(slot)
-        for ch in self.slot_channels.pop(slot, ()):
+        channels = self.slot_channels.pop(slot, ())
+        for ch in channels:
             ids = [m.id for m in self.node.store.pending(ch, 0)]
             if ids:
                 self.node.store.ack(ch, ids)
-            self.interest.pop(ch, None)
+        self.subs.drop_channels(channels)
 
     def _restart_tail(self) -> None:
         if self._tail_task is not None:

@@ -153,7 +153,7 @@ class Routing(Members):
             fields = message_fields(message)
             for peer in list(peers):
                 if not self.mesh.deliver(peer, message.ch, fields):
-                    peers.discard(peer)
+                    self.subs.remove(peer, message.ch)
 
     def _route(
         self, ch: str, reply: Callable[[Any, Code | None, str], None]
@@ -183,7 +183,7 @@ class Routing(Members):
             return
         owner, _ = routed
         if owner == self.me:
-            self.registered[ch] = self.me
+            self.subs.register(ch, self.me)
             reply(self.node.subscribe(handle, ch, self.wall_ms()), None, "")
             return
 
@@ -194,7 +194,7 @@ class Routing(Members):
             # Registered now, in the same turn as the reply: deliveries that follow on
             # this connection are exactly the messages after the pending ones.
             self.node.subscribers.setdefault(ch, set()).add(handle)
-            self.registered[ch] = owner
+            self.subs.register(ch, owner)
             reply([fields_message(f) for f in result], None, "")
 
         self._spawn(self._forward(owner, "sub", {"ch": ch}, registered, at_once=True))
@@ -202,7 +202,7 @@ class Routing(Members):
     def unsubscribe(self, handle: Hashable, ch: str) -> None:
         self.node.unsubscribe(handle, ch)
         if ch not in self.node.subscribers:
-            owner = self.registered.pop(ch, None)
+            owner = self.subs.unregister(ch)
             if owner is not None and owner != self.me and self.mesh is not None:
                 self.mesh.interest(owner, ch, False)
 
@@ -263,7 +263,7 @@ class Routing(Members):
         Retried until it works, the subscribers leave or the ring moves again: the new
         owner answers ``unavailable`` until its claim has read the log.
         """
-        self.registered.pop(ch, None)
+        self.subs.unregister(ch)
         deadline = time.monotonic() + RESUBSCRIBE_S
         while not self.stopped and time.monotonic() < deadline:
             handles = tuple(self.node.subscribers.get(ch, ()))
@@ -272,7 +272,7 @@ class Routing(Members):
                 return
             if owner == self.me:
                 if self.serving(slot_of(ch, self.slots)):
-                    self.registered[ch] = self.me
+                    self.subs.register(ch, self.me)
                     for m in self.node.store.pending(ch, self.wall_ms()):
                         self.fan_out(m, handles)
                     return
@@ -281,7 +281,7 @@ class Routing(Members):
                 def registered(result: Any, owner: str = owner) -> None:
                     # In the same turn as the reply: the deliveries that follow it on the
                     # connection are the messages after these pending ones.
-                    self.registered[ch] = owner
+                    self.subs.register(ch, owner)
                     handles = tuple(self.node.subscribers.get(ch, ()))
                     for m in (fields_message(f) for f in result):
                         self.fan_out(m, handles)
@@ -292,7 +292,7 @@ class Routing(Members):
                     log.debug("re-subscribing %s with %s: %s", ch, owner, e)
                 else:
                     if self.owner_of(ch) != owner:
-                        self.registered.pop(ch, None)
+                        self.subs.unregister(ch)
                         continue  # the ring moved during the request: follow it
                     return
             await asyncio.sleep(0.1)  # the new owner is still claiming the slot

@@ -29,6 +29,7 @@ from cluster.failure import (
     DetectorConfig,
     FailureDetector,
 )
+from cluster.interest import Interest
 from cluster.link import Link
 from cluster.membership import Member, Membership
 from cluster.mesh import Mesh
@@ -175,9 +176,10 @@ class RegionState:
         self.dirty: set[int] = set()  # owned slots changed since their last checkpoint
         self.slot_channels: dict[int, set[str]] = {}
         # Owner side: which peers have subscribers for a channel.
-        self.interest: dict[str, set[str]] = {}
+        self.subs = Interest()  # cluster/interest.py: who subscribes where
+        self.interest = self.subs.peers
         # Subscriber side: the owner each locally subscribed channel is registered with.
-        self.registered: dict[str, str] = {}
+        self.registered = self.subs.registered
         self.mesh: Mesh | None = None
         self.membership: Membership | None = None
         self.draining = False

@@ -27,6 +27,7 @@ CORE = [
     "cluster/failure.py",
     "cluster/slots.py",
     "cluster/positions.py",
+    "cluster/interest.py",
     "cluster/errors.py",
     "cluster/shaping.py",
     "cluster/wire.py",

@@ -5,7 +5,8 @@ Real routers (:class:`cluster.region.Router`) on one in-memory slot log
 tests) and an in-memory mesh that calls the peer router's handlers directly. No socket,
 no Redis, no sleeping: a step awaits what it started.
 
-Commands (a node is ``nN``, or ``owner`` / ``non-owner`` of the channel last named):
+Commands (a node is ``nN``, ``owner`` / ``non-owner`` of the channel last named, or
+``subscriber``, the node of the last ``subscribe``):
 
 ``add-node N…``                  start nodes; the ring is rebuilt and slots move
 ``kill N`` / ``kill-owner CH``   crash a node (no hand-over); the others claim its slots
@@ -14,6 +15,8 @@ Commands (a node is ``nN``, or ``owner`` / ``non-owner`` of the channel last nam
 ``ack N CH ID…``                 a client's ack on node N
 ``expect-reply WORDS``           the last reply: ``ok LEVEL [dup]``, ``ok N``, or a code
 ``expect-pending CH ID…``        the owner holds exactly these pending messages
+``subscribe N CH``               a client on node N subscribes (through the owner)
+``expect-delivered N CH ID…``    what node N fanned out to its clients on CH, in order
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ class Scenario:
         self.net = Net()
         self.ch = ""
         self.reply: list[Any] | None = None
+        self.delivered: dict[str, dict[str, list[str]]] = {}
+        self.subscriber = ""  # the node of the last subscribe
 
     def live(self) -> list[str]:
         return sorted(n for n in self.net.routers if n not in self.net.dead)
@@ -105,6 +110,8 @@ class Scenario:
             return owner
         if name == "non-owner":
             return next(n for n in self.live() if n != owner)
+        if name == "subscriber":
+            return self.subscriber
         return f"{REGION}/{name}"
 
     def owner(self, ch: str) -> str:
@@ -117,6 +124,8 @@ class Scenario:
         node_id = f"{REGION}/{name}"
         r = memory_router(node_id, self.net.log, lambda: self.net.now_ms)
         r.mesh = InMemoryMesh(self.net, node_id)  # type: ignore[assignment]
+        got = self.delivered.setdefault(node_id, {})
+        r.fan_out = lambda m, handles: got.setdefault(m.ch, []).append(m.id)
         self.net.routers[node_id] = r
 
     async def settle(self) -> None:
@@ -135,6 +144,15 @@ class Scenario:
                 if s not in r.owned:
                     await r._claim_now(s)
             assert set(r.ring.slots_of(n)) <= set(r.owned), f"{n} did not claim all its slots"
+        for n in live:
+            r = self.net.routers[n]
+            for gone in self.net.dead:
+                r.on_peer_down(gone, "killed")
+            # What that spawned (lease checks, re-subscriptions) ends now; then what the
+            # new ring moved is registered again, as a rebalance does.
+            await asyncio.gather(*r._background, return_exceptions=True)
+            for ch in r.subs.moved(r.owner_of):
+                await r._resubscribe(ch)
 
     async def flush(self) -> None:
         for n in self.live():
@@ -184,6 +202,21 @@ class Scenario:
 
             self.net.routers[self.node(name)].ack(self.ch, ids, acked)
             await self.answer()
+        elif cmd == "subscribe":
+            name, self.ch = args
+            self.reply = None
+
+            def subscribed(pending: Any, code: Any, reason: str) -> None:
+                self.reply = [code.value] if code is not None else ["ok", str(len(pending))]
+
+            node_id = self.subscriber = self.node(name)
+            self.net.routers[node_id].subscribe(f"client@{node_id}", self.ch, subscribed)
+            await self.answer()
+        elif cmd == "expect-delivered":
+            name, self.ch, *ids = args
+            node_id = self.node(name)
+            got = self.delivered.get(node_id, {}).get(self.ch, [])
+            assert got == ids, f"{node_id} delivered {got} on {self.ch}, expected {ids}"
         elif cmd == "expect-reply":
             assert self.reply == args, f"reply {self.reply}, expected {args}"
         elif cmd == "expect-pending":
