@@ -22,7 +22,6 @@ from cluster.region.state import (
 )
 from cluster.ring import slot_of
 from relay.batch import ack_events
-from relay.codec import MessageEvent
 from relay.errors import Code
 from relay.publish import Wait, plan_pub, puback_fields
 from relay.store import Message
@@ -135,14 +134,14 @@ class Routing(Members):
             return
         self.slot_channels.setdefault(slot, set()).add(ch)
         self._changed(slot)
-        event = MessageEvent(msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms)
-        for entry in self.batcher.add(slot, event, now, waiter):
+        # One message: what the log holds is what is delivered.
+        message = acc.message or Message(
+            msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms
+        )
+        for entry in self.batcher.add(slot, message, now, waiter):
             self._spawn(self._append([entry]))
         if acc.message is not None or ch in self.interest:
-            # Someone listens (here or on a peer): only then build the message to send.
-            self._deliver(
-                acc.message or Message(msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms)
-            )
+            self._deliver(message)
 
     def _deliver(self, message: Message) -> None:
         local = self.node.subscribers.get(message.ch)

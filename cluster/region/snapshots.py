@@ -12,7 +12,6 @@ from typing import Any
 from cluster.apply import apply_events
 from cluster.region.appends import Appends
 from cluster.region.state import SNAPSHOT_SWITCH_INTERVAL_S
-from relay.codec import MessageEvent
 from relay.snapshot import encode_snapshot
 from relay.snapshot_io import delete_snapshot, load_snapshots, prepare_data_dir, write_snapshot
 from relay.store import unpack
@@ -85,9 +84,7 @@ class Snapshots(Appends):
             for msg_id, record in pairs:
                 m = unpack(ch, msg_id, record)
                 if m.expires_ms > now:
-                    events.append(
-                        MessageEvent(m.id, m.ch, m.sender, m.hlc, m.origin, m.body, m.expires_ms)
-                    )
+                    events.append(m)
         data = encode_snapshot(slot, log_id, mirrors, events, tomb, region=self.region)
         assert self.slots_dir is not None
         return write_snapshot(self.slots_dir, slot, data)
