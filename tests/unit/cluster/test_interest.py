@@ -5,11 +5,16 @@ from __future__ import annotations
 from cluster.interest import Interest
 
 
-def test_the_owner_side_counts_peers_per_channel_and_forgets_empty_ones() -> None:
+def three_interests() -> Interest:
+    """b listens to c1 and c2, c to c1."""
     i = Interest()
-    i.add("sg/b", "c1")
-    i.add("sg/c", "c1")
-    i.add("sg/b", "c2")
+    for peer, ch in (("sg/b", "c1"), ("sg/c", "c1"), ("sg/b", "c2")):
+        i.add(peer, ch)
+    return i
+
+
+def test_the_owner_side_counts_peers_per_channel_and_forgets_empty_ones() -> None:
+    i = three_interests()
     i.remove("sg/b", "c1")
     assert i.peers == {"c1": {"sg/c"}, "c2": {"sg/b"}}
     i.remove("sg/c", "c1")
@@ -38,10 +43,7 @@ def test_channels_whose_owner_moved_are_named_for_re_subscription() -> None:
 
 
 def test_a_peer_down_loses_its_interest_and_names_what_we_registered_with_it() -> None:
-    i = Interest()
-    i.add("sg/b", "c1")
-    i.add("sg/c", "c1")
-    i.add("sg/b", "c2")
+    i = three_interests()
     i.register("c7", "sg/b")
     i.register("c8", "sg/c")
     assert i.peer_down("sg/b") == ["c7"]
