@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -71,10 +70,10 @@ class Appends(Reading):
         if not entries:
             return
         epochs = {e.slot: self.owned[e.slot] for e in entries}
-        started = time.monotonic()
+        started = self.clock()
         try:
             results = await self.slotlog.append_many(items, self.me, epochs)
-            self.append_seconds.observe(time.monotonic() - started)
+            self.append_seconds.observe(self.clock() - started)
             for e in entries:
                 self.batch_events.observe(len(e.events))
         except Exception as err:
@@ -110,7 +109,7 @@ class Appends(Reading):
         if self.confirmed.get(slot, (0, 0)) >= eid:
             w.done("remote")
             return
-        w.since = time.monotonic()
+        w.since = self.clock()
         self.remote_waiters.setdefault(slot, []).append((eid, w))
 
     def on_confirmed(self, doc: dict[str, Any]) -> None:
@@ -135,7 +134,7 @@ class Appends(Reading):
     def _expire_remote_waiters(self) -> None:
         """Answer ``unavailable`` to ``ack=remote`` publishes no link confirmed in time
         (the message is logged here; the client's retry with the same id waits again)."""
-        cutoff = time.monotonic() - REMOTE_WAIT_S
+        cutoff = self.clock() - REMOTE_WAIT_S
         for slot, waiting in list(self.remote_waiters.items()):
             keep = []
             for i, w in waiting:

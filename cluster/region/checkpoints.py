@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -40,12 +39,12 @@ class Checkpoints(Snapshots):
 
     async def _checkpoint_loop(self) -> None:
         interval = self.config.cluster.checkpoint_interval_s
-        due = time.monotonic() + interval
+        due = self.clock() + interval
         while not self.stopped:
             # A fixed cadence: the time a round of checkpoints takes does not lengthen
             # the period (the slot logs are trimmed only at checkpoints).
-            await asyncio.sleep(max(0.0, due - time.monotonic()))  # the checkpoint period
-            due = max(due + interval, time.monotonic())
+            await asyncio.sleep(max(0.0, due - self.clock()))  # the checkpoint period
+            due = max(due + interval, self.clock())
             slots = [s for s in sorted(self.dirty) if s not in self.releasing]
             try:
                 floors = await self._link_floors(slots)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -90,8 +89,8 @@ class Claims(Checkpoints):
         node accepted at ``ack=mem``. A dead owner is fenced at once; one that does not
         let go within a lease's time (its view of the ring differs) is fenced anyway.
         """
-        deadline = time.monotonic() + self.lease_ttl_s + RELEASE_GRACE_S
-        while not self.stopped and time.monotonic() < deadline and self._should_own(slot):
+        deadline = self.clock() + self.lease_ttl_s + RELEASE_GRACE_S
+        while not self.stopped and self.clock() < deadline and self._should_own(slot):
             try:
                 async with self._handovers:
                     current = await self.slotlog.get_owner(slot)
@@ -143,9 +142,9 @@ class Claims(Checkpoints):
             if s in self.owned:
                 self.slot_table.fire(s, SlotEvent.RELEASE)
         try:
-            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            deadline = self.clock() + DRAIN_TIMEOUT_S
             await self._flush(force=True)
-            while any(self.batcher.busy(s) for s in slots) and time.monotonic() < deadline:
+            while any(self.batcher.busy(s) for s in slots) and self.clock() < deadline:
                 await asyncio.sleep(0.01)  # appends of these slots under way
                 await self._flush(force=True)
             results = await asyncio.gather(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -33,7 +32,7 @@ class Members(Claims):
     """Membership, ring state, the tick, the audit, mesh peers up and down."""
 
     def on_membership(self, event: MembershipEvent) -> None:
-        now = time.monotonic()
+        now = self.clock()
         effects: list[Any] = []
         if isinstance(event, Joined):
             self.members[event.member.node_id] = event.member
@@ -48,7 +47,7 @@ class Members(Claims):
 
     def _observe_member(self, m: Member) -> None:
         self.members[m.node_id] = m
-        self._effects(self.detector.observe(LeaseRenewed(m.node_id, m.epoch, time.monotonic())))
+        self._effects(self.detector.observe(LeaseRenewed(m.node_id, m.epoch, self.clock())))
 
     def _effects(self, effects: list[Any]) -> None:
         changed = False
@@ -70,7 +69,7 @@ class Members(Claims):
     def on_resync(self, members: dict[str, Member]) -> None:
         """Membership reconnected to Redis (events may have been missed): reconcile with
         the leases held now."""
-        now = time.monotonic()
+        now = self.clock()
         effects: list[Any] = []
         for m in members.values():
             self.members[m.node_id] = m
@@ -165,11 +164,11 @@ class Members(Claims):
                 self._start_claim(slot)
 
     async def _tick_loop(self) -> None:
-        next_audit = time.monotonic() + AUDIT_S
+        next_audit = self.clock() + AUDIT_S
         while not self.stopped:
             await asyncio.sleep(0.5)  # the detector's beat
             try:
-                now = time.monotonic()
+                now = self.clock()
                 if self.mesh is not None:
                     for peer in list(self.mesh.connections):
                         self._effects(self.detector.observe(PingAnswered(peer, now)))
@@ -214,4 +213,4 @@ class Members(Claims):
         with contextlib.suppress(RedisError, OSError):
             members = await self.membership.snapshot()
             if peer not in members:
-                self._effects(self.detector.observe(LeaseExpired(peer, time.monotonic())))
+                self._effects(self.detector.observe(LeaseExpired(peer, self.clock())))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 from cluster.keys import owner_key
@@ -41,7 +40,7 @@ class Router(MeshServe):
             epoch=0,
             handler=self,
             reactor=self.reactor,
-            clock=time.monotonic,
+            clock=self.clock,
             secrets=(c.mesh_secret, *c.mesh_accept_secrets),
         )
         port = self.mesh.listen(c.mesh_host, c.mesh_port)
@@ -130,9 +129,9 @@ class Router(MeshServe):
         if self.draining:
             return
         self.draining = True
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        deadline = self.clock() + DRAIN_TIMEOUT_S
         while (self.batcher.pending_events or self.batcher.in_flight or self._retry) and (
-            time.monotonic() < deadline
+            self.clock() < deadline
         ):
             await self._flush(force=True)
             if self.batcher.in_flight or self._retry:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -263,8 +262,8 @@ class Routing(Members):
         owner answers ``unavailable`` until its claim has read the log.
         """
         self.subs.unregister(ch)
-        deadline = time.monotonic() + RESUBSCRIBE_S
-        while not self.stopped and time.monotonic() < deadline:
+        deadline = self.clock() + RESUBSCRIBE_S
+        while not self.stopped and self.clock() < deadline:
             handles = tuple(self.node.subscribers.get(ch, ()))
             owner = self.owner_of(ch)
             if not handles or owner is None or self.registered.get(ch) is not None:

@@ -6,7 +6,6 @@ import asyncio
 import gc
 import logging
 import sys
-import time
 from typing import Any
 
 from cluster.apply import apply_events
@@ -112,12 +111,12 @@ class Snapshots(Appends):
         assert self.slots_dir is not None
         failed: list[int] = []
         last_error: Exception | None = None
-        for job in self.snapshots.take(time.monotonic(), budget):
+        for job in self.snapshots.take(self.clock(), budget):
             slot = job.slot
             state = self._capture(slot) if slot in self.owned else None
             if state is None:
                 self.snapshots.discard(slot)
-                self.snapshots.written(slot, time.monotonic())
+                self.snapshots.written(slot, self.clock())
                 continue
             try:
                 n = await asyncio.to_thread(self._encode_and_write, slot, state)
@@ -128,7 +127,7 @@ class Snapshots(Appends):
                 failed.append(slot)
                 last_error = e
                 continue
-            self.snapshots.written(slot, time.monotonic())
+            self.snapshots.written(slot, self.clock())
             self.snapshot_stats["written"] += 1
             self.snapshot_stats["bytes"] += n
         if failed:
@@ -187,6 +186,6 @@ class Snapshots(Appends):
         return {
             "unlogged_events": unlogged,
             "unsaved_slots": self.snapshots.count,
-            "snapshot_age_s": round(self.snapshots.age_s(time.monotonic()), 3),
+            "snapshot_age_s": round(self.snapshots.age_s(self.clock()), 3),
             "unreplicated_entries": {link.dest: link.backlog_entries for link in self.links},
         }

@@ -130,6 +130,7 @@ class RegionState:
         reactor: Any,
         fan_out: Callable[[Message, tuple[Hashable, ...]], None],
         wall_ms: Callable[[], int],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         c = config.cluster
         self.config = config
@@ -139,6 +140,8 @@ class RegionState:
         self.reactor = reactor
         self.fan_out = fan_out
         self.wall_ms = wall_ms
+        # Monotonic seconds: leases, deadlines, the detector, snapshot ages (tests inject it).
+        self.clock = clock
         # What to do when ops ask this node to drain (the server shuts down gracefully).
         self.on_drain_requested: Callable[[], None] = lambda: None
         self.slots = c.slots
@@ -254,7 +257,7 @@ class RegionState:
     def lease_fresh(self) -> bool:
         """Our lease is surely still ours (a paused process must not serve)."""
         m = self.membership
-        return m is not None and time.monotonic() < m.lease_valid_until
+        return m is not None and self.clock() < m.lease_valid_until
 
     def _should_own(self, slot: int) -> bool:
         return (
@@ -286,7 +289,7 @@ class RegionState:
     def _changed(self, slot: int) -> None:
         """``slot``'s pending state changed: due for a checkpoint and a snapshot."""
         self.dirty.add(slot)
-        self.snapshots.mark(slot, time.monotonic())
+        self.snapshots.mark(slot, self.clock())
 
     def _tombstone(self, slot: int, ch: str, ids: list[str], hlc: int) -> None:
         # Only the dedupe window's worth matters (older ones dedupe nothing).
