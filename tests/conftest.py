@@ -152,7 +152,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         )
 
 
-def memory_router(node_id: str, log: Any, wall_ms: Callable[[], int] = lambda: 1_000_000) -> Any:
+def memory_router(
+    node_id: str,
+    log: Any,
+    wall_ms: Callable[[], int] = lambda: 1_000_000,
+    clock: Callable[[], float] = time.monotonic,
+) -> Any:
     """A region router on an in-memory slot log (no Redis is ever reached), its lease
     taken as fresh: for router tests and the cluster scenarios."""
     from cluster.router import Router  # the cluster edge: only the tests that use it load it
@@ -163,7 +168,12 @@ def memory_router(node_id: str, log: Any, wall_ms: Callable[[], int] = lambda: 1
         None, {"RELAY_CLUSTER__REDIS_URL": "redis://127.0.0.1:1/0", "RELAY_NODE__ID": node_id}
     )
     r = Router(
-        config=cfg, node=build_node(cfg), reactor=None, fan_out=lambda m, h: None, wall_ms=wall_ms
+        config=cfg,
+        node=build_node(cfg),
+        reactor=None,
+        fan_out=lambda m, h: None,
+        wall_ms=wall_ms,
+        clock=clock,
     )
     r.slotlog = log
     r.lease_fresh = lambda: True  # type: ignore[method-assign]
