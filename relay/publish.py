@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Final
 
-from relay.hlc import physical_ms
+from relay.hlc import LOGICAL_BITS, physical_ms
 from relay.node import Accepted
 
 
@@ -32,7 +32,9 @@ class PubPlan:
     log: bool  # a new message: batch its event for the slot log
 
 
-_STANDALONE: Final = PubPlan("mem", Wait.NONE, False)
+# What a standalone node (no slot log) always does: answer ``mem`` at once. The session's
+# hot path reads this constant rather than calling plan_pub for every message.
+STANDALONE: Final = PubPlan("mem", Wait.NONE, False)
 
 
 def plan_pub(
@@ -51,7 +53,7 @@ def plan_pub(
     waits for a link to confirm the slot's newest entry (``remote_known``: there are
     links and the slot has a log position); else it is already logged."""
     if not logged:
-        return _STANDALONE
+        return STANDALONE
     if not dup:
         return PubPlan(ack, Wait.NONE if ack == "mem" else Wait.LOG, True)
     if ack != "mem" and batch_busy:
@@ -62,5 +64,19 @@ def plan_pub(
 
 
 def puback_fields(acc: Accepted, level: str) -> dict[str, Any]:
-    """The fields of a ``puback`` (PROTOCOL.md) for a message accepted at ``level``."""
+    """The fields of a ``puback`` (PROTOCOL.md) for a message accepted at ``level``, as
+    a router answers them (the session adds ``op``, ``id`` and ``ch``)."""
     return {"ts": physical_ms(acc.hlc), "origin": acc.origin, "ack": level, "dup": acc.dup}
+
+
+def puback(msg_id: str, ch: str, acc: Accepted, level: str) -> dict[str, Any]:
+    """The whole ``puback`` reply, built in one go (the session's hot path)."""
+    return {
+        "op": "puback",
+        "id": msg_id,
+        "ch": ch,
+        "ts": acc.hlc >> LOGICAL_BITS,
+        "origin": acc.origin,
+        "ack": level,
+        "dup": acc.dup,
+    }

@@ -34,7 +34,7 @@ from relay.frames import (
 )
 from relay.hlc import physical_ms
 from relay.node import Node
-from relay.publish import plan_pub, puback_fields
+from relay.publish import STANDALONE, puback
 from relay.ratelimit import TokenBucket
 from relay.store import Message
 
@@ -345,11 +345,8 @@ class Session:
             p.ch, p.id, p.body, sender=grants.subject, ttl_ms=ttl_s * 1000, now_ms=now_ms
         )
         # Without a region there is no slot log: RAM is the level reached, and puback says
-        # so honestly (the one publish decision, relay/publish.py).
-        plan = plan_pub(dup=acc.dup, ack=p.ack, logged=False)
-        out.replies.append(
-            {"op": "puback", "id": p.id, "ch": p.ch, **puback_fields(acc, plan.level)}
-        )
+        # so honestly (plan_pub's answer for every standalone publish, relay/publish.py).
+        out.replies.append(puback(p.id, p.ch, acc, STANDALONE.level))
         if acc.message is not None:
             out.deliveries.append((acc.message, acc.subscribers))
 

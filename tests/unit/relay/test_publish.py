@@ -6,7 +6,7 @@ import pytest
 
 from relay.hlc import from_ms
 from relay.node import Accepted
-from relay.publish import PubPlan, Wait, plan_pub, puback_fields
+from relay.publish import STANDALONE, PubPlan, Wait, plan_pub, puback, puback_fields
 
 L, N, R = Wait.LOG, Wait.NONE, Wait.REMOTE
 
@@ -15,7 +15,7 @@ L, N, R = Wait.LOG, Wait.NONE, Wait.REMOTE
 @pytest.mark.parametrize("ack", ["mem", "log", "remote"])
 def test_a_standalone_node_answers_mem_at_once_whatever_was_asked(dup: bool, ack: str) -> None:
     plan = plan_pub(dup=dup, ack=ack, logged=False, batch_busy=True, remote_known=True)
-    assert plan == PubPlan("mem", N, False)
+    assert plan == PubPlan("mem", N, False) and plan is STANDALONE  # what the session reads
 
 
 @pytest.mark.parametrize(
@@ -55,4 +55,6 @@ def test_a_duplicate_in_a_region_is_answered_with_its_first_copys_fate(
 
 def test_puback_fields() -> None:
     acc = Accepted(hlc=from_ms(1234) | 7, origin="sg", dup=True)
-    assert puback_fields(acc, "log") == {"ts": 1234, "origin": "sg", "ack": "log", "dup": True}
+    fields = {"ts": 1234, "origin": "sg", "ack": "log", "dup": True}
+    assert puback_fields(acc, "log") == fields
+    assert puback("m1", "c", acc, "log") == {"op": "puback", "id": "m1", "ch": "c", **fields}
