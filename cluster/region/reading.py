@@ -20,6 +20,7 @@ from cluster.checkpoint import (
 )
 from cluster.errors import ClusterError
 from cluster.region.state import CATCH_UP_ATTEMPTS, CATCH_UP_COUNT, TAIL_BLOCK_MS, RegionState
+from cluster.slotlog import TailEntry
 from relay.codec import AckEvent, CodecError, MessageEvent
 from relay.dedupe import dedupe_key
 from relay.store import Message
@@ -162,6 +163,21 @@ class Reading(RegionState):
             for origin in self.peers:
                 self._mirror_tasks[origin] = asyncio.ensure_future(self._mirror_loop(origin, slots))
 
+    async def _tail(self, after: dict[int, str], origin: str = "") -> list[TailEntry] | None:
+        """The one blocking read of the replica tail and the mirror loops: entries of the
+        slots' logs (``origin`` empty) or of our mirrors of ``origin``'s, after the
+        positions in ``after``. None after a failure (backed off already): read again."""
+        try:
+            return await self.slotlog.tail(after, TAIL_BLOCK_MS, origin=origin)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not self.stopped:  # else our own clients closed under the read
+                what = f"mirrors of {origin}" if origin else "slot logs"
+                log.warning("tailing %s failed: %s", what, e)
+                await asyncio.sleep(0.5)  # back off before retrying Redis
+            return None
+
     async def _mirror_loop(self, origin: str, slots: list[int]) -> None:
         """Apply what the link from ``origin`` copies into our mirrors of its logs.
 
@@ -179,15 +195,8 @@ class Reading(RegionState):
             if not after:
                 await asyncio.sleep(0.1)  # the slots are being (re)built: look again soon
                 continue
-            try:
-                entries = await self.slotlog.tail(after, TAIL_BLOCK_MS, origin=origin)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                if self.stopped:
-                    return  # our own clients closed under the read: not a failure
-                log.warning("tailing mirrors of %s failed: %s", origin, e)
-                await asyncio.sleep(0.5)  # back off before retrying Redis
+            entries = await self._tail(after, origin)
+            if entries is None:
                 continue
             now = self.wall_ms()
             # Slots rebuilt or caught up while we waited are read again next time.
@@ -247,25 +256,18 @@ class Reading(RegionState):
                 except (RedisError, OSError, ClusterError) as e:
                     log.warning("replica catch-up of slot %d failed: %s", s, e)
         while not self.stopped:
-            try:
-                after = {
-                    s: self.applied.get(s, "0-0")
-                    for s in slots
-                    if s not in self.owned and s not in self.claiming
-                }
-                if not after:
-                    if any(s not in self.owned for s in slots):
-                        await asyncio.sleep(0.1)  # slots being claimed: look again soon
-                        continue
-                    return
-                entries = await self.slotlog.tail(after, TAIL_BLOCK_MS)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                if self.stopped:
-                    return  # our own clients closed under the read: not a failure
-                log.warning("tailing slot logs failed: %s", e)
-                await asyncio.sleep(0.5)  # back off before retrying Redis
+            after = {
+                s: self.applied.get(s, "0-0")
+                for s in slots
+                if s not in self.owned and s not in self.claiming
+            }
+            if not after:
+                if any(s not in self.owned for s in slots):
+                    await asyncio.sleep(0.1)  # slots being claimed: look again soon
+                    continue
+                return
+            entries = await self._tail(after)
+            if entries is None:
                 continue
             now = self.wall_ms()
             gapped: set[int] = set()
