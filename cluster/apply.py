@@ -68,6 +68,5 @@ def slot_state(node: Node, channels: Iterable[str], now_ms: int) -> list[Event]:
     """A slot's pending messages as events: what a checkpoint holds."""
     out: list[Event] = []
     for ch in channels:
-        for m in node.store.pending(ch, now_ms):
-            out.append(MessageEvent(m.id, m.ch, m.sender, m.hlc, m.origin, m.body, m.expires_ms))
+        out.extend(node.store.pending(ch, now_ms))  # a pending Message is its own event
     return out

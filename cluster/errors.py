@@ -13,6 +13,8 @@ Hierarchy::
     ├── MembershipError         (cluster.failure) the detector was misused, e.g. fed a
     │                           time earlier than one it has already seen: a bug in the
     │                           caller, never a peer's fault
+    ├── SlotStateError          (cluster.slots) a slot transition the table refuses: a bug
+    │                           in the router, never a peer's fault
     └── RebalanceError          (cluster.rebalance, .ringstore) a planned change cannot go on
         ├── PlanError           the change makes no sense (unknown node, empty region)
         ├── ChangeInProgress    another change holds the lock, or one was interrupted
@@ -49,6 +51,10 @@ class DetectorConfigError(ClusterError):
 
 class MembershipError(ClusterError):
     """The failure detector was called in a way its contract forbids."""
+
+
+class SlotStateError(ClusterError):
+    """A slot was moved through a transition :data:`cluster.slots.TRANSITIONS` refuses."""
 
 
 class RebalanceError(ClusterError):

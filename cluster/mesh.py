@@ -32,6 +32,7 @@ from zope.interface import implementer
 from cluster import meshauth
 from cluster.errors import ClusterError
 from cluster.wire import FrameReader, Kind, WireError, encode
+from relay.errors import Code
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,21 @@ class PeerUnavailable(ClusterError):
 
 
 class RemoteError(ClusterError):
-    """The peer answered a request with an error: ``code`` and ``reason``."""
+    """The peer answered a request with an error: a :class:`~relay.errors.Code` and a
+    reason. The code is a ``Code`` end to end: a string only on the wire."""
 
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"{code}: {reason}")
+    def __init__(self, code: Code, reason: str) -> None:
+        super().__init__(f"{code.value}: {reason}")
         self.code = code
         self.reason = reason
+
+
+def wire_code(value: object) -> Code:
+    """A code read off the wire: a peer's unknown code means "retry" (``unavailable``)."""
+    try:
+        return Code(str(value))
+    except ValueError:
+        return Code.UNAVAILABLE
 
 
 class Handler(Protocol):
@@ -551,22 +561,22 @@ class Mesh:
             fut.set_result(result)
         else:
             code, reason = (
-                ([*result, "internal", ""])[:2]
+                ([*result, Code.INTERNAL.value, ""])[:2]
                 if isinstance(result, list)
-                else ("internal", str(result))
+                else (Code.INTERNAL.value, str(result))
             )
-            fut.set_exception(RemoteError(str(code), str(reason)))
+            fut.set_exception(RemoteError(wire_code(code), str(reason)))
 
     def serve_request(self, conn: MeshProtocol, req_id: int, op: str, args: Any) -> None:
         assert conn.peer is not None
         try:
             result = self.handler.on_request(conn.peer, op, args)
         except RemoteError as e:
-            conn.send([Kind.REPLY, req_id, False, [e.code, e.reason]])
+            conn.send([Kind.REPLY, req_id, False, [e.code.value, e.reason]])
             return
         except Exception as e:
             log.exception("mesh: request %s from %s failed", op, conn.peer)
-            conn.send([Kind.REPLY, req_id, False, ["internal", str(e)]])
+            conn.send([Kind.REPLY, req_id, False, [Code.INTERNAL.value, str(e)]])
             return
         if asyncio.isfuture(result) or asyncio.iscoroutine(result):
             fut = asyncio.ensure_future(result)
@@ -581,9 +591,9 @@ class Mesh:
         if exc is None:
             conn.send([Kind.REPLY, req_id, True, fut.result()])
         elif isinstance(exc, RemoteError):
-            conn.send([Kind.REPLY, req_id, False, [exc.code, exc.reason]])
+            conn.send([Kind.REPLY, req_id, False, [exc.code.value, exc.reason]])
         else:
-            conn.send([Kind.REPLY, req_id, False, ["internal", str(exc)]])
+            conn.send([Kind.REPLY, req_id, False, [Code.INTERNAL.value, str(exc)]])
 
     # -- one-way -------------------------------------------------------------------
 

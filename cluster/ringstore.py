@@ -53,6 +53,7 @@ from cluster.errors import (
     StalePlan,
 )
 from cluster.keys import members_channel, owner_key, ring_key
+from cluster.membership import leases
 from cluster.rebalance import (
     Placement,
     Plan,
@@ -280,8 +281,6 @@ class RedisRingStore:
         return await read_state(self.client, self.region)
 
     async def leases(self) -> dict[str, float]:
-        from cluster.membership import leases
-
         return {n: m.weight for n, m in (await leases(self.client, self.region)).items()}
 
     async def owners(self, slots: Sequence[int]) -> dict[int, str]:

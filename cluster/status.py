@@ -21,7 +21,14 @@ import redis
 from cluster.keys import PREFIX, control_channel, epoch_key, lease_prefix, owner_key, region_tag
 from cluster.membership import Member, decode_leases
 from cluster.rebalance import Plan, RingState, effective_weights, make_plan, placement
-from cluster.ringstore import ApplyResult, Progress, parse_state, queue_state
+from cluster.ringstore import (
+    ApplyResult,
+    Progress,
+    RedisRingStore,
+    apply_plan,
+    parse_state,
+    queue_state,
+)
 from relay.redact import redact_text, url_without_credentials
 
 
@@ -300,8 +307,6 @@ def apply_change(
     """Carry ``plan`` out (None: resume the interrupted change of ``region``); see
     :func:`cluster.ringstore.apply_plan` for what it does and raises."""
     from redis.asyncio import Redis as AsyncRedis
-
-    from cluster.ringstore import RedisRingStore, apply_plan
 
     async def run() -> ApplyResult:
         client = AsyncRedis.from_url(url, socket_timeout=5, socket_connect_timeout=5)

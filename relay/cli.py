@@ -10,6 +10,9 @@ commands find the cluster through a CLI context (:mod:`relay.context`) unless gi
 
 from __future__ import annotations
 
+# Imports inside functions here are lazy on purpose (tests/unit/test_layers.py allows them
+# only at the top layer): the CLI starts fast, and the reactor is installed before
+# Twisted loads (relay/entry.py). None hides a cycle.
 import json
 import logging
 import os

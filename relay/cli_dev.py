@@ -3,6 +3,9 @@ start one, list them) through its control socket (:mod:`relay.devctl`)."""
 
 from __future__ import annotations
 
+# Imports inside functions here are lazy on purpose (tests/unit/test_layers.py allows them
+# only at the top layer): the CLI starts fast, and the reactor is installed before
+# Twisted loads (relay/entry.py). None hides a cycle.
 import json
 import os
 import sys

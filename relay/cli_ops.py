@@ -5,6 +5,9 @@ Redis, found with ``--redis``/``--region`` or the CLI context (:mod:`relay.cli_c
 
 from __future__ import annotations
 
+# Imports inside functions here are lazy on purpose (tests/unit/test_layers.py allows them
+# only at the top layer): the CLI starts fast, and the reactor is installed before
+# Twisted loads (relay/entry.py). None hides a cycle.
 import json
 import sys
 from typing import Any

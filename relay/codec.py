@@ -32,7 +32,7 @@ import msgspec
 
 from relay.errors import InvariantError, RelayError
 from relay.frames import MAX_ACK_IDS, MAX_CHANNEL_BYTES, MAX_ID_CHARS
-from relay.store import MAX_ORIGIN_BYTES, MAX_SENDER_BYTES
+from relay.store import MAX_ORIGIN_BYTES, MAX_SENDER_BYTES, Message
 
 MAGIC: Final = b"RB"
 VERSION: Final = 1
@@ -58,17 +58,10 @@ class CodecError(RelayError):
     """
 
 
-@dataclass(frozen=True, slots=True)
-class MessageEvent:
-    """A message accepted by ``origin`` (``hlc`` is its hybrid-logical-clock timestamp)."""
-
-    id: str
-    ch: str
-    sender: str
-    hlc: int
-    origin: str
-    body: bytes
-    expires_ms: int
+# A message in a batch is the store's own :class:`~relay.store.Message`: one message type
+# across the store, the slot logs, apply, the mesh and delivery (the codec and the mesh
+# give it a wire form of their own; neither is a second type).
+MessageEvent = Message
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,9 @@ module) before :func:`install_reactor` ran, or Twisted installs its default reac
 
 from __future__ import annotations
 
+# Imports inside functions here are lazy on purpose (tests/unit/test_layers.py allows them
+# only at the top layer): the CLI starts fast, and the reactor is installed before
+# Twisted loads (relay/entry.py). None hides a cycle.
 import sys
 
 

@@ -121,7 +121,9 @@ class RelayServer:
         self.factory.loopback_only = is_loopback(c.host)
         self.router: Any = None
         if config.cluster.redis_url:
-            from cluster.router import Router
+            # Lazy: a standalone node never loads the cluster edge (no cycle: cluster
+            # imports only the node core).
+            from cluster.region import Router
 
             self.router = Router(
                 config=config,

@@ -32,8 +32,9 @@ from relay.frames import (
     parse_ids,
     parse_pub,
 )
-from relay.hlc import LOGICAL_BITS, physical_ms
+from relay.hlc import physical_ms
 from relay.node import Node
+from relay.publish import STANDALONE, puback
 from relay.ratelimit import TokenBucket
 from relay.store import Message
 
@@ -343,19 +344,9 @@ class Session:
         acc = self.node.publish(
             p.ch, p.id, p.body, sender=grants.subject, ttl_ms=ttl_s * 1000, now_ms=now_ms
         )
-        # Slot logs and links arrive with the cluster; until then RAM is the level reached,
-        # and puback says so honestly.
-        out.replies.append(
-            {
-                "op": "puback",
-                "id": p.id,
-                "ch": p.ch,
-                "ts": acc.hlc >> LOGICAL_BITS,
-                "origin": acc.origin,
-                "ack": "mem",
-                "dup": acc.dup,
-            }
-        )
+        # Without a region there is no slot log: RAM is the level reached, and puback says
+        # so honestly (plan_pub's answer for every standalone publish, relay/publish.py).
+        out.replies.append(puback(p.id, p.ch, acc, STANDALONE.level))
         if acc.message is not None:
             out.deliveries.append((acc.message, acc.subscribers))
 

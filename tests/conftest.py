@@ -150,3 +150,44 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             f"{n} browser test{'s' if n != 1 else ''} did not run: {why}. "
             "The dashboard and the demo page are untested in this run."
         )
+
+
+def memory_router(
+    node_id: str,
+    log: Any,
+    wall_ms: Callable[[], int] = lambda: 1_000_000,
+    clock: Callable[[], float] = time.monotonic,
+) -> Any:
+    """A region router on an in-memory slot log (no Redis is ever reached), its lease
+    taken as fresh: for router tests and the cluster scenarios."""
+    from cluster.router import Router  # the cluster edge: only the tests that use it load it
+    from relay.config import load_config
+    from relay.server import build_node
+
+    cfg = load_config(
+        None, {"RELAY_CLUSTER__REDIS_URL": "redis://127.0.0.1:1/0", "RELAY_NODE__ID": node_id}
+    )
+    r = Router(
+        config=cfg,
+        node=build_node(cfg),
+        reactor=None,
+        fan_out=lambda m, h: None,
+        wall_ms=wall_ms,
+        clock=clock,
+    )
+    r.slotlog = log
+    r.lease_fresh = lambda: True  # type: ignore[method-assign]
+    return r
+
+
+def publish_at(r: Any, ch: str, msg_id: str, ack: str = "log", reply: Any = None) -> None:
+    """A client's ``pub`` of a one-byte body on router ``r`` (a minute's TTL)."""
+    r.publish(
+        ch=ch,
+        msg_id=msg_id,
+        body=b"x",
+        sender="s",
+        ttl_ms=60_000,
+        ack=ack,
+        reply=reply if reply is not None else (lambda *a: None),
+    )

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from cluster import meshauth
 from cluster.mesh import Mesh, PeerUnavailable, RemoteError
 from cluster.wire import FrameReader, Kind, encode
+from relay.errors import Code
 from tests.conftest import aio, next_turn, until
 
 SECRET = "s" * 32
@@ -40,7 +41,7 @@ class Recorder:
         if op == "slow":
             return self._slow(args)
         if op == "refuse":
-            raise RemoteError("unavailable", "not the owner")
+            raise RemoteError(Code.UNAVAILABLE, "not the owner")
         if op == "sub":  # answer, then at once deliver on the same connection
             asyncio.get_running_loop().call_soon(self.mesh.deliver, peer, "ch", ["after"])
             return ["pending"]

@@ -14,9 +14,7 @@ from cluster.ring import Ring, slot_of
 from cluster.router import Router
 from cluster.slotlog import MemorySlotLog
 from relay.codec import MessageEvent, decode_batch
-from relay.config import load_config
-from relay.server import build_node
-from tests.conftest import aio, until
+from tests.conftest import aio, memory_router, publish_at, until
 
 
 class Flaky(MemorySlotLog):
@@ -30,19 +28,14 @@ class Flaky(MemorySlotLog):
 
 
 def router(node_id: str, log: MemorySlotLog) -> Router:
-    cfg = load_config(
-        None, {"RELAY_CLUSTER__REDIS_URL": "redis://127.0.0.1:1/0", "RELAY_NODE__ID": node_id}
-    )
-    r = Router(
-        config=cfg,
-        node=build_node(cfg),
-        reactor=None,
-        fan_out=lambda m, h: None,
-        wall_ms=lambda: 1_000_000,
-    )
-    r.slotlog = log  # type: ignore[assignment]
-    r.lease_fresh = lambda: True  # type: ignore[method-assign]
+    r: Router = memory_router(node_id, log)
     return r
+
+
+def give_all_to(owner: str, *routers: Router) -> None:
+    """Every router's ring puts every slot on ``owner``."""
+    for r in routers:
+        r.ring = Ring({owner: 1.0}, slots=r.slots, replicas=r.replicas)
 
 
 async def logged_ids(log: MemorySlotLog, slot: int) -> set[str]:
@@ -58,19 +51,16 @@ async def logged_ids(log: MemorySlotLog, slot: int) -> set[str]:
 async def test_a_failed_full_batch_is_retried_whole() -> None:
     log = Flaky("sg")
     r = router("sg/n1", log)
-    r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    give_all_to("sg/n1", r)
     ch = "inbox:carol"
     slot = slot_of(ch, r.slots)
     await r._claim_now(slot)
     answered: dict[str, Any] = {}
     for i in range(1001):  # the 1000th fills a batch, appended at once: it fails
-        r.publish(
-            ch=ch,
-            msg_id=f"m{i}",
-            body=b"x",
-            sender="s",
-            ttl_ms=60_000,
-            ack="log",
+        publish_at(
+            r,
+            ch,
+            f"m{i}",
             reply=lambda f, c, s, i=i: answered.__setitem__(f"m{i}", (f or {}).get("ack", c)),
         )
     await until(lambda: not r._background, what="the full batch's append ran (and failed)")
@@ -86,30 +76,17 @@ async def test_a_failed_full_batch_is_retried_whole() -> None:
 async def test_a_slot_rebuilt_after_a_trim_holds_every_logged_message() -> None:
     log = MemorySlotLog("sg")
     a, b = router("sg/n1", log), router("sg/n2", log)
-    ch = "inbox:alice"
-    slot = slot_of(ch, a.slots)
-    for r in (a, b):
-        r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    ch, slot = "inbox:alice", slot_of("inbox:alice", a.slots)
+    give_all_to("sg/n1", a, b)
     await a._claim_now(slot)
-    a.publish(
-        ch=ch, msg_id="m1", body=b"x", sender="s", ttl_ms=60_000, ack="log", reply=lambda *x: None
-    )
+    publish_at(a, ch, "m1")
     await a._flush(force=True)
     # The slot moves to b, which logs more, checkpoints and trims.
     a._lose(slot)
-    for r in (a, b):
-        r.ring = Ring({"sg/n2": 1.0}, slots=r.slots, replicas=r.replicas)
+    give_all_to("sg/n2", a, b)
     await b._claim_now(slot)
     for i in (2, 3):
-        b.publish(
-            ch=ch,
-            msg_id=f"m{i}",
-            body=b"x",
-            sender="s",
-            ttl_ms=60_000,
-            ack="log",
-            reply=lambda *x: None,
-        )
+        publish_at(b, ch, f"m{i}")
         await b._flush(force=True)
     events = [
         MessageEvent(m.id, m.ch, m.sender, m.hlc, m.origin, m.body, m.expires_ms)
@@ -120,8 +97,7 @@ async def test_a_slot_rebuilt_after_a_trim_holds_every_logged_message() -> None:
     )
     await log.trim(slot, b.applied[slot])
     # Back to a: it must rebuild from the checkpoint, not trust its stale position.
-    for r in (a, b):
-        r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    give_all_to("sg/n1", a, b)
     b._lose(slot)
     await a._claim_now(slot)
     assert [m.id for m in a.node.store.pending(ch, 0)] == ["m1", "m2", "m3"]
@@ -136,31 +112,19 @@ async def test_a_replica_that_lagged_behind_a_trim_rebuilds_from_the_checkpoint(
     a, b = router("sg/n1", log), router("sg/n2", log)
     ch = "inbox:dave"
     slot = slot_of(ch, a.slots)
-    for r in (a, b):
-        r.ring = Ring({"sg/n2": 1.0}, slots=r.slots, replicas=r.replicas)
+    give_all_to("sg/n2", a, b)
     await b._claim_now(slot)
 
-    def publish(i: int) -> None:
-        b.publish(
-            ch=ch,
-            msg_id=f"m{i}",
-            body=b"x",
-            sender="s",
-            ttl_ms=60_000,
-            ack="log",
-            reply=lambda *x: None,
-        )
-
-    publish(1)
+    publish_at(b, ch, "m1")
     await b._flush(force=True)
     await a._catch_up(slot)  # a replicates the slot: it holds m1
     # a lags while b logs m2 and m3, checkpoints and trims the log behind m3, logs m4.
     for i in (2, 3):
-        publish(i)
+        publish_at(b, ch, f"m{i}")
         await b._flush(force=True)
     await b._checkpoint(slot)
     assert [e.id for e in await log.read(slot)] == [b.applied[slot]]  # only m3's entry
-    publish(4)
+    publish_at(b, ch, "m4")
     await b._flush(force=True)
     # a's tail reads on from m1's entry: m2's is gone. It must notice and rebuild.
     tail = asyncio.ensure_future(a._tail_loop([slot]))
@@ -171,8 +135,7 @@ async def test_a_replica_that_lagged_behind_a_trim_rebuilds_from_the_checkpoint(
     assert sorted(m.id for m in a.node.store.pending(ch, 0)) == ["m1", "m2", "m3", "m4"]
     # And after a failover to a, every logged message is there.
     b._lose(slot)
-    for r in (a, b):
-        r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    give_all_to("sg/n1", a, b)
     await a._claim_now(slot)
     assert sorted(m.id for m in a.node.store.pending(ch, 0)) == ["m1", "m2", "m3", "m4"]
     await log.close()
@@ -185,20 +148,17 @@ async def test_an_entry_that_cannot_be_encoded_fails_alone() -> None:
     and nothing stays in flight."""
     log = MemorySlotLog("sg")
     r = router("sg/n1", log)
-    r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    give_all_to("sg/n1", r)
     bad_ch, good_ch = "inbox:bad", "inbox:good"
     assert slot_of(bad_ch, r.slots) != slot_of(good_ch, r.slots)
     for ch in (bad_ch, good_ch):
         await r._claim_now(slot_of(ch, r.slots))
     answered: dict[str, Any] = {}
     for ch, msg_id in ((bad_ch, "i" * 65), (good_ch, "fine")):
-        r.publish(
-            ch=ch,
-            msg_id=msg_id,
-            body=b"x",
-            sender="s",
-            ttl_ms=60_000,
-            ack="log",
+        publish_at(
+            r,
+            ch,
+            msg_id,
             reply=lambda f, c, s, ch=ch: answered.__setitem__(ch, (f or {}).get("ack", c)),
         )
     await r._flush(force=True)

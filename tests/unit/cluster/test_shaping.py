@@ -184,7 +184,7 @@ def test_shape_problems_are_listed_together() -> None:
 
 
 def test_shaping_is_pure() -> None:
-    path = Path(__file__).resolve().parents[2] / "cluster" / "shaping.py"
+    path = Path(__file__).resolve().parents[3] / "cluster" / "shaping.py"
     names = imported(path)
     assert not {n for n in names if n.split(".")[0] in FORBIDDEN}
     assert {n for n in names if n.startswith(("relay.", "cluster."))} <= {"cluster.errors"}

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from bench.durability import body_pool, expected_ids, one_channel_per_slot, pub_frames, register
 from cluster.ring import slot_of
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_durability_command_is_registered() -> None:

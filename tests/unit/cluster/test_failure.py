@@ -36,7 +36,7 @@ from cluster.failure import (
 )
 from tests.unit.test_boundaries import FORBIDDEN, imported
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 P = "sg/n2"
 EPOCH = 5
 

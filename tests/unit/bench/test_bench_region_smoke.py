@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from bench.region import register
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_region_command_is_registered() -> None:

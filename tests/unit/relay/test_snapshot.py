@@ -33,7 +33,7 @@ from relay.snapshot import (
 )
 from tests.unit.test_boundaries import FORBIDDEN, imported
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HLC = 1_700_000_000_000 << 16
 EXPIRES = 1_700_604_800_000
 

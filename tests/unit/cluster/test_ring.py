@@ -1,6 +1,6 @@
 """The ring: slots, owners, preference lists, balance, movement, determinism.
 
-``python -m tests.unit.test_ring [trials]`` prints the balance and movement figures of
+``python -m tests.unit.cluster.test_ring [trials]`` prints the balance and movement figures of
 docs/RING.md.
 """
 
@@ -24,7 +24,7 @@ from cluster.errors import ClusterError, RingError
 from cluster.ring import Move, ReplicaChange, Ring, diff, replica_diff, slot_of
 from tests.unit.test_boundaries import FORBIDDEN, imported
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 S = 256
 
 node_ids = st.from_regex(r"[a-z]{1,3}/n[0-9]{1,4}", fullmatch=True)

@@ -87,7 +87,7 @@ def test_config_is_frozen_and_hashable() -> None:
 
 def schema_table() -> dict[str, str]:
     """``section.key`` -> default, as written in the table of docs/ARCHITECTURE.md."""
-    doc = Path(__file__).parents[2] / "docs" / "ARCHITECTURE.md"
+    doc = Path(__file__).parents[3] / "docs" / "ARCHITECTURE.md"
     table = doc.read_text(encoding="utf-8").split("## Configuration schema", 1)[1]
     rows: dict[str, str] = {}
     for line in table.splitlines():

@@ -11,8 +11,9 @@ KEY = meshauth.secret_key("k" * 32)
 NA, NB = b"a" * 16, b"b" * 16
 
 
-def proof(**kw: object) -> bytes:
-    args: dict[str, object] = {
+def handshake(**kw: object) -> dict[str, object]:
+    """The arguments of one handshake's proof, with ``kw`` changed."""
+    return {
         "role": meshauth.DIAL,
         "sender": "sg/a",
         "receiver": "sg/b",
@@ -20,20 +21,16 @@ def proof(**kw: object) -> bytes:
         "receiver_nonce": NB,
         **kw,
     }
+
+
+def proof(**kw: object) -> bytes:
+    args = handshake(**kw)
     key = args.pop("key", KEY)
     return meshauth.proof(key, **args)  # type: ignore[arg-type]
 
 
 def verify(got: object, keys: tuple[bytes, ...] = (KEY,), **kw: object) -> bool:
-    args: dict[str, object] = {
-        "role": meshauth.DIAL,
-        "sender": "sg/a",
-        "receiver": "sg/b",
-        "sender_nonce": NA,
-        "receiver_nonce": NB,
-        **kw,
-    }
-    return meshauth.verify(keys, got, **args)  # type: ignore[arg-type]
+    return meshauth.verify(keys, got, **handshake(**kw))  # type: ignore[arg-type]
 
 
 def test_the_right_proof_verifies_under_any_accepted_key() -> None:

@@ -1,0 +1,180 @@
+"""Moving slots: claims, hand-overs and losses, as the ring of live members says.
+
+Every change of a slot's ownership goes through :class:`cluster.slots.SlotTable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from cluster.errors import ClusterError
+from cluster.rebalance import Placement, placement
+from cluster.region.checkpoints import Checkpoints
+from cluster.region.state import DRAIN_TIMEOUT_S, RELEASE_GRACE_S, RELEASE_POLL_S
+from cluster.slotlog import FencedError
+from cluster.slots import SlotEvent
+
+log = logging.getLogger(__name__)
+
+
+class Claims(Checkpoints):
+    """Rebalances, claims, hand-overs and losses of slots."""
+
+    def _live_ring(self) -> Placement | None:
+        live = {
+            n: self.members[n].weight if n in self.members else 1.0 for n in self.detector.live()
+        }
+        if self.draining:
+            live.pop(self.me, None)
+        return placement(live, self.ring_state, slots=self.slots, replicas=self.replicas)
+
+    async def _rebalance(self) -> None:
+        # One at a time, each on the newest membership (a burst of joins runs it twice).
+        # The claims it starts run outside the lock: a claim may wait for another node
+        # to hand its slot over, and that node may be waiting for one of ours.
+        async with self._rebalancing:
+            claims = await self._rebalance_now()
+        if claims:
+            await asyncio.gather(*claims, return_exceptions=True)
+
+    def _start_claim(self, slot: int) -> asyncio.Task[Any]:
+        self.slot_table.fire(slot, SlotEvent.CLAIM)
+        task = self._claim_tasks[slot] = self._spawn(self._claim(slot))
+        return task
+
+    async def _rebalance_now(self) -> list[asyncio.Task[Any]]:
+        ring = self._live_ring()
+        self.ring = ring
+        if ring is None or self.draining:
+            return []
+        mine = set(ring.slots_of(self.me)) if self.me in ring.nodes else set()
+        replica = set(ring.replicas_of(self.me)) - mine if self.me in ring.nodes else set()
+        await self._release([slot for slot in self.owned if slot not in mine])
+        self.slot_table.set_replicas(replica)
+        self._drop_foreign_snapshots()
+        self._restart_tail()
+        # Re-register subscriptions whose owner moved.
+        for ch in self.subs.moved(self.owner_of):
+            self._spawn(self._resubscribe(ch))
+        # Claims under way count too: whoever asked for a rebalance (start, a rejoin)
+        # waits until this node serves what the ring gives it.
+        return [
+            self._start_claim(s) if s not in self.claiming else self._claim_tasks[s]
+            for s in sorted(mine)
+            if s not in self.owned and (s not in self.claiming or s in self._claim_tasks)
+        ]
+
+    async def _claim(self, slot: int) -> None:
+        """Take ``slot`` over: fence the old owner, read the log to its end, serve."""
+        self.slot_table.fire(slot, SlotEvent.CLAIM)
+        try:
+            await self._await_release(slot)
+            async with self._claims:
+                await self._claim_now(slot)
+        except Exception:
+            log.exception("claiming slot %d failed", slot)
+        finally:
+            self.slot_table.fire(slot, SlotEvent.CLAIM_ENDED)
+            self._claim_tasks.pop(slot, None)
+
+    async def _await_release(self, slot: int) -> None:
+        """While ``slot``'s owner record names another live node, give it time to hand
+        the slot over (flush, checkpoint, release: :meth:`_release`) before fencing it.
+
+        A planned move, a join or a reweight then loses nothing, not even what that
+        node accepted at ``ack=mem``. A dead owner is fenced at once; one that does not
+        let go within a lease's time (its view of the ring differs) is fenced anyway.
+        """
+        deadline = self.clock() + self.lease_ttl_s + RELEASE_GRACE_S
+        while not self.stopped and self.clock() < deadline and self._should_own(slot):
+            try:
+                async with self._handovers:
+                    current = await self.slotlog.get_owner(slot)
+            except (RedisError, OSError) as e:
+                # Not knowing is no reason to fence a live owner: ask again.
+                log.warning("reading slot %d's owner failed: %s", slot, e)
+            else:
+                holder = current.node_id if current is not None else ""
+                if not holder or holder == self.me or holder not in self.detector.live():
+                    return
+            await asyncio.sleep(RELEASE_POLL_S)  # the owner is flushing the slot
+
+    async def _claim_now(self, slot: int) -> None:
+        try:
+            for _ in range(10):
+                if not self._should_own(slot):
+                    return  # the ring moved on while we waited
+                current = await self.slotlog.get_owner(slot)
+                seen = current.epoch if current is not None else 0
+                if current is not None and current.node_id == self.me and slot in self.owned:
+                    return
+                try:
+                    epoch = await self.slotlog.claim(slot, self.me, seen)
+                    break
+                except FencedError:
+                    continue
+            else:
+                log.warning("could not claim slot %d", slot)
+                return
+            await self._catch_up(slot)
+            if self._should_own(slot):
+                self.slot_table.fire(slot, SlotEvent.CLAIM)  # called alone too (tests)
+                self.slot_table.fire(slot, SlotEvent.CLAIMED, epoch=epoch)
+                self._changed(slot)
+            else:
+                # The ring moved on while we read the log: let the next owner have it now
+                # rather than after waiting for us.
+                await self.slotlog.release(slot, self.me, epoch)
+        except (RedisError, OSError, ClusterError) as e:
+            log.warning("claiming slot %d failed: %s", slot, e)
+
+    async def _release(self, slots: list[int]) -> None:
+        """Hand ``slots`` over on purpose (the ring moved them): stop serving them, append
+        what is batched for them, write their checkpoints and release their owner
+        records, so that their new owners, waiting for that, start from all of it."""
+        if not slots:
+            return
+        for s in slots:
+            if s in self.owned:
+                self.slot_table.fire(s, SlotEvent.RELEASE)
+        try:
+            deadline = self.clock() + DRAIN_TIMEOUT_S
+            await self._flush(force=True)
+            while any(self.batcher.busy(s) for s in slots) and self.clock() < deadline:
+                await asyncio.sleep(0.01)  # appends of these slots under way
+                await self._flush(force=True)
+            results = await asyncio.gather(
+                *(self._hand_over(s) for s in slots if s in self.owned), return_exceptions=True
+            )
+            for r in results:
+                if isinstance(r, Exception):
+                    log.warning("handing a slot over failed: %s", r)
+        finally:
+            for s in slots:
+                self.slot_table.fire(s, SlotEvent.RELEASE_ENDED)
+                if not self._should_own(s):
+                    self._lose(s)
+
+    async def _hand_over(self, slot: int) -> None:
+        async with self._handovers:
+            epoch = self.owned.get(slot)
+            if epoch is None:
+                return  # fenced or lost meanwhile
+            if slot in self.dirty:
+                await self._checkpoint(slot)
+            await self.slotlog.release(slot, self.me, epoch)
+
+    def _lose(self, slot: int) -> None:
+        """Stop serving ``slot``. Its events still batched are failed (or kept for our
+        claim, when the ring gives the slot back to us); its in-RAM state is dropped, to
+        be rebuilt from checkpoint and log if it comes back."""
+        self.slot_table.fire(slot, SlotEvent.LOSE)
+        self.dirty.discard(slot)
+        for e in self.batcher.take(slot):
+            self._not_appended(e, "the slot was lost")
+        if slot not in self.replicated:
+            self._forget_slot(slot)

@@ -1,0 +1,216 @@
+"""Following the region's membership: leases through the failure detector, the ring
+state, the periodic tick and audit, peers coming and going on the mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from cluster.failure import (
+    LeaseExpired,
+    LeaseRenewed,
+    MemberDown,
+    MemberUp,
+    PingAnswered,
+    Tick,
+)
+from cluster.failure import Left as DetectorLeft
+from cluster.keys import owner_key
+from cluster.membership import Expired, Joined, Left, Member, MembershipEvent
+from cluster.region.claims import Claims
+from cluster.region.state import AUDIT_S
+from cluster.ringstore import read_state
+
+log = logging.getLogger(__name__)
+
+
+class Members(Claims):
+    """Membership, ring state, the tick, the audit, mesh peers up and down."""
+
+    def on_membership(self, event: MembershipEvent) -> None:
+        now = self.clock()
+        effects: list[Any] = []
+        if isinstance(event, Joined):
+            self.members[event.member.node_id] = event.member
+            effects = self.detector.observe(
+                LeaseRenewed(event.member.node_id, event.member.epoch, now)
+            )
+        elif isinstance(event, Left):
+            effects = self.detector.observe(DetectorLeft(event.node_id, event.epoch))
+        elif isinstance(event, Expired):
+            effects = self.detector.observe(LeaseExpired(event.node_id, now))
+        self._effects(effects)
+
+    def _observe_member(self, m: Member) -> None:
+        self.members[m.node_id] = m
+        self._effects(self.detector.observe(LeaseRenewed(m.node_id, m.epoch, self.clock())))
+
+    def _effects(self, effects: list[Any]) -> None:
+        changed = False
+        for e in effects:
+            if isinstance(e, MemberUp):
+                changed = True
+                m = self.members.get(e.node_id)
+                if m is not None and self.mesh is not None:
+                    self.mesh.want(e.node_id, m.mesh)
+            elif isinstance(e, MemberDown):
+                changed = True
+                if e.node_id != self.me and self.mesh is not None:
+                    self.mesh.forget(e.node_id)
+                if e.reason.value in ("lease_expired", "lease_timeout"):
+                    self.counters["failovers"] += 1
+        if changed and not self.stopped:
+            self._spawn(self._rebalance())
+
+    def on_resync(self, members: dict[str, Member]) -> None:
+        """Membership reconnected to Redis (events may have been missed): reconcile with
+        the leases held now."""
+        now = self.clock()
+        effects: list[Any] = []
+        for m in members.values():
+            self.members[m.node_id] = m
+            effects += self.detector.observe(LeaseRenewed(m.node_id, m.epoch, now))
+        for node_id in self.detector.live() - set(members) - {self.me}:
+            effects += self.detector.observe(LeaseExpired(node_id, now))
+        self._effects(effects)
+
+    def on_ring(self, version: int) -> None:
+        """Ops changed the ring state (a planned change): re-read it."""
+        if version != self.ring_state.version and not self.stopped:
+            self._spawn(self._refresh_ring_state())
+
+    async def _refresh_ring_state(self) -> bool:
+        """Re-read the ring state; True (and a rebalance under way) if it changed."""
+        async with self._ring_reads:
+            state = await read_state(self.client, self.region)
+            if state == self.ring_state:
+                return False
+            self.ring_state = state
+        if not self.stopped:
+            self._spawn(self._rebalance())
+        return True
+
+    def on_command(self, doc: dict[str, Any]) -> None:
+        """An ops command for this node arrived on the region's control channel."""
+        if doc.get("cmd") == "drain":
+            log.info("drain requested")
+            self.on_drain_requested()
+
+    def on_lease_lost(self) -> None:
+        # Our lease expired (a long pause?): anything we owned has been given away.
+        if self.draining or self.stopped:
+            return
+        log.error("lease lost: dropping every owned slot; rejoin needed")
+        for slot in list(self.owned):
+            self._lose(slot)
+        if not self.stopped:
+            self._spawn(self._rejoin())
+
+    async def _rejoin(self) -> None:
+        assert self.membership is not None
+        backoff = 0.2
+        while True:
+            try:
+                joined = await self.membership.join()
+                break
+            except (RedisError, OSError) as e:
+                if self.stopped:
+                    return
+                log.warning("rejoin failed (%s); retrying in %.1fs", e, backoff)
+                await asyncio.sleep(backoff)  # back off before retrying Redis
+                backoff = min(5.0, backoff * 2)
+        self.epoch = joined.epoch
+        if self.mesh is not None:
+            self.mesh.epoch = joined.epoch
+        await self.membership.stop()
+        await self.membership.start()
+        self._observe_member(joined)
+        await self._rebalance()
+
+    async def _audit(self) -> None:
+        """Make what we serve agree with the owner records and the ring.
+
+        A claim made under an older view of the ring can fence the true owner before
+        it has written anything; and a claim can fail on a Redis error. Both heal here:
+        a slot whose record names someone else is dropped and, if the ring gives it to
+        us, claimed again (reading its log to the end first); a slot the ring gives us
+        that we neither own nor are claiming is claimed.
+        """
+        if self.draining:
+            return
+        await self._refresh_ring_state()  # a ring event we missed? (then a rebalance runs)
+        if self.ring is None or self.me not in self.ring.nodes:
+            return
+        # Slots being handed over release their records on purpose: not a move to heal.
+        slots = sorted(s for s in self.owned if s not in self.releasing)
+        if slots:
+            pipe = self.client.pipeline(transaction=False)
+            for slot in slots:
+                pipe.hmget(owner_key(self.region, slot), "owner", "epoch")
+            records = await pipe.execute()
+            for slot, (owner, epoch) in zip(slots, records, strict=True):
+                mine = self.owned.get(slot)
+                if mine is None:
+                    continue
+                if (owner or b"").decode() != self.me or int(epoch or 0) != mine:
+                    log.warning("slot %d: owner record moved to %r; re-checking", slot, owner)
+                    self._lose(slot)
+        for slot in self.ring.slots_of(self.me):
+            if slot not in self.owned and slot not in self.claiming:
+                self._start_claim(slot)
+
+    async def _tick_loop(self) -> None:
+        next_audit = self.clock() + AUDIT_S
+        while not self.stopped:
+            await asyncio.sleep(0.5)  # the detector's beat
+            try:
+                now = self.clock()
+                if self.mesh is not None:
+                    for peer in list(self.mesh.connections):
+                        self._effects(self.detector.observe(PingAnswered(peer, now)))
+                self._effects(self.detector.observe(PingAnswered(self.me, now)))
+                self._effects(self.detector.observe(Tick(now)))
+                self._expire_remote_waiters()
+                if now >= next_audit:
+                    next_audit = now + AUDIT_S
+                    await self._audit()
+            except Exception as e:
+                log.warning("tick failed: %s", e)
+
+    async def admit_peer(self, peer: str, epoch: int) -> bool:
+        """A mesh peer proved the region's secret: admit it only if ``peer`` holds a live
+        lease at ``epoch`` (asks Redis when our view has not heard of it yet)."""
+        m = self.members.get(peer)
+        if m is not None and m.epoch == epoch and peer in self.detector.live():
+            return True
+        if self.membership is None:
+            return False
+        try:
+            m = (await self.membership.snapshot()).get(peer)
+        except (RedisError, OSError) as e:
+            log.warning("mesh: cannot check %s's lease: %s", peer, e)
+            return False
+        return m is not None and m.epoch == epoch
+
+    def on_peer_up(self, peer: str, epoch: int) -> None:
+        pass
+
+    def on_peer_down(self, peer: str, reason: str) -> None:
+        for ch in self.subs.peer_down(peer):
+            self._spawn(self._resubscribe(ch))
+        if not self.stopped:
+            self._spawn(self._check_lease(peer))
+
+    async def _check_lease(self, peer: str) -> None:
+        """A dropped mesh connection: is the peer's lease gone too? (Expiry
+        notifications can come late; this asks at once.)"""
+        if self.membership is None:
+            return
+        with contextlib.suppress(RedisError, OSError):
+            members = await self.membership.snapshot()
+            if peer not in members:
+                self._effects(self.detector.observe(LeaseExpired(peer, self.clock())))

@@ -1,0 +1,311 @@
+"""What a node holds as a member of its region, and the small views every layer reads.
+
+The region edge is a stack of layers, one concept each (docs/ARCHITECTURE.md): this one
+holds the state; :mod:`~cluster.region.reading` applies logs and mirrors,
+:mod:`~cluster.region.appends` writes to the slot logs, :mod:`~cluster.region.snapshots`
+and :mod:`~cluster.region.checkpoints` persist, :mod:`~cluster.region.claims` moves slots,
+:mod:`~cluster.region.members` follows membership, :mod:`~cluster.region.routing` routes
+client ops, :mod:`~cluster.region.meshserve` answers peers and
+:mod:`~cluster.region.node` starts and stops it all. Slot ownership itself is the pure
+table of :mod:`cluster.slots`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from cluster.errors import ClusterError
+from cluster.failure import (
+    DetectorConfig,
+    FailureDetector,
+)
+from cluster.interest import Interest
+from cluster.link import Link
+from cluster.membership import Member, Membership
+from cluster.mesh import Mesh
+from cluster.positions import Positions, Tombstones
+from cluster.rebalance import Placement, RingState
+from cluster.ring import slot_of
+from cluster.slotlog import RedisSlotLog
+from cluster.slots import SlotTable
+from relay.batch import AppendToLog, Batcher
+from relay.config import Config
+from relay.errors import Code
+from relay.node import Node
+from relay.snapshot import DirtySlots
+from relay.store import Message
+
+log = logging.getLogger(__name__)
+
+log = logging.getLogger(__name__)
+
+TAIL_BLOCK_MS = 500
+TOMBSTONES_PER_SLOT = 100_000
+SNAPSHOT_SWITCH_INTERVAL_S = 0.0005
+RESUBSCRIBE_S = 15.0
+DRAIN_TIMEOUT_S = 10.0
+REMOTE_WAIT_S = 30.0
+AUDIT_S = 1.0
+CATCH_UP_COUNT = 1000
+CATCH_UP_ATTEMPTS = 5
+RELEASE_GRACE_S = 1.0
+RELEASE_POLL_S = 0.02
+
+
+class Buckets:
+    """A histogram's cumulative buckets, kept as plain counts (exported at scrape)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        for i, b in enumerate(self.bounds):
+            if value <= b:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for b, n in zip(self.bounds, self.counts, strict=False):
+            total += n
+            out.append((str(b), total))
+        out.append(("+Inf", total + self.counts[-1]))
+        return out
+
+
+def failure_answer(w: PubWaiter | None, moved: str) -> tuple[Code, str]:
+    """The code and reason a failed waiter is answered with: ``internal`` when its entry
+    could not be encoded, else ``unavailable`` (the slot moved; retry)."""
+    if w is not None and w.failed:
+        return Code.INTERNAL, w.failed
+    return Code.UNAVAILABLE, moved
+
+
+class Unavailable(ClusterError):
+    """The channel's owner cannot serve right now; the client may retry (``unavailable``)."""
+
+
+@dataclass(slots=True, eq=False)
+class PubWaiter:
+    """A ``pub`` waiting for its slot-log append (and, for ``remote``, for a link to
+    confirm that another region holds it) before it is acknowledged."""
+
+    done: Callable[[str | None], None]  # called with the level reached, or None on failure
+    level: str = "log"
+    since: float = 0.0
+    failed: str = ""  # set before done(None) when the failure is a bug, not a move
+
+
+def message_fields(m: Message) -> list[Any]:
+    return [m.id, m.ch, m.sender, m.hlc, m.origin, m.body, m.expires_ms]
+
+
+def fields_message(f: list[Any]) -> Message:
+    return Message(str(f[0]), str(f[1]), str(f[2]), int(f[3]), str(f[4]), bytes(f[5]), int(f[6]))
+
+
+class RegionState:
+    """This node's part in its region: the state every layer shares."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        node: Node,
+        reactor: Any,
+        fan_out: Callable[[Message, tuple[Hashable, ...]], None],
+        wall_ms: Callable[[], int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        c = config.cluster
+        self.config = config
+        self.node = node
+        self.me = config.node.id
+        self.region = config.node.region
+        self.reactor = reactor
+        self.fan_out = fan_out
+        self.wall_ms = wall_ms
+        # Monotonic seconds: leases, deadlines, the detector, snapshot ages (tests inject it).
+        self.clock = clock
+        # What to do when ops ask this node to drain (the server shuts down gracefully).
+        self.on_drain_requested: Callable[[], None] = lambda: None
+        self.slots = c.slots
+        self.replicas = c.replicas
+        self.weight = c.weight
+        self.lease_ttl_s = c.lease_ttl_ms / 1000
+        self.batcher = Batcher(window_ms=c.batch_window_ms)
+        self.detector = FailureDetector(
+            DetectorConfig(
+                lease_ttl_s=self.lease_ttl_s,
+                suspect_after_s=self.lease_ttl_s,
+                dead_after_s=math.inf,
+            )
+        )
+        self.client: Redis = Redis.from_url(c.redis_url)
+        self.slotlog = RedisSlotLog.from_url(c.redis_url, self.region)
+        self.members: dict[str, Member] = {}
+        # Where the slots are: the ring of the live members, with the weights and holds
+        # ops set (cluster/rebalance.py, cluster/ringstore.py).
+        self.ring: Placement | None = None
+        self.ring_state = RingState()
+        # Reads of the ring state one at a time: a later read never installs older state.
+        self._ring_reads = asyncio.Lock()
+        self.epoch = 0
+        # Slot state (cluster/slots.py: none → replica → claiming → owner → releasing),
+        # changed only through the table; these are its live read-only views.
+        self.slot_table = SlotTable()
+        self.owned: Mapping[int, int] = self.slot_table.owned  # slot → epoch we write under
+        self.claiming: AbstractSet[int] = self.slot_table.claiming
+        self._claim_tasks: dict[int, asyncio.Task[Any]] = {}
+        self._catch_up_locks: dict[int, asyncio.Lock] = {}
+        self._checkpoint_locks: dict[int, asyncio.Lock] = {}
+        self.releasing = self.slot_table.releasing  # owned slots being handed over: not served
+        self.replicated = self.slot_table.replicas  # the ring's replica slots of this node
+        self.dirty: set[int] = set()  # owned slots changed since their last checkpoint
+        self.slot_channels: dict[int, set[str]] = {}
+        # Owner side: which peers have subscribers for a channel.
+        self.subs = Interest()  # cluster/interest.py: who subscribes where
+        self.interest = self.subs.peers
+        # Subscriber side: the owner each locally subscribed channel is registered with.
+        self.registered = self.subs.registered
+        self.mesh: Mesh | None = None
+        self.membership: Membership | None = None
+        self.draining = False
+        self.stopped = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._tail_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        # Entries whose append failed (Redis error, or a slot being claimed again).
+        self._retry: list[AppendToLog] = []
+        self._retried: set[int] = set()
+        # Claims run a few at a time: each is a handful of Redis round trips.
+        self._claims = asyncio.Semaphore(8)
+        # Hand-overs and waits for them likewise (the pools hold 100 connections).
+        self._handovers = asyncio.Semaphore(8)
+        self._rebalancing = asyncio.Lock()
+        self.counters = {
+            "failovers": 0,
+            "fenced": 0,
+            "appends": 0,
+            "append_errors": 0,
+            # Readers that found entries trimmed under them (chain breaks) and rebuilt.
+            "log_gaps": 0,
+            "mirror_gaps": 0,
+            # Slot logs trimmed past a link that fell further behind than allowed.
+            "backlog_trims": 0,
+            "checkpoints": 0,
+        }
+        self.mesh_counters = {"bad_requests": 0, "encode_failures": 0}
+        # Inter-region: peers (name → Redis URL), links from here to each, and what this
+        # node applied of each origin's mirrors.
+        self.peers: dict[str, str] = dict(p.split("=", 1) for p in c.peers)
+        self.links = [
+            Link(
+                region=self.region,
+                dest=name,
+                dest_url=url,
+                node_id=self.me,
+                local_url=c.redis_url,
+                slots=self.slots,
+                lease_ttl_ms=c.lease_ttl_ms,
+            )
+            for name, url in sorted(self.peers.items())
+        ]
+        # Where this node stands in each slot's log and our mirrors of it (cluster/positions):
+        # slot → newest log id applied here; origin → slot → newest mirror id applied.
+        self.positions = Positions(self.peers)
+        self.applied = self.positions.log
+        self.mirror_applied = self.positions.mirrors
+        self._mirror_tasks: dict[str, asyncio.Task[None]] = {}
+        # ack=remote: per slot, (entry id, waiter) until a link confirms the entry.
+        self.remote_waiters: dict[int, list[tuple[tuple[int, int], PubWaiter]]] = {}
+        self.confirmed: dict[int, tuple[int, int]] = {}
+        # Snapshots of owned slots on disk (relay/snapshot.py, relay/snapshot_io.py).
+        self.snapshots = DirtySlots()
+        self.snapshot_interval_s = config.node.snapshot_interval_s
+        self.slots_dir: Path | None = None
+        # Recent acks per slot, (ch, id, hlc): a snapshot keeps them as tombstones.
+        self.acks = Tombstones(TOMBSTONES_PER_SLOT)
+        self.tombstones = self.acks.by_slot
+        self.snapshot_stats = {"written": 0, "failures": 0, "refused": 0, "bytes": 0, "loaded": 0}
+        self._loaded_slots: set[int] = set()
+        self.append_seconds = Buckets((0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
+        self.batch_events = Buckets((1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def lease_fresh(self) -> bool:
+        """Our lease is surely still ours (a paused process must not serve)."""
+        m = self.membership
+        return m is not None and self.clock() < m.lease_valid_until
+
+    def _should_own(self, slot: int) -> bool:
+        return (
+            self.ring is not None
+            and not self.draining
+            and self.me in self.ring.nodes
+            and self.ring.owner(slot) == self.me
+        )
+
+    def owner_of(self, ch: str) -> str | None:
+        if self.ring is None:
+            return None
+        return self.ring.owner(slot_of(ch, self.slots))
+
+    def serving(self, slot: int) -> bool:
+        return (
+            slot in self.owned
+            and slot not in self.releasing
+            and self.lease_fresh()
+            and not self.draining
+        )
+
+    def _slot_lock(self, slot: int) -> asyncio.Lock:
+        lock = self._catch_up_locks.get(slot)
+        if lock is None:
+            lock = self._catch_up_locks[slot] = asyncio.Lock()
+        return lock
+
+    def _changed(self, slot: int) -> None:
+        """``slot``'s pending state changed: due for a checkpoint and a snapshot."""
+        self.dirty.add(slot)
+        self.snapshots.mark(slot, self.clock())
+
+    def _tombstone(self, slot: int, ch: str, ids: list[str], hlc: int) -> None:
+        # Only the dedupe window's worth matters (older ones dedupe nothing).
+        cutoff = (self.wall_ms() - self.node.dedupe.window_ms) << 16
+        self.acks.add(slot, ch, ids, hlc, cutoff_hlc=cutoff)
+
+    # -- carried out by the layers above (cluster/region/claims.py, routing.py)
+
+    def _lose(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def _start_claim(self, slot: int) -> asyncio.Task[Any]:
+        raise NotImplementedError
+
+    def _deliver(self, message: Message) -> None:
+        raise NotImplementedError
+
+    async def _resubscribe(self, ch: str) -> None:
+        raise NotImplementedError
