@@ -41,6 +41,7 @@ from cluster.checkpoint import (
     superseded,
     tombstone_events,
 )
+from cluster.commit import GroupCommit
 from cluster.errors import ClusterError
 from cluster.failure import (
     DetectorConfig,
@@ -172,6 +173,14 @@ class Router:
         self.weight = c.weight
         self.lease_ttl_s = c.lease_ttl_ms / 1000
         self.batcher = Batcher(window_ms=c.batch_window_ms)
+        # Group commit: the next append goes as soon as the previous one returned.
+        self.commits = GroupCommit(
+            flush=lambda: self._flush(force=True),
+            pending=lambda: self.batcher.has_open,
+            failures=lambda: self.counters["append_errors"],
+            window_s=c.batch_window_ms / 1000,
+        )
+        self.batcher.on_gather = self.commits.wake
         self.detector = FailureDetector(
             DetectorConfig(
                 lease_ttl_s=self.lease_ttl_s,
@@ -926,17 +935,7 @@ class Router:
     # -- flushing to the slot logs ---------------------------------------------------
 
     async def _flush_loop(self) -> None:
-        window = self.batcher.window_ms / 1000
-        while not self.stopped:
-            # Wake when the oldest open batch's window ends (at most one window away), so
-            # an event waits one window for its append, not up to two.
-            deadline = self.batcher.deadline_ms()
-            wait = window if deadline is None else (deadline - self.wall_ms()) / 1000
-            await asyncio.sleep(min(window, max(0.001, wait)))  # until the window ends
-            try:
-                await self._flush()
-            except Exception:
-                log.exception("flush failed")
+        await self.commits.run()  # cluster/commit.py: group commit
 
     async def _flush(self, force: bool = False) -> None:
         # Entries that failed before go first, unchanged (same events, same waiters).
