@@ -22,6 +22,7 @@ off once ``max_outbound_bytes`` wait for it, so it can never stall this node.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -445,6 +446,10 @@ class Mesh:
         self.wanted: dict[str, str] = {}  # peer → host:port, for the peers we dial
         self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
         self._on_result: dict[int, Callable[[Any], None]] = {}
+        # Request deadlines, oldest first (one timeout for all: insertion order is deadline
+        # order); one sweep timer instead of a timer per request.
+        self._deadlines: collections.deque[tuple[float, int, str]] = collections.deque()
+        self._sweeper: Any = None
         self._ids = itertools.count(1)
         self._port: Any = None
         self._stopped = False
@@ -558,6 +563,10 @@ class Mesh:
             if not fut.done():
                 fut.set_exception(PeerUnavailable("mesh stopped"))
         self._pending.clear()
+        self._deadlines.clear()
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
 
     # -- requests ------------------------------------------------------------------
 
@@ -583,13 +592,31 @@ class Mesh:
         if on_result is not None:
             self._on_result[req_id] = on_result
         conn.send([Kind.REQUEST, req_id, op, args])
+        self._deadlines.append((self.clock() + self.request_timeout_s, req_id, op))
+        if self._sweeper is None:
+            self._sweeper = self.reactor.callLater(self._sweep_s, self._sweep)
         try:
-            return await asyncio.wait_for(fut, self.request_timeout_s)
-        except TimeoutError:
-            raise PeerUnavailable(f"{peer} did not answer {op} in time") from None
+            return await fut
         finally:
             self._pending.pop(req_id, None)
             self._on_result.pop(req_id, None)
+
+    @property
+    def _sweep_s(self) -> float:
+        return min(0.1, self.request_timeout_s / 4)
+
+    def _sweep(self) -> None:
+        """Fail the requests past their deadline (to within one sweep period)."""
+        self._sweeper = None
+        now = self.clock()
+        dq = self._deadlines
+        while dq and dq[0][0] <= now:
+            _, req_id, op = dq.popleft()
+            entry = self._pending.pop(req_id, None)
+            if entry is not None and not entry[1].done():
+                entry[1].set_exception(PeerUnavailable(f"{entry[0]} did not answer {op} in time"))
+        if dq and not self._stopped:
+            self._sweeper = self.reactor.callLater(self._sweep_s, self._sweep)
 
     def complete(self, req_id: int, ok: bool, result: Any) -> None:
         entry = self._pending.get(req_id)

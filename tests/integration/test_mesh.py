@@ -385,3 +385,20 @@ async def test_two_nodes_batch_and_keep_order() -> None:
     finally:
         await a.stop()
         await b.stop()
+
+
+@aio
+async def test_a_request_the_peer_never_answers_fails_unavailable() -> None:
+    rec = Recorder()
+    m = make("sg/m", rec, request_timeout_s=0.2)
+    port = m.listen("127.0.0.1", 0)
+    _reader, writer = await raw_peer(port)  # admitted, then never answers anything
+    try:
+        await until(lambda: "sg/a" in m.connections, what="admitted")
+        with pytest.raises(PeerUnavailable, match="did not answer echo in time"):
+            await asyncio.wait_for(m.request("sg/a", "echo", 1), 5)
+        assert not m._pending
+    finally:
+        writer.close()
+        await m.stop()
+    assert m._sweeper is None
