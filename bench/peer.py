@@ -77,6 +77,7 @@ EXIT_NO_NATS = 3
 # failover (bench/region.py measures that), not the steady state.
 RELAY_SETTINGS = {"lease_ttl_ms": 10000, "lease_renew_ms": 2000}
 ACK_EVERY_S = 0.05
+DRAIN_S = 60.0
 SYSTEMS = ("relay-1", "relay-3", "nats-memory", "nats-file")
 
 
@@ -122,6 +123,11 @@ class _Window:
     measuring: bool = False
     accepted: int = 0
     delivered: int = 0
+    # Over the whole case (not only the measured window): the drain at its end waits for
+    # every accepted message to be delivered and acked, so the next case starts clean.
+    accepted_all: int = 0
+    delivered_all: int = 0
+    acking: bool = True
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     ack_ns: list[int] = field(default_factory=list)
@@ -202,6 +208,7 @@ class _RelayPub:
         for o in _robjects(payload):
             t0 = self.sent.pop(o.id, None)
             if o.op == "puback":
+                w.accepted_all += 1
                 if w.measuring:
                     w.accepted += 1
                     if t0 is not None:
@@ -226,6 +233,7 @@ class _RelaySub:
         for o in _robjects(payload):
             if o.op == "msg":
                 self.ids.setdefault(o.ch, []).append(o.id)
+                w.delivered_all += 1
                 if w.measuring:
                     w.delivered += 1
                     w.delivery_ns.append(now - int(o.body[:TS_DIGITS]))
@@ -320,7 +328,9 @@ class _NatsPub:
         t0 = self.sent.pop(subject[len(self.inbox) :], None)
         if b'"error"' in data or hdr:  # a 503 "no responders" comes as headers only
             w.error(data.decode(errors="replace"))
-        elif w.measuring:
+            return
+        w.accepted_all += 1
+        if w.measuring:
             w.accepted += 1
             if t0 is not None:
                 w.ack_ns.append(now - t0)
@@ -336,6 +346,7 @@ class _NatsSub:
     def on_msg(self, _subject: bytes, reply: bytes, data: bytes, hdr: int) -> None:
         now = time.perf_counter_ns()
         w = self.w
+        w.delivered_all += 1
         if w.measuring:
             w.delivered += 1
             w.delivery_ns.append(now - int(data[hdr : hdr + TS_DIGITS]))
@@ -382,10 +393,22 @@ async def _nats_setup(
 
 
 async def _acker(flushers: list[Any], w: _Window) -> None:
-    while w.running:
+    while w.acking:
         await asyncio.sleep(ACK_EVERY_S)
         for f in flushers:
             f()
+
+
+async def _drain(w: _Window, timeout_s: float) -> float:
+    """Seconds until every accepted message was delivered (-1: not within ``timeout_s``)."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while w.delivered_all < w.accepted_all:
+        if loop.time() - t0 > timeout_s:
+            return -1.0
+        await asyncio.sleep(0.02)  # poll interval
+    await asyncio.sleep(0.2)  # the subscribers' last acks (every 50 ms) go out
+    return round(loop.time() - t0, 2)
 
 
 async def _pacer(pubs: list[_Publisher], rate: float, w: _Window, cap: int) -> None:
@@ -447,14 +470,16 @@ async def run_case(sysm: System, mode: str, wl: Workload, tag: str) -> dict[str,
         w.measuring = False
         b = sampler.take()
         w.running = False
-        await asyncio.sleep(0.2)  # let what is in flight arrive
+        # Drain: what was accepted is delivered and acked before the next case.
+        drained = await _drain(w, DRAIN_S)
+        w.acking = False
         for f in flushers:
             f()
         await asyncio.sleep(0.05)
         if delete is not None:
             await delete()
     finally:
-        w.running = False
+        w.running = w.acking = False
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -483,6 +508,7 @@ async def run_case(sysm: System, mode: str, wl: Workload, tag: str) -> dict[str,
         "ack_p99_ms": _pct(acks, 0.99),
         "delivery_p50_ms": _pct(dels, 0.5),
         "delivery_p99_ms": _pct(dels, 0.99),
+        "drain_s": drained,
         "errors": w.errors,
         "error_samples": w.error_samples,
         "cpu": cpu,
@@ -516,6 +542,24 @@ def systems(
         yield out
 
 
+def wait_quiet(pids: dict[str, int], timeout_s: float = 60.0, cores: float = 0.15) -> float:
+    """Wait until the servers use less than ``cores`` together (what the previous case
+    left them, e.g. deliveries still queued, is done); the seconds it took, or -1 when
+    they did not quiet down in time (the case then runs anyway; the document says so)."""
+    t0 = time.monotonic()
+    sampler = CpuSample(pids)
+    a = sampler.take()
+    while True:
+        time.sleep(0.5)  # sampling period
+        b = sampler.take()
+        used = sum(v["cpu"] for k, v in cpu_between(a, b).items() if k in pids)
+        if used < cores:
+            return round(time.monotonic() - t0, 2)
+        if time.monotonic() - t0 > timeout_s:
+            return -1.0
+        a = b
+
+
 def run_peer_bench(
     wl: Workload,
     *,
@@ -532,8 +576,10 @@ def run_peer_bench(
             order = names if run % 2 == 0 else list(reversed(names))
             for name in order:
                 for mode in ("closed", "paced"):
+                    quiet_s = wait_quiet(syss[name].pids)
                     r = asyncio.run(run_case(syss[name], mode, wl, f"r{run}{mode[0]}{name}"))
                     r["run"] = run
+                    r["quiet_wait_s"] = quiet_s
                     raw.append(r)
                     _progress(_line(r, runs))
     return {
