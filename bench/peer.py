@@ -519,23 +519,27 @@ async def run_case(sysm: System, mode: str, wl: Workload, tag: str) -> dict[str,
 
 
 @contextlib.contextmanager
-def systems(
-    names: list[str], nats_exe: str, log_path: Path, relay_root: str | None
-) -> Iterator[dict[str, System]]:
+def relay_system(name: str, log_path: Path, relay_root: str | None) -> Iterator[System]:
+    """A fresh region for one case: a node carries what earlier cases left (the acks'
+    tombstones kept for the dedupe window go into every checkpoint of a changed slot),
+    so every case starts from an empty region and an empty Redis, as NATS starts from an
+    empty stream."""
+    n = int(name.split("-")[1])
+    with region(dict(RELAY_SETTINGS), log_path, nodes=n, relay_root=relay_root) as reg:
+        pids = {nd["id"]: int(nd["pid"]) for nd in reg.nodes}
+        rpid = reg.redis_pid()
+        if rpid is not None:
+            pids["redis"] = rpid
+        yield System(name, pids, reg=reg)
+
+
+@contextlib.contextmanager
+def nats_systems(names: list[str], nats_exe: str, log_path: Path) -> Iterator[dict[str, System]]:
+    """One ``nats-server`` per NATS system for the whole run (each case has its own stream)."""
     out: dict[str, System] = {}
     with contextlib.ExitStack() as stack:
         for name in names:
-            if name.startswith("relay-"):
-                n = int(name.split("-")[1])
-                reg = stack.enter_context(
-                    region(dict(RELAY_SETTINGS), log_path, nodes=n, relay_root=relay_root)
-                )
-                pids = {nd["id"]: int(nd["pid"]) for nd in reg.nodes}
-                rpid = reg.redis_pid()
-                if rpid is not None:
-                    pids["redis"] = rpid
-                out[name] = System(name, pids, reg=reg)
-            else:
+            if name.startswith("nats-"):
                 srv = stack.enter_context(nats_server(nats_exe, log_path))
                 storage = name.split("-")[1]
                 out[name] = System(name, {"nats-server": srv.pid}, nats=srv, storage=storage)
@@ -571,13 +575,17 @@ def run_peer_bench(
 ) -> dict[str, Any]:
     started = time.monotonic()
     raw: list[dict[str, Any]] = []
-    with systems(names, nats_exe, log_path, relay_root) as syss:
+    with nats_systems(names, nats_exe, log_path) as natss:
         for run in range(runs):
             order = names if run % 2 == 0 else list(reversed(names))
             for name in order:
                 for mode in ("closed", "paced"):
-                    quiet_s = wait_quiet(syss[name].pids)
-                    r = asyncio.run(run_case(syss[name], mode, wl, f"r{run}{mode[0]}{name}"))
+                    with contextlib.ExitStack() as stack:
+                        sysm = natss.get(name) or stack.enter_context(
+                            relay_system(name, log_path, relay_root)
+                        )
+                        quiet_s = wait_quiet(sysm.pids)
+                        r = asyncio.run(run_case(sysm, mode, wl, f"r{run}{mode[0]}{name}"))
                     r["run"] = run
                     r["quiet_wait_s"] = quiet_s
                     raw.append(r)
