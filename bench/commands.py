@@ -471,6 +471,7 @@ def register(group: click.Group) -> None:
     for cmd in (ingest_cmd, delivery_cmd, memory_cmd, hotpath_cmd):
         group.add_command(cmd)
     from bench.durability import register as register_durability
+    from bench.peer import register as register_peer
     from bench.rebalance import register as register_rebalance
     from bench.region import register as register_region
     from bench.replication import register as register_replication
@@ -479,3 +480,4 @@ def register(group: click.Group) -> None:
     register_replication(group)
     register_durability(group)
     register_rebalance(group)
+    register_peer(group)

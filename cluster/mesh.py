@@ -9,7 +9,11 @@ other message of it is acted on, and a peer that breaks the handshake, or does n
 it in time, is cut off. A second connection claiming a connected peer's id never replaces
 the live one (only a newer epoch does: the peer restarted). Requests carry an id and are
 answered with ``REPLY``;
-``DELIVER`` and ``INTEREST`` are one-way. Pings run on every connection: a peer that
+``DELIVER`` and ``INTEREST`` are one-way. Once the peer has said that it reads ``BATCH``
+frames (a third element, ``1``, in its ``PONG``; older nodes send two and ignore a third),
+everything sent to it in one reactor turn goes out as one ``BATCH`` frame: one encode and
+one frame for many forwarded publishes, replies and deliveries, in the order they were
+sent. Pings run on every connection: a peer that
 does not answer within ``ping_timeout_s`` is reported (a stalled reactor shows up here
 before its lease expires) and the connection is dropped. A peer that stops reading is cut
 off once ``max_outbound_bytes`` wait for it, so it can never stall this node.
@@ -18,6 +22,7 @@ off once ``max_outbound_bytes`` wait for it, so it can never stall this node.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -121,6 +126,10 @@ class MeshProtocol(protocol.Protocol):
         self._claimed: str | None = None
         self._queued: list[list[Any]] = []
         self._started = 0.0
+        # Batching: on once the peer's PONG says it reads BATCH frames.
+        self.batching = False
+        self._outbox: list[list[Any]] = []
+        self._flush_due = False
 
     @property
     def role(self) -> str:
@@ -287,9 +296,26 @@ class MeshProtocol(protocol.Protocol):
         mesh = self.factory.mesh
         assert self.peer is not None
         if kind == Kind.PING:
-            self.send([Kind.PONG, m[1]])
+            self.send([Kind.PONG, m[1], 1])  # 1: this node reads BATCH frames
         elif kind == Kind.PONG:
             self._last_pong = mesh.clock()
+            if len(m) > 2 and m[2] == 1 and not self.batching:
+                self.batching = True
+        elif kind == Kind.BATCH:
+            _, messages = m
+            if not isinstance(messages, list):
+                raise WireError("BATCH holds a list of messages")
+            for x in messages:
+                if (
+                    not isinstance(x, list)
+                    or not x
+                    or type(x[0]) is not int
+                    or x[0] in (Kind.BATCH, Kind.HELLO, Kind.AUTH)
+                ):
+                    raise WireError("a BATCH holds mesh messages, none of them a BATCH")
+                self._serve(x)
+                if self.state != "open":
+                    return
         elif kind == Kind.REQUEST:
             _, req_id, op, args = m
             mesh.serve_request(self, int(req_id), str(op), args)
@@ -308,7 +334,36 @@ class MeshProtocol(protocol.Protocol):
             raise WireError(f"unknown message kind {kind}")
 
     def send(self, message: list[Any]) -> None:
-        data = encode(message)
+        if self.batching:
+            # Gathered until the end of this reactor turn, then one frame for all.
+            self._outbox.append(message)
+            if not self._flush_due:
+                self._flush_due = True
+                self.factory.mesh.reactor.callLater(0, self._flush_outbox)
+            return
+        self._write(encode(message))
+
+    def _flush_outbox(self) -> None:
+        self._flush_due = False
+        messages, self._outbox = self._outbox, []
+        if not messages or self.state == "closed":
+            return
+        if len(messages) == 1:
+            self._write(encode(messages[0]))
+            return
+        self._write_batch(messages)
+
+    def _write_batch(self, messages: list[list[Any]]) -> None:
+        data = encode([Kind.BATCH, messages])
+        if len(data) > self.factory.mesh.max_frame // 2 and len(messages) > 1:
+            # Far from the peer's frame limit in any case: halve until it fits.
+            half = len(messages) // 2
+            self._write_batch(messages[:half])
+            self._write_batch(messages[half:])
+            return
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         p = self.pressure
         if p.paused:
             p.queued += len(data)
@@ -333,11 +388,13 @@ class MeshProtocol(protocol.Protocol):
         self.send([Kind.PING, self._ping_seq])
 
     def connection_lost(self, reason: str) -> None:
+        self._outbox.clear()
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
-        was_open = self.state == "open"
-        self.state = "closed"
         mesh = self.factory.mesh
+        # Open, or cut off by refuse() after it was open: either way it is attached.
+        was_open = self.peer is not None and mesh.connections.get(self.peer) is self
+        self.state = "closed"
         if was_open:
             mesh.detach(self, reason)
         elif self.dialled is not None:
@@ -399,6 +456,10 @@ class Mesh:
         self.wanted: dict[str, str] = {}  # peer → host:port, for the peers we dial
         self._pending: dict[int, tuple[str, asyncio.Future[Any]]] = {}
         self._on_result: dict[int, Callable[[Any], None]] = {}
+        # Request deadlines, oldest first (one timeout for all: insertion order is deadline
+        # order); one sweep timer instead of a timer per request.
+        self._deadlines: collections.deque[tuple[float, int, str]] = collections.deque()
+        self._sweeper: Any = None
         self._ids = itertools.count(1)
         self._port: Any = None
         self._stopped = False
@@ -512,6 +573,10 @@ class Mesh:
             if not fut.done():
                 fut.set_exception(PeerUnavailable("mesh stopped"))
         self._pending.clear()
+        self._deadlines.clear()
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
 
     # -- requests ------------------------------------------------------------------
 
@@ -537,13 +602,31 @@ class Mesh:
         if on_result is not None:
             self._on_result[req_id] = on_result
         conn.send([Kind.REQUEST, req_id, op, args])
+        self._deadlines.append((self.clock() + self.request_timeout_s, req_id, op))
+        if self._sweeper is None:
+            self._sweeper = self.reactor.callLater(self._sweep_s, self._sweep)
         try:
-            return await asyncio.wait_for(fut, self.request_timeout_s)
-        except TimeoutError:
-            raise PeerUnavailable(f"{peer} did not answer {op} in time") from None
+            return await fut
         finally:
             self._pending.pop(req_id, None)
             self._on_result.pop(req_id, None)
+
+    @property
+    def _sweep_s(self) -> float:
+        return min(0.1, self.request_timeout_s / 4)
+
+    def _sweep(self) -> None:
+        """Fail the requests past their deadline (to within one sweep period)."""
+        self._sweeper = None
+        now = self.clock()
+        dq = self._deadlines
+        while dq and dq[0][0] <= now:
+            _, req_id, op = dq.popleft()
+            entry = self._pending.pop(req_id, None)
+            if entry is not None and not entry[1].done():
+                entry[1].set_exception(PeerUnavailable(f"{entry[0]} did not answer {op} in time"))
+        if dq and not self._stopped:
+            self._sweeper = self.reactor.callLater(self._sweep_s, self._sweep)
 
     def complete(self, req_id: int, ok: bool, result: Any) -> None:
         entry = self._pending.get(req_id)

@@ -38,6 +38,7 @@ class Kind(enum.IntEnum):
     DELIVER = 6  # [DELIVER, ch, [msg fields...]]
     INTEREST = 7  # [INTEREST, ch, on]
     AUTH = 8  # [AUTH, proof] (cluster/meshauth.py)
+    BATCH = 9  # [BATCH, [message, message, ...]]: many messages in one frame, in order
 
 
 def encode(message: list[Any]) -> bytes:

@@ -9,7 +9,7 @@ slot's batch is full. Each :class:`AppendToLog` carries the waiters (opaque toke
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from relay.codec import AckEvent, Event, MessageEvent
@@ -62,6 +62,14 @@ class Batcher:
         self._window_started_ms: int | None = None
         self._next_id = 1
         self._in_flight: dict[int, AppendToLog] = {}
+        # Called whenever something is gathered (an event or a waiter): a group-commit
+        # loop waiting for work sets its wake-up here.
+        self.on_gather: Callable[[], None] | None = None
+
+    @property
+    def has_open(self) -> bool:
+        """Whether anything (events or waiters) waits to be handed out."""
+        return bool(self._open)
 
     @property
     def pending_events(self) -> int:
@@ -86,6 +94,8 @@ class Batcher:
         o.bytes += event_size(event)
         if waiter is not None:
             o.waiters.append(waiter)
+        if self.on_gather is not None:
+            self.on_gather()
         if len(o.events) >= self.max_events or o.bytes >= self.max_bytes:
             return [self._close(slot)]
         return []
@@ -99,6 +109,8 @@ class Batcher:
         if self._window_started_ms is None:
             self._window_started_ms = now_ms
         o.waiters.append(waiter)
+        if self.on_gather is not None:
+            self.on_gather()
 
     def take(self, slot: int) -> list[AppendToLog]:
         """Close ``slot``'s open batch now (the slot is being lost): the caller must end

@@ -295,7 +295,13 @@ class ClusterConfig:
     replicas: int = _opt(2, "int", "copies of each slot: its owner and replicas", **_POSITIVE)
     lease_ttl_ms: int = _opt(3000, "int", "a node whose lease is this old is dead", lo=100)
     lease_renew_ms: int = _opt(1000, "int", "how often a node renews its lease", lo=10)
-    batch_window_ms: int = _opt(100, "int", "how long events gather before a slot-log append", lo=1)
+    batch_window_ms: int = _opt(
+        100,
+        "int",
+        "retry pace after a failed slot-log append (appends go by group commit: the next "
+        "as soon as the previous one returned)",
+        lo=1,
+    )
     peers: tuple[str, ...] = _opt(
         (),
         "list[str]",

@@ -9,7 +9,9 @@ from __future__ import annotations
 # Imports inside functions here are lazy on purpose (tests/unit/test_layers.py allows them
 # only at the top layer): the CLI starts fast, and the reactor is installed before
 # Twisted loads (relay/entry.py). None hides a cycle.
+import os
 import sys
+from typing import Any
 
 
 def install_reactor() -> None:
@@ -28,9 +30,24 @@ def install_reactor() -> None:
     from twisted.internet import asyncioreactor
 
     # The asyncio reactor wants a selector event loop (uvloop or the default one).
-    loop = asyncio.new_event_loop()
+    loop = _new_loop()
     asyncio.set_event_loop(loop)
     asyncioreactor.install(loop)
+
+
+def _new_loop() -> Any:
+    """The default asyncio loop, or uvloop's when ``RELAY_EVENT_LOOP=uvloop`` and it is
+    installed (docs/BENCHMARKS.md measures both)."""
+    import asyncio
+
+    if os.environ.get("RELAY_EVENT_LOOP", "") == "uvloop":
+        try:
+            import uvloop  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            print("relay: RELAY_EVENT_LOOP=uvloop but uvloop is not installed", file=sys.stderr)
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ waiters wait further for a link to confirm their entry.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from typing import Any
@@ -28,17 +27,7 @@ class Appends(Reading):
     """Appends to the slot logs, retries, and the waiters they answer."""
 
     async def _flush_loop(self) -> None:
-        window = self.batcher.window_ms / 1000
-        while not self.stopped:
-            # Wake when the oldest open batch's window ends (at most one window away), so
-            # an event waits one window for its append, not up to two.
-            deadline = self.batcher.deadline_ms()
-            wait = window if deadline is None else (deadline - self.wall_ms()) / 1000
-            await asyncio.sleep(min(window, max(0.001, wait)))  # until the window ends
-            try:
-                await self._flush()
-            except Exception:
-                log.exception("flush failed")
+        await self.commits.run()  # cluster/commit.py: group commit
 
     async def _flush(self, force: bool = False) -> None:
         # Entries that failed before go first, unchanged (same events, same waiters).

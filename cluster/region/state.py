@@ -24,6 +24,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from cluster.commit import GroupCommit
 from cluster.errors import ClusterError
 from cluster.failure import (
     DetectorConfig,
@@ -149,6 +150,14 @@ class RegionState:
         self.weight = c.weight
         self.lease_ttl_s = c.lease_ttl_ms / 1000
         self.batcher = Batcher(window_ms=c.batch_window_ms)
+        # Group commit: the next append goes as soon as the previous one returned.
+        self.commits = GroupCommit(
+            flush=lambda: self._flush(force=True),
+            pending=lambda: self.batcher.has_open,
+            failures=lambda: self.counters["append_errors"],
+            window_s=c.batch_window_ms / 1000,
+        )
+        self.batcher.on_gather = self.commits.wake
         self.detector = FailureDetector(
             DetectorConfig(
                 lease_ttl_s=self.lease_ttl_s,
@@ -308,4 +317,7 @@ class RegionState:
         raise NotImplementedError
 
     async def _resubscribe(self, ch: str) -> None:
+        raise NotImplementedError
+
+    async def _flush(self, force: bool = False) -> None:
         raise NotImplementedError

@@ -309,3 +309,97 @@ async def test_secrets_during_a_rotation() -> None:
     assert await a.request("sg/b", "echo", 1) == 1
     for m in (a, b):
         await m.stop()
+
+
+async def _frames_until(
+    reader: asyncio.StreamReader, frames: FrameReader, cond: Any, timeout_s: float = 5.0
+) -> list[list[Any]]:
+    """Read frames until ``cond(frames_so_far)``; all of them."""
+    got: list[list[Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while not cond(got):
+        left = deadline - time.monotonic()
+        assert left > 0, f"timed out; frames so far: {got!r}"
+        data = await asyncio.wait_for(reader.read(65536), left)
+        assert data, f"connection closed; frames so far: {got!r}"
+        got += frames.feed(data)
+    return got
+
+
+@aio
+async def test_batches_once_the_peer_says_it_reads_them() -> None:
+    rec = Recorder()
+    m = make("sg/m", rec, ping_interval_s=0.05)
+    port = m.listen("127.0.0.1", 0)
+    reader, writer = await raw_peer(port)
+    frames = FrameReader()
+    try:
+        await until(lambda: "sg/a" in m.connections, what="admitted")
+        # The node's first ping; its pong to ours says that it reads BATCH frames.
+        got = await _frames_until(reader, frames, lambda g: any(x[0] == Kind.PING for x in g))
+        writer.write(encode([Kind.PING, 7]))
+        got = await _frames_until(reader, frames, lambda g: any(x[0] == Kind.PONG for x in g))
+        assert [Kind.PONG, 7, 1] in got
+        assert not m.connections["sg/a"].batching  # we have not said so yet
+        writer.write(encode([Kind.PONG, 1, 1]))
+        await until(lambda: m.connections["sg/a"].batching, what="batching on")
+        # Three requests in one BATCH frame; the three replies come back in one, in order.
+        reqs = [[Kind.REQUEST, i, "echo", f"x{i}"] for i in (1, 2, 3)]
+        writer.write(encode([Kind.BATCH, reqs]))
+        got = await _frames_until(reader, frames, lambda g: any(x[0] == Kind.BATCH for x in g))
+        [batch] = [x for x in got if x[0] == Kind.BATCH]
+        replies = [x for x in batch[1] if x[0] == Kind.REPLY]
+        assert replies == [[Kind.REPLY, i, True, f"x{i}"] for i in (1, 2, 3)]
+        assert rec.requests == [("sg/a", "echo")] * 3
+        # A BATCH inside a BATCH breaks the protocol: cut off.
+        writer.write(encode([Kind.BATCH, [[Kind.BATCH, [[Kind.PING, 1]]]]]))
+        await until(lambda: "sg/a" not in m.connections, what="cut off")
+    finally:
+        writer.close()
+        await m.stop()
+
+
+@aio
+async def test_two_nodes_batch_and_keep_order() -> None:
+    ra, rb = Recorder(), Recorder()
+    a = make("sg/a", ra, ping_interval_s=0.05)
+    b = make("sg/b", rb, ping_interval_s=0.05)
+    a.listen("127.0.0.1", 0)
+    pb = b.listen("127.0.0.1", 0)
+    a.want("sg/b", f"127.0.0.1:{pb}")
+    try:
+        await until(
+            lambda: (
+                "sg/b" in a.connections
+                and "sg/a" in b.connections
+                and a.connections["sg/b"].batching
+                and b.connections["sg/a"].batching
+            ),
+            what="both ends batching",
+        )
+        answers = await asyncio.gather(*(a.request("sg/b", "echo", i) for i in range(200)))
+        assert answers == list(range(200))
+        for i in range(300):
+            b.deliver("sg/a", "c", [i])
+        await until(lambda: len(ra.delivered) == 300, what="deliveries")
+        assert [f[0] for _, _, f in ra.delivered] == list(range(300))
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@aio
+async def test_a_request_the_peer_never_answers_fails_unavailable() -> None:
+    rec = Recorder()
+    m = make("sg/m", rec, request_timeout_s=0.2)
+    port = m.listen("127.0.0.1", 0)
+    _reader, writer = await raw_peer(port)  # admitted, then never answers anything
+    try:
+        await until(lambda: "sg/a" in m.connections, what="admitted")
+        with pytest.raises(PeerUnavailable, match="did not answer echo in time"):
+            await asyncio.wait_for(m.request("sg/a", "echo", 1), 5)
+        assert not m._pending
+    finally:
+        writer.close()
+        await m.stop()
+    assert m._sweeper is None

@@ -1,0 +1,75 @@
+"""Group commit for the slot logs: the loop that decides when the next append goes out.
+
+An append goes out as soon as the previous one has returned, carrying everything that
+gathered meanwhile (as databases commit their log): at saturation the batches still fill
+(they gather for one Redis round trip), and when idle an ``ack=log`` publish costs one
+round trip instead of waiting for a window to end. One append from this loop is under way
+at a time (per node, i.e. per connection to the slot logs), so a slot's entries reach its
+log in the order they were cut. The batch window keeps two roles: the cadence of retries
+after a failed append (Redis down or slow to answer: no tight loop), and the longest an
+idle loop sleeps before it looks again at entries queued for retry by others.
+
+The edge part is this loop; what to append and how is the caller's (``flush``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+
+class GroupCommit:
+    """Run with :meth:`run` as a task; call :meth:`wake` whenever something is gathered
+    for the log (cheap: an event set), :meth:`stop` to end it."""
+
+    def __init__(
+        self,
+        *,
+        flush: Callable[[], Awaitable[None]],
+        pending: Callable[[], bool],
+        failures: Callable[[], int],
+        window_s: float,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._flush = flush
+        self._pending = pending
+        self._failures = failures
+        self.window_s = window_s
+        self._sleep = sleep
+        self._wake = asyncio.Event()
+        self.stopped = False
+        self.rounds = 0  # appends attempted by this loop (a status figure)
+
+    def wake(self) -> None:
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self.stopped:
+            failed_before = self._failures()
+            try:
+                await self._flush()
+            except Exception:
+                log.exception("flush failed")
+                failed_before = -1
+            self.rounds += 1
+            if self._failures() != failed_before:
+                # Redis refused or timed out: what failed is queued again; retry on the
+                # window's cadence, with whatever else gathers meanwhile.
+                await self._sleep(self.window_s)  # retry cadence after a failed append
+                continue
+            if self._pending():
+                continue  # gathered during that append: go again now
+            self._wake.clear()
+            if self._pending():
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.window_s)

@@ -1,0 +1,66 @@
+"""``relay bench peer`` still runs: a tiny run end to end (real relay nodes, Redis and
+nats-server), in its own process, and without nats-server it says so and exits 3."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from bench.peer import EXIT_NO_NATS, register
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_peer_command_is_registered() -> None:
+    @click.group()
+    def group() -> None:
+        pass
+
+    register(group)
+    out = CliRunner().invoke(group, ["peer", "--help"]).output
+    for option in ("--channels", "--pubs", "--subs", "--rate", "--systems", "--json"):
+        assert option in out
+
+
+def test_without_nats_server_it_says_so_and_exits_3(tmp_path: Path) -> None:
+    env = {"PATH": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "bench.peer", "--runs", "1", "--json"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == EXIT_NO_NATS == 3
+    assert "nats-server not found" in r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.skipif(shutil.which("nats-server") is None, reason="nats-server not installed")
+def test_tiny_peer_run_prints_one_json_document() -> None:
+    cmd = [sys.executable, "-m", "bench.peer", "--channels", "6", "--pubs", "2", "--subs", "2"]
+    cmd += ["--window", "3", "--rate", "1000", "--duration", "1.0", "--warmup", "0.2"]
+    cmd += ["--runs", "1", "--json"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)  # stdout holds the document and nothing else
+    for key in (
+        "max_ratio_per_core",
+        "cpu_ratio_5k",
+        "ack_p50_ms_5k",
+        "delivery_p99_ms_5k",
+        "three_vs_one_node",
+    ):
+        assert doc[key] is not None and doc[key] > 0, key
+    runs = doc["runs"]
+    assert {(x["system"], x["mode"]) for x in runs} == {
+        (s, m)
+        for s in ("relay-1", "relay-3", "nats-memory", "nats-file")
+        for m in ("closed", "paced")
+    }
+    assert all(x["accepted"] > 0 and x["errors"] == 0 for x in runs), runs
+    assert all(x["delivery_p50_ms"] is not None for x in runs)
+    assert "relay-1/nats-memory" in doc["ratios"] and "relay-1/nats-file" in doc["ratios"]
+    assert "relay bench peer" in r.stderr

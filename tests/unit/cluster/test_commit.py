@@ -1,0 +1,116 @@
+"""Group commit (cluster/commit.py): when the next slot-log append goes out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from cluster.commit import GroupCommit
+from relay.batch import Batcher
+from relay.codec import MessageEvent
+from tests.conftest import aio, until
+
+
+def _event(i: int) -> MessageEvent:
+    return MessageEvent(f"m{i}", "ch", "anon", i, "r", b"x", 10**12)
+
+
+class _Log:
+    """A batcher and a slot log whose appends return when the test says so."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batcher = Batcher(window_ms=60_000)  # the window must not be what sends
+        self.appends: list[int] = []  # events per append, in order
+        self.release: asyncio.Event = asyncio.Event()
+        self.release.set()
+        self.fail = fail
+        self.failures = 0
+        self.sleeps: list[float] = []
+
+    async def flush(self) -> None:
+        entries = self.batcher.flush(0, force=True)
+        if not entries:
+            return
+        self.appends.append(sum(len(e.events) for e in entries))
+        await self.release.wait()
+        for e in entries:
+            if self.fail:
+                self.failures += 1
+                self.batcher.append_failed(e.batch_id)
+            else:
+                self.batcher.appended(e.batch_id)
+
+    async def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        await asyncio.sleep(0)
+
+    def loop(self) -> GroupCommit:
+        gc = GroupCommit(
+            flush=self.flush,
+            pending=lambda: self.batcher.has_open,
+            failures=lambda: self.failures,
+            window_s=60.0,
+            sleep=self.sleep,
+        )
+        self.batcher.on_gather = gc.wake
+        return gc
+
+
+async def _run(body: Callable[[_Log, GroupCommit], Awaitable[None]], fail: bool = False) -> _Log:
+    log = _Log(fail)
+    gc = log.loop()
+    task = asyncio.ensure_future(gc.run())
+    try:
+        await body(log, gc)
+    finally:
+        gc.stop()
+        log.release.set()
+        await asyncio.wait_for(task, 5)
+    return log
+
+
+@aio
+async def test_an_idle_append_goes_at_once_not_after_the_window() -> None:
+    async def body(log: _Log, gc: GroupCommit) -> None:
+        log.batcher.add(1, _event(1), 0, waiter="w1")
+        await until(lambda: log.appends == [1], what="the append")
+        await until(lambda: log.batcher.in_flight == 0, what="its return")
+
+    log = await _run(body)
+    assert log.appends == [1] and not log.sleeps
+
+
+@aio
+async def test_what_gathers_during_an_append_goes_in_the_next_one() -> None:
+    async def body(log: _Log, gc: GroupCommit) -> None:
+        log.release.clear()
+        log.batcher.add(1, _event(0), 0)
+        await until(lambda: log.appends == [1], what="the first append")
+        for i in range(1, 6):
+            log.batcher.add(i % 3, _event(i), 0)
+        assert log.appends == [1]  # the first has not returned: nothing else goes
+        log.release.set()
+        await until(lambda: log.appends == [1, 5], what="one append carrying the five")
+        await until(lambda: not log.batcher.has_open and not log.batcher.in_flight, what="idle")
+
+    log = await _run(body)
+    assert log.appends == [1, 5]
+
+
+@aio
+async def test_a_waiter_alone_wakes_the_loop() -> None:
+    async def body(log: _Log, gc: GroupCommit) -> None:
+        log.batcher.add_waiter(4, "dup", 0)
+        await until(lambda: log.batcher.in_flight == 0 and not log.batcher.has_open, what="sent")
+
+    await _run(body)
+
+
+@aio
+async def test_after_a_failed_append_the_retry_waits_the_window() -> None:
+    async def body(log: _Log, gc: GroupCommit) -> None:
+        log.batcher.add(1, _event(1), 0)
+        await until(lambda: log.sleeps == [60.0], what="the back-off")
+
+    log = await _run(body, fail=True)
+    assert log.appends == [1]
