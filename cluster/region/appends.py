@@ -1,8 +1,9 @@
 """Appending what owned slots changed to their logs, and answering the waiters.
 
-The batcher (:mod:`relay.batch`) hands out entries once a window; each ends appended,
-retried later, or failed with its waiters answered, never dropped. ``ack=remote``
-waiters wait further for a link to confirm their entry.
+The batcher (:mod:`relay.batch`) hands out entries by group commit (:mod:`cluster.commit`:
+as soon as the previous append returned); each ends appended, retried later, or failed
+with its waiters answered, never dropped. ``ack=remote`` waiters wait further for a link
+to confirm their entry.
 """
 
 from __future__ import annotations
