@@ -25,7 +25,7 @@ import redis.asyncio
 from redis.crc import key_slot
 from twisted.internet.defer import Deferred
 
-from cluster import keys
+from cluster import keys, redisconn
 from cluster.slotlog import (
     START_ID,
     Checkpoint,
@@ -39,7 +39,7 @@ from cluster.slotlog import (
     TailEntry,
     Trimmed,
 )
-from relay.redis_server import RedisServer, find_server_binary, free_port
+from relay.redis_server import RedisClusterServers, RedisServer, find_server_binary, free_port
 from tests.certs import write_cert_files
 from tests.conftest import aio, until
 
@@ -76,7 +76,14 @@ def _run(coro: Any) -> Any:
     return pytest_twisted.blockon(Deferred.fromFuture(asyncio.ensure_future(coro)))
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    servers = RedisClusterServers(primaries=3, replicas=1).start()
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     opened: list[SlotLog] = []
     if request.param == "memory":
@@ -93,6 +100,25 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
             open_memory,
             lambda: sum(m.blocked_readers for m in memory_logs),
             lambda: None,
+            opened,
+        )
+    elif request.param == "cluster":
+        servers: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        admin = redisconn.connect_sync(servers.url)
+        admin.flushall()  # every primary
+        cluster_logs: list[RedisSlotLog] = []
+
+        def open_cluster(region: str) -> SlotLog:
+            log = RedisSlotLog.from_url(servers.url, region)
+            cluster_logs.append(log)
+            opened.append(log)
+            return log
+
+        b = Backend(
+            "cluster",
+            open_cluster,
+            lambda: sum(c.waiting_tails for c in cluster_logs),
+            lambda: admin.script_flush(),  # every primary
             opened,
         )
     else:
@@ -120,7 +146,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     yield b
     for log in opened:
         _run(log.close())
-    if request.param == "redis":
+    if request.param != "memory":
         admin.close()
 
 
@@ -819,3 +845,33 @@ async def test_append_many_throughput(redis_server: RedisServer) -> None:
     finally:
         await log.close()
         admin.close()
+
+
+# ---- ack=log waiting for replicas (WAIT) ----------------------------------------------------
+
+
+@aio
+async def test_wait_replicas_confirms_on_a_cluster_and_refuses_without_replicas(
+    redis_server: RedisServer, redis_cluster: RedisClusterServers
+) -> None:
+    from cluster.slotlog import NotReplicatedError
+
+    clustered = RedisSlotLog.from_url(redis_cluster.url, "sg", wait_replicas=1)
+    lone = RedisSlotLog.from_url(redis_server.url, "iad", wait_replicas=1, wait_timeout_ms=50)
+    try:
+        slots = [0, 1, 2, 3, 4, 5]  # several shards
+        for s in slots:
+            assert await clustered.set_owner(s, A, 1)
+        ids = await clustered.append_many([(s, b"x") for s in slots], A, dict.fromkeys(slots, 1))
+        assert all(isinstance(i, str) for i in ids)
+        assert isinstance(await clustered.append(0, A, 1, b"y"), str)
+        await lone.set_owner(0, "iad/n1", 1)
+        with pytest.raises(NotReplicatedError):  # one server has no replica to confirm
+            await lone.append(0, "iad/n1", 1, b"z")
+        with pytest.raises(FencedError):  # fencing still answers first
+            await clustered.append(0, B, 1, b"y")
+    finally:
+        await clustered.close()
+        await lone.close()
+    with pytest.raises(ValueError, match="wait_replicas"):
+        RedisSlotLog.from_url(redis_server.url, "sg", wait_replicas=-1)
