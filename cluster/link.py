@@ -41,9 +41,9 @@ import secrets
 import time
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cluster import redisconn
 from cluster.chain import parse_id, split_on_gaps
 from cluster.checkpoint import without_clock
 from cluster.errors import ClusterError
@@ -109,7 +109,7 @@ class Link:
             socket_timeout=10,
             socket_connect_timeout=5,
         )
-        self.client = Redis.from_url(local_url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
+        self.client = redisconn.connect(local_url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
         self.lease_key = link_lease_key(region, dest)
         # The node id, then this incarnation: a restarted process with the same id does
         # not renew (or release) the lease of the one before it.

@@ -101,8 +101,8 @@ def check_url(url: str) -> str | None:
         return None
     if not isinstance(url, str) or not url.startswith(SERVER_SCHEMES):
         return (
-            "the URL must be redis://, rediss://, unix:// (one server) or "
-            "redis+cluster://, rediss+cluster:// (a Redis Cluster)"
+            "must be a redis://, rediss:// or unix:// URL (one server), or "
+            "redis+cluster:// or rediss+cluster:// (a Redis Cluster)"
         )
     return None
 

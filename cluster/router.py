@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from cluster import meshops
+from cluster import meshops, redisconn
 from cluster.apply import apply_events, slot_state
 from cluster.chain import parse_id, split_on_gaps, trim_bound
 from cluster.checkpoint import (
@@ -58,6 +57,7 @@ from cluster.link import Link, confirmed_key
 from cluster.membership import Expired, Joined, Left, Member, Membership, MembershipEvent
 from cluster.mesh import Mesh, PeerUnavailable, RemoteError
 from cluster.rebalance import Placement, RingState, placement
+from cluster.redisconn import AsyncClient
 from cluster.ring import slot_of
 from cluster.ringstore import read_state, record_shape
 from cluster.slotlog import FencedError, RedisSlotLog
@@ -179,8 +179,13 @@ class Router:
                 dead_after_s=math.inf,
             )
         )
-        self.client: Redis = Redis.from_url(c.redis_url)
-        self.slotlog = RedisSlotLog.from_url(c.redis_url, self.region)
+        self.client: AsyncClient = redisconn.connect(c.redis_url)
+        self.slotlog = RedisSlotLog.from_url(
+            c.redis_url,
+            self.region,
+            wait_replicas=c.log_replicas,
+            wait_timeout_ms=c.log_replicas_timeout_ms,
+        )
         self.members: dict[str, Member] = {}
         # Where the slots are: the ring of the live members, with the weights and holds
         # ops set (cluster/rebalance.py, cluster/ringstore.py).
