@@ -35,7 +35,7 @@ def test_cluster_urls_parse_nodes_credentials_and_tls() -> None:
 def test_bad_urls_are_named(url: str, says: str) -> None:
     problem = check_url(url)
     assert problem is not None and says in problem
-    with pytest.raises(AssertionError, match="cluster.redis_url"):
+    with pytest.raises(AssertionError, match=r"cluster\.redis_url"):
         node_config(cluster={"redis_url": url})
 
 
