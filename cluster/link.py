@@ -41,6 +41,7 @@ import secrets
 import time
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from cluster import redisconn
@@ -404,13 +405,15 @@ class Link:
     async def _announce(self, confirmed: dict[int, str]) -> None:
         if not confirmed:
             return
+        key = confirmed_key(self.region, self.dest)
+        mapping = {str(s): i for s, i in confirmed.items()}
+        doc = json.dumps({"dest": self.dest, "slots": mapping})
+        if isinstance(self.client, RedisCluster):
+            # A cluster pipeline refuses PUBLISH: two round trips (the hash first).
+            await self.client.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            await self.client.publish(confirmed_channel(self.region), doc)
+            return
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hset(
-                confirmed_key(self.region, self.dest),
-                mapping={str(s): i for s, i in confirmed.items()},
-            )
-            pipe.publish(
-                confirmed_channel(self.region),
-                json.dumps({"dest": self.dest, "slots": {str(s): i for s, i in confirmed.items()}}),
-            )
+            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            pipe.publish(confirmed_channel(self.region), doc)
             await pipe.execute()

@@ -63,12 +63,6 @@ def wait_settled(cluster: DevCluster, live: list[dict[str, Any]], timeout_s: flo
 CLUSTER_PRIMARIES = 3
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "redis_kind" in metafunc.fixturenames:
-        marked = metafunc.definition.get_closest_marker("redis_cluster") is not None
-        metafunc.parametrize("redis_kind", ["server", "cluster"] if marked else ["server"])
-
-
 def redis_cluster_of(redis_kind: str) -> int:
     """``DevCluster(redis_cluster=…)`` for a ``redis_kind``."""
     return CLUSTER_PRIMARIES if redis_kind == "cluster" else 0
