@@ -289,7 +289,7 @@ class RedisClusterServers:
                 continue
             with redis.Redis(host=s.host, port=s.port, socket_timeout=2) as c:
                 try:
-                    c.execute_command("GET", key)  # MOVED when another node serves it
+                    c.execute_command("TYPE", key)  # MOVED when another node serves it
                     role = c.execute_command("ROLE")
                 except redis.ResponseError:
                     continue

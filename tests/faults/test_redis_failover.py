@@ -1,17 +1,26 @@
 """A Redis Cluster primary killed with -9 under ``ack=log`` load: its replica is promoted,
 the region keeps serving, and what was acknowledged is counted after the relay node is
 killed too (so only Redis holds the region's state), with and without
-``cluster.log_replicas`` (WAIT). Prints the counts (docs/BENCHMARKS.md §9)."""
+``cluster.log_replicas`` (WAIT). Prints the counts (docs/BENCHMARKS.md §9).
+
+The owner of a slot keeps its state in RAM and on disk and checkpoints it, so a Redis
+that forgets entries heals at the next checkpoint while the owner lives. What Redis alone
+promises shows when the owner dies with the primary and its disk is lost too: the second
+test does that, with the replica made to lag first (its replication link cut 0.3 s
+before the kill; on loopback a live link is never behind), so the promoted replica misses what the primary acknowledged meanwhile
+— the window WAIT closes."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from typing import Any
 
 import pytest
+import redis
 
 from cluster.keys import log_key
 from cluster.ring import slot_of
@@ -33,11 +42,22 @@ async def promoted(servers: RedisClusterServers, key: str, old: Any, timeout_s: 
         try:
             now = await asyncio.to_thread(servers.primary_of, key)
         except Exception:
-            now = None
+            now = None  # no primary serves it yet (or the node asked is down)
         if now is not None and now is not old:
             return now
         assert time.monotonic() < deadline, "no replica was promoted"
         await asyncio.sleep(0.1)  # poll interval while the cluster fails over
+
+
+def replica_of(servers: RedisClusterServers, primary: Any) -> Any:
+    for srv in servers.servers:
+        if srv is primary:
+            continue
+        with redis.Redis(host=srv.host, port=srv.port, socket_timeout=2) as r:
+            role = r.execute_command("ROLE")
+        if role[0] in (b"slave", "slave") and int(role[2]) == primary.port:
+            return srv
+    raise AssertionError(f"no replica of {primary.port}")
 
 
 @pytest.mark.parametrize("log_replicas", [0, 1])
@@ -89,6 +109,73 @@ async def test_kill_9_of_a_redis_primary_under_ack_log_load(log_replicas: int) -
             f"replica promoted in {failover_s:.1f} s; errors {dict(h.errors)}"
         )
         assert len(h.published) > killed_at, "nothing acknowledged after the failover"
+        if log_replicas:
+            assert not verdict.lost, verdict
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+@pytest.mark.parametrize("log_replicas", [0, 1])
+@aio
+async def test_a_primary_and_the_owner_lost_together(log_replicas: int) -> None:
+    cluster = DevCluster(
+        ["sg"],
+        nodes_per_region=1,
+        cluster_settings={**FAST, "log_replicas": log_replicas, "log_replicas_timeout_ms": 200},
+        redis_cluster=3,
+    )
+    doc = await asyncio.to_thread(cluster.start, 60)
+    try:
+        node = doc["regions"]["sg"]["nodes"][0]
+        await asyncio.to_thread(wait_settled, cluster, [node])
+        servers = cluster.redis["sg"]
+        assert isinstance(servers, RedisClusterServers)
+        mine = [ch for ch in CHANNELS if slot_of(ch, 256) == slot_of(CHANNELS[0], 256)]
+        key = log_key("sg", slot_of(CHANNELS[0], 256))
+        victim = await asyncio.to_thread(servers.primary_of, key)
+        replica = replica_of(servers, victim)
+        c = await RelayClient.connect(node["ws"])
+        acked: list[tuple[str, str]] = []
+
+        async def stream(ch: str) -> None:
+            i = 0
+            while True:
+                try:
+                    await c.publish(ch, "x" * 200, id=f"{ch}-{i}", ack="log", timeout_s=3)
+                except Exception:
+                    return  # the node is gone
+                acked.append((ch, f"{ch}-{i}"))
+                i += 1
+
+        tasks = [asyncio.ensure_future(stream(ch)) for ch in mine + CHANNELS[1:8]]
+        while len(acked) < 300:
+            await asyncio.sleep(0.05)  # poll interval while the load builds
+        before = len(acked)
+        # Cut the replication link and keep it cut (the replica now authenticates as a
+        # user the primary does not have): the primary acknowledges what it lacks.
+        with redis.Redis(host=replica.host, port=replica.port) as r:
+            r.config_set("masteruser", "nobody")
+            r.config_set("masterauth", "wrong")
+        with redis.Redis(host=victim.host, port=victim.port) as r:
+            r.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        await asyncio.sleep(0.3)  # writes acknowledged by the primary alone
+        os.kill(node["pid"], signal.SIGKILL)  # the owner, RAM and disk, with the primary
+        victim.kill()
+        await asyncio.gather(*tasks)
+        await c.close()
+        await promoted(servers, key, victim, 30)
+        assert cluster.workdir is not None
+        shutil.rmtree(cluster.workdir / "sg" / "n1" / "data")
+        node = await asyncio.to_thread(cluster.restart, "sg/n1")
+        await asyncio.to_thread(wait_settled, cluster, [node])
+        h = History()
+        h.attempted = h.published = set(acked)
+        verdict = await check("sg", node["ws"], h)
+        print(
+            f"\nRedis primary and owner (disk lost) kill -9, lagging replica, "
+            f"log_replicas={log_replicas}: {len(acked)} acked at log ({len(acked) - before} "
+            f"while the replica lagged), {len(verdict.lost)} lost"
+        )
         if log_replicas:
             assert not verdict.lost, verdict
     finally:
