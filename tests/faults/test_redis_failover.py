@@ -7,7 +7,8 @@ The owner of a slot keeps its state in RAM and on disk and checkpoints it, so a 
 that forgets entries heals at the next checkpoint while the owner lives. What Redis alone
 promises shows when the owner dies with the primary and its disk is lost too: the second
 test does that, with the replica made to lag first (its replication link cut 0.3 s
-before the kill; on loopback a live link is never behind), so the promoted replica misses what the primary acknowledged meanwhile
+before the kill; on loopback a live link is never behind), so the promoted replica
+misses what the primary acknowledged meanwhile
 — the window WAIT closes."""
 
 from __future__ import annotations
