@@ -58,7 +58,7 @@ import redis.asyncio
 from bench.procs import report
 from bench.wire import OP_CLOSE, OP_PING, OP_PONG, FrameReader, Masker, handshake_request
 from cluster.keys import lease_key
-from cluster.redisconn import connect_sync
+from cluster.redisconn import connect, connect_sync
 from cluster.ring import slot_of
 from cluster.status import owners
 from relay.client import (
@@ -794,7 +794,7 @@ async def _watch_owners(
 ) -> None:
     """When the victim's lease key went, and when no owner record names it any more."""
     loop = asyncio.get_running_loop()
-    r = redis.asyncio.Redis.from_url(reg.redis_url)
+    r = connect(reg.redis_url)
     lease = lease_key(REGION, victim)
     try:
         while not stop.is_set() and ("reowned_s" not in out or "lease_gone_s" not in out):
