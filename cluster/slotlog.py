@@ -400,6 +400,8 @@ _RELEASE: Final = _load_script("release")
 _APPEND: Final = _load_script("append")
 _CHECKPOINT: Final = _load_script("checkpoint")
 _TRIM: Final = _load_script("trim")
+# Scripts that change an owner record: with wait_replicas they wait for replicas too.
+_FENCING: Final = frozenset({"claim", "set_owner", "release"})
 
 # Connection kwargs that belong to the pool they were made by, not to its configuration.
 _POOL_OWNED: Final = frozenset(
@@ -486,8 +488,9 @@ class RedisSlotLog:
     cluster :meth:`tail` reads each shard's slots in one pipelined non-blocking round
     trip and, while nothing is there, polls (:data:`TAIL_POLL_MAX_S`).
 
-    ``wait_replicas`` > 0 makes every append wait (``WAIT``) until that many replicas of
-    the shard hold it, up to ``wait_timeout_ms``, else raise :class:`NotReplicatedError`.
+    ``wait_replicas`` > 0 makes every append, and every change of an owner record (claim,
+    set_owner, release: the fence), wait (``WAIT``) until that many replicas of the shard
+    hold it, up to ``wait_timeout_ms``, else raise :class:`NotReplicatedError`.
     """
 
     def __init__(
@@ -583,6 +586,10 @@ class RedisSlotLog:
         return self._keys(slot)[1]
 
     async def _eval(self, script: _Script, keys_: Sequence[str], *args: bytes | str) -> Any:
+        if self.wait_replicas and script.name in _FENCING:
+            # The owner record is the fence: a failover must not bring an older one back.
+            (reply,) = await self._eval_many(script, [(keys_, args)], wait=True)
+            return reply
         try:
             return await self._client.evalsha(script.sha, len(keys_), *keys_, *args)
         except NoScriptError:

@@ -867,11 +867,17 @@ async def test_wait_replicas_confirms_on_a_cluster_and_refuses_without_replicas(
         ids = await clustered.append_many([(s, b"x") for s in slots], A, dict.fromkeys(slots, 1))
         assert all(isinstance(i, str) for i in ids)
         assert isinstance(await clustered.append(0, A, 1, b"y"), str)
-        await lone.set_owner(0, "iad/n1", 1)
-        with pytest.raises(NotReplicatedError):  # one server has no replica to confirm
-            await lone.append(0, "iad/n1", 1, b"z")
+        # One server has no replica to confirm: neither the fence nor the append holds.
+        with pytest.raises(NotReplicatedError):
+            await lone.set_owner(0, "iad/n1", 1)
+        assert await lone.get_owner(0) == Owner("iad/n1", 1)  # written, not confirmed
+        with pytest.raises(NotReplicatedError):
+            await lone.claim(0, "iad/n2", 1)
+        with pytest.raises(NotReplicatedError):
+            await lone.append(0, "iad/n2", 2, b"z")
+        assert await clustered.claim(0, B, 1) == 2  # a cluster's replica confirms it
         with pytest.raises(FencedError):  # fencing still answers first
-            await clustered.append(0, B, 1, b"y")
+            await clustered.append(0, A, 1, b"y")
     finally:
         await clustered.close()
         await lone.close()
