@@ -12,6 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,8 @@ class RedisClusterServers:
     host: str = "127.0.0.1"
     ports: list[int] = field(default_factory=list)
     node_timeout_ms: int = CLUSTER_NODE_TIMEOUT_MS
+    # More options for every node (TLS, ACL users); given the node's index.
+    node_args: Callable[[int], list[str]] | None = None
     servers: list[RedisServer] = field(default_factory=list)
 
     @property
@@ -222,6 +225,7 @@ class RedisClusterServers:
                             "yes",
                             "--repl-diskless-sync-delay",
                             "0",
+                            *(self.node_args(len(self.servers)) if self.node_args else []),
                         ],
                     ).start(timeout_s)
                 )

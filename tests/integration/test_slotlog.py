@@ -39,7 +39,14 @@ from cluster.slotlog import (
     TailEntry,
     Trimmed,
 )
-from relay.redis_server import RedisClusterServers, RedisServer, find_server_binary, free_port
+from relay.redis_server import (
+    RedisClusterServers,
+    RedisServer,
+    RedisServerError,
+    find_server_binary,
+    free_cluster_port,
+    free_port,
+)
 from tests.certs import write_cert_files
 from tests.conftest import aio, until
 
@@ -773,10 +780,56 @@ ACL_COMMANDS = (
 )
 
 
+@pytest.fixture
+def tls_acl_cluster(tmp_path: Path) -> Iterator[str]:
+    """A 3-primary Redis Cluster (a replica each) whose clients speak TLS only, and an
+    ACL user limited to the relay's keys (the harness forms it over plain loopback)."""
+    certs = write_cert_files(tmp_path)
+    # Twelve distinct ports; with tls-cluster the bus listens on the TLS port + 10000.
+    chosen: list[int] = []
+    while len(chosen) < 12:
+        p = free_cluster_port()
+        if all(p not in (q, q + 10000, q - 10000) for q in chosen):
+            chosen.append(p)
+    ports, tls_ports = chosen[:6], chosen[6:]
+
+    def node_args(i: int) -> list[str]:
+        return [
+            *("--tls-port", str(tls_ports[i]), "--tls-cluster", "yes"),
+            # The bus where the harness's CLUSTER MEET (plain port + 10000) looks for it.
+            *("--cluster-port", str(ports[i] + 10000)),
+            *("--tls-replication", "yes", "--tls-auth-clients", "no"),
+            *("--tls-cert-file", str(certs.cert_path), "--tls-key-file", str(certs.key_path)),
+            *("--tls-ca-cert-file", str(certs.ca_path)),
+            *("--user", "relay", "on", ">s3cret", "~relay:*", "&relay:*", "-@all"),
+            *("+@connection", "+cluster|slots", "+cluster|shards", "+command", "+readonly"),
+            *ACL_COMMANDS.split(),
+        ]
+
+    try:
+        servers = RedisClusterServers(
+            primaries=3, replicas=1, ports=ports, node_args=node_args
+        ).start()
+    except RedisServerError as e:
+        pytest.skip(f"this server cannot run a TLS cluster with ACL users: {e}")
+    nodes = ",".join(f"localhost:{p}" for p in tls_ports[:2])
+    yield f"rediss+cluster://relay:s3cret@{nodes}?ssl_ca_certs={certs.ca_path}"
+    servers.stop()
+
+
 @aio
 async def test_tls_and_acl_user(tls_acl_server: str) -> None:
-    log = RedisSlotLog.from_url(tls_acl_server, "sg", max_block_ms=2000)
-    dest = RedisSlotLog.from_url(tls_acl_server, "fra")
+    await tls_and_acl_user(tls_acl_server)
+
+
+@aio
+async def test_tls_and_acl_user_on_a_cluster(tls_acl_cluster: str) -> None:
+    await tls_and_acl_user(tls_acl_cluster)
+
+
+async def tls_and_acl_user(url: str) -> None:
+    log = RedisSlotLog.from_url(url, "sg", max_block_ms=2000)
+    dest = RedisSlotLog.from_url(url, "fra")
     try:
         assert await log.claim(1, A, 0) == 1
         task = asyncio.ensure_future(log.tail({1: START_ID}, 2000))
