@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 import click
 
-from cluster.redisconn import check_url as check_redis_url
 from relay.cli_output import EXIT_USAGE, err, say
+from relay.redisurl import check_url as check_redis_url
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 

@@ -25,10 +25,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
-from cluster.redisconn import check_url as check_redis_url
 from relay.auth import key_problems
 from relay.errors import RelayError
 from relay.loopback import is_loopback
+from relay.redisurl import check_url as check_redis_url
 
 __all__ = [
     "AdminConfig",
