@@ -113,12 +113,13 @@ class StaleCheckpointError(SlotLogError):
 
 
 class NotReplicatedError(SlotLogError):
-    """Appended, but fewer replicas than asked (``cluster.log_replicas``) confirmed the
-    write within the timeout: the entry may be lost if the primary fails now. The caller
-    appends again (applying is idempotent) before answering ``ack=log``."""
+    """Written, but fewer replicas than asked (``cluster.log_replicas``) confirmed the
+    write within the timeout: an append (or an owner record) may be lost if the primary
+    fails now. The caller writes again (applying is idempotent, a claim retried returns
+    the same epoch) before answering ``ack=log`` or acting as the slot's owner."""
 
     def __init__(self, wanted: int, got: int) -> None:
-        super().__init__(f"appended, but {got} of {wanted} replicas confirmed it in time")
+        super().__init__(f"written, but {got} of {wanted} replicas confirmed it in time")
         self.wanted = wanted
         self.got = got
 

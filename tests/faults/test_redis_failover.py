@@ -165,6 +165,10 @@ async def test_a_primary_and_the_owner_lost_together(log_replicas: int) -> None:
         await asyncio.gather(*tasks)
         await c.close()
         await promoted(servers, key, victim, 30)
+        # Ops bring the dead primary back; it rejoins as a replica of the promoted one
+        # (with log_replicas = 1, a shard without a replica can neither take an append
+        # nor a claim of a slot: the fence waits for a replica too).
+        await asyncio.to_thread(victim.start)
         assert cluster.workdir is not None
         shutil.rmtree(cluster.workdir / "sg" / "n1" / "data")
         node = await asyncio.to_thread(cluster.restart, "sg/n1")

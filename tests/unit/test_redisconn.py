@@ -1,4 +1,4 @@
-"""Cluster URLs: parsed and checked in one place (cluster/redisconn.py), refused by the
+"""Cluster URLs: parsed and checked in one place (relay/redisurl.py), refused by the
 config with a message naming the fault."""
 
 from __future__ import annotations
