@@ -71,7 +71,6 @@ from typing import Any
 import click
 import msgspec
 import psutil
-import redis
 
 from bench.procs import report
 from bench.region import (
@@ -88,6 +87,7 @@ from bench.region import (
     source,
 )
 from cluster.keys import checkpoint_key, log_key
+from cluster.redisconn import connect_sync
 from cluster.ring import slot_of
 from relay.codec import MessageEvent
 from relay.dev import DevCluster
@@ -518,7 +518,7 @@ def checkpoint_positions(redis_url: str) -> tuple[list[bytes | None], int, int]:
     """Per slot, the log id its checkpoint covers (None: no checkpoint); the slots with a
     log but no checkpoint; and how many log entries lie after the checkpoints in all (what
     a rebuild replays after them)."""
-    with redis.Redis.from_url(redis_url) as r:
+    with connect_sync(redis_url) as r:
         pipe = r.pipeline(transaction=False)
         for slot in range(SLOTS):
             pipe.hget(checkpoint_key(REGION, slot), "id")

@@ -59,9 +59,8 @@ def _med(xs: list[Any]) -> float | None:
 async def _case(
     max_moving: int, publishers: int, channels: int, before_s: float, log: Any
 ) -> dict[str, Any]:
-    from redis.asyncio import Redis
-
     from cluster.rebalance import make_plan
+    from cluster.redisconn import connect
     from cluster.ringstore import Progress, RedisRingStore, apply_plan
     from relay.client import RelayClient, RetryPolicy
     from relay.dev import DevCluster
@@ -73,7 +72,7 @@ async def _case(
         url = doc["regions"]["sg"]["redis"]
         nodes = doc["regions"]["sg"]["nodes"]
         await asyncio.to_thread(cluster.add_node, "sg", "n4", {"weight": 0}, 60)
-        client = Redis.from_url(url)
+        client = connect(url)
         store = RedisRingStore(client, "sg")
         deadline = time.monotonic() + 60
         want = {n["id"] for n in nodes}

@@ -58,6 +58,7 @@ import redis.asyncio
 from bench.procs import report
 from bench.wire import OP_CLOSE, OP_PING, OP_PONG, FrameReader, Masker, handshake_request
 from cluster.keys import lease_key
+from cluster.redisconn import connect, connect_sync
 from cluster.ring import slot_of
 from cluster.status import owners
 from relay.client import (
@@ -69,6 +70,7 @@ from relay.client import (
     RetryPolicy,
 )
 from relay.dev import DevCluster
+from relay.redis_server import RedisClusterServers
 
 ROOT = Path(__file__).resolve().parents[1]
 REGION = "bench"
@@ -144,11 +146,19 @@ class Region:
     settings: dict[str, Any]
 
     def redis_pid(self) -> int | None:
-        proc = self.cluster.redis[REGION].proc
-        return proc.pid if proc is not None else None
+        found = self.redis_pids()
+        return found.get("redis")
+
+    def redis_pids(self) -> dict[str, int]:
+        """``{"redis": pid}`` for one server; ``{"redis:<port>": pid}`` for each node of
+        a Redis Cluster (primaries and replicas)."""
+        served = self.cluster.redis[REGION]
+        if isinstance(served, RedisClusterServers):
+            return {f"redis:{s.port}": s.proc.pid for s in served.servers if s.proc is not None}
+        return {"redis": served.proc.pid} if served.proc is not None else {}
 
     def owner_table(self) -> list[str | None]:
-        with redis.Redis.from_url(self.redis_url) as r:
+        with connect_sync(self.redis_url) as r:
             return [o for o, _ in owners(r, REGION, SLOTS)]
 
     def channels_owned_by(self, node_id: str, n: int, prefix: str) -> list[str]:
@@ -175,7 +185,7 @@ def settled(redis_url: str, live: list[dict[str, Any]]) -> bool:
     owns what the owner records say; together they own every slot."""
     try:
         docs = [_status(n["admin"]) for n in live]
-        with redis.Redis.from_url(redis_url) as r:
+        with connect_sync(redis_url) as r:
             records = Counter(o for o, _ in owners(r, REGION, SLOTS))
     except (OSError, redis.RedisError):
         return False
@@ -254,13 +264,17 @@ def region(
     nodes: int = 3,
     timeout_s: float = 60.0,
     relay_root: str | None = None,
+    redis_cluster: int = 0,
 ) -> Iterator[Region]:
-    """A region of ``nodes`` node processes and one Redis, settled; all stopped on exit.
+    """A region of ``nodes`` node processes and one Redis (``redis_cluster`` > 0: a Redis
+    Cluster of that many primaries, a replica each), settled; all stopped on exit.
 
     ``relay_root``: run the nodes with the ``relay/`` and ``cluster/`` found there
     (``python -m`` puts the working directory first on ``sys.path``), e.g. a patched copy.
     """
-    cluster = DevCluster([REGION], nodes_per_region=nodes, cluster_settings=settings)
+    cluster = DevCluster(
+        [REGION], nodes_per_region=nodes, cluster_settings=settings, redis_cluster=redis_cluster
+    )
     env = dict(NODE_ENV)
     if relay_root is not None:
         relay_root = os.path.abspath(relay_root)
@@ -633,9 +647,7 @@ async def throughput_case(
             await _hello(c)
             pubs.append(_Publisher(c, ch, ack, tag, body_bytes, w))
         pids = {n["id"]: int(n["pid"]) for n in reg.nodes}
-        rpid = reg.redis_pid()
-        if rpid is not None:
-            pids["redis"] = rpid
+        pids.update(reg.redis_pids())
         pids["loadgen"] = os.getpid()
         sampler = CpuSample(pids)
         tasks.append(asyncio.ensure_future(_acker(subs, w)))
@@ -670,7 +682,14 @@ async def throughput_case(
     lat = sorted(x / 1e6 for x in w.lat_ns)
     pa = sorted(x / 1e6 for x in w.puback_ns)
     cpu = cpu_between(a, b)
+    shards = [k for k in cpu if k.startswith("redis:")]
+    if shards:  # a Redis Cluster: its nodes together, as one server's figure
+        cpu["redis"] = {
+            "cpu": round(sum(cpu[k]["cpu"] for k in shards), 3),
+            "wait": round(sum(cpu[k]["wait"] for k in shards), 3),
+        }
     node_cpu_s = sum(cpu[n["id"]]["cpu"] for n in reg.nodes) * secs
+    redis_cpu_s = cpu["redis"]["cpu"] * secs if "redis" in cpu else 0.0
     return {
         "ack": ack,
         "mode": mode,
@@ -691,6 +710,8 @@ async def throughput_case(
         "puback_p99_ms": _round(_pct(pa, 0.99)),
         # Node CPU (the three nodes together) per message delivered: steadier than msgs/s.
         "node_us_per_msg": round(node_cpu_s / w.delivered * 1e6, 1) if w.delivered else None,
+        # Redis CPU (every node of a cluster together) per message delivered.
+        "redis_us_per_msg": round(redis_cpu_s / w.delivered * 1e6, 1) if w.delivered else None,
         "cpu": cpu,
     }
 
@@ -773,7 +794,7 @@ async def _watch_owners(
 ) -> None:
     """When the victim's lease key went, and when no owner record names it any more."""
     loop = asyncio.get_running_loop()
-    r = redis.asyncio.Redis.from_url(reg.redis_url)
+    r = connect(reg.redis_url)
     lease = lease_key(REGION, victim)
     try:
         while not stop.is_set() and ("reowned_s" not in out or "lease_gone_s" not in out):
@@ -1121,6 +1142,120 @@ def summarize_failover(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def run_cluster_compare(
+    *,
+    primaries: int,
+    pairs: int,
+    window_mem: int,
+    window_log: int,
+    duration_s: float,
+    warmup_s: float,
+    runs: int,
+    body_bytes: int,
+    node_log: Path,
+    relay_root: str | None = None,
+) -> dict[str, Any]:
+    """The throughput cases (closed loop, ack=mem and ack=log) on a region whose Redis is
+    one server and on one whose Redis is a cluster of ``primaries`` (a replica each),
+    alternating which goes first run by run; per run, the cluster/server ratios."""
+    started = time.monotonic()
+    raw: list[dict[str, Any]] = []
+    for run in range(runs):
+        kinds = [0, primaries] if run % 2 == 0 else [primaries, 0]
+        for kind in kinds:
+            with region({}, node_log, relay_root=relay_root, redis_cluster=kind) as reg:
+                for ack in ("mem", "log"):
+                    r = asyncio.run(
+                        throughput_case(
+                            reg,
+                            ack=ack,
+                            mode="closed",
+                            pairs=pairs,
+                            window=window_mem if ack == "mem" else window_log,
+                            rate=0,
+                            duration_s=duration_s,
+                            warmup_s=warmup_s,
+                            body_bytes=body_bytes,
+                            tag=f"r{run}k{kind}{ack}",
+                        )
+                    )
+                    r["run"] = run
+                    r["redis"] = f"cluster{kind}" if kind else "server"
+                    raw.append(r)
+                    _progress(
+                        f"  run {run + 1}/{runs} {r['redis']:9} ack={ack}: "
+                        f"{r['msgs_per_s']:>7,} msgs/s  node µs/msg {r['node_us_per_msg']}"
+                        f"  redis µs/msg {r['redis_us_per_msg']}  redis CPU "
+                        f"{r['cpu']['redis']['cpu']}  machine {r['cpu']['machine_busy']}"
+                    )
+    summary: list[dict[str, Any]] = []
+    names = ["server", f"cluster{primaries}"]
+    keys = ("msgs_per_s", "node_us_per_msg", "redis_us_per_msg", "p50_ms", "p99_ms")
+    for name in names:
+        for ack in ("mem", "log"):
+            rs = [r for r in raw if r["redis"] == name and r["ack"] == ack]
+            if rs:
+                row: dict[str, Any] = {"redis": name, "ack": ack, "runs": len(rs)}
+                for k in keys:
+                    row[k] = _med([r[k] for r in rs if r[k] is not None])
+                row["cpu_redis"] = _med([r["cpu"]["redis"]["cpu"] for r in rs])
+                row["machine_busy"] = _med([r["cpu"]["machine_busy"] for r in rs])
+                summary.append(row)
+    for ack in ("mem", "log"):
+        ratios: dict[str, list[float]] = {k: [] for k in keys[:3]}
+        for run in range(runs):
+            by = {r["redis"]: r for r in raw if r["run"] == run and r["ack"] == ack}
+            if len(by) == 2:
+                for k, xs in ratios.items():
+                    if by["server"][k] and by[names[1]][k] is not None:
+                        xs.append(by[names[1]][k] / by["server"][k])
+        summary.append(
+            {"ratio": f"{names[1]}/server", "ack": ack, **{k: _med(v) for k, v in ratios.items()}}
+        )
+    return {
+        "machine": machine(),
+        "source": source(),
+        "settings": {
+            "nodes": 3,
+            "primaries": primaries,
+            "pairs": pairs,
+            "window_mem": window_mem,
+            "window_log": window_log,
+            "duration_s": duration_s,
+            "warmup_s": warmup_s,
+            "runs": runs,
+            "body_bytes": body_bytes,
+            "node_env": NODE_ENV,
+        },
+        "cluster_compare": {"summary": summary, "runs": raw},
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+
+
+def human_compare(doc: dict[str, Any]) -> list[str]:
+    st = doc["settings"]
+    lines = [
+        f"relay bench region --redis-cluster {st['primaries']}: 3 nodes, {st['pairs']} "
+        f"publisher + {st['pairs']} subscriber connections, closed loop; one Redis server vs "
+        f"a {st['primaries']}-primary cluster (a replica each), medians of {st['runs']} runs; "
+        f"nproc {doc['machine']['nproc']}",
+    ]
+    for s in doc["cluster_compare"]["summary"]:
+        if "ratio" in s:
+            lines.append(
+                f"  {s['ratio']} ack={s['ack']}: msgs/s {_round(s['msgs_per_s'])}  node µs/msg "
+                f"{_round(s['node_us_per_msg'])}  redis µs/msg {_round(s['redis_us_per_msg'])}"
+            )
+            continue
+        lines.append(
+            f"  {s['redis']:9} ack={s['ack']}: {s['msgs_per_s']} msgs/s  node µs/msg "
+            f"{s['node_us_per_msg']}  redis µs/msg {s['redis_us_per_msg']}  redis CPU "
+            f"{s['cpu_redis']}  p50 {s['p50_ms']} ms  p99 {s['p99_ms']} ms  machine "
+            f"{s['machine_busy']}"
+        )
+    return lines
+
+
 def human(doc: dict[str, Any]) -> list[str]:
     m = doc["machine"]
     st = doc["settings"]
@@ -1207,6 +1342,15 @@ def human(doc: dict[str, Any]) -> list[str]:
     default=None,
     help="Run the nodes from the relay/ and cluster/ in this directory (before/after runs).",
 )
+@click.option(
+    "--redis-cluster",
+    "redis_cluster",
+    type=click.IntRange(0, 16),
+    default=0,
+    show_default=True,
+    help="N > 0: instead, compare one Redis server with an N-primary Redis Cluster (a "
+    "replica each): throughput, node and Redis CPU per message, closed loop, same run.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def region_cmd(
     pairs: int,
@@ -1225,6 +1369,7 @@ def region_cmd(
     body_bytes: int,
     node_log: str | None,
     relay_root: str | None,
+    redis_cluster: int,
     as_json: bool,
 ) -> None:
     """A region of three nodes: cross-node throughput and latency at ack=mem and ack=log,
@@ -1238,6 +1383,21 @@ def region_cmd(
         else:
             log_path = Path(node_log)
         try:
+            if redis_cluster:
+                doc = run_cluster_compare(
+                    primaries=redis_cluster,
+                    pairs=pairs,
+                    window_mem=window_mem,
+                    window_log=window_log,
+                    duration_s=duration,
+                    warmup_s=warmup,
+                    runs=runs,
+                    body_bytes=body_bytes,
+                    node_log=log_path,
+                    relay_root=relay_root,
+                )
+                report(doc, human_compare(doc), as_json)
+                return
             doc = run_region_bench(
                 pairs=pairs,
                 window_mem=window_mem,

@@ -41,9 +41,10 @@ import secrets
 import time
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from cluster import redisconn
 from cluster.chain import parse_id, split_on_gaps
 from cluster.checkpoint import without_clock
 from cluster.errors import ClusterError
@@ -109,7 +110,7 @@ class Link:
             socket_timeout=10,
             socket_connect_timeout=5,
         )
-        self.client = Redis.from_url(local_url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
+        self.client = redisconn.connect(local_url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
         self.lease_key = link_lease_key(region, dest)
         # The node id, then this incarnation: a restarted process with the same id does
         # not renew (or release) the lease of the one before it.
@@ -404,13 +405,15 @@ class Link:
     async def _announce(self, confirmed: dict[int, str]) -> None:
         if not confirmed:
             return
+        key = confirmed_key(self.region, self.dest)
+        mapping = {str(s): i for s, i in confirmed.items()}
+        doc = json.dumps({"dest": self.dest, "slots": mapping})
+        if isinstance(self.client, RedisCluster):
+            # A cluster pipeline refuses PUBLISH: two round trips (the hash first).
+            await self.client.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            await self.client.publish(confirmed_channel(self.region), doc)
+            return
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hset(
-                confirmed_key(self.region, self.dest),
-                mapping={str(s): i for s, i in confirmed.items()},
-            )
-            pipe.publish(
-                confirmed_channel(self.region),
-                json.dumps({"dest": self.dest, "slots": {str(s): i for s, i in confirmed.items()}}),
-            )
+            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            pipe.publish(confirmed_channel(self.region), doc)
             await pipe.execute()

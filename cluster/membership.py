@@ -7,6 +7,14 @@ the ring state ops make, :mod:`cluster.ringstore`); a lease that expires
 (the node died or stalled) reaches every node through Redis keyspace notifications
 (``notify-keyspace-events Ex``). Nobody polls.
 
+On a Redis Cluster every key of the region (leases, epoch counter) carries the hash tag
+``{<region>}``, so they live on one shard. Keyspace notifications are per node, so the
+subscription is made on the primary serving that tag (where the leases expire); the
+channels are classic pub/sub, which a cluster delivers on every node. Notifications are
+switched on on every node, replicas too (a promoted replica keeps them). After a
+failover the subscription drops; it is made again on the new primary and the leases are
+read anew (``on_resync``), as after any lost connection.
+
 This is an edge: it turns Redis traffic into :class:`Joined`, :class:`Left` and
 :class:`Expired` events for the caller (which feeds the pure failure detector), and
 calls ``on_lease_lost`` when this node's own lease is gone (it must then stop owning
@@ -24,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from cluster.keys import (
@@ -36,6 +44,7 @@ from cluster.keys import (
     members_channel,
 )
 from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
+from cluster.redisconn import AsyncClient
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +92,7 @@ def decode_leases(values: list[Any]) -> dict[str, Member]:
     return out
 
 
-async def leases(client: Redis, region: str) -> dict[str, Member]:
+async def leases(client: AsyncClient, region: str) -> dict[str, Member]:
     """Every member of ``region`` holding a lease now."""
     keys = [k async for k in client.scan_iter(match=lease_prefix(region) + "*", count=1000)]
     return decode_leases(await client.mget(keys)) if keys else {}
@@ -114,7 +123,7 @@ class Membership:
     def __init__(
         self,
         *,
-        client: Redis,
+        client: AsyncClient,
         region: str,
         me: Member,
         lease_ttl_ms: int = 3000,
@@ -172,8 +181,14 @@ class Membership:
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
-        self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
+        if isinstance(self.client, RedisCluster):
+            # The primary of the region's hash tag: where its leases expire.
+            node = self.client.get_node_from_key(members_channel(self.region))
+            self._pubsub = self.client.pubsub(node=node, ignore_subscribe_messages=True)
+            db = 0
+        else:
+            self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
         await self._pubsub.subscribe(
             members_channel(self.region),
             control_channel(self.region),
@@ -214,10 +229,16 @@ class Membership:
 
     async def _enable_notifications(self) -> None:
         try:
-            current = await self.client.config_get("notify-keyspace-events")
-            flags = str(current.get("notify-keyspace-events", ""))
-            if "E" not in flags or ("x" not in flags and "A" not in flags):
-                await self.client.config_set("notify-keyspace-events", flags + "Ex")
+            if isinstance(self.client, RedisCluster):
+                # Every node, replicas too: whichever is primary when a lease expires.
+                nodes = self.client.get_nodes()
+                for node in nodes:
+                    current = await self.client.config_get(
+                        "notify-keyspace-events", target_nodes=node
+                    )
+                    await self._enable_flags(current, node)
+            else:
+                await self._enable_flags(await self.client.config_get("notify-keyspace-events"))
             self.notifications = True
         except ResponseError as e:
             # Managed Redis may refuse CONFIG: expiries are then seen by mesh pings only.
@@ -226,6 +247,16 @@ class Membership:
                 "notify-keyspace-events to Ex on this Redis",
                 e,
             )
+
+    async def _enable_flags(self, current: Any, node: Any = None) -> None:
+        flags = str(current.get("notify-keyspace-events", ""))
+        if "E" not in flags or ("x" not in flags and "A" not in flags):
+            if node is None:
+                await self.client.config_set("notify-keyspace-events", flags + "Ex")
+            else:
+                await self.client.config_set(
+                    "notify-keyspace-events", flags + "Ex", target_nodes=node
+                )
 
     async def _renew(self) -> None:
         key = lease_key(self.region, self.me.node_id)

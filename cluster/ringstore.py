@@ -42,8 +42,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
-
 from cluster.errors import (
     ChangeInProgress,
     MoveStuck,
@@ -62,6 +60,7 @@ from cluster.rebalance import (
     effective_weights,
     placement,
 )
+from cluster.redisconn import AsyncClient
 from cluster.ring import DEFAULT_REPLICAS, DEFAULT_SLOTS, MAX_WEIGHT, Move
 
 RETARGET_S = 1.0  # how often an apply checks its moves' targets against the live ring
@@ -246,7 +245,7 @@ def _int_or_0(v: Any) -> int:
         return 0
 
 
-async def record_shape(client: Redis, region: str, slots: int, replicas: int) -> RingState:
+async def record_shape(client: AsyncClient, region: str, slots: int, replicas: int) -> RingState:
     """Record the region's slots and replicas (a node's, at start) unless recorded;
     returns the ring state, with what was recorded first."""
     pipe = client.pipeline(transaction=True)
@@ -256,7 +255,7 @@ async def record_shape(client: Redis, region: str, slots: int, replicas: int) ->
     return parse_state((await pipe.execute())[2:])
 
 
-async def read_state(client: Redis, region: str) -> RingState:
+async def read_state(client: AsyncClient, region: str) -> RingState:
     """The ring state of ``region``, read atomically (one MULTI)."""
     pipe = client.pipeline(transaction=True)
     queue_state(pipe, region)
@@ -266,7 +265,7 @@ async def read_state(client: Redis, region: str) -> RingState:
 class RedisRingStore:
     """The ring state in a region's Redis."""
 
-    def __init__(self, client: Redis, region: str) -> None:
+    def __init__(self, client: AsyncClient, region: str) -> None:
         self.client = client
         self.region = region
         self._keys = [

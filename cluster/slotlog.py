@@ -31,11 +31,13 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, cast
 
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
-from cluster import keys
+from cluster import keys, redisconn
 from cluster.errors import ClusterError
 from cluster.keys import check_node_id, check_region, check_slot
+from cluster.redisconn import AsyncClient
 
 START_ID: Final = "0-0"
 MAX_EPOCH: Final = 2**63 - 1
@@ -45,6 +47,12 @@ DEFAULT_MAX_BLOCK_MS: Final = 10_000
 # The tailing connection's socket timeout is the longest block plus this, so a blocked
 # XREAD is never mistaken for a dead server (redis-py requires socket_timeout > block).
 TAIL_TIMEOUT_MARGIN_S: Final = 5.0
+# On a Redis Cluster a blocking XREAD cannot span slots (CROSSSLOT), so a tail reads every
+# shard without blocking (one pipelined round trip per shard, shards in parallel) and,
+# while nothing is there, reads again after a pause that doubles from the first to the
+# last of these: an idle tail costs ~1/TAIL_POLL_MAX_S round trips a second per shard.
+TAIL_POLL_MIN_S: Final = 0.002
+TAIL_POLL_MAX_S: Final = 0.05
 
 # Canonical stream ids only: the scripts compare them as decimal strings.
 _ID: Final = re.compile(r"(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})")
@@ -102,6 +110,18 @@ class StaleCheckpointError(SlotLogError):
         self.slot = slot
         self.covers_id = covers_id
         self.newest = newest
+
+
+class NotReplicatedError(SlotLogError):
+    """Written, but fewer replicas than asked (``cluster.log_replicas``) confirmed the
+    write within the timeout: an append (or an owner record) may be lost if the primary
+    fails now. The caller writes again (applying is idempotent, a claim retried returns
+    the same epoch) before answering ``ack=log`` or acting as the slot's owner."""
+
+    def __init__(self, wanted: int, got: int) -> None:
+        super().__init__(f"written, but {got} of {wanted} replicas confirmed it in time")
+        self.wanted = wanted
+        self.got = got
 
 
 class Owner(NamedTuple):
@@ -381,6 +401,8 @@ _RELEASE: Final = _load_script("release")
 _APPEND: Final = _load_script("append")
 _CHECKPOINT: Final = _load_script("checkpoint")
 _TRIM: Final = _load_script("trim")
+# Scripts that change an owner record: with wait_replicas they wait for replicas too.
+_FENCING: Final = frozenset({"claim", "set_owner", "release"})
 
 # Connection kwargs that belong to the pool they were made by, not to its configuration.
 _POOL_OWNED: Final = frozenset(
@@ -460,51 +482,91 @@ class RedisSlotLog:
     scripts are sent by SHA and loaded on the first NOSCRIPT, so a restarted or failed-over
     Redis needs nothing from the caller.
 
-    The client is a single-node ``redis.asyncio.Redis``. The keys and scripts are ready for
-    a Redis Cluster (each script touches the keys of one hash tag), but the cluster client
-    is not wired in yet: it will need :meth:`append_many` and :meth:`tail` split by shard
-    (XREAD cannot cross shards).
+    The client is a ``redis.asyncio.Redis`` (one server) or a ``RedisCluster``
+    (:mod:`cluster.redisconn`). Each script touches the keys of one hash tag (one slot's),
+    so it runs on one shard; pipelines are split by shard by the cluster client (one round
+    trip per shard, in parallel). A blocking ``XREAD`` cannot span hash slots, so on a
+    cluster :meth:`tail` reads each shard's slots in one pipelined non-blocking round
+    trip and, while nothing is there, polls (:data:`TAIL_POLL_MAX_S`).
+
+    ``wait_replicas`` > 0 makes every append, and every change of an owner record (claim,
+    set_owner, release: the fence), wait (``WAIT``) until that many replicas of the shard
+    hold it, up to ``wait_timeout_ms``, else raise :class:`NotReplicatedError`.
     """
 
     def __init__(
         self,
-        client: Redis,
+        client: AsyncClient,
         region: str,
         *,
-        tail_client: Redis | None = None,
+        tail_client: AsyncClient | None = None,
         max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
         self._region = check_region(region)
         if type(max_block_ms) is not int or max_block_ms < 1:
             raise ValueError(f"max_block_ms must be a positive int, got {max_block_ms!r}")
+        if type(wait_replicas) is not int or wait_replicas < 0:
+            raise ValueError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
+        if type(wait_timeout_ms) is not int or wait_timeout_ms < 1:
+            raise ValueError(f"wait_timeout_ms must be a positive int, got {wait_timeout_ms!r}")
+        self._cluster = isinstance(client, RedisCluster)
         if tail_client is None:
-            tail_client = _client_like(
-                client, socket_timeout=max_block_ms / 1000 + TAIL_TIMEOUT_MARGIN_S
+            tail_client = (
+                client
+                if isinstance(client, RedisCluster)
+                else _client_like(
+                    client, socket_timeout=max_block_ms / 1000 + TAIL_TIMEOUT_MARGIN_S
+                )
             )
+        if isinstance(client, RedisCluster) != isinstance(tail_client, RedisCluster):
+            raise ValueError("client and tail_client must both be clusters, or neither")
         for name, c in (("client", client), ("tail_client", tail_client)):
-            if c.connection_pool.connection_kwargs.get("decode_responses"):
+            if redisconn.connection_kwargs(c).get("decode_responses"):
                 raise ValueError(f"{name} must not decode responses (decode_responses=False)")
-        _check_tail_timeout(tail_client, max_block_ms)
+        if not isinstance(tail_client, RedisCluster):
+            _check_tail_timeout(tail_client, max_block_ms)
         self._client = client
         self._tail = tail_client
         self.max_block_ms = max_block_ms
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self._slot_keys: dict[int, tuple[str, str, str]] = {}
+        # Cluster tails waiting for entries right now (one server: the server counts
+        # them, INFO blocked_clients).
+        self.waiting_tails = 0
 
     @classmethod
     def from_url(
-        cls, url: str, region: str, *, max_block_ms: int = DEFAULT_MAX_BLOCK_MS, **kwargs: Any
+        cls,
+        url: str,
+        region: str,
+        *,
+        max_block_ms: int = DEFAULT_MAX_BLOCK_MS,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+        **kwargs: Any,
     ) -> RedisSlotLog:
         """Connect to ``url`` (``redis://``, ``rediss://`` for TLS, ``unix://``; ACL user
-        and password as ``redis://user:password@host:port/db``). ``kwargs`` go to
-        ``redis.asyncio.Redis.from_url`` for both clients (e.g. ``socket_timeout``,
-        ``ssl_ca_certs``); the tailing client's socket timeout is set from ``max_block_ms``.
-        Connections open on first use."""
+        and password as ``redis://user:password@host:port/db``; a Redis Cluster as
+        ``redis+cluster://host:port,…``, see :mod:`cluster.redisconn`). ``kwargs`` go to
+        the client for both clients (e.g. ``socket_timeout``, ``ssl_ca_certs``); the
+        tailing client's socket timeout is set from ``max_block_ms``. Connections open on
+        first use."""
         kwargs["decode_responses"] = False
-        client = Redis.from_url(url, **kwargs)
-        tail = Redis.from_url(
+        client = redisconn.connect(url, **kwargs)
+        tail = redisconn.connect(
             url, **{**kwargs, "socket_timeout": max_block_ms / 1000 + TAIL_TIMEOUT_MARGIN_S}
         )
-        return cls(client, region, tail_client=tail, max_block_ms=max_block_ms)
+        return cls(
+            client,
+            region,
+            tail_client=tail,
+            max_block_ms=max_block_ms,
+            wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
+        )
 
     @property
     def region(self) -> str:
@@ -525,6 +587,10 @@ class RedisSlotLog:
         return self._keys(slot)[1]
 
     async def _eval(self, script: _Script, keys_: Sequence[str], *args: bytes | str) -> Any:
+        if self.wait_replicas and script.name in _FENCING:
+            # The owner record is the fence: a failover must not bring an older one back.
+            (reply,) = await self._eval_many(script, [(keys_, args)], wait=True)
+            return reply
         try:
             return await self._client.evalsha(script.sha, len(keys_), *keys_, *args)
         except NoScriptError:
@@ -532,23 +598,58 @@ class RedisSlotLog:
             return await self._client.evalsha(script.sha, len(keys_), *keys_, *args)
 
     async def _pipeline(
-        self, script: _Script, calls: Sequence[tuple[Sequence[str], Sequence[bytes | str]]]
+        self,
+        script: _Script,
+        calls: Sequence[tuple[Sequence[str], Sequence[bytes | str]]],
+        *,
+        wait: bool = False,
     ) -> list[Any]:
+        """The calls in one pipeline; with ``wait``, then a ``WAIT`` on each connection
+        that wrote (one per shard: WAIT covers the writes made on its own connection),
+        whose replies (replica counts) come last."""
         async with self._client.pipeline(transaction=False) as pipe:
             for keys_, args in calls:
                 pipe.evalsha(script.sha, len(keys_), *keys_, *args)
-            return await pipe.execute(raise_on_error=False)
+            waits = 0
+            if wait and calls:
+                w = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                if isinstance(self._client, RedisCluster):
+                    nodes: dict[str, Any] = {}
+                    for k, _ in calls:
+                        node = self._client.get_node_from_key(k[0])
+                        if node is not None:
+                            nodes[node.name] = node
+                    for node in nodes.values():
+                        pipe.execute_command(*w, target_nodes=node)
+                        waits += 1
+                else:
+                    pipe.execute_command(*w)
+                    waits = 1
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        if waits:
+            counts, results = results[-waits:], results[:-waits]
+            if any(isinstance(c, Exception) for c in counts):
+                raise next(c for c in counts if isinstance(c, Exception))
+            got = min(int(c) for c in counts)
+            if got < self.wait_replicas and not all(isinstance(r, Exception) for r in results):
+                raise NotReplicatedError(self.wait_replicas, got)
+        return results
 
     async def _eval_many(
-        self, script: _Script, calls: Sequence[tuple[Sequence[str], Sequence[bytes | str]]]
+        self,
+        script: _Script,
+        calls: Sequence[tuple[Sequence[str], Sequence[bytes | str]]],
+        *,
+        wait: bool = False,
     ) -> list[Any]:
         """Run ``script`` once per call in one pipelined round trip (two more after a
-        NOSCRIPT: load, then the calls that were refused, which did not run)."""
-        results = await self._pipeline(script, calls)
+        NOSCRIPT: load, then the calls that were refused, which did not run). With
+        ``wait``, each round trip ends with ``WAIT`` (see :meth:`_pipeline`)."""
+        results = await self._pipeline(script, calls, wait=wait)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             await self._client.script_load(script.source)
-            again = await self._pipeline(script, [calls[i] for i in missing])
+            again = await self._pipeline(script, [calls[i] for i in missing], wait=wait)
             for i, r in zip(missing, again, strict=True):
                 results[i] = r
         for r in results:
@@ -584,6 +685,11 @@ class RedisSlotLog:
         return int(reply[1])
 
     async def append(self, slot: int, node_id: str, epoch: int, data: bytes) -> str:
+        if self.wait_replicas:
+            (done,) = await self.append_many([(slot, data)], node_id, {slot: epoch})
+            if isinstance(done, FencedError):
+                raise done
+            return done
         owner_key, log_key, _ = self._keys(check_slot(slot))
         args = (check_node_id(node_id), str(_check_epoch(epoch)), _check_data(data))
         reply = await self._eval(_APPEND, (owner_key, log_key), *args)
@@ -617,7 +723,7 @@ class RedisSlotLog:
         for slot, slot_batches in batches.items():
             owner_key, log_key, _ = self._keys(slot)
             calls.append(((owner_key, log_key), (node_id, str(epoch_by_slot[slot]), *slot_batches)))
-        replies = await self._eval_many(_APPEND, calls)
+        replies = await self._eval_many(_APPEND, calls, wait=self.wait_replicas > 0)
         out: list[str | FencedError | None] = [None] * len(items)
         for (slot, where), reply in zip(positions.items(), replies, strict=True):
             if reply[0] == 1:
@@ -659,6 +765,8 @@ class RedisSlotLog:
             slot_of[key.encode()] = slot
         if not streams:
             raise ValueError("tail needs at least one slot")
+        if isinstance(self._tail, RedisCluster):
+            return await self._tail_cluster(self._tail, streams, slot_of, count, block_ms)
         reply: Any = await self._tail.xread(streams, count=count, block=block_ms)
         if not reply:
             return []
@@ -669,6 +777,44 @@ class RedisSlotLog:
             slot = slot_of[_as_bytes(stream_key)]
             out.extend(TailEntry(slot, *_entry(i, f)) for i, f in rows)
         return out
+
+    async def _tail_cluster(
+        self,
+        client: RedisCluster,
+        streams: dict[bytes | str | memoryview, int | bytes | str | memoryview],
+        slot_of: dict[bytes, int],
+        count: int,
+        block_ms: int | None,
+    ) -> list[TailEntry]:
+        """:meth:`tail` on a cluster: one non-blocking ``XREAD`` per stream, pipelined
+        (the client sends each shard's in one round trip, shards in parallel); while
+        nothing is there, again after a pause, until ``block_ms`` has passed."""
+        deadline = None if block_ms is None else time.monotonic() + block_ms / 1000
+        pause = TAIL_POLL_MIN_S
+        while True:
+            async with client.pipeline(transaction=False) as pipe:
+                for key, after in streams.items():
+                    pipe.xread({key: after}, count=count)
+                replies: list[Any] = await pipe.execute()
+            out: list[TailEntry] = []
+            for reply in replies:
+                if not reply:
+                    continue
+                pairs = reply.items() if isinstance(reply, dict) else reply
+                for stream_key, rows in pairs:
+                    slot = slot_of[_as_bytes(stream_key)]
+                    out.extend(TailEntry(slot, *_entry(i, f)) for i, f in rows)
+            if out or deadline is None:
+                return out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            self.waiting_tails += 1
+            try:
+                await asyncio.sleep(min(pause, left))  # the poll interval of a cluster tail
+            finally:
+                self.waiting_tails -= 1
+            pause = min(pause * 2, TAIL_POLL_MAX_S)
 
     async def write_checkpoint(
         self, slot: int, node_id: str, epoch: int, data: bytes, covers_id: str

@@ -21,6 +21,7 @@ import redis
 from cluster.keys import PREFIX, control_channel, epoch_key, lease_prefix, owner_key, region_tag
 from cluster.membership import Member, decode_leases
 from cluster.rebalance import Plan, RingState, effective_weights, make_plan, placement
+from cluster.redisconn import SyncClient, connect, connect_sync
 from cluster.ringstore import (
     ApplyResult,
     Progress,
@@ -45,29 +46,29 @@ class UnknownRegion(LookupError):
     """No node of the region has ever joined through this Redis (a typo, most often)."""
 
 
-def check_known(r: redis.Redis, region: str) -> None:
+def check_known(r: SyncClient, region: str) -> None:
     """Raise :class:`UnknownRegion` unless a node of ``region`` ever joined through ``r``
     (every join takes an epoch from the region's counter)."""
     if not r.exists(epoch_key(region)):
         raise UnknownRegion(f"no region {region!r} in that Redis: no node of it ever joined")
 
 
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+def _client(url: str) -> SyncClient:
+    return connect_sync(url, socket_timeout=5, socket_connect_timeout=5)
 
 
-def members(r: redis.Redis, region: str) -> dict[str, Member]:
+def members(r: SyncClient, region: str) -> dict[str, Member]:
     keys = list(r.scan_iter(match=lease_prefix(region) + "*", count=1000))
     return decode_leases(r.mget(keys)) if keys else {}
 
 
-def ring_state(r: redis.Redis, region: str) -> RingState:
+def ring_state(r: SyncClient, region: str) -> RingState:
     pipe = r.pipeline(transaction=True)
     queue_state(pipe, region)
     return parse_state(pipe.execute())
 
 
-def owners(r: redis.Redis, region: str, slots: int) -> list[tuple[str | None, int]]:
+def owners(r: SyncClient, region: str, slots: int) -> list[tuple[str | None, int]]:
     pipe = r.pipeline(transaction=False)
     for s in range(slots):
         pipe.hmget(owner_key(region, s), "owner", "epoch")
@@ -306,10 +307,9 @@ def apply_change(
 ) -> ApplyResult:
     """Carry ``plan`` out (None: resume the interrupted change of ``region``); see
     :func:`cluster.ringstore.apply_plan` for what it does and raises."""
-    from redis.asyncio import Redis as AsyncRedis
 
     async def run() -> ApplyResult:
-        client = AsyncRedis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        client = connect(url, socket_timeout=5, socket_connect_timeout=5)
         try:
             return await apply_plan(
                 RedisRingStore(client, region),

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from relay.cli_output import EXIT_USAGE, err, say
+from relay.redisurl import check_url as check_redis_url
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -167,9 +168,10 @@ def context_add(name: str, regions: tuple[str, ...], admin_token: str, make_curr
             check_region(region)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--region") from None
-        if not sep or not url.startswith(("redis://", "rediss://", "unix://")):
+        if not sep or check_redis_url(url) is not None:
             raise click.BadParameter(
-                f"{spec!r}: give NAME=redis://… (or rediss://, unix://)", param_hint="--region"
+                f"{spec!r}: give NAME=redis://… (or rediss://, unix://, redis+cluster://)",
+                param_hint="--region",
             )
         table[region] = url
     try:

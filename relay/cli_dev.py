@@ -72,6 +72,16 @@ DEFAULT_DEV_WAN_LATENCY_MS = 40.0
     help="Jitter of that latency (uniform, ±).",
 )
 @click.option(
+    "--redis-cluster",
+    "redis_cluster",
+    type=click.IntRange(0, 16),
+    default=0,
+    show_default=True,
+    help="N > 0: each region's Redis is a local Redis Cluster of N primaries with a "
+    "replica each (free ports; the ready file's redis is its redis+cluster:// URL). "
+    "Runs without the WAN proxy (--wan-latency-ms).",
+)
+@click.option(
     "--context",
     "context_name",
     default="dev",
@@ -87,6 +97,7 @@ def dev(
     ready_file: str | None,
     wan_latency_ms: float | None,
     wan_jitter_ms: float,
+    redis_cluster: int,
     context_name: str,
 ) -> None:
     """Run a local cluster until Ctrl-C: by default three regions (sg, fra, iad) of one
@@ -127,7 +138,11 @@ def dev(
         context.check_name(context_name)
     except context.ContextError as e:
         raise click.BadParameter(str(e), param_hint="--context") from None
-    if wan_latency_ms is None and len(names) > 1:
+    if redis_cluster and wan_latency_ms is not None:
+        raise click.BadParameter(
+            "a WAN proxy cannot stand before a Redis Cluster", param_hint="--wan-latency-ms"
+        )
+    if wan_latency_ms is None and len(names) > 1 and not redis_cluster:
         wan_latency_ms = DEFAULT_DEV_WAN_LATENCY_MS
     if 0 < (port_base or 0) < 1024:
         raise click.BadParameter("give 0 (free ports) or 1024..65000", param_hint="--port-base")
@@ -137,6 +152,7 @@ def dev(
         port_base=port_base or None,
         wan_latency_ms=wan_latency_ms,
         wan_jitter_ms=wan_jitter_ms,
+        redis_cluster=redis_cluster,
     )
     if port_base is None:
         cluster.port_base = DEFAULT_DEV_PORT_BASE

@@ -28,6 +28,7 @@ from typing import Any, Final, Literal, TypeVar
 from relay.auth import key_problems
 from relay.errors import RelayError
 from relay.loopback import is_loopback
+from relay.redisurl import check_url as check_redis_url
 
 __all__ = [
     "AdminConfig",
@@ -265,7 +266,11 @@ class ClusterConfig:
     """The region: Redis, mesh, ring, slot logs (no redis_url: a standalone node)."""
 
     redis_url: str = _opt(
-        "", "str", "the region's Redis (redis:// or rediss://); empty = a standalone node"
+        "",
+        "str",
+        "the region's Redis: one server (redis://, rediss://, unix://) or a Redis Cluster "
+        "(redis+cluster://host:port[,host:port…], rediss+cluster:// for TLS); "
+        "empty = a standalone node",
     )
     mesh_host: str = _opt("127.0.0.1", "str", "mesh listen address", nonempty=True)
     mesh_port: int = _opt(7402, "int", "mesh port (0 = pick a free one)", **_PORT)
@@ -300,6 +305,21 @@ class ClusterConfig:
         "int",
         "retry pace after a failed slot-log append (appends go by group commit: the next "
         "as soon as the previous one returned)",
+        lo=1,
+    )
+    log_replicas: int = _opt(
+        0,
+        "int",
+        "ack=log waits until this many replicas of the Redis (shard) hold the entry (WAIT); "
+        "0 = the primary alone: a failover can lose what it acknowledged",
+        lo=0,
+        hi=16,
+    )
+    log_replicas_timeout_ms: int = _opt(
+        1000,
+        "int",
+        "how long an append waits for cluster.log_replicas; short of them it is retried "
+        "and ack=log is not answered",
         lo=1,
     )
     peers: tuple[str, ...] = _opt(
@@ -442,11 +462,8 @@ class Config:
                     yield _Problem(
                         ("cluster.peers",), f"region {name!r} is this region or listed twice"
                     )
-                elif not url.startswith(("redis://", "rediss://", "unix://")):
-                    yield _Problem(
-                        ("cluster.peers",),
-                        f"{name}: the URL must be redis://, rediss:// or unix://",
-                    )
+                elif (url_problem := check_redis_url(url)) is not None:
+                    yield _Problem(("cluster.peers",), f"{name}: the URL {url_problem}")
                 seen.add(name)
             if self.cluster.peers and not self.cluster.redis_url:
                 yield _Problem(("cluster.peers",), "needs cluster.redis_url (links run from it)")
@@ -502,12 +519,9 @@ class Config:
         if (
             ok("cluster.redis_url")
             and cl.redis_url
-            and not cl.redis_url.startswith(("redis://", "rediss://", "unix://"))
+            and (url_problem := check_redis_url(cl.redis_url)) is not None
         ):
-            yield _Problem(
-                ("cluster.redis_url",),
-                f"must be a redis://, rediss:// or unix:// URL, got {_show(cl.redis_url)}",
-            )
+            yield _Problem(("cluster.redis_url",), f"{url_problem}, got {_show(cl.redis_url)}")
         if ok("cluster.lease_ttl_ms", "cluster.lease_renew_ms") and (
             cl.lease_ttl_ms <= cl.lease_renew_ms
         ):

@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import quote
 
 from relay.errors import RelayError
-from relay.redis_server import RedisServer
+from relay.redis_server import RedisClusterServers, RedisServer
 
 # Browser origins a dev node accepts: its own loopback pages (the admin port's demo).
 DEV_ORIGINS = ("http://127.0.0.1:*", "http://localhost:*", "http://[[]::1]:*")
@@ -141,7 +141,10 @@ class DevCluster:
     wan: dict[str, Any] = field(default_factory=dict)
     _wan_proc: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
-    redis: dict[str, RedisServer] = field(default_factory=dict)
+    # > 0: each region's Redis is a local Redis Cluster of this many primaries, with a
+    # replica each (free ports; no WAN proxy: a cluster's clients reach every node).
+    redis_cluster: int = 0
+    redis: dict[str, RedisServer | RedisClusterServers] = field(default_factory=dict)
     # Each region's mesh secret (cluster.mesh_secret), fresh for every cluster.
     mesh_secrets: dict[str, str] = field(default_factory=dict)
     nodes: list[DevNode] = field(default_factory=list)
@@ -199,9 +202,16 @@ class DevCluster:
         try:
             i = 0
             for region in self.regions:
+                if self.redis_cluster:
+                    self.redis[region] = RedisClusterServers(
+                        primaries=self.redis_cluster, replicas=1
+                    ).start(timeout_s)
+                    continue
                 port = self.layout.redis(region) if self.layout else 0
                 self.redis[region] = RedisServer(port=port).start()
             if self.wan_latency_ms is not None and len(self.regions) > 1:
+                if self.redis_cluster:
+                    raise DevError("a WAN proxy cannot stand before a Redis Cluster")
                 self._start_wan(timeout_s)
             for region in self.regions:
                 for n in range(1, self.nodes_per_region + 1):
@@ -468,7 +478,12 @@ class DevCluster:
                 f"(`relay dev restart {n.id}` starts it again)"
             )
             self._changed()
-        others = {f"Redis of {r}": s.proc for r, s in self.redis.items()}
+        others = {
+            f"Redis of {r}": s.proc for r, s in self.redis.items() if isinstance(s, RedisServer)
+        }
+        for r, s in self.redis.items():
+            if isinstance(s, RedisClusterServers):
+                others.update({f"Redis of {r} ({x.port})": x.proc for x in s.servers})
         others["the WAN proxy"] = self._wan_proc
         for name, proc in others.items():
             if proc is not None and proc.poll() is not None and name not in self._gone:

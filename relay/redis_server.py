@@ -12,8 +12,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from relay.errors import RelayError
 
@@ -68,6 +70,8 @@ class RedisServer:
     port: int = 0
     host: str = "127.0.0.1"
     directory: str | None = None
+    # More command-line options (a cluster node: --cluster-enabled yes …).
+    extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
 
@@ -100,6 +104,7 @@ class RedisServer:
             "yes",
             "--loglevel",
             "warning",
+            *self.extra_args,
         ]
         # A session of its own: Ctrl-C in a terminal does not stop it under the nodes
         # still using it; whoever started it stops it.
@@ -132,8 +137,185 @@ class RedisServer:
             self._tmp.cleanup()
             self._tmp = None
 
+    def kill(self) -> None:
+        """Kill the process at once (SIGKILL): a crash, for fault tests."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_cluster_port(host: str = "127.0.0.1") -> int:
+    """A free port for a cluster node: its cluster bus listens on port + 10000, which
+    must be a valid port too and free."""
+    for _ in range(100):
+        port = free_port(host)
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RedisServerError("no free port pair (port, port + 10000) for a cluster node")
+
+
+# A short node timeout, so that a killed primary's replica is promoted in a few seconds
+# on loopback (production clusters use 5-15 s).
+CLUSTER_NODE_TIMEOUT_MS = 1000
+_HASH_SLOTS = 16384
+
+
+@dataclass
+class RedisClusterServers:
+    """A local Redis Cluster: ``primaries`` primaries with ``replicas`` replicas each, on
+    loopback ports, from the same binary as :class:`RedisServer`. :meth:`stop` it."""
+
+    primaries: int = 3
+    replicas: int = 1
+    host: str = "127.0.0.1"
+    ports: list[int] = field(default_factory=list)
+    node_timeout_ms: int = CLUSTER_NODE_TIMEOUT_MS
+    # More options for every node (TLS, ACL users); given the node's index.
+    node_args: Callable[[int], list[str]] | None = None
+    servers: list[RedisServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """The cluster URL naming every node (a client needs only one to reach all)."""
+        nodes = ",".join(f"{s.host}:{s.port}" for s in self.servers)
+        return f"redis+cluster://{nodes}"
+
+    @property
+    def port(self) -> int:
+        return self.servers[0].port
+
+    def start(self, timeout_s: float = 30.0) -> RedisClusterServers:
+        import redis
+
+        if self.primaries < 1 or self.replicas < 0:
+            raise RedisServerError("a cluster needs at least one primary")
+        count = self.primaries * (1 + self.replicas)
+        ports = self.ports or [free_cluster_port(self.host) for _ in range(count)]
+        try:
+            for port in ports[:count]:
+                self.servers.append(
+                    RedisServer(
+                        port=port,
+                        host=self.host,
+                        extra_args=[
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-config-file",
+                            "nodes.conf",
+                            "--cluster-node-timeout",
+                            str(self.node_timeout_ms),
+                            # Keep serving the slots that are still covered when a
+                            # shard is down (the region's other slots stay writable).
+                            "--cluster-require-full-coverage",
+                            "no",
+                            # Replicas sync straight from memory, at once.
+                            "--repl-diskless-sync",
+                            "yes",
+                            "--repl-diskless-sync-delay",
+                            "0",
+                            *(self.node_args(len(self.servers)) if self.node_args else []),
+                        ],
+                    ).start(timeout_s)
+                )
+            clients = [redis.Redis(host=s.host, port=s.port) for s in self.servers]
+            try:
+                self._form(clients, timeout_s)
+            finally:
+                for c in clients:
+                    c.close()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _form(self, clients: list[Any], timeout_s: float) -> None:
+        primaries = clients[: self.primaries]
+        per = _HASH_SLOTS // self.primaries
+        for i, c in enumerate(primaries):
+            last = _HASH_SLOTS - 1 if i == self.primaries - 1 else (i + 1) * per - 1
+            c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, last)
+        first = self.servers[0]
+        for c in clients[1:]:
+            c.execute_command("CLUSTER", "MEET", first.host, first.port)
+        deadline = time.monotonic() + timeout_s
+        ids = [c.execute_command("CLUSTER", "MYID") for c in primaries]
+        ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+        # Every node must know every primary before a replica can attach to one.
+        while not all(self._knows(c, ids) for c in clients):
+            if time.monotonic() > deadline:
+                raise RedisServerError("the cluster nodes did not meet in time")
+            time.sleep(0.05)  # poll interval while the nodes gossip
+        for k, c in enumerate(clients[self.primaries :]):
+            c.execute_command("CLUSTER", "REPLICATE", ids[k % self.primaries])
+        while not all(_cluster_ok(c) for c in clients) or not self._replicas_synced(primaries):
+            if time.monotonic() > deadline:
+                raise RedisServerError("the cluster did not reach cluster_state:ok in time")
+            time.sleep(0.05)  # poll interval while the cluster forms
+
+    @staticmethod
+    def _knows(c: Any, ids: list[str]) -> bool:
+        text = c.execute_command("CLUSTER", "NODES")
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        return all(i in text for i in ids)
+
+    def _replicas_synced(self, primaries: list[Any]) -> bool:
+        if not self.replicas:
+            return True
+        for c in primaries:
+            info = c.info("replication")
+            online = [
+                v
+                for k, v in info.items()
+                if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+            ]
+            if len(online) < self.replicas:
+                return False
+        return True
+
+    def primary_of(self, key: str) -> RedisServer:
+        """The server now serving ``key``'s hash slot as primary."""
+        import redis
+
+        for s in self.servers:
+            if s.proc is None or s.proc.poll() is not None:
+                continue
+            with redis.Redis(host=s.host, port=s.port, socket_timeout=2) as c:
+                try:
+                    c.execute_command("TYPE", key)  # MOVED when another node serves it
+                    role = c.execute_command("ROLE")
+                except redis.ResponseError:
+                    continue
+                except redis.ConnectionError:
+                    continue
+                if role and role[0] in (b"master", "master"):
+                    return s
+        raise RedisServerError(f"no live primary serves {key!r}")
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+        self.servers.clear()
+
+    def __enter__(self) -> RedisClusterServers:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _cluster_ok(c: Any) -> bool:
+    text = c.execute_command("CLUSTER", "INFO")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return "cluster_state:ok" in text

@@ -117,7 +117,13 @@ def _issue(common_name: str, *, issuer: _Issued | None, ca: bool) -> _Issued:
                 ]
             ),
             critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        ).add_extension(
+            # Client auth too: Redis Cluster nodes present it to each other on the bus.
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
     cert = builder.sign(signing_key, hashes.SHA256())
     return _Issued(cert=cert, key=key)
 

@@ -55,6 +55,14 @@ async def next_turn() -> None:
     await fut
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``redis_kind``: "server" (one Redis per region), and also "cluster" (a local Redis
+    Cluster per region) for tests marked ``@pytest.mark.redis_cluster``."""
+    if "redis_kind" in metafunc.fixturenames:
+        marked = metafunc.definition.get_closest_marker("redis_cluster") is not None
+        metafunc.parametrize("redis_kind", ["server", "cluster"] if marked else ["server"])
+
+
 @pytest.fixture(autouse=True)
 def _cli_context_home(tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """CLI contexts (``relay dev`` writes one) go to a temporary directory, never the

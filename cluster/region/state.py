@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
-
+from cluster import redisconn
 from cluster.commit import GroupCommit
 from cluster.errors import ClusterError
 from cluster.failure import (
@@ -36,6 +35,7 @@ from cluster.membership import Member, Membership
 from cluster.mesh import Mesh
 from cluster.positions import Positions, Tombstones
 from cluster.rebalance import Placement, RingState
+from cluster.redisconn import AsyncClient
 from cluster.ring import slot_of
 from cluster.slotlog import RedisSlotLog
 from cluster.slots import SlotTable
@@ -165,8 +165,13 @@ class RegionState:
                 dead_after_s=math.inf,
             )
         )
-        self.client: Redis = Redis.from_url(c.redis_url)
-        self.slotlog = RedisSlotLog.from_url(c.redis_url, self.region)
+        self.client: AsyncClient = redisconn.connect(c.redis_url)
+        self.slotlog = RedisSlotLog.from_url(
+            c.redis_url,
+            self.region,
+            wait_replicas=c.log_replicas,
+            wait_timeout_ms=c.log_replicas_timeout_ms,
+        )
         self.members: dict[str, Member] = {}
         # Where the slots are: the ring of the live members, with the weights and holds
         # ops set (cluster/rebalance.py, cluster/ringstore.py).

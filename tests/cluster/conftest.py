@@ -1,4 +1,9 @@
-"""Whole regions as real processes: `relay serve` nodes and a real Redis (relay.dev)."""
+"""Whole regions as real processes: `relay serve` nodes and a real Redis (relay.dev).
+
+A test marked ``@pytest.mark.redis_cluster`` runs twice, through the ``redis_kind``
+fixture: against one Redis server per region and against a local Redis Cluster (3
+primaries, a replica each) per region. Unmarked tests run against one server only.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
+from cluster.redisconn import connect_sync
 from cluster.status import owners
 from relay.dev import DevCluster
 
@@ -33,7 +38,7 @@ def settled(cluster: DevCluster, live: list[dict[str, Any]]) -> bool:
         return False
     ids = {n["id"] for n in live}
     region = live[0]["id"].split("/")[0]
-    with redis.Redis.from_url(cluster.redis[region].url) as r:
+    with connect_sync(cluster.redis[region].url) as r:
         records = Counter(o for o, _ in owners(r, region, 256))
     owned = 0
     for n, d in zip(live, docs, strict=True):
@@ -54,10 +59,24 @@ def wait_settled(cluster: DevCluster, live: list[dict[str, Any]], timeout_s: flo
         time.sleep(0.1)  # poll interval
 
 
+# Primaries of the Redis Cluster of a region, in the cluster variant of a test.
+CLUSTER_PRIMARIES = 3
+
+
+def redis_cluster_of(redis_kind: str) -> int:
+    """``DevCluster(redis_cluster=…)`` for a ``redis_kind``."""
+    return CLUSTER_PRIMARIES if redis_kind == "cluster" else 0
+
+
 @pytest.fixture
-def region3() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
+def region3(redis_kind: str) -> Iterator[tuple[DevCluster, dict[str, Any]]]:
     """One region of three nodes, settled: every slot owned."""
-    cluster = DevCluster(["sg"], nodes_per_region=3, cluster_settings=FAST)
+    cluster = DevCluster(
+        ["sg"],
+        nodes_per_region=3,
+        cluster_settings=FAST,
+        redis_cluster=redis_cluster_of(redis_kind),
+    )
     doc = cluster.start(timeout_s=60)
     try:
         nodes = doc["regions"]["sg"]["nodes"]

@@ -223,3 +223,23 @@ def test_dev_bad_region_name_is_a_usage_error(regions: str) -> None:
     r = relay("dev", "--regions", regions, "--port-base", "0", timeout=60)
     assert r.returncode == 2
     assert "--regions" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dev_on_a_redis_cluster_serves_and_the_ops_commands_work(tmp_path: Path) -> None:
+    args = ("--regions", "sg", "--nodes", "2", "--port-base", "0", "--redis-cluster", "3")
+    with relay_dev(tmp_path, *args) as (proc, _errf):
+        doc = json.loads((tmp_path / "ready.json").read_text())
+        url = doc["regions"]["sg"]["redis"]
+        assert url.startswith("redis+cluster://127.0.0.1:") and url.count(",") == 5
+        # The context names the cluster: status reads the leases, ring and owner records
+        # from it with no flags.
+        poll(lambda: sum(members().values()) == 256 and len(members()) == 2, 30, "2 members")
+        round_trip(doc["regions"]["sg"]["nodes"][0]["ws"], "on-a-cluster")
+        # A planned change: the lock, the plan and the holds are scripts on the {sg} keys.
+        r = relay("ring", "plan", "--weight", "sg/n2=3", "--apply")
+        assert r.returncode == 0, r.stderr
+        poll(lambda: members().get("sg/n2", 0) > 150, 30, "sg/n2 to take 3/4 of the slots")
+        r = relay("node", "drain", "sg/n2")
+        assert r.returncode == 0, r.stderr
+        poll(lambda: members() == {"sg/n1": 256}, 30, "sg/n1 to take every slot")
+        assert proc.poll() is None

@@ -12,8 +12,9 @@ import time
 from collections import Counter
 from typing import Any
 
-import redis
+import pytest
 
+from cluster.redisconn import connect_sync
 from cluster.ring import Ring, diff, slot_of
 from relay.client import RelayClient, RelayErrorReply, RetryPolicy
 from tests.cluster.conftest import admin_status, pending_ids
@@ -27,7 +28,7 @@ def nodes_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def owner_record(doc: dict[str, Any], slot: int) -> tuple[str, int]:
-    with redis.Redis.from_url(doc["regions"]["sg"]["redis"]) as r:
+    with connect_sync(doc["regions"]["sg"]["redis"]) as r:
         owner, epoch = r.hmget(f"relay:{{sg:{slot}}}:owner", "owner", "epoch")
     return (owner.decode() if owner else "", int(epoch or 0))
 
@@ -60,6 +61,7 @@ async def owned_elsewhere(survivors: list[dict[str, Any]]) -> bool:
 PATIENT = RetryPolicy(max_attempts=200, base_delay_s=0.05, max_delay_s=0.2)
 
 
+@pytest.mark.redis_cluster
 @aio
 async def test_clients_on_different_nodes_reach_each_other(region3: Any) -> None:
     _, doc = region3
@@ -92,6 +94,7 @@ async def test_clients_on_different_nodes_reach_each_other(region3: Any) -> None
     assert all(d["cluster"]["owned_slots"] > 0 for d in docs)
 
 
+@pytest.mark.redis_cluster
 @aio
 async def test_kill_9_of_an_owner_loses_no_acked_message(region3: Any) -> None:
     _cluster, doc = region3

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
 from cluster.keys import checkpoint_key, log_key
+from cluster.redisconn import connect_sync
 from cluster.ring import slot_of
 from relay.dev import DevCluster
 from tests.cluster.conftest import FAST, wait_settled
@@ -49,13 +49,18 @@ UNLIMITED = {
 
 
 def start(
-    regions: list[str], nodes: int, wan_latency_ms: float = 80, **settings: Any
+    regions: list[str],
+    nodes: int,
+    wan_latency_ms: float | None = 80,
+    redis_cluster: int = 0,
+    **settings: Any,
 ) -> tuple[DevCluster, dict[str, Any]]:
     cluster = DevCluster(
         regions,
         nodes_per_region=nodes,
         cluster_settings={**FAST, "checkpoint_interval_s": 1.0, **settings},
         wan_latency_ms=wan_latency_ms,
+        redis_cluster=redis_cluster,
     )
     doc = cluster.start(timeout_s=90)
     try:
@@ -74,9 +79,13 @@ def unlimited(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def sg_fra(unlimited: None) -> Iterator[tuple[DevCluster, dict[str, Any]]]:
-    """sg with two nodes (so the link has two candidates), fra with one; 80 ms WAN."""
-    cluster, doc = start(["sg", "fra"], 2)
+def sg_fra(unlimited: None, redis_kind: str) -> Iterator[tuple[DevCluster, dict[str, Any]]]:
+    """sg with two nodes (so the link has two candidates), fra with one; 80 ms WAN (none
+    before a Redis Cluster: the cluster variant runs on loopback)."""
+    if redis_kind == "cluster":
+        cluster, doc = start(["sg", "fra"], 2, wan_latency_ms=None, redis_cluster=3)
+    else:
+        cluster, doc = start(["sg", "fra"], 2)
     try:
         yield cluster, doc
     finally:
@@ -108,7 +117,7 @@ def link_rows(doc: dict[str, Any], region: str, dest: str) -> list[dict[str, Any
 
 def checkpoint_ids(doc: dict[str, Any], region: str) -> list[bytes | None]:
     """What each slot's checkpoint covers, read from the region's Redis."""
-    with redis.Redis.from_url(doc["regions"][region]["redis"]) as r:
+    with connect_sync(doc["regions"][region]["redis"]) as r:
         pipe = r.pipeline(transaction=False)
         for s in range(256):
             pipe.hget(checkpoint_key(region, s), "id")
@@ -123,7 +132,7 @@ def checkpointed_since(doc: dict[str, Any], region: str, before: list[bytes | No
 def trimmed_past_link(doc: dict[str, Any], region: str, dest: str) -> bool:
     """Some slot log of ``region`` lost entries the link to ``dest`` had not confirmed:
     the first entry after the confirmed position does not follow on from it."""
-    with redis.Redis.from_url(doc["regions"][region]["redis"]) as r:
+    with connect_sync(doc["regions"][region]["redis"]) as r:
         confirmed = r.hgetall(f"relay:{{{region}}}:link:{dest}:confirmed")
         for slot_b, at in confirmed.items():
             rows = r.xrange(log_key(region, int(slot_b)), min=b"(" + at, max="+", count=1)
@@ -337,7 +346,7 @@ def sg3_fra(unlimited: None) -> Iterator[tuple[DevCluster, dict[str, Any]]]:
 def owner_in_sg(doc: dict[str, Any], ch: str) -> str:
     from cluster.status import owners
 
-    with redis.Redis.from_url(doc["regions"]["sg"]["redis"]) as r:
+    with connect_sync(doc["regions"]["sg"]["redis"]) as r:
         table = owners(r, "sg", 256)
     return table[slot_of(ch, 256)][0]
 
@@ -395,6 +404,7 @@ async def test_an_owner_paused_past_its_lease_brings_back_nothing_acked(sg3_fra:
     await fra.close()
 
 
+@pytest.mark.redis_cluster
 @aio
 async def test_one_holder_of_a_link_across_a_holder_kill(sg_fra: Any) -> None:
     cluster, doc = sg_fra

@@ -25,7 +25,7 @@ import redis.asyncio
 from redis.crc import key_slot
 from twisted.internet.defer import Deferred
 
-from cluster import keys
+from cluster import keys, redisconn
 from cluster.slotlog import (
     START_ID,
     Checkpoint,
@@ -39,7 +39,14 @@ from cluster.slotlog import (
     TailEntry,
     Trimmed,
 )
-from relay.redis_server import RedisServer, find_server_binary, free_port
+from relay.redis_server import (
+    RedisClusterServers,
+    RedisServer,
+    RedisServerError,
+    find_server_binary,
+    free_cluster_port,
+    free_port,
+)
 from tests.certs import write_cert_files
 from tests.conftest import aio, until
 
@@ -76,7 +83,14 @@ def _run(coro: Any) -> Any:
     return pytest_twisted.blockon(Deferred.fromFuture(asyncio.ensure_future(coro)))
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    servers = RedisClusterServers(primaries=3, replicas=1).start()
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     opened: list[SlotLog] = []
     if request.param == "memory":
@@ -93,6 +107,25 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
             open_memory,
             lambda: sum(m.blocked_readers for m in memory_logs),
             lambda: None,
+            opened,
+        )
+    elif request.param == "cluster":
+        servers: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        admin = redisconn.connect_sync(servers.url)
+        admin.flushall()  # every primary
+        cluster_logs: list[RedisSlotLog] = []
+
+        def open_cluster(region: str) -> SlotLog:
+            log = RedisSlotLog.from_url(servers.url, region)
+            cluster_logs.append(log)
+            opened.append(log)
+            return log
+
+        b = Backend(
+            "cluster",
+            open_cluster,
+            lambda: sum(c.waiting_tails for c in cluster_logs),
+            lambda: admin.script_flush(),  # every primary
             opened,
         )
     else:
@@ -120,7 +153,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     yield b
     for log in opened:
         _run(log.close())
-    if request.param == "redis":
+    if request.param != "memory":
         admin.close()
 
 
@@ -308,8 +341,10 @@ async def test_append_many_gives_an_answer_per_item(backend: Backend) -> None:
 async def test_append_many_is_one_round_trip_and_survives_script_flush(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if backend.name != "redis":
+    if backend.name == "memory":
         pytest.skip("round trips are a property of the Redis transport")
+    # One server: one round trip. A cluster: one per shard (the 64 slots cover all 3).
+    trips = 3 if backend.name == "cluster" else 1
     from redis.asyncio.connection import AbstractConnection
 
     log = backend.log
@@ -329,14 +364,14 @@ async def test_append_many_is_one_round_trip_and_survives_script_flush(
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
     results = await log.append_many(items, A, dict.fromkeys(slots, 1))
     assert all(isinstance(r, str) for r in results)
-    assert len(writes) == 1
+    assert len(writes) == trips
 
     # A restarted (or failed-over) Redis has forgotten the scripts: NOSCRIPT, load, redo.
     backend.flush_scripts()
     writes.clear()
     results = await log.append_many(items, A, dict.fromkeys(slots, 1))
     assert all(isinstance(r, str) for r in results)
-    assert len(writes) == 3
+    assert len(writes) == 3 * trips
     assert [len(await log.read(s)) for s in slots] == [3] * len(slots)
 
     backend.flush_scripts()
@@ -745,10 +780,56 @@ ACL_COMMANDS = (
 )
 
 
+@pytest.fixture
+def tls_acl_cluster(tmp_path: Path) -> Iterator[str]:
+    """A 3-primary Redis Cluster (a replica each) whose clients speak TLS only, and an
+    ACL user limited to the relay's keys (the harness forms it over plain loopback)."""
+    certs = write_cert_files(tmp_path)
+    # Twelve distinct ports; with tls-cluster the bus listens on the TLS port + 10000.
+    chosen: list[int] = []
+    while len(chosen) < 12:
+        p = free_cluster_port()
+        if all(p not in (q, q + 10000, q - 10000) for q in chosen):
+            chosen.append(p)
+    ports, tls_ports = chosen[:6], chosen[6:]
+
+    def node_args(i: int) -> list[str]:
+        return [
+            *("--tls-port", str(tls_ports[i]), "--tls-cluster", "yes"),
+            # The bus where the harness's CLUSTER MEET (plain port + 10000) looks for it.
+            *("--cluster-port", str(ports[i] + 10000)),
+            *("--tls-replication", "yes", "--tls-auth-clients", "no"),
+            *("--tls-cert-file", str(certs.cert_path), "--tls-key-file", str(certs.key_path)),
+            *("--tls-ca-cert-file", str(certs.ca_path)),
+            *("--user", "relay", "on", ">s3cret", "~relay:*", "&relay:*", "-@all"),
+            *("+@connection", "+cluster|slots", "+cluster|shards", "+command", "+readonly"),
+            *ACL_COMMANDS.split(),
+        ]
+
+    try:
+        servers = RedisClusterServers(
+            primaries=3, replicas=1, ports=ports, node_args=node_args
+        ).start()
+    except RedisServerError as e:
+        pytest.skip(f"this server cannot run a TLS cluster with ACL users: {e}")
+    nodes = ",".join(f"localhost:{p}" for p in tls_ports[:2])
+    yield f"rediss+cluster://relay:s3cret@{nodes}?ssl_ca_certs={certs.ca_path}"
+    servers.stop()
+
+
 @aio
 async def test_tls_and_acl_user(tls_acl_server: str) -> None:
-    log = RedisSlotLog.from_url(tls_acl_server, "sg", max_block_ms=2000)
-    dest = RedisSlotLog.from_url(tls_acl_server, "fra")
+    await tls_and_acl_user(tls_acl_server)
+
+
+@aio
+async def test_tls_and_acl_user_on_a_cluster(tls_acl_cluster: str) -> None:
+    await tls_and_acl_user(tls_acl_cluster)
+
+
+async def tls_and_acl_user(url: str) -> None:
+    log = RedisSlotLog.from_url(url, "sg", max_block_ms=2000)
+    dest = RedisSlotLog.from_url(url, "fra")
     try:
         assert await log.claim(1, A, 0) == 1
         task = asyncio.ensure_future(log.tail({1: START_ID}, 2000))
@@ -819,3 +900,39 @@ async def test_append_many_throughput(redis_server: RedisServer) -> None:
     finally:
         await log.close()
         admin.close()
+
+
+# ---- ack=log waiting for replicas (WAIT) ----------------------------------------------------
+
+
+@aio
+async def test_wait_replicas_confirms_on_a_cluster_and_refuses_without_replicas(
+    redis_server: RedisServer, redis_cluster: RedisClusterServers
+) -> None:
+    from cluster.slotlog import NotReplicatedError
+
+    clustered = RedisSlotLog.from_url(redis_cluster.url, "sg", wait_replicas=1)
+    lone = RedisSlotLog.from_url(redis_server.url, "iad", wait_replicas=1, wait_timeout_ms=50)
+    try:
+        slots = [0, 1, 2, 3, 4, 5]  # several shards
+        for s in slots:
+            assert await clustered.set_owner(s, A, 1)
+        ids = await clustered.append_many([(s, b"x") for s in slots], A, dict.fromkeys(slots, 1))
+        assert all(isinstance(i, str) for i in ids)
+        assert isinstance(await clustered.append(0, A, 1, b"y"), str)
+        # One server has no replica to confirm: neither the fence nor the append holds.
+        with pytest.raises(NotReplicatedError):
+            await lone.set_owner(0, "iad/n1", 1)
+        assert await lone.get_owner(0) == Owner("iad/n1", 1)  # written, not confirmed
+        with pytest.raises(NotReplicatedError):
+            await lone.claim(0, "iad/n2", 1)
+        with pytest.raises(NotReplicatedError):
+            await lone.append(0, "iad/n2", 2, b"z")
+        assert await clustered.claim(0, B, 1) == 2  # a cluster's replica confirms it
+        with pytest.raises(FencedError):  # fencing still answers first
+            await clustered.append(0, A, 1, b"y")
+    finally:
+        await clustered.close()
+        await lone.close()
+    with pytest.raises(ValueError, match="wait_replicas"):
+        RedisSlotLog.from_url(redis_server.url, "sg", wait_replicas=-1)

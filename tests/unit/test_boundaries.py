@@ -15,6 +15,7 @@ CORE = [
     "relay/dedupe.py",
     "relay/ratelimit.py",
     "relay/auth.py",
+    "relay/redisurl.py",
     "relay/codec.py",
     "relay/frames.py",
     "relay/session.py",

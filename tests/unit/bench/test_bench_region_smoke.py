@@ -49,3 +49,21 @@ def test_tiny_region_run_prints_one_json_document() -> None:
     assert fo["log"]["published_acked"] > 0 and fo["log"]["lost"] == 0
     assert fo["mem"]["published_acked"] > 0
     assert "relay bench region" in r.stderr
+
+
+def test_tiny_redis_cluster_comparison_prints_both_and_their_ratio() -> None:
+    cmd = [sys.executable, "-m", "bench.region", "--redis-cluster", "3", "--pairs", "2"]
+    cmd += ["--runs", "1", "--duration", "0.3", "--warmup", "0.2", "--json"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    runs = doc["cluster_compare"]["runs"]
+    assert {(x["redis"], x["ack"]) for x in runs} == {
+        (k, a) for k in ("server", "cluster3") for a in ("mem", "log")
+    }
+    assert all(x["delivered"] > 0 and x["errors"] == 0 for x in runs)
+    # A cluster's CPU is every node's: six processes measured, summed as "redis".
+    cluster_run = next(x for x in runs if x["redis"] == "cluster3")
+    assert sum(k.startswith("redis:") for k in cluster_run["cpu"]) == 6
+    assert all(x["redis_us_per_msg"] is not None for x in runs)
+    assert any("ratio" in s for s in doc["cluster_compare"]["summary"])
