@@ -58,9 +58,11 @@ from cluster.link import Link, confirmed_key
 from cluster.membership import Expired, Joined, Left, Member, Membership, MembershipEvent
 from cluster.mesh import Mesh, PeerUnavailable, RemoteError
 from cluster.rebalance import Placement, RingState, placement
+from cluster.receiver import Receiver
 from cluster.ring import slot_of
 from cluster.ringstore import read_state, record_shape
 from cluster.slotlog import FencedError, RedisSlotLog
+from cluster.window import bounds_of
 from relay.batch import AppendToLog, Batcher, ack_events
 from relay.codec import DEFAULT_MAX_EVENTS, AckEvent, CodecError, MessageEvent, encode_batch
 from relay.config import Config
@@ -244,8 +246,22 @@ class Router:
                 local_url=c.redis_url,
                 slots=self.slots,
                 lease_ttl_ms=c.lease_ttl_ms,
+                bounds=bounds_of(c),
             )
             for name, url in sorted(self.peers.items())
+        ]
+        # Each peer's link writes windows into our inbound stream; one node of this
+        # region (the receiver's lease) splits them into our mirrors of that peer.
+        self.receivers = [
+            Receiver(
+                region=self.region,
+                origin=name,
+                url=c.redis_url,
+                node_id=self.me,
+                slots=self.slots,
+                lease_ttl_ms=c.lease_ttl_ms,
+            )
+            for name in sorted(self.peers)
         ]
         self.mirror_applied: dict[str, dict[int, str]] = {o: {} for o in self.peers}
         self._mirror_tasks: dict[str, asyncio.Task[None]] = {}
@@ -326,6 +342,8 @@ class Router:
         ]
         for link in self.links:
             link.start()
+        for receiver in self.receivers:
+            receiver.start()
         await self._rebalance()
 
     async def _release_stale_records(self) -> None:
@@ -349,6 +367,8 @@ class Router:
             t.cancel()
         for link in self.links:
             await link.stop()
+        for receiver in self.receivers:
+            await receiver.stop()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
@@ -1860,6 +1880,7 @@ class Router:
             },
             "counters": dict(self.counters),
             "links": [link.status(self.wall_ms()) for link in self.links],
+            "receivers": [r.status() for r in self.receivers],
             "snapshots": dict(self.snapshot_stats),
             "data_at_risk": self.data_at_risk(),
             "remote_waiting": sum(len(w) for w in self.remote_waiters.values()),
