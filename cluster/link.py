@@ -51,7 +51,7 @@ from cluster.checkpoint import without_clock
 from cluster.errors import ClusterError
 from cluster.keys import PREFIX, confirmed_channel, link_lease_key, region_tag
 from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
-from cluster.receiver import done_key, inbound_key, last_done
+from cluster.receiver import cancel_task, done_key, inbound_key, last_done
 from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.window import WindowBounds, WindowPlan, WindowTuner, batch_events, pack_window
 
@@ -317,9 +317,7 @@ class Link:
 
     @staticmethod
     async def _cancel(task: asyncio.Task[None]) -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await cancel_task(task)
 
     async def _acquire(self) -> bool:
         """Take the lease if it is free or renew it if it is ours."""

@@ -167,12 +167,12 @@ class Receiver:
                 if ours and worker is None:
                     worker = asyncio.ensure_future(self._apply_forever())
                 elif not ours and worker is not None:
-                    await _cancel(worker)
+                    await cancel_task(worker)
                     worker = None
                 await asyncio.sleep(self.lease_ttl_ms / 3000)  # the lease's renewal period
         finally:
             if worker is not None:
-                await _cancel(worker)
+                await cancel_task(worker)
 
     async def _apply_forever(self) -> None:
         backoff = 0.1
@@ -256,7 +256,10 @@ class Receiver:
         self.entries_total += written
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+async def cancel_task(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it has ended. A cancellation that lands inside a
+    Redis call's own timeout may come back out as a timeout error, which the task's
+    retry loop would swallow: so cancel again until it is done."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
