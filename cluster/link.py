@@ -397,6 +397,8 @@ class Link:
                         await self._probe()
                     continue
                 probed = time.monotonic()
+                # What was read may be a backlog: cut it by the plan it calls for.
+                self.plan = plan = self.tuner.plan(max(self._backlog_hint, len(entries)))
                 await self._send(conn, entries, plan)
         finally:
             for h in helpers:
@@ -460,7 +462,8 @@ class Link:
             if not more:
                 break
             entries.extend(more)
-        self._backlog_hint = len(entries)
+        # Twice what this window read: windows grow while reads keep filling them.
+        self._backlog_hint = 2 * len(entries)
         self.backlog_entries = len(entries) + self.inflight_entries
         oldest = min(parse_id(e.id)[0] for e in entries)
         if self.waiting_oldest_ms is None or oldest < self.waiting_oldest_ms:
@@ -488,7 +491,7 @@ class Link:
             last = i == len(entries) - 1
             if last or len(chunk) >= plan.entries or size >= self.bounds.max_bytes:
                 self._check_lease()
-                frame = pack_window(chunk)
+                frame = pack_window(chunk, plan.level)
                 w = _Window(
                     positions={c.slot: c.id for c in chunk},
                     oldest_ms=min(parse_id(c.id)[0] for c in chunk),

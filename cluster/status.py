@@ -161,6 +161,10 @@ LINK_FIELDS = (
     "bytes_total",
     "gaps_total",
     "last_error",
+    "rtt_ms",
+    "inflight_windows",
+    "bytes_per_message",
+    "compression_ratio",
 )
 
 
@@ -191,7 +195,7 @@ def links_status(url: str, region: str, admin_token: str = "") -> list[dict[str,
                 row["last_error"] = "the holder's admin port does not answer"
             for link in ((doc or {}).get("cluster") or {}).get("links", []):
                 if link["dest"] == dest:
-                    row.update({k: link[k] for k in LINK_FIELDS})
+                    row.update({k: link.get(k) for k in LINK_FIELDS})
         out.append(row)
     return out
 

@@ -45,6 +45,9 @@ MAX_ENTRIES: Final = 100_000
 MAX_DECOMPRESSED: Final = 64 * 1024 * 1024
 MAX_SLOTS: Final = 1 << 16
 
+# lz4 level of windows while no backlog waits (see WindowTuner).
+STEADY_LEVEL: Final = 3
+
 KIND_BATCH: Final = 0
 KIND_RAW: Final = 1
 
@@ -83,9 +86,10 @@ def _recompress(payload: bytes) -> bytes:
     return BATCH_PREFIX + frame
 
 
-def pack_window(entries: Sequence[TailEntry]) -> bytes:
+def pack_window(entries: Sequence[TailEntry], level: int = 0) -> bytes:
     """One frame holding ``entries`` (any slots, in the order the receiver must write
-    them). The receiver's :func:`unpack_window` gives back equal ``TailEntry`` values."""
+    them). The receiver's :func:`unpack_window` gives back equal ``TailEntry`` values.
+    ``level`` is lz4's (0: fast; 3 and up: high compression, several times the CPU)."""
     if len(entries) > MAX_ENTRIES:
         raise ValueError(f"window of {len(entries)} entries is over {MAX_ENTRIES}; split it")
     rows: list[_Row] = []
@@ -98,7 +102,9 @@ def pack_window(entries: Sequence[TailEntry]) -> bytes:
     body = _encoder.encode(rows)
     if len(body) > MAX_DECOMPRESSED:
         raise ValueError(f"window of {len(body)} bytes is over {MAX_DECOMPRESSED}; split it")
-    frame: bytes = lz4.frame.compress(body, store_size=True, content_checksum=True)
+    frame: bytes = lz4.frame.compress(
+        body, compression_level=level, store_size=True, content_checksum=True
+    )
     return PREFIX + frame
 
 
@@ -192,10 +198,12 @@ class WindowBounds:
 @dataclass(frozen=True, slots=True)
 class WindowPlan:
     """What the link does next: cut windows of up to ``entries`` entries (and
-    ``bounds.max_bytes``), and keep at most ``inflight`` windows unconfirmed."""
+    ``bounds.max_bytes``), keep at most ``inflight`` windows unconfirmed, and compress
+    at lz4 ``level``."""
 
     entries: int
     inflight: int
+    level: int = 0
 
 
 class WindowTuner:
@@ -203,8 +211,12 @@ class WindowTuner:
 
     The round trip is smoothed as TCP does (``srtt = 7/8 srtt + 1/8 sample``). With
     little waiting, windows are cut every ``window_ms`` and just enough are in flight to
-    cover one round trip (``ceil(srtt / window_ms) + 1``); with a backlog, windows grow
-    to ``max_entries`` and the depth to ``max_inflight``: a long fat pipe is kept full.
+    cover one round trip (``ceil(srtt / window_ms) + 1``), compressed hard (lz4 level
+    :data:`STEADY_LEVEL`: bytes matter more than the link's CPU); with a backlog,
+    windows grow to ``max_entries``, the depth to ``max_inflight``, and compression
+    goes fast (level 0): a long fat pipe is kept full and the link's CPU is not the
+    bottleneck. The caller passes as ``backlog_entries`` what it last read, doubled,
+    so windows grow geometrically while reads keep filling them.
     """
 
     def __init__(self, bounds: WindowBounds) -> None:
@@ -227,7 +239,8 @@ class WindowTuner:
         if backlog_entries > b.max_entries:
             cover = max(cover, b.max_inflight)
         inflight = max(b.min_inflight, min(b.max_inflight, cover))
-        return WindowPlan(entries, inflight)
+        level = 0 if backlog_entries > b.max_entries else STEADY_LEVEL
+        return WindowPlan(entries, inflight, level)
 
 
 def batch_events(data: bytes) -> int:

@@ -109,7 +109,8 @@ def test_the_tuner_covers_the_round_trip_and_grows_with_the_backlog() -> None:
     assert t.srtt_s is not None and abs(t.srtt_s - 0.160) < 1e-6
     assert t.plan(5).inflight == 3  # 160 ms of round trip: two windows out, one coming
     assert t.plan(500).entries == 500
-    assert t.plan(10**6) == type(t.plan(0))(1000, b.max_inflight)
+    assert t.plan(10**6) == type(t.plan(0))(1000, b.max_inflight, 0)
+    assert t.plan(5).level > 0  # little waits: compress hard
 
 
 @given(st.lists(st.floats(0, 30), max_size=20), st.integers(0, 10**7))
