@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from bench import natsrv
 from cluster.keys import mirror_key
@@ -65,9 +66,13 @@ TICK_S = 0.01
 
 
 def chat_body(rng: random.Random) -> str:
+    """About 200 characters of chat: words drawn from a small vocabulary."""
     words: list[str] = []
-    while sum(len(w) + 1 for w in words) < 200:
-        words.append(rng.choice(WORDS))
+    size = 0
+    while size < 200:
+        w = rng.choice(WORDS)
+        words.append(w)
+        size += len(w) + 1
     return " ".join(words)[:200]
 
 
@@ -129,11 +134,19 @@ class Wan:
 # -- relay -------------------------------------------------------------------------------
 
 
-def _mirror_count(r: redis.Redis) -> int:
-    pipe = r.pipeline(transaction=False)
-    for s in range(SLOTS):
-        pipe.xlen(mirror_key("fra", s, "sg"))
-    return sum(int(n) for n in pipe.execute())
+# Entries in every mirror of sg in fra, counted by fra's Redis in one call (the poll must
+# not load the process that runs the link and the receiver).
+_COUNT_MIRRORS = """
+local n = 0
+for i = 1, #KEYS do n = n + redis.call('XLEN', KEYS[i]) end
+return n
+"""
+_MIRROR_KEYS = [mirror_key("fra", s, "sg") for s in range(SLOTS)]
+
+
+async def _mirror_count(r: aioredis.Redis) -> int:
+    n: Any = await r.eval(_COUNT_MIRRORS, len(_MIRROR_KEYS), *_MIRROR_KEYS)
+    return int(n)
 
 
 async def _fill(origin: RedisSlotLog, messages: int, per_entry: int, rng: random.Random) -> int:
@@ -187,14 +200,15 @@ async def relay_drain(
     t0 = time.monotonic()
     link.start()
     present = 0
-    with redis.Redis.from_url(dest_url) as r:
-        deadline = t0 + 600
-        while time.monotonic() < deadline:
-            present = _mirror_count(r)
-            if present >= entries:
-                break
-            await asyncio.sleep(0.02)  # poll the destination's mirrors
+    r = aioredis.Redis.from_url(dest_url)
+    deadline = t0 + 600
+    while time.monotonic() < deadline:
+        present = await _mirror_count(r)
+        if present >= entries:
+            break
+        await asyncio.sleep(0.02)  # poll the destination's mirrors
     elapsed = time.monotonic() - t0
+    await r.aclose()
     status = link.status(0)
     await link.stop()
     await rx.stop()

@@ -25,22 +25,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Final
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from cluster.chain import parse_id
 from cluster.errors import ClusterError
-from cluster.keys import PREFIX, check_region, region_tag
+from cluster.keys import PREFIX, check_region, mirror_key, region_tag
 from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
 from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.window import WindowError, unpack_window
 
 log = logging.getLogger(__name__)
+
+# One call per slot of a window: each entry XADDed into the slot's mirror with its id,
+# bytes and prev; 1 when written, 0 when the mirror holds it already (its id is not above
+# the top: a window written again), any other error returned as it is.
+MIRROR_MANY: Final = """
+local out = {}
+for i = 1, #ARGV, 3 do
+  local r
+  if ARGV[i + 1] == '' then
+    r = redis.pcall('XADD', KEYS[1], ARGV[i], 'd', ARGV[i + 2])
+  else
+    r = redis.pcall('XADD', KEYS[1], ARGV[i], 'd', ARGV[i + 2], 'p', ARGV[i + 1])
+  end
+  if type(r) == 'table' and r.err then
+    if string.find(r.err, 'equal or smaller', 1, true) then
+      out[#out + 1] = 0
+    else
+      return r
+    end
+  else
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+MIRROR_MANY_SHA: Final = hashlib.sha1(MIRROR_MANY.encode()).hexdigest()
 
 READ_BLOCK_MS = 500
 READ_COUNT = 16
@@ -206,6 +234,35 @@ class Receiver:
                 for wid, fields in rows:
                     await self._apply_window(_text(wid), fields.get(b"w", b""), top)
 
+    async def _write(self, entries: list[TailEntry]) -> list[bool]:
+        """Write ``entries`` into their mirrors: one script call per slot, pipelined (a
+        Redis Cluster routes each to its slot's shard). True: written; False: there
+        already."""
+        by_slot: dict[int, list[int]] = {}
+        for i, e in enumerate(entries):
+            by_slot.setdefault(e.slot, []).append(i)
+        calls: list[tuple[str, list[bytes | str]]] = []
+        for slot, idx in by_slot.items():
+            args: list[bytes | str] = []
+            for i in idx:
+                e = entries[i]
+                args += [e.id, e.prev, e.data]
+            calls.append((mirror_key(self.region, slot, self.origin), args))
+        results = await _mirror_calls(self.client, calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await self.client.script_load(MIRROR_MANY)
+            again = await _mirror_calls(self.client, [calls[i] for i in missing])
+            for i, r in zip(missing, again, strict=True):
+                results[i] = r
+        out: list[bool] = [False] * len(entries)
+        for (_, idx), r in zip(by_slot.items(), results, strict=True):
+            if isinstance(r, Exception):
+                raise r
+            for i, ok in zip(idx, r, strict=True):
+                out[i] = bool(ok)
+        return out
+
     async def _apply_window(self, wid: str, frame: bytes, top: dict[int, str]) -> None:
         bad = ""
         todo: list[TailEntry] = []
@@ -231,7 +288,7 @@ class Receiver:
         written = 0
         nbytes = 0
         if todo:
-            results = await self.mirrors.mirror_append_many(self.origin, todo)
+            results = await self._write(todo)
             for e, ok in zip(todo, results, strict=True):
                 if ok:
                     written += 1
@@ -254,6 +311,14 @@ class Receiver:
         self.position = wid
         self.windows_total += 1
         self.entries_total += written
+
+
+async def _mirror_calls(client: Redis, calls: Sequence[tuple[str, list[bytes | str]]]) -> list[Any]:
+    async with client.pipeline(transaction=False) as pipe:
+        for key, args in calls:
+            pipe.evalsha(MIRROR_MANY_SHA, 1, key, *args)
+        out: list[Any] = await pipe.execute(raise_on_error=False)
+        return out
 
 
 async def cancel_task(task: asyncio.Task[None]) -> None:
