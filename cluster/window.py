@@ -211,7 +211,8 @@ class WindowTuner:
 
     The round trip is smoothed as TCP does (``srtt = 7/8 srtt + 1/8 sample``). With
     little waiting, windows are cut every ``window_ms`` and just enough are in flight to
-    cover one round trip (``ceil(srtt / window_ms) + 1``), compressed hard (lz4 level
+    cover the two round trips to its confirmation (``ceil(2 srtt / window_ms) + 2``),
+    compressed hard (lz4 level
     :data:`STEADY_LEVEL`: bytes matter more than the link's CPU); with a backlog,
     windows grow to ``max_entries``, the depth to ``max_inflight``, and compression
     goes fast (level 0): a long fat pipe is kept full and the link's CPU is not the
@@ -235,7 +236,9 @@ class WindowTuner:
         b = self.bounds
         entries = max(b.min_entries, min(b.max_entries, backlog_entries))
         rtt_ms = (self.srtt_s or 0.0) * 1000
-        cover = math.ceil(rtt_ms / b.window_ms) + 1
+        # A window is confirmed about two round trips after it is cut: its XADD crosses,
+        # the receiver writes it, and its progress comes back on the next read of `done`.
+        cover = math.ceil(2 * rtt_ms / b.window_ms) + 2
         if backlog_entries > b.max_entries:
             cover = max(cover, b.max_inflight)
         inflight = max(b.min_inflight, min(b.max_inflight, cover))
