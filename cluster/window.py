@@ -239,7 +239,9 @@ class WindowTuner:
         # A window is confirmed about two round trips after it is cut: its XADD crosses,
         # the receiver writes it, and its progress comes back on the next read of `done`.
         cover = math.ceil(2 * rtt_ms / b.window_ms) + 2
-        if backlog_entries > b.max_entries:
+        if backlog_entries > b.max_entries or self.srtt_s is None:
+            # A backlog, or no round trip measured yet (a link just started): fill
+            # the pipe rather than wait a round trip per window to learn its length.
             cover = max(cover, b.max_inflight)
         inflight = max(b.min_inflight, min(b.max_inflight, cover))
         level = 0 if backlog_entries > b.max_entries else STEADY_LEVEL

@@ -103,7 +103,11 @@ def test_a_truncated_window_is_refused_whole() -> None:
 def test_the_tuner_covers_the_round_trip_and_grows_with_the_backlog() -> None:
     b = WindowBounds(window_ms=100, min_entries=10, max_entries=1000, min_inflight=2)
     t = WindowTuner(b)
-    assert t.plan(0).inflight == 2 and t.plan(0).entries == 10
+    # No round trip measured yet: the pipe is filled rather than probed window by window.
+    assert t.plan(0).inflight == b.max_inflight and t.plan(0).entries == 10
+    t.observe_rtt(0.001)
+    assert t.plan(0).inflight == 3
+    t = WindowTuner(b)
     for _ in range(50):
         t.observe_rtt(0.160)
     assert t.srtt_s is not None and abs(t.srtt_s - 0.160) < 1e-6
