@@ -24,6 +24,9 @@ from tests.conftest import aio, until
 
 A = "sg/n1"
 SLOTS = 8
+# Leases short enough that a killed receiver's runs out quickly, long enough that a
+# busy shared machine does not make a live holder lose it.
+TTL_MS = 1500
 
 
 @pytest.fixture
@@ -58,7 +61,9 @@ def batch(n: int) -> bytes:
 
 
 def receiver(url: str, node: str) -> Receiver:
-    rx = Receiver(region="fra", origin="sg", url=url, node_id=node, slots=SLOTS, lease_ttl_ms=600)
+    rx = Receiver(
+        region="fra", origin="sg", url=url, node_id=node, slots=SLOTS, lease_ttl_ms=TTL_MS
+    )
     rx.start()
     return rx
 
@@ -100,7 +105,7 @@ async def test_receivers_killed_mid_window_lose_and_double_nothing(wan: Any) -> 
         node_id=A,
         local_url=origin_url,
         slots=SLOTS,
-        lease_ttl_ms=600,
+        lease_ttl_ms=TTL_MS,
         bounds=WindowBounds(window_ms=20, min_entries=8, max_entries=200),
     )
     link.start()
@@ -117,7 +122,7 @@ async def test_receivers_killed_mid_window_lose_and_double_nothing(wan: Any) -> 
     # Kill the receiver three times while windows stream in, each time once it has
     # written more; another node's receiver takes the lease over after its TTL.
     for i in range(3):
-        await until(partial(wrote_some, rx), timeout_s=20, what="receiving")
+        await until(partial(wrote_some, rx), timeout_s=15, what="receiving")
         assert not publisher.done()  # killed mid-stream
         await kill(rx)
         rx = receiver(dest_url, f"fra/n{i + 2}")
@@ -126,7 +131,7 @@ async def test_receivers_killed_mid_window_lose_and_double_nothing(wan: Any) -> 
     with redis_sync.Redis.from_url(origin_url, decode_responses=True) as r:
         await until(
             lambda: r.hgetall(confirmed_key("sg", "fra")) == tops,
-            timeout_s=60,
+            timeout_s=40,
             what="the receiver's progress confirming every slot's last entry",
         )
     # Written once each (a window written again after a kill is refused, not counted).
@@ -161,7 +166,7 @@ async def test_a_half_written_window_is_finished_by_the_next_receiver(wan: Any) 
         node_id=A,
         local_url=origin_url,
         slots=SLOTS,
-        lease_ttl_ms=600,
+        lease_ttl_ms=TTL_MS,
     )
     link.start()
     # No receiver yet: the window waits in fra's inbound stream.
