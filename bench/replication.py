@@ -299,6 +299,20 @@ def growth(samples: list[dict[str, Any]], settle_s: float) -> dict[str, dict[str
 )
 @click.option("--wan-latency-ms", default=80.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--quick", is_flag=True, help="Side by side: one run of each phase, shorter.")
+@click.option("--runs", default=3, show_default=True, help="Side by side: runs of each phase.")
+@click.option(
+    "--messages", default=300_000, show_default=True, help="Side by side: the drained backlog."
+)
+@click.option(
+    "--per-entry", default=4, show_default=True, help="Side by side: messages per slot-log entry."
+)
+@click.option(
+    "--rates", default="2000,10000", show_default=True, help="Side by side: steady msgs/s."
+)
+@click.option(
+    "--steady-s", default=10.0, show_default=True, help="Side by side: each steady phase's time."
+)
 def replication_cmd(
     soak: bool,
     duration_s: float,
@@ -309,6 +323,12 @@ def replication_cmd(
     dedupe_window_s: int,
     wan_latency_ms: float,
     as_json: bool,
+    quick: bool,
+    runs: int,
+    messages: int,
+    per_entry: int,
+    rates: str,
+    steady_s: float,
 ) -> None:
     """Replication between two local regions (docs/BENCHMARKS.md).
 
@@ -317,10 +337,17 @@ def replication_cmd(
     lost. Exit 0 when nothing was lost and nothing is left pending, 1 otherwise.
     """
     if not soak:
-        raise click.UsageError(
-            "only --soak is built so far (the link's drain rate, bytes per message and "
-            "latency side by side with NATS come with the windowed WAN link)"
+        side_by_side(
+            quick=quick,
+            runs=runs,
+            messages=messages,
+            per_entry=per_entry,
+            rates=[float(r) for r in rates.split(",")],
+            steady_s=steady_s,
+            wan_latency_ms=wan_latency_ms,
+            as_json=as_json,
         )
+        return
     with tempfile.TemporaryDirectory(prefix="relay-bench-repl-") as tmp:
         log_path = Path(tmp) / "nodes.log"
         with _cluster(dedupe_window_s, wan_latency_ms, log_path) as (_, doc):
@@ -380,6 +407,50 @@ def replication_cmd(
     report(doc, lines, as_json)
     if result["lost"] or any(result["left_pending"].values()):
         sys.exit(1)
+
+
+def side_by_side(
+    *,
+    quick: bool,
+    runs: int,
+    messages: int,
+    per_entry: int,
+    rates: list[float],
+    steady_s: float,
+    wan_latency_ms: float,
+    as_json: bool,
+) -> None:
+    from bench import natsrv, wanhop
+
+    if natsrv.find_nats_server() is None:
+        click.echo(
+            "nats-server is not on the PATH: the NATS side cannot be measured, so no ratio "
+            "is printed (Debian: apt-get install nats-server)",
+            err=True,
+        )
+        sys.exit(3)
+    if quick:
+        runs, steady_s = 1, min(steady_s, 5.0)
+    doc = wanhop.run(
+        runs=runs,
+        messages=messages,
+        per_entry=per_entry,
+        rates=rates,
+        duration_s=steady_s,
+        latencies_ms=[0.0, wan_latency_ms],
+        say=lambda line: click.echo(line, err=True),
+    )
+    doc["settings"] = {
+        "messages": messages,
+        "per_entry": per_entry,
+        "rates": rates,
+        "steady_s": steady_s,
+        "wan_latency_ms": [0.0, wan_latency_ms],
+        "runs": runs,
+    }
+    lines = [f"{k}: {v}" for k, v in doc.items() if k not in ("medians", "settings")]
+    lines += [f"{k}: {v}" for k, v in doc["medians"].items()]
+    report(doc, lines, as_json)
 
 
 def register(group: click.Group) -> None:

@@ -39,6 +39,8 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
@@ -50,7 +52,9 @@ from cluster.checkpoint import without_clock
 from cluster.errors import ClusterError
 from cluster.keys import PREFIX, confirmed_channel, link_lease_key, region_tag
 from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
+from cluster.receiver import cancel_task, done_key, inbound_key, last_done
 from cluster.slotlog import RedisSlotLog, TailEntry
+from cluster.window import WindowBounds, WindowPlan, WindowTuner, batch_events, pack_window
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ MAX_BACKOFF_S = 5.0
 # (a cut WAN shows as an error even when no entry waits), and must answer within this.
 PROBE_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 2.5
+# A window's XADD must be answered within this (a blackholed WAN ends in an error).
+REPLY_TIMEOUT_S = 10.0
 
 
 class LinkGap(ClusterError):
@@ -75,6 +81,25 @@ class LeaseLost(ClusterError):
 # A slot whose resync must wait (no checkpoint covers its hole yet) is left out of the
 # copy for this long; the other slots go on.
 PARK_S = 1.0
+
+
+@dataclass(slots=True)
+class _Window:
+    """A window sent and not yet confirmed by the destination's receiver."""
+
+    positions: dict[int, str]  # slot → its last entry in the window
+    oldest_ms: int
+    entries: int
+    data_bytes: int
+    events: int
+    frame_bytes: int
+    sent: float
+    resyncs: int  # checkpoints sent in place of trimmed entries (not copies)
+    wid: tuple[int, int] | None = field(default=None)  # its id in the inbound stream
+
+
+def _events(data: bytes) -> int:
+    return batch_events(data)
 
 
 def confirmed_key(region: str, dest: str) -> str:
@@ -95,6 +120,7 @@ class Link:
         local_url: str,
         slots: int,
         lease_ttl_ms: int = 3000,
+        bounds: WindowBounds | None = None,
     ) -> None:
         self.region = region
         self.dest = dest
@@ -110,6 +136,30 @@ class Link:
             socket_timeout=10,
             socket_connect_timeout=5,
         )
+        # Windows go out on one connection of their own, several in flight; the
+        # receiver's progress comes back on another (a blocking read).
+        self.remote_client = redisconn.connect(
+            dest_url, socket_timeout=REPLY_TIMEOUT_S, socket_connect_timeout=5
+        )
+        self.done_client = redisconn.connect(
+            dest_url, socket_timeout=REPLY_TIMEOUT_S, socket_connect_timeout=5
+        )
+        self.bounds = bounds or WindowBounds()
+        self.tuner = WindowTuner(self.bounds)
+        self.plan = self.tuner.plan(0)
+        self._inflight: deque[_Window] = deque()
+        self._replies: deque[_Window] = deque()
+        self._reply_ready = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._failure: Exception | None = None
+        self._done_wid: tuple[int, int] = (0, 0)
+        self._backlog_hint = 0
+        self._resyncs: set[tuple[int, str]] = set()
+        self._done_counts: dict[tuple[int, int], tuple[int, int]] = {}
+        self.windows_total = 0
+        self.wan_bytes_total = 0
+        self.window_data_bytes_total = 0
+        self.events_total = 0
         self.client = redisconn.connect(local_url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
         self.lease_key = link_lease_key(region, dest)
         # The node id, then this incarnation: a restarted process with the same id does
@@ -150,8 +200,9 @@ class Link:
         for c in (self.local, self.remote):
             with contextlib.suppress(Exception):
                 await c.close()
-        with contextlib.suppress(Exception):
-            await self.client.aclose()
+        for r in (self.client, self.remote_client, self.done_client):
+            with contextlib.suppress(Exception):
+                await r.aclose()
 
     # -- views ---------------------------------------------------------------------
 
@@ -194,6 +245,20 @@ class Link:
             "gaps_total": self.gaps_total,
             "errors_total": self.errors_total,
             "last_error": self.last_error,
+            "rtt_ms": round(self.tuner.srtt_s * 1000, 1) if self.tuner.srtt_s is not None else None,
+            "inflight_windows": len(self._inflight) if holding else 0,
+            "window_entries": self.plan.entries,
+            "inflight_limit": self.plan.inflight,
+            "windows_total": self.windows_total,
+            "wan_bytes_total": self.wan_bytes_total,
+            "bytes_per_message": (
+                round(self.wan_bytes_total / self.events_total, 1) if self.events_total else None
+            ),
+            "compression_ratio": (
+                round(self.window_data_bytes_total / self.wan_bytes_total, 2)
+                if self.wan_bytes_total
+                else None
+            ),
         }
 
     # -- the loop ------------------------------------------------------------------
@@ -253,9 +318,7 @@ class Link:
 
     @staticmethod
     async def _cancel(task: asyncio.Task[None]) -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await cancel_task(task)
 
     async def _acquire(self) -> bool:
         """Take the lease if it is free or renew it if it is ours."""
@@ -293,43 +356,254 @@ class Link:
                 backoff = 0.2
 
     async def _copy_loop(self) -> None:
+        # Windows an earlier holder left in the inbound stream go in first: the mirrors'
+        # tops are only the destination's state once the receiver has caught up.
+        self.state = "waiting for the receiver"
+        await self._await_receiver()
         slots = list(range(self.slots))
         tops = await self.remote.mirror_tops(slots, self.region)
         self.position = {s: tops[s] or "0-0" for s in slots}
         # What the destination holds is the trim floor of our logs: say so at once.
         await self._announce(dict(self.position))
+        done_from = await self._done_top()
+        conn = await self._open_sender()
+        self._inflight.clear()
+        self._replies.clear()
+        self._done_counts.clear()
+        self._failure = None
+        helpers = [
+            asyncio.ensure_future(self._read_replies(conn)),
+            asyncio.ensure_future(self._read_done(done_from)),
+        ]
         self.state = "running"
         probed = time.monotonic()
+        try:
+            while not self._stopped:
+                self._raise_failure()
+                plan = self.tuner.plan(self._backlog_hint)
+                self.plan = plan
+                if (
+                    len(self._inflight) >= plan.inflight
+                    or self.inflight_bytes >= self.bounds.max_inflight_bytes
+                ):
+                    await self._wait_wake(1.0)  # a confirmation frees room
+                    continue
+                entries = await self._read_window(plan)
+                self._raise_failure()
+                if not entries:
+                    if not self._inflight:
+                        self._progressed()
+                    if time.monotonic() - probed >= PROBE_EVERY_S:
+                        probed = time.monotonic()
+                        await self._probe()
+                    continue
+                probed = time.monotonic()
+                # What was read may be a backlog: cut it by the plan it calls for.
+                self.plan = plan = self.tuner.plan(max(self._backlog_hint, len(entries)))
+                await self._send(conn, entries, plan)
+        finally:
+            for h in helpers:
+                await self._cancel(h)
+            await conn.disconnect()
+            self._inflight.clear()
+
+    async def _await_receiver(self) -> None:
+        """Until the destination's receiver has finished every window in the inbound
+        stream (a link restarted, or taken over, must not read stale mirror tops)."""
+        key = inbound_key(self.dest, self.region)
         while not self._stopped:
-            now = time.monotonic()
-            after = {s: p for s, p in self.position.items() if self._parked.get(s, 0) <= now}
-            if not after:
-                await asyncio.sleep(PARK_S)  # every slot waits for a checkpoint
-                continue
-            entries = await self.local.tail(after, TAIL_BLOCK_MS, COPY_COUNT)
-            if not entries:
-                self.backlog_entries = 0
-                self.waiting_oldest_ms = None
-                self.last_progress = time.monotonic()
-                if time.monotonic() - probed >= PROBE_EVERY_S:
-                    probed = time.monotonic()
-                    await self._probe()
-                continue
-            self.backlog_entries = len(entries)
-            oldest = min(parse_id(e.id)[0] for e in entries)
-            if self.waiting_oldest_ms is None or oldest < self.waiting_oldest_ms:
-                self.waiting_oldest_ms = oldest
-            good, gaps = split_on_gaps(self.position, entries)
-            if good:
-                await self._copy(good)
-            for slot, missing in gaps.items():
-                try:
-                    await self._resync(slot, missing)
-                except LinkGap as e:
-                    log.warning("link %s→%s: %s; retrying it shortly", self.region, self.dest, e)
-                    self._parked[slot] = time.monotonic() + PARK_S
-            self._progressed()
-            probed = time.monotonic()
+            rows: Any = await self.remote_client.xrevrange(key, count=1)
+            if not rows:
+                return
+            done = await last_done(self.remote_client, self.dest, self.region)
+            if parse_id(done) >= parse_id(rows[0][0].decode()):
+                return
+            await asyncio.sleep(0.05)  # the receiver is writing them: look again soon
+
+    async def _done_top(self) -> str:
+        rows: Any = await self.remote_client.xrevrange(done_key(self.dest, self.region), count=1)
+        return rows[0][0].decode() if rows else "0-0"
+
+    async def _open_sender(self) -> Any:
+        remote = self.remote_client
+        if isinstance(remote, RedisCluster):
+            # Windows go to the one shard that serves the inbound stream's hash tag.
+            await remote.initialize()
+            node = remote.get_node_from_key(inbound_key(self.dest, self.region))
+            if node is None:
+                raise ClusterError(f"no node of {self.dest}'s cluster serves its inbound stream")
+            conn = node.connection_class(**node.connection_kwargs)
+            await conn.connect()  # type: ignore[no-untyped-call]
+            return conn
+        pool = remote.connection_pool
+        conn = pool.make_connection()  # type: ignore[no-untyped-call]
+        await conn.connect()
+        return conn
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _wait_wake(self, timeout_s: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
+
+    async def _read_window(self, plan: WindowPlan) -> list[TailEntry]:
+        """The next entries of every slot (chain-checked), gathered for up to a window:
+        until ``plan.entries`` are read or ``window_ms`` has passed since the first."""
+        now = time.monotonic()
+        after = {s: p for s, p in self.position.items() if self._parked.get(s, 0) <= now}
+        if not after:
+            await asyncio.sleep(PARK_S)  # every slot waits for a checkpoint
+            return []
+        entries = await self.local.tail(after, TAIL_BLOCK_MS, COPY_COUNT)
+        if not entries:
+            self._backlog_hint = 0
+            return []
+        deadline = time.monotonic() + self.bounds.window_ms / 1000
+        while len(entries) < plan.entries:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            for e in entries:
+                if e.slot in after:
+                    after[e.slot] = e.id
+            more = await self.local.tail(after, left_ms, COPY_COUNT)
+            if not more:
+                break
+            entries.extend(more)
+        # Twice what this window read: windows grow while reads keep filling them.
+        self._backlog_hint = 2 * len(entries)
+        self.backlog_entries = len(entries) + self.inflight_entries
+        oldest = min(parse_id(e.id)[0] for e in entries)
+        if self.waiting_oldest_ms is None or oldest < self.waiting_oldest_ms:
+            self.waiting_oldest_ms = oldest
+        good, gaps = split_on_gaps(self.position, entries)
+        for e in good:
+            self.position[e.slot] = e.id
+        for slot, missing in gaps.items():
+            try:
+                good.append(await self._resync(slot, missing))
+            except LinkGap as e:
+                log.warning("link %s→%s: %s; retrying it shortly", self.region, self.dest, e)
+                self._parked[slot] = time.monotonic() + PARK_S
+        return good
+
+    async def _send(self, conn: Any, entries: list[TailEntry], plan: WindowPlan) -> None:
+        """Send ``entries`` as windows of up to ``plan.entries`` and ``max_bytes``; their
+        replies and confirmations are read by the helpers as they come."""
+        key = inbound_key(self.dest, self.region)
+        chunk: list[TailEntry] = []
+        size = 0
+        for i, e in enumerate(entries):
+            chunk.append(e)
+            size += len(e.data)
+            last = i == len(entries) - 1
+            if last or len(chunk) >= plan.entries or size >= self.bounds.max_bytes:
+                self._check_lease()
+                frame = pack_window(chunk, plan.level)
+                w = _Window(
+                    positions={c.slot: c.id for c in chunk},
+                    oldest_ms=min(parse_id(c.id)[0] for c in chunk),
+                    entries=len(chunk),
+                    data_bytes=size,
+                    events=sum(_events(c.data) for c in chunk),
+                    frame_bytes=len(frame),
+                    sent=time.monotonic(),
+                    resyncs=sum(1 for c in chunk if (c.slot, c.id) in self._resyncs),
+                )
+                self._resyncs.difference_update((c.slot, c.id) for c in chunk)
+                self._inflight.append(w)
+                self._replies.append(w)
+                self._reply_ready.set()
+                await conn.send_command("XADD", key, "*", "w", frame, check_health=False)
+                self.windows_total += 1
+                self.wan_bytes_total += len(frame)
+                self.window_data_bytes_total += size
+                self.events_total += w.events
+                chunk, size = [], 0
+
+    async def _read_replies(self, conn: Any) -> None:
+        """The XADD replies, in the order the windows went: each gives its window's id
+        and a round-trip sample."""
+        try:
+            while True:
+                if not self._replies:
+                    self._reply_ready.clear()
+                    await self._reply_ready.wait()
+                    continue
+                reply = await conn.read_response(timeout=REPLY_TIMEOUT_S)
+                w = self._replies.popleft()
+                if isinstance(reply, Exception):
+                    raise reply
+                w.wid = parse_id(reply.decode() if isinstance(reply, bytes) else str(reply))
+                self.tuner.observe_rtt(time.monotonic() - w.sent)
+                await self._confirm()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._fail(e)
+
+    async def _read_done(self, after: str) -> None:
+        """The receiver's progress, as it comes: confirmations of whole windows."""
+        key = done_key(self.dest, self.region)
+        try:
+            while True:
+                reply: Any = await self.done_client.xread({key: after}, count=1000, block=500)
+                if not reply:
+                    continue
+                pairs = reply.items() if isinstance(reply, dict) else reply
+                for _, rows in pairs:
+                    for rid, fields in rows:
+                        after = rid.decode()
+                        bad = fields.get(b"bad")
+                        if bad is not None:
+                            raise ClusterError(f"the receiver refused a window: {bad.decode()}")
+                        done = parse_id(fields[b"w"].decode())
+                        self._done_counts[done] = (int(fields[b"n"]), int(fields[b"b"]))
+                        if done > self._done_wid:
+                            self._done_wid = done
+                await self._confirm()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._fail(e)
+
+    def _fail(self, e: Exception) -> None:
+        self._failure = e
+        self._wake.set()
+
+    async def _confirm(self) -> None:
+        """Windows the receiver has finished: their entries are in the mirrors."""
+        confirmed: dict[int, str] = {}
+        while self._inflight and self._inflight[0].wid is not None:
+            w = self._inflight[0]
+            assert w.wid is not None
+            if w.wid > self._done_wid:
+                break
+            self._inflight.popleft()
+            confirmed.update(w.positions)
+            n, nbytes = self._done_counts.pop(w.wid, (0, 0))
+            self.copied_entries += max(0, n - w.resyncs)
+            self.bytes_total += nbytes
+        if not confirmed:
+            return
+        self.last_progress = time.monotonic()
+        self.waiting_oldest_ms = (
+            min(w.oldest_ms for w in self._inflight) if self._inflight else None
+        )
+        self.backlog_entries = self.inflight_entries
+        self._wake.set()
+        await self._announce(confirmed)
+
+    @property
+    def inflight_bytes(self) -> int:
+        return sum(w.frame_bytes for w in self._inflight)
+
+    @property
+    def inflight_entries(self) -> int:
+        return sum(w.entries for w in self._inflight)
 
     async def _probe(self) -> None:
         """Ask the destination for one mirror top, bounded: a cut WAN becomes an error."""
@@ -342,24 +616,12 @@ class Link:
         if not self.holding:
             raise LeaseLost("the link's lease is not surely ours: not writing")
 
-    async def _copy(self, entries: list[TailEntry]) -> None:
-        self._check_lease()
-        results = await self.remote.mirror_append_many(self.region, entries)
-        confirmed: dict[int, str] = {}
-        for e, copied in zip(entries, results, strict=True):
-            self.position[e.slot] = e.id
-            confirmed[e.slot] = e.id
-            if copied:
-                self.copied_entries += 1
-                self.bytes_total += len(e.data)
-        await self._announce(confirmed)
-
     def _progressed(self) -> None:
         self.last_progress = time.monotonic()
         self.backlog_entries = 0
         self.waiting_oldest_ms = None
 
-    async def _resync(self, slot: int, missing: str) -> None:
+    async def _resync(self, slot: int, missing: str) -> TailEntry:
         """Entries of ``slot`` after our position, up to ``missing`` at least, were
         trimmed: copy the slot's checkpoint in their place and go on after it.
 
@@ -392,15 +654,11 @@ class Link:
             self.position[slot],
             cp.covers_id,
         )
-        resync = TailEntry(slot, cp.covers_id, data, position)
-        self._check_lease()
-        (copied,) = await self.remote.mirror_append_many(self.region, [resync])
-        if not copied:
-            # Someone else wrote above our position: our view of the mirror is stale.
-            raise ClusterError(f"slot {slot}: the mirror moved under the link; re-reading")
-        self.bytes_total += len(data)
         self.position[slot] = cp.covers_id
-        await self._announce({slot: cp.covers_id})
+        self._resyncs.add((slot, cp.covers_id))
+        # Sent in the window, in the slot's place: the receiver writes it above the
+        # mirror's top, its ``p`` our position, so the mirror's chain stays whole.
+        return TailEntry(slot, cp.covers_id, data, position)
 
     async def _announce(self, confirmed: dict[int, str]) -> None:
         if not confirmed:

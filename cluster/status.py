@@ -169,6 +169,10 @@ LINK_FIELDS = (
     "bytes_total",
     "gaps_total",
     "last_error",
+    "rtt_ms",
+    "inflight_windows",
+    "bytes_per_message",
+    "compression_ratio",
 )
 
 
@@ -199,7 +203,7 @@ def links_status(url: str, region: str, admin_token: str = "") -> list[dict[str,
                 row["last_error"] = "the holder's admin port does not answer"
             for link in ((doc or {}).get("cluster") or {}).get("links", []):
                 if link["dest"] == dest:
-                    row.update({k: link[k] for k in LINK_FIELDS})
+                    row.update({k: link.get(k) for k in LINK_FIELDS})
         out.append(row)
     return out
 

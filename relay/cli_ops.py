@@ -155,7 +155,8 @@ def links(
     from rich.table import Table
 
     table = Table(title=f"links from {region}")
-    for col in ("to", "holder", "state", "lag s", "backlog", "copied", "gaps"):
+    cols = ("to", "holder", "state", "lag s", "backlog", "copied", "gaps")
+    for col in (*cols, "rtt ms", "in flight", "B/msg", "ratio"):
         table.add_column(col)
     for r in rows:
         table.add_row(
@@ -166,6 +167,10 @@ def links(
             str(r.get("backlog_entries", "")),
             str(r.get("copied_entries", "")),
             str(r.get("gaps_total", "")),
+            str(r.get("rtt_ms", "") or ""),
+            str(r.get("inflight_windows", "")),
+            str(r.get("bytes_per_message", "") or ""),
+            str(r.get("compression_ratio", "") or ""),
         )
     out().print(table)
     if unhealthy:

@@ -338,6 +338,25 @@ class ClusterConfig:
         lo=0,
         lo_open=True,
     )
+    link_window_ms: int = _opt(
+        100, "int", "a link cuts a window at most this long after its first entry", lo=1
+    )
+    link_window_min_entries: int = _opt(
+        64, "int", "entries a window may hold even when little waits (the adaptive floor)", lo=1
+    )
+    link_window_max_entries: int = _opt(
+        4000, "int", "entries a window holds at most (reached while a backlog drains)", lo=1
+    )
+    link_window_max_bytes: int = _opt(1 << 20, "int", "entry bytes a window holds at most", lo=1024)
+    link_inflight_min: int = _opt(
+        2, "int", "windows a link keeps in flight at least (the adaptive floor)", lo=1
+    )
+    link_inflight_max: int = _opt(
+        16, "int", "windows a link keeps in flight at most (reached on a long, busy WAN)", lo=1
+    )
+    link_inflight_max_bytes: int = _opt(
+        16 << 20, "int", "compressed bytes a link keeps in flight at most", lo=1024
+    )
 
 
 _SECTIONS: Final[dict[str, type[Any]]] = {
@@ -529,6 +548,22 @@ class Config:
                 ("cluster.lease_ttl_ms", "cluster.lease_renew_ms"),
                 f"must be above cluster.lease_renew_ms ({cl.lease_renew_ms}), got "
                 f"{cl.lease_ttl_ms} (a lease would expire before it is renewed)",
+            )
+        for lo_key, hi_key in (
+            ("link_window_min_entries", "link_window_max_entries"),
+            ("link_inflight_min", "link_inflight_max"),
+            ("link_window_max_bytes", "link_inflight_max_bytes"),
+        ):
+            lo_v, hi_v = getattr(cl, lo_key), getattr(cl, hi_key)
+            if ok(f"cluster.{lo_key}", f"cluster.{hi_key}") and lo_v > hi_v:
+                yield _Problem(
+                    (f"cluster.{lo_key}", f"cluster.{hi_key}"),
+                    f"must be at most cluster.{hi_key} ({hi_v}), got {lo_v}",
+                )
+        if ok("cluster.link_window_max_entries") and cl.link_window_max_entries > 100_000:
+            yield _Problem(
+                ("cluster.link_window_max_entries",),
+                f"must be at most 100000 (a window's limit), got {cl.link_window_max_entries}",
             )
 
         # The admin port can drain nodes and move slots: never open it to a network

@@ -87,6 +87,8 @@ class Router(MeshServe):
         ]
         for link in self.links:
             link.start()
+        for receiver in self.receivers:
+            receiver.start()
         await self._rebalance()
 
     async def _release_stale_records(self) -> None:
@@ -110,6 +112,8 @@ class Router(MeshServe):
             t.cancel()
         for link in self.links:
             await link.stop()
+        for receiver in self.receivers:
+            await receiver.stop()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
@@ -161,6 +165,7 @@ class Router(MeshServe):
             },
             "counters": dict(self.counters),
             "links": [link.status(self.wall_ms()) for link in self.links],
+            "receivers": [r.status() for r in self.receivers],
             "snapshots": dict(self.snapshot_stats),
             "data_at_risk": self.data_at_risk(),
             "remote_waiting": sum(len(w) for w in self.remote_waiters.values()),

@@ -35,10 +35,12 @@ from cluster.membership import Member, Membership
 from cluster.mesh import Mesh
 from cluster.positions import Positions, Tombstones
 from cluster.rebalance import Placement, RingState
+from cluster.receiver import Receiver
 from cluster.redisconn import AsyncClient
 from cluster.ring import slot_of
 from cluster.slotlog import RedisSlotLog
 from cluster.slots import SlotTable
+from cluster.window import bounds_of
 from relay.batch import AppendToLog, Batcher
 from relay.config import Config
 from relay.errors import Code
@@ -237,8 +239,22 @@ class RegionState:
                 local_url=c.redis_url,
                 slots=self.slots,
                 lease_ttl_ms=c.lease_ttl_ms,
+                bounds=bounds_of(c),
             )
             for name, url in sorted(self.peers.items())
+        ]
+        # Each peer's link writes windows into our inbound stream; one node of this
+        # region (the receiver's lease) splits them into our mirrors of that peer.
+        self.receivers = [
+            Receiver(
+                region=self.region,
+                origin=name,
+                url=c.redis_url,
+                node_id=self.me,
+                slots=self.slots,
+                lease_ttl_ms=c.lease_ttl_ms,
+            )
+            for name in sorted(self.peers)
         ]
         # Where this node stands in each slot's log and our mirrors of it (cluster/positions):
         # slot → newest log id applied here; origin → slot → newest mirror id applied.

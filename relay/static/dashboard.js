@@ -285,12 +285,16 @@
           el("td", { class: "num" }, l.holder_node ? fmt.int(l.copied_entries) : "–"),
           el("td", { class: "num" }, l.holder_node ? fmt.bytes(l.bytes_total) : "–"),
           el("td", { class: "num" }, l.holder_node ? fmt.int(l.gaps_total) : "–"),
+          el("td", { class: "num", "data-field": "rtt" }, l.holder_node && l.rtt_ms != null ? `${l.rtt_ms} ms` : "–"),
+          el("td", { class: "num", "data-field": "inflight" }, l.holder_node ? fmt.int(l.inflight_windows || 0) : "–"),
+          el("td", { class: "num", "data-field": "bpm" }, l.holder_node && l.bytes_per_message != null ? `${l.bytes_per_message}` : "–"),
+          el("td", { class: "num", "data-field": "ratio" }, l.holder_node && l.compression_ratio != null ? `${l.compression_ratio}×` : "–"),
           el("td", { class: "err" }, l.last_error || ""),
         ),
       );
     }
     if (!rows.length) {
-      rows.push(el("tr", {}, el("td", { colspan: "9" }, "no links: this region has no peers")));
+      rows.push(el("tr", {}, el("td", { colspan: "13" }, "no links: this region has no peers")));
     }
     $("#links tbody").replaceChildren(...rows);
   }

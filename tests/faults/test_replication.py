@@ -434,3 +434,49 @@ async def test_one_holder_of_a_link_across_a_holder_kill(sg_fra: Any) -> None:
     await load
     regions = {"sg": survivors[0]["ws"], "fra": ws(doc, "fra")}
     assert_clean(await converged(regions, h, timeout_s=60))
+
+
+def receiver_holder(doc: dict[str, Any], region: str, origin: str) -> list[str]:
+    out = []
+    for n in doc["regions"][region]["nodes"]:
+        try:
+            st = admin_status(n["admin"])
+        except OSError:
+            continue
+        for rx in st["cluster"].get("receivers", []):
+            if rx["origin"] == origin and rx["holder"]:
+                out.append(n["id"])
+    return out
+
+
+@aio
+async def test_a_receiver_killed_mid_stream_over_a_jittery_capped_wan_loses_nothing(
+    sg_fra: Any,
+) -> None:
+    """The WAN at 80 ms with jitter and a bandwidth cap; fra's receiver (the node holding
+    its lease) is killed -9 while windows stream in: the other fra node takes the lease
+    over, resumes after the last finished window, and every acknowledged message is in
+    both regions once; the inbound stream ends empty (trimmed as confirmed)."""
+    cluster, doc = sg_fra
+    wan(doc, "/set", pair="*", latency_ms=80, jitter_ms=15, bandwidth=2_000_000)
+    h = History()
+    # sg_fra has two nodes in each region: fra's two are the receiver's candidates.
+    await until_true(lambda: receiver_holder(doc, "fra", "sg"), "a receiver", 15)
+    (holder,) = receiver_holder(doc, "fra", "sg")
+    load = asyncio.ensure_future(
+        steady(ws(doc, "sg", 0), h, channels=CHANNELS, rate=300, duration_s=12, prefix="r")
+    )
+    await until_true(lambda: len(h.published) > 1000, "load", 30)
+    victim = next(n for n in cluster.nodes if n.id == holder)
+    victim.proc.kill()
+    victim.proc.wait(timeout=10)
+    await until_true(
+        lambda: [n for n in receiver_holder(doc, "fra", "sg") if n != holder],
+        "another receiver",
+        20,
+    )
+    await load
+    survivor = next(n["ws"] for n in doc["regions"]["fra"]["nodes"] if n["id"] != holder)
+    assert_clean(await converged({"sg": ws(doc, "sg"), "fra": survivor}, h, timeout_s=60))
+    with connect_sync(doc["regions"]["fra"]["redis"]) as r:
+        await until_true(lambda: r.xlen("relay:{fra}:inbound:sg") == 0, "inbound trimmed", 10)

@@ -9,6 +9,7 @@ import pytest
 import redis as redis_sync
 
 from cluster.link import Link
+from cluster.receiver import Receiver
 from cluster.slotlog import START_ID, RedisSlotLog
 from relay.redis_server import RedisServer
 from tests.conftest import aio, until
@@ -38,9 +39,17 @@ def link(origin: str, dest: str, node: str = A) -> Link:
     )
 
 
+def receiver(dest: str, node: str = "fra/n1") -> Receiver:
+    """The destination's receiver, which writes the link's windows into the mirrors."""
+    rx = Receiver(region="fra", origin="sg", url=dest, node_id=node, slots=8, lease_ttl_ms=600)
+    rx.start()
+    return rx
+
+
 @aio
 async def test_entries_are_copied_with_the_same_ids_and_resume_after_restart(two: Any) -> None:
     origin_url, dest_url = two
+    rx = receiver(dest_url)
     origin = RedisSlotLog.from_url(origin_url, "sg")
     dest = RedisSlotLog.from_url(dest_url, "fra")
     for s in (1, 2):
@@ -64,6 +73,7 @@ async def test_entries_are_copied_with_the_same_ids_and_resume_after_restart(two
     assert await dest.read(1, origin="sg") == await origin.read(1)
     assert second.gaps_total == 0
     await second.stop()
+    await rx.stop()
     await origin.close()
     await dest.close()
 
@@ -71,6 +81,7 @@ async def test_entries_are_copied_with_the_same_ids_and_resume_after_restart(two
 @aio
 async def test_only_the_lease_holder_copies(two: Any) -> None:
     origin_url, dest_url = two
+    rx = receiver(dest_url)
     a, b = link(origin_url, dest_url, "sg/n1"), link(origin_url, dest_url, "sg/n2")
     a.start()
     await until(lambda: a.holding, what="a holds the lease")
@@ -87,6 +98,7 @@ async def test_only_the_lease_holder_copies(two: Any) -> None:
     dest = RedisSlotLog.from_url(dest_url, "fra")
     assert [e.data for e in await dest.read(3, origin="sg")] == [b"x", b"y"]
     await b.stop()
+    await rx.stop()
     await origin.close()
     await dest.close()
 
@@ -94,6 +106,7 @@ async def test_only_the_lease_holder_copies(two: Any) -> None:
 @aio
 async def test_a_trimmed_resume_point_is_resynced_from_the_checkpoint(two: Any) -> None:
     origin_url, dest_url = two
+    rx = receiver(dest_url)
     origin = RedisSlotLog.from_url(origin_url, "sg")
     dest = RedisSlotLog.from_url(dest_url, "fra")
     await origin.set_owner(5, A, 1)
@@ -121,5 +134,6 @@ async def test_a_trimmed_resume_point_is_resynced_from_the_checkpoint(two: Any) 
     assert (mirror[0].prev, mirror[2].prev) == (START_ID, mid[-1])
     assert second.status(0)["gaps_total"] == 1
     await second.stop()
+    await rx.stop()
     await origin.close()
     await dest.close()

@@ -5,9 +5,13 @@ from code that works."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -27,12 +31,27 @@ def test_tiny_soak_prints_one_json_document_and_loses_nothing() -> None:
     assert [s for s in doc["samples"] if s["t_s"] == "end"]
 
 
-def test_without_soak_it_says_what_is_built() -> None:
+def test_side_by_side_without_nats_server_says_so_and_exits_3(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(tmp_path)}  # a PATH with no nats-server on it
     r = subprocess.run(
-        [sys.executable, "-m", "bench.replication"],
+        [sys.executable, "-m", "bench.replication", "--quick", "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
-    assert r.returncode == 2 and "--soak" in r.stderr
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "nats-server is not on the PATH" in r.stderr and r.stdout == ""
+
+
+@pytest.mark.skipif(shutil.which("nats-server") is None, reason="needs nats-server")
+def test_tiny_side_by_side_prints_every_key_it_promises() -> None:
+    cmd = [sys.executable, "-m", "bench.replication", "--quick", "--json", "--messages", "2000"]
+    cmd += ["--rates", "2000", "--steady-s", "1", "--wan-latency-ms", "80"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    for key in ("drain_ratio_0ms", "drain_ratio_80ms", "bytes_ratio_2k", "p99_ms_2k_80ms"):
+        assert isinstance(doc[key], float) and doc[key] > 0, key
+    assert doc["lost"] == 0 and doc["doubled"] == 0

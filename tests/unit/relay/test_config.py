@@ -666,3 +666,22 @@ def test_default_toml_has_every_key_with_a_comment() -> None:
         for s in dataclasses.fields(Config)
         for f in dataclasses.fields(getattr(defaults, s.name))
     ]
+
+
+def test_link_window_bounds_must_hold_together() -> None:
+    problems = Config(
+        cluster=ClusterConfig(
+            link_window_min_entries=500,
+            link_window_max_entries=100,
+            link_inflight_min=9,
+            link_inflight_max=3,
+            link_window_max_bytes=1 << 30,
+        )
+    ).validate()
+    assert [p.split(":")[0] for p in problems] == [
+        "cluster.link_window_min_entries",
+        "cluster.link_inflight_min",
+        "cluster.link_window_max_bytes",
+    ]
+    (problem,) = Config(cluster=ClusterConfig(link_window_ms=0)).validate()
+    assert problem.startswith("cluster.link_window_ms: must be")

@@ -1,0 +1,333 @@
+"""The receiver: a link's windows, split into this region's mirrors of the origin.
+
+A link from ``origin`` appends one frame per window (cluster/window.py) to the inbound
+stream ``relay:{<region>}:inbound:<origin>`` in this region's Redis. One node of this
+region holds the receiver's lease (``relay:{<region>}:receiver:<origin>``) and, while it
+surely holds it (its last renewal was sent less than a TTL ago, as for a link), reads the
+inbound stream in order and writes every entry of every window into its slot's mirror
+``relay:{<region>:<slot>}:mirror:<origin>`` with the **same id and bytes**.
+
+**Chains.** The receiver checks each entry against the mirror's top: an id at or below
+the top is already there (a window sent again after a restart) and is skipped; an entry
+whose ``p`` is not the top is refused with the whole window — the link is told
+(``bad``), re-reads the mirrors' tops and sends again from there. Nothing is skipped.
+
+**Progress.** After each window the receiver appends ``{w: <window id>, n: <entries
+written>, b: <their bytes>}`` to ``relay:{<region>}:inbound:<origin>:done`` (capped) and
+trims the inbound stream up to that window, so it stays bounded. The link reads ``done``
+over the WAN: it is the confirmation that answers ``ack=remote`` and sets the origin's
+trim floor. A receiver that restarts (or another node taking the lease over) resumes
+after the last ``done`` window; a window it had half written is written again, and the
+mirrors refuse what they already hold: nothing is lost or doubled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+from redis.exceptions import NoScriptError, RedisError
+
+from cluster import redisconn
+from cluster.chain import parse_id
+from cluster.errors import ClusterError
+from cluster.keys import PREFIX, check_region, mirror_key, region_tag
+from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
+from cluster.redisconn import AsyncClient
+from cluster.slotlog import RedisSlotLog, TailEntry
+from cluster.window import WindowError, unpack_window
+
+log = logging.getLogger(__name__)
+
+# One call per slot of a window: each entry XADDed into the slot's mirror with its id,
+# bytes and prev; 1 when written, 0 when the mirror holds it already (its id is not above
+# the top: a window written again), any other error returned as it is.
+MIRROR_MANY: Final = """
+local out = {}
+for i = 1, #ARGV, 3 do
+  local r
+  if ARGV[i + 1] == '' then
+    r = redis.pcall('XADD', KEYS[1], ARGV[i], 'd', ARGV[i + 2])
+  else
+    r = redis.pcall('XADD', KEYS[1], ARGV[i], 'd', ARGV[i + 2], 'p', ARGV[i + 1])
+  end
+  if type(r) == 'table' and r.err then
+    if string.find(r.err, 'equal or smaller', 1, true) then
+      out[#out + 1] = 0
+    else
+      return r
+    end
+  else
+    out[#out + 1] = 1
+  end
+end
+return out
+"""
+MIRROR_MANY_SHA: Final = hashlib.sha1(MIRROR_MANY.encode()).hexdigest()
+
+READ_BLOCK_MS = 500
+READ_COUNT = 16
+DONE_MAXLEN = 1000
+MAX_BACKOFF_S = 5.0
+
+
+def inbound_key(region: str, origin: str) -> str:
+    """The stream ``origin``'s link appends its windows to, in ``region``'s Redis."""
+    return f"{PREFIX}:{region_tag(region)}:inbound:{check_region(origin)}"
+
+
+def done_key(region: str, origin: str) -> str:
+    """The receiver's progress: one entry per window written into the mirrors."""
+    return inbound_key(region, origin) + ":done"
+
+
+def receiver_lease_key(region: str, origin: str) -> str:
+    return f"{PREFIX}:{region_tag(region)}:receiver:{check_region(origin)}"
+
+
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+async def last_done(client: AsyncClient, region: str, origin: str) -> str:
+    """The id of the last window the receiver finished ("0-0": none)."""
+    rows: Any = await client.xrevrange(done_key(region, origin), count=1)
+    if not rows:
+        return "0-0"
+    return _text(rows[0][1][b"w"])
+
+
+class Receiver:
+    """Writes ``origin``'s windows into this region's mirrors (while holding the lease)."""
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        origin: str,
+        url: str,
+        node_id: str,
+        slots: int,
+        lease_ttl_ms: int = 3000,
+    ) -> None:
+        self.region = region
+        self.origin = origin
+        self.slots = slots
+        self.lease_ttl_ms = lease_ttl_ms
+        self.mirrors = RedisSlotLog.from_url(url, region, max_block_ms=READ_BLOCK_MS * 4)
+        self.client = redisconn.connect(url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
+        self.reader = redisconn.connect(url, socket_timeout=READ_BLOCK_MS / 1000 + 5)
+        self.lease_key = receiver_lease_key(region, origin)
+        self.lease_value = f"{node_id}#{secrets.token_hex(6)}"
+        self.lease_valid_until = 0.0
+        self.windows_total = 0
+        self.entries_total = 0
+        self.skipped_total = 0
+        self.refused_total = 0
+        self.errors_total = 0
+        self.last_error = ""
+        self.position = "0-0"
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    @property
+    def holding(self) -> bool:
+        return time.monotonic() < self.lease_valid_until
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "origin": self.origin,
+            "holder": self.holding,
+            "position": self.position,
+            "windows_total": self.windows_total,
+            "entries_total": self.entries_total,
+            "skipped_total": self.skipped_total,
+            "refused_total": self.refused_total,
+            "errors_total": self.errors_total,
+            "last_error": self.last_error,
+        }
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.lease_valid_until:
+            with contextlib.suppress(RedisError, OSError):
+                await self.client.eval(RELEASE_IF_OURS, 1, self.lease_key, self.lease_value)
+            self.lease_valid_until = 0.0
+        with contextlib.suppress(Exception):
+            await self.mirrors.close()
+        for c in (self.client, self.reader):
+            with contextlib.suppress(Exception):
+                await c.aclose()
+
+    async def _acquire(self) -> bool:
+        sent = time.monotonic()
+        got = await self.client.set(self.lease_key, self.lease_value, nx=True, px=self.lease_ttl_ms)
+        if not got:
+            got = await self.client.eval(
+                RENEW_IF_OURS, 1, self.lease_key, self.lease_value, str(self.lease_ttl_ms)
+            )
+        self.lease_valid_until = sent + self.lease_ttl_ms / 1000 if got else 0.0
+        return bool(got)
+
+    async def _run(self) -> None:
+        worker: asyncio.Task[None] | None = None
+        try:
+            while not self._stopped:
+                try:
+                    ours = await self._acquire()
+                except (RedisError, OSError) as e:
+                    log.warning(
+                        "receiver %s←%s: renewing the lease: %s", self.region, self.origin, e
+                    )
+                    ours = self.holding
+                if ours and worker is None:
+                    worker = asyncio.ensure_future(self._apply_forever())
+                elif not ours and worker is not None:
+                    await cancel_task(worker)
+                    worker = None
+                await asyncio.sleep(self.lease_ttl_ms / 3000)  # the lease's renewal period
+        finally:
+            if worker is not None:
+                await cancel_task(worker)
+
+    async def _apply_forever(self) -> None:
+        backoff = 0.1
+        while not self._stopped:
+            try:
+                await self._apply_loop()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, ValueError, ClusterError) as e:
+                self.errors_total += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.warning("receiver %s←%s: %s", self.region, self.origin, self.last_error)
+                await asyncio.sleep(backoff)  # back off before retrying Redis
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+            else:
+                backoff = 0.1
+
+    async def _apply_loop(self) -> None:
+        self.position = await last_done(self.client, self.region, self.origin)
+        tops = await self.mirrors.mirror_tops(list(range(self.slots)), self.origin)
+        top = {s: t or "0-0" for s, t in tops.items()}
+        key = inbound_key(self.region, self.origin)
+        while not self._stopped:
+            reply: Any = await self.reader.xread(
+                {key: self.position}, count=READ_COUNT, block=READ_BLOCK_MS
+            )
+            if not reply:
+                continue
+            pairs = reply.items() if isinstance(reply, dict) else reply
+            for _, rows in pairs:
+                for wid, fields in rows:
+                    await self._apply_window(_text(wid), fields.get(b"w", b""), top)
+
+    async def _write(self, entries: list[TailEntry]) -> list[bool]:
+        """Write ``entries`` into their mirrors: one script call per slot, pipelined (a
+        Redis Cluster routes each to its slot's shard). True: written; False: there
+        already."""
+        by_slot: dict[int, list[int]] = {}
+        for i, e in enumerate(entries):
+            by_slot.setdefault(e.slot, []).append(i)
+        calls: list[tuple[str, list[bytes | str]]] = []
+        for slot, idx in by_slot.items():
+            args: list[bytes | str] = []
+            for i in idx:
+                e = entries[i]
+                args += [e.id, e.prev, e.data]
+            calls.append((mirror_key(self.region, slot, self.origin), args))
+        results = await _mirror_calls(self.client, calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await self.client.script_load(MIRROR_MANY)
+            again = await _mirror_calls(self.client, [calls[i] for i in missing])
+            for i, r in zip(missing, again, strict=True):
+                results[i] = r
+        out: list[bool] = [False] * len(entries)
+        for (_, idx), r in zip(by_slot.items(), results, strict=True):
+            if isinstance(r, Exception):
+                raise r
+            for i, ok in zip(idx, r, strict=True):
+                out[i] = bool(ok)
+        return out
+
+    async def _apply_window(self, wid: str, frame: bytes, top: dict[int, str]) -> None:
+        bad = ""
+        todo: list[TailEntry] = []
+        try:
+            entries = unpack_window(frame, slots=self.slots)
+        except WindowError as exc:
+            bad = f"{exc.code}: {exc}"
+            entries = []
+        tentative = dict(top)
+        for e in entries:
+            t = tentative[e.slot]
+            if parse_id(e.id) <= parse_id(t):
+                self.skipped_total += 1
+                continue
+            if e.prev and e.prev != t:
+                bad = f"slot {e.slot}: entry {e.id} follows {e.prev}, the mirror's top is {t}"
+                todo = []
+                break
+            todo.append(e)
+            tentative[e.slot] = e.id
+        if not self.holding:
+            raise ClusterError("the receiver's lease is not surely ours: not writing")
+        written = 0
+        nbytes = 0
+        if todo:
+            results = await self._write(todo)
+            for e, ok in zip(todo, results, strict=True):
+                if ok:
+                    written += 1
+                    nbytes += len(e.data)
+                    top[e.slot] = e.id
+                else:  # written already (a window sent twice): the mirror's top is above
+                    self.skipped_total += 1
+                    top[e.slot] = max(top[e.slot], e.id, key=parse_id)
+        if bad:
+            self.refused_total += 1
+            log.warning("receiver %s←%s: window %s refused: %s", self.region, self.origin, wid, bad)
+        ms, seq = parse_id(wid)
+        async with self.client.pipeline(transaction=False) as pipe:
+            doc: dict[str, str | int] = {"w": wid, "n": written, "b": nbytes}
+            if bad:
+                doc["bad"] = bad[:500]
+            pipe.xadd(done_key(self.region, self.origin), doc, maxlen=DONE_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            pipe.xtrim(inbound_key(self.region, self.origin), minid=f"{ms}-{seq + 1}")
+            await pipe.execute()
+        self.position = wid
+        self.windows_total += 1
+        self.entries_total += written
+
+
+async def _mirror_calls(
+    client: AsyncClient, calls: Sequence[tuple[str, list[bytes | str]]]
+) -> list[Any]:
+    async with client.pipeline(transaction=False) as pipe:
+        for key, args in calls:
+            pipe.evalsha(MIRROR_MANY_SHA, 1, key, *args)
+        out: list[Any] = await pipe.execute(raise_on_error=False)
+        return out
+
+
+async def cancel_task(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it has ended. A cancellation that lands inside a
+    Redis call's own timeout may come back out as a timeout error, which the task's
+    retry loop would swallow: so cancel again until it is done."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)

@@ -1,0 +1,300 @@
+"""Link windows: what crosses the WAN, one compressed unit per window across all slots.
+
+A window is every slot's new entries a link sends in one go. Each slot-log entry is
+already an lz4 frame of one small batch, and at chat rates a slot's entry holds a message
+or two: compressed one by one, nothing repeats. So the window carries each entry's
+*decompressed* payload, and the whole window is compressed once, where the compressor
+sees what the messages share::
+
+    b"RW" <version: 1 byte> <lz4 frame: content size declared, content checksum>
+        msgpack array of entries, each [slot, id, prev, kind, body, crc32]
+            kind 0: body is the payload of a relay batch (relay/codec.py); the receiver
+                    recompresses it, and crc32 (of the entry's original bytes) proves
+                    the result is those bytes exactly
+            kind 1: body is the entry's bytes as they are (checkpoints, anything else)
+
+:func:`pack_window` only flattens an entry it can rebuild byte for byte (it recompresses
+and compares), so the receiver writes each mirror entry with the **same id and bytes**.
+:func:`unpack_window` trusts nothing: every problem raises :class:`WindowError`, which
+carries a client-style :class:`~relay.errors.Code`, never anything else.
+
+:class:`WindowTuner` is the adaptive part, pure: it takes measured round trips and the
+backlog, and says how many entries a window holds and how many may be in flight.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Final, Protocol
+
+import lz4.frame
+import msgspec
+
+from cluster.errors import ClusterError
+from cluster.slotlog import TailEntry
+from relay.codec import PREFIX as BATCH_PREFIX
+from relay.errors import Code
+
+MAGIC: Final = b"RW"
+VERSION: Final = 1
+PREFIX: Final = MAGIC + bytes([VERSION])
+MAX_ENTRIES: Final = 100_000
+MAX_DECOMPRESSED: Final = 64 * 1024 * 1024
+MAX_SLOTS: Final = 1 << 16
+
+# lz4 level of windows while no backlog waits (see WindowTuner).
+STEADY_LEVEL: Final = 3
+
+KIND_BATCH: Final = 0
+KIND_RAW: Final = 1
+
+_Row = tuple[int, str, str, int, bytes, int]
+_encoder = msgspec.msgpack.Encoder()
+_decoder: Final = msgspec.msgpack.Decoder(
+    Annotated[list[_Row], msgspec.Meta(max_length=MAX_ENTRIES)]
+)
+
+
+class WindowError(ClusterError):
+    """A window frame failed its checks: not one byte of it may be applied.
+
+    ``code`` is :attr:`~relay.errors.Code.BAD_REQUEST`: the sender (a link, or whatever
+    wrote to the inbound stream) is at fault, never the receiver."""
+
+    code: Final = Code.BAD_REQUEST
+
+
+def _batch_payload(data: bytes) -> bytes | None:
+    """The payload of a relay batch ``data``, if recompressing it gives ``data`` back."""
+    if data[: len(BATCH_PREFIX)] != BATCH_PREFIX:
+        return None
+    try:
+        payload: bytes = lz4.frame.decompress(data[len(BATCH_PREFIX) :])
+    except Exception:  # a damaged frame travels as it is; readers refuse it later
+        return None
+    if _recompress(payload) != data:
+        return None
+    return payload
+
+
+def _recompress(payload: bytes) -> bytes:
+    # Exactly what relay.codec.encode_batch does.
+    frame: bytes = lz4.frame.compress(payload, store_size=True, content_checksum=True)
+    return BATCH_PREFIX + frame
+
+
+def pack_window(entries: Sequence[TailEntry], level: int = 0) -> bytes:
+    """One frame holding ``entries`` (any slots, in the order the receiver must write
+    them). The receiver's :func:`unpack_window` gives back equal ``TailEntry`` values.
+    ``level`` is lz4's (0: fast; 3 and up: high compression, several times the CPU)."""
+    if len(entries) > MAX_ENTRIES:
+        raise ValueError(f"window of {len(entries)} entries is over {MAX_ENTRIES}; split it")
+    rows: list[_Row] = []
+    for e in entries:
+        payload = _batch_payload(e.data)
+        if payload is None:
+            rows.append((e.slot, e.id, e.prev, KIND_RAW, e.data, 0))
+        else:
+            rows.append((e.slot, e.id, e.prev, KIND_BATCH, payload, zlib.crc32(e.data)))
+    body = _encoder.encode(rows)
+    if len(body) > MAX_DECOMPRESSED:
+        raise ValueError(f"window of {len(body)} bytes is over {MAX_DECOMPRESSED}; split it")
+    frame: bytes = lz4.frame.compress(
+        body, compression_level=level, store_size=True, content_checksum=True
+    )
+    return PREFIX + frame
+
+
+def unpack_window(
+    data: bytes, *, slots: int = MAX_SLOTS, max_decompressed: int = MAX_DECOMPRESSED
+) -> list[TailEntry]:
+    """The entries of a window made by :func:`pack_window`, each checked.
+
+    Raises :class:`WindowError` — and nothing else, whatever the bytes — for a foreign
+    prefix or version, a corrupt or oversized frame, a slot outside ``0..slots-1``, an
+    id that is not a stream id, or a batch that does not rebuild to its checksum."""
+    if len(data) < len(PREFIX) or data[:2] != MAGIC:
+        raise WindowError(f"not a link window: starts {bytes(data[:3])!r}")
+    if data[2] != VERSION:
+        raise WindowError(f"window version {data[2]}: this node reads version {VERSION}")
+    body = _decompress(memoryview(data)[len(PREFIX) :], max_decompressed)
+    try:
+        rows = _decoder.decode(body)
+    except (msgspec.MsgspecError, ValueError) as exc:
+        raise WindowError(f"bad window content: {exc}") from None
+    out: list[TailEntry] = []
+    for slot, entry_id, prev, kind, payload, crc in rows:
+        if not 0 <= slot < slots:
+            raise WindowError(f"slot {slot} is outside 0..{slots - 1}")
+        if not _is_id(entry_id) or entry_id == "0-0" or (prev and not _is_id(prev)):
+            raise WindowError(f"bad entry id {entry_id!r} or prev {prev!r}")
+        if kind == KIND_RAW:
+            out.append(TailEntry(slot, entry_id, payload, prev))
+        elif kind == KIND_BATCH:
+            rebuilt = _recompress(payload)
+            if zlib.crc32(rebuilt) != crc:
+                raise WindowError(f"entry {entry_id} of slot {slot} does not rebuild to its bytes")
+            out.append(TailEntry(slot, entry_id, rebuilt, prev))
+        else:
+            raise WindowError(f"entry kind {kind} is unknown")
+    return out
+
+
+def _is_id(s: str) -> bool:
+    ms, dash, seq = s.partition("-")
+    return bool(dash) and ms.isdigit() and seq.isdigit() and len(ms) <= 20 and len(seq) <= 20
+
+
+def _decompress(frame: memoryview, max_decompressed: int) -> bytes:
+    # Untrusted input to a C extension: whatever it raises means "corrupt frame".
+    try:
+        size = lz4.frame.get_frame_info(frame)["content_size"]
+    except Exception as exc:
+        raise WindowError(f"corrupt lz4 frame header: {exc}") from None
+    if not isinstance(size, int) or size <= 0 or size > max_decompressed:
+        raise WindowError(f"window content size {size!r} is not within 1..{max_decompressed}")
+    try:
+        body: bytes = lz4.frame.decompress(frame)
+    except Exception as exc:
+        raise WindowError(f"corrupt lz4 frame: {exc}") from None
+    if len(body) != size:
+        raise WindowError(f"window decompressed to {len(body)} bytes, declared {size}")
+    return body
+
+
+# -- adapting to the link ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WindowBounds:
+    """The configured bounds (``cluster.link_*``) the tuner stays within."""
+
+    window_ms: int = 100
+    min_entries: int = 64
+    max_entries: int = 4000
+    max_bytes: int = 1 << 20
+    min_inflight: int = 2
+    max_inflight: int = 16
+    max_inflight_bytes: int = 16 << 20
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.window_ms < 1:
+            out.append("window_ms must be at least 1")
+        if not 1 <= self.min_entries <= self.max_entries <= MAX_ENTRIES:
+            out.append(f"need 1 <= min_entries <= max_entries <= {MAX_ENTRIES}")
+        if self.max_bytes < 1024:
+            out.append("max_bytes must be at least 1024")
+        if not 1 <= self.min_inflight <= self.max_inflight:
+            out.append("need 1 <= min_inflight <= max_inflight")
+        if self.max_inflight_bytes < self.max_bytes:
+            out.append("max_inflight_bytes must be at least max_bytes")
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class WindowPlan:
+    """What the link does next: cut windows of up to ``entries`` entries (and
+    ``bounds.max_bytes``), keep at most ``inflight`` windows unconfirmed, and compress
+    at lz4 ``level``."""
+
+    entries: int
+    inflight: int
+    level: int = 0
+
+
+class WindowTuner:
+    """Window size and in-flight depth from the measured round trip and the backlog.
+
+    The round trip is smoothed as TCP does (``srtt = 7/8 srtt + 1/8 sample``). With
+    little waiting, windows are cut every ``window_ms`` and just enough are in flight to
+    cover the two round trips to its confirmation (``ceil(2 srtt / window_ms) + 2``),
+    compressed hard (lz4 level
+    :data:`STEADY_LEVEL`: bytes matter more than the link's CPU); with a backlog,
+    windows grow to ``max_entries``, the depth to ``max_inflight``, and compression
+    goes fast (level 0): a long fat pipe is kept full and the link's CPU is not the
+    bottleneck. The caller passes as ``backlog_entries`` what it last read, doubled,
+    so windows grow geometrically while reads keep filling them.
+    """
+
+    def __init__(self, bounds: WindowBounds) -> None:
+        problems = bounds.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.bounds = bounds
+        self.srtt_s: float | None = None
+
+    def observe_rtt(self, sample_s: float) -> None:
+        if sample_s < 0 or math.isnan(sample_s):
+            return
+        self.srtt_s = sample_s if self.srtt_s is None else 0.875 * self.srtt_s + 0.125 * sample_s
+
+    def plan(self, backlog_entries: int) -> WindowPlan:
+        b = self.bounds
+        entries = max(b.min_entries, min(b.max_entries, backlog_entries))
+        rtt_ms = (self.srtt_s or 0.0) * 1000
+        # A window is confirmed about two round trips after it is cut: its XADD crosses,
+        # the receiver writes it, and its progress comes back on the next read of `done`.
+        cover = math.ceil(2 * rtt_ms / b.window_ms) + 2
+        if backlog_entries > b.max_entries or self.srtt_s is None:
+            # A backlog, or no round trip measured yet (a link just started): fill
+            # the pipe rather than wait a round trip per window to learn its length.
+            cover = max(cover, b.max_inflight)
+        inflight = max(b.min_inflight, min(b.max_inflight, cover))
+        level = 0 if backlog_entries > b.max_entries else STEADY_LEVEL
+        return WindowPlan(entries, inflight, level)
+
+
+def batch_events(data: bytes) -> int:
+    """How many events a relay batch holds, from its payload's msgpack array header
+    (0 for anything else). Decompresses only the first block's few bytes' worth."""
+    if data[: len(BATCH_PREFIX)] != BATCH_PREFIX:
+        return 0
+    try:
+        d = lz4.frame.LZ4FrameDecompressor()
+        head: bytes = d.decompress(data[len(BATCH_PREFIX) :], max_length=5)
+    except Exception:
+        return 0
+    if not head:
+        return 0
+    b = head[0]
+    if 0x90 <= b <= 0x9F:
+        return b & 0x0F
+    if b == 0xDC and len(head) >= 3:
+        return int.from_bytes(head[1:3], "big")
+    if b == 0xDD and len(head) >= 5:
+        return int.from_bytes(head[1:5], "big")
+    return 0
+
+
+class _LinkSettings(Protocol):
+    @property
+    def link_window_ms(self) -> int: ...
+    @property
+    def link_window_min_entries(self) -> int: ...
+    @property
+    def link_window_max_entries(self) -> int: ...
+    @property
+    def link_window_max_bytes(self) -> int: ...
+    @property
+    def link_inflight_min(self) -> int: ...
+    @property
+    def link_inflight_max(self) -> int: ...
+    @property
+    def link_inflight_max_bytes(self) -> int: ...
+
+
+def bounds_of(c: _LinkSettings) -> WindowBounds:
+    """The bounds the ``cluster.link_*`` settings give (``Config.validate()`` checked them)."""
+    return WindowBounds(
+        window_ms=c.link_window_ms,
+        min_entries=c.link_window_min_entries,
+        max_entries=c.link_window_max_entries,
+        max_bytes=c.link_window_max_bytes,
+        min_inflight=c.link_inflight_min,
+        max_inflight=c.link_inflight_max,
+        max_inflight_bytes=c.link_inflight_max_bytes,
+    )

@@ -1,0 +1,187 @@
+"""The windowed link through the WAN proxy, with its receiver (cluster/receiver.py)
+killed mid-window: nothing lost, nothing doubled, the inbound stream bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import pytest
+import pytest_twisted
+import redis as redis_sync
+
+from cluster.faultproxy import FaultProxy
+from cluster.link import Link, confirmed_key
+from cluster.receiver import Receiver, done_key, inbound_key
+from cluster.slotlog import RedisSlotLog
+from cluster.window import WindowBounds, unpack_window
+from relay.codec import MessageEvent, encode_batch
+from relay.redis_server import RedisServer
+from tests.conftest import aio, until
+
+A = "sg/n1"
+SLOTS = 8
+# Leases short enough that a killed receiver's runs out quickly, long enough that a
+# busy shared machine does not make a live holder lose it.
+TTL_MS = 1500
+
+
+@pytest.fixture
+def wan(redis_server: Any) -> Iterator[tuple[str, str, FaultProxy]]:
+    """The session's Redis as sg; fra's Redis behind a WAN proxy (20 ms one-way, 5 ms
+    of jitter, 2 MB/s): the link's URL goes through it, fra's own nodes do not."""
+    from twisted.internet import reactor
+
+    with redis_sync.Redis.from_url(redis_server.url) as r:
+        r.flushall()
+    dest = RedisServer().start()
+    proxy = FaultProxy(
+        reactor,
+        "127.0.0.1",
+        0,
+        "127.0.0.1",
+        dest.port,
+        latency_ms=20,
+        jitter_ms=5,
+        bandwidth_bytes_per_s=2_000_000,
+        seed=7,
+    )
+    proxy.start()
+    yield redis_server.url, dest.url, proxy
+    pytest_twisted.blockon(proxy.stop())
+    dest.stop()
+
+
+def batch(n: int) -> bytes:
+    body = b"lunch at the usual place? bring the slides %d" % n
+    return encode_batch([MessageEvent(f"m{n}", f"room:{n % 5}", "ann", n + 1, "sg", body, 1)])
+
+
+def receiver(url: str, node: str) -> Receiver:
+    rx = Receiver(
+        region="fra", origin="sg", url=url, node_id=node, slots=SLOTS, lease_ttl_ms=TTL_MS
+    )
+    rx.start()
+    return rx
+
+
+async def kill(rx: Receiver) -> None:
+    """As ``kill -9`` would: the task dies wherever it is; the lease is not released and
+    no progress is written after what it had written."""
+    assert rx._task is not None
+    rx._task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await rx._task
+    await rx.mirrors.close()
+    for c in (rx.client, rx.reader):
+        await c.aclose()
+
+
+def wrote_some(rx: Receiver) -> bool:
+    return rx.entries_total > 100
+
+
+async def mirrors_equal_logs(origin: RedisSlotLog, dest: RedisSlotLog) -> bool:
+    for s in range(SLOTS):
+        if await dest.read(s, origin="sg", count=100_000) != await origin.read(s, count=100_000):
+            return False
+    return True
+
+
+@aio
+async def test_receivers_killed_mid_window_lose_and_double_nothing(wan: Any) -> None:
+    origin_url, dest_url, proxy = wan
+    origin = RedisSlotLog.from_url(origin_url, "sg")
+    dest = RedisSlotLog.from_url(dest_url, "fra")
+    for s in range(SLOTS):
+        await origin.set_owner(s, A, 1)
+    link = Link(
+        region="sg",
+        dest="fra",
+        dest_url=f"redis://127.0.0.1:{proxy.port}/0",
+        node_id=A,
+        local_url=origin_url,
+        slots=SLOTS,
+        lease_ttl_ms=TTL_MS,
+        bounds=WindowBounds(window_ms=20, min_entries=8, max_entries=200),
+    )
+    link.start()
+    rx = receiver(dest_url, "fra/n1")
+    total = 3000
+
+    async def publish() -> None:
+        for n in range(total):
+            await origin.append(n % SLOTS, A, 1, batch(n))
+            if n % 20 == 0:
+                await asyncio.sleep(0.02)  # a steady stream for some seconds, not one burst
+
+    publisher = asyncio.ensure_future(publish())
+    # Kill the receiver three times while windows stream in, each time once it has
+    # written more; another node's receiver takes the lease over after its TTL.
+    for i in range(3):
+        await until(partial(wrote_some, rx), timeout_s=15, what="receiving")
+        assert not publisher.done()  # killed mid-stream
+        await kill(rx)
+        rx = receiver(dest_url, f"fra/n{i + 2}")
+    await publisher
+    tops = {str(s): (await origin.read(s, count=100_000))[-1].id for s in range(SLOTS)}
+    with redis_sync.Redis.from_url(origin_url, decode_responses=True) as r:
+        await until(
+            lambda: r.hgetall(confirmed_key("sg", "fra")) == tops,
+            timeout_s=40,
+            what="the receiver's progress confirming every slot's last entry",
+        )
+    # Written once each (a window written again after a kill is refused, not counted).
+    assert link.copied_entries <= total
+    assert await mirrors_equal_logs(origin, dest)  # same ids, bytes and chain: nothing lost
+    status = link.status(0)
+    assert status["windows_total"] > 10 and status["rtt_ms"] is not None
+    assert status["compression_ratio"] > 1.5
+    # The inbound stream is trimmed as the receiver confirms.
+    with redis_sync.Redis.from_url(dest_url) as r:
+        await until(lambda: r.xlen(inbound_key("fra", "sg")) == 0, what="inbound trimmed")
+        assert r.xlen(done_key("fra", "sg")) <= 1100
+    await link.stop()
+    await rx.stop()
+    await origin.close()
+    await dest.close()
+
+
+@aio
+async def test_a_half_written_window_is_finished_by_the_next_receiver(wan: Any) -> None:
+    origin_url, dest_url, proxy = wan
+    origin = RedisSlotLog.from_url(origin_url, "sg")
+    dest = RedisSlotLog.from_url(dest_url, "fra")
+    for s in range(SLOTS):
+        await origin.set_owner(s, A, 1)
+    for n in range(200):
+        await origin.append(n % SLOTS, A, 1, batch(n))
+    link = Link(
+        region="sg",
+        dest="fra",
+        dest_url=f"redis://127.0.0.1:{proxy.port}/0",
+        node_id=A,
+        local_url=origin_url,
+        slots=SLOTS,
+        lease_ttl_ms=TTL_MS,
+    )
+    link.start()
+    # No receiver yet: the window waits in fra's inbound stream.
+    with redis_sync.Redis.from_url(dest_url) as r:
+        await until(lambda: r.xlen(inbound_key("fra", "sg")) >= 1, what="a window sent")
+        ((_, fields),) = r.xrange(inbound_key("fra", "sg"), count=1)
+    window = unpack_window(fields[b"w"], slots=SLOTS)
+    # A receiver died after writing the first half of it into the mirrors.
+    half = window[: len(window) // 2]
+    assert await dest.mirror_append_many("sg", half) == [True] * len(half)
+    rx = receiver(dest_url, "fra/n1")
+    await until(lambda: link.copied_entries >= 200 - len(half), timeout_s=20, what="confirmed")
+    assert rx.skipped_total == len(half)  # refused as already there, not written twice
+    assert await mirrors_equal_logs(origin, dest)
+    await link.stop()
+    await rx.stop()
+    await origin.close()
+    await dest.close()

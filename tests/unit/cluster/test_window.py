@@ -1,0 +1,133 @@
+"""Link windows (cluster/window.py): packing round-trips, bad frames get a coded error,
+and the tuner stays within its bounds."""
+
+from __future__ import annotations
+
+import contextlib
+
+import lz4.frame
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cluster.slotlog import TailEntry
+from cluster.window import (
+    PREFIX,
+    WindowBounds,
+    WindowError,
+    WindowTuner,
+    batch_events,
+    pack_window,
+    unpack_window,
+)
+from relay.codec import MessageEvent, encode_batch
+from relay.errors import Code
+
+ids = st.builds(lambda ms, seq: f"{ms}-{seq}", st.integers(1, 2**48), st.integers(0, 2**20))
+prevs = st.one_of(st.just(""), st.just("0-0"), ids)
+msgs = st.builds(
+    lambda i, body: MessageEvent(f"m{i}", f"ch:{i % 7}", "alice", i + 1, "sg", body, 10**12),
+    st.integers(0, 10**6),
+    st.binary(max_size=300),
+)
+batches = st.lists(msgs, min_size=1, max_size=5).map(encode_batch)
+datas = st.one_of(batches, st.binary(max_size=400))
+entries = st.lists(st.builds(TailEntry, st.integers(0, 255), ids, datas, prevs), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(entries)
+def test_a_window_gives_back_every_entry_with_the_same_id_and_bytes(es: list[TailEntry]) -> None:
+    assert unpack_window(pack_window(es), slots=256) == es
+
+
+def test_a_window_compresses_what_its_entries_share() -> None:
+    body = b"see you at the station at six, bring the tickets and the charger " * 3
+    es = [
+        TailEntry(
+            s,
+            f"{1000 + s}-0",
+            encode_batch([MessageEvent(f"id-{s}", f"room:{s}", "bob", s + 1, "sg", body, 1)]),
+            "0-0",
+        )
+        for s in range(200)
+    ]
+    frame = pack_window(es)
+    # Each entry on its own barely shrinks; the window sees the repetition across slots.
+    assert len(frame) < sum(len(e.data) for e in es) / 4
+    assert batch_events(es[0].data) == 1
+
+
+def _frame(body: bytes) -> bytes:
+    return PREFIX + lz4.frame.compress(body, store_size=True, content_checksum=True)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"RW",
+        b"XX\x01abc",
+        b"RW\x02" + b"\x00" * 20,
+        b"RW\x01not lz4 at all",
+        _frame(b"\xc1"),  # not msgpack
+        _frame(b"\x91\x93\x01\x02\x03"),  # rows of the wrong shape
+        _frame(b"\x91\x96\xcd\x01\x00\xa31-0\xa0\x00\xc4\x00\x00"),  # slot 256 of 256
+        _frame(b"\x91\x96\x01\xa4zz-0\xa0\x00\xc4\x00\x00"),  # not an id
+        _frame(b"\x91\x96\x01\xa31-0\xa0\x07\xc4\x00\x00"),  # unknown kind
+        _frame(b"\x91\x96\x01\xa31-0\xa0\x00\xc4\x01\x90\x05"),  # batch with a wrong crc
+    ],
+)
+def test_a_malformed_window_gets_a_coded_error(data: bytes) -> None:
+    with pytest.raises(WindowError) as info:
+        unpack_window(data, slots=256)
+    assert info.value.code is Code.BAD_REQUEST
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 200))
+def test_damaged_bytes_never_raise_anything_but_a_window_error(junk: bytes, at: int) -> None:
+    good = pack_window([TailEntry(1, "5-0", b"abc", "0-0")])
+    for data in (junk, good[: at % len(good)] + junk, PREFIX + junk):
+        with contextlib.suppress(WindowError):  # anything else fails the test
+            unpack_window(data, slots=8)
+
+
+def test_a_truncated_window_is_refused_whole() -> None:
+    frame = pack_window([TailEntry(1, "5-0", b"abc", "0-0")] * 3)
+    for n in range(len(frame)):
+        with pytest.raises(WindowError):
+            unpack_window(frame[:n], slots=8)
+
+
+def test_the_tuner_covers_the_round_trip_and_grows_with_the_backlog() -> None:
+    b = WindowBounds(window_ms=100, min_entries=10, max_entries=1000, min_inflight=2)
+    t = WindowTuner(b)
+    # No round trip measured yet: the pipe is filled rather than probed window by window.
+    assert t.plan(0).inflight == b.max_inflight and t.plan(0).entries == 10
+    t.observe_rtt(0.001)
+    assert t.plan(0).inflight == 3
+    t = WindowTuner(b)
+    for _ in range(50):
+        t.observe_rtt(0.160)
+    assert t.srtt_s is not None and abs(t.srtt_s - 0.160) < 1e-6
+    # 160 ms of round trip: a window is confirmed ~320 ms after it is cut, so 4 + 2.
+    assert t.plan(5).inflight == 6
+    assert t.plan(500).entries == 500
+    assert t.plan(10**6) == type(t.plan(0))(1000, b.max_inflight, 0)
+    assert t.plan(5).level > 0  # little waits: compress hard
+
+
+@given(st.lists(st.floats(0, 30), max_size=20), st.integers(0, 10**7))
+def test_the_tuner_never_leaves_its_bounds(rtts: list[float], backlog: int) -> None:
+    b = WindowBounds(min_entries=5, max_entries=50, min_inflight=3, max_inflight=7)
+    t = WindowTuner(b)
+    for r in rtts:
+        t.observe_rtt(r)
+    p = t.plan(backlog)
+    assert 5 <= p.entries <= 50 and 3 <= p.inflight <= 7
+
+
+def test_bounds_that_do_not_hold_together_are_refused() -> None:
+    with pytest.raises(ValueError, match="min_inflight"):
+        WindowTuner(WindowBounds(min_inflight=9, max_inflight=3))
