@@ -10,7 +10,9 @@ changes as it carries a Ready out (a claim started, read to its end, a hand-over
 
 Events and what their Ready asks for::
 
+    Members(effects)       -> peers (mesh connections to make, drop), failovers, rebalance
     Rebalance(live, state) -> ring placed; releases (hand these over), replicas (record)
+    ReleaseEnded(slots)    -> losses (the hand-overs whose slots the ring moved away)
     HandedOver()           -> claims (start these), joins (claims under way to wait for)
     Tick(now)              -> audit (re-read the ring state, then step AuditDue)
     AuditDue()             -> read_records (the owned slots whose owner records to read)
@@ -25,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from cluster.failure import DownReason, Effect, MemberDown, MemberUp
 from cluster.rebalance import Placement, RingState, placement
 from cluster.slots import SlotTable
 
@@ -35,11 +38,25 @@ AUDIT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
+class Members:
+    """The failure detector's effects (cluster/failure.py) after a membership fact."""
+
+    effects: tuple[Effect, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Rebalance:
     """Place the slots on these live members (node → lease weight) and ring state."""
 
     live: Mapping[str, float]
     state: RingState
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseEnded:
+    """The hand-overs of ``slots`` are over (done or failed; drains too)."""
+
+    slots: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +88,7 @@ class LeaseLost:
     """This node's own lease expired (a long pause?)."""
 
 
-Event = Rebalance | HandedOver | Tick | AuditDue | OwnerRecords | LeaseLost
+Event = Members | Rebalance | ReleaseEnded | HandedOver | Tick | AuditDue | OwnerRecords | LeaseLost
 
 
 # -- what to carry out
@@ -79,8 +96,14 @@ Event = Rebalance | HandedOver | Tick | AuditDue | OwnerRecords | LeaseLost
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """What the edge carries out after a step, in this order: losses, releases,
-    replicas, claims; then the audit and the rejoin."""
+    """What the edge carries out after a step, in this order: mesh peers, losses,
+    releases, replicas, claims; then the rebalance, the audit and the rejoin."""
+
+    # In order, (node, True) for a member up: connect the mesh to it; (node, False) for
+    # one down: drop its connection (a restart is a down then an up).
+    peers: tuple[tuple[str, bool], ...] = ()
+    failovers: int = 0  # members down whose lease ran out (their slots fail over)
+    rebalance: bool = False  # the live members changed: step Rebalance with them
 
     losses: tuple[int, ...] = ()  # stop serving these now (fenced, lease lost)
     releases: tuple[int, ...] = ()  # hand these over (flush, checkpoint, release)
@@ -128,8 +151,13 @@ class OwnershipCore:
         return ring.slots_of(self.me)
 
     def step(self, event: Event) -> Ready:
+        if isinstance(event, Members):
+            return self._members(event.effects)
         if isinstance(event, Rebalance):
             return self._rebalance(event)
+        if isinstance(event, ReleaseEnded):
+            # Kept if the ring gives the slot back to us (a drain during a rebalance).
+            return Ready(losses=tuple(s for s in event.slots if not self.should_own(s)))
         if isinstance(event, HandedOver):
             return self._claims()
         if isinstance(event, Tick):
@@ -143,6 +171,20 @@ class OwnershipCore:
                 return _EMPTY
             return Ready(losses=tuple(sorted(self.table.owned)), rejoin=True)
         raise TypeError(f"not an ownership event: {event!r}")
+
+    def _members(self, effects: tuple[Effect, ...]) -> Ready:
+        peers: list[tuple[str, bool]] = []
+        failovers = 0
+        for e in effects:
+            if isinstance(e, MemberUp):
+                peers.append((e.node_id, True))
+            elif isinstance(e, MemberDown):
+                if e.node_id != self.me:
+                    peers.append((e.node_id, False))
+                if e.reason in (DownReason.LEASE_EXPIRED, DownReason.LEASE_TIMEOUT):
+                    failovers += 1
+        changed = any(isinstance(e, MemberUp | MemberDown) for e in effects)
+        return Ready(peers=tuple(peers), failovers=failovers, rebalance=changed)
 
     def _rebalance(self, event: Rebalance) -> Ready:
         live = dict(event.live)
