@@ -43,7 +43,7 @@ class Checkpoints(Snapshots):
         while not self.stopped:
             # A fixed cadence: the time a round of checkpoints takes does not lengthen
             # the period (the slot logs are trimmed only at checkpoints).
-            await asyncio.sleep(max(0.0, due - self.clock()))  # the checkpoint period
+            await self.sleep(max(0.0, due - self.clock()))  # the checkpoint period
             due = max(due + interval, self.clock())
             slots = [s for s in sorted(self.dirty) if s not in self.releasing]
             try:

@@ -12,7 +12,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from cluster.errors import ClusterError
-from cluster.rebalance import Placement, placement
+from cluster.ownership import HandedOver, Rebalance, ReleaseEnded
 from cluster.region.checkpoints import Checkpoints
 from cluster.region.state import DRAIN_TIMEOUT_S, RELEASE_GRACE_S, RELEASE_POLL_S
 from cluster.slotlog import FencedError
@@ -24,13 +24,11 @@ log = logging.getLogger(__name__)
 class Claims(Checkpoints):
     """Rebalances, claims, hand-overs and losses of slots."""
 
-    def _live_ring(self) -> Placement | None:
-        live = {
+    def _live(self) -> dict[str, float]:
+        """The live members and their lease weights, as the failure detector sees them."""
+        return {
             n: self.members[n].weight if n in self.members else 1.0 for n in self.detector.live()
         }
-        if self.draining:
-            live.pop(self.me, None)
-        return placement(live, self.ring_state, slots=self.slots, replicas=self.replicas)
 
     async def _rebalance(self) -> None:
         # One at a time, each on the newest membership (a burst of joins runs it twice).
@@ -47,14 +45,14 @@ class Claims(Checkpoints):
         return task
 
     async def _rebalance_now(self) -> list[asyncio.Task[Any]]:
-        ring = self._live_ring()
-        self.ring = ring
-        if ring is None or self.draining:
+        """Step the core with the live members (cluster/ownership.py) and carry its
+        Ready out: hand over what the ring moved, record the replicas, then claim."""
+        ready = self.core.step(Rebalance(self._live(), self.ring_state))
+        if self.ring is None or self.draining:
             return []
-        mine = set(ring.slots_of(self.me)) if self.me in ring.nodes else set()
-        replica = set(ring.replicas_of(self.me)) - mine if self.me in ring.nodes else set()
-        await self._release([slot for slot in self.owned if slot not in mine])
-        self.slot_table.set_replicas(replica)
+        await self._release(list(ready.releases))
+        if ready.replicas is not None:
+            self.slot_table.set_replicas(ready.replicas)
         self._drop_foreign_snapshots()
         self._restart_tail()
         # Re-register subscriptions whose owner moved.
@@ -62,10 +60,9 @@ class Claims(Checkpoints):
             self._spawn(self._resubscribe(ch))
         # Claims under way count too: whoever asked for a rebalance (start, a rejoin)
         # waits until this node serves what the ring gives it.
-        return [
-            self._start_claim(s) if s not in self.claiming else self._claim_tasks[s]
-            for s in sorted(mine)
-            if s not in self.owned and (s not in self.claiming or s in self._claim_tasks)
+        ready = self.core.step(HandedOver())
+        return [self._start_claim(s) for s in ready.claims] + [
+            self._claim_tasks[s] for s in ready.joins if s in self._claim_tasks
         ]
 
     async def _claim(self, slot: int) -> None:
@@ -101,7 +98,7 @@ class Claims(Checkpoints):
                 holder = current.node_id if current is not None else ""
                 if not holder or holder == self.me or holder not in self.detector.live():
                     return
-            await asyncio.sleep(RELEASE_POLL_S)  # the owner is flushing the slot
+            await self.sleep(RELEASE_POLL_S)  # the owner is flushing the slot
 
     async def _claim_now(self, slot: int) -> None:
         try:
@@ -145,7 +142,7 @@ class Claims(Checkpoints):
             deadline = self.clock() + DRAIN_TIMEOUT_S
             await self._flush(force=True)
             while any(self.batcher.busy(s) for s in slots) and self.clock() < deadline:
-                await asyncio.sleep(0.01)  # appends of these slots under way
+                await self.sleep(0.01)  # appends of these slots under way
                 await self._flush(force=True)
             results = await asyncio.gather(
                 *(self._hand_over(s) for s in slots if s in self.owned), return_exceptions=True
@@ -156,8 +153,8 @@ class Claims(Checkpoints):
         finally:
             for s in slots:
                 self.slot_table.fire(s, SlotEvent.RELEASE_ENDED)
-                if not self._should_own(s):
-                    self._lose(s)
+            for s in self.core.step(ReleaseEnded(tuple(slots))).losses:
+                self._lose(s)
 
     async def _hand_over(self, slot: int) -> None:
         async with self._handovers:

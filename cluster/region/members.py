@@ -3,7 +3,6 @@ state, the periodic tick and audit, peers coming and going on the mesh."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -13,16 +12,16 @@ from redis.exceptions import RedisError
 from cluster.failure import (
     LeaseExpired,
     LeaseRenewed,
-    MemberDown,
-    MemberUp,
     PingAnswered,
     Tick,
 )
 from cluster.failure import Left as DetectorLeft
 from cluster.keys import owner_key
 from cluster.membership import Expired, Joined, Left, Member, MembershipEvent
+from cluster.ownership import AuditDue, LeaseLost, OwnerRecords
+from cluster.ownership import Members as CoreMembers
+from cluster.ownership import Tick as CoreTick
 from cluster.region.claims import Claims
-from cluster.region.state import AUDIT_S
 from cluster.ringstore import read_state
 
 log = logging.getLogger(__name__)
@@ -50,20 +49,19 @@ class Members(Claims):
         self._effects(self.detector.observe(LeaseRenewed(m.node_id, m.epoch, self.clock())))
 
     def _effects(self, effects: list[Any]) -> None:
-        changed = False
-        for e in effects:
-            if isinstance(e, MemberUp):
-                changed = True
-                m = self.members.get(e.node_id)
-                if m is not None and self.mesh is not None:
-                    self.mesh.want(e.node_id, m.mesh)
-            elif isinstance(e, MemberDown):
-                changed = True
-                if e.node_id != self.me and self.mesh is not None:
-                    self.mesh.forget(e.node_id)
-                if e.reason.value in ("lease_expired", "lease_timeout"):
-                    self.counters["failovers"] += 1
-        if changed and not self.stopped:
+        """Carry out what the core makes of the detector's effects (cluster/ownership.py)."""
+        if not effects:
+            return
+        ready = self.core.step(CoreMembers(tuple(effects)))
+        if self.mesh is not None:
+            for node_id, up in ready.peers:
+                m = self.members.get(node_id)
+                if not up:
+                    self.mesh.forget(node_id)
+                elif m is not None:
+                    self.mesh.want(node_id, m.mesh)
+        self.counters["failovers"] += ready.failovers
+        if ready.rebalance and not self.stopped:
             self._spawn(self._rebalance())
 
     def on_resync(self, members: dict[str, Member]) -> None:
@@ -102,12 +100,15 @@ class Members(Claims):
 
     def on_lease_lost(self) -> None:
         # Our lease expired (a long pause?): anything we owned has been given away.
-        if self.draining or self.stopped:
+        if self.stopped:
             return
+        ready = self.core.step(LeaseLost())
+        if not ready:
+            return  # draining: we are leaving anyway
         log.error("lease lost: dropping every owned slot; rejoin needed")
-        for slot in list(self.owned):
+        for slot in ready.losses:
             self._lose(slot)
-        if not self.stopped:
+        if ready.rejoin:
             self._spawn(self._rejoin())
 
     async def _rejoin(self) -> None:
@@ -121,7 +122,7 @@ class Members(Claims):
                 if self.stopped:
                     return
                 log.warning("rejoin failed (%s); retrying in %.1fs", e, backoff)
-                await asyncio.sleep(backoff)  # back off before retrying Redis
+                await self.sleep(backoff)  # back off before retrying Redis
                 backoff = min(5.0, backoff * 2)
         self.epoch = joined.epoch
         if self.mesh is not None:
@@ -132,41 +133,32 @@ class Members(Claims):
         await self._rebalance()
 
     async def _audit(self) -> None:
-        """Make what we serve agree with the owner records and the ring.
-
-        A claim made under an older view of the ring can fence the true owner before
-        it has written anything; and a claim can fail on a Redis error. Both heal here:
-        a slot whose record names someone else is dropped and, if the ring gives it to
-        us, claimed again (reading its log to the end first); a slot the ring gives us
-        that we neither own nor are claiming is claimed.
-        """
+        """Make what we serve agree with the owner records and the ring (the core
+        decides: cluster/ownership.py, ``OwnerRecords``); the edge reads the records."""
         if self.draining:
             return
         await self._refresh_ring_state()  # a ring event we missed? (then a rebalance runs)
-        if self.ring is None or self.me not in self.ring.nodes:
+        slots = self.core.step(AuditDue()).read_records
+        if slots is None:
             return
-        # Slots being handed over release their records on purpose: not a move to heal.
-        slots = sorted(s for s in self.owned if s not in self.releasing)
+        records: dict[int, tuple[str, int]] = {}
         if slots:
             pipe = self.client.pipeline(transaction=False)
             for slot in slots:
                 pipe.hmget(owner_key(self.region, slot), "owner", "epoch")
-            records = await pipe.execute()
-            for slot, (owner, epoch) in zip(slots, records, strict=True):
-                mine = self.owned.get(slot)
-                if mine is None:
-                    continue
-                if (owner or b"").decode() != self.me or int(epoch or 0) != mine:
-                    log.warning("slot %d: owner record moved to %r; re-checking", slot, owner)
-                    self._lose(slot)
-        for slot in self.ring.slots_of(self.me):
-            if slot not in self.owned and slot not in self.claiming:
-                self._start_claim(slot)
+            for slot, (owner, epoch) in zip(slots, await pipe.execute(), strict=True):
+                records[slot] = ((owner or b"").decode(), int(epoch or 0))
+        ready = self.core.step(OwnerRecords(records))
+        for slot in ready.losses:
+            log.warning("slot %d: owner record moved to %r; re-checking", slot, records[slot][0])
+            self._lose(slot)
+        for slot in ready.claims:
+            self._start_claim(slot)
 
     async def _tick_loop(self) -> None:
-        next_audit = self.clock() + AUDIT_S
+        self.core.step(CoreTick(self.clock()))  # arms the audit timer
         while not self.stopped:
-            await asyncio.sleep(0.5)  # the detector's beat
+            await self.sleep(0.5)  # the detector's beat
             try:
                 now = self.clock()
                 if self.mesh is not None:
@@ -175,8 +167,7 @@ class Members(Claims):
                 self._effects(self.detector.observe(PingAnswered(self.me, now)))
                 self._effects(self.detector.observe(Tick(now)))
                 self._expire_remote_waiters()
-                if now >= next_audit:
-                    next_audit = now + AUDIT_S
+                if self.core.step(CoreTick(now)).audit:
                     await self._audit()
             except Exception as e:
                 log.warning("tick failed: %s", e)

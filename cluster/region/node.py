@@ -15,7 +15,6 @@ from the live members, the same on every node.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -79,12 +78,11 @@ class Router(MeshServe):
         for m in (await self.membership.snapshot()).values():
             self._observe_member(m)
         self._observe_member(joined)
-        self._tasks = [
-            asyncio.ensure_future(self._flush_loop()),
-            asyncio.ensure_future(self._tick_loop()),
-            asyncio.ensure_future(self._checkpoint_loop()),
-            asyncio.ensure_future(self._snapshot_loop()),
-        ]
+        # The loops, in the node's one task group (cluster/region/tasks.py).
+        self.tasks.start("flush", self._flush_loop())
+        self.tasks.start("tick", self._tick_loop())
+        self.tasks.start("checkpoints", self._checkpoint_loop())
+        self.tasks.start("snapshots", self._snapshot_loop())
         for link in self.links:
             link.start()
         for receiver in self.receivers:
@@ -103,20 +101,13 @@ class Router(MeshServe):
 
     async def stop(self) -> None:
         self.stopped = True
-        for t in [
-            *self._tasks,
-            *([self._tail_task] if self._tail_task else []),
-            *self._mirror_tasks.values(),
-            *self._background,
-        ]:
-            t.cancel()
+        # Loops, readers and one-off tasks all live in the one group: cancel them all.
+        self.tasks.cancel()
         for link in self.links:
             await link.stop()
         for receiver in self.receivers:
             await receiver.stop()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await self.tasks.stop()
         if self.membership is not None:
             await self.membership.stop()
         if self.mesh is not None:
@@ -139,7 +130,7 @@ class Router(MeshServe):
         ):
             await self._flush(force=True)
             if self.batcher.in_flight or self._retry:
-                await asyncio.sleep(0.05)  # appends under way or to retry
+                await self.sleep(0.05)  # appends under way or to retry
         with contextlib.suppress(Exception):
             await self._snapshot_all()  # the last batch is in the log: save the state
         # Checkpoint and release every slot (draining, each is lost at the end of it):

@@ -146,13 +146,13 @@ class Reading(RegionState):
         self.subs.drop_channels(channels)
 
     def _restart_tail(self) -> None:
-        if self._tail_task is not None:
-            self._tail_task.cancel()
-            self._tail_task = None
+        # The readers are loops of the node's task group, restarted on the newest ring.
+        self.tasks.stop_loop("tail")
+        self._tail_task = None
         if self.replicated and not self.stopped:
-            self._tail_task = asyncio.ensure_future(self._tail_loop(sorted(self.replicated)))
-        for task in self._mirror_tasks.values():
-            task.cancel()
+            self._tail_task = self.tasks.start("tail", self._tail_loop(sorted(self.replicated)))
+        for origin in self._mirror_tasks:
+            self.tasks.stop_loop(f"mirror-{origin}")
         self._mirror_tasks = {}
         slots = (
             sorted(set(self.ring.slots_of(self.me)) | self.replicated)
@@ -161,7 +161,9 @@ class Reading(RegionState):
         )
         if slots and not self.stopped:
             for origin in self.peers:
-                self._mirror_tasks[origin] = asyncio.ensure_future(self._mirror_loop(origin, slots))
+                self._mirror_tasks[origin] = self.tasks.start(
+                    f"mirror-{origin}", self._mirror_loop(origin, slots)
+                )
 
     async def _tail(self, after: dict[int, str], origin: str = "") -> list[TailEntry] | None:
         """The one blocking read of the replica tail and the mirror loops: entries of the
@@ -175,7 +177,7 @@ class Reading(RegionState):
             if not self.stopped:  # else our own clients closed under the read
                 what = f"mirrors of {origin}" if origin else "slot logs"
                 log.warning("tailing %s failed: %s", what, e)
-                await asyncio.sleep(0.5)  # back off before retrying Redis
+                await self.sleep(0.5)  # back off before retrying Redis
             return None
 
     async def _mirror_loop(self, origin: str, slots: list[int]) -> None:
@@ -193,7 +195,7 @@ class Reading(RegionState):
                 if s in self.applied and not self._slot_lock(s).locked()
             }
             if not after:
-                await asyncio.sleep(0.1)  # the slots are being (re)built: look again soon
+                await self.sleep(0.1)  # the slots are being (re)built: look again soon
                 continue
             entries = await self._tail(after, origin)
             if entries is None:
@@ -231,7 +233,7 @@ class Reading(RegionState):
                 except (RedisError, OSError, ClusterError, CodecError) as e:
                     log.warning("rebuilding slot %d failed: %s", s, e)
             if gapped:
-                await asyncio.sleep(0.2)  # a hole no checkpoint covers yet: do not spin
+                await self.sleep(0.2)  # a hole no checkpoint covers yet: do not spin
 
     async def _mirror_gap_owned(self, slot: int, origin: str, missing: str) -> None:
         """An owned slot's mirror of ``origin`` was trimmed past our position (only a
@@ -263,7 +265,7 @@ class Reading(RegionState):
             }
             if not after:
                 if any(s not in self.owned for s in slots):
-                    await asyncio.sleep(0.1)  # slots being claimed: look again soon
+                    await self.sleep(0.1)  # slots being claimed: look again soon
                     continue
                 return
             entries = await self._tail(after)

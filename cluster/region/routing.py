@@ -3,7 +3,6 @@ over the mesh to the owner."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -293,5 +292,5 @@ class Routing(Members):
                         self.subs.unregister(ch)
                         continue  # the ring moved during the request: follow it
                     return
-            await asyncio.sleep(0.1)  # the new owner is still claiming the slot
+            await self.sleep(0.1)  # the new owner is still claiming the slot
         log.warning("could not re-subscribe %s with its new owner", ch)

@@ -140,7 +140,7 @@ class Snapshots(Appends):
 
     async def _snapshot_loop(self) -> None:
         while not self.stopped:
-            await asyncio.sleep(self.snapshot_interval_s)  # the snapshot period
+            await self.sleep(self.snapshot_interval_s)  # the snapshot period
             try:
                 # Every dirty slot, one after the other: each capture is one short reactor
                 # turn, each encode and write runs in a thread.

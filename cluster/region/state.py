@@ -16,7 +16,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +33,12 @@ from cluster.interest import Interest
 from cluster.link import Link
 from cluster.membership import Member, Membership
 from cluster.mesh import Mesh
+from cluster.ownership import OwnershipCore
 from cluster.positions import Positions, Tombstones
 from cluster.rebalance import Placement, RingState
 from cluster.receiver import Receiver
 from cluster.redisconn import AsyncClient
+from cluster.region.tasks import TaskGroup
 from cluster.ring import slot_of
 from cluster.slotlog import RedisSlotLog
 from cluster.slots import SlotTable
@@ -47,8 +49,6 @@ from relay.errors import Code
 from relay.node import Node
 from relay.snapshot import DirtySlots
 from relay.store import Message
-
-log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ class RegionState:
         fan_out: Callable[[Message, tuple[Hashable, ...]], None],
         wall_ms: Callable[[], int],
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         c = config.cluster
         self.config = config
@@ -145,6 +146,8 @@ class RegionState:
         self.wall_ms = wall_ms
         # Monotonic seconds: leases, deadlines, the detector, snapshot ages (tests inject it).
         self.clock = clock
+        # How the loops wait (tests inject one that steps the clock instead).
+        self.sleep = sleep
         # What to do when ops ask this node to drain (the server shuts down gracefully).
         self.on_drain_requested: Callable[[], None] = lambda: None
         self.slots = c.slots
@@ -175,9 +178,7 @@ class RegionState:
             wait_timeout_ms=c.log_replicas_timeout_ms,
         )
         self.members: dict[str, Member] = {}
-        # Where the slots are: the ring of the live members, with the weights and holds
-        # ops set (cluster/rebalance.py, cluster/ringstore.py).
-        self.ring: Placement | None = None
+        # What ops set of the ring (weights, holds: cluster/ringstore.py).
         self.ring_state = RingState()
         # Reads of the ring state one at a time: a later read never installs older state.
         self._ring_reads = asyncio.Lock()
@@ -185,6 +186,9 @@ class RegionState:
         # Slot state (cluster/slots.py: none → replica → claiming → owner → releasing),
         # changed only through the table; these are its live read-only views.
         self.slot_table = SlotTable()
+        # What to claim, hand over, lose and audit: the pure core (cluster/ownership.py)
+        # the layers step; it holds the ring and whether we drain.
+        self.core = OwnershipCore(self.me, self.slot_table, self.slots, self.replicas, AUDIT_S)
         self.owned: Mapping[int, int] = self.slot_table.owned  # slot → epoch we write under
         self.claiming: AbstractSet[int] = self.slot_table.claiming
         self._claim_tasks: dict[int, asyncio.Task[Any]] = {}
@@ -201,11 +205,11 @@ class RegionState:
         self.registered = self.subs.registered
         self.mesh: Mesh | None = None
         self.membership: Membership | None = None
-        self.draining = False
         self.stopped = False
-        self._tasks: list[asyncio.Task[None]] = []
-        self._tail_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        # Every background task (loops, readers, one-off tasks), stopped together.
+        self.tasks = TaskGroup()
+        self._background = self.tasks.background  # the one-off tasks under way
+        self._tail_task: asyncio.Task[Any] | None = None
         # Entries whose append failed (Redis error, or a slot being claimed again).
         self._retry: list[AppendToLog] = []
         self._retried: set[int] = set()
@@ -261,7 +265,7 @@ class RegionState:
         self.positions = Positions(self.peers)
         self.applied = self.positions.log
         self.mirror_applied = self.positions.mirrors
-        self._mirror_tasks: dict[str, asyncio.Task[None]] = {}
+        self._mirror_tasks: dict[str, asyncio.Task[Any]] = {}
         # ack=remote: per slot, (entry id, waiter) until a link confirms the entry.
         self.remote_waiters: dict[int, list[tuple[tuple[int, int], PubWaiter]]] = {}
         self.confirmed: dict[int, tuple[int, int]] = {}
@@ -277,12 +281,27 @@ class RegionState:
         self.append_seconds = Buckets((0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
         self.batch_events = Buckets((1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 
+    @property
+    def ring(self) -> Placement | None:
+        """Where the slots are: the ring of the live members, with the weights and holds
+        ops set (cluster/rebalance.py, cluster/ringstore.py); the core's."""
+        return self.core.ring
+
+    @ring.setter
+    def ring(self, ring: Placement | None) -> None:
+        self.core.ring = ring
+
+    @property
+    def draining(self) -> bool:
+        return self.core.draining
+
+    @draining.setter
+    def draining(self, draining: bool) -> None:
+        self.core.draining = draining
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` in the background, keeping a reference until it ends."""
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        return self.tasks.spawn(coro)
 
     def lease_fresh(self) -> bool:
         """Our lease is surely still ours (a paused process must not serve)."""
@@ -290,12 +309,7 @@ class RegionState:
         return m is not None and self.clock() < m.lease_valid_until
 
     def _should_own(self, slot: int) -> bool:
-        return (
-            self.ring is not None
-            and not self.draining
-            and self.me in self.ring.nodes
-            and self.ring.owner(slot) == self.me
-        )
+        return self.core.should_own(slot)
 
     def owner_of(self, ch: str) -> str | None:
         if self.ring is None:

@@ -27,6 +27,7 @@ CORE = [
     "cluster/ring.py",
     "cluster/failure.py",
     "cluster/slots.py",
+    "cluster/ownership.py",
     "cluster/positions.py",
     "cluster/interest.py",
     "cluster/errors.py",
