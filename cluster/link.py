@@ -153,6 +153,7 @@ class Link:
         self._wake = asyncio.Event()
         self._failure: Exception | None = None
         self._done_wid: tuple[int, int] = (0, 0)
+        self._pack_raw = False  # True once the receiver could not rebuild a batch
         self._backlog_hint = 0
         self._resyncs: set[tuple[int, str]] = set()
         self._done_counts: dict[tuple[int, int], tuple[int, int]] = {}
@@ -370,6 +371,7 @@ class Link:
         self._inflight.clear()
         self._replies.clear()
         self._done_counts.clear()
+        self._done_wid = (0, 0)  # the destination may have failed over: confirm anew
         self._failure = None
         helpers = [
             asyncio.ensure_future(self._read_replies(conn)),
@@ -502,7 +504,7 @@ class Link:
             last = i == len(entries) - 1
             if last or len(chunk) >= plan.entries or size >= self.bounds.max_bytes:
                 self._check_lease()
-                frame = pack_window(chunk, plan.level)
+                frame = pack_window(chunk, plan.level, raw=self._pack_raw)
                 w = _Window(
                     positions={c.slot: c.id for c in chunk},
                     oldest_ms=min(parse_id(c.id)[0] for c in chunk),
@@ -559,6 +561,10 @@ class Link:
                         after = rid.decode()
                         bad = fields.get(b"bad")
                         if bad is not None:
+                            if b"does not rebuild" in bad:
+                                # The destination's lz4 compresses differently: send the
+                                # log's bytes as they are from now on (less compression).
+                                self._pack_raw = True
                             raise ClusterError(f"the receiver refused a window: {bad.decode()}")
                         done = parse_id(fields[b"w"].decode())
                         self._done_counts[done] = (int(fields[b"n"]), int(fields[b"b"]))

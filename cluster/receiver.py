@@ -47,24 +47,44 @@ log = logging.getLogger(__name__)
 
 # One call per slot of a window: each entry XADDed into the slot's mirror with its id,
 # bytes and prev; 1 when written, 0 when the mirror holds it already (its id is not above
-# the top: a window written again), any other error returned as it is.
+# the top: a window written again), -1 when its prev is not the mirror's top as Redis
+# holds it (the mirror lost entries, e.g. a failover of its shard, or another receiver
+# wrote meanwhile): the call stops there, nothing after it is written. Any other error is
+# returned as it is.
 MIRROR_MANY: Final = """
+local function le(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as <= bs)
+end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local top = false
+if #last > 0 then top = last[1][1] end
 local out = {}
 for i = 1, #ARGV, 3 do
-  local r
-  if ARGV[i + 1] == '' then
-    r = redis.pcall('XADD', KEYS[1], ARGV[i], 'd', ARGV[i + 2])
+  if top and le(ARGV[i], top) then
+    out[#out + 1] = 0
+  elseif ARGV[i + 1] ~= '' and top and ARGV[i + 1] ~= top then
+    out[#out + 1] = -1
+    return out
   else
-    r = redis.pcall('XADD', KEYS[1], ARGV[i], 'd', ARGV[i + 2], 'p', ARGV[i + 1])
-  end
-  if type(r) == 'table' and r.err then
-    if string.find(r.err, 'equal or smaller', 1, true) then
-      out[#out + 1] = 0
+    local r
+    if ARGV[i + 1] == '' then
+      r = redis.pcall('XADD', KEYS[1], ARGV[i], 'd', ARGV[i + 2])
     else
-      return r
+      r = redis.pcall('XADD', KEYS[1], ARGV[i], 'd', ARGV[i + 2], 'p', ARGV[i + 1])
     end
-  else
-    out[#out + 1] = 1
+    if type(r) == 'table' and r.err then
+      if string.find(r.err, 'equal or smaller', 1, true) then
+        out[#out + 1] = 0
+      else
+        return r
+      end
+    else
+      out[#out + 1] = 1
+      top = ARGV[i]
+    end
   end
 end
 return out
@@ -235,10 +255,11 @@ class Receiver:
                 for wid, fields in rows:
                     await self._apply_window(_text(wid), fields.get(b"w", b""), top)
 
-    async def _write(self, entries: list[TailEntry]) -> list[bool]:
+    async def _write(self, entries: list[TailEntry]) -> list[int]:
         """Write ``entries`` into their mirrors: one script call per slot, pipelined (a
-        Redis Cluster routes each to its slot's shard). True: written; False: there
-        already."""
+        Redis Cluster routes each to its slot's shard). 1: written; 0: there already;
+        -1: its prev is not the mirror's top in Redis (nothing after it in its slot is
+        written: those are -2)."""
         by_slot: dict[int, list[int]] = {}
         for i, e in enumerate(entries):
             by_slot.setdefault(e.slot, []).append(i)
@@ -256,12 +277,12 @@ class Receiver:
             again = await _mirror_calls(self.client, [calls[i] for i in missing])
             for i, r in zip(missing, again, strict=True):
                 results[i] = r
-        out: list[bool] = [False] * len(entries)
+        out: list[int] = [-2] * len(entries)
         for (_, idx), r in zip(by_slot.items(), results, strict=True):
             if isinstance(r, Exception):
                 raise r
-            for i, ok in zip(idx, r, strict=True):
-                out[i] = bool(ok)
+            for i, ok in zip(idx, r, strict=False):  # a chain break ends the slot's list
+                out[i] = int(ok)
         return out
 
     async def _apply_window(self, wid: str, frame: bytes, top: dict[int, str]) -> None:
@@ -288,16 +309,27 @@ class Receiver:
             raise ClusterError("the receiver's lease is not surely ours: not writing")
         written = 0
         nbytes = 0
+        stale = False
         if todo:
             results = await self._write(todo)
             for e, ok in zip(todo, results, strict=True):
-                if ok:
+                if ok == 1:
                     written += 1
                     nbytes += len(e.data)
                     top[e.slot] = e.id
-                else:  # written already (a window sent twice): the mirror's top is above
+                elif ok == 0:  # written already (a window sent twice): the top is above
                     self.skipped_total += 1
                     top[e.slot] = max(top[e.slot], e.id, key=parse_id)
+                elif ok == -1 and not stale:
+                    # The mirror in Redis is not where this receiver thought: it lost
+                    # entries (its shard failed over) or another receiver wrote. Refuse
+                    # the window (the link resends from the mirrors' real tops) and read
+                    # the tops again.
+                    stale = True
+                    bad = (
+                        f"slot {e.slot}: entry {e.id} follows {e.prev}, which is not the "
+                        "top of the mirror in Redis"
+                    )
         if bad:
             self.refused_total += 1
             log.warning("receiver %s←%s: window %s refused: %s", self.region, self.origin, wid, bad)
@@ -312,6 +344,8 @@ class Receiver:
         self.position = wid
         self.windows_total += 1
         self.entries_total += written
+        if stale:
+            raise ClusterError("a mirror's top moved under the receiver: reading the tops again")
 
 
 async def _mirror_calls(

@@ -86,15 +86,17 @@ def _recompress(payload: bytes) -> bytes:
     return BATCH_PREFIX + frame
 
 
-def pack_window(entries: Sequence[TailEntry], level: int = 0) -> bytes:
+def pack_window(entries: Sequence[TailEntry], level: int = 0, *, raw: bool = False) -> bytes:
     """One frame holding ``entries`` (any slots, in the order the receiver must write
     them). The receiver's :func:`unpack_window` gives back equal ``TailEntry`` values.
-    ``level`` is lz4's (0: fast; 3 and up: high compression, several times the CPU)."""
+    ``level`` is lz4's (0: fast; 3 and up: high compression, several times the CPU).
+    ``raw``: every entry as the log's bytes, none decompressed (for a receiver whose lz4
+    does not rebuild our batches byte for byte)."""
     if len(entries) > MAX_ENTRIES:
         raise ValueError(f"window of {len(entries)} entries is over {MAX_ENTRIES}; split it")
     rows: list[_Row] = []
     for e in entries:
-        payload = _batch_payload(e.data)
+        payload = None if raw else _batch_payload(e.data)
         if payload is None:
             rows.append((e.slot, e.id, e.prev, KIND_RAW, e.data, 0))
         else:

@@ -14,10 +14,11 @@ import pytest_twisted
 import redis as redis_sync
 
 from cluster.faultproxy import FaultProxy
+from cluster.keys import mirror_key
 from cluster.link import Link, confirmed_key
 from cluster.receiver import Receiver, done_key, inbound_key
-from cluster.slotlog import RedisSlotLog
-from cluster.window import WindowBounds, unpack_window
+from cluster.slotlog import RedisSlotLog, TailEntry
+from cluster.window import WindowBounds, pack_window, unpack_window
 from relay.codec import MessageEvent, encode_batch
 from relay.redis_server import RedisServer
 from tests.conftest import aio, until
@@ -185,3 +186,41 @@ async def test_a_half_written_window_is_finished_by_the_next_receiver(wan: Any) 
     await rx.stop()
     await origin.close()
     await dest.close()
+
+
+@aio
+async def test_a_mirror_that_lost_entries_under_the_receiver_refuses_the_window(
+    redis_server: Any,
+) -> None:
+    # The receiver checks a window's chain against the mirror as Redis holds it, not only
+    # against the tops it remembers: a mirror shard that failed over and lost its newest
+    # entries must not get the next ones written above the hole (and confirmed).
+    with redis_sync.Redis.from_url(redis_server.url) as r:
+        r.flushall()
+        rx = receiver(redis_server.url, "fra/n1")
+        inbound, mirror = inbound_key("fra", "sg"), mirror_key("fra", 1, "sg")
+
+        def send(*entries: TailEntry) -> None:
+            r.xadd(inbound, {"w": pack_window(list(entries))})
+
+        def mirror_ids() -> list[str]:
+            return [i.decode() for i, _ in r.xrange(mirror)]
+
+        def done_rows() -> list[dict[bytes, bytes]]:
+            return [f for _, f in r.xrange(done_key("fra", "sg"))]
+
+        send(TailEntry(1, "1-0", batch(1), ""), TailEntry(1, "2-0", batch(2), "1-0"))
+        await until(lambda: mirror_ids() == ["1-0", "2-0"], what="the first window written")
+        # The mirror's shard fails over to a replica that had only 1-0.
+        r.delete(mirror)
+        r.xadd(mirror, {"d": batch(1)}, id="1-0")
+        send(TailEntry(1, "3-0", batch(3), "2-0"))
+        await until(lambda: len(done_rows()) == 2, what="the second window answered")
+        assert b"bad" in done_rows()[-1] and b"not the top" in done_rows()[-1][b"bad"]
+        assert mirror_ids() == ["1-0"]  # nothing written above the hole
+        # The link resends from the mirror's real top: the hole is filled, in order.
+        send(TailEntry(1, "2-0", batch(2), "1-0"), TailEntry(1, "3-0", batch(3), "2-0"))
+        await until(lambda: mirror_ids() == ["1-0", "2-0", "3-0"], what="the hole filled")
+        assert b"bad" not in done_rows()[-1]
+        assert rx.refused_total == 1
+    await rx.stop()

@@ -131,3 +131,23 @@ def test_the_tuner_never_leaves_its_bounds(rtts: list[float], backlog: int) -> N
 def test_bounds_that_do_not_hold_together_are_refused() -> None:
     with pytest.raises(ValueError, match="min_inflight"):
         WindowTuner(WindowBounds(min_inflight=9, max_inflight=3))
+
+
+def test_a_receiver_whose_lz4_differs_refuses_batches_but_takes_raw_windows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The link falls back to raw windows when the receiver says a batch "does not
+    # rebuild" (cluster/link.py): raw windows carry the log's bytes, nothing to rebuild.
+    data = encode_batch([MessageEvent("m1", "c", "s", 1, "sg", b"hi" * 50, 0)])
+    entries = [TailEntry(3, "5-0", data, "4-0")]
+    batch_window, raw_window = pack_window(entries), pack_window(entries, raw=True)
+    assert len(batch_window) != len(raw_window)  # the default decompressed the batch
+    assert unpack_window(batch_window, slots=8) == entries
+    assert unpack_window(raw_window, slots=8) == entries
+    import cluster.window
+
+    real = cluster.window._recompress
+    monkeypatch.setattr(cluster.window, "_recompress", lambda p: real(p) + b"\0")
+    with pytest.raises(WindowError, match="does not rebuild"):
+        unpack_window(batch_window, slots=8)
+    assert unpack_window(raw_window, slots=8) == entries
