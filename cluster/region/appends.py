@@ -31,11 +31,15 @@ class Appends(Reading):
         await self.commits.run()  # cluster/commit.py: group commit
 
     async def _flush(self, force: bool = False) -> None:
-        # Entries that failed before go first, unchanged (same events, same waiters).
-        entries, self._retry = self._retry, []
-        entries += self.batcher.flush(self.wall_ms(), force=force)
-        if entries:
-            await self._append(entries)
+        async with self._flush_lock:  # one append under way at a time: order per slot
+            # Entries that failed before go first, unchanged (same events, same waiters),
+            # then those cut early, then what the batcher holds now.
+            entries, self._retry = self._retry, []
+            entries += self._cut
+            self._cut = []
+            entries += self.batcher.flush(self.wall_ms(), force=force)
+            if entries:
+                await self._append(entries)
 
     async def _append(self, entries: list[AppendToLog]) -> None:
         """Append entries handed out by the batcher; each ends appended, retried later, or
@@ -80,7 +84,8 @@ class Appends(Reading):
             else:
                 self.counters["appends"] += 1
                 self.batcher.appended(e.batch_id)
-                self.applied[e.slot] = r
+                if parse_id(r) > parse_id(self.applied.get(e.slot, "0-0")):
+                    self.applied[e.slot] = r  # never backwards
                 if e.batch_id in self._retried:
                     # Its slot may have been rebuilt meanwhile: make RAM hold it again.
                     self._retried.discard(e.batch_id)

@@ -125,11 +125,11 @@ class Router(MeshServe):
             return
         self.draining = True
         deadline = self.clock() + DRAIN_TIMEOUT_S
-        while (self.batcher.pending_events or self.batcher.in_flight or self._retry) and (
-            self.clock() < deadline
-        ):
+        while (
+            self.batcher.pending_events or self.batcher.in_flight or self._retry or self._cut
+        ) and (self.clock() < deadline):
             await self._flush(force=True)
-            if self.batcher.in_flight or self._retry:
+            if self.batcher.in_flight or self._retry or self._cut:
                 await self.sleep(0.05)  # appends under way or to retry
         with contextlib.suppress(Exception):
             await self._snapshot_all()  # the last batch is in the log: save the state

@@ -136,8 +136,10 @@ class Routing(Members):
         message = acc.message or Message(
             msg_id, ch, sender, acc.hlc, acc.origin, body, now + ttl_ms
         )
-        for entry in self.batcher.add(slot, message, now, waiter):
-            self._spawn(self._append([entry]))
+        cut = self.batcher.add(slot, message, now, waiter)
+        if cut:  # full batches: the group-commit loop appends them next, in order
+            self._cut.extend(cut)
+            self.commits.wake()
         if acc.message is not None or ch in self.interest:
             self._deliver(message)
 
@@ -247,8 +249,10 @@ class Routing(Members):
         n = self.node.ack(ch, ids, now)
         hlc = self.node.clock.tick(now)
         for ev in ack_events(ch, ids, hlc, self.region):
-            for entry in self.batcher.add(slot, ev, now):
-                self._spawn(self._append([entry]))
+            cut = self.batcher.add(slot, ev, now)
+            if cut:
+                self._cut.extend(cut)
+                self.commits.wake()
         self._tombstone(slot, ch, ids, hlc)
         self._changed(slot)
         return n

@@ -182,7 +182,9 @@ class Snapshots(Appends):
     def data_at_risk(self) -> dict[str, Any]:
         """What a crash right now could lose: events not yet in the slot log, and slots
         changed since their snapshot (``relay_data_at_risk_messages``)."""
-        unlogged = self.batcher.pending_events + sum(len(e.events) for e in self._retry)
+        unlogged = self.batcher.pending_events + sum(
+            len(e.events) for e in (*self._retry, *self._cut)
+        )
         return {
             "unlogged_events": unlogged,
             "unsaved_slots": self.snapshots.count,

@@ -158,7 +158,7 @@ class RegionState:
         # Group commit: the next append goes as soon as the previous one returned.
         self.commits = GroupCommit(
             flush=lambda: self._flush(force=True),
-            pending=lambda: self.batcher.has_open,
+            pending=lambda: self.batcher.has_open or bool(self._cut),
             failures=lambda: self.counters["append_errors"],
             window_s=c.batch_window_ms / 1000,
         )
@@ -212,6 +212,11 @@ class RegionState:
         self._tail_task: asyncio.Task[Any] | None = None
         # Entries whose append failed (Redis error, or a slot being claimed again).
         self._retry: list[AppendToLog] = []
+        # Entries the batcher cut early (a full batch), for the group-commit loop's next
+        # append; one _flush at a time (the loop's, a release's, a drain's), so a slot's
+        # entries reach its log in the order they were cut.
+        self._cut: list[AppendToLog] = []
+        self._flush_lock = asyncio.Lock()
         self._retried: set[int] = set()
         # Claims run a few at a time: each is a handful of Redis round trips.
         self._claims = asyncio.Semaphore(8)

@@ -166,3 +166,37 @@ async def test_an_entry_that_cannot_be_encoded_fails_alone() -> None:
     assert r.batcher.in_flight == 0
     assert r.mesh_counters["encode_failures"] == 1
     assert await logged_ids(log, slot_of(good_ch, r.slots)) == {"fine"}
+
+
+async def logged_order(log: MemorySlotLog, slot: int) -> list[str]:
+    return [
+        ev.id
+        for e in await log.read(slot)
+        for ev in decode_batch(e.data)
+        if isinstance(ev, MessageEvent)
+    ]
+
+
+@aio
+async def test_full_batches_and_a_failed_append_keep_the_slots_order() -> None:
+    # Two batches fill up while the first append fails: the group-commit loop, a
+    # release's flush and a drain's flush all append one at a time, so the retried
+    # first batch still lands before the second (it used to be appended beside it).
+    import asyncio
+
+    log = Flaky("sg")
+    r = router("sg/n1", log)
+    give_all_to("sg/n1", r)
+    ch = "inbox:dave"
+    slot = slot_of(ch, r.slots)
+    await r._claim_now(slot)
+    sent = [f"m{i}" for i in range(2001)]
+    for i, msg_id in enumerate(sent):
+        publish_at(r, ch, msg_id)
+        if i == 999:
+            first = asyncio.ensure_future(r._flush(force=True))  # fails (Flaky)
+    await asyncio.gather(first, r._flush(force=True), r._flush(force=True))
+    for _ in range(3):
+        await r._flush(force=True)
+    assert await logged_order(log, slot) == sent
+    await r.slotlog.close()
