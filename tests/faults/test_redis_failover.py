@@ -50,6 +50,22 @@ async def promoted(servers: RedisClusterServers, key: str, old: Any, timeout_s: 
         await asyncio.sleep(0.1)  # poll interval while the cluster fails over
 
 
+async def replica_online(primary: Any, timeout_s: float) -> None:
+    """Wait until ``primary`` has a replica in sync (``state=online``): with
+    ``log_replicas = 1`` a claim on its shard waits for one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with redis.Redis(host=primary.host, port=primary.port) as r:
+                info = await asyncio.to_thread(r.info, "replication")
+        except redis.RedisError:
+            info = {}
+        if any(isinstance(v, dict) and v.get("state") == "online" for v in info.values()):
+            return
+        assert time.monotonic() < deadline, "the restarted primary did not rejoin as a replica"
+        await asyncio.sleep(0.1)  # poll interval while it syncs
+
+
 def replica_of(servers: RedisClusterServers, primary: Any) -> Any:
     for srv in servers.servers:
         if srv is primary:
@@ -169,6 +185,8 @@ async def test_a_primary_and_the_owner_lost_together(log_replicas: int) -> None:
         # (with log_replicas = 1, a shard without a replica can neither take an append
         # nor a claim of a slot: the fence waits for a replica too).
         await asyncio.to_thread(victim.start)
+        if log_replicas:
+            await replica_online(await promoted(servers, key, victim, 30), 30)
         assert cluster.workdir is not None
         shutil.rmtree(cluster.workdir / "sg" / "n1" / "data")
         node = await asyncio.to_thread(cluster.restart, "sg/n1")
