@@ -45,7 +45,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from bench import natsrv
+from bench import nats as natsproc
+from bench.procs import stop_process
 from cluster.keys import mirror_key
 from cluster.link import Link
 from cluster.receiver import Receiver
@@ -125,12 +126,7 @@ class Wan:
         return int(s["bytes_from_client"]) + int(s["bytes_from_target"])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -376,7 +372,7 @@ async def _sink(state: dict[str, Any]) -> asyncio.Server:
 
 
 async def nats_drain(
-    hub: natsrv.NatsServer, leaf: natsrv.NatsServer, messages: int, storage: str
+    hub: natsproc.NatsServer, leaf: natsproc.NatsServer, messages: int, storage: str
 ) -> dict[str, Any]:
     import msgspec
     import nats
@@ -453,13 +449,13 @@ def _median(xs: list[float]) -> float:
 @contextlib.contextmanager
 def _world() -> Iterator[dict[str, Any]]:
     origin, dest = RedisServer().start(), RedisServer().start()
-    hub = natsrv.start_hub()
+    hub = natsproc.start_hub()
     loop = asyncio.get_event_loop()
     sink_state: dict[str, Any] = {"seen": {}, "latencies": []}
     sink = loop.run_until_complete(_sink(sink_state))
     sink_port = sink.sockets[0].getsockname()[1]
     wan = Wan({"relay": dest.port, "nats": hub.leaf_port, "naive": sink_port})
-    leaf = natsrv.start_leaf(wan.ports["nats"])
+    leaf = natsproc.start_leaf(wan.ports["nats"])
     try:
         yield {
             "origin": origin.url,
@@ -471,9 +467,9 @@ def _world() -> Iterator[dict[str, Any]]:
             "sink": sink_state,
         }
     finally:
-        natsrv.stop(leaf)
+        natsproc.stop(leaf)
         wan.stop()
-        natsrv.stop(hub)
+        natsproc.stop(hub)
         sink.close()
         origin.stop()
         dest.stop()
@@ -490,8 +486,8 @@ def run(
     say: Any = print,
 ) -> dict[str, Any]:
     """Every phase ``runs`` times; medians. Raises NatsServerMissing without nats-server."""
-    if natsrv.find_nats_server() is None:
-        raise natsrv.NatsServerMissing("nats-server is not on the PATH")
+    if natsproc.nats_server_path() is None:
+        raise natsproc.NatsServerMissing("nats-server is not on the PATH")
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     raw: dict[str, list[dict[str, Any]]] = {}
