@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from cluster.chain import parse_id, split_on_gaps
 from cluster.checkpoint import without_clock
 from cluster.errors import ClusterError
 from cluster.keys import PREFIX, confirmed_channel, link_lease_key, region_tag
-from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
+from cluster.lease import Lease
 from cluster.receiver import cancel_task, done_key, inbound_key, last_done
 from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.window import WindowBounds, WindowPlan, WindowTuner, batch_events, pack_window
@@ -161,13 +160,8 @@ class Link:
         self.window_data_bytes_total = 0
         self.events_total = 0
         self.client = redisconn.connect(local_url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
-        self.lease_key = link_lease_key(region, dest)
-        # The node id, then this incarnation: a restarted process with the same id does
-        # not renew (or release) the lease of the one before it.
-        self.lease_value = f"{node_id}#{secrets.token_hex(6)}"
+        self.lease = Lease(self.client, link_lease_key(region, dest), node_id, lease_ttl_ms)
         self.state = "standby"
-        # The lease is ours until this (monotonic): last renewal sent + TTL.
-        self.lease_valid_until = 0.0
         self.copied_entries = 0
         self.bytes_total = 0
         self.gaps_total = 0
@@ -193,10 +187,7 @@ class Link:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if self.lease_valid_until:
-            with contextlib.suppress(RedisError, OSError):
-                await self.client.eval(RELEASE_IF_OURS, 1, self.lease_key, self.lease_value)
-            self.lease_valid_until = 0.0
+        await self.lease.release()
         for c in (self.local, self.remote):
             with contextlib.suppress(Exception):
                 await c.close()
@@ -210,7 +201,7 @@ class Link:
     def holding(self) -> bool:
         """This node surely holds the link's lease now (its last renewal was sent less
         than a TTL ago and found the lease ours)."""
-        return time.monotonic() < self.lease_valid_until
+        return self.lease.holding
 
     @property
     def stalled(self) -> bool:
@@ -271,7 +262,7 @@ class Link:
         try:
             while not self._stopped:
                 try:
-                    ours = await self._acquire()
+                    ours = await self.lease.acquire()
                 except (RedisError, OSError) as e:
                     # The local Redis did not answer: the lease runs out on its own time.
                     log.warning("link %s→%s: renewing the lease: %s", self.region, self.dest, e)
@@ -319,17 +310,6 @@ class Link:
     @staticmethod
     async def _cancel(task: asyncio.Task[None]) -> None:
         await cancel_task(task)
-
-    async def _acquire(self) -> bool:
-        """Take the lease if it is free or renew it if it is ours."""
-        sent = time.monotonic()
-        got = await self.client.set(self.lease_key, self.lease_value, nx=True, px=self.lease_ttl_ms)
-        if not got:
-            got = await self.client.eval(
-                RENEW_IF_OURS, 1, self.lease_key, self.lease_value, str(self.lease_ttl_ms)
-            )
-        self.lease_valid_until = sent + self.lease_ttl_ms / 1000 if got else 0.0
-        return bool(got)
 
     async def _copy_forever(self) -> None:
         """The copy loop, restarted with a backoff after each failure (while leased)."""

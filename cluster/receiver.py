@@ -27,8 +27,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import secrets
-import time
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -38,7 +36,7 @@ from cluster import redisconn
 from cluster.chain import parse_id
 from cluster.errors import ClusterError
 from cluster.keys import PREFIX, check_region, mirror_key, region_tag
-from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
+from cluster.lease import Lease
 from cluster.redisconn import AsyncClient
 from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.window import WindowError, unpack_window
@@ -123,9 +121,7 @@ class Receiver:
         self.mirrors = RedisSlotLog.from_url(url, region, max_block_ms=READ_BLOCK_MS * 4)
         self.client = redisconn.connect(url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
         self.reader = redisconn.connect(url, socket_timeout=READ_BLOCK_MS / 1000 + 5)
-        self.lease_key = receiver_lease_key(region, origin)
-        self.lease_value = f"{node_id}#{secrets.token_hex(6)}"
-        self.lease_valid_until = 0.0
+        self.lease = Lease(self.client, receiver_lease_key(region, origin), node_id, lease_ttl_ms)
         self.windows_total = 0
         self.entries_total = 0
         self.skipped_total = 0
@@ -138,7 +134,7 @@ class Receiver:
 
     @property
     def holding(self) -> bool:
-        return time.monotonic() < self.lease_valid_until
+        return self.lease.holding
 
     def status(self) -> dict[str, Any]:
         return {
@@ -162,32 +158,19 @@ class Receiver:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if self.lease_valid_until:
-            with contextlib.suppress(RedisError, OSError):
-                await self.client.eval(RELEASE_IF_OURS, 1, self.lease_key, self.lease_value)
-            self.lease_valid_until = 0.0
+        await self.lease.release()
         with contextlib.suppress(Exception):
             await self.mirrors.close()
         for c in (self.client, self.reader):
             with contextlib.suppress(Exception):
                 await c.aclose()
 
-    async def _acquire(self) -> bool:
-        sent = time.monotonic()
-        got = await self.client.set(self.lease_key, self.lease_value, nx=True, px=self.lease_ttl_ms)
-        if not got:
-            got = await self.client.eval(
-                RENEW_IF_OURS, 1, self.lease_key, self.lease_value, str(self.lease_ttl_ms)
-            )
-        self.lease_valid_until = sent + self.lease_ttl_ms / 1000 if got else 0.0
-        return bool(got)
-
     async def _run(self) -> None:
         worker: asyncio.Task[None] | None = None
         try:
             while not self._stopped:
                 try:
-                    ours = await self._acquire()
+                    ours = await self.lease.acquire()
                 except (RedisError, OSError) as e:
                     log.warning(
                         "receiver %s←%s: renewing the lease: %s", self.region, self.origin, e
