@@ -256,9 +256,7 @@ async def relay_steady(
     before = wan.bytes("relay")
     rng = random.Random(2)
     sent = await _paced(rate, duration_s, rng, origin)
-    deadline = time.monotonic() + 30
-    while len(seen) < sent and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)  # the last windows are on their way
+    await _arrived(seen, sent)
     wan_bytes = wan.bytes("relay") - before
     stop.set()
     await reader
@@ -268,14 +266,30 @@ async def relay_steady(
     await origin.close()
     await mirrors.close()
     return {
+        **_delivery(sent, wan_bytes, latencies, seen),
+        "compression_ratio": status["compression_ratio"],
+        "rtt_ms": status["rtt_ms"],
+    }
+
+
+async def _arrived(seen: dict[str, int], sent: int) -> None:
+    """Wait (up to 30 s) until ``sent`` distinct messages were seen at the far end."""
+    deadline = time.monotonic() + 30
+    while len(seen) < sent and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # the last of them are on their way
+
+
+def _delivery(
+    sent: int, wan_bytes: int, latencies: list[float], seen: dict[str, int]
+) -> dict[str, Any]:
+    """A steady run's figures: WAN bytes per message, latency, lost and doubled."""
+    return {
         "sent": sent,
         "bytes_per_msg": wan_bytes / sent,
         "p50_ms": _pct(latencies, 50),
         "p99_ms": _pct(latencies, 99),
         "lost": sent - len(seen),
         "doubled": sum(v - 1 for v in seen.values()),
-        "compression_ratio": status["compression_ratio"],
-        "rtt_ms": status["rtt_ms"],
     }
 
 
@@ -342,19 +356,10 @@ async def naive_steady(
         await writer.drain()
 
     sent = await _paced(rate, duration_s, random.Random(2), None, push)
-    deadline = time.monotonic() + 30
-    while len(seen) < sent and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)  # the last lines are on their way
+    await _arrived(seen, sent)
     wan_bytes = wan.bytes("naive") - before
     writer.close()
-    return {
-        "sent": sent,
-        "bytes_per_msg": wan_bytes / sent,
-        "p50_ms": _pct(latencies, 50),
-        "p99_ms": _pct(latencies, 99),
-        "lost": sent - len(seen),
-        "doubled": sum(v - 1 for v in seen.values()),
-    }
+    return _delivery(sent, wan_bytes, latencies, seen)
 
 
 async def _sink(state: dict[str, Any]) -> asyncio.Server:
