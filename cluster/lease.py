@@ -8,6 +8,7 @@ takes, renews and releases one (the WAN link's and the receiver's).
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import time
 from typing import Final
@@ -61,6 +62,16 @@ class Lease:
             got = await self.client.eval(RENEW_IF_OURS, 1, self.key, self.value, str(self.ttl_ms))
         self.valid_until = sent + self.ttl_ms / 1000 if got else 0.0
         return bool(got)
+
+    async def renew(self, log: logging.Logger, holder: str) -> bool:
+        """:meth:`acquire`, for the holder's renewal task: when Redis does not answer
+        (logged as ``<holder>: renewing the lease: …``) the lease runs out on its own
+        time, so it stays ours while :attr:`holding`."""
+        try:
+            return await self.acquire()
+        except (RedisError, OSError) as e:
+            log.warning("%s: renewing the lease: %s", holder, e)
+            return self.holding
 
     async def release(self) -> None:
         """Delete the lease if it is still ours (once held; errors ignored: it then runs

@@ -261,12 +261,8 @@ class Link:
         renew_every = self.lease_ttl_ms / 3000
         try:
             while not self._stopped:
-                try:
-                    ours = await self.lease.acquire()
-                except (RedisError, OSError) as e:
-                    # The local Redis did not answer: the lease runs out on its own time.
-                    log.warning("link %s→%s: renewing the lease: %s", self.region, self.dest, e)
-                    ours = self.holding
+                # When the local Redis does not answer the lease runs out on its own time.
+                ours = await self.lease.renew(log, f"link {self.region}→{self.dest}")
                 if ours and copier is None:
                     self.last_progress = time.monotonic()
                     copier = asyncio.ensure_future(self._copy_forever())

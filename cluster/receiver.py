@@ -169,13 +169,7 @@ class Receiver:
         worker: asyncio.Task[None] | None = None
         try:
             while not self._stopped:
-                try:
-                    ours = await self.lease.acquire()
-                except (RedisError, OSError) as e:
-                    log.warning(
-                        "receiver %s←%s: renewing the lease: %s", self.region, self.origin, e
-                    )
-                    ours = self.holding
+                ours = await self.lease.renew(log, f"receiver {self.region}←{self.origin}")
                 if ours and worker is None:
                     worker = asyncio.ensure_future(self._apply_forever())
                 elif not ours and worker is not None:
