@@ -61,6 +61,7 @@ from cluster.keys import lease_key
 from cluster.redisconn import connect, connect_sync
 from cluster.ring import slot_of
 from cluster.status import owners
+from relay.cli_dev import redis_cluster_option
 from relay.client import (
     ClientError,
     ClientTimeout,
@@ -1365,14 +1366,9 @@ relay_root_option = click.option(
     help="Append the nodes' output here [default: a temporary file, tail shown on failure].",
 )
 @relay_root_option
-@click.option(
-    "--redis-cluster",
-    "redis_cluster",
-    type=click.IntRange(0, 16),
-    default=0,
-    show_default=True,
-    help="N > 0: instead, compare one Redis server with an N-primary Redis Cluster (a "
-    "replica each): throughput, node and Redis CPU per message, closed loop, same run.",
+@redis_cluster_option(
+    "N > 0: instead, compare one Redis server with an N-primary Redis Cluster (a "
+    "replica each): throughput, node and Redis CPU per message, closed loop, same run."
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def region_cmd(
