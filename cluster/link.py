@@ -51,7 +51,7 @@ from cluster.checkpoint import without_clock
 from cluster.errors import ClusterError
 from cluster.keys import PREFIX, confirmed_channel, link_lease_key, region_tag
 from cluster.lease import Lease
-from cluster.receiver import cancel_task, done_key, inbound_key, last_done
+from cluster.receiver import cancel_task, done_key, inbound_key, last_done, retry_forever
 from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.window import WindowBounds, WindowPlan, WindowTuner, batch_events, pack_window
 
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 TAIL_BLOCK_MS = 500
 COPY_COUNT = 200
 STALL_AFTER_S = 2.0
-MAX_BACKOFF_S = 5.0
 # With nothing to copy, the destination is still asked this often whether it answers
 # (a cut WAN shows as an error even when no entry waits), and must answer within this.
 PROBE_EVERY_S = 1.0
@@ -309,27 +308,13 @@ class Link:
 
     async def _copy_forever(self) -> None:
         """The copy loop, restarted with a backoff after each failure (while leased)."""
-        backoff = 0.2
-        while not self._stopped:
-            try:
-                await self._copy_loop()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError, ValueError, ClusterError) as e:
-                self.errors_total += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                self.state = "error"
-                log.warning(
-                    "link %s→%s: %s; retrying in %.1fs",
-                    self.region,
-                    self.dest,
-                    self.last_error,
-                    backoff,
-                )
-                await asyncio.sleep(backoff)  # back off before retrying the WAN
-                backoff = min(MAX_BACKOFF_S, backoff * 2)
-            else:
-                backoff = 0.2
+        await retry_forever(self._copy_loop, lambda: self._stopped, self._failed, 0.2)
+
+    def _failed(self, error: str, backoff_s: float) -> None:
+        self.errors_total += 1
+        self.last_error = error
+        self.state = "error"
+        log.warning("link %s→%s: %s; retrying in %.1fs", self.region, self.dest, error, backoff_s)
 
     async def _copy_loop(self) -> None:
         # Windows an earlier holder left in the inbound stream go in first: the mirrors'

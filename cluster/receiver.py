@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from redis.exceptions import NoScriptError, RedisError
@@ -181,20 +181,12 @@ class Receiver:
                 await cancel_task(worker)
 
     async def _apply_forever(self) -> None:
-        backoff = 0.1
-        while not self._stopped:
-            try:
-                await self._apply_loop()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError, ValueError, ClusterError) as e:
-                self.errors_total += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("receiver %s←%s: %s", self.region, self.origin, self.last_error)
-                await asyncio.sleep(backoff)  # back off before retrying Redis
-                backoff = min(MAX_BACKOFF_S, backoff * 2)
-            else:
-                backoff = 0.1
+        await retry_forever(self._apply_loop, lambda: self._stopped, self._failed, 0.1)
+
+    def _failed(self, error: str, _backoff_s: float) -> None:
+        self.errors_total += 1
+        self.last_error = error
+        log.warning("receiver %s←%s: %s", self.region, self.origin, error)
 
     async def _apply_loop(self) -> None:
         self.position = await last_done(self.client, self.region, self.origin)
@@ -308,3 +300,27 @@ async def cancel_task(task: asyncio.Task[None]) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=0.5)
+
+
+async def retry_forever(
+    loop: Callable[[], Awaitable[None]],
+    stopped: Callable[[], bool],
+    failed: Callable[[str, float], None],
+    first_backoff_s: float,
+) -> None:
+    """Run ``loop`` until ``stopped()``: after a Redis, socket, window or cluster error
+    call ``failed(error, backoff)`` and back off (doubling from ``first_backoff_s`` up to
+    ``MAX_BACKOFF_S``; a run that ends without an error starts it over). The receiver's
+    apply loop and the link's copy loop run this way while their lease is held."""
+    backoff = first_backoff_s
+    while not stopped():
+        try:
+            await loop()
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError, ValueError, ClusterError) as e:
+            failed(f"{type(e).__name__}: {e}", backoff)
+            await asyncio.sleep(backoff)  # back off before retrying
+            backoff = min(MAX_BACKOFF_S, backoff * 2)
+        else:
+            backoff = first_backoff_s
