@@ -7,6 +7,7 @@ takes, renews and releases one (the WAN link's and the receiver's).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -80,3 +81,13 @@ class Lease:
             with contextlib.suppress(RedisError, OSError):
                 await self.client.eval(RELEASE_IF_OURS, 1, self.key, self.value)
             self.valid_until = 0.0
+
+
+async def stop_leased(task: asyncio.Task[None] | None, lease: Lease) -> None:
+    """End a lease holder's task (cancelled, awaited, whatever it raised) and then
+    release its lease (the WAN link's and the receiver's ``stop``)."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    await lease.release()

@@ -50,7 +50,7 @@ from cluster.chain import parse_id, split_on_gaps
 from cluster.checkpoint import without_clock
 from cluster.errors import ClusterError
 from cluster.keys import PREFIX, confirmed_channel, link_lease_key, region_tag
-from cluster.lease import Lease
+from cluster.lease import Lease, stop_leased
 from cluster.receiver import cancel_task, done_key, inbound_key, last_done, retry_forever
 from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.window import WindowBounds, WindowPlan, WindowTuner, batch_events, pack_window
@@ -182,11 +182,7 @@ class Link:
 
     async def stop(self) -> None:
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        await self.lease.release()
+        await stop_leased(self._task, self.lease)
         for c in (self.local, self.remote):
             with contextlib.suppress(Exception):
                 await c.close()

@@ -36,7 +36,7 @@ from cluster import redisconn
 from cluster.chain import parse_id
 from cluster.errors import ClusterError
 from cluster.keys import PREFIX, check_region, mirror_key, region_tag
-from cluster.lease import Lease
+from cluster.lease import Lease, stop_leased
 from cluster.redisconn import AsyncClient
 from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.window import WindowError, unpack_window
@@ -154,11 +154,7 @@ class Receiver:
 
     async def stop(self) -> None:
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        await self.lease.release()
+        await stop_leased(self._task, self.lease)
         with contextlib.suppress(Exception):
             await self.mirrors.close()
         for c in (self.client, self.reader):
