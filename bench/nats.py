@@ -1,14 +1,23 @@
-"""A ``nats-server`` with JetStream for the peer benchmark, and a lean NATS client.
+"""``nats-server`` processes for the side-by-side benches, and a lean NATS client.
 
 :func:`nats_server` starts the ``nats-server`` found on ``PATH`` on a free loopback port
-with JetStream on (its store in a temporary directory) and stops it on exit.
+with JetStream on (its store in a temporary directory) and stops it on exit (``relay
+bench peer``).
+
+``relay bench replication`` compares a relay link with a NATS JetStream *mirror* between
+two servers: :func:`start_hub` runs the origin stream's server (JetStream domain ``hub``);
+:func:`start_leaf` runs a second server (domain ``leaf``) that dials the hub's leafnode
+port — through the project's WAN proxy — and holds a stream with ``mirror: {name: ORIGIN,
+external: {api: "$JS.hub.API"}}``, which pulls the origin's messages across; each in its
+own temporary directory, removed by :func:`stop` (:func:`hub_and_leaf` does both).
+
 :class:`NatsConn` speaks the NATS client protocol over a raw asyncio socket (``CONNECT``,
 ``SUB``, ``PUB``/``HPUB`` out; ``MSG``/``HMSG``, ``PING``, ``-ERR`` in): no client library,
 so that the load generator stays as cheap on the NATS side as :mod:`bench.wire` makes it
 on the relay side. :func:`create_stream` and :func:`create_push_consumer` use the JetStream
 API subjects (``$JS.API.…``) directly.
 
-Loopback only; every process started here is stopped on exit.
+Loopback only; every process started here is stopped (SIGTERM, then SIGKILL) on exit.
 """
 
 from __future__ import annotations
@@ -17,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -29,17 +37,25 @@ from typing import Any
 
 import psutil
 
+from bench.procs import stop_process
+
 # A handler of one delivered message: (subject, reply subject, headers + payload, header
 # length). Headers are left unparsed: the benchmark reads only the payload.
 MsgHandler = Callable[[bytes, bytes, bytes, int], None]
 
+NATS_SERVER = "nats-server"
+
+
+class NatsServerMissing(RuntimeError):
+    """No ``nats-server`` on the PATH: a NATS figure cannot be measured."""
+
 
 def nats_server_path() -> str | None:
     """The ``nats-server`` executable on ``PATH`` (``None`` when there is none)."""
-    return shutil.which("nats-server")
+    return shutil.which(NATS_SERVER)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -48,10 +64,19 @@ def _free_port() -> int:
 
 @dataclass
 class NatsServer:
-    url: str  # nats://127.0.0.1:port
-    host: str
+    """A running ``nats-server``; ``name``, ``leaf_port`` (0: none) and ``directory``
+    (removed by :func:`stop`) are those of a hub or leaf server."""
+
     port: int
     proc: subprocess.Popen[bytes]
+    name: str = "nats"
+    leaf_port: int = 0
+    directory: Path | None = None
+    host: str = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -70,7 +95,7 @@ def _wait_port(proc: subprocess.Popen[bytes], port: int, timeout_s: float) -> No
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.02)  # poll interval
-    raise TimeoutError("nats-server did not listen in time")
+    raise TimeoutError(f"nats-server did not listen on {port} within {timeout_s}s")
 
 
 @contextlib.contextmanager
@@ -82,7 +107,7 @@ def nats_server(
     if exe is None:
         raise FileNotFoundError("nats-server is not on PATH")
     with tempfile.TemporaryDirectory(prefix="relay-bench-nats-") as tmp:
-        port = _free_port()
+        port = free_port()
         conf = Path(tmp) / "nats.conf"
         store = Path(tmp) / "js"
         # Limits raised so that none binds before the server's own speed does.
@@ -99,17 +124,94 @@ def nats_server(
         )
         try:
             _wait_port(proc, port, 15)
-            yield NatsServer(f"nats://127.0.0.1:{port}", "127.0.0.1", port, proc)
+            yield NatsServer(port, proc)
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
             if log_path is not None and not isinstance(out, int):
                 out.close()
+
+
+# -- a JetStream hub and a leaf (relay bench replication) --------------------------------
+
+
+def _config(name: str, port: int, domain: str, store: Path, leaf: str) -> str:
+    return f"""
+server_name: {name}
+listen: 127.0.0.1:{port}
+max_payload: 8MB
+jetstream {{
+  domain: {domain}
+  store_dir: "{store}"
+  max_memory_store: 4GB
+  max_file_store: 16GB
+}}
+{leaf}
+"""
+
+
+def _start(name: str, domain: str, leaf: str, leaf_port: int, binary: str) -> NatsServer:
+    directory = Path(tempfile.mkdtemp(prefix=f"relay-nats-{name}-"))
+    port = free_port()
+    conf = directory / "nats.conf"
+    conf.write_text(_config(name, port, domain, directory / "js", leaf))
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=(directory / "log").open("wb"),
+    )
+    server = NatsServer(port, proc, name, leaf_port, directory)
+    try:
+        _wait_port(proc, port, 10)
+        if leaf_port and "listen" in leaf:
+            _wait_port(proc, leaf_port, 10)
+    except Exception:
+        stop(server)
+        raise
+    return server
+
+
+def stop(server: NatsServer) -> None:
+    """Stop a hub or leaf server and remove its directory."""
+    stop_process(server.proc)
+    if server.directory is not None:
+        shutil.rmtree(server.directory, ignore_errors=True)
+
+
+def _binary() -> str:
+    binary = nats_server_path()
+    if binary is None:
+        raise NatsServerMissing("nats-server is not on the PATH")
+    return binary
+
+
+def start_hub() -> NatsServer:
+    """The origin's server: JetStream domain ``hub``, a leafnode port on loopback."""
+    binary = _binary()
+    leaf_port = free_port()
+    return _start("hub", "hub", f"leafnodes {{ listen: 127.0.0.1:{leaf_port} }}", leaf_port, binary)
+
+
+def start_leaf(hub_leaf_port: int) -> NatsServer:
+    """The destination's server (domain ``leaf``), dialling the hub's leafnode port (pass
+    the WAN proxy's port to put the WAN between them)."""
+    binary = _binary()
+    leaf = f'leafnodes {{ remotes: [ {{ url: "nats://127.0.0.1:{hub_leaf_port}" }} ] }}'
+    return _start("leaf", "leaf", leaf, 0, binary)
+
+
+@contextlib.contextmanager
+def hub_and_leaf(via_port: int | None = None) -> Iterator[tuple[NatsServer, NatsServer]]:
+    """A hub and a leaf; the leaf dials ``via_port`` (a proxy to the hub's leafnode port)
+    when given. Use ``start_hub`` first when the proxy must know the port."""
+    hub = start_hub()
+    try:
+        leaf = start_leaf(via_port or hub.leaf_port)
+        try:
+            yield hub, leaf
+        finally:
+            stop(leaf)
+    finally:
+        stop(hub)
 
 
 class NatsConn(asyncio.Protocol):

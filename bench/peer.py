@@ -35,14 +35,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import click
 import msgspec
@@ -64,9 +63,14 @@ from bench.region import (
     _Conn,
     _connect,
     _hello,
+    _med,
+    _pacer,
+    _pct,
+    _progress,
     cpu_between,
     machine,
     region,
+    relay_root_option,
     source,
     wait_settled,
 )
@@ -79,20 +83,6 @@ RELAY_SETTINGS = {"lease_ttl_ms": 10000, "lease_renew_ms": 2000}
 ACK_EVERY_S = 0.05
 DRAIN_S = 60.0
 SYSTEMS = ("relay-1", "relay-3", "nats-memory", "nats-file")
-
-
-def _progress(msg: str) -> None:
-    click.echo(msg, err=True)
-
-
-def _med(xs: list[float]) -> float | None:
-    return round(statistics.median(xs), 4) if xs else None
-
-
-def _pct(sorted_xs: list[float], q: float) -> float | None:
-    if not sorted_xs:
-        return None
-    return round(sorted_xs[min(len(sorted_xs) - 1, max(0, round(q * (len(sorted_xs) - 1))))], 3)
 
 
 @dataclass(frozen=True)
@@ -132,6 +122,7 @@ class _Window:
     error_samples: list[str] = field(default_factory=list)
     ack_ns: list[int] = field(default_factory=list)
     delivery_ns: list[int] = field(default_factory=list)
+    skipped: int = 0  # paced publishes not sent (their publisher had ``cap`` unanswered)
 
     def error(self, what: str) -> None:
         if self.measuring:
@@ -169,18 +160,52 @@ def _robjects(payload: bytes) -> list[_RObj]:
     return data if isinstance(data, list) else [data]
 
 
-class _RelayPub:
-    def __init__(self, conn: _Conn, i: int, names: list[bytes], wl: Workload, w: _Window) -> None:
-        self.conn, self.i, self.names, self.wl, self.w = conn, i, names, wl, w
+K = TypeVar("K", str, bytes)
+
+
+class _Pub(Generic[K]):
+    """What a relay and a NATS publisher share: publish ids in sequence, the sent times
+    by id (``outstanding``: unanswered), the accounting of an acknowledgement and, closed
+    loop, the refill to ``window`` outstanding."""
+
+    def __init__(self, i: int, wl: Workload, w: _Window) -> None:
+        self.i, self.wl, self.w = i, wl, w
         self.window = 0
         self.seq = 0
-        self.sent: dict[str, int] = {}
+        self.sent: dict[K, int] = {}
         self.pad = wl.pad()
-        conn.on_text = self.on_text
 
     @property
     def outstanding(self) -> int:
         return len(self.sent)
+
+    def fire(self, n: int) -> None:
+        raise NotImplementedError
+
+    def _seqs(self, n: int) -> range:
+        """The next ``n`` sequence numbers."""
+        s = self.seq
+        self.seq = s + n
+        return range(s, s + n)
+
+    def _accepted(self, t0: int | None, now: int) -> None:
+        w = self.w
+        w.accepted_all += 1
+        if w.measuring:
+            w.accepted += 1
+            if t0 is not None:
+                w.ack_ns.append(now - t0)
+
+    def _refill(self) -> None:
+        if self.w.running and self.window:
+            self.fire(self.window - len(self.sent))
+
+
+class _RelayPub(_Pub[str]):
+    def __init__(self, conn: _Conn, i: int, names: list[bytes], wl: Workload, w: _Window) -> None:
+        super().__init__(i, wl, w)
+        self.conn, self.names = conn, names
+        conn.on_text = self.on_text
 
     def fire(self, n: int) -> None:
         if n <= 0:
@@ -188,9 +213,7 @@ class _RelayPub:
         now = time.perf_counter_ns()
         frame = self.conn.masker.frame
         frames = []
-        for _ in range(n):
-            s = self.seq
-            self.seq = s + 1
+        for s in self._seqs(n):
             pid = f"p{self.i}-{s}"
             ch = self.names[self.wl.channel_of(self.i, s)]
             frames.append(
@@ -208,15 +231,10 @@ class _RelayPub:
         for o in _robjects(payload):
             t0 = self.sent.pop(o.id, None)
             if o.op == "puback":
-                w.accepted_all += 1
-                if w.measuring:
-                    w.accepted += 1
-                    if t0 is not None:
-                        w.ack_ns.append(now - t0)
+                self._accepted(t0, now)
             elif o.op == "error":
                 w.error(f"{o.code}: {o.reason}")
-        if w.running and self.window:
-            self.fire(self.window - len(self.sent))
+        self._refill()
 
 
 class _RelaySub:
@@ -288,30 +306,21 @@ async def _relay_setup(
 # -- NATS -------------------------------------------------------------------------------
 
 
-class _NatsPub:
+class _NatsPub(_Pub[bytes]):
     def __init__(
         self, conn: NatsConn, i: int, subjects: list[bytes], wl: Workload, w: _Window
     ) -> None:
-        self.conn, self.i, self.subjects, self.wl, self.w = conn, i, subjects, wl, w
-        self.window = 0
-        self.seq = 0
-        self.sent: dict[bytes, int] = {}
-        self.pad = wl.pad()
+        super().__init__(i, wl, w)
+        self.conn, self.subjects = conn, subjects
         self.inbox = b"_INBOX.p%d." % i
         conn.sub(f"_INBOX.p{i}.*", self.on_ack)
-
-    @property
-    def outstanding(self) -> int:
-        return len(self.sent)
 
     def fire(self, n: int) -> None:
         if n <= 0:
             return
         now = time.perf_counter_ns()
         conn = self.conn
-        for _ in range(n):
-            s = self.seq
-            self.seq = s + 1
+        for s in self._seqs(n):
             token = b"%d" % s
             conn.hpub(
                 self.subjects[self.wl.channel_of(self.i, s)],
@@ -329,13 +338,8 @@ class _NatsPub:
         if b'"error"' in data or hdr:  # a 503 "no responders" comes as headers only
             w.error(data.decode(errors="replace"))
             return
-        w.accepted_all += 1
-        if w.measuring:
-            w.accepted += 1
-            if t0 is not None:
-                w.ack_ns.append(now - t0)
-        if w.running and self.window:
-            self.fire(self.window - len(self.sent))
+        self._accepted(t0, now)
+        self._refill()
 
 
 class _NatsSub:
@@ -411,28 +415,6 @@ async def _drain(w: _Window, timeout_s: float) -> float:
     return round(loop.time() - t0, 2)
 
 
-async def _pacer(pubs: list[_Publisher], rate: float, w: _Window, cap: int) -> None:
-    """``rate`` publishes a second in all, round robin; a publisher with ``cap``
-    unanswered skips its turn."""
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    sent = 0
-    i = 0
-    while w.running:
-        await asyncio.sleep(0.002)  # pacing tick
-        due = int((loop.time() - t0) * rate) - sent
-        if due <= 0:
-            continue
-        counts = [0] * len(pubs)
-        for _ in range(due):
-            counts[i] += 1
-            i = (i + 1) % len(pubs)
-        for p, n in zip(pubs, counts, strict=True):
-            if n and p.outstanding < cap:
-                p.fire(n)
-        sent += due
-
-
 @dataclass
 class System:
     name: str
@@ -504,10 +486,10 @@ async def run_case(sysm: System, mode: str, wl: Workload, tag: str) -> dict[str,
         "server_us_per_msg": (
             round(server_cores * secs / w.accepted * 1e6, 1) if w.accepted else None
         ),
-        "ack_p50_ms": _pct(acks, 0.5),
-        "ack_p99_ms": _pct(acks, 0.99),
-        "delivery_p50_ms": _pct(dels, 0.5),
-        "delivery_p99_ms": _pct(dels, 0.99),
+        "ack_p50_ms": _pct(acks, 0.5, 3),
+        "ack_p99_ms": _pct(acks, 0.99, 3),
+        "delivery_p50_ms": _pct(dels, 0.5, 3),
+        "delivery_p99_ms": _pct(dels, 0.99, 3),
         "drain_s": drained,
         "errors": w.errors,
         "error_samples": w.error_samples,
@@ -755,12 +737,7 @@ def _fmt(x: float | None) -> str:
     default=None,
     help="The nats-server executable [default: the one on PATH].",
 )
-@click.option(
-    "--relay-root",
-    type=click.Path(file_okay=False, exists=True),
-    default=None,
-    help="Run the nodes from the relay/ and cluster/ in this directory (before/after runs).",
-)
+@relay_root_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def peer_cmd(
     channels: int,

@@ -92,6 +92,17 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, timeout_s: float) ->
     raise TimeoutError("server did not become ready")
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10) -> None:
+    """Stop a benchmark's child process: SIGTERM, then SIGKILL after ``timeout_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
 def baseline_tree(ref: str) -> Iterator[str]:
     """A directory holding ``relay/`` as of git revision ``ref`` (for before/after runs)."""
@@ -129,13 +140,7 @@ def server(
             doc = _wait_ready(proc, ready, 30)
             yield Server(kind, doc["ws"], proc)
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 def run_loadgen(srv: Server, mode: str, **opts: Any) -> dict[str, Any]:

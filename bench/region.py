@@ -43,10 +43,10 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import click
@@ -61,6 +61,7 @@ from cluster.keys import lease_key
 from cluster.redisconn import connect, connect_sync
 from cluster.ring import slot_of
 from cluster.status import owners
+from relay.cli_dev import redis_cluster_option
 from relay.client import (
     ClientError,
     ClientTimeout,
@@ -102,10 +103,12 @@ def _med(xs: list[float]) -> float | None:
     return round(statistics.median(xs), 4) if xs else None
 
 
-def _pct(sorted_xs: list[float], q: float) -> float | None:
+def _pct(sorted_xs: list[float], q: float, nd: int | None = None) -> float | None:
+    """The ``q`` quantile (nearest rank) of ``sorted_xs``; rounded to ``nd`` digits if given."""
     if not sorted_xs:
         return None
-    return sorted_xs[min(len(sorted_xs) - 1, max(0, round(q * (len(sorted_xs) - 1))))]
+    x = sorted_xs[min(len(sorted_xs) - 1, max(0, round(q * (len(sorted_xs) - 1))))]
+    return x if nd is None else round(x, nd)
 
 
 def machine() -> dict[str, Any]:
@@ -572,9 +575,27 @@ async def _acker(subs: list[_Subscriber], w: _Window) -> None:
                 s.flush_acks()
 
 
-async def _pacer(pubs: list[_Publisher], rate: float, w: _Window, cap: int) -> None:
+class Pacing(Protocol):
+    """A case's window, as the pacer sees it."""
+
+    running: bool
+    measuring: bool
+    skipped: int
+
+
+class Paced(Protocol):
+    """A publisher, as the pacer sees it."""
+
+    @property
+    def outstanding(self) -> int: ...
+
+    def fire(self, n: int) -> None: ...
+
+
+async def _pacer(pubs: Sequence[Paced], rate: float, w: Pacing, cap: int) -> None:
     """Open loop: ``rate`` publishes a second in all, round robin over the publishers;
-    a publisher with ``cap`` outstanding skips its turn (counted: the region fell behind)."""
+    a publisher with ``cap`` outstanding skips its turn (counted while measuring: the
+    system fell behind). Used by ``relay bench region`` and ``relay bench peer``."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     sent = 0
@@ -1291,6 +1312,14 @@ def human(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+relay_root_option = click.option(
+    "--relay-root",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Run the nodes from the relay/ and cluster/ in this directory (before/after runs).",
+)
+
+
 @click.command("region")
 @click.option("--pairs", default=30, show_default=True, help="Publisher/subscriber pairs.")
 @click.option(
@@ -1336,20 +1365,10 @@ def human(doc: dict[str, Any]) -> list[str]:
     default=None,
     help="Append the nodes' output here [default: a temporary file, tail shown on failure].",
 )
-@click.option(
-    "--relay-root",
-    type=click.Path(file_okay=False, exists=True),
-    default=None,
-    help="Run the nodes from the relay/ and cluster/ in this directory (before/after runs).",
-)
-@click.option(
-    "--redis-cluster",
-    "redis_cluster",
-    type=click.IntRange(0, 16),
-    default=0,
-    show_default=True,
-    help="N > 0: instead, compare one Redis server with an N-primary Redis Cluster (a "
-    "replica each): throughput, node and Redis CPU per message, closed loop, same run.",
+@relay_root_option
+@redis_cluster_option(
+    "N > 0: instead, compare one Redis server with an N-primary Redis Cluster (a "
+    "replica each): throughput, node and Redis CPU per message, closed loop, same run."
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def region_cmd(

@@ -420,9 +420,9 @@ def side_by_side(
     wan_latency_ms: float,
     as_json: bool,
 ) -> None:
-    from bench import natsrv, wanhop
+    from bench import nats, wanhop
 
-    if natsrv.find_nats_server() is None:
+    if nats.nats_server_path() is None:
         click.echo(
             "nats-server is not on the PATH: the NATS side cannot be measured, so no ratio "
             "is printed (Debian: apt-get install nats-server)",

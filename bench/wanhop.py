@@ -45,7 +45,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from bench import natsrv
+from bench import nats as natsproc
+from bench.procs import stop_process
 from cluster.keys import mirror_key
 from cluster.link import Link
 from cluster.receiver import Receiver
@@ -125,12 +126,7 @@ class Wan:
         return int(s["bytes_from_client"]) + int(s["bytes_from_target"])
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -260,9 +256,7 @@ async def relay_steady(
     before = wan.bytes("relay")
     rng = random.Random(2)
     sent = await _paced(rate, duration_s, rng, origin)
-    deadline = time.monotonic() + 30
-    while len(seen) < sent and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)  # the last windows are on their way
+    await _arrived(seen, sent)
     wan_bytes = wan.bytes("relay") - before
     stop.set()
     await reader
@@ -272,14 +266,30 @@ async def relay_steady(
     await origin.close()
     await mirrors.close()
     return {
+        **_delivery(sent, wan_bytes, latencies, seen),
+        "compression_ratio": status["compression_ratio"],
+        "rtt_ms": status["rtt_ms"],
+    }
+
+
+async def _arrived(seen: dict[str, int], sent: int) -> None:
+    """Wait (up to 30 s) until ``sent`` distinct messages were seen at the far end."""
+    deadline = time.monotonic() + 30
+    while len(seen) < sent and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # the last of them are on their way
+
+
+def _delivery(
+    sent: int, wan_bytes: int, latencies: list[float], seen: dict[str, int]
+) -> dict[str, Any]:
+    """A steady run's figures: WAN bytes per message, latency, lost and doubled."""
+    return {
         "sent": sent,
         "bytes_per_msg": wan_bytes / sent,
         "p50_ms": _pct(latencies, 50),
         "p99_ms": _pct(latencies, 99),
         "lost": sent - len(seen),
         "doubled": sum(v - 1 for v in seen.values()),
-        "compression_ratio": status["compression_ratio"],
-        "rtt_ms": status["rtt_ms"],
     }
 
 
@@ -346,19 +356,10 @@ async def naive_steady(
         await writer.drain()
 
     sent = await _paced(rate, duration_s, random.Random(2), None, push)
-    deadline = time.monotonic() + 30
-    while len(seen) < sent and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)  # the last lines are on their way
+    await _arrived(seen, sent)
     wan_bytes = wan.bytes("naive") - before
     writer.close()
-    return {
-        "sent": sent,
-        "bytes_per_msg": wan_bytes / sent,
-        "p50_ms": _pct(latencies, 50),
-        "p99_ms": _pct(latencies, 99),
-        "lost": sent - len(seen),
-        "doubled": sum(v - 1 for v in seen.values()),
-    }
+    return _delivery(sent, wan_bytes, latencies, seen)
 
 
 async def _sink(state: dict[str, Any]) -> asyncio.Server:
@@ -376,7 +377,7 @@ async def _sink(state: dict[str, Any]) -> asyncio.Server:
 
 
 async def nats_drain(
-    hub: natsrv.NatsServer, leaf: natsrv.NatsServer, messages: int, storage: str
+    hub: natsproc.NatsServer, leaf: natsproc.NatsServer, messages: int, storage: str
 ) -> dict[str, Any]:
     import msgspec
     import nats
@@ -453,13 +454,13 @@ def _median(xs: list[float]) -> float:
 @contextlib.contextmanager
 def _world() -> Iterator[dict[str, Any]]:
     origin, dest = RedisServer().start(), RedisServer().start()
-    hub = natsrv.start_hub()
+    hub = natsproc.start_hub()
     loop = asyncio.get_event_loop()
     sink_state: dict[str, Any] = {"seen": {}, "latencies": []}
     sink = loop.run_until_complete(_sink(sink_state))
     sink_port = sink.sockets[0].getsockname()[1]
     wan = Wan({"relay": dest.port, "nats": hub.leaf_port, "naive": sink_port})
-    leaf = natsrv.start_leaf(wan.ports["nats"])
+    leaf = natsproc.start_leaf(wan.ports["nats"])
     try:
         yield {
             "origin": origin.url,
@@ -471,9 +472,9 @@ def _world() -> Iterator[dict[str, Any]]:
             "sink": sink_state,
         }
     finally:
-        natsrv.stop(leaf)
+        natsproc.stop(leaf)
         wan.stop()
-        natsrv.stop(hub)
+        natsproc.stop(hub)
         sink.close()
         origin.stop()
         dest.stop()
@@ -490,8 +491,8 @@ def run(
     say: Any = print,
 ) -> dict[str, Any]:
     """Every phase ``runs`` times; medians. Raises NatsServerMissing without nats-server."""
-    if natsrv.find_nats_server() is None:
-        raise natsrv.NatsServerMissing("nats-server is not on the PATH")
+    if natsproc.nats_server_path() is None:
+        raise natsproc.NatsServerMissing("nats-server is not on the PATH")
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     raw: dict[str, list[dict[str, Any]]] = {}

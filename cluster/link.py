@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,8 +50,8 @@ from cluster.chain import parse_id, split_on_gaps
 from cluster.checkpoint import without_clock
 from cluster.errors import ClusterError
 from cluster.keys import PREFIX, confirmed_channel, link_lease_key, region_tag
-from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
-from cluster.receiver import cancel_task, done_key, inbound_key, last_done
+from cluster.lease import Lease, stop_leased
+from cluster.receiver import cancel_task, done_key, inbound_key, last_done, retry_forever
 from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.window import WindowBounds, WindowPlan, WindowTuner, batch_events, pack_window
 
@@ -61,7 +60,6 @@ log = logging.getLogger(__name__)
 TAIL_BLOCK_MS = 500
 COPY_COUNT = 200
 STALL_AFTER_S = 2.0
-MAX_BACKOFF_S = 5.0
 # With nothing to copy, the destination is still asked this often whether it answers
 # (a cut WAN shows as an error even when no entry waits), and must answer within this.
 PROBE_EVERY_S = 1.0
@@ -162,13 +160,8 @@ class Link:
         self.window_data_bytes_total = 0
         self.events_total = 0
         self.client = redisconn.connect(local_url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
-        self.lease_key = link_lease_key(region, dest)
-        # The node id, then this incarnation: a restarted process with the same id does
-        # not renew (or release) the lease of the one before it.
-        self.lease_value = f"{node_id}#{secrets.token_hex(6)}"
+        self.lease = Lease(self.client, link_lease_key(region, dest), node_id, lease_ttl_ms)
         self.state = "standby"
-        # The lease is ours until this (monotonic): last renewal sent + TTL.
-        self.lease_valid_until = 0.0
         self.copied_entries = 0
         self.bytes_total = 0
         self.gaps_total = 0
@@ -190,14 +183,7 @@ class Link:
 
     async def stop(self) -> None:
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self.lease_valid_until:
-            with contextlib.suppress(RedisError, OSError):
-                await self.client.eval(RELEASE_IF_OURS, 1, self.lease_key, self.lease_value)
-            self.lease_valid_until = 0.0
+        await stop_leased(self._task, self.lease)
         for c in (self.local, self.remote):
             with contextlib.suppress(Exception):
                 await c.close()
@@ -211,7 +197,7 @@ class Link:
     def holding(self) -> bool:
         """This node surely holds the link's lease now (its last renewal was sent less
         than a TTL ago and found the lease ours)."""
-        return time.monotonic() < self.lease_valid_until
+        return self.lease.holding
 
     @property
     def stalled(self) -> bool:
@@ -271,12 +257,8 @@ class Link:
         renew_every = self.lease_ttl_ms / 3000
         try:
             while not self._stopped:
-                try:
-                    ours = await self._acquire()
-                except (RedisError, OSError) as e:
-                    # The local Redis did not answer: the lease runs out on its own time.
-                    log.warning("link %s→%s: renewing the lease: %s", self.region, self.dest, e)
-                    ours = self.holding
+                # When the local Redis does not answer the lease runs out on its own time.
+                ours = await self.lease.renew(log, f"link {self.region}→{self.dest}")
                 if ours and copier is None:
                     self.last_progress = time.monotonic()
                     copier = asyncio.ensure_future(self._copy_forever())
@@ -321,40 +303,15 @@ class Link:
     async def _cancel(task: asyncio.Task[None]) -> None:
         await cancel_task(task)
 
-    async def _acquire(self) -> bool:
-        """Take the lease if it is free or renew it if it is ours."""
-        sent = time.monotonic()
-        got = await self.client.set(self.lease_key, self.lease_value, nx=True, px=self.lease_ttl_ms)
-        if not got:
-            got = await self.client.eval(
-                RENEW_IF_OURS, 1, self.lease_key, self.lease_value, str(self.lease_ttl_ms)
-            )
-        self.lease_valid_until = sent + self.lease_ttl_ms / 1000 if got else 0.0
-        return bool(got)
-
     async def _copy_forever(self) -> None:
         """The copy loop, restarted with a backoff after each failure (while leased)."""
-        backoff = 0.2
-        while not self._stopped:
-            try:
-                await self._copy_loop()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError, ValueError, ClusterError) as e:
-                self.errors_total += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                self.state = "error"
-                log.warning(
-                    "link %s→%s: %s; retrying in %.1fs",
-                    self.region,
-                    self.dest,
-                    self.last_error,
-                    backoff,
-                )
-                await asyncio.sleep(backoff)  # back off before retrying the WAN
-                backoff = min(MAX_BACKOFF_S, backoff * 2)
-            else:
-                backoff = 0.2
+        await retry_forever(self._copy_loop, lambda: self._stopped, self._failed, 0.2)
+
+    def _failed(self, error: str, backoff_s: float) -> None:
+        self.errors_total += 1
+        self.last_error = error
+        self.state = "error"
+        log.warning("link %s→%s: %s; retrying in %.1fs", self.region, self.dest, error, backoff_s)
 
     async def _copy_loop(self) -> None:
         # Windows an earlier holder left in the inbound stream go in first: the mirrors'

@@ -27,9 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import secrets
-import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from redis.exceptions import NoScriptError, RedisError
@@ -38,7 +36,7 @@ from cluster import redisconn
 from cluster.chain import parse_id
 from cluster.errors import ClusterError
 from cluster.keys import PREFIX, check_region, mirror_key, region_tag
-from cluster.lease import RELEASE_IF_OURS, RENEW_IF_OURS
+from cluster.lease import Lease, stop_leased
 from cluster.redisconn import AsyncClient
 from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.window import WindowError, unpack_window
@@ -143,9 +141,7 @@ class Receiver:
         self.mirrors = RedisSlotLog.from_url(url, region, max_block_ms=READ_BLOCK_MS * 4)
         self.client = redisconn.connect(url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
         self.reader = redisconn.connect(url, socket_timeout=READ_BLOCK_MS / 1000 + 5)
-        self.lease_key = receiver_lease_key(region, origin)
-        self.lease_value = f"{node_id}#{secrets.token_hex(6)}"
-        self.lease_valid_until = 0.0
+        self.lease = Lease(self.client, receiver_lease_key(region, origin), node_id, lease_ttl_ms)
         self.windows_total = 0
         self.entries_total = 0
         self.skipped_total = 0
@@ -158,7 +154,7 @@ class Receiver:
 
     @property
     def holding(self) -> bool:
-        return time.monotonic() < self.lease_valid_until
+        return self.lease.holding
 
     def status(self) -> dict[str, Any]:
         return {
@@ -178,41 +174,18 @@ class Receiver:
 
     async def stop(self) -> None:
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self.lease_valid_until:
-            with contextlib.suppress(RedisError, OSError):
-                await self.client.eval(RELEASE_IF_OURS, 1, self.lease_key, self.lease_value)
-            self.lease_valid_until = 0.0
+        await stop_leased(self._task, self.lease)
         with contextlib.suppress(Exception):
             await self.mirrors.close()
         for c in (self.client, self.reader):
             with contextlib.suppress(Exception):
                 await c.aclose()
 
-    async def _acquire(self) -> bool:
-        sent = time.monotonic()
-        got = await self.client.set(self.lease_key, self.lease_value, nx=True, px=self.lease_ttl_ms)
-        if not got:
-            got = await self.client.eval(
-                RENEW_IF_OURS, 1, self.lease_key, self.lease_value, str(self.lease_ttl_ms)
-            )
-        self.lease_valid_until = sent + self.lease_ttl_ms / 1000 if got else 0.0
-        return bool(got)
-
     async def _run(self) -> None:
         worker: asyncio.Task[None] | None = None
         try:
             while not self._stopped:
-                try:
-                    ours = await self._acquire()
-                except (RedisError, OSError) as e:
-                    log.warning(
-                        "receiver %s←%s: renewing the lease: %s", self.region, self.origin, e
-                    )
-                    ours = self.holding
+                ours = await self.lease.renew(log, f"receiver {self.region}←{self.origin}")
                 if ours and worker is None:
                     worker = asyncio.ensure_future(self._apply_forever())
                 elif not ours and worker is not None:
@@ -224,20 +197,12 @@ class Receiver:
                 await cancel_task(worker)
 
     async def _apply_forever(self) -> None:
-        backoff = 0.1
-        while not self._stopped:
-            try:
-                await self._apply_loop()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError, ValueError, ClusterError) as e:
-                self.errors_total += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("receiver %s←%s: %s", self.region, self.origin, self.last_error)
-                await asyncio.sleep(backoff)  # back off before retrying Redis
-                backoff = min(MAX_BACKOFF_S, backoff * 2)
-            else:
-                backoff = 0.1
+        await retry_forever(self._apply_loop, lambda: self._stopped, self._failed, 0.1)
+
+    def _failed(self, error: str, _backoff_s: float) -> None:
+        self.errors_total += 1
+        self.last_error = error
+        log.warning("receiver %s←%s: %s", self.region, self.origin, error)
 
     async def _apply_loop(self) -> None:
         self.position = await last_done(self.client, self.region, self.origin)
@@ -365,3 +330,27 @@ async def cancel_task(task: asyncio.Task[None]) -> None:
     while not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=0.5)
+
+
+async def retry_forever(
+    loop: Callable[[], Awaitable[None]],
+    stopped: Callable[[], bool],
+    failed: Callable[[str, float], None],
+    first_backoff_s: float,
+) -> None:
+    """Run ``loop`` until ``stopped()``: after a Redis, socket, window or cluster error
+    call ``failed(error, backoff)`` and back off (doubling from ``first_backoff_s`` up to
+    ``MAX_BACKOFF_S``; a run that ends without an error starts it over). The receiver's
+    apply loop and the link's copy loop run this way while their lease is held."""
+    backoff = first_backoff_s
+    while not stopped():
+        try:
+            await loop()
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError, ValueError, ClusterError) as e:
+            failed(f"{type(e).__name__}: {e}", backoff)
+            await asyncio.sleep(backoff)  # back off before retrying
+            backoff = min(MAX_BACKOFF_S, backoff * 2)
+        else:
+            backoff = first_backoff_s

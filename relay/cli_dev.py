@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -22,6 +23,21 @@ DEFAULT_DEV_PORT_BASE = 7400
 # one node each (light on a laptop), linked over a simulated WAN.
 DEFAULT_DEV_REGIONS = ("sg", "fra", "iad")
 DEFAULT_DEV_WAN_LATENCY_MS = 40.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def redis_cluster_option(help: str) -> Callable[[F], F]:
+    """``--redis-cluster N``: a local Redis Cluster of N primaries (0: none), as ``relay
+    dev`` starts it (also ``relay bench region``)."""
+    return click.option(
+        "--redis-cluster",
+        "redis_cluster",
+        type=click.IntRange(0, 16),
+        default=0,
+        show_default=True,
+        help=help,
+    )
 
 
 @click.group(invoke_without_command=True)
@@ -71,15 +87,10 @@ DEFAULT_DEV_WAN_LATENCY_MS = 40.0
     show_default=True,
     help="Jitter of that latency (uniform, ±).",
 )
-@click.option(
-    "--redis-cluster",
-    "redis_cluster",
-    type=click.IntRange(0, 16),
-    default=0,
-    show_default=True,
-    help="N > 0: each region's Redis is a local Redis Cluster of N primaries with a "
+@redis_cluster_option(
+    "N > 0: each region's Redis is a local Redis Cluster of N primaries with a "
     "replica each (free ports; the ready file's redis is its redis+cluster:// URL). "
-    "Runs without the WAN proxy (--wan-latency-ms).",
+    "Runs without the WAN proxy (--wan-latency-ms)."
 )
 @click.option(
     "--context",

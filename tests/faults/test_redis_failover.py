@@ -14,10 +14,12 @@ misses what the primary acknowledged meanwhile
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -34,6 +36,26 @@ from tests.faults.history import History, check, steady
 
 PATIENT = RetryPolicy(max_attempts=400, base_delay_s=0.05, max_delay_s=0.2)
 CHANNELS = [f"inbox:f{i}" for i in range(64)]
+
+
+@contextlib.asynccontextmanager
+async def one_node_region(
+    settings: dict[str, Any],
+) -> AsyncIterator[tuple[DevCluster, dict[str, Any], RedisClusterServers]]:
+    """Region sg: one relay node on a 3-shard Redis Cluster (``FAST`` plus ``settings``),
+    settled; stopped on exit."""
+    cluster = DevCluster(
+        ["sg"], nodes_per_region=1, cluster_settings={**FAST, **settings}, redis_cluster=3
+    )
+    doc = await asyncio.to_thread(cluster.start, 60)
+    try:
+        node = doc["regions"]["sg"]["nodes"][0]
+        await asyncio.to_thread(wait_settled, cluster, [node])
+        servers = cluster.redis["sg"]
+        assert isinstance(servers, RedisClusterServers)
+        yield cluster, node, servers
+    finally:
+        await asyncio.to_thread(cluster.stop)
 
 
 async def promoted(servers: RedisClusterServers, key: str, old: Any, timeout_s: float) -> Any:
@@ -80,18 +102,7 @@ def replica_of(servers: RedisClusterServers, primary: Any) -> Any:
 @pytest.mark.parametrize("log_replicas", [0, 1])
 @aio
 async def test_kill_9_of_a_redis_primary_under_ack_log_load(log_replicas: int) -> None:
-    cluster = DevCluster(
-        ["sg"],
-        nodes_per_region=1,
-        cluster_settings={**FAST, "log_replicas": log_replicas},
-        redis_cluster=3,
-    )
-    doc = await asyncio.to_thread(cluster.start, 60)
-    try:
-        node = doc["regions"]["sg"]["nodes"][0]
-        await asyncio.to_thread(wait_settled, cluster, [node])
-        servers = cluster.redis["sg"]
-        assert isinstance(servers, RedisClusterServers)
+    async with one_node_region({"log_replicas": log_replicas}) as (cluster, node, servers):
         # The shard of the first channel's slot log: its primary dies under the load.
         key = log_key("sg", slot_of(CHANNELS[0], 256))
         victim = await asyncio.to_thread(servers.primary_of, key)
@@ -128,25 +139,16 @@ async def test_kill_9_of_a_redis_primary_under_ack_log_load(log_replicas: int) -
         assert len(h.published) > killed_at, "nothing acknowledged after the failover"
         if log_replicas:
             assert not verdict.lost, verdict
-    finally:
-        await asyncio.to_thread(cluster.stop)
 
 
 @pytest.mark.parametrize("log_replicas", [0, 1])
 @aio
 async def test_a_primary_and_the_owner_lost_together(log_replicas: int) -> None:
-    cluster = DevCluster(
-        ["sg"],
-        nodes_per_region=1,
-        cluster_settings={**FAST, "log_replicas": log_replicas, "log_replicas_timeout_ms": 200},
-        redis_cluster=3,
-    )
-    doc = await asyncio.to_thread(cluster.start, 60)
-    try:
-        node = doc["regions"]["sg"]["nodes"][0]
-        await asyncio.to_thread(wait_settled, cluster, [node])
-        servers = cluster.redis["sg"]
-        assert isinstance(servers, RedisClusterServers)
+    async with one_node_region({"log_replicas": log_replicas, "log_replicas_timeout_ms": 200}) as (
+        cluster,
+        node,
+        servers,
+    ):
         mine = [ch for ch in CHANNELS if slot_of(ch, 256) == slot_of(CHANNELS[0], 256)]
         key = log_key("sg", slot_of(CHANNELS[0], 256))
         victim = await asyncio.to_thread(servers.primary_of, key)
@@ -201,5 +203,3 @@ async def test_a_primary_and_the_owner_lost_together(log_replicas: int) -> None:
         )
         if log_replicas:
             assert not verdict.lost, verdict
-    finally:
-        await asyncio.to_thread(cluster.stop)

@@ -61,6 +61,31 @@ def batch(n: int) -> bytes:
     return encode_batch([MessageEvent(f"m{n}", f"room:{n % 5}", "ann", n + 1, "sg", body, 1)])
 
 
+async def slot_logs(origin_url: str, dest_url: str) -> tuple[RedisSlotLog, RedisSlotLog]:
+    """sg's log (every slot owned by ``A``) and fra's mirrors."""
+    origin = RedisSlotLog.from_url(origin_url, "sg")
+    dest = RedisSlotLog.from_url(dest_url, "fra")
+    for s in range(SLOTS):
+        await origin.set_owner(s, A, 1)
+    return origin, dest
+
+
+def start_link(origin_url: str, proxy: FaultProxy, bounds: WindowBounds | None = None) -> Link:
+    """``A``'s link from sg to fra, through the WAN proxy."""
+    link = Link(
+        region="sg",
+        dest="fra",
+        dest_url=f"redis://127.0.0.1:{proxy.port}/0",
+        node_id=A,
+        local_url=origin_url,
+        slots=SLOTS,
+        lease_ttl_ms=TTL_MS,
+        bounds=bounds,
+    )
+    link.start()
+    return link
+
+
 def receiver(url: str, node: str) -> Receiver:
     rx = Receiver(
         region="fra", origin="sg", url=url, node_id=node, slots=SLOTS, lease_ttl_ms=TTL_MS
@@ -95,21 +120,8 @@ async def mirrors_equal_logs(origin: RedisSlotLog, dest: RedisSlotLog) -> bool:
 @aio
 async def test_receivers_killed_mid_window_lose_and_double_nothing(wan: Any) -> None:
     origin_url, dest_url, proxy = wan
-    origin = RedisSlotLog.from_url(origin_url, "sg")
-    dest = RedisSlotLog.from_url(dest_url, "fra")
-    for s in range(SLOTS):
-        await origin.set_owner(s, A, 1)
-    link = Link(
-        region="sg",
-        dest="fra",
-        dest_url=f"redis://127.0.0.1:{proxy.port}/0",
-        node_id=A,
-        local_url=origin_url,
-        slots=SLOTS,
-        lease_ttl_ms=TTL_MS,
-        bounds=WindowBounds(window_ms=20, min_entries=8, max_entries=200),
-    )
-    link.start()
+    origin, dest = await slot_logs(origin_url, dest_url)
+    link = start_link(origin_url, proxy, WindowBounds(window_ms=20, min_entries=8, max_entries=200))
     rx = receiver(dest_url, "fra/n1")
     total = 3000
 
@@ -154,22 +166,10 @@ async def test_receivers_killed_mid_window_lose_and_double_nothing(wan: Any) -> 
 @aio
 async def test_a_half_written_window_is_finished_by_the_next_receiver(wan: Any) -> None:
     origin_url, dest_url, proxy = wan
-    origin = RedisSlotLog.from_url(origin_url, "sg")
-    dest = RedisSlotLog.from_url(dest_url, "fra")
-    for s in range(SLOTS):
-        await origin.set_owner(s, A, 1)
+    origin, dest = await slot_logs(origin_url, dest_url)
     for n in range(200):
         await origin.append(n % SLOTS, A, 1, batch(n))
-    link = Link(
-        region="sg",
-        dest="fra",
-        dest_url=f"redis://127.0.0.1:{proxy.port}/0",
-        node_id=A,
-        local_url=origin_url,
-        slots=SLOTS,
-        lease_ttl_ms=TTL_MS,
-    )
-    link.start()
+    link = start_link(origin_url, proxy)
     # No receiver yet: the window waits in fra's inbound stream.
     with redis_sync.Redis.from_url(dest_url) as r:
         await until(lambda: r.xlen(inbound_key("fra", "sg")) >= 1, what="a window sent")

@@ -4,26 +4,15 @@ and restarts), in its own process, so that the figures it prints come from code 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
-
-import click
-from click.testing import CliRunner
 
 from bench.durability import body_pool, expected_ids, one_channel_per_slot, pub_frames, register
 from cluster.ring import slot_of
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.unit.bench.smoke import command_help, run_json
 
 
 def test_durability_command_is_registered() -> None:
-    @click.group()
-    def group() -> None:
-        pass
-
-    register(group)
-    out = CliRunner().invoke(group, ["durability", "--help"]).output
+    out = command_help(register, "durability")
     for option in ("--write-messages", "--restart-messages", "--restart-runs", "--json"):
         assert option in out
 
@@ -45,9 +34,7 @@ def test_tiny_durability_run_prints_one_json_document() -> None:
     cmd += ["--write-ticks", "1", "--quiet", "0.3", "--restart-messages", "3000"]
     cmd += ["--restart-runs", "1", "--snapshot-interval", "0.3", "--checkpoint-interval", "0.3"]
     cmd += ["--timeout", "30", "--json"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)  # stdout holds the document and nothing else
+    doc, stderr = run_json(cmd, 90)
     [tick] = doc["write"]["runs"]
     assert tick["files"] == 256 and tick["bytes"] > 0
     assert tick["stall"]["pings"] > 0 and tick["stall"]["gc"] is not None
@@ -60,4 +47,4 @@ def test_tiny_durability_run_prints_one_json_document() -> None:
     assert by["snapshots"]["snapshots_loaded"] > 0
     assert by["checkpoints"]["snapshots_loaded"] == 0
     assert by["checkpoints"]["snapshot_files_deleted"] > 0
-    assert "relay bench durability" in r.stderr
+    assert "relay bench durability" in stderr

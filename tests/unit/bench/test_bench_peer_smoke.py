@@ -3,28 +3,19 @@ nats-server), in its own process, and without nats-server it says so and exits 3
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import click
 import pytest
-from click.testing import CliRunner
 
 from bench.peer import EXIT_NO_NATS, register
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.unit.bench.smoke import ROOT, command_help, run_json
 
 
 def test_peer_command_is_registered() -> None:
-    @click.group()
-    def group() -> None:
-        pass
-
-    register(group)
-    out = CliRunner().invoke(group, ["peer", "--help"]).output
+    out = command_help(register, "peer")
     for option in ("--channels", "--pubs", "--subs", "--rate", "--systems", "--json"):
         assert option in out
 
@@ -43,9 +34,7 @@ def test_tiny_peer_run_prints_one_json_document() -> None:
     cmd = [sys.executable, "-m", "bench.peer", "--channels", "6", "--pubs", "2", "--subs", "2"]
     cmd += ["--window", "3", "--rate", "1000", "--duration", "1.0", "--warmup", "0.2"]
     cmd += ["--runs", "1", "--json"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)  # stdout holds the document and nothing else
+    doc, stderr = run_json(cmd, 90)
     for key in (
         "max_ratio_per_core",
         "cpu_ratio_5k",
@@ -63,4 +52,4 @@ def test_tiny_peer_run_prints_one_json_document() -> None:
     assert all(x["accepted"] > 0 and x["errors"] == 0 for x in runs), runs
     assert all(x["delivery_p50_ms"] is not None for x in runs)
     assert "relay-1/nats-memory" in doc["ratios"] and "relay-1/nats-file" in doc["ratios"]
-    assert "relay bench peer" in r.stderr
+    assert "relay bench peer" in stderr

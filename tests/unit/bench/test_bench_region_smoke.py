@@ -3,26 +3,14 @@ in its own process, so that the figures it prints come from code that works."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-from pathlib import Path
-
-import click
-from click.testing import CliRunner
 
 from bench.region import register
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.unit.bench.smoke import command_help, run_json
 
 
 def test_region_command_is_registered() -> None:
-    @click.group()
-    def group() -> None:
-        pass
-
-    register(group)
-    out = CliRunner().invoke(group, ["region", "--help"]).output
+    out = command_help(register, "region")
     for option in ("--pairs", "--leases", "--failover-runs", "--json"):
         assert option in out
 
@@ -33,9 +21,7 @@ def test_tiny_region_run_prints_one_json_document() -> None:
     cmd += ["--window-mem", "2", "--window-log", "4", "--failover-runs", "1"]
     cmd += ["--leases", "1000:200", "--failover-channels", "1", "--failover-tasks", "2", "4"]
     cmd += ["--failover-before", "0.3", "--failover-after", "0.1", "--json"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)  # stdout holds the document and nothing else
+    doc, stderr = run_json(cmd, 90)
     runs = doc["throughput"]["runs"]
     assert {(x["mode"], x["ack"]) for x in runs} == {
         ("closed", "mem"),
@@ -48,15 +34,13 @@ def test_tiny_region_run_prints_one_json_document() -> None:
     assert fo["first_ok_after_kill_s"] is not None
     assert fo["log"]["published_acked"] > 0 and fo["log"]["lost"] == 0
     assert fo["mem"]["published_acked"] > 0
-    assert "relay bench region" in r.stderr
+    assert "relay bench region" in stderr
 
 
 def test_tiny_redis_cluster_comparison_prints_both_and_their_ratio() -> None:
     cmd = [sys.executable, "-m", "bench.region", "--redis-cluster", "3", "--pairs", "2"]
     cmd += ["--runs", "1", "--duration", "0.3", "--warmup", "0.2", "--json"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)
+    doc, _ = run_json(cmd, 90)
     runs = doc["cluster_compare"]["runs"]
     assert {(x["redis"], x["ack"]) for x in runs} == {
         (k, a) for k in ("server", "cluster3") for a in ("mem", "log")

@@ -4,7 +4,6 @@ from code that works."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,16 +12,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+from tests.unit.bench.smoke import ROOT, run_json
 
 
 def test_tiny_soak_prints_one_json_document_and_loses_nothing() -> None:
     cmd = [sys.executable, "-m", "bench.replication", "--soak", "--duration-s", "4"]
     cmd += ["--sample-s", "1", "--settle-s", "1", "--rate", "200", "--channels", "20"]
     cmd += ["--dedupe-window-s", "2", "--wan-latency-ms", "5", "--json"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)  # stdout holds the document and nothing else
+    doc, _ = run_json(cmd, 180)
     assert doc["published"] > 0 and doc["lost"] == 0
     assert doc["left_pending"] == {"sg": 0, "fra": 0}
     for region in ("sg", "fra"):
@@ -49,9 +46,7 @@ def test_side_by_side_without_nats_server_says_so_and_exits_3(tmp_path: Path) ->
 def test_tiny_side_by_side_prints_every_key_it_promises() -> None:
     cmd = [sys.executable, "-m", "bench.replication", "--quick", "--json", "--messages", "2000"]
     cmd += ["--rates", "2000", "--steady-s", "1", "--wan-latency-ms", "80"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads(r.stdout)
+    doc, _ = run_json(cmd, 180)
     for key in ("drain_ratio_0ms", "drain_ratio_80ms", "bytes_ratio_2k", "p99_ms_2k_80ms"):
         assert isinstance(doc[key], float) and doc[key] > 0, key
     assert doc["lost"] == 0 and doc["doubled"] == 0
