@@ -160,6 +160,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         )
 
 
+class FakeClock:
+    """A monotonic clock the test sets by hand (``clock.now = …``), for ``Router(clock=)``."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def memory_router(
     node_id: str,
     log: Any,

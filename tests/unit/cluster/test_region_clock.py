@@ -6,15 +6,7 @@ from __future__ import annotations
 from cluster.ring import Ring, slot_of
 from cluster.slotlog import MemorySlotLog
 from cluster.slots import SlotState
-from tests.conftest import aio, memory_router, publish_at
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import FakeClock, aio, memory_router, publish_at
 
 
 @aio

@@ -8,7 +8,7 @@ import asyncio
 from cluster.region.state import REMOTE_WAIT_S, PubWaiter
 from cluster.region.tasks import TaskGroup
 from cluster.slotlog import MemorySlotLog
-from tests.conftest import aio, memory_router
+from tests.conftest import FakeClock, aio, memory_router
 
 
 async def forever(started: list[str], name: str) -> None:
@@ -43,14 +43,6 @@ async def test_starting_a_loop_again_cancels_the_one_running_under_its_name() ->
     g.stop_loop("tail")
     await asyncio.wait([new], timeout=5)
     assert new.cancelled() and "tail" not in g.loops
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @aio
