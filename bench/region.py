@@ -521,6 +521,10 @@ class _Publisher:
             self.fire(self.window - len(sent))
 
 
+SUB_RETRY_CODES = frozenset({"unavailable", "overloaded"})
+SUB_RETRIES = 20
+
+
 class _Subscriber:
     def __init__(self, conn: _Conn, ch: str, w: _Window) -> None:
         self.conn = conn
@@ -528,7 +532,21 @@ class _Subscriber:
         self.w = w
         self.ids: list[str] = []
         self.subscribed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.sub_retries = 0
         conn.on_text = self.on_text
+
+    def subscribe(self) -> None:
+        self.conn.send(b'{"op":"sub","ch":"%s"}' % self.ch.encode())
+
+    def refused(self, o: _Obj) -> None:
+        """The ``sub`` was answered with an error: retry what the protocol says is
+        retryable (a mesh connection to the owner can drop on a starved machine), fail
+        fast with the code otherwise."""
+        if o.code in SUB_RETRY_CODES and self.sub_retries < SUB_RETRIES:
+            self.sub_retries += 1
+            asyncio.get_running_loop().call_later(0.05 * self.sub_retries, self.subscribe)
+        else:
+            self.subscribed.set_exception(RuntimeError(f"sub {self.ch}: {o.code} {o.reason}"))
 
     def on_text(self, payload: bytes) -> None:
         now = time.perf_counter_ns()
@@ -542,6 +560,9 @@ class _Subscriber:
             elif o.op == "subscribed" and not self.subscribed.done():
                 self.subscribed.set_result(o.pending)
             elif o.op == "error":
+                if not self.subscribed.done():
+                    self.refused(o)
+                    continue
                 w.errors += 1
                 w.error_codes[o.code] += 1
         if len(self.ids) >= 1000:
@@ -659,7 +680,7 @@ async def throughput_case(
             conns.append(c)
             await _hello(c)
             sub = _Subscriber(c, ch, w)
-            c.send(b'{"op":"sub","ch":"%s"}' % ch.encode())
+            sub.subscribe()
             subs.append(sub)
         await asyncio.wait_for(asyncio.gather(*(x.subscribed for x in subs)), 30)
         for ch, _owner, pi, _si in plan:
@@ -723,6 +744,7 @@ async def throughput_case(
         "pubacks_per_s": round(w.pubacks / secs) if secs else 0,
         "errors": w.errors,
         "error_codes": dict(w.error_codes),
+        "sub_retries": sum(x.sub_retries for x in subs),
         "paced_skipped": w.skipped,
         "p50_ms": _round(_pct(lat, 0.5)),
         "p99_ms": _round(_pct(lat, 0.99)),
