@@ -110,6 +110,7 @@ class Link(WindowSender, LogReader):
         self._done_wid: tuple[int, int] = (0, 0)
         self._pack_raw = False  # True once the receiver could not rebuild a batch
         self._backlog_hint = 0
+        self._last_sent = 0.0  # monotonic time the last window went
         self._resyncs: set[tuple[int, str]] = set()
         self._done_counts: dict[tuple[int, int], tuple[int, int]] = {}
         self.windows_total = 0

@@ -55,6 +55,7 @@ class LogReader:
     _parked: dict[int, float]
     _resyncs: set[tuple[int, str]]
     _backlog_hint: int
+    _last_sent: float
     _inflight: deque[_Window]
     backlog_entries: int
     waiting_oldest_ms: int | None
@@ -95,11 +96,26 @@ class LogReader:
         if not entries:
             self._backlog_hint = 0
             return []
-        deadline = time.monotonic() + self.bounds.window_ms / 1000
+        # The window's time runs from its oldest entry (as far as this node's clock and
+        # the log's ids agree; never longer than window_ms from now).
+        first_ms = min(parse_id(e.id)[0] for e in entries)
+        age_ms = min(self.bounds.window_ms, max(0, int(time.time() * 1000) - first_ms))
+        deadline = time.monotonic() + (self.bounds.window_ms - age_ms) / 1000
+        size = sum(len(e.data) for e in entries)
+        # Closed early, once it holds plan.close_bytes, only while the pipe has room for
+        # more windows than this one, and no sooner than half a window after the last
+        # one went: at load, windows fill up (one compressed unit per window).
+        close_bytes = plan.close_bytes if len(self._inflight) + 1 < plan.inflight else 0
+        not_before = self._last_sent + self.bounds.window_ms / 2000
         while len(entries) < plan.entries:
-            left_ms = int((deadline - time.monotonic()) * 1000)
+            if 0 < close_bytes <= size and time.monotonic() >= not_before:
+                break
+            now = time.monotonic()
+            left_ms = int((deadline - now) * 1000)
             if left_ms <= 0:
                 break
+            if 0 < close_bytes <= size:  # full enough: wait only until it may go
+                left_ms = max(1, min(left_ms, int((not_before - now) * 1000) + 1))
             for e in entries:
                 if e.slot in after:
                     after[e.slot] = e.id
@@ -107,6 +123,7 @@ class LogReader:
             if not more:
                 break
             entries.extend(more)
+            size += sum(len(e.data) for e in more)
         # Twice what this window read: windows grow while reads keep filling them.
         self._backlog_hint = 2 * len(entries)
         self.backlog_entries = len(entries) + sum(w.entries for w in self._inflight)

@@ -76,6 +76,7 @@ class WindowSender:
     _failure: Exception | None
     _done_wid: tuple[int, int]
     _pack_raw: bool
+    _last_sent: float
     _resyncs: set[tuple[int, str]]
     _done_counts: dict[tuple[int, int], tuple[int, int]]
     windows_total: int
@@ -138,6 +139,8 @@ class WindowSender:
                 self._replies.append(w)
                 self._reply_ready.set()
                 await conn.send_command("XADD", key, "*", "w", frame, check_health=False)
+                self._last_sent = time.monotonic()
+                self.tuner.observe_sent(self._last_sent)
                 self.windows_total += 1
                 self.wan_bytes_total += len(frame)
                 self.window_data_bytes_total += size

@@ -175,6 +175,10 @@ class WindowBounds:
     """The configured bounds (``cluster.link_*``) the tuner stays within."""
 
     window_ms: int = 100
+    # With no backlog a window closes as soon as its entries hold this many bytes: by
+    # then the compressor has seen what the messages share, and waiting longer only
+    # adds latency (window_ms is the upper bound, not the cadence).
+    min_bytes: int = 12 << 10
     min_entries: int = 64
     max_entries: int = 4000
     max_bytes: int = 1 << 20
@@ -190,6 +194,8 @@ class WindowBounds:
             out.append(f"need 1 <= min_entries <= max_entries <= {MAX_ENTRIES}")
         if self.max_bytes < 1024:
             out.append("max_bytes must be at least 1024")
+        if not 0 <= self.min_bytes <= self.max_bytes:
+            out.append("need 0 <= min_bytes <= max_bytes")
         if not 1 <= self.min_inflight <= self.max_inflight:
             out.append("need 1 <= min_inflight <= max_inflight")
         if self.max_inflight_bytes < self.max_bytes:
@@ -201,21 +207,24 @@ class WindowBounds:
 class WindowPlan:
     """What the link does next: cut windows of up to ``entries`` entries (and
     ``bounds.max_bytes``), keep at most ``inflight`` windows unconfirmed, and compress
-    at lz4 ``level``."""
+    at lz4 ``level``. ``close_bytes``: a window being filled is sent as soon as its
+    entries hold this many bytes (0: only when full or its time is up)."""
 
     entries: int
     inflight: int
     level: int = 0
+    close_bytes: int = 0
 
 
 class WindowTuner:
     """Window size and in-flight depth from the measured round trip and the backlog.
 
     The round trip is smoothed as TCP does (``srtt = 7/8 srtt + 1/8 sample``). With
-    little waiting, windows are cut every ``window_ms`` and just enough are in flight to
-    cover the two round trips to its confirmation (``ceil(2 srtt / window_ms) + 2``),
-    compressed hard (lz4 level
-    :data:`STEADY_LEVEL`: bytes matter more than the link's CPU); with a backlog,
+    little waiting, a window is cut once it holds ``min_bytes`` of entries or
+    ``window_ms`` after its oldest entry, whichever comes first; just enough are in
+    flight to cover the two round trips to its confirmation (``ceil(2 srtt / gap) + 2``,
+    gap the smoothed time between windows sent, at most ``window_ms``), compressed hard
+    (lz4 level :data:`STEADY_LEVEL`: bytes matter more than the link's CPU); with a backlog,
     windows grow to ``max_entries``, the depth to ``max_inflight``, and compression
     goes fast (level 0): a long fat pipe is kept full and the link's CPU is not the
     bottleneck. The caller passes as ``backlog_entries`` what it last read, doubled,
@@ -228,11 +237,21 @@ class WindowTuner:
             raise ValueError("; ".join(problems))
         self.bounds = bounds
         self.srtt_s: float | None = None
+        # Smoothed time between windows sent (windows close early when little waits).
+        self.gap_s = bounds.window_ms / 1000
+        self._last_sent: float | None = None
 
     def observe_rtt(self, sample_s: float) -> None:
         if sample_s < 0 or math.isnan(sample_s):
             return
         self.srtt_s = sample_s if self.srtt_s is None else 0.875 * self.srtt_s + 0.125 * sample_s
+
+    def observe_sent(self, at_s: float) -> None:
+        """A window was sent at ``at_s`` (monotonic seconds): the cadence windows go at."""
+        if self._last_sent is not None and at_s >= self._last_sent:
+            gap = min(at_s - self._last_sent, self.bounds.window_ms / 1000)
+            self.gap_s = 0.875 * self.gap_s + 0.125 * gap
+        self._last_sent = at_s
 
     def plan(self, backlog_entries: int) -> WindowPlan:
         b = self.bounds
@@ -240,14 +259,16 @@ class WindowTuner:
         rtt_ms = (self.srtt_s or 0.0) * 1000
         # A window is confirmed about two round trips after it is cut: its XADD crosses,
         # the receiver writes it, and its progress comes back on the next read of `done`.
-        cover = math.ceil(2 * rtt_ms / b.window_ms) + 2
+        # Windows go every gap_s (at most window_ms): cover that many.
+        cover = math.ceil(2 * rtt_ms / max(1.0, self.gap_s * 1000)) + 2
         if backlog_entries > b.max_entries or self.srtt_s is None:
             # A backlog, or no round trip measured yet (a link just started): fill
             # the pipe rather than wait a round trip per window to learn its length.
             cover = max(cover, b.max_inflight)
         inflight = max(b.min_inflight, min(b.max_inflight, cover))
-        level = 0 if backlog_entries > b.max_entries else STEADY_LEVEL
-        return WindowPlan(entries, inflight, level)
+        if backlog_entries > b.max_entries:
+            return WindowPlan(entries, inflight, 0)
+        return WindowPlan(entries, inflight, STEADY_LEVEL, b.min_bytes)
 
 
 def batch_events(data: bytes) -> int:
