@@ -109,6 +109,9 @@ class Link(WindowSender, LogReader):
         self._failure: Exception | None = None
         self._done_wid: tuple[int, int] = (0, 0)
         self._pack_raw = False  # True once the receiver could not rebuild a batch
+        self._flat_gain: float | None = None  # last backlog window's measured gain
+        self._raw_run = 0  # backlog windows sent raw since the gain was measured
+        self.raw_windows_total = 0
         self._backlog_hint = 0
         self._last_sent = 0.0  # monotonic time the last window went
         self._resyncs: set[tuple[int, str]] = set()
@@ -189,6 +192,7 @@ class Link(WindowSender, LogReader):
             "window_entries": self.plan.entries,
             "inflight_limit": self.plan.inflight,
             "windows_total": self.windows_total,
+            "raw_windows_total": self.raw_windows_total,
             "wan_bytes_total": self.wan_bytes_total,
             "bytes_per_message": (
                 round(self.wan_bytes_total / self.events_total, 1) if self.events_total else None

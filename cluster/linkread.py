@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from cluster.chain import parse_id, split_on_gaps
 from cluster.checkpoint import without_clock
 from cluster.errors import ClusterError
-from cluster.linksend import _Window, confirmed_key
+from cluster.linksend import _Window, confirmed_key, oldest_ms
 from cluster.redisconn import AsyncClient
 from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.window import WindowBounds, WindowPlan
@@ -98,7 +98,7 @@ class LogReader:
             return []
         # The window's time runs from its oldest entry (as far as this node's clock and
         # the log's ids agree; never longer than window_ms from now).
-        first_ms = min(parse_id(e.id)[0] for e in entries)
+        first_ms = oldest_ms(entries)
         age_ms = min(self.bounds.window_ms, max(0, int(time.time() * 1000) - first_ms))
         deadline = time.monotonic() + (self.bounds.window_ms - age_ms) / 1000
         size = sum(len(e.data) for e in entries)
@@ -127,7 +127,7 @@ class LogReader:
         # Twice what this window read: windows grow while reads keep filling them.
         self._backlog_hint = 2 * len(entries)
         self.backlog_entries = len(entries) + sum(w.entries for w in self._inflight)
-        oldest = min(parse_id(e.id)[0] for e in entries)
+        oldest = oldest_ms(entries)
         if self.waiting_oldest_ms is None or oldest < self.waiting_oldest_ms:
             self.waiting_oldest_ms = oldest
         good, gaps = split_on_gaps(self.position, entries)

@@ -16,6 +16,7 @@ import asyncio
 import json
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,15 @@ from cluster.window import WindowBounds, WindowPlan, WindowTuner, batch_events, 
 
 # A window's XADD must be answered within this (a blackholed WAN ends in an error).
 REPLY_TIMEOUT_S = 10.0
+
+# A backlog's window goes raw (the log's bytes as they are: no decompressing and
+# recompressing, nothing for the receiver to rebuild) when its entries are already
+# batches of several messages (at least this many bytes each, on average) and
+# flattening them measured less than RAW_BELOW_GAIN (entry bytes ÷ window bytes);
+# every RAW_REMEASURE-th such window is flattened again to measure the gain anew.
+RAW_MIN_ENTRY_BYTES = 512
+RAW_BELOW_GAIN = 1.6
+RAW_REMEASURE = 8
 
 
 class LeaseLost(ClusterError):
@@ -51,6 +61,15 @@ class _Window:
     sent: float
     resyncs: int  # checkpoints sent in place of trimmed entries (not copies)
     wid: tuple[int, int] | None = field(default=None)  # its id in the inbound stream
+
+
+def oldest_ms(entries: Iterable[TailEntry]) -> int:
+    """The time part of the oldest id among ``entries`` (each slot's entries in order:
+    only each slot's first is parsed)."""
+    firsts: dict[int, str] = {}
+    for e in entries:
+        firsts.setdefault(e.slot, e.id)
+    return min(parse_id(i)[0] for i in firsts.values())
 
 
 def confirmed_key(region: str, dest: str) -> str:
@@ -76,6 +95,9 @@ class WindowSender:
     _failure: Exception | None
     _done_wid: tuple[int, int]
     _pack_raw: bool
+    _flat_gain: float | None
+    _raw_run: int
+    raw_windows_total: int
     _last_sent: float
     _resyncs: set[tuple[int, str]]
     _done_counts: dict[tuple[int, int], tuple[int, int]]
@@ -123,10 +145,14 @@ class WindowSender:
             last = i == len(entries) - 1
             if last or len(chunk) >= plan.entries or size >= self.bounds.max_bytes:
                 self._check_lease()
-                frame = pack_window(chunk, plan.level, raw=self._pack_raw)
+                big = plan.level == 0 and size >= RAW_MIN_ENTRY_BYTES * len(chunk)
+                raw = self._pack_raw or (big and self._raw_pays())
+                frame = pack_window(chunk, plan.level, raw=raw)
+                if big:
+                    self._measured(raw, size, len(frame))
                 w = _Window(
                     positions={c.slot: c.id for c in chunk},
-                    oldest_ms=min(parse_id(c.id)[0] for c in chunk),
+                    oldest_ms=oldest_ms(chunk),
                     entries=len(chunk),
                     data_bytes=size,
                     events=sum(batch_events(c.data) for c in chunk),
@@ -146,6 +172,20 @@ class WindowSender:
                 self.window_data_bytes_total += size
                 self.events_total += w.events
                 chunk, size = [], 0
+
+    def _raw_pays(self) -> bool:
+        """Whether a backlog window of big entries goes raw (see RAW_BELOW_GAIN)."""
+        if self._flat_gain is None or self._raw_run >= RAW_REMEASURE:
+            return False  # flatten this one: its gain is measured
+        return self._flat_gain < RAW_BELOW_GAIN
+
+    def _measured(self, raw: bool, size: int, frame_bytes: int) -> None:
+        if raw:
+            self._raw_run += 1
+            self.raw_windows_total += 1
+            return
+        self._raw_run = 0
+        self._flat_gain = size / max(1, frame_bytes)
 
     async def _read_replies(self, conn: Any) -> None:
         """The XADD replies, in the order the windows went: each gives its window's id

@@ -25,6 +25,7 @@ backlog, and says how many entries a window holds and how many may be in flight.
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,9 +146,11 @@ def unpack_window(
     return out
 
 
+_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+
 def _is_id(s: str) -> bool:
-    ms, dash, seq = s.partition("-")
-    return bool(dash) and ms.isdigit() and seq.isdigit() and len(ms) <= 20 and len(seq) <= 20
+    return _ID.fullmatch(s) is not None
 
 
 def _decompress(frame: memoryview, max_decompressed: int) -> bytes:
@@ -273,14 +276,49 @@ class WindowTuner:
 
 def batch_events(data: bytes) -> int:
     """How many events a relay batch holds, from its payload's msgpack array header
-    (0 for anything else). Decompresses only the first block's few bytes' worth."""
+    (0 for anything else). Reads the header from the lz4 frame's first literals when it
+    is there (the usual case: nothing decompressed), else decompresses a few bytes."""
     if data[: len(BATCH_PREFIX)] != BATCH_PREFIX:
         return 0
+    lit = _first_literals(data, len(BATCH_PREFIX))
+    if lit and len(lit) >= {0xDC: 3, 0xDD: 5}.get(lit[0], 1):
+        return _array_len(lit)
     try:
         d = lz4.frame.LZ4FrameDecompressor()
         head: bytes = d.decompress(data[len(BATCH_PREFIX) :], max_length=5)
     except Exception:
         return 0
+    return _array_len(head)
+
+
+def _first_literals(data: bytes, at: int) -> bytes | None:
+    """The literal bytes an lz4 frame at ``data[at:]`` begins its content with, read
+    from its first block's first sequence without decompressing (None: not found)."""
+    if data[at : at + 4] != b"\x04\x22\x4d\x18" or len(data) < at + 7:
+        return None
+    flg = data[at + 4]
+    i = at + 7 + (8 if flg & 0x08 else 0) + (4 if flg & 0x01 else 0)
+    if len(data) < i + 5:
+        return None
+    size = int.from_bytes(data[i : i + 4], "little")
+    i += 4
+    if size & 0x80000000:  # a block stored as it is
+        return data[i : i + min(5, size & 0x7FFFFFFF)]
+    token = data[i]
+    i += 1
+    n = token >> 4
+    if n == 15:
+        while i < len(data):
+            b = data[i]
+            i += 1
+            n += b
+            if b != 255:
+                break
+    return data[i : i + min(n, 5)]
+
+
+def _array_len(head: bytes) -> int:
+    """The length a msgpack array header at the start of ``head`` gives (0: none)."""
     if not head:
         return 0
     b = head[0]

@@ -170,3 +170,12 @@ def test_a_receiver_whose_lz4_differs_refuses_batches_but_takes_raw_windows(
     with pytest.raises(WindowError, match="does not rebuild"):
         unpack_window(batch_window, slots=8)
     assert unpack_window(raw_window, slots=8) == entries
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 15, 16, 100, 70_000])
+@pytest.mark.parametrize("body", [b"x", bytes(range(256))])
+def test_batch_events_counts_small_big_and_incompressible_batches(n: int, body: bytes) -> None:
+    # The count is read from the lz4 frame's first literals when it is there, else by
+    # decompressing a few bytes: either way the true count (msgpack fixarray, 16 and 32).
+    events = [MessageEvent(f"m{i}", "room:1", "ann", i + 1, "sg", body, 1) for i in range(n)]
+    assert batch_events(encode_batch(events)) == n
