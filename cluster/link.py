@@ -313,7 +313,9 @@ class Link(WindowSender, LogReader):
             await asyncio.sleep(0.05)  # the receiver is writing them: look again soon
 
     async def _done_top(self) -> str:
-        rows: Any = await self.remote_client.xrevrange(done_key(self.dest, self.region), count=1)
+        # On the connection the receiver's progress is read on: it is opened (a few round
+        # trips over the WAN) before the first window waits for its confirmation.
+        rows: Any = await self.done_client.xrevrange(done_key(self.dest, self.region), count=1)
         return rows[0][0].decode() if rows else "0-0"
 
     def _raise_failure(self) -> None:

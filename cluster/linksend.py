@@ -250,6 +250,7 @@ class WindowSender:
             if w.wid > self._done_wid:
                 break
             self._inflight.popleft()
+            self.tuner.observe_confirm(time.monotonic() - w.sent)
             confirmed.update(w.positions)
             n, nbytes = self._done_counts.pop(w.wid, (0, 0))
             self.copied_entries += max(0, n - w.resyncs)

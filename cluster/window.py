@@ -225,8 +225,9 @@ class WindowTuner:
     The round trip is smoothed as TCP does (``srtt = 7/8 srtt + 1/8 sample``). With
     little waiting, a window is cut once it holds ``min_bytes`` of entries or
     ``window_ms`` after its oldest entry, whichever comes first; just enough are in
-    flight to cover the two round trips to its confirmation (``ceil(2 srtt / gap) + 2``,
-    gap the smoothed time between windows sent, at most ``window_ms``), compressed hard
+    flight to cover the time to its confirmation (``ceil(c / gap) + 2``, ``c`` the
+    longer of two round trips and 1.5 times the measured time to a confirmation, ``gap`` the
+    smoothed time between windows sent, at most ``window_ms``), compressed hard
     (lz4 level :data:`STEADY_LEVEL`: bytes matter more than the link's CPU); with a backlog,
     windows grow to ``max_entries``, the depth to ``max_inflight``, and compression
     goes fast (level 0): a long fat pipe is kept full and the link's CPU is not the
@@ -242,6 +243,8 @@ class WindowTuner:
         self.srtt_s: float | None = None
         # Smoothed time between windows sent (windows close early when little waits).
         self.gap_s = bounds.window_ms / 1000
+        # Smoothed time from a window sent to its confirmation (None: none measured yet).
+        self.confirm_s: float | None = None
         self._last_sent: float | None = None
 
     def observe_rtt(self, sample_s: float) -> None:
@@ -249,21 +252,31 @@ class WindowTuner:
             return
         self.srtt_s = sample_s if self.srtt_s is None else 0.875 * self.srtt_s + 0.125 * sample_s
 
+    def observe_confirm(self, sample_s: float) -> None:
+        """A window was confirmed ``sample_s`` after it was sent."""
+        if sample_s < 0 or math.isnan(sample_s):
+            return
+        c = self.confirm_s
+        self.confirm_s = sample_s if c is None else 0.875 * c + 0.125 * sample_s
+
     def observe_sent(self, at_s: float) -> None:
         """A window was sent at ``at_s`` (monotonic seconds): the cadence windows go at."""
         if self._last_sent is not None and at_s >= self._last_sent:
             gap = min(at_s - self._last_sent, self.bounds.window_ms / 1000)
-            self.gap_s = 0.875 * self.gap_s + 0.125 * gap
+            self.gap_s = 0.75 * self.gap_s + 0.25 * gap
         self._last_sent = at_s
 
     def plan(self, backlog_entries: int) -> WindowPlan:
         b = self.bounds
         entries = max(b.min_entries, min(b.max_entries, backlog_entries))
         rtt_ms = (self.srtt_s or 0.0) * 1000
-        # A window is confirmed about two round trips after it is cut: its XADD crosses,
-        # the receiver writes it, and its progress comes back on the next read of `done`.
+        # A window is confirmed one to two round trips after it is cut (its XADD crosses,
+        # the receiver writes it, its progress comes back on the next read of `done`), or
+        # half as long again as confirmations were measured to take on average (they
+        # vary by a round trip: a window held back for depth waits, which is latency).
         # Windows go every gap_s (at most window_ms): cover that many.
-        cover = math.ceil(2 * rtt_ms / max(1.0, self.gap_s * 1000)) + 2
+        confirm_ms = max(2 * rtt_ms, 1.5 * (self.confirm_s or 0.0) * 1000)
+        cover = math.ceil(confirm_ms / max(1.0, self.gap_s * 1000)) + 2
         if backlog_entries > b.max_entries or self.srtt_s is None:
             # A backlog, or no round trip measured yet (a link just started): fill
             # the pipe rather than wait a round trip per window to learn its length.
