@@ -86,7 +86,8 @@ class LogReader:
 
     async def _read_window(self, plan: WindowPlan) -> list[TailEntry]:
         """The next entries of every slot (chain-checked), gathered for up to a window:
-        until ``plan.entries`` are read or ``window_ms`` has passed since the first."""
+        until ``plan.entries`` are read, ``window_ms`` has passed since the oldest, or
+        (little waiting, room in the pipe) they hold ``plan.close_bytes``."""
         now = time.monotonic()
         after = {s: p for s, p in self.position.items() if self._parked.get(s, 0) <= now}
         if not after:
