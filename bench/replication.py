@@ -313,6 +313,9 @@ def growth(samples: list[dict[str, Any]], settle_s: float) -> dict[str, dict[str
 @click.option(
     "--steady-s", default=10.0, show_default=True, help="Side by side: each steady phase's time."
 )
+@click.option(
+    "--drain-only", is_flag=True, help="Side by side: only the drain phases (no steady ones)."
+)
 def replication_cmd(
     soak: bool,
     duration_s: float,
@@ -329,6 +332,7 @@ def replication_cmd(
     per_entry: int,
     rates: str,
     steady_s: float,
+    drain_only: bool,
 ) -> None:
     """Replication between two local regions (docs/BENCHMARKS.md).
 
@@ -342,7 +346,7 @@ def replication_cmd(
             runs=runs,
             messages=messages,
             per_entry=per_entry,
-            rates=[float(r) for r in rates.split(",")],
+            rates=[] if drain_only else [float(r) for r in rates.split(",")],
             steady_s=steady_s,
             wan_latency_ms=wan_latency_ms,
             as_json=as_json,

@@ -197,6 +197,7 @@ async def relay_drain(
     link, rx = await _pair(origin_url, dest_url, via_url)
     rx.start()
     t0 = time.monotonic()
+    cpu0 = time.process_time()
     link.start()
     present = 0
     r = aioredis.Redis.from_url(dest_url)
@@ -207,6 +208,9 @@ async def relay_drain(
             break
         await asyncio.sleep(0.02)  # poll the destination's mirrors
     elapsed = time.monotonic() - t0
+    # This process's CPU (the link, the receiver and this poll; not the Redis servers or
+    # the proxy) per message drained.
+    cpu_us = (time.process_time() - cpu0) / messages * 1e6
     await r.aclose()
     status = link.status(0)
     await link.stop()
@@ -219,6 +223,8 @@ async def relay_drain(
         "doubled": max(0, present - entries) * per_entry,
         "compression_ratio": status["compression_ratio"],
         "windows": status["windows_total"],
+        "raw_windows": status["raw_windows_total"],
+        "cpu_us_per_msg": round(cpu_us, 2),
     }
 
 
@@ -551,6 +557,17 @@ def summarize(
         doc[f"drain_ratio_{lat:g}ms"] = (
             round(relay / max(nats_mem, nats_file), 2) if max(nats_mem, nats_file) else None
         )
+    if rates:
+        _steady_keys(doc, med, latencies_ms, rates)
+    doc["lost"] = sum(int(x.get("lost", 0)) for xs in raw.values() for x in xs)
+    doc["doubled"] = sum(int(x.get("doubled", 0)) for xs in raw.values() for x in xs)
+    doc["machine"] = {"cpus": os.cpu_count()}
+    return doc
+
+
+def _steady_keys(
+    doc: dict[str, Any], med: Any, latencies_ms: list[float], rates: list[float]
+) -> None:
     low = min(rates)
     doc[f"bytes_ratio_{low / 1000:g}k"] = round(
         med(f"steady_relay_{low:g}", "bytes_per_msg")
@@ -558,7 +575,3 @@ def summarize(
         3,
     )
     doc[f"p99_ms_{low / 1000:g}k_{max(latencies_ms):g}ms"] = med(f"steady_relay_{low:g}", "p99_ms")
-    doc["lost"] = sum(int(x.get("lost", 0)) for xs in raw.values() for x in xs)
-    doc["doubled"] = sum(int(x.get("doubled", 0)) for xs in raw.values() for x in xs)
-    doc["machine"] = {"cpus": os.cpu_count()}
-    return doc

@@ -30,6 +30,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
+import msgpack
 from redis.exceptions import NoScriptError, RedisError
 
 from cluster import redisconn
@@ -43,12 +44,13 @@ from cluster.window import WindowError, unpack_window
 
 log = logging.getLogger(__name__)
 
-# One call per slot of a window: each entry XADDed into the slot's mirror with its id,
-# bytes and prev; 1 when written, 0 when the mirror holds it already (its id is not above
-# the top: a window written again), -1 when its prev is not the mirror's top as Redis
-# holds it (the mirror lost entries, e.g. a failover of its shard, or another receiver
-# wrote meanwhile): the call stops there, nothing after it is written. Any other error is
-# returned as it is.
+# One call per slot of a window, its one argument a msgpack array [id, prev, bytes, ...]
+# (one argument, not three per entry: packing arguments is most of a call's cost in
+# Python): each entry XADDed into the slot's mirror with its id, bytes and prev; 1 when
+# written, 0 when the mirror holds it already (its id is not above the top: a window
+# written again), -1 when its prev is not the mirror's top as Redis holds it (the mirror
+# lost entries, e.g. a failover of its shard, or another receiver wrote meanwhile): the
+# call stops there, nothing after it is written. Any other error is returned as it is.
 MIRROR_MANY: Final = """
 local function le(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
@@ -59,19 +61,20 @@ end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local top = false
 if #last > 0 then top = last[1][1] end
+local a = cmsgpack.unpack(ARGV[1])
 local out = {}
-for i = 1, #ARGV, 3 do
-  if top and le(ARGV[i], top) then
+for i = 1, #a, 3 do
+  if top and le(a[i], top) then
     out[#out + 1] = 0
-  elseif ARGV[i + 1] ~= '' and top and ARGV[i + 1] ~= top then
+  elseif a[i + 1] ~= '' and top and a[i + 1] ~= top then
     out[#out + 1] = -1
     return out
   else
     local r
-    if ARGV[i + 1] == '' then
-      r = redis.pcall('XADD', KEYS[1], ARGV[i], 'd', ARGV[i + 2])
+    if a[i + 1] == '' then
+      r = redis.pcall('XADD', KEYS[1], a[i], 'd', a[i + 2])
     else
-      r = redis.pcall('XADD', KEYS[1], ARGV[i], 'd', ARGV[i + 2], 'p', ARGV[i + 1])
+      r = redis.pcall('XADD', KEYS[1], a[i], 'd', a[i + 2], 'p', a[i + 1])
     end
     if type(r) == 'table' and r.err then
       if string.find(r.err, 'equal or smaller', 1, true) then
@@ -81,13 +84,22 @@ for i = 1, #ARGV, 3 do
       end
     else
       out[#out + 1] = 1
-      top = ARGV[i]
+      top = a[i]
     end
   end
 end
 return out
 """
 MIRROR_MANY_SHA: Final = hashlib.sha1(MIRROR_MANY.encode()).hexdigest()
+
+# Bytes as msgpack "raw" (str), which Redis's Lua cmsgpack reads (it has no bin type).
+_packer = msgpack.Packer(use_bin_type=False)
+
+
+def _pack_args(args: list[bytes | str]) -> bytes:
+    packed: bytes = _packer.pack(args)
+    return packed
+
 
 READ_BLOCK_MS = 500
 READ_COUNT = 16
@@ -228,13 +240,13 @@ class Receiver:
         by_slot: dict[int, list[int]] = {}
         for i, e in enumerate(entries):
             by_slot.setdefault(e.slot, []).append(i)
-        calls: list[tuple[str, list[bytes | str]]] = []
+        calls: list[tuple[str, bytes]] = []
         for slot, idx in by_slot.items():
             args: list[bytes | str] = []
             for i in idx:
                 e = entries[i]
                 args += [e.id, e.prev, e.data]
-            calls.append((mirror_key(self.region, slot, self.origin), args))
+            calls.append((mirror_key(self.region, slot, self.origin), _pack_args(args)))
         results = await _mirror_calls(self.client, calls)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
@@ -258,18 +270,21 @@ class Receiver:
         except WindowError as exc:
             bad = f"{exc.code}: {exc}"
             entries = []
-        tentative = dict(top)
+        tentative: dict[int, tuple[str, tuple[int, int]]] = {}
         for e in entries:
-            t = tentative[e.slot]
-            if parse_id(e.id) <= parse_id(t):
+            t = tentative.get(e.slot)
+            if t is None:
+                t = tentative[e.slot] = (top[e.slot], parse_id(top[e.slot]))
+            at = parse_id(e.id)
+            if at <= t[1]:
                 self.skipped_total += 1
                 continue
-            if e.prev and e.prev != t:
-                bad = f"slot {e.slot}: entry {e.id} follows {e.prev}, the mirror's top is {t}"
+            if e.prev and e.prev != t[0]:
+                bad = f"slot {e.slot}: entry {e.id} follows {e.prev}, the mirror's top is {t[0]}"
                 todo = []
                 break
             todo.append(e)
-            tentative[e.slot] = e.id
+            tentative[e.slot] = (e.id, at)
         if not self.holding:
             raise ClusterError("the receiver's lease is not surely ours: not writing")
         written = 0
@@ -313,12 +328,10 @@ class Receiver:
             raise ClusterError("a mirror's top moved under the receiver: reading the tops again")
 
 
-async def _mirror_calls(
-    client: AsyncClient, calls: Sequence[tuple[str, list[bytes | str]]]
-) -> list[Any]:
+async def _mirror_calls(client: AsyncClient, calls: Sequence[tuple[str, bytes]]) -> list[Any]:
     async with client.pipeline(transaction=False) as pipe:
         for key, args in calls:
-            pipe.evalsha(MIRROR_MANY_SHA, 1, key, *args)
+            pipe.evalsha(MIRROR_MANY_SHA, 1, key, args)
         out: list[Any] = await pipe.execute(raise_on_error=False)
         return out
 

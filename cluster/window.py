@@ -25,6 +25,7 @@ backlog, and says how many entries a window holds and how many may be in flight.
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,9 +146,11 @@ def unpack_window(
     return out
 
 
+_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+
 def _is_id(s: str) -> bool:
-    ms, dash, seq = s.partition("-")
-    return bool(dash) and ms.isdigit() and seq.isdigit() and len(ms) <= 20 and len(seq) <= 20
+    return _ID.fullmatch(s) is not None
 
 
 def _decompress(frame: memoryview, max_decompressed: int) -> bytes:
@@ -175,6 +178,10 @@ class WindowBounds:
     """The configured bounds (``cluster.link_*``) the tuner stays within."""
 
     window_ms: int = 100
+    # With no backlog a window closes as soon as its entries hold this many bytes: by
+    # then the compressor has seen what the messages share, and waiting longer only
+    # adds latency (window_ms is the upper bound, not the cadence).
+    min_bytes: int = 12 << 10
     min_entries: int = 64
     max_entries: int = 4000
     max_bytes: int = 1 << 20
@@ -190,6 +197,8 @@ class WindowBounds:
             out.append(f"need 1 <= min_entries <= max_entries <= {MAX_ENTRIES}")
         if self.max_bytes < 1024:
             out.append("max_bytes must be at least 1024")
+        if not 0 <= self.min_bytes <= self.max_bytes:
+            out.append("need 0 <= min_bytes <= max_bytes")
         if not 1 <= self.min_inflight <= self.max_inflight:
             out.append("need 1 <= min_inflight <= max_inflight")
         if self.max_inflight_bytes < self.max_bytes:
@@ -201,21 +210,25 @@ class WindowBounds:
 class WindowPlan:
     """What the link does next: cut windows of up to ``entries`` entries (and
     ``bounds.max_bytes``), keep at most ``inflight`` windows unconfirmed, and compress
-    at lz4 ``level``."""
+    at lz4 ``level``. ``close_bytes``: a window being filled is sent as soon as its
+    entries hold this many bytes (0: only when full or its time is up)."""
 
     entries: int
     inflight: int
     level: int = 0
+    close_bytes: int = 0
 
 
 class WindowTuner:
     """Window size and in-flight depth from the measured round trip and the backlog.
 
     The round trip is smoothed as TCP does (``srtt = 7/8 srtt + 1/8 sample``). With
-    little waiting, windows are cut every ``window_ms`` and just enough are in flight to
-    cover the two round trips to its confirmation (``ceil(2 srtt / window_ms) + 2``),
-    compressed hard (lz4 level
-    :data:`STEADY_LEVEL`: bytes matter more than the link's CPU); with a backlog,
+    little waiting, a window is cut once it holds ``min_bytes`` of entries or
+    ``window_ms`` after its oldest entry, whichever comes first; just enough are in
+    flight to cover the time to its confirmation (``ceil(c / gap) + 2``, ``c`` the
+    longer of two round trips and 1.5 times the measured time to a confirmation, ``gap`` the
+    smoothed time between windows sent, at most ``window_ms``), compressed hard
+    (lz4 level :data:`STEADY_LEVEL`: bytes matter more than the link's CPU); with a backlog,
     windows grow to ``max_entries``, the depth to ``max_inflight``, and compression
     goes fast (level 0): a long fat pipe is kept full and the link's CPU is not the
     bottleneck. The caller passes as ``backlog_entries`` what it last read, doubled,
@@ -228,38 +241,97 @@ class WindowTuner:
             raise ValueError("; ".join(problems))
         self.bounds = bounds
         self.srtt_s: float | None = None
+        # Smoothed time between windows sent (windows close early when little waits).
+        self.gap_s = bounds.window_ms / 1000
+        # Smoothed time from a window sent to its confirmation (None: none measured yet).
+        self.confirm_s: float | None = None
+        self._last_sent: float | None = None
 
     def observe_rtt(self, sample_s: float) -> None:
         if sample_s < 0 or math.isnan(sample_s):
             return
         self.srtt_s = sample_s if self.srtt_s is None else 0.875 * self.srtt_s + 0.125 * sample_s
 
+    def observe_confirm(self, sample_s: float) -> None:
+        """A window was confirmed ``sample_s`` after it was sent."""
+        if sample_s < 0 or math.isnan(sample_s):
+            return
+        c = self.confirm_s
+        self.confirm_s = sample_s if c is None else 0.875 * c + 0.125 * sample_s
+
+    def observe_sent(self, at_s: float) -> None:
+        """A window was sent at ``at_s`` (monotonic seconds): the cadence windows go at."""
+        if self._last_sent is not None and at_s >= self._last_sent:
+            gap = min(at_s - self._last_sent, self.bounds.window_ms / 1000)
+            self.gap_s = 0.75 * self.gap_s + 0.25 * gap
+        self._last_sent = at_s
+
     def plan(self, backlog_entries: int) -> WindowPlan:
         b = self.bounds
         entries = max(b.min_entries, min(b.max_entries, backlog_entries))
         rtt_ms = (self.srtt_s or 0.0) * 1000
-        # A window is confirmed about two round trips after it is cut: its XADD crosses,
-        # the receiver writes it, and its progress comes back on the next read of `done`.
-        cover = math.ceil(2 * rtt_ms / b.window_ms) + 2
+        # A window is confirmed one to two round trips after it is cut (its XADD crosses,
+        # the receiver writes it, its progress comes back on the next read of `done`), or
+        # half as long again as confirmations were measured to take on average (they
+        # vary by a round trip: a window held back for depth waits, which is latency).
+        # Windows go every gap_s (at most window_ms): cover that many.
+        confirm_ms = max(2 * rtt_ms, 1.5 * (self.confirm_s or 0.0) * 1000)
+        cover = math.ceil(confirm_ms / max(1.0, self.gap_s * 1000)) + 2
         if backlog_entries > b.max_entries or self.srtt_s is None:
             # A backlog, or no round trip measured yet (a link just started): fill
             # the pipe rather than wait a round trip per window to learn its length.
             cover = max(cover, b.max_inflight)
         inflight = max(b.min_inflight, min(b.max_inflight, cover))
-        level = 0 if backlog_entries > b.max_entries else STEADY_LEVEL
-        return WindowPlan(entries, inflight, level)
+        if backlog_entries > b.max_entries:
+            return WindowPlan(entries, inflight, 0)
+        return WindowPlan(entries, inflight, STEADY_LEVEL, b.min_bytes)
 
 
 def batch_events(data: bytes) -> int:
     """How many events a relay batch holds, from its payload's msgpack array header
-    (0 for anything else). Decompresses only the first block's few bytes' worth."""
+    (0 for anything else). Reads the header from the lz4 frame's first literals when it
+    is there (the usual case: nothing decompressed), else decompresses a few bytes."""
     if data[: len(BATCH_PREFIX)] != BATCH_PREFIX:
         return 0
+    lit = _first_literals(data, len(BATCH_PREFIX))
+    if lit and len(lit) >= {0xDC: 3, 0xDD: 5}.get(lit[0], 1):
+        return _array_len(lit)
     try:
         d = lz4.frame.LZ4FrameDecompressor()
         head: bytes = d.decompress(data[len(BATCH_PREFIX) :], max_length=5)
     except Exception:
         return 0
+    return _array_len(head)
+
+
+def _first_literals(data: bytes, at: int) -> bytes | None:
+    """The literal bytes an lz4 frame at ``data[at:]`` begins its content with, read
+    from its first block's first sequence without decompressing (None: not found)."""
+    if data[at : at + 4] != b"\x04\x22\x4d\x18" or len(data) < at + 7:
+        return None
+    flg = data[at + 4]
+    i = at + 7 + (8 if flg & 0x08 else 0) + (4 if flg & 0x01 else 0)
+    if len(data) < i + 5:
+        return None
+    size = int.from_bytes(data[i : i + 4], "little")
+    i += 4
+    if size & 0x80000000:  # a block stored as it is
+        return data[i : i + min(5, size & 0x7FFFFFFF)]
+    token = data[i]
+    i += 1
+    n = token >> 4
+    if n == 15:
+        while i < len(data):
+            b = data[i]
+            i += 1
+            n += b
+            if b != 255:
+                break
+    return data[i : i + min(n, 5)]
+
+
+def _array_len(head: bytes) -> int:
+    """The length a msgpack array header at the start of ``head`` gives (0: none)."""
     if not head:
         return 0
     b = head[0]

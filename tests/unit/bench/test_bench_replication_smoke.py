@@ -50,3 +50,13 @@ def test_tiny_side_by_side_prints_every_key_it_promises() -> None:
     for key in ("drain_ratio_0ms", "drain_ratio_80ms", "bytes_ratio_2k", "p99_ms_2k_80ms"):
         assert isinstance(doc[key], float) and doc[key] > 0, key
     assert doc["lost"] == 0 and doc["doubled"] == 0
+
+
+@pytest.mark.skipif(shutil.which("nats-server") is None, reason="needs nats-server")
+def test_tiny_drain_only_run_prints_the_drain_figures_alone() -> None:
+    cmd = [sys.executable, "-m", "bench.replication", "--quick", "--json", "--drain-only"]
+    cmd += ["--messages", "2000", "--wan-latency-ms", "20"]
+    doc, _ = run_json(cmd, 180)
+    assert doc["drain_ratio_0ms"] > 0 and doc["drain_ratio_20ms"] > 0
+    assert "bytes_ratio_2k" not in doc and doc["lost"] == 0 and doc["doubled"] == 0
+    assert doc["medians"]["drain_relay_0ms"]["cpu_us_per_msg"] > 0

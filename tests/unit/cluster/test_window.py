@@ -118,6 +118,25 @@ def test_the_tuner_covers_the_round_trip_and_grows_with_the_backlog() -> None:
     assert t.plan(5).level > 0  # little waits: compress hard
 
 
+def test_windows_close_early_only_while_little_waits_and_depth_follows_their_cadence() -> None:
+    b = WindowBounds(window_ms=100, min_bytes=4096, min_entries=10, max_entries=1000)
+    t = WindowTuner(b)
+    for _ in range(50):
+        t.observe_rtt(0.160)
+    assert t.plan(5).close_bytes == 4096  # little waits: a window goes once it holds 4 KiB
+    assert t.plan(10**6).close_bytes == 0  # a backlog: windows fill up
+    # Windows going every 25 ms: a confirmation ~320 ms away needs 13 + 2 in flight.
+    for i in range(200):
+        t.observe_sent(i * 0.025)
+    assert abs(t.gap_s - 0.025) < 1e-3
+    assert t.plan(5).inflight == 15
+    # A pause longer than a window counts as one window's time, no more.
+    t.observe_sent(1000.0)
+    assert t.gap_s <= 0.025 + 0.25 * 0.1
+    with pytest.raises(ValueError, match="min_bytes"):
+        WindowTuner(WindowBounds(min_bytes=2 << 20))
+
+
 @given(st.lists(st.floats(0, 30), max_size=20), st.integers(0, 10**7))
 def test_the_tuner_never_leaves_its_bounds(rtts: list[float], backlog: int) -> None:
     b = WindowBounds(min_entries=5, max_entries=50, min_inflight=3, max_inflight=7)
@@ -151,3 +170,12 @@ def test_a_receiver_whose_lz4_differs_refuses_batches_but_takes_raw_windows(
     with pytest.raises(WindowError, match="does not rebuild"):
         unpack_window(batch_window, slots=8)
     assert unpack_window(raw_window, slots=8) == entries
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 15, 16, 100, 70_000])
+@pytest.mark.parametrize("body", [b"x", bytes(range(256))])
+def test_batch_events_counts_small_big_and_incompressible_batches(n: int, body: bytes) -> None:
+    # The count is read from the lz4 frame's first literals when it is there, else by
+    # decompressing a few bytes: either way the true count (msgpack fixarray, 16 and 32).
+    events = [MessageEvent(f"m{i}", "room:1", "ann", i + 1, "sg", body, 1) for i in range(n)]
+    assert batch_events(encode_batch(events)) == n

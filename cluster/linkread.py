@@ -1,0 +1,182 @@
+"""A link's reading side: the origin's slot logs read into windows, chain-checked.
+
+The link reads every slot's new entries with a blocking ``XREAD`` of the origin's own
+slot logs (local, fast) and gathers them for up to a window. Every log entry names the
+one before it (``p``); an entry whose ``p`` is not the link's position for its slot means
+entries were trimmed under the link (it fell further behind than
+``cluster.link_max_backlog_s``, or it resumes after a long cut). That is a *gap*: the
+link sends the origin's checkpoint of the slot (pending messages, ack tombstones, the
+clock it was taken at) in the slot's place, under the checkpoint's id — with ``p`` set to
+the link's position, so the mirror's own chain stays whole — and carries on after it.
+Gaps are counted and logged; nothing is ever skipped.
+
+:class:`LogReader` is a part of :class:`cluster.link.Link` (a mixin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from redis.exceptions import RedisError
+
+from cluster.chain import parse_id, split_on_gaps
+from cluster.checkpoint import without_clock
+from cluster.errors import ClusterError
+from cluster.linksend import _Window, confirmed_key, oldest_ms
+from cluster.redisconn import AsyncClient
+from cluster.slotlog import RedisSlotLog, TailEntry
+from cluster.window import WindowBounds, WindowPlan
+
+log = logging.getLogger("cluster.link")
+
+TAIL_BLOCK_MS = 500
+COPY_COUNT = 200
+# A slot whose resync must wait (no checkpoint covers its hole yet) is left out of the
+# copy for this long; the other slots go on.
+PARK_S = 1.0
+
+
+class LinkGap(ClusterError):
+    """Entries of a slot were trimmed under the link and no checkpoint covers them yet."""
+
+
+class LogReader:
+    """Reads windows from the origin's logs and resyncs gaps (part of a Link)."""
+
+    region: str
+    dest: str
+    client: AsyncClient
+    local: RedisSlotLog
+    bounds: WindowBounds
+    position: dict[int, str]
+    _parked: dict[int, float]
+    _resyncs: set[tuple[int, str]]
+    _backlog_hint: int
+    _last_sent: float
+    _inflight: deque[_Window]
+    backlog_entries: int
+    waiting_oldest_ms: int | None
+    gaps_total: int
+
+    async def _measure_waiting(self) -> None:
+        """While the copy is failing or stuck, find the oldest entry not yet in the
+        destination from our own Redis, so lag grows truthfully through a cut that
+        began while nothing was waiting."""
+        try:
+            positions = self.position
+            if not positions:
+                confirmed = await self.client.hgetall(confirmed_key(self.region, self.dest))
+                positions = {
+                    int(k): v.decode() if isinstance(v, bytes) else v for k, v in confirmed.items()
+                }
+            if not positions:
+                return
+            firsts = await self.local.first_after_many(positions)
+        except (RedisError, OSError) as e:
+            log.warning("link %s→%s: reading the backlog: %s", self.region, self.dest, e)
+            return
+        if firsts:
+            oldest = min(parse_id(i)[0] for i in firsts.values())
+            if self.waiting_oldest_ms is None or oldest < self.waiting_oldest_ms:
+                self.waiting_oldest_ms = oldest
+            self.backlog_entries = max(self.backlog_entries, len(firsts))
+
+    async def _read_window(self, plan: WindowPlan) -> list[TailEntry]:
+        """The next entries of every slot (chain-checked), gathered for up to a window:
+        until ``plan.entries`` are read, ``window_ms`` has passed since the oldest, or
+        (little waiting, room in the pipe) they hold ``plan.close_bytes``."""
+        now = time.monotonic()
+        after = {s: p for s, p in self.position.items() if self._parked.get(s, 0) <= now}
+        if not after:
+            await asyncio.sleep(PARK_S)  # every slot waits for a checkpoint
+            return []
+        entries = await self.local.tail(after, TAIL_BLOCK_MS, COPY_COUNT)
+        if not entries:
+            self._backlog_hint = 0
+            return []
+        # The window's time runs from its oldest entry (as far as this node's clock and
+        # the log's ids agree; never longer than window_ms from now).
+        first_ms = oldest_ms(entries)
+        age_ms = min(self.bounds.window_ms, max(0, int(time.time() * 1000) - first_ms))
+        deadline = time.monotonic() + (self.bounds.window_ms - age_ms) / 1000
+        size = sum(len(e.data) for e in entries)
+        # Closed early, once it holds plan.close_bytes, only while the pipe has room for
+        # more windows than this one, and no sooner than half a window after the last
+        # one went: at load, windows fill up (one compressed unit per window).
+        close_bytes = plan.close_bytes if len(self._inflight) + 1 < plan.inflight else 0
+        not_before = self._last_sent + self.bounds.window_ms / 2000
+        while len(entries) < plan.entries:
+            if 0 < close_bytes <= size and time.monotonic() >= not_before:
+                break
+            now = time.monotonic()
+            left_ms = int((deadline - now) * 1000)
+            if left_ms <= 0:
+                break
+            if 0 < close_bytes <= size:  # full enough: wait only until it may go
+                left_ms = max(1, min(left_ms, int((not_before - now) * 1000) + 1))
+            for e in entries:
+                if e.slot in after:
+                    after[e.slot] = e.id
+            more = await self.local.tail(after, left_ms, COPY_COUNT)
+            if not more:
+                break
+            entries.extend(more)
+            size += sum(len(e.data) for e in more)
+        # Twice what this window read: windows grow while reads keep filling them.
+        self._backlog_hint = 2 * len(entries)
+        self.backlog_entries = len(entries) + sum(w.entries for w in self._inflight)
+        oldest = oldest_ms(entries)
+        if self.waiting_oldest_ms is None or oldest < self.waiting_oldest_ms:
+            self.waiting_oldest_ms = oldest
+        good, gaps = split_on_gaps(self.position, entries)
+        for e in good:
+            self.position[e.slot] = e.id
+        for slot, missing in gaps.items():
+            try:
+                good.append(await self._resync(slot, missing))
+            except LinkGap as e:
+                log.warning("link %s→%s: %s; retrying it shortly", self.region, self.dest, e)
+                self._parked[slot] = time.monotonic() + PARK_S
+        return good
+
+    async def _resync(self, slot: int, missing: str) -> TailEntry:
+        """Entries of ``slot`` after our position, up to ``missing`` at least, were
+        trimmed: copy the slot's checkpoint in their place and go on after it.
+
+        The checkpoint goes into the mirror above its top, so the mirror's chain stays
+        whole. It proves the origin's own messages gone (``superseded``) only when the
+        hole is a trim of the same log after our position; when the log went back or
+        began again (``missing`` at or below our position: the origin's Redis lost
+        entries) it is merged as a plain state, its clock left out."""
+        position = self.position[slot]
+        cp = await self.local.read_checkpoint(slot)
+        if cp is None or parse_id(cp.covers_id) < parse_id(missing):
+            raise LinkGap(
+                f"slot {slot}: entries after {position} were trimmed and no checkpoint "
+                "covers them yet"
+            )
+        if parse_id(cp.covers_id) <= parse_id(position):
+            raise LinkGap(
+                f"slot {slot}: its log went back behind the copied {position}; waiting for "
+                "a checkpoint above it"
+            )
+        data = cp.data
+        if parse_id(missing) <= parse_id(position):
+            data = without_clock(data)
+        self.gaps_total += 1
+        log.warning(
+            "link %s→%s: slot %d was trimmed past %s; resyncing from its checkpoint at %s",
+            self.region,
+            self.dest,
+            slot,
+            self.position[slot],
+            cp.covers_id,
+        )
+        self.position[slot] = cp.covers_id
+        self._resyncs.add((slot, cp.covers_id))
+        # Sent in the window, in the slot's place: the receiver writes it above the
+        # mirror's top, its ``p`` our position, so the mirror's chain stays whole.
+        return TailEntry(slot, cp.covers_id, data, position)

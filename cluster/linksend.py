@@ -1,0 +1,294 @@
+"""A link's sending side: windows out to the destination's inbound stream, several in
+flight on one connection, and what comes back — the XADD replies (each a window's id and a
+round-trip sample) and the receiver's progress (``done``), which confirms whole windows.
+
+What the destination confirmed is kept in a hash (``relay:{<origin>}:link:<dest>:
+confirmed``, slot → id; the trim floor of the origin's slot logs) and published on
+``relay:{<origin>}:confirmed`` (what ``ack=remote`` waits for).
+
+:class:`WindowSender` is a part of :class:`cluster.link.Link` (a mixin): it uses the
+link's connections, lease, tuner and counters, declared below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+
+from cluster.chain import parse_id
+from cluster.errors import ClusterError
+from cluster.keys import PREFIX, confirmed_channel, region_tag
+from cluster.lease import Lease
+from cluster.receiver import done_key, inbound_key
+from cluster.redisconn import AsyncClient
+from cluster.slotlog import TailEntry
+from cluster.window import WindowBounds, WindowPlan, WindowTuner, batch_events, pack_window
+
+# A window's XADD must be answered within this (a blackholed WAN ends in an error).
+REPLY_TIMEOUT_S = 10.0
+
+# A backlog's window goes raw (the log's bytes as they are: no decompressing and
+# recompressing, nothing for the receiver to rebuild) when its entries are already
+# batches of several messages (at least this many bytes each, on average) and
+# flattening them measured less than RAW_BELOW_GAIN (entry bytes ÷ window bytes);
+# every RAW_REMEASURE-th such window is flattened again to measure the gain anew.
+RAW_MIN_ENTRY_BYTES = 512
+RAW_BELOW_GAIN = 1.6
+RAW_REMEASURE = 8
+
+
+class LeaseLost(ClusterError):
+    """The link's lease is no longer surely ours: stop writing to the destination."""
+
+
+@dataclass(slots=True)
+class _Window:
+    """A window sent and not yet confirmed by the destination's receiver."""
+
+    positions: dict[int, str]  # slot → its last entry in the window
+    oldest_ms: int
+    entries: int
+    data_bytes: int
+    events: int
+    frame_bytes: int
+    sent: float
+    resyncs: int  # checkpoints sent in place of trimmed entries (not copies)
+    wid: tuple[int, int] | None = field(default=None)  # its id in the inbound stream
+
+
+def oldest_ms(entries: Iterable[TailEntry]) -> int:
+    """The time part of the oldest id among ``entries`` (each slot's entries in order:
+    only each slot's first is parsed)."""
+    firsts: dict[int, str] = {}
+    for e in entries:
+        firsts.setdefault(e.slot, e.id)
+    return min(parse_id(i)[0] for i in firsts.values())
+
+
+def confirmed_key(region: str, dest: str) -> str:
+    """Hash slot → newest entry id confirmed in ``dest``'s mirror."""
+    return f"{PREFIX}:{region_tag(region)}:link:{dest}:confirmed"
+
+
+class WindowSender:
+    """Sends windows and reads their replies and confirmations (part of a Link)."""
+
+    region: str
+    dest: str
+    client: AsyncClient
+    remote_client: AsyncClient
+    done_client: AsyncClient
+    lease: Lease
+    bounds: WindowBounds
+    tuner: WindowTuner
+    _inflight: deque[_Window]
+    _replies: deque[_Window]
+    _reply_ready: asyncio.Event
+    _wake: asyncio.Event
+    _failure: Exception | None
+    _done_wid: tuple[int, int]
+    _pack_raw: bool
+    _flat_gain: float | None
+    _raw_run: int
+    raw_windows_total: int
+    _last_sent: float
+    _resyncs: set[tuple[int, str]]
+    _done_counts: dict[tuple[int, int], tuple[int, int]]
+    windows_total: int
+    wan_bytes_total: int
+    window_data_bytes_total: int
+    events_total: int
+    copied_entries: int
+    bytes_total: int
+    backlog_entries: int
+    waiting_oldest_ms: int | None
+    last_progress: float
+
+    @property
+    def holding(self) -> bool:
+        """This node surely holds the link's lease now (its last renewal was sent less
+        than a TTL ago and found the lease ours)."""
+        return self.lease.holding
+
+    async def _open_sender(self) -> Any:
+        remote = self.remote_client
+        if isinstance(remote, RedisCluster):
+            # Windows go to the one shard that serves the inbound stream's hash tag.
+            await remote.initialize()
+            node = remote.get_node_from_key(inbound_key(self.dest, self.region))
+            if node is None:
+                raise ClusterError(f"no node of {self.dest}'s cluster serves its inbound stream")
+            conn = node.connection_class(**node.connection_kwargs)
+            await conn.connect()  # type: ignore[no-untyped-call]
+            return conn
+        pool = remote.connection_pool
+        conn = pool.make_connection()  # type: ignore[no-untyped-call]
+        await conn.connect()
+        return conn
+
+    async def _send(self, conn: Any, entries: list[TailEntry], plan: WindowPlan) -> None:
+        """Send ``entries`` as windows of up to ``plan.entries`` and ``max_bytes``; their
+        replies and confirmations are read by the helpers as they come."""
+        key = inbound_key(self.dest, self.region)
+        chunk: list[TailEntry] = []
+        size = 0
+        for i, e in enumerate(entries):
+            chunk.append(e)
+            size += len(e.data)
+            last = i == len(entries) - 1
+            if last or len(chunk) >= plan.entries or size >= self.bounds.max_bytes:
+                self._check_lease()
+                big = plan.level == 0 and size >= RAW_MIN_ENTRY_BYTES * len(chunk)
+                raw = self._pack_raw or (big and self._raw_pays())
+                frame = pack_window(chunk, plan.level, raw=raw)
+                if big:
+                    self._measured(raw, size, len(frame))
+                w = _Window(
+                    positions={c.slot: c.id for c in chunk},
+                    oldest_ms=oldest_ms(chunk),
+                    entries=len(chunk),
+                    data_bytes=size,
+                    events=sum(batch_events(c.data) for c in chunk),
+                    frame_bytes=len(frame),
+                    sent=time.monotonic(),
+                    resyncs=sum(1 for c in chunk if (c.slot, c.id) in self._resyncs),
+                )
+                self._resyncs.difference_update((c.slot, c.id) for c in chunk)
+                self._inflight.append(w)
+                self._replies.append(w)
+                self._reply_ready.set()
+                await conn.send_command("XADD", key, "*", "w", frame, check_health=False)
+                self._last_sent = time.monotonic()
+                self.tuner.observe_sent(self._last_sent)
+                self.windows_total += 1
+                self.wan_bytes_total += len(frame)
+                self.window_data_bytes_total += size
+                self.events_total += w.events
+                chunk, size = [], 0
+
+    def _raw_pays(self) -> bool:
+        """Whether a backlog window of big entries goes raw (see RAW_BELOW_GAIN)."""
+        if self._flat_gain is None or self._raw_run >= RAW_REMEASURE:
+            return False  # flatten this one: its gain is measured
+        return self._flat_gain < RAW_BELOW_GAIN
+
+    def _measured(self, raw: bool, size: int, frame_bytes: int) -> None:
+        if raw:
+            self._raw_run += 1
+            self.raw_windows_total += 1
+            return
+        self._raw_run = 0
+        self._flat_gain = size / max(1, frame_bytes)
+
+    async def _read_replies(self, conn: Any) -> None:
+        """The XADD replies, in the order the windows went: each gives its window's id
+        and a round-trip sample."""
+        try:
+            while True:
+                if not self._replies:
+                    self._reply_ready.clear()
+                    await self._reply_ready.wait()
+                    continue
+                reply = await conn.read_response(timeout=REPLY_TIMEOUT_S)
+                w = self._replies.popleft()
+                if isinstance(reply, Exception):
+                    raise reply
+                w.wid = parse_id(reply.decode() if isinstance(reply, bytes) else str(reply))
+                self.tuner.observe_rtt(time.monotonic() - w.sent)
+                await self._confirm()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._fail(e)
+
+    async def _read_done(self, after: str) -> None:
+        """The receiver's progress, as it comes: confirmations of whole windows."""
+        key = done_key(self.dest, self.region)
+        try:
+            while True:
+                reply: Any = await self.done_client.xread({key: after}, count=1000, block=500)
+                if not reply:
+                    continue
+                pairs = reply.items() if isinstance(reply, dict) else reply
+                for _, rows in pairs:
+                    for rid, fields in rows:
+                        after = rid.decode()
+                        bad = fields.get(b"bad")
+                        if bad is not None:
+                            if b"does not rebuild" in bad:
+                                # The destination's lz4 compresses differently: send the
+                                # log's bytes as they are from now on (less compression).
+                                self._pack_raw = True
+                            raise ClusterError(f"the receiver refused a window: {bad.decode()}")
+                        done = parse_id(fields[b"w"].decode())
+                        self._done_counts[done] = (int(fields[b"n"]), int(fields[b"b"]))
+                        if done > self._done_wid:
+                            self._done_wid = done
+                await self._confirm()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._fail(e)
+
+    def _fail(self, e: Exception) -> None:
+        self._failure = e
+        self._wake.set()
+
+    async def _confirm(self) -> None:
+        """Windows the receiver has finished: their entries are in the mirrors."""
+        confirmed: dict[int, str] = {}
+        while self._inflight and self._inflight[0].wid is not None:
+            w = self._inflight[0]
+            assert w.wid is not None
+            if w.wid > self._done_wid:
+                break
+            self._inflight.popleft()
+            self.tuner.observe_confirm(time.monotonic() - w.sent)
+            confirmed.update(w.positions)
+            n, nbytes = self._done_counts.pop(w.wid, (0, 0))
+            self.copied_entries += max(0, n - w.resyncs)
+            self.bytes_total += nbytes
+        if not confirmed:
+            return
+        self.last_progress = time.monotonic()
+        self.waiting_oldest_ms = (
+            min(w.oldest_ms for w in self._inflight) if self._inflight else None
+        )
+        self.backlog_entries = self.inflight_entries
+        self._wake.set()
+        await self._announce(confirmed)
+
+    @property
+    def inflight_bytes(self) -> int:
+        return sum(w.frame_bytes for w in self._inflight)
+
+    @property
+    def inflight_entries(self) -> int:
+        return sum(w.entries for w in self._inflight)
+
+    def _check_lease(self) -> None:
+        if not self.holding:
+            raise LeaseLost("the link's lease is not surely ours: not writing")
+
+    async def _announce(self, confirmed: dict[int, str]) -> None:
+        if not confirmed:
+            return
+        key = confirmed_key(self.region, self.dest)
+        mapping = {str(s): i for s, i in confirmed.items()}
+        doc = json.dumps({"dest": self.dest, "slots": mapping})
+        if isinstance(self.client, RedisCluster):
+            # A cluster pipeline refuses PUBLISH: two round trips (the hash first).
+            await self.client.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            await self.client.publish(confirmed_channel(self.region), doc)
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            pipe.publish(confirmed_channel(self.region), doc)
+            await pipe.execute()
