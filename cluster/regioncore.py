@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from cluster import ownership
 from cluster.chain import parse_id
@@ -122,11 +122,11 @@ class LogEntry(Protocol):
     def prev(self) -> str: ...
 
 
-# -- events in
+# -- events in (named tuples: the hot path makes one per op, and a frozen dataclass's
+# __init__ costs three times as much)
 
 
-@dataclass(frozen=True, slots=True)
-class Publish:
+class Publish(NamedTuple):
     """A ``pub``: a client's here (``peer`` empty) or one a peer forwarded to us."""
 
     ch: str
@@ -142,8 +142,7 @@ class Publish:
     peer: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(NamedTuple):
     ch: str
     ids: list[str]
     reply: Reply
@@ -152,8 +151,7 @@ class Ack:
     peer: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Subscribe:
+class Subscribe(NamedTuple):
     """A client's ``sub`` here (``handle``), or a peer's registration (``peer``)."""
 
     ch: str
@@ -164,14 +162,12 @@ class Subscribe:
     peer: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Unsubscribe:
+class Unsubscribe(NamedTuple):
     ch: str
     handle: Hashable
 
 
-@dataclass(frozen=True, slots=True)
-class Forward:
+class Forward(NamedTuple):
     """Effect: send ``op`` to the channel's owner; step :class:`Answered` with its reply
     (``at_once``: in the same turn as the reply frame, before what follows on it)."""
 
@@ -184,8 +180,7 @@ class Forward:
     at_once: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Answered:
+class Answered(NamedTuple):
     """The owner's reply to a :class:`Forward` (``code`` set: refused or unreachable)."""
 
     forward: Forward
@@ -194,22 +189,19 @@ class Answered:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class MeshDeliver:
+class MeshDeliver(NamedTuple):
     peer: str
     ch: str
     fields: list[Any]
 
 
-@dataclass(frozen=True, slots=True)
-class MeshInterest:
+class MeshInterest(NamedTuple):
     peer: str
     ch: str
     on: bool
 
 
-@dataclass(frozen=True, slots=True)
-class AppendDone:
+class AppendDone(NamedTuple):
     """An entry (``batch_id``) of ``slot`` is in the log at ``entry_id``."""
 
     slot: int
@@ -219,15 +211,13 @@ class AppendDone:
     now: float
 
 
-@dataclass(frozen=True, slots=True)
-class Confirmed:
+class Confirmed(NamedTuple):
     """A link announced the newest entries of these slots its destination holds."""
 
     slots: Mapping[int, str]
 
 
-@dataclass(frozen=True, slots=True)
-class LogRead:
+class LogRead(NamedTuple):
     """Entries read from the slots' logs (``origin`` empty) or our mirrors of
     ``origin``'s, oldest first per slot. ``skip``: slots the edge leaves alone now (owned,
     being rebuilt); ``deliver``: deliver what an owned slot's entries add (mirrors)."""
@@ -258,8 +248,7 @@ Event = (
 _NO_OWN: Final = ownership.Ready()
 
 
-@dataclass(frozen=True, slots=True)
-class Ready:
+class Ready(NamedTuple):
     """What the edge carries out after a step, in this order: replies, answers, appends,
     changed, deliver, fan_out, forward, interest; applies then catch_ups and resyncs;
     ``own`` as the ownership core's Ready says."""
@@ -358,24 +347,25 @@ class RegionCore:
 
     # -- client and peer ops
 
-    def _route(self, ch: str, peer: str, fresh: bool) -> tuple[int, str]:
-        """``(slot, why)``: ``why`` empty when served here, else the refusal (or, for a
-        client's op the ring gives a reachable peer, the owner's id prefixed ``>``)."""
+    def _route(self, ch: str, peer: str, fresh: bool) -> tuple[int, str, str]:
+        """``(slot, owner, why)``: served here when both are empty; ``owner``: forward a
+        client's op to this peer; ``why``: the refusal."""
         slot = slot_of(ch, self.slots)
         if peer:  # a peer sent it here: served here or refused, never forwarded again
             if self.serving(slot, fresh):
-                return slot, ""
-            return slot, f"{self.me} does not serve slot {slot} now"
-        owner = self.owner_of(ch)
+                return slot, "", ""
+            return slot, "", f"{self.me} does not serve slot {slot} now"
+        ring = self.ownership.ring
+        owner = None if ring is None else ring.owner(slot)
         if owner == self.me:
-            return slot, "" if self.serving(slot, fresh) else f"slot {slot} is moving; retry"
+            return slot, "", "" if self.serving(slot, fresh) else f"slot {slot} is moving; retry"
         if owner is None or not self.mesh_up:
-            return slot, NO_OWNER
-        return slot, ">" + owner
+            return slot, "", NO_OWNER
+        return slot, owner, ""
 
     def _publish(self, ev: Publish) -> Ready:
-        slot, why = self._route(ev.ch, ev.peer, ev.fresh)
-        if why.startswith(">"):
+        slot, owner, why = self._route(ev.ch, ev.peer, ev.fresh)
+        if owner:
             args = {
                 "ch": ev.ch,
                 "id": ev.id,
@@ -384,7 +374,7 @@ class RegionCore:
                 "ttl_ms": ev.ttl_ms,
                 "ack": ev.ack,
             }
-            return Ready(forward=Forward(why[1:], "pub", ev.ch, args, ev.reply))
+            return Ready(forward=Forward(owner, "pub", ev.ch, args, ev.reply))
         if why:
             if ev.peer:
                 why = f"slot {slot} is moving; retry"
@@ -432,18 +422,14 @@ class RegionCore:
         )
         cut = self.batcher.add(slot, message, now, waiter)
         deliver = message if (acc.message is not None or ch in self.interest.peers) else None
-        return Ready(
-            replies=replies,
-            appends=tuple(cut) if cut else (),
-            changed=slot,
-            deliver=deliver,
-        )
+        # Positional: replies, answers, appends, changed, deliver (the hot path's Ready).
+        return Ready(replies, (), tuple(cut) if cut else (), slot, deliver)
 
     def _ack(self, ev: Ack) -> Ready:
-        slot, why = self._route(ev.ch, ev.peer, ev.fresh)
-        if why.startswith(">"):
+        slot, owner, why = self._route(ev.ch, ev.peer, ev.fresh)
+        if owner:
             return Ready(
-                forward=Forward(why[1:], "ack", ev.ch, {"ch": ev.ch, "ids": ev.ids}, ev.reply)
+                forward=Forward(owner, "ack", ev.ch, {"ch": ev.ch, "ids": ev.ids}, ev.reply)
             )
         if why:
             return Ready(replies=((ev.reply, None, Code.UNAVAILABLE, why),))
@@ -468,11 +454,11 @@ class RegionCore:
         self.acks.add(slot, ch, ids, hlc, cutoff_hlc=cutoff)
 
     def _subscribe(self, ev: Subscribe) -> Ready:
-        _, why = self._route(ev.ch, ev.peer, ev.fresh)
+        _, owner, why = self._route(ev.ch, ev.peer, ev.fresh)
         ch = ev.ch
-        if why.startswith(">"):
+        if owner:
             return Ready(
-                forward=Forward(why[1:], "sub", ch, {"ch": ch}, ev.reply, ev.handle, at_once=True)
+                forward=Forward(owner, "sub", ch, {"ch": ch}, ev.reply, ev.handle, at_once=True)
             )
         if why:
             return Ready(replies=((ev.reply, None, Code.UNAVAILABLE, why),))
