@@ -35,13 +35,13 @@ reached (None: failed) and :meth:`PubWaiter.settle` turns that into their one re
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Protocol
 
 from cluster import ownership
-from cluster.chain import parse_id
+from cluster.chain import Chained, parse_id
 from cluster.interest import Interest
-from cluster.meshops import parse_delivery, parse_sub
+from cluster.meshops import MeshPub, parse_delivery, parse_sub
 from cluster.ownership import OwnershipCore
 from cluster.positions import Positions, Tombstones
 from cluster.ring import slot_of
@@ -109,17 +109,11 @@ def failure_answer(w: PubWaiter | None, moved: str) -> tuple[Code, str]:
     return Code.UNAVAILABLE, moved
 
 
-class LogEntry(Protocol):
+class LogEntry(Chained, Protocol):
     """An entry read from a slot log or a mirror (cluster/slotlog.py's ``TailEntry``)."""
 
     @property
-    def slot(self) -> int: ...
-    @property
-    def id(self) -> str: ...
-    @property
     def data(self) -> bytes: ...
-    @property
-    def prev(self) -> str: ...
 
 
 # -- events in (named tuples: the hot path makes one per op, and a frozen dataclass's
@@ -127,14 +121,10 @@ class LogEntry(Protocol):
 
 
 class Publish(NamedTuple):
-    """A ``pub``: a client's here (``peer`` empty) or one a peer forwarded to us."""
+    """A ``pub`` (its arguments checked): a client's here (``peer`` empty) or one a peer
+    forwarded to us."""
 
-    ch: str
-    id: str
-    body: bytes
-    sender: str
-    ttl_ms: int
-    ack: str
+    p: MeshPub
     reply: Reply
     now_ms: int  # the wall clock
     now: float  # the monotonic clock
@@ -273,38 +263,33 @@ _EMPTY: Final = Ready()
 NO_OWNER: Final = "no owner for this channel right now"
 
 
+@dataclass(slots=True, eq=False)
 class RegionCore:
-    """This node's decisions in its region; see the module's docstring."""
+    """This node's decisions in its region; see the module's docstring. ``links``: there
+    are links to other regions (``ack=remote`` waits for them); ``mesh_up``: a mesh to
+    forward over. ``remote_waiters``: per slot, (entry id, waiter) until a link confirms
+    the entry; ``confirmed``: per slot, the newest entry a link confirmed."""
 
-    def __init__(
-        self,
-        *,
-        me: str,
-        region: str,
-        node: Node,
-        batcher: Batcher,
-        ownership_core: OwnershipCore,
-        positions: Positions,
-        interest: Interest,
-        acks: Tombstones,
-        links: bool = False,
-    ) -> None:
-        self.me = me
-        self.region = region
-        self.node = node
-        self.batcher = batcher
-        self.ownership = ownership_core
-        self.table: SlotTable = ownership_core.table
-        self.slots = ownership_core.slots
-        self.positions = positions
-        self.interest = interest
-        self.acks = acks
-        self.links = links  # links to other regions (ack=remote waits for them)
-        self.mesh_up = False  # a mesh to forward over
-        self.slot_channels: dict[int, set[str]] = {}
-        # ack=remote: per slot, (entry id, waiter) until a link confirms the entry.
-        self.remote_waiters: dict[int, list[tuple[tuple[int, int], PubWaiter]]] = {}
-        self.confirmed: dict[int, tuple[int, int]] = {}
+    me: str
+    region: str
+    node: Node
+    batcher: Batcher
+    ownership: OwnershipCore
+    positions: Positions
+    interest: Interest
+    acks: Tombstones
+    links: bool = False
+    mesh_up: bool = False
+    slot_channels: dict[int, set[str]] = field(default_factory=dict)
+    remote_waiters: dict[int, list[tuple[tuple[int, int], PubWaiter]]] = field(default_factory=dict)
+    confirmed: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    table: SlotTable = field(init=False)  # the ownership core's
+    slots: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.table = self.ownership.table
+        self.slots = self.ownership.slots
 
     # -- views
 
@@ -319,31 +304,14 @@ class RegionCore:
     # -- the step
 
     def step(self, ev: Event) -> Ready:
-        if isinstance(ev, Publish):
-            return self._publish(ev)
-        if isinstance(ev, Ack):
-            return self._ack(ev)
-        if isinstance(ev, Subscribe):
-            return self._subscribe(ev)
-        if isinstance(ev, AppendDone):
-            return self._append_done(ev)
-        if isinstance(ev, Answered):
-            return self._answered(ev)
-        if isinstance(ev, MeshDeliver):
-            return self._mesh_deliver(ev)
-        if isinstance(ev, MeshInterest):
-            return self._mesh_interest(ev)
-        if isinstance(ev, Unsubscribe):
-            return self._unsubscribe(ev)
-        if isinstance(ev, LogRead):
-            return self._log_read(ev)
-        if isinstance(ev, Confirmed):
-            return self._confirmed(ev.slots)
+        handler = _HANDLERS.get(type(ev))
+        if handler is not None:
+            return handler(self, ev)
         if isinstance(ev, ownership.Tick):
             own = self.ownership.step(ev)
             expired = self._expire(ev.now)
             return Ready(answers=expired, own=own) if (own or expired) else _EMPTY
-        return Ready(own=self.ownership.step(ev))
+        return Ready(own=self.ownership.step(ev))  # type: ignore[arg-type]  # the rest
 
     # -- client and peer ops
 
@@ -364,17 +332,18 @@ class RegionCore:
         return slot, owner, ""
 
     def _publish(self, ev: Publish) -> Ready:
-        slot, owner, why = self._route(ev.ch, ev.peer, ev.fresh)
+        p = ev.p
+        slot, owner, why = self._route(p.ch, ev.peer, ev.fresh)
         if owner:
             args = {
-                "ch": ev.ch,
-                "id": ev.id,
-                "body": ev.body,
-                "from": ev.sender,
-                "ttl_ms": ev.ttl_ms,
-                "ack": ev.ack,
+                "ch": p.ch,
+                "id": p.id,
+                "body": p.body,
+                "from": p.sender,
+                "ttl_ms": p.ttl_ms,
+                "ack": p.ack,
             }
-            return Ready(forward=Forward(owner, "pub", ev.ch, args, ev.reply))
+            return Ready(forward=Forward(owner, "pub", p.ch, args, ev.reply))
         if why:
             if ev.peer:
                 why = f"slot {slot} is moving; retry"
@@ -383,11 +352,12 @@ class RegionCore:
 
     def _publish_here(self, slot: int, ev: Publish) -> Ready:
         """The owner's publish: dedupe, the plan, the batch, the reply or its waiter."""
-        ch, now = ev.ch, ev.now_ms
-        acc = self.node.publish(ch, ev.id, ev.body, sender=ev.sender, ttl_ms=ev.ttl_ms, now_ms=now)
+        p, now = ev.p, ev.now_ms
+        ch = p.ch
+        acc = self.node.publish(ch, p.id, p.body, sender=p.sender, ttl_ms=p.ttl_ms, now_ms=now)
         plan = plan_pub(
             dup=acc.dup,
-            ack=ev.ack,
+            ack=p.ack,
             logged=True,
             batch_busy=acc.dup and self.batcher.busy(slot),
             remote_known=acc.dup and self.links and slot in self.positions.log,
@@ -418,7 +388,7 @@ class RegionCore:
         self.slot_channels.setdefault(slot, set()).add(ch)
         # One message: what the log holds is what is delivered.
         message = acc.message or Message(
-            ev.id, ch, ev.sender, acc.hlc, acc.origin, ev.body, now + ev.ttl_ms
+            p.id, ch, p.sender, acc.hlc, acc.origin, p.body, now + p.ttl_ms
         )
         cut = self.batcher.add(slot, message, now, waiter)
         deliver = message if (acc.message is not None or ch in self.interest.peers) else None
@@ -613,3 +583,18 @@ class RegionCore:
             catch_ups=tuple(s for s in sorted(gapped) if s not in done),
             resyncs=resyncs,
         )
+
+
+# What each region event steps (the ownership events go to the ownership core).
+_HANDLERS: Final[dict[type, Callable[[RegionCore, Any], Ready]]] = {
+    Publish: RegionCore._publish,
+    Ack: RegionCore._ack,
+    Subscribe: RegionCore._subscribe,
+    AppendDone: RegionCore._append_done,
+    Answered: RegionCore._answered,
+    MeshDeliver: RegionCore._mesh_deliver,
+    MeshInterest: RegionCore._mesh_interest,
+    Unsubscribe: RegionCore._unsubscribe,
+    LogRead: RegionCore._log_read,
+    Confirmed: lambda core, ev: core._confirmed(ev.slots),
+}

@@ -69,10 +69,7 @@ class MeshServe(Routing):
             return result
         fut, reply = answer_future()
         if op == "pub":
-            ev = Publish(
-                p.ch, p.id, p.body, p.sender, p.ttl_ms, p.ack, reply,
-                self.wall_ms(), self.clock(), fresh, peer=peer,
-            )  # fmt: skip
+            ev = Publish(p, reply, self.wall_ms(), self.clock(), fresh, peer=peer)
         else:
             ev = Ack(ch, ids, reply, self.wall_ms(), fresh, peer=peer)
         self._carry(self.core.step(ev))

@@ -8,6 +8,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from cluster.mesh import PeerUnavailable, RemoteError
+from cluster.meshops import MeshPub
 from cluster.region.members import Members
 from cluster.region.state import RESUBSCRIBE_S, fields_message, message_fields
 from cluster.regioncore import (
@@ -65,18 +66,8 @@ class Routing(Members):
         reply: Callable[[dict[str, Any] | None, Code | None, str], None],
     ) -> None:
         """Publish; ``reply(puback_fields, None, "")`` or ``reply(None, code, reason)``."""
-        ev = Publish(
-            ch,
-            msg_id,
-            body,
-            sender,
-            ttl_ms,
-            ack,
-            reply,
-            self.wall_ms(),
-            self.clock(),
-            self.lease_fresh(),
-        )
+        p = MeshPub(ch, msg_id, body, sender, ttl_ms, ack)
+        ev = Publish(p, reply, self.wall_ms(), self.clock(), self.lease_fresh())
         self._carry(self.core.step(ev))
 
     async def _forward(self, f: Forward) -> None:

@@ -183,9 +183,7 @@ class RegionState:
             region=self.region,
             node=node,
             batcher=self.batcher,
-            ownership_core=OwnershipCore(
-                self.me, self.slot_table, self.slots, self.replicas, AUDIT_S
-            ),
+            ownership=OwnershipCore(self.me, self.slot_table, self.slots, self.replicas, AUDIT_S),
             positions=Positions(dict(p.split("=", 1) for p in c.peers)),
             interest=Interest(),
             acks=Tombstones(TOMBSTONES_PER_SLOT),

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.interest import Interest
+from cluster.meshops import MeshPub
 from cluster.ownership import AuditDue, OwnershipCore, Rebalance, Tick
 from cluster.positions import Positions, Tombstones
 from cluster.rebalance import RingState
@@ -65,7 +66,7 @@ def make(*, links: bool = False, own_all: bool = True) -> RegionCore:
         region="sg",
         node=node,
         batcher=Batcher(window_ms=100),
-        ownership_core=OwnershipCore(ME, SlotTable(), SLOTS, 2),
+        ownership=OwnershipCore(ME, SlotTable(), SLOTS, 2),
         positions=Positions(["fra"]),
         interest=Interest(),
         acks=Tombstones(1000),
@@ -111,9 +112,8 @@ class Replies:
 def pub(
     c: RegionCore, ch: str, reply: Any, *, ack: str = "log", peer: str = "", **kw: Any
 ) -> Ready:
-    return c.step(
-        Publish(ch, kw.get("msg_id", "m1"), b"x", "s", 60_000, ack, reply, NOW_MS, 0.0, True, peer)
-    )
+    p = MeshPub(ch, kw.get("msg_id", "m1"), b"x", "s", 60_000, ack)
+    return c.step(Publish(p, reply, NOW_MS, 0.0, True, peer))
 
 
 def flush_all(c: RegionCore, r: Replies, now: float = 0.0) -> list[AppendToLog]:
