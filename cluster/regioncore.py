@@ -18,6 +18,8 @@ Events and what their Ready asks for::
     Answered(forward, …)        the owner's reply to our forward: replies
     MeshDeliver / MeshInterest  a peer's delivery (fan_out) or interest; refused (bad input)
     AppendDone(slot, id, …)     an entry is in the log: answers (the waiters on it)
+    NotAppended(entry, failed)  it cannot be: retry (and own.claims: take the slot back)
+                                if the ring gives us the slot, else answers (failed)
     Confirmed(slots)            a link's confirmation: answers (``ack=remote``)
     LogRead(origin, entries)    entries read from a log or a mirror: applies (in order,
                                 positions advanced), skipped ones, and gaps as catch_ups
@@ -201,6 +203,14 @@ class AppendDone(NamedTuple):
     now: float
 
 
+class NotAppended(NamedTuple):
+    """An entry that cannot be appended under our epoch (the slot is not ours now, or
+    fenced and lost), or, with ``failed``, one the codec refused (a bug: that reason)."""
+
+    entry: AppendToLog
+    failed: str = ""
+
+
 class Confirmed(NamedTuple):
     """A link announced the newest entries of these slots its destination holds."""
 
@@ -227,6 +237,7 @@ Event = (
     | MeshDeliver
     | MeshInterest
     | AppendDone
+    | NotAppended
     | Confirmed
     | LogRead
     | ownership.Event
@@ -256,6 +267,7 @@ class Ready(NamedTuple):
     skipped: int = 0  # entries at or behind our position: applied already
     catch_ups: tuple[int, ...] = ()  # gaps: rebuild these slots from their checkpoints
     resyncs: tuple[tuple[int, str], ...] = ()  # owned slots' mirror gaps: (slot, missing)
+    retry: tuple[AppendToLog, ...] = ()  # append these again once the slot is claimed
     own: ownership.Ready = _NO_OWN
 
 
@@ -499,6 +511,22 @@ class RegionCore:
                 answers.extend(self._logged(slot, ev.entry_id, w, ev.now))
         return Ready(answers=tuple(answers)) if answers else _EMPTY
 
+    def _not_appended(self, ev: NotAppended) -> Ready:
+        e = ev.entry
+        if not ev.failed and self.ownership.should_own(e.slot):
+            # Another node claimed it under an older view of the ring: take it back and
+            # append the same entry under the new epoch.
+            claims = () if e.slot in self.table.claiming else (e.slot,)
+            return Ready(retry=(e,), own=ownership.Ready(claims=claims))
+        self.batcher.append_failed(e.batch_id)
+        answers = []
+        for w in e.waiters:
+            if isinstance(w, PubWaiter):
+                if ev.failed:
+                    w.failed = ev.failed
+                answers.append((w, None))
+        return Ready(answers=tuple(answers))
+
     def _logged(
         self, slot: int, entry_id: str, w: PubWaiter, now: float
     ) -> tuple[tuple[PubWaiter, str | None], ...]:
@@ -591,6 +619,7 @@ _HANDLERS: Final[dict[type, Callable[[RegionCore, Any], Ready]]] = {
     Ack: RegionCore._ack,
     Subscribe: RegionCore._subscribe,
     AppendDone: RegionCore._append_done,
+    NotAppended: RegionCore._not_appended,
     Answered: RegionCore._answered,
     MeshDeliver: RegionCore._mesh_deliver,
     MeshInterest: RegionCore._mesh_interest,

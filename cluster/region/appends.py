@@ -14,8 +14,7 @@ from typing import Any
 
 from cluster.apply import apply_events
 from cluster.region.reading import Reading
-from cluster.region.state import PubWaiter
-from cluster.regioncore import AppendDone, Confirmed
+from cluster.regioncore import AppendDone, Confirmed, NotAppended
 from cluster.slotlog import FencedError
 from relay.batch import AppendToLog
 from relay.codec import encode_batch
@@ -110,26 +109,19 @@ class Appends(Reading):
             cid,
             err,
         )
-        self.batcher.append_failed(e.batch_id)
         self._retried.discard(e.batch_id)
-        for w in e.waiters:
-            if isinstance(w, PubWaiter):
-                w.failed = f"internal error, correlation id {cid}"
-                w.settle(None)
+        self._answer(self.core.step(NotAppended(e, f"internal error, correlation id {cid}")))
 
     def _not_appended(self, e: AppendToLog, why: str) -> None:
-        """An entry that cannot be appended under our current epoch."""
-        if self._should_own(e.slot):
-            # Another node claimed it under an older view of the ring: take it back and
-            # append the same entry under the new epoch.
+        """An entry that cannot be appended under our current epoch: the core says
+        whether to claim the slot back and append it again, or to fail its waiters."""
+        ready = self.core.step(NotAppended(e))
+        if ready.retry:
             log.warning("slot %d: %s; claiming it again", e.slot, why)
-            self._retry.append(e)
-            self._retried.add(e.batch_id)
-            if e.slot not in self.claiming:
-                self._start_claim(e.slot)
+            self._retry.extend(ready.retry)
+            self._retried.update(r.batch_id for r in ready.retry)
+            for slot in ready.own.claims:
+                self._start_claim(slot)
             return
         log.warning("slot %d: %s; %d events not logged", e.slot, why, len(e.events))
-        self.batcher.append_failed(e.batch_id)
-        for w in e.waiters:
-            if isinstance(w, PubWaiter):
-                w.settle(None)
+        self._answer(ready)

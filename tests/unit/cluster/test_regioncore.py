@@ -23,8 +23,8 @@ from cluster.regioncore import (
     LogRead,
     MeshDeliver,
     MeshInterest,
+    NotAppended,
     Publish,
-    PubWaiter,
     Ready,
     RegionCore,
     Subscribe,
@@ -285,12 +285,29 @@ def test_the_ownership_events_pass_through_the_one_step() -> None:
     assert set(c.step(AuditDue()).own.read_records or ()) == set(c.table.owned)
 
 
-def test_a_waiter_whose_entry_could_not_be_encoded_answers_internal() -> None:
-    got: list[Any] = []
-    w = PubWaiter(reply=lambda *a: got.append(a), n=1, moved="moved")
-    w.failed = "internal error, correlation id x"
-    w.settle(None)
-    assert got == [(None, Code.INTERNAL, "internal error, correlation id x")]
+def test_an_entry_not_appended_is_retried_under_a_claim_or_fails_its_waiters() -> None:
+    c, r = make(), Replies()
+    ch = channel(c, ME)
+    slot = slot_of(ch, SLOTS)
+    r.carry(pub(c, ch, r.token(1)))
+    (e,) = c.batcher.flush(NOW_MS, force=True)
+    ready = c.step(NotAppended(e))  # the ring gives us the slot: claim it back, retry
+    assert ready.retry == (e,) and ready.own.claims == (slot,) and r.got[1] == []
+    c.table.fire(slot, SlotEvent.LOSE)
+    c.table.fire(slot, SlotEvent.CLAIM)
+    assert c.step(NotAppended(e)).own.claims == ()  # a claim is under way already
+    c.ownership.draining = True  # not ours to take back: the waiters fail
+    r.carry(c.step(NotAppended(e)))
+    assert r.got[1] == [(None, Code.UNAVAILABLE, "the slot moved before the message was logged")]
+
+
+def test_an_entry_the_codec_refused_answers_internal() -> None:
+    c, r = make(), Replies()
+    ch = channel(c, ME)
+    r.carry(c.step(Ack(ch, ["a"], r.token(1), NOW_MS, True)))
+    (e,) = c.batcher.flush(NOW_MS, force=True)
+    r.carry(c.step(NotAppended(e, "internal error, correlation id x")))
+    assert r.got[1] == [(None, Code.INTERNAL, "internal error, correlation id x")]
 
 
 # -- log reads
@@ -390,6 +407,7 @@ def test_walk_every_op_is_answered_exactly_once_and_a_non_owner_never_appends(
     clock = FakeClock()
     channels = [channel(c, ME, 0), channel(c, ME, 1), channel(c, PEER, 0), channel(c, "sg/n3")]
     forwards: list[Any] = []
+    retries: list[AppendToLog] = []
 
     def carry(ready: Ready, ch: str) -> None:
         if c.owner_of(ch) != ME or slot_of(ch, SLOTS) not in c.table.owned:
@@ -411,12 +429,11 @@ def test_walk_every_op_is_answered_exactly_once_and_a_non_owner_never_appends(
             carry(c.step(Subscribe(ch, key, r.token(key), NOW_MS, True)), ch)
         elif op == "flush":
             flush_all(c, r, clock.now)
-        elif op == "fail":  # appends lost (the slot moved): every waiter fails once
+        elif op == "fail":  # appends refused (fenced): ours by the ring, so retried
             for e in c.batcher.flush(NOW_MS, force=True):
-                c.batcher.append_failed(e.batch_id)
-                for w in e.waiters:
-                    assert isinstance(w, PubWaiter)
-                    w.settle(None)
+                ready = c.step(NotAppended(e))
+                assert ready.retry == (e,) and ready.answers == ()
+                retries.extend(ready.retry)
         elif op == "answer" and forwards:
             f = forwards.pop(0)
             r.carry(c.step(Answered(f, _owner_answer(f), None, "")))
@@ -426,6 +443,8 @@ def test_walk_every_op_is_answered_exactly_once_and_a_non_owner_never_appends(
     # Quiet: the owner answers every forward, every batch is appended, links confirm.
     for f in forwards:
         r.carry(c.step(Answered(f, None, Code.UNAVAILABLE, "gone")))
+    for e in retries:  # claimed back: appended under the new epoch
+        r.carry(c.step(AppendDone(e.slot, e.batch_id, f"{NOW_MS}-{e.batch_id}", e.waiters, 0.0)))
     flush_all(c, r, clock.now)
     r.carry(c.step(Tick(clock.now + 2 * REMOTE_WAIT_S)))
     for key, got in r.got.items():
