@@ -390,7 +390,9 @@ def test_walk_log_reads_never_deliver_twice_and_never_skip_a_gap_silently(
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["pub", "peer-pub", "ack", "sub", "flush", "fail", "answer", "tick"]),
+        st.sampled_from(
+            ["pub", "peer-pub", "ack", "sub", "flush", "fail", "answer", "tick", "lose", "claim"]
+        ),
         st.integers(0, 5),
         st.sampled_from(["mem", "log", "remote"]),
     ),
@@ -434,6 +436,15 @@ def test_walk_every_op_is_answered_exactly_once_and_a_non_owner_never_appends(
                 ready = c.step(NotAppended(e))
                 assert ready.retry == (e,) and ready.answers == ()
                 retries.extend(ready.retry)
+        elif op == "lose" and slot_of(ch, SLOTS) in c.table.owned:  # fenced: lost
+            slot = slot_of(ch, SLOTS)
+            c.table.fire(slot, SlotEvent.LOSE)
+            for e in c.batcher.take(slot):
+                ready = c.step(NotAppended(e))
+                retries.extend(ready.retry)
+                r.carry(ready)
+        elif op == "claim" and c.owner_of(ch) == ME and slot_of(ch, SLOTS) not in c.table.owned:
+            own(c, slot_of(ch, SLOTS))
         elif op == "answer" and forwards:
             f = forwards.pop(0)
             r.carry(c.step(Answered(f, _owner_answer(f), None, "")))
@@ -443,6 +454,9 @@ def test_walk_every_op_is_answered_exactly_once_and_a_non_owner_never_appends(
     # Quiet: the owner answers every forward, every batch is appended, links confirm.
     for f in forwards:
         r.carry(c.step(Answered(f, None, Code.UNAVAILABLE, "gone")))
+    for ch in channels[:2]:  # our slots claimed back
+        if slot_of(ch, SLOTS) not in c.table.owned:
+            own(c, slot_of(ch, SLOTS))
     for e in retries:  # claimed back: appended under the new epoch
         r.carry(c.step(AppendDone(e.slot, e.batch_id, f"{NOW_MS}-{e.batch_id}", e.waiters, 0.0)))
     flush_all(c, r, clock.now)
