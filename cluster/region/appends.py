@@ -13,9 +13,8 @@ import uuid
 from typing import Any
 
 from cluster.apply import apply_events
-from cluster.chain import parse_id
 from cluster.region.reading import Reading
-from cluster.region.state import REMOTE_WAIT_S, PubWaiter
+from cluster.regioncore import AppendDone, Confirmed, NotAppended
 from cluster.slotlog import FencedError
 from relay.batch import AppendToLog
 from relay.codec import encode_batch
@@ -83,64 +82,20 @@ class Appends(Reading):
                 self._not_appended(e, f"fenced: {r}")
             else:
                 self.counters["appends"] += 1
-                self.batcher.appended(e.batch_id)
-                if parse_id(r) > parse_id(self.applied.get(e.slot, "0-0")):
-                    self.applied[e.slot] = r  # never backwards
+                # The core: the batch is done, the position moves on (never back), and
+                # which waiters are answered now or wait for a link (ack=remote).
+                done = self.core.step(AppendDone(e.slot, e.batch_id, r, e.waiters, self.clock()))
                 if e.batch_id in self._retried:
                     # Its slot may have been rebuilt meanwhile: make RAM hold it again.
                     self._retried.discard(e.batch_id)
                     for m in apply_events(self.node, list(e.events), self.wall_ms()):
                         self.slot_channels.setdefault(e.slot, set()).add(m.ch)
-                for w in e.waiters:
-                    if isinstance(w, PubWaiter):
-                        self._logged(e.slot, r, w)
-
-    def _logged(self, slot: int, entry_id: str, w: PubWaiter) -> None:
-        """``w``'s entry is in the log: answer it, or wait for a link if it asked remote."""
-        if w.level != "remote" or not self.links:
-            w.done("log")
-            return
-        eid = parse_id(entry_id)
-        if self.confirmed.get(slot, (0, 0)) >= eid:
-            w.done("remote")
-            return
-        w.since = self.clock()
-        self.remote_waiters.setdefault(slot, []).append((eid, w))
+                self._answer(done)
 
     def on_confirmed(self, doc: dict[str, Any]) -> None:
         """A link announced entries its destination holds: answer ``ack=remote``."""
-        for slot_s, entry_id in dict(doc.get("slots", {})).items():
-            slot = int(slot_s)
-            eid = parse_id(str(entry_id))
-            if eid > self.confirmed.get(slot, (0, 0)):
-                self.confirmed[slot] = eid
-            waiting = self.remote_waiters.get(slot)
-            if not waiting:
-                continue
-            still = [(i, w) for i, w in waiting if i > eid]
-            for i, w in waiting:
-                if i <= eid:
-                    w.done("remote")
-            if still:
-                self.remote_waiters[slot] = still
-            else:
-                del self.remote_waiters[slot]
-
-    def _expire_remote_waiters(self) -> None:
-        """Answer ``unavailable`` to ``ack=remote`` publishes no link confirmed in time
-        (the message is logged here; the client's retry with the same id waits again)."""
-        cutoff = self.clock() - REMOTE_WAIT_S
-        for slot, waiting in list(self.remote_waiters.items()):
-            keep = []
-            for i, w in waiting:
-                if w.since < cutoff:
-                    w.done(None)
-                else:
-                    keep.append((i, w))
-            if keep:
-                self.remote_waiters[slot] = keep
-            else:
-                del self.remote_waiters[slot]
+        slots = {int(s): str(i) for s, i in dict(doc.get("slots", {})).items()}
+        self._answer(self.core.step(Confirmed(slots)))
 
     def _not_encoded(self, e: AppendToLog, err: Exception) -> None:
         """An entry the codec refuses (a bug upstream: every argument was checked). Only
@@ -154,26 +109,19 @@ class Appends(Reading):
             cid,
             err,
         )
-        self.batcher.append_failed(e.batch_id)
         self._retried.discard(e.batch_id)
-        for w in e.waiters:
-            if isinstance(w, PubWaiter):
-                w.failed = f"internal error, correlation id {cid}"
-                w.done(None)
+        self._answer(self.core.step(NotAppended(e, f"internal error, correlation id {cid}")))
 
     def _not_appended(self, e: AppendToLog, why: str) -> None:
-        """An entry that cannot be appended under our current epoch."""
-        if self._should_own(e.slot):
-            # Another node claimed it under an older view of the ring: take it back and
-            # append the same entry under the new epoch.
+        """An entry that cannot be appended under our current epoch: the core says
+        whether to claim the slot back and append it again, or to fail its waiters."""
+        ready = self.core.step(NotAppended(e))
+        if ready.retry:
             log.warning("slot %d: %s; claiming it again", e.slot, why)
-            self._retry.append(e)
-            self._retried.add(e.batch_id)
-            if e.slot not in self.claiming:
-                self._start_claim(e.slot)
+            self._retry.extend(ready.retry)
+            self._retried.update(r.batch_id for r in ready.retry)
+            for slot in ready.own.claims:
+                self._start_claim(slot)
             return
         log.warning("slot %d: %s; %d events not logged", e.slot, why, len(e.events))
-        self.batcher.append_failed(e.batch_id)
-        for w in e.waiters:
-            if isinstance(w, PubWaiter):
-                w.done(None)
+        self._answer(ready)

@@ -47,7 +47,7 @@ class Claims(Checkpoints):
     async def _rebalance_now(self) -> list[asyncio.Task[Any]]:
         """Step the core with the live members (cluster/ownership.py) and carry its
         Ready out: hand over what the ring moved, record the replicas, then claim."""
-        ready = self.core.step(Rebalance(self._live(), self.ring_state))
+        ready = self.core.step(Rebalance(self._live(), self.ring_state)).own
         if self.ring is None or self.draining:
             return []
         await self._release(list(ready.releases))
@@ -60,7 +60,7 @@ class Claims(Checkpoints):
             self._spawn(self._resubscribe(ch))
         # Claims under way count too: whoever asked for a rebalance (start, a rejoin)
         # waits until this node serves what the ring gives it.
-        ready = self.core.step(HandedOver())
+        ready = self.core.step(HandedOver()).own
         return [self._start_claim(s) for s in ready.claims] + [
             self._claim_tasks[s] for s in ready.joins if s in self._claim_tasks
         ]
@@ -153,7 +153,7 @@ class Claims(Checkpoints):
         finally:
             for s in slots:
                 self.slot_table.fire(s, SlotEvent.RELEASE_ENDED)
-            for s in self.core.step(ReleaseEnded(tuple(slots))).losses:
+            for s in self.core.step(ReleaseEnded(tuple(slots))).own.losses:
                 self._lose(s)
 
     async def _hand_over(self, slot: int) -> None:

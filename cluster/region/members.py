@@ -52,7 +52,7 @@ class Members(Claims):
         """Carry out what the core makes of the detector's effects (cluster/ownership.py)."""
         if not effects:
             return
-        ready = self.core.step(CoreMembers(tuple(effects)))
+        ready = self.core.step(CoreMembers(tuple(effects))).own
         if self.mesh is not None:
             for node_id, up in ready.peers:
                 m = self.members.get(node_id)
@@ -102,7 +102,7 @@ class Members(Claims):
         # Our lease expired (a long pause?): anything we owned has been given away.
         if self.stopped:
             return
-        ready = self.core.step(LeaseLost())
+        ready = self.core.step(LeaseLost()).own
         if not ready:
             return  # draining: we are leaving anyway
         log.error("lease lost: dropping every owned slot; rejoin needed")
@@ -138,7 +138,7 @@ class Members(Claims):
         if self.draining:
             return
         await self._refresh_ring_state()  # a ring event we missed? (then a rebalance runs)
-        slots = self.core.step(AuditDue()).read_records
+        slots = self.core.step(AuditDue()).own.read_records
         if slots is None:
             return
         records: dict[int, tuple[str, int]] = {}
@@ -148,7 +148,7 @@ class Members(Claims):
                 pipe.hmget(owner_key(self.region, slot), "owner", "epoch")
             for slot, (owner, epoch) in zip(slots, await pipe.execute(), strict=True):
                 records[slot] = ((owner or b"").decode(), int(epoch or 0))
-        ready = self.core.step(OwnerRecords(records))
+        ready = self.core.step(OwnerRecords(records)).own
         for slot in ready.losses:
             log.warning("slot %d: owner record moved to %r; re-checking", slot, records[slot][0])
             self._lose(slot)
@@ -166,8 +166,10 @@ class Members(Claims):
                         self._effects(self.detector.observe(PingAnswered(peer, now)))
                 self._effects(self.detector.observe(PingAnswered(self.me, now)))
                 self._effects(self.detector.observe(Tick(now)))
-                self._expire_remote_waiters()
-                if self.core.step(CoreTick(now)).audit:
+                # The region core's tick: ack=remote waits expired, the audit when due.
+                ready = self.core.step(CoreTick(now))
+                self._answer(ready)
+                if ready.own.audit:
                     await self._audit()
             except Exception as e:
                 log.warning("tick failed: %s", e)

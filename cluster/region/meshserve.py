@@ -11,8 +11,7 @@ from typing import Any
 from cluster import meshops
 from cluster.mesh import RemoteError
 from cluster.region.routing import Routing
-from cluster.region.state import Unavailable, message_fields
-from cluster.ring import slot_of
+from cluster.regioncore import Ack, MeshDeliver, MeshInterest, Publish, Subscribe
 from relay.errors import Code
 from relay.frames import BadObject
 
@@ -36,20 +35,18 @@ def answer_future() -> tuple[asyncio.Future[Any], Callable[[Any, Code | None, st
 
 
 class MeshServe(Routing):
-    """Peers' ops over the mesh."""
+    """Peers' ops over the mesh: parsed here, then steps of the region core."""
 
     def on_request(self, peer: str, op: str, args: Any) -> Any:
         # A peer's arguments pass the same checks as a client's (cluster/meshops.py).
+        c = self.config
         try:
             if op == "pub":
-                c = self.config
-                return self._serve_pub(
-                    meshops.parse_pub(
-                        args, max_body=c.client.max_body, max_ttl_ms=c.store.max_ttl_s * 1000
-                    )
+                p = meshops.parse_pub(
+                    args, max_body=c.client.max_body, max_ttl_ms=c.store.max_ttl_s * 1000
                 )
-            if op == "sub":
-                ch, ids = meshops.parse_sub(args), None
+            elif op == "sub":
+                ch = meshops.parse_sub(args)
             elif op == "ack":
                 ch, ids = meshops.parse_ack(args)
             else:
@@ -58,44 +55,30 @@ class MeshServe(Routing):
             self.mesh_counters["bad_requests"] += 1
             log.warning("mesh: %s's %s refused: %s", peer, str(op)[:40], e.reason)
             raise RemoteError(e.code, e.reason) from None
-        slot = slot_of(ch, self.slots)
-        if not self.serving(slot):
-            raise RemoteError(Code.UNAVAILABLE, f"{self.me} does not serve slot {slot} now")
-        if ids is None:
-            self.subs.add(peer, ch)
-            return [message_fields(m) for m in self.node.store.pending(ch, self.wall_ms())]
-        fut, acked = answer_future()
-        self._ack_logged(slot, ch, ids, acked)
-        return fut
-
-    def _serve_pub(self, p: meshops.MeshPub) -> Any:
+        fresh = self.lease_fresh()
+        if op == "sub":
+            # Answered in this turn: the reply frame goes before any delivery after it.
+            got: list[tuple[Any, Code | None, str]] = []
+            ev: Any = Subscribe(
+                ch, None, lambda *a: got.append(a), self.wall_ms(), fresh, peer=peer
+            )
+            self._carry(self.core.step(ev))
+            result, code, reason = got[0]
+            if code is not None:
+                raise RemoteError(code, reason)
+            return result
         fut, reply = answer_future()
-        try:
-            self._publish_local(slot_of(p.ch, self.slots), p, reply)
-        except Unavailable as e:
-            raise RemoteError(Code.UNAVAILABLE, str(e)) from None
+        if op == "pub":
+            ev = Publish(p, reply, self.wall_ms(), self.clock(), fresh, peer=peer)
+        else:
+            ev = Ack(ch, ids, reply, self.wall_ms(), fresh, peer=peer)
+        self._carry(self.core.step(ev))
+        if fut.done() and fut.exception() is not None:
+            raise fut.exception() from None  # type: ignore[misc]  # refused: at once
         return fut
 
     def on_deliver(self, peer: str, ch: str, fields: list[Any]) -> None:
-        if not self.subs.follows(ch, peer):
-            return  # from an owner we no longer follow for this channel
-        local = self.node.subscribers.get(ch)
-        if local:
-            try:
-                message = meshops.parse_delivery(ch, fields)
-            except BadObject as e:
-                self.mesh_counters["bad_requests"] += 1
-                log.warning("mesh: %s delivered a bad message on %r: %s", peer, ch, e.reason)
-                return
-            self.fan_out(message, tuple(local))
+        self._carry(self.core.step(MeshDeliver(peer, ch, fields)))
 
     def on_interest(self, peer: str, ch: str, on: bool) -> None:
-        if on:
-            try:
-                meshops.parse_sub({"ch": ch})
-            except BadObject:
-                self.mesh_counters["bad_requests"] += 1
-                return
-            self.subs.add(peer, ch)
-        else:
-            self.subs.remove(peer, ch)
+        self._carry(self.core.step(MeshInterest(peer, ch, on)))

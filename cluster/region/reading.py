@@ -13,13 +13,14 @@ import logging
 from redis.exceptions import RedisError
 
 from cluster.apply import apply_events
-from cluster.chain import parse_id, split_on_gaps
+from cluster.chain import parse_id
 from cluster.checkpoint import (
     decode_checkpoint,
     superseded,
 )
 from cluster.errors import ClusterError
 from cluster.region.state import CATCH_UP_ATTEMPTS, CATCH_UP_COUNT, TAIL_BLOCK_MS, RegionState
+from cluster.regioncore import LogRead
 from cluster.slotlog import TailEntry
 from relay.codec import AckEvent, CodecError, MessageEvent
 from relay.dedupe import dedupe_key
@@ -73,18 +74,19 @@ class Reading(RegionState):
     async def _read_to_end(self, slot: int, now_ms: int, origin: str) -> bool:
         """Apply ``slot``'s log (``origin`` empty) or our mirror of ``origin``'s, from our
         position to its end; False at a hole in the chain (nothing past it applied)."""
-        positions = self.positions
         while True:
-            after = positions.at(slot, origin)
+            after = self.positions.at(slot, origin)
             assert after is not None  # the catch-up started the slot's state
             entries = await self.slotlog.read(slot, after, CATCH_UP_COUNT, origin=origin)
             if not entries:
                 return True
-            for e in entries:
-                if not positions.follows(slot, e.prev, origin):
-                    return False
-                self._apply(slot, e.data, now_ms, origin=origin)
-                positions.advance(slot, e.id, origin)
+            # The core checks the chain and moves our position; we apply what it says.
+            read = [TailEntry(slot, e.id, e.data, e.prev) for e in entries]
+            ready = self.core.step(LogRead(origin, read))
+            for t, _ in ready.applies:
+                self._apply(slot, t.data, now_ms, origin=origin)
+            if ready.catch_ups:
+                return False
 
     def _apply(self, slot: int, data: bytes, now_ms: int, *, origin: str = "") -> list[Message]:
         """Apply a log entry, mirror entry or checkpoint; return the messages it added.
@@ -209,15 +211,17 @@ class Reading(RegionState):
                 or s not in self.applied
                 or self._slot_lock(s).locked()
             }
-            good, gapped = split_on_gaps(after, [t for t in entries if t.slot not in stale])
-            for t in good:
+            # The core checks the chain from our positions and moves them on.
+            ready = self.core.step(LogRead(origin, entries, frozenset(stale), deliver=True))
+            for t, owned in ready.applies:
                 added = self._apply(t.slot, t.data, now, origin=origin)
-                done[t.slot] = t.id
-                if t.slot in self.owned:
+                if owned:
                     self._changed(t.slot)
                     for m in added:
                         self._deliver(m)
-            for s, missing in sorted(gapped.items()):
+            gapped = sorted([*ready.catch_ups, *(s for s, _ in ready.resyncs)])
+            missing = dict(ready.resyncs)
+            for s in gapped:
                 self.counters["mirror_gaps"] += 1
                 log.warning(
                     "slot %d: the mirror of %s was trimmed past %s; rebuilding",
@@ -226,8 +230,8 @@ class Reading(RegionState):
                     after[s],
                 )
                 try:
-                    if s in self.owned:
-                        await self._mirror_gap_owned(s, origin, missing)
+                    if s in missing:
+                        await self._mirror_gap_owned(s, origin, missing[s])
                     else:
                         await self._catch_up(s, fresh=True)
                 except (RedisError, OSError, ClusterError, CodecError) as e:
@@ -272,23 +276,18 @@ class Reading(RegionState):
             if entries is None:
                 continue
             now = self.wall_ms()
-            gapped: set[int] = set()
-            for t in entries:
-                if t.slot in self.owned or t.slot in gapped or self._slot_lock(t.slot).locked():
-                    continue
-                known = self.positions.at(t.slot)
-                if known is not None and parse_id(t.id) <= parse_id(known):
-                    continue  # applied meanwhile (a catch-up ran while we waited)
-                if not self.positions.follows(t.slot, t.prev):
-                    # Entries between our position and this one were trimmed (the owner
-                    # checkpointed while we lagged): what we hold of the slot is not
-                    # complete. Rebuild it from the checkpoint.
-                    gapped.add(t.slot)
-                    self.counters["log_gaps"] += 1
-                    continue
+            # Owned slots and slots being rebuilt are left alone; the core checks the
+            # chain, skips what a catch-up applied meanwhile and names the gaps: entries
+            # between our position and the next were trimmed (the owner checkpointed
+            # while we lagged), so the slot is rebuilt from its checkpoint.
+            skip = frozenset(
+                t.slot for t in entries if t.slot in self.owned or self._slot_lock(t.slot).locked()
+            )
+            ready = self.core.step(LogRead("", entries, skip))
+            for t, _ in ready.applies:
                 self._apply(t.slot, t.data, now)
-                self.positions.advance(t.slot, t.id)
-            for s in sorted(gapped):
+            self.counters["log_gaps"] += len(ready.catch_ups)
+            for s in ready.catch_ups:
                 try:
                     await self._catch_up(s, fresh=True)
                 except (RedisError, OSError, ClusterError) as e:

@@ -18,7 +18,6 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +38,34 @@ from cluster.rebalance import Placement, RingState
 from cluster.receiver import Receiver
 from cluster.redisconn import AsyncClient
 from cluster.region.tasks import TaskGroup
+from cluster.regioncore import (
+    REMOTE_WAIT_S,
+    PubWaiter,
+    Ready,
+    RegionCore,
+    failure_answer,
+    fields_message,
+    message_fields,
+)
 from cluster.ring import slot_of
 from cluster.slotlog import RedisSlotLog
 from cluster.slots import SlotTable
 from cluster.window import bounds_of
 from relay.batch import AppendToLog, Batcher
 from relay.config import Config
-from relay.errors import Code
 from relay.node import Node
 from relay.snapshot import DirtySlots
 from relay.store import Message
+
+__all__ = [
+    "REMOTE_WAIT_S",
+    "PubWaiter",
+    "RegionState",
+    "Unavailable",
+    "failure_answer",
+    "fields_message",
+    "message_fields",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +74,6 @@ TOMBSTONES_PER_SLOT = 100_000
 SNAPSHOT_SWITCH_INTERVAL_S = 0.0005
 RESUBSCRIBE_S = 15.0
 DRAIN_TIMEOUT_S = 10.0
-REMOTE_WAIT_S = 30.0
 AUDIT_S = 1.0
 CATCH_UP_COUNT = 1000
 CATCH_UP_ATTEMPTS = 5
@@ -91,35 +107,8 @@ class Buckets:
         return out
 
 
-def failure_answer(w: PubWaiter | None, moved: str) -> tuple[Code, str]:
-    """The code and reason a failed waiter is answered with: ``internal`` when its entry
-    could not be encoded, else ``unavailable`` (the slot moved; retry)."""
-    if w is not None and w.failed:
-        return Code.INTERNAL, w.failed
-    return Code.UNAVAILABLE, moved
-
-
 class Unavailable(ClusterError):
     """The channel's owner cannot serve right now; the client may retry (``unavailable``)."""
-
-
-@dataclass(slots=True, eq=False)
-class PubWaiter:
-    """A ``pub`` waiting for its slot-log append (and, for ``remote``, for a link to
-    confirm that another region holds it) before it is acknowledged."""
-
-    done: Callable[[str | None], None]  # called with the level reached, or None on failure
-    level: str = "log"
-    since: float = 0.0
-    failed: str = ""  # set before done(None) when the failure is a bug, not a move
-
-
-def message_fields(m: Message) -> list[Any]:
-    return [m.id, m.ch, m.sender, m.hlc, m.origin, m.body, m.expires_ms]
-
-
-def fields_message(f: list[Any]) -> Message:
-    return Message(str(f[0]), str(f[1]), str(f[2]), int(f[3]), str(f[4]), bytes(f[5]), int(f[6]))
 
 
 class RegionState:
@@ -186,9 +175,19 @@ class RegionState:
         # Slot state (cluster/slots.py: none → replica → claiming → owner → releasing),
         # changed only through the table; these are its live read-only views.
         self.slot_table = SlotTable()
-        # What to claim, hand over, lose and audit: the pure core (cluster/ownership.py)
-        # the layers step; it holds the ring and whether we drain.
-        self.core = OwnershipCore(self.me, self.slot_table, self.slots, self.replicas, AUDIT_S)
+        # What to claim, hand over, lose and audit (cluster/ownership.py, which holds the
+        # ring and whether we drain), inside the region's one pure core
+        # (cluster/regioncore.py) that the layers step; its Ready they carry out.
+        self.core = RegionCore(
+            me=self.me,
+            region=self.region,
+            node=node,
+            batcher=self.batcher,
+            ownership=OwnershipCore(self.me, self.slot_table, self.slots, self.replicas, AUDIT_S),
+            positions=Positions(dict(p.split("=", 1) for p in c.peers)),
+            interest=Interest(),
+            acks=Tombstones(TOMBSTONES_PER_SLOT),
+        )
         self.owned: Mapping[int, int] = self.slot_table.owned  # slot → epoch we write under
         self.claiming: AbstractSet[int] = self.slot_table.claiming
         self._claim_tasks: dict[int, asyncio.Task[Any]] = {}
@@ -197,13 +196,13 @@ class RegionState:
         self.releasing = self.slot_table.releasing  # owned slots being handed over: not served
         self.replicated = self.slot_table.replicas  # the ring's replica slots of this node
         self.dirty: set[int] = set()  # owned slots changed since their last checkpoint
-        self.slot_channels: dict[int, set[str]] = {}
+        self.slot_channels = self.core.slot_channels  # slot → its channels held here
         # Owner side: which peers have subscribers for a channel.
-        self.subs = Interest()  # cluster/interest.py: who subscribes where
+        self.subs = self.core.interest  # cluster/interest.py: who subscribes where
         self.interest = self.subs.peers
         # Subscriber side: the owner each locally subscribed channel is registered with.
         self.registered = self.subs.registered
-        self.mesh: Mesh | None = None
+        self._mesh: Mesh | None = None
         self.membership: Membership | None = None
         self.stopped = False
         # Every background task (loops, readers, one-off tasks), stopped together.
@@ -265,21 +264,22 @@ class RegionState:
             )
             for name in sorted(self.peers)
         ]
+        self.core.links = bool(self.links)
         # Where this node stands in each slot's log and our mirrors of it (cluster/positions):
         # slot → newest log id applied here; origin → slot → newest mirror id applied.
-        self.positions = Positions(self.peers)
+        self.positions = self.core.positions
         self.applied = self.positions.log
         self.mirror_applied = self.positions.mirrors
         self._mirror_tasks: dict[str, asyncio.Task[Any]] = {}
         # ack=remote: per slot, (entry id, waiter) until a link confirms the entry.
-        self.remote_waiters: dict[int, list[tuple[tuple[int, int], PubWaiter]]] = {}
-        self.confirmed: dict[int, tuple[int, int]] = {}
+        self.remote_waiters = self.core.remote_waiters
+        self.confirmed = self.core.confirmed
         # Snapshots of owned slots on disk (relay/snapshot.py, relay/snapshot_io.py).
         self.snapshots = DirtySlots()
         self.snapshot_interval_s = config.node.snapshot_interval_s
         self.slots_dir: Path | None = None
         # Recent acks per slot, (ch, id, hlc): a snapshot keeps them as tombstones.
-        self.acks = Tombstones(TOMBSTONES_PER_SLOT)
+        self.acks = self.core.acks
         self.tombstones = self.acks.by_slot
         self.snapshot_stats = {"written": 0, "failures": 0, "refused": 0, "bytes": 0, "loaded": 0}
         self._loaded_slots: set[int] = set()
@@ -287,22 +287,31 @@ class RegionState:
         self.batch_events = Buckets((1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 
     @property
+    def mesh(self) -> Mesh | None:
+        return self._mesh
+
+    @mesh.setter
+    def mesh(self, mesh: Mesh | None) -> None:
+        self._mesh = mesh
+        self.core.mesh_up = mesh is not None
+
+    @property
     def ring(self) -> Placement | None:
         """Where the slots are: the ring of the live members, with the weights and holds
         ops set (cluster/rebalance.py, cluster/ringstore.py); the core's."""
-        return self.core.ring
+        return self.core.ownership.ring
 
     @ring.setter
     def ring(self, ring: Placement | None) -> None:
-        self.core.ring = ring
+        self.core.ownership.ring = ring
 
     @property
     def draining(self) -> bool:
-        return self.core.draining
+        return self.core.ownership.draining
 
     @draining.setter
     def draining(self, draining: bool) -> None:
-        self.core.draining = draining
+        self.core.ownership.draining = draining
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` in the background, keeping a reference until it ends."""
@@ -314,7 +323,7 @@ class RegionState:
         return m is not None and self.clock() < m.lease_valid_until
 
     def _should_own(self, slot: int) -> bool:
-        return self.core.should_own(slot)
+        return self.core.ownership.should_own(slot)
 
     def owner_of(self, ch: str) -> str | None:
         if self.ring is None:
@@ -341,9 +350,12 @@ class RegionState:
         self.snapshots.mark(slot, self.clock())
 
     def _tombstone(self, slot: int, ch: str, ids: list[str], hlc: int) -> None:
-        # Only the dedupe window's worth matters (older ones dedupe nothing).
-        cutoff = (self.wall_ms() - self.node.dedupe.window_ms) << 16
-        self.acks.add(slot, ch, ids, hlc, cutoff_hlc=cutoff)
+        self.core.tombstone(slot, ch, ids, hlc, self.wall_ms())
+
+    def _answer(self, ready: Ready) -> None:
+        """Answer the waiters a step of the core settled (appends, links, ticks)."""
+        for w, level in ready.answers:
+            w.settle(level)
 
     # -- carried out by the layers above (cluster/region/claims.py, routing.py)
 

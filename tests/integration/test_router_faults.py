@@ -38,6 +38,16 @@ def give_all_to(owner: str, *routers: Router) -> None:
         r.ring = Ring({owner: 1.0}, slots=r.slots, replicas=r.replicas)
 
 
+async def flaky_owner(ch: str) -> tuple[Flaky, Router, int]:
+    """A router alone on a flaky log, owning ``ch``'s slot (claimed)."""
+    log = Flaky("sg")
+    r = router("sg/n1", log)
+    give_all_to("sg/n1", r)
+    slot = slot_of(ch, r.slots)
+    await r._claim_now(slot)
+    return log, r, slot
+
+
 async def logged_ids(log: MemorySlotLog, slot: int) -> set[str]:
     out = set()
     for e in await log.read(slot):
@@ -49,12 +59,8 @@ async def logged_ids(log: MemorySlotLog, slot: int) -> set[str]:
 
 @aio
 async def test_a_failed_full_batch_is_retried_whole() -> None:
-    log = Flaky("sg")
-    r = router("sg/n1", log)
-    give_all_to("sg/n1", r)
     ch = "inbox:carol"
-    slot = slot_of(ch, r.slots)
-    await r._claim_now(slot)
+    log, r, slot = await flaky_owner(ch)
     answered: dict[str, Any] = {}
     for i in range(1001):  # the 1000th fills a batch, appended at once: it fails
         publish_at(
@@ -184,12 +190,8 @@ async def test_full_batches_and_a_failed_append_keep_the_slots_order() -> None:
     # first batch still lands before the second (it used to be appended beside it).
     import asyncio
 
-    log = Flaky("sg")
-    r = router("sg/n1", log)
-    give_all_to("sg/n1", r)
     ch = "inbox:dave"
-    slot = slot_of(ch, r.slots)
-    await r._claim_now(slot)
+    log, r, slot = await flaky_owner(ch)
     sent = [f"m{i}" for i in range(2001)]
     for i, msg_id in enumerate(sent):
         publish_at(r, ch, msg_id)

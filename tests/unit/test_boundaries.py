@@ -28,6 +28,7 @@ CORE = [
     "cluster/failure.py",
     "cluster/slots.py",
     "cluster/ownership.py",
+    "cluster/regioncore.py",
     "cluster/positions.py",
     "cluster/interest.py",
     "cluster/errors.py",
