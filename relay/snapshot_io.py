@@ -129,7 +129,7 @@ def snapshot_path(slots_dir: Path, slot: int) -> Path:
 # ---------------------------------------------------------------- write
 
 
-def write_snapshot(slots_dir: Path, slot: int, data: bytes, *, sync_dir: bool = True) -> int:
+def write_snapshot(slots_dir: Path, slot: int, data: bytes) -> int:
     """Replace ``slot``'s snapshot with ``data`` atomically; return the bytes written.
 
     Writes ``<slot>.snap.tmp`` (``O_CREAT|O_EXCL``, mode 0600; a stale one is removed
@@ -139,10 +139,6 @@ def write_snapshot(slots_dir: Path, slot: int, data: bytes, *, sync_dir: bool = 
     previous snapshot stays in place (unless the error came after the rename, in which
     case the new one is in place but may not be durable yet). Blocks on the disk: call it
     in a thread (``asyncio.to_thread``), one write per slot at a time.
-
-    ``sync_dir=False`` leaves the directory's fsync to the caller, who writes several
-    slots and then calls :func:`sync_snapshots` once: none of them counts as written
-    before that returned.
     """
     final = snapshot_path(slots_dir, slot)
     tmp = slots_dir / f"{slot}{TMP_SUFFIX}"
@@ -159,8 +155,7 @@ def write_snapshot(slots_dir: Path, slot: int, data: bytes, *, sync_dir: bool = 
             os.close(fd)
         os.replace(tmp, final)
         renamed = True
-        if sync_dir:
-            _fsync_dir(slots_dir)
+        _fsync_dir(slots_dir)
     except OSError as exc:
         if not renamed:
             # The first error is the one to report; load removes tmp files anyway.
@@ -179,22 +174,6 @@ def write_snapshot(slots_dir: Path, slot: int, data: bytes, *, sync_dir: bool = 
             errno=exc.errno,
         ) from exc
     return len(data)
-
-
-def sync_snapshots(slots_dir: Path) -> None:
-    """Make the renames of :func:`write_snapshot` (``sync_dir=False``) durable: fsync the
-    directory. Raises :class:`SnapshotWriteError`: those snapshots are in place but may
-    not be durable."""
-    try:
-        _fsync_dir(slots_dir)
-    except OSError as exc:
-        code = errno.errorcode.get(exc.errno, "?") if exc.errno else "?"
-        raise SnapshotWriteError(
-            f"syncing {slots_dir} after writing snapshots failed ({code}: "
-            f"{exc.strerror or exc}); they are in place but may not be durable",
-            slot=-1,
-            errno=exc.errno,
-        ) from exc
 
 
 def _write_all(fd: int, data: bytes) -> None:

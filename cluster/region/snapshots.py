@@ -14,21 +14,10 @@ from cluster.region.appends import Appends
 from cluster.region.state import SNAPSHOT_SWITCH_INTERVAL_S
 from relay.codec import AckEvent
 from relay.snapshot import Sealed, SealedTombstones, Tombstone, encode_snapshot
-from relay.snapshot_io import (
-    delete_snapshot,
-    load_snapshots,
-    prepare_data_dir,
-    sync_snapshots,
-    write_snapshot,
-)
+from relay.snapshot_io import delete_snapshot, load_snapshots, prepare_data_dir, write_snapshot
 from relay.store import unpack
 
 log = logging.getLogger(__name__)
-
-# Slots encoded and written by one call into the writer thread, the directory synced
-# once after them: one thread hop and one directory fsync per this many slots, not per
-# slot (a busy node rewrites every slot each tick).
-WRITE_GROUP = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,26 +123,7 @@ class Snapshots(Appends):
             tombstone_batches=[*state.sealed, *(b for r in runs for b in r.batches)],
         )
         assert self.slots_dir is not None
-        return write_snapshot(self.slots_dir, slot, data, sync_dir=False), runs
-
-    def _write_group(
-        self, group: list[tuple[int, _Captured]]
-    ) -> list[tuple[int, list[Sealed]] | Exception]:
-        """Encode and write each slot of ``group`` (in a thread), then sync the directory
-        once: per slot its size and sealed runs, or the error that kept it unwritten."""
-        out: list[tuple[int, list[Sealed]] | Exception] = []
-        for slot, state in group:
-            try:
-                out.append(self._encode_and_write(slot, state))
-            except Exception as e:
-                out.append(e)
-        if any(not isinstance(r, Exception) for r in out):
-            assert self.slots_dir is not None
-            try:
-                sync_snapshots(self.slots_dir)
-            except Exception as e:
-                return [e] * len(out)  # renamed but maybe not durable: written again
-        return out
+        return write_snapshot(self.slots_dir, slot, data), runs
 
     async def _snapshot_once(self, budget: int) -> None:
         if self.slots_dir is None:
@@ -178,33 +148,27 @@ class Snapshots(Appends):
         assert self.slots_dir is not None
         failed: list[int] = []
         last_error: Exception | None = None
-        group: list[tuple[int, _Captured]] = []
-        jobs = self.snapshots.take(self.clock(), budget)
-        for i, job in enumerate(jobs):
+        for job in self.snapshots.take(self.clock(), budget):
             slot = job.slot
             state = self._capture(slot) if slot in self.owned else None
             if state is None:
                 self.snapshots.discard(slot)
                 self.snapshots.written(slot, self.clock())
-            else:
-                group.append((slot, state))
-            if group and (len(group) >= WRITE_GROUP or i == len(jobs) - 1):
-                results = await asyncio.to_thread(self._write_group, group)
-                for (slot, _), r in zip(group, results, strict=True):
-                    if isinstance(r, Exception):
-                        # Full disk, I/O error: keep serving; the previous snapshot stays.
-                        self.snapshot_stats["failures"] += 1
-                        self.snapshots.failed(slot)
-                        failed.append(slot)
-                        last_error = r
-                        continue
-                    n, runs = r
-                    for run in runs:
-                        self.sealed_tombstones.seal(slot, run)
-                    self.snapshots.written(slot, self.clock())
-                    self.snapshot_stats["written"] += 1
-                    self.snapshot_stats["bytes"] += n
-                group = []
+                continue
+            try:
+                n, runs = await asyncio.to_thread(self._encode_and_write, slot, state)
+            except Exception as e:
+                # Full disk, I/O error: keep serving; the previous snapshot stays.
+                self.snapshot_stats["failures"] += 1
+                self.snapshots.failed(slot)
+                failed.append(slot)
+                last_error = e
+                continue
+            for run in runs:
+                self.sealed_tombstones.seal(slot, run)
+            self.snapshots.written(slot, self.clock())
+            self.snapshot_stats["written"] += 1
+            self.snapshot_stats["bytes"] += n
         if failed:
             log.warning(
                 "snapshots of %d slots failed (first: slot %d): %s",

@@ -31,7 +31,6 @@ from relay.snapshot_io import (
     delete_snapshot,
     load_snapshots,
     prepare_data_dir,
-    sync_snapshots,
     write_snapshot,
 )
 
@@ -384,13 +383,3 @@ def longest_pause_while(work: Callable[[], object]) -> float:
         longest, last = max(longest, now - last), now
     worker.join()
     return longest
-
-
-def test_several_writes_then_one_directory_sync(slots: Path, tmp_path: Path) -> None:
-    for i in range(3):
-        write_snapshot(slots, i, encode_snapshot(i, "1-0", {}, events(2, seed=i)), sync_dir=False)
-    sync_snapshots(slots)
-    loaded, refused = load_snapshots(slots)
-    assert sorted(loaded) == [0, 1, 2] and refused == []
-    with pytest.raises(SnapshotWriteError, match="may not be durable"):
-        sync_snapshots(tmp_path / "gone")
