@@ -75,7 +75,7 @@ BATCH_MAX_BYTES: Final = 1024 * 1024
 
 # Tombstones are sealed (encoded once, their bytes reused by every later snapshot of the
 # slot) this many at a time: see :class:`SealedTombstones`.
-SEAL_TOMBSTONES: Final = 2_000
+SEAL_TOMBSTONES: Final = 500
 
 # A Redis stream id: "<ms>-<seq>", both unsigned 64-bit decimal.
 _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
