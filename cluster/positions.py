@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping
+from itertools import islice
 
 from cluster.chain import parse_id
 
@@ -79,18 +80,26 @@ class Tombstones:
     before them must not bring their messages back, and a snapshot keeps them.
 
     Only a dedupe window's worth matters (older ones dedupe nothing), and at most
-    ``per_slot`` are kept. ``by_slot`` is the live dict."""
+    ``per_slot`` are kept. ``by_slot`` is the live dict.
+
+    Each tombstone of a slot has a sequence number, counted from 0 as they are added: a
+    slot's tombstones are only ever added at the new end and dropped from the old one, so
+    a writer that encoded those before :meth:`added` once need only encode the rest next
+    time (:meth:`since`), however many the window holds."""
 
     def __init__(self, per_slot: int) -> None:
         self.per_slot = per_slot
         self.by_slot: dict[int, deque[tuple[str, str, int]]] = {}
+        self._added: dict[int, int] = {}
 
     def add(self, slot: int, ch: str, ids: Iterable[str], hlc: int, *, cutoff_hlc: int) -> None:
         """Remember acks of ``ids`` at ``hlc``; drop those older than ``cutoff_hlc``."""
         q = self.by_slot.get(slot)
         if q is None:
             q = self.by_slot[slot] = deque()
+        before = len(q)
         q.extend((ch, i, hlc) for i in ids)
+        self._added[slot] = self._added.get(slot, 0) + len(q) - before
         while q and q[0][2] < cutoff_hlc:
             q.popleft()
         while len(q) > self.per_slot:
@@ -98,6 +107,29 @@ class Tombstones:
 
     def of(self, slot: int) -> Iterable[tuple[str, str, int]]:
         return self.by_slot.get(slot, ())
+
+    def newest(self, slot: int, n: int) -> list[tuple[str, str, int]]:
+        """The newest ``n`` tombstones of ``slot`` (fewer if it holds fewer), oldest first.
+        Costs ``n``, not the size of the window."""
+        q = self.by_slot.get(slot)
+        if not q or n <= 0:
+            return []
+        out = list(islice(reversed(q), n))
+        out.reverse()
+        return out
+
+    def added(self, slot: int) -> int:
+        """How many tombstones ``slot`` was ever given: the sequence number of its next."""
+        return self._added.get(slot, 0)
+
+    def first(self, slot: int) -> int:
+        """The sequence number of the oldest tombstone ``slot`` still holds."""
+        return self.added(slot) - len(self.by_slot.get(slot, ()))
+
+    def since(self, slot: int, seq: int) -> list[tuple[str, str, int]]:
+        """The tombstones of ``slot`` from sequence number ``seq`` on (all it holds when
+        ``seq`` is older than its oldest), oldest first."""
+        return self.newest(slot, self.added(slot) - max(seq, self.first(slot)))
 
     def gone(self, slot: int) -> set[tuple[str, str]]:
         """``(ch, id)`` of every message acked in the slot's window."""

@@ -399,6 +399,7 @@ _CLAIM: Final = _load_script("claim")
 _SET_OWNER: Final = _load_script("set_owner")
 _RELEASE: Final = _load_script("release")
 _APPEND: Final = _load_script("append")
+_APPEND_SLOTS: Final = _load_script("append_slots")
 _CHECKPOINT: Final = _load_script("checkpoint")
 _TRIM: Final = _load_script("trim")
 # Scripts that change an owner record: with wait_replicas they wait for replicas too.
@@ -723,7 +724,23 @@ class RedisSlotLog:
         for slot, slot_batches in batches.items():
             owner_key, log_key, _ = self._keys(slot)
             calls.append(((owner_key, log_key), (node_id, str(epoch_by_slot[slot]), *slot_batches)))
-        replies = await self._eval_many(_APPEND, calls, wait=self.wait_replicas > 0)
+        wait = self.wait_replicas > 0
+        if len(calls) > 1 and not self._cluster:
+            # One server: every slot in one script call (its keys need not share a
+            # hash slot), not one call per slot.
+            keys: list[str] = []
+            args: list[bytes | str] = [node_id]
+            for slot, slot_batches in batches.items():
+                keys += self._keys(slot)[:2]
+                args += (str(epoch_by_slot[slot]), str(len(slot_batches)), *slot_batches)
+            if wait:
+                (replies,) = await self._eval_many(_APPEND_SLOTS, [(keys, args)], wait=True)
+            else:  # no pipeline needed for one call
+                replies = await self._eval(_APPEND_SLOTS, keys, *args)
+        elif len(calls) == 1 and not wait:
+            replies = [await self._eval(_APPEND, *calls[0][0:1], *calls[0][1])]
+        else:
+            replies = await self._eval_many(_APPEND, calls, wait=wait)
         out: list[str | FencedError | None] = [None] * len(items)
         for (slot, where), reply in zip(positions.items(), replies, strict=True):
             if reply[0] == 1:

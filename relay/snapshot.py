@@ -73,6 +73,10 @@ _U32: Final = struct.Struct("<I")
 BATCH_MAX_EVENTS: Final = 10_000
 BATCH_MAX_BYTES: Final = 1024 * 1024
 
+# Tombstones are sealed (encoded once, their bytes reused by every later snapshot of the
+# slot) this many at a time: see :class:`SealedTombstones`.
+SEAL_TOMBSTONES: Final = 500
+
 # A Redis stream id: "<ms>-<seq>", both unsigned 64-bit decimal.
 _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _MAX_MIRRORS: Final = 0xFFFF
@@ -127,6 +131,7 @@ def encode_snapshot(
     tombstones: Iterable[Tombstone] = (),
     *,
     region: str = "",
+    tombstone_batches: Sequence[bytes] = (),
 ) -> bytes:
     """The bytes of ``slot``'s snapshot file.
 
@@ -134,8 +139,11 @@ def encode_snapshot(
     ``mirrors``: origin region → the newest mirror entry applied; ``events``: the pending
     messages (oldest first); ``tombstones``: (ch, id, hlc) of acked ids still remembered,
     written as ``AckEvent``s from ``region`` (this node's region, required when there are
-    tombstones). Raises :class:`~relay.errors.InvariantError` for what
-    :func:`decode_snapshot` would refuse — a bug in the caller, never to be written.
+    tombstones). ``tombstone_batches``: older tombstones already encoded by
+    :func:`encode_tombstones` (sealed), written between the messages and ``tombstones``
+    so that tombstones stay oldest first. Raises :class:`~relay.errors.InvariantError`
+    for what :func:`decode_snapshot` would refuse — a bug in the caller, never to be
+    written.
 
     It only reads its arguments (events are frozen), so the caller may capture the state
     on the reactor and encode it in a thread: a slot of 4 MB of messages takes about
@@ -143,9 +151,7 @@ def encode_snapshot(
     """
     if not 0 <= slot <= MAX_SLOT:
         raise InvariantError(f"slot {slot} is outside 0..{MAX_SLOT}")
-    all_events = list(events)
-    acks = _tombstone_events(tombstones, region)
-    all_events.extend(acks)
+    acks: list[Event] = list(_tombstone_events(tombstones, region))
     positions = [_position_id(log_id, "log_id")]
     if len(mirrors) > _MAX_MIRRORS:
         raise InvariantError(f"{len(mirrors)} mirrors is over {_MAX_MIRRORS}")
@@ -156,7 +162,9 @@ def encode_snapshot(
             raise InvariantError(f"origin {origin!r} is not 1–{MAX_ORIGIN_BYTES} bytes")
         positions.append(_U8.pack(len(o)) + o)
         positions.append(_position_id(mirror_id, f"mirror id of {origin!r}"))
-    batches = [encode_batch(chunk) for chunk in _chunks(all_events)]
+    batches = [encode_batch(chunk) for chunk in _chunks(list(events))]
+    batches.extend(tombstone_batches)
+    batches.extend(encode_batch(chunk) for chunk in _chunks(acks))
     parts = [b"".join(positions), _U32.pack(len(batches))]
     for b in batches:
         parts.append(_U32.pack(len(b)))
@@ -166,6 +174,81 @@ def encode_snapshot(
     digest = hashlib.blake2b(header, digest_size=DIGEST_SIZE)
     digest.update(body)
     return b"".join((header, body, digest.digest()))
+
+
+def encode_tombstones(tombstones: Iterable[Tombstone], region: str) -> tuple[bytes, ...]:
+    """``tombstones`` encoded as snapshot batches once, to be passed to
+    :func:`encode_snapshot` as ``tombstone_batches`` by every later snapshot of the slot."""
+    acks: list[Event] = list(_tombstone_events(tombstones, region))
+    return tuple(encode_batch(chunk) for chunk in _chunks(acks))
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """Tombstones ``start`` to ``end`` (their sequence numbers, end excluded) of a slot,
+    encoded."""
+
+    start: int
+    end: int
+    batches: tuple[bytes, ...]
+
+
+class SealedTombstones:
+    """Per slot, its older tombstones already encoded, so that a snapshot encodes only
+    those added since (a node holds a dedupe window of them: millions when busy, and
+    every snapshot of a changed slot carries all of its own).
+
+    Sequence numbers are the ones :class:`cluster.positions.Tombstones` gives: a slot's
+    tombstones are added at the new end and dropped from the old one. A sealed run is
+    written until its newest tombstone is dropped, so a snapshot may carry up to
+    :data:`SEAL_TOMBSTONES` tombstones older than the window; a loader drops those
+    (they dedupe nothing)."""
+
+    __slots__ = ("_by_slot", "seal_every")
+
+    def __init__(self, seal_every: int = SEAL_TOMBSTONES) -> None:
+        if seal_every < 1:
+            raise InvariantError("seal_every must be >= 1")
+        self.seal_every = seal_every
+        self._by_slot: dict[int, list[Sealed]] = {}
+
+    def end(self, slot: int) -> int:
+        """The sequence number of the first tombstone of ``slot`` not sealed."""
+        runs = self._by_slot.get(slot)
+        return runs[-1].end if runs else 0
+
+    def take(self, slot: int, first: int) -> tuple[int, list[bytes]]:
+        """For a snapshot of ``slot`` whose oldest tombstone is ``first``: where the
+        tombstones to encode afresh start, and the sealed batches to write before them.
+        Runs wholly older than ``first`` are forgotten."""
+        runs = [r for r in self._by_slot.get(slot, ()) if r.end > first]
+        if runs:
+            self._by_slot[slot] = runs
+        else:
+            self._by_slot.pop(slot, None)
+        return max(first, self.end(slot)), [b for r in runs for b in r.batches]
+
+    def seal(self, slot: int, run: Sealed) -> None:
+        """Keep ``run`` (encoded by a writer from :meth:`take`'s start); ignored when a
+        run covering it was kept meanwhile."""
+        if run.start >= self.end(slot) and run.end > run.start:
+            self._by_slot.setdefault(slot, []).append(run)
+
+    def to_seal(
+        self, start: int, tombstones: Sequence[Tombstone], region: str
+    ) -> tuple[list[Sealed], Sequence[Tombstone]]:
+        """Of ``tombstones`` (numbered from ``start``), the whole runs to seal, encoded,
+        and the rest to encode afresh. Pure: call it from the writer's thread."""
+        n = len(tombstones) - len(tombstones) % self.seal_every
+        runs = [
+            Sealed(
+                start + i,
+                start + i + self.seal_every,
+                encode_tombstones(tombstones[i : i + self.seal_every], region),
+            )
+            for i in range(0, n, self.seal_every)
+        ]
+        return runs, tombstones[n:]
 
 
 def _utf8(s: str, what: str) -> bytes:

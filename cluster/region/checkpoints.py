@@ -30,7 +30,9 @@ class Checkpoints(Snapshots):
         as tombstones and the clock now; and the mirror positions it covers."""
         positions = self.positions.mirrors_of(slot)
         room = DEFAULT_MAX_EVENTS - len(events)
-        acks = tombstone_events(self.acks.of(slot), self.region, limit=room)
+        # Only the newest ``room``: copying the whole window (a long-running node holds
+        # millions) for every changed slot was the cost of a checkpoint round.
+        acks = tombstone_events(self.acks.newest(slot, room), self.region, limit=room)
         hlc = self.node.clock.tick(self.wall_ms())
         data = encode_checkpoint(
             [*acks, *events], {o: {slot: i} for o, i in positions.items()}, hlc=hlc

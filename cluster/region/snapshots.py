@@ -6,20 +6,42 @@ import asyncio
 import gc
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from cluster.apply import apply_events
 from cluster.region.appends import Appends
 from cluster.region.state import SNAPSHOT_SWITCH_INTERVAL_S
-from relay.snapshot import encode_snapshot
+from relay.codec import AckEvent
+from relay.snapshot import Sealed, SealedTombstones, Tombstone, encode_snapshot
 from relay.snapshot_io import delete_snapshot, load_snapshots, prepare_data_dir, write_snapshot
 from relay.store import unpack
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class _Captured:
+    """What a slot's snapshot holds, taken in one reactor turn: pointers only."""
+
+    log_id: str
+    mirrors: dict[str, str]
+    records: list[Any]
+    sealed: list[bytes]  # older tombstones, already encoded
+    start: int  # the sequence number of the first of ``tombstones``
+    tombstones: list[Tombstone]  # the newer ones, to encode
+
+
 class Snapshots(Appends):
     """Snapshots of owned slots on disk."""
+
+    _sealed: SealedTombstones | None = None
+
+    @property
+    def sealed_tombstones(self) -> SealedTombstones:
+        if self._sealed is None:
+            self._sealed = SealedTombstones()
+        return self._sealed
 
     async def _load_snapshots(self) -> None:
         """Before joining: take back what this node's disk holds (a restart)."""
@@ -41,10 +63,14 @@ class Snapshots(Appends):
                 "snapshot of slot %d refused (%s); rebuilding it from the region", slot, reason
             )
         now = self.wall_ms()
+        # Tombstones older than the dedupe window dedupe nothing: a snapshot may carry
+        # some (relay/snapshot.py, SealedTombstones); they are not applied.
+        cutoff = (now - self.node.dedupe.window_ms) << 16
         for slot, snap in loaded.items():
             if slot >= self.slots:
                 continue
-            for m in apply_events(self.node, list(snap.events), now):
+            events = [e for e in snap.events if not (isinstance(e, AckEvent) and e.hlc < cutoff)]
+            for m in apply_events(self.node, events, now):
                 self.slot_channels.setdefault(slot, set()).add(m.ch)
             for ch, msg_id, hlc in snap.tombstones:
                 self._tombstone(slot, ch, [msg_id], hlc)
@@ -62,7 +88,7 @@ class Snapshots(Appends):
                 len(refused),
             )
 
-    def _capture(self, slot: int) -> tuple[str, dict[str, str], list[Any], list[Any]] | None:
+    def _capture(self, slot: int) -> _Captured | None:
         """What ``slot``'s snapshot holds, taken in one reactor turn (encoded in a thread)."""
         log_id = self.applied.get(slot)
         if log_id is None:
@@ -71,22 +97,33 @@ class Snapshots(Appends):
         store = self.node.store
         records = [(ch, store.records(ch)) for ch in sorted(self.slot_channels.get(slot, ()))]
         mirrors = self.positions.mirrors_of(slot)
-        return log_id, mirrors, records, list(self.acks.of(slot))
+        # Tombstones already sealed go as their bytes; only the newer ones are copied.
+        start, sealed = self.sealed_tombstones.take(slot, self.acks.first(slot))
+        tombstones = self.acks.since(slot, start)
+        return _Captured(log_id, mirrors, records, sealed, start, tombstones)
 
-    def _encode_and_write(
-        self, slot: int, state: tuple[str, dict[str, str], list[Any], list[Any]]
-    ) -> int:
-        log_id, mirrors, records, tomb = state
+    def _encode_and_write(self, slot: int, state: _Captured) -> tuple[int, list[Sealed]]:
+        """Encode and write ``slot``'s snapshot (in a thread): its size, and the runs of
+        tombstones sealed on the way (to keep, on the reactor, for the next ones)."""
         now = self.wall_ms()
         events: list[Any] = []
-        for ch, pairs in records:
+        for ch, pairs in state.records:
             for msg_id, record in pairs:
                 m = unpack(ch, msg_id, record)
                 if m.expires_ms > now:
                     events.append(m)
-        data = encode_snapshot(slot, log_id, mirrors, events, tomb, region=self.region)
+        runs, fresh = self.sealed_tombstones.to_seal(state.start, state.tombstones, self.region)
+        data = encode_snapshot(
+            slot,
+            state.log_id,
+            state.mirrors,
+            events,
+            fresh,
+            region=self.region,
+            tombstone_batches=[*state.sealed, *(b for r in runs for b in r.batches)],
+        )
         assert self.slots_dir is not None
-        return write_snapshot(self.slots_dir, slot, data)
+        return write_snapshot(self.slots_dir, slot, data), runs
 
     async def _snapshot_once(self, budget: int) -> None:
         if self.slots_dir is None:
@@ -119,7 +156,7 @@ class Snapshots(Appends):
                 self.snapshots.written(slot, self.clock())
                 continue
             try:
-                n = await asyncio.to_thread(self._encode_and_write, slot, state)
+                n, runs = await asyncio.to_thread(self._encode_and_write, slot, state)
             except Exception as e:
                 # Full disk, I/O error: keep serving; the previous snapshot stays.
                 self.snapshot_stats["failures"] += 1
@@ -127,6 +164,8 @@ class Snapshots(Appends):
                 failed.append(slot)
                 last_error = e
                 continue
+            for run in runs:
+                self.sealed_tombstones.seal(slot, run)
             self.snapshots.written(slot, self.clock())
             self.snapshot_stats["written"] += 1
             self.snapshot_stats["bytes"] += n

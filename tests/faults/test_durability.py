@@ -124,6 +124,12 @@ async def test_redis_lost_too_recovers_from_disk_snapshots(one: Any) -> None:
     for ch in range(7):
         got += await pending_ids(node["ws"], f"inbox:{ch}")
     assert sorted(got) == sorted(i for i in ids if i != "d0")
+    # The snapshot's tombstone: d0, acked before the crash, is a duplicate, not new.
+    c = await RelayClient.connect(node["ws"], retry=PATIENT)
+    again = await c.publish("inbox:0", "d0", id="d0", ack="log")
+    await c.close()
+    assert again.dup
+    assert "d0" not in await pending_ids(node["ws"], "inbox:0")
 
 
 @aio

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from cluster.commit import GroupCommit
 from relay.batch import Batcher
 from relay.codec import MessageEvent
@@ -114,3 +116,30 @@ async def test_after_a_failed_append_the_retry_waits_the_window() -> None:
 
     log = await _run(body, fail=True)
     assert log.appends == [1]
+
+
+@aio
+async def test_back_to_back_appends_start_at_least_gather_s_apart() -> None:
+    now = [0.0]
+
+    async def body(log: _Log, gc: GroupCommit) -> None:
+        gc._clock = lambda: now[0]
+        gc.gather_s = 0.001
+        log.release.clear()
+        log.batcher.add(1, _event(0), 0)
+        await until(lambda: log.appends == [1], what="the first append")
+        log.batcher.add(2, _event(1), 0)
+        now[0] += 0.0004  # the round trip took 0.4 ms
+        log.release.set()
+        await until(lambda: log.appends == [1, 1], what="the second append")
+        assert log.sleeps == [pytest.approx(0.0006)]  # the rest of the gather time
+        log.release.clear()
+        log.batcher.add(2, _event(2), 0)
+        await until(lambda: log.appends == [1, 1, 1], what="the third append")
+        log.batcher.add(3, _event(3), 0)
+        now[0] += 0.005  # a round trip longer than gather_s: the next goes at once
+        log.release.set()
+        await until(lambda: log.appends == [1, 1, 1, 1], what="the fourth append")
+
+    log = await _run(body)
+    assert log.sleeps == [pytest.approx(0.0006)]

@@ -78,3 +78,17 @@ def test_tombstones_keep_a_window_and_a_bound() -> None:
     assert [i for _, i, _ in t.of(1)] == ["1", "2", "3"]  # at most per_slot
     assert t.gone(1) == {("d", "1"), ("d", "2"), ("d", "3")}
     assert list(t.of(9)) == [] and t.gone(9) == set()
+
+
+def test_tombstones_are_numbered_so_a_writer_takes_only_the_newer_ones() -> None:
+    t = Tombstones(per_slot=4)
+    t.add(1, "c", ["a", "b", "c"], 100, cutoff_hlc=0)
+    assert (t.first(1), t.added(1)) == (0, 3)
+    assert t.since(1, 1) == [("c", "b", 100), ("c", "c", 100)]
+    assert t.newest(1, 2) == t.since(1, 1) and t.newest(1, 0) == []
+    t.add(1, "c", ["d", "e"], 200, cutoff_hlc=0)  # over per_slot: "a" is dropped
+    assert (t.first(1), t.added(1)) == (1, 5)
+    assert t.since(1, 0) == list(t.of(1))  # older than the oldest: all it holds
+    assert t.since(1, 5) == [] and t.since(9, 0) == [] and t.first(9) == 0
+    t.add(1, "c", ["f"], 300, cutoff_hlc=250)  # the window drops all but "f"
+    assert (t.first(1), t.since(1, 3)) == (5, [("c", "f", 300)])
