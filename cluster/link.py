@@ -41,6 +41,7 @@ from cluster.linksend import REPLY_TIMEOUT_S, LeaseLost, WindowSender, _Window, 
 from cluster.receiver import cancel_task, done_key, inbound_key, last_done, retry_forever
 from cluster.slotlog import RedisSlotLog
 from cluster.window import WindowBounds, WindowTuner
+from relay.config import LINK_WINDOW_MS_MAX
 
 __all__ = [
     "COPY_COUNT",
@@ -82,12 +83,12 @@ class Link(WindowSender, LogReader):
         self.node_id = node_id
         self.slots = slots
         self.lease_ttl_ms = lease_ttl_ms
-        self.local = RedisSlotLog.from_url(local_url, region, max_block_ms=TAIL_BLOCK_MS * 4)
+        self.local = RedisSlotLog.from_url(local_url, region, max_block_ms=LINK_WINDOW_MS_MAX)
         # A blackholed WAN must end in an error, not a hang: bounded socket timeouts.
         self.remote = RedisSlotLog.from_url(
             dest_url,
             dest,
-            max_block_ms=TAIL_BLOCK_MS * 4,
+            max_block_ms=LINK_WINDOW_MS_MAX,
             socket_timeout=10,
             socket_connect_timeout=5,
         )
@@ -114,6 +115,7 @@ class Link(WindowSender, LogReader):
         self.raw_windows_total = 0
         self._backlog_hint = 0
         self._last_sent = 0.0  # monotonic time the last window went
+        self._read_end: float | None = None
         self._resyncs: set[tuple[int, str]] = set()
         self._done_counts: dict[tuple[int, int], tuple[int, int]] = {}
         self.windows_total = 0

@@ -56,6 +56,7 @@ class LogReader:
     _resyncs: set[tuple[int, str]]
     _backlog_hint: int
     _last_sent: float
+    _read_end: float | None  # monotonic time the last read of the log returned
     _inflight: deque[_Window]
     backlog_entries: int
     waiting_oldest_ms: int | None
@@ -93,14 +94,20 @@ class LogReader:
         if not after:
             await asyncio.sleep(PARK_S)  # every slot waits for a checkpoint
             return []
+        prev_read = self._read_end
         entries = await self.local.tail(after, TAIL_BLOCK_MS, COPY_COUNT)
+        self._read_end = time.monotonic()
         if not entries:
             self._backlog_hint = 0
             return []
-        # The window's time runs from its oldest entry (as far as this node's clock and
-        # the log's ids agree; never longer than window_ms from now).
+        # The window's time runs from its oldest entry (its id is Redis's clock; never
+        # longer than window_ms from now). What the previous read did not see arrived
+        # after it returned, so the time since then bounds the age too: a node clock
+        # ahead of Redis's cannot make every window look full-aged (and tiny).
         first_ms = oldest_ms(entries)
         age_ms = min(self.bounds.window_ms, max(0, int(time.time() * 1000) - first_ms))
+        if prev_read is not None:
+            age_ms = min(age_ms, int((self._read_end - prev_read) * 1000))
         deadline = time.monotonic() + (self.bounds.window_ms - age_ms) / 1000
         size = sum(len(e.data) for e in entries)
         # Closed early, once it holds plan.close_bytes, only while the pipe has room for
@@ -121,6 +128,7 @@ class LogReader:
                 if e.slot in after:
                     after[e.slot] = e.id
             more = await self.local.tail(after, left_ms, COPY_COUNT)
+            self._read_end = time.monotonic()
             if not more:
                 break
             entries.extend(more)

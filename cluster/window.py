@@ -173,6 +173,10 @@ def _decompress(frame: memoryview, max_decompressed: int) -> bytes:
 # -- adapting to the link ---------------------------------------------------------------
 
 
+# The default of WindowBounds.min_bytes.
+MIN_BYTES = 12 << 10
+
+
 @dataclass(frozen=True, slots=True)
 class WindowBounds:
     """The configured bounds (``cluster.link_*``) the tuner stays within."""
@@ -181,7 +185,7 @@ class WindowBounds:
     # With no backlog a window closes as soon as its entries hold this many bytes: by
     # then the compressor has seen what the messages share, and waiting longer only
     # adds latency (window_ms is the upper bound, not the cadence).
-    min_bytes: int = 12 << 10
+    min_bytes: int = MIN_BYTES
     min_entries: int = 64
     max_entries: int = 4000
     max_bytes: int = 1 << 20
@@ -368,6 +372,8 @@ def bounds_of(c: _LinkSettings) -> WindowBounds:
         min_entries=c.link_window_min_entries,
         max_entries=c.link_window_max_entries,
         max_bytes=c.link_window_max_bytes,
+        # Never above what a window may hold (a small max_bytes is a valid setting).
+        min_bytes=min(MIN_BYTES, c.link_window_max_bytes),
         min_inflight=c.link_inflight_min,
         max_inflight=c.link_inflight_max,
         max_inflight_bytes=c.link_inflight_max_bytes,

@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 ENV_PREFIX: Final = "RELAY_"
+# A link's log reads block at most this long (cluster/link.py: 4 × TAIL_BLOCK_MS), and a
+# window's wait is one of them.
+LINK_WINDOW_MS_MAX: Final = 2000
 
 _Kind = Literal["str", "path", "int", "float", "bool", "list[str]"]
 _T = TypeVar("_T")
@@ -339,7 +342,11 @@ class ClusterConfig:
         lo_open=True,
     )
     link_window_ms: int = _opt(
-        100, "int", "a link cuts a window at most this long after its first entry", lo=1
+        100,
+        "int",
+        "a link cuts a window at most this long after its first entry",
+        lo=1,
+        hi=LINK_WINDOW_MS_MAX,
     )
     link_window_min_entries: int = _opt(
         64, "int", "entries a window may hold even when little waits (the adaptive floor)", lo=1

@@ -17,10 +17,12 @@ from cluster.window import (
     WindowError,
     WindowTuner,
     batch_events,
+    bounds_of,
     pack_window,
     unpack_window,
 )
 from relay.codec import MessageEvent, encode_batch
+from relay.config import ClusterConfig, Config
 from relay.errors import Code
 
 ids = st.builds(lambda ms, seq: f"{ms}-{seq}", st.integers(1, 2**48), st.integers(0, 2**20))
@@ -179,3 +181,15 @@ def test_batch_events_counts_small_big_and_incompressible_batches(n: int, body: 
     # decompressing a few bytes: either way the true count (msgpack fixarray, 16 and 32).
     events = [MessageEvent(f"m{i}", "room:1", "ann", i + 1, "sg", body, 1) for i in range(n)]
     assert batch_events(encode_batch(events)) == n
+
+
+@pytest.mark.parametrize("max_bytes", [1024, 8192, 12 << 10, 1 << 20])
+def test_every_valid_window_size_gives_bounds_a_tuner_takes(max_bytes: int) -> None:
+    """A small ``link_window_max_bytes`` is valid config: the early-close size follows it
+    down rather than failing the node at start."""
+    c = Config(cluster=ClusterConfig(link_window_max_bytes=max_bytes))
+    assert c.validate() == []
+    bounds = bounds_of(c.cluster)
+    assert bounds.problems() == []
+    assert bounds.min_bytes <= max_bytes
+    WindowTuner(bounds)

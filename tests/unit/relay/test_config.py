@@ -685,3 +685,7 @@ def test_link_window_bounds_must_hold_together() -> None:
     ]
     (problem,) = Config(cluster=ClusterConfig(link_window_ms=0)).validate()
     assert problem.startswith("cluster.link_window_ms: must be")
+    # A window's wait is one blocking read of the log, which blocks 2 s at most.
+    (problem,) = Config(cluster=ClusterConfig(link_window_ms=2001)).validate()
+    assert problem.startswith("cluster.link_window_ms: must be")
+    assert Config(cluster=ClusterConfig(link_window_ms=2000)).validate() == []
