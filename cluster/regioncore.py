@@ -26,6 +26,17 @@ Events and what their Ready asks for::
                                 (rebuild from the checkpoint) or resyncs (an owned slot's
                                 mirror: merge the checkpoint)
     Tick(now)                   answers (``ack=remote`` waits expired) and ``own``
+    CheckpointDue(now)          checkpoints (changed slots not being handed over), due_at
+                                (step it again then: a fixed cadence)
+    CheckpointStart(slot)       checkpoints (``(slot,)``: write it now, it is no longer
+                                dirty) or nothing (not owned, no position to cover)
+    CheckpointWritten(slot, …)  trims (the log behind the checkpoint and the links, the
+                                mirrors up to what it covers)
+    CheckpointFailed(slot)      nothing (the slot is due again next round)
+    SnapshotDue(now, budget)    snapshots (dirty slots, oldest change first, within budget)
+    SnapshotStart(slot, now)    snapshots (``(slot,)``: capture it now) or nothing (not
+                                held: forgotten)
+    SnapshotWritten / Failed    nothing (written: clean; failed: dirty from its oldest change)
     the ownership events        ``own``: the ownership core's Ready (cluster/ownership.py)
 
 A reply token (``reply``) is the edge's callback ``reply(result, code, reason)``; the core
@@ -45,6 +56,7 @@ from cluster.chain import Chained, parse_id
 from cluster.interest import Interest
 from cluster.meshops import MeshPub, parse_delivery, parse_sub
 from cluster.ownership import OwnershipCore
+from cluster.persist import Persistence, Trim
 from cluster.positions import Positions, Tombstones
 from cluster.ring import slot_of
 from cluster.slots import SlotTable
@@ -228,6 +240,57 @@ class LogRead(NamedTuple):
     deliver: bool = False
 
 
+class CheckpointDue(NamedTuple):
+    """The checkpoint loop's timer (monotonic ``now``)."""
+
+    now: float
+
+
+class CheckpointStart(NamedTuple):
+    """About to checkpoint ``slot`` (a round's, or a hand-over's)."""
+
+    slot: int
+
+
+class CheckpointWritten(NamedTuple):
+    """``slot``'s checkpoint covering ``covers`` (and ``mirrors``: origin → position) is
+    written. ``links``: each link's confirmed position for the slot and the first log
+    entry after it (None where the link is not behind the checkpoint); None: not known."""
+
+    slot: int
+    covers: str
+    mirrors: Mapping[str, str]
+    links: Sequence[tuple[str, str | None]] | None
+    now_ms: int
+
+
+class CheckpointFailed(NamedTuple):
+    slot: int
+
+
+class SnapshotDue(NamedTuple):
+    """The snapshot loop's tick: at most ``budget`` writes in flight."""
+
+    now: float
+    budget: int
+
+
+class SnapshotStart(NamedTuple):
+    """About to capture ``slot``'s snapshot (one the last :class:`SnapshotDue` named)."""
+
+    slot: int
+    now: float
+
+
+class SnapshotWritten(NamedTuple):
+    slot: int
+    now: float
+
+
+class SnapshotFailed(NamedTuple):
+    slot: int
+
+
 Event = (
     Publish
     | Ack
@@ -240,6 +303,14 @@ Event = (
     | NotAppended
     | Confirmed
     | LogRead
+    | CheckpointDue
+    | CheckpointStart
+    | CheckpointWritten
+    | CheckpointFailed
+    | SnapshotDue
+    | SnapshotStart
+    | SnapshotWritten
+    | SnapshotFailed
     | ownership.Event
 )
 
@@ -252,7 +323,8 @@ _NO_OWN: Final = ownership.Ready()
 class Ready(NamedTuple):
     """What the edge carries out after a step, in this order: replies, answers, appends,
     changed, deliver, fan_out, forward, interest; applies then catch_ups and resyncs;
-    ``own`` as the ownership core's Ready says."""
+    ``own`` as the ownership core's Ready says; checkpoints, trims and snapshots (each
+    write reported back with its event)."""
 
     replies: tuple[tuple[Reply, Any, Code | None, str], ...] = ()
     answers: tuple[tuple[PubWaiter, str | None], ...] = ()
@@ -269,6 +341,10 @@ class Ready(NamedTuple):
     resyncs: tuple[tuple[int, str], ...] = ()  # owned slots' mirror gaps: (slot, missing)
     retry: tuple[AppendToLog, ...] = ()  # append these again once the slot is claimed
     own: ownership.Ready = _NO_OWN
+    checkpoints: tuple[int, ...] = ()  # write these slots' checkpoints, in order
+    trims: tuple[Trim, ...] = ()  # after a checkpoint: its log and mirror trims
+    snapshots: tuple[int, ...] = ()  # write these slots' snapshots, in order
+    due_at: float = -1.0  # step CheckpointDue again at this time (monotonic)
 
 
 _EMPTY: Final = Ready()
@@ -280,7 +356,8 @@ class RegionCore:
     """This node's decisions in its region; see the module's docstring. ``links``: there
     are links to other regions (``ack=remote`` waits for them); ``mesh_up``: a mesh to
     forward over. ``remote_waiters``: per slot, (entry id, waiter) until a link confirms
-    the entry; ``confirmed``: per slot, the newest entry a link confirmed."""
+    the entry; ``confirmed``: per slot, the newest entry a link confirmed; ``persist``:
+    which slots are due a checkpoint and a snapshot (cluster/persist.py)."""
 
     me: str
     region: str
@@ -295,6 +372,7 @@ class RegionCore:
     slot_channels: dict[int, set[str]] = field(default_factory=dict)
     remote_waiters: dict[int, list[tuple[tuple[int, int], PubWaiter]]] = field(default_factory=dict)
     confirmed: dict[int, tuple[int, int]] = field(default_factory=dict)
+    persist: Persistence = field(default_factory=Persistence)
 
     table: SlotTable = field(init=False)  # the ownership core's
     slots: int = field(init=False)
@@ -612,6 +690,46 @@ class RegionCore:
             resyncs=resyncs,
         )
 
+    # -- checkpoints and snapshots (cluster/persist.py)
+
+    def changed(self, slot: int, now: float) -> None:
+        """``slot``'s pending state changed (a Ready's ``changed``, an apply, a claim): a
+        plain call, not an event, as the hot path makes it once per publish."""
+        self.persist.changed(slot, now)
+
+    def _checkpoint_due(self, ev: CheckpointDue) -> Ready:
+        slots, due = self.persist.checkpoints_due(ev.now, self.table.releasing)
+        return Ready(checkpoints=slots, due_at=due)
+
+    def _checkpoint_start(self, ev: CheckpointStart) -> Ready:
+        slot = ev.slot
+        if self.persist.checkpoint_start(
+            slot, slot in self.table.owned, self.positions.log.get(slot)
+        ):
+            return Ready(checkpoints=(slot,))
+        return _EMPTY
+
+    def _checkpoint_written(self, ev: CheckpointWritten) -> Ready:
+        trim = self.persist.trims(ev.slot, ev.covers, ev.mirrors, ev.links, ev.now_ms)
+        return Ready(trims=(trim,))
+
+    def _snapshot_start(self, ev: SnapshotStart) -> Ready:
+        slot = ev.slot
+        held = slot in self.table.owned and slot in self.positions.log
+        return (
+            Ready(snapshots=(slot,)) if self.persist.snapshot_start(slot, held, ev.now) else _EMPTY
+        )
+
+
+def _no_ready(f: Callable[[Persistence, Any], object]) -> Callable[[RegionCore, Any], Ready]:
+    """A bookkeeping event: the persistence part records it; nothing to carry out."""
+
+    def step(core: RegionCore, ev: Any) -> Ready:
+        f(core.persist, ev)
+        return _EMPTY
+
+    return step
+
 
 # What each region event steps (the ownership events go to the ownership core).
 _HANDLERS: Final[dict[type, Callable[[RegionCore, Any], Ready]]] = {
@@ -626,4 +744,12 @@ _HANDLERS: Final[dict[type, Callable[[RegionCore, Any], Ready]]] = {
     Unsubscribe: RegionCore._unsubscribe,
     LogRead: RegionCore._log_read,
     Confirmed: lambda core, ev: core._confirmed(ev.slots),
+    CheckpointDue: RegionCore._checkpoint_due,
+    CheckpointStart: RegionCore._checkpoint_start,
+    CheckpointWritten: RegionCore._checkpoint_written,
+    CheckpointFailed: _no_ready(lambda p, ev: p.checkpoint_failed(ev.slot)),
+    SnapshotDue: lambda core, ev: Ready(snapshots=core.persist.snapshots_due(ev.now, ev.budget)),
+    SnapshotStart: RegionCore._snapshot_start,
+    SnapshotWritten: _no_ready(lambda p, ev: p.snapshots.written(ev.slot, ev.now)),
+    SnapshotFailed: _no_ready(lambda p, ev: p.snapshots.failed(ev.slot)),
 }

@@ -170,7 +170,7 @@ class Claims(Checkpoints):
         claim, when the ring gives the slot back to us); its in-RAM state is dropped, to
         be rebuilt from checkpoint and log if it comes back."""
         self.slot_table.fire(slot, SlotEvent.LOSE)
-        self.dirty.discard(slot)
+        self.core.persist.lose(slot)
         for e in self.batcher.take(slot):
             self._not_appended(e, "the slot was lost")
         if slot not in self.replicated:
