@@ -37,6 +37,10 @@ Events and what their Ready asks for::
     SnapshotStart(slot, now)    snapshots (``(slot,)``: capture it now) or nothing (not
                                 held: forgotten)
     SnapshotWritten / Failed    nothing (written: clean; failed: dirty from its oldest change)
+    Resubscribe(ch, since, …)   a local channel's owner moved: ``resubscribe`` (ask the new
+                                owner, or wait and step it again; None: done) or replay
+                                (we own it now: its pending messages to our subscribers)
+    Registered(ch, owner, …)    the owner's answer to that ``sub``: replay
     the ownership events        ``own``: the ownership core's Ready (cluster/ownership.py)
 
 A reply token (``reply``) is the edge's callback ``reply(result, code, reason)``; the core
@@ -68,6 +72,8 @@ from relay.publish import Wait, plan_pub, puback_fields
 from relay.store import Message
 
 REMOTE_WAIT_S: Final = 30.0  # an ack=remote publish no link confirmed by then: unavailable
+RESUBSCRIBE_S: Final = 15.0  # a re-subscription gives up after this long
+RESUBSCRIBE_POLL_S: Final = 0.1  # and asks again this often (the new owner is claiming)
 
 Reply = Callable[[Any, Code | None, str], None]
 
@@ -291,6 +297,30 @@ class SnapshotFailed(NamedTuple):
     slot: int
 
 
+class Resubscribe(NamedTuple):
+    """Register ``ch`` (locally subscribed) again with its owner, which moved: the first
+    step (``start``) of a re-subscription begun at ``since``, or the next one, after the
+    wait it asked for or the request to ``asked`` it asked for (``ok``: answered)."""
+
+    ch: str
+    since: float
+    now: float
+    now_ms: int
+    fresh: bool
+    start: bool = False
+    asked: str = ""
+    ok: bool = False
+
+
+class Registered(NamedTuple):
+    """``owner`` answered our re-subscription's ``sub`` with ``pending`` (message fields),
+    stepped in the same turn as the reply frame: deliveries after it follow these."""
+
+    ch: str
+    owner: str
+    pending: Sequence[list[Any]]
+
+
 Event = (
     Publish
     | Ack
@@ -311,6 +341,8 @@ Event = (
     | SnapshotStart
     | SnapshotWritten
     | SnapshotFailed
+    | Resubscribe
+    | Registered
     | ownership.Event
 )
 
@@ -318,6 +350,17 @@ Event = (
 # -- what to carry out
 
 _NO_OWN: Final = ownership.Ready()
+
+
+class Resub(NamedTuple):
+    """A re-subscription of ``ch`` goes on: send our ``sub`` to ``ask`` (then step
+    :class:`Registered` with its answer, and :class:`Resubscribe` with the outcome), or
+    wait ``wait_s`` and step :class:`Resubscribe` again; ``gave_up``: it ends unregistered."""
+
+    ch: str
+    ask: str = ""
+    wait_s: float = 0.0
+    gave_up: bool = False
 
 
 class Ready(NamedTuple):
@@ -345,6 +388,8 @@ class Ready(NamedTuple):
     trims: tuple[Trim, ...] = ()  # after a checkpoint: its log and mirror trims
     snapshots: tuple[int, ...] = ()  # write these slots' snapshots, in order
     due_at: float = -1.0  # step CheckpointDue again at this time (monotonic)
+    resubscribe: Resub | None = None  # a re-subscription's next step (None: over)
+    replay: tuple[tuple[Message, ...], tuple[Hashable, ...]] | None = None  # fan these out
 
 
 _EMPTY: Final = Ready()
@@ -720,6 +765,41 @@ class RegionCore:
             Ready(snapshots=(slot,)) if self.persist.snapshot_start(slot, held, ev.now) else _EMPTY
         )
 
+    # -- re-subscriptions (the subscriber side of cluster/interest.py)
+
+    def _resubscribe(self, ev: Resubscribe) -> Ready:
+        """Whom to register ``ch`` with now, whether to wait, when to give up: retried
+        until it works, the subscribers leave or the ring moves again (the new owner
+        answers ``unavailable`` until its claim has read the log), at most
+        :data:`RESUBSCRIBE_S`."""
+        ch, interest = ev.ch, self.interest
+        if ev.start:
+            interest.unregister(ch)
+        if ev.asked:
+            if not ev.ok:
+                return Ready(resubscribe=Resub(ch, wait_s=RESUBSCRIBE_POLL_S))
+            if self.owner_of(ch) == ev.asked:
+                return _EMPTY  # registered (Registered did it)
+            interest.unregister(ch)  # the ring moved during the request: follow it
+        if ev.now >= ev.since + RESUBSCRIBE_S:
+            return Ready(resubscribe=Resub(ch, gave_up=True))
+        handles = tuple(self.node.subscribers.get(ch, ()))
+        owner = self.owner_of(ch)
+        if not handles or owner is None or ch in interest.registered:
+            return _EMPTY
+        if owner == self.me:
+            if self.serving(slot_of(ch, self.slots), ev.fresh):
+                interest.register(ch, self.me)
+                return Ready(replay=(tuple(self.node.store.pending(ch, ev.now_ms)), handles))
+        elif self.mesh_up:
+            return Ready(resubscribe=Resub(ch, ask=owner))
+        return Ready(resubscribe=Resub(ch, wait_s=RESUBSCRIBE_POLL_S))
+
+    def _registered(self, ev: Registered) -> Ready:
+        self.interest.register(ev.ch, ev.owner)
+        handles = tuple(self.node.subscribers.get(ev.ch, ()))
+        return Ready(replay=(tuple(fields_message(f) for f in ev.pending), handles))
+
 
 def _no_ready(f: Callable[[Persistence, Any], object]) -> Callable[[RegionCore, Any], Ready]:
     """A bookkeeping event: the persistence part records it; nothing to carry out."""
@@ -752,4 +832,6 @@ _HANDLERS: Final[dict[type, Callable[[RegionCore, Any], Ready]]] = {
     SnapshotStart: RegionCore._snapshot_start,
     SnapshotWritten: _no_ready(lambda p, ev: p.snapshots.written(ev.slot, ev.now)),
     SnapshotFailed: _no_ready(lambda p, ev: p.snapshots.failed(ev.slot)),
+    Resubscribe: RegionCore._resubscribe,
+    Registered: RegionCore._registered,
 }

@@ -16,6 +16,8 @@ from cluster.rebalance import RingState
 from cluster.regioncore import (
     NO_OWNER,
     REMOTE_WAIT_S,
+    RESUBSCRIBE_POLL_S,
+    RESUBSCRIBE_S,
     Ack,
     Answered,
     AppendDone,
@@ -27,6 +29,9 @@ from cluster.regioncore import (
     Publish,
     Ready,
     RegionCore,
+    Registered,
+    Resub,
+    Resubscribe,
     Subscribe,
     Unsubscribe,
     message_fields,
@@ -386,6 +391,56 @@ def test_walk_log_reads_never_deliver_twice_and_never_skip_a_gap_silently(
             c.positions.advance(2, f"{run[-1]}-0", origin)
     assert applied == sorted(set(applied)), "an entry applied twice or out of order"
     assert all(1 <= i <= n for i in applied)
+
+
+# -- re-subscriptions
+
+
+def resub(c: RegionCore, ch: str, now: float, **kw: Any) -> Ready:
+    return c.step(Resubscribe(ch, 0.0, now, NOW_MS, kw.pop("fresh", True), **kw))
+
+
+def test_a_resubscription_asks_the_new_owner_until_it_answers_and_replays_its_pending() -> None:
+    c = make()
+    ch = channel(c, PEER)
+    c.node.subscribers[ch] = {"h1"}
+    c.interest.register(ch, "sg/n3")  # the owner before the ring moved
+    first = resub(c, ch, 0.0, start=True)
+    assert first.resubscribe == Resub(ch, ask=PEER) and ch not in c.interest.registered
+    refused = resub(c, ch, 0.05, asked=PEER, ok=False)  # still claiming: unavailable
+    assert refused.resubscribe == Resub(ch, wait_s=RESUBSCRIBE_POLL_S)
+    assert resub(c, ch, 0.2).resubscribe == Resub(ch, ask=PEER)
+    m = Message("m1", ch, "s", 5, "sg", b"x", NOW_MS + 60_000)
+    answered = c.step(Registered(ch, PEER, [message_fields(m)]))
+    assert answered.replay == ((m,), ("h1",)) and c.interest.follows(ch, PEER)
+    assert resub(c, ch, 0.3, asked=PEER, ok=True) == Ready()  # done
+    # Nobody there to ask: wait; and past RESUBSCRIBE_S: give up.
+    c.mesh_up = False
+    assert resub(c, ch, 1.0, start=True).resubscribe == Resub(ch, wait_s=RESUBSCRIBE_POLL_S)
+    assert resub(c, ch, RESUBSCRIBE_S).resubscribe == Resub(ch, gave_up=True)
+
+
+def test_a_resubscription_follows_a_ring_that_moved_and_ends_without_subscribers() -> None:
+    c = make()
+    ch = channel(c, PEER)
+    c.node.subscribers[ch] = {"h1"}
+    c.interest.register(ch, "sg/n3")  # registered with n3 meanwhile, the ring says n2
+    moved = resub(c, ch, 0.1, asked="sg/n3", ok=True)
+    assert moved.resubscribe == Resub(ch, ask=PEER) and ch not in c.interest.registered
+    del c.node.subscribers[ch]  # the subscribers left: nothing to register
+    assert resub(c, ch, 0.2) == Ready()
+
+
+def test_a_resubscription_to_ourselves_replays_our_pending_once_we_serve_the_slot() -> None:
+    c, r = make(), Replies()
+    ch = channel(c, ME)
+    r.carry(pub(c, ch, r.token(1), ack="mem"))
+    c.node.subscribers[ch] = {"h1"}
+    not_fresh = resub(c, ch, 0.0, start=True, fresh=False)  # not surely ours: wait
+    assert not_fresh.resubscribe == Resub(ch, wait_s=RESUBSCRIBE_POLL_S)
+    ready = resub(c, ch, 0.1)
+    assert ready.replay is not None and [m.id for m in ready.replay[0]] == ["m1"]
+    assert ready.replay[1] == ("h1",) and c.interest.follows(ch, ME)
 
 
 OPS = st.lists(
