@@ -41,6 +41,9 @@ Events and what their Ready asks for::
                                 owner, or wait and step it again; None: done) or replay
                                 (we own it now: its pending messages to our subscribers)
     Registered(ch, owner, …)    the owner's answer to that ``sub``: replay
+    ReleaseWait(slot, since, …) a claim waiting for the old owner's hand-over: claim (read
+                                the owner record, wait, or fence it now)
+    ClaimFenced(slot, attempts) a claim lost a race: claim (try again) or nothing (give up)
     the ownership events        ``own``: the ownership core's Ready (cluster/ownership.py)
 
 A reply token (``reply``) is the edge's callback ``reply(result, code, reason)``; the core
@@ -74,6 +77,9 @@ from relay.store import Message
 REMOTE_WAIT_S: Final = 30.0  # an ack=remote publish no link confirmed by then: unavailable
 RESUBSCRIBE_S: Final = 15.0  # a re-subscription gives up after this long
 RESUBSCRIBE_POLL_S: Final = 0.1  # and asks again this often (the new owner is claiming)
+RELEASE_GRACE_S: Final = 1.0  # a claim waits a lease's time and this for a hand-over
+RELEASE_POLL_S: Final = 0.02  # reading the owner record again this often meanwhile
+CLAIM_ATTEMPTS: Final = 10  # a claim fenced this many times in a row gives up
 
 Reply = Callable[[Any, Code | None, str], None]
 
@@ -312,6 +318,27 @@ class Resubscribe(NamedTuple):
     ok: bool = False
 
 
+class ReleaseWait(NamedTuple):
+    """A claim of ``slot``, begun at ``since``, gives its old owner time to hand it over
+    (flush, checkpoint, release) before fencing it. ``read``: the owner record was just
+    read — ``holder`` the node it names ("" none; None: the read failed), ``live``
+    whether the failure detector has that node live."""
+
+    slot: int
+    since: float
+    now: float
+    read: bool = False
+    holder: str | None = None
+    live: bool = False
+
+
+class ClaimFenced(NamedTuple):
+    """A claim of ``slot`` lost a race for the owner record, ``attempts`` times so far."""
+
+    slot: int
+    attempts: int
+
+
 class Registered(NamedTuple):
     """``owner`` answered our re-subscription's ``sub`` with ``pending`` (message fields),
     stepped in the same turn as the reply frame: deliveries after it follow these."""
@@ -343,6 +370,8 @@ Event = (
     | SnapshotFailed
     | Resubscribe
     | Registered
+    | ReleaseWait
+    | ClaimFenced
     | ownership.Event
 )
 
@@ -361,6 +390,17 @@ class Resub(NamedTuple):
     ask: str = ""
     wait_s: float = 0.0
     gave_up: bool = False
+
+
+class ClaimStep(NamedTuple):
+    """A claim of ``slot`` goes on: ``read`` the owner record (then step
+    :class:`ReleaseWait` with it), or wait ``wait_s`` (then step it again), or ``fence``:
+    stop waiting and claim the slot (again, after :class:`ClaimFenced`)."""
+
+    slot: int
+    read: bool = False
+    wait_s: float = 0.0
+    fence: bool = False
 
 
 class Ready(NamedTuple):
@@ -390,6 +430,7 @@ class Ready(NamedTuple):
     due_at: float = -1.0  # step CheckpointDue again at this time (monotonic)
     resubscribe: Resub | None = None  # a re-subscription's next step (None: over)
     replay: tuple[tuple[Message, ...], tuple[Hashable, ...]] | None = None  # fan these out
+    claim: ClaimStep | None = None  # a claim's next step (None: it gives up)
 
 
 _EMPTY: Final = Ready()
@@ -402,7 +443,8 @@ class RegionCore:
     are links to other regions (``ack=remote`` waits for them); ``mesh_up``: a mesh to
     forward over. ``remote_waiters``: per slot, (entry id, waiter) until a link confirms
     the entry; ``confirmed``: per slot, the newest entry a link confirmed; ``persist``:
-    which slots are due a checkpoint and a snapshot (cluster/persist.py)."""
+    which slots are due a checkpoint and a snapshot (cluster/persist.py);
+    ``release_wait_s``: how long a claim waits for the old owner's hand-over."""
 
     me: str
     region: str
@@ -418,6 +460,7 @@ class RegionCore:
     remote_waiters: dict[int, list[tuple[tuple[int, int], PubWaiter]]] = field(default_factory=dict)
     confirmed: dict[int, tuple[int, int]] = field(default_factory=dict)
     persist: Persistence = field(default_factory=Persistence)
+    release_wait_s: float = 10.0 + RELEASE_GRACE_S  # a lease's time and the grace
 
     table: SlotTable = field(init=False)  # the ownership core's
     slots: int = field(init=False)
@@ -800,6 +843,30 @@ class RegionCore:
         handles = tuple(self.node.subscribers.get(ev.ch, ()))
         return Ready(replay=(tuple(fields_message(f) for f in ev.pending), handles))
 
+    # -- claims (the edge fences, reads the log, fires the slot table)
+
+    def _release_wait(self, ev: ReleaseWait) -> Ready:
+        """While the owner record names another live node, give it time to hand the
+        slot over, so that a planned move, a join or a reweight loses nothing (not even
+        what it accepted at ``ack=mem``). A dead owner (or none, or us) is fenced at
+        once; one that does not let go within ``release_wait_s`` (its view of the ring
+        differs) is fenced anyway; not knowing (the read failed) is no reason to fence
+        a live owner: ask again."""
+        slot = ev.slot
+        if ev.read:
+            holder = ev.holder
+            if holder is not None and (not holder or holder == self.me or not ev.live):
+                return Ready(claim=ClaimStep(slot, fence=True))
+            return Ready(claim=ClaimStep(slot, wait_s=RELEASE_POLL_S))
+        if ev.now >= ev.since + self.release_wait_s or not self.ownership.should_own(slot):
+            return Ready(claim=ClaimStep(slot, fence=True))  # (the claim checks the ring)
+        return Ready(claim=ClaimStep(slot, read=True))
+
+    def _claim_fenced(self, ev: ClaimFenced) -> Ready:
+        if ev.attempts >= CLAIM_ATTEMPTS:
+            return _EMPTY
+        return Ready(claim=ClaimStep(ev.slot, fence=True))
+
 
 def _no_ready(f: Callable[[Persistence, Any], object]) -> Callable[[RegionCore, Any], Ready]:
     """A bookkeeping event: the persistence part records it; nothing to carry out."""
@@ -834,4 +901,6 @@ _HANDLERS: Final[dict[type, Callable[[RegionCore, Any], Ready]]] = {
     SnapshotFailed: _no_ready(lambda p, ev: p.snapshots.failed(ev.slot)),
     Resubscribe: RegionCore._resubscribe,
     Registered: RegionCore._registered,
+    ReleaseWait: RegionCore._release_wait,
+    ClaimFenced: RegionCore._claim_fenced,
 }

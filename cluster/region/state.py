@@ -40,6 +40,7 @@ from cluster.receiver import Receiver
 from cluster.redisconn import AsyncClient
 from cluster.region.tasks import TaskGroup
 from cluster.regioncore import (
+    RELEASE_GRACE_S,
     REMOTE_WAIT_S,
     PubWaiter,
     Ready,
@@ -76,8 +77,6 @@ DRAIN_TIMEOUT_S = 10.0
 AUDIT_S = 1.0
 CATCH_UP_COUNT = 1000
 CATCH_UP_ATTEMPTS = 5
-RELEASE_GRACE_S = 1.0
-RELEASE_POLL_S = 0.02
 
 
 class Buckets:
@@ -189,6 +188,7 @@ class RegionState:
             persist=Persistence(
                 checkpoint_interval_s=c.checkpoint_interval_s, max_backlog_s=c.link_max_backlog_s
             ),
+            release_wait_s=self.lease_ttl_s + RELEASE_GRACE_S,
         )
         self.owned: Mapping[int, int] = self.slot_table.owned  # slot → epoch we write under
         self.claiming: AbstractSet[int] = self.slot_table.claiming

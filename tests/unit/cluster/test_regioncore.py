@@ -14,13 +14,17 @@ from cluster.ownership import AuditDue, OwnershipCore, Rebalance, Tick
 from cluster.positions import Positions, Tombstones
 from cluster.rebalance import RingState
 from cluster.regioncore import (
+    CLAIM_ATTEMPTS,
     NO_OWNER,
+    RELEASE_POLL_S,
     REMOTE_WAIT_S,
     RESUBSCRIBE_POLL_S,
     RESUBSCRIBE_S,
     Ack,
     Answered,
     AppendDone,
+    ClaimFenced,
+    ClaimStep,
     Confirmed,
     LogRead,
     MeshDeliver,
@@ -30,6 +34,7 @@ from cluster.regioncore import (
     Ready,
     RegionCore,
     Registered,
+    ReleaseWait,
     Resub,
     Resubscribe,
     Subscribe,
@@ -441,6 +446,34 @@ def test_a_resubscription_to_ourselves_replays_our_pending_once_we_serve_the_slo
     ready = resub(c, ch, 0.1)
     assert ready.replay is not None and [m.id for m in ready.replay[0]] == ["m1"]
     assert ready.replay[1] == ("h1",) and c.interest.follows(ch, ME)
+
+
+# -- claims
+
+
+def test_a_claim_waits_for_a_live_old_owner_to_hand_over_within_a_lease_then_fences() -> None:
+    c = make(own_all=False)
+    c.release_wait_s = 3.0
+    slot = next(s for s in range(SLOTS) if c.ownership.should_own(s))
+    assert c.step(ReleaseWait(slot, 0.0, 0.0)).claim == ClaimStep(slot, read=True)
+    live_holder = c.step(ReleaseWait(slot, 0.0, 0.01, read=True, holder=PEER, live=True))
+    assert live_holder.claim == ClaimStep(slot, wait_s=RELEASE_POLL_S)  # it is flushing
+    unread = c.step(ReleaseWait(slot, 0.0, 0.05, read=True, holder=None))  # not knowing
+    assert unread.claim == ClaimStep(slot, wait_s=RELEASE_POLL_S)
+    for holder, live in (("", False), (ME, True), (PEER, False)):  # none, us, a dead one
+        ready = c.step(ReleaseWait(slot, 0.0, 0.1, read=True, holder=holder, live=live))
+        assert ready.claim == ClaimStep(slot, fence=True), (holder, live)
+    assert c.step(ReleaseWait(slot, 0.0, 2.9)).claim == ClaimStep(slot, read=True)
+    assert c.step(ReleaseWait(slot, 0.0, 3.0)).claim == ClaimStep(slot, fence=True)  # too long
+    other = next(s for s in range(SLOTS) if not c.ownership.should_own(s))
+    assert c.step(ReleaseWait(other, 0.0, 0.0)).claim == ClaimStep(other, fence=True)
+
+
+def test_a_claim_fenced_in_a_race_tries_again_a_bounded_number_of_times() -> None:
+    c = make()
+    assert c.step(ClaimFenced(3, 1)).claim == ClaimStep(3, fence=True)
+    assert c.step(ClaimFenced(3, CLAIM_ATTEMPTS - 1)).claim == ClaimStep(3, fence=True)
+    assert c.step(ClaimFenced(3, CLAIM_ATTEMPTS)).claim is None  # gives up
 
 
 OPS = st.lists(
