@@ -26,6 +26,24 @@ Events and what their Ready asks for::
                                 (rebuild from the checkpoint) or resyncs (an owned slot's
                                 mirror: merge the checkpoint)
     Tick(now)                   answers (``ack=remote`` waits expired) and ``own``
+    CheckpointDue(now)          checkpoints (changed slots not being handed over), due_at
+                                (step it again then: a fixed cadence)
+    CheckpointStart(slot)       checkpoints (``(slot,)``: write it now, it is no longer
+                                dirty) or nothing (not owned, no position to cover)
+    CheckpointWritten(slot, …)  trims (the log behind the checkpoint and the links, the
+                                mirrors up to what it covers)
+    CheckpointFailed(slot)      nothing (the slot is due again next round)
+    SnapshotDue(now, budget)    snapshots (dirty slots, oldest change first, within budget)
+    SnapshotStart(slot, now)    snapshots (``(slot,)``: capture it now) or nothing (not
+                                held: forgotten)
+    SnapshotWritten / Failed    nothing (written: clean; failed: dirty from its oldest change)
+    Resubscribe(ch, since, …)   a local channel's owner moved: ``resubscribe`` (ask the new
+                                owner, or wait and step it again; None: done) or replay
+                                (we own it now: its pending messages to our subscribers)
+    Registered(ch, owner, …)    the owner's answer to that ``sub``: replay
+    ReleaseWait(slot, since, …) a claim waiting for the old owner's hand-over: claim (read
+                                the owner record, wait, or fence it now)
+    ClaimFenced(slot, attempts) a claim lost a race: claim (try again) or nothing (give up)
     the ownership events        ``own``: the ownership core's Ready (cluster/ownership.py)
 
 A reply token (``reply``) is the edge's callback ``reply(result, code, reason)``; the core
@@ -45,6 +63,7 @@ from cluster.chain import Chained, parse_id
 from cluster.interest import Interest
 from cluster.meshops import MeshPub, parse_delivery, parse_sub
 from cluster.ownership import OwnershipCore
+from cluster.persist import Persistence, Trim
 from cluster.positions import Positions, Tombstones
 from cluster.ring import slot_of
 from cluster.slots import SlotTable
@@ -56,6 +75,11 @@ from relay.publish import Wait, plan_pub, puback_fields
 from relay.store import Message
 
 REMOTE_WAIT_S: Final = 30.0  # an ack=remote publish no link confirmed by then: unavailable
+RESUBSCRIBE_S: Final = 15.0  # a re-subscription gives up after this long
+RESUBSCRIBE_POLL_S: Final = 0.1  # and asks again this often (the new owner is claiming)
+RELEASE_GRACE_S: Final = 1.0  # a claim waits a lease's time and this for a hand-over
+RELEASE_POLL_S: Final = 0.02  # reading the owner record again this often meanwhile
+CLAIM_ATTEMPTS: Final = 10  # a claim fenced this many times in a row gives up
 
 Reply = Callable[[Any, Code | None, str], None]
 
@@ -228,6 +252,102 @@ class LogRead(NamedTuple):
     deliver: bool = False
 
 
+class CheckpointDue(NamedTuple):
+    """The checkpoint loop's timer (monotonic ``now``)."""
+
+    now: float
+
+
+class CheckpointStart(NamedTuple):
+    """About to checkpoint ``slot`` (a round's, or a hand-over's)."""
+
+    slot: int
+
+
+class CheckpointWritten(NamedTuple):
+    """``slot``'s checkpoint covering ``covers`` (and ``mirrors``: origin → position) is
+    written. ``links``: each link's confirmed position for the slot and the first log
+    entry after it (None where the link is not behind the checkpoint); None: not known."""
+
+    slot: int
+    covers: str
+    mirrors: Mapping[str, str]
+    links: Sequence[tuple[str, str | None]] | None
+    now_ms: int
+
+
+class CheckpointFailed(NamedTuple):
+    slot: int
+
+
+class SnapshotDue(NamedTuple):
+    """The snapshot loop's tick: at most ``budget`` writes in flight."""
+
+    now: float
+    budget: int
+
+
+class SnapshotStart(NamedTuple):
+    """About to capture ``slot``'s snapshot (one the last :class:`SnapshotDue` named)."""
+
+    slot: int
+    now: float
+
+
+class SnapshotWritten(NamedTuple):
+    slot: int
+    now: float
+
+
+class SnapshotFailed(NamedTuple):
+    slot: int
+
+
+class Resubscribe(NamedTuple):
+    """Register ``ch`` (locally subscribed) again with its owner, which moved: the first
+    step (``start``) of a re-subscription begun at ``since``, or the next one, after the
+    wait it asked for or the request to ``asked`` it asked for (``ok``: answered)."""
+
+    ch: str
+    since: float
+    now: float
+    now_ms: int
+    fresh: bool
+    start: bool = False
+    asked: str = ""
+    ok: bool = False
+
+
+class ReleaseWait(NamedTuple):
+    """A claim of ``slot``, begun at ``since``, gives its old owner time to hand it over
+    (flush, checkpoint, release) before fencing it. ``read``: the owner record was just
+    read — ``holder`` the node it names ("" none; None: the read failed), ``live``
+    whether the failure detector has that node live."""
+
+    slot: int
+    since: float
+    now: float
+    read: bool = False
+    holder: str | None = None
+    live: bool = False
+
+
+class ClaimFenced(NamedTuple):
+    """A claim of ``slot`` lost a race for the owner record, ``attempts`` times so far."""
+
+    slot: int
+    attempts: int
+
+
+class Registered(NamedTuple):
+    """``owner`` answered our re-subscription's ``sub`` with ``pending`` (message fields),
+    stepped in the same turn as the reply frame: deliveries after it follow these."""
+
+    ch: str
+    owner: str
+    pending: Sequence[list[Any]]
+
+
 Event = (
     Publish
     | Ack
@@ -240,6 +360,18 @@ Event = (
     | NotAppended
     | Confirmed
     | LogRead
+    | CheckpointDue
+    | CheckpointStart
+    | CheckpointWritten
+    | CheckpointFailed
+    | SnapshotDue
+    | SnapshotStart
+    | SnapshotWritten
+    | SnapshotFailed
+    | Resubscribe
+    | Registered
+    | ReleaseWait
+    | ClaimFenced
     | ownership.Event
 )
 
@@ -249,10 +381,33 @@ Event = (
 _NO_OWN: Final = ownership.Ready()
 
 
+class Resub(NamedTuple):
+    """A re-subscription of ``ch`` goes on: send our ``sub`` to ``ask`` (then step
+    :class:`Registered` with its answer, and :class:`Resubscribe` with the outcome), or
+    wait ``wait_s`` and step :class:`Resubscribe` again; ``gave_up``: it ends unregistered."""
+
+    ch: str
+    ask: str = ""
+    wait_s: float = 0.0
+    gave_up: bool = False
+
+
+class ClaimStep(NamedTuple):
+    """A claim of ``slot`` goes on: ``read`` the owner record (then step
+    :class:`ReleaseWait` with it), or wait ``wait_s`` (then step it again), or ``fence``:
+    stop waiting and claim the slot (again, after :class:`ClaimFenced`)."""
+
+    slot: int
+    read: bool = False
+    wait_s: float = 0.0
+    fence: bool = False
+
+
 class Ready(NamedTuple):
     """What the edge carries out after a step, in this order: replies, answers, appends,
     changed, deliver, fan_out, forward, interest; applies then catch_ups and resyncs;
-    ``own`` as the ownership core's Ready says."""
+    ``own`` as the ownership core's Ready says; checkpoints, trims and snapshots (each
+    write reported back with its event)."""
 
     replies: tuple[tuple[Reply, Any, Code | None, str], ...] = ()
     answers: tuple[tuple[PubWaiter, str | None], ...] = ()
@@ -269,6 +424,13 @@ class Ready(NamedTuple):
     resyncs: tuple[tuple[int, str], ...] = ()  # owned slots' mirror gaps: (slot, missing)
     retry: tuple[AppendToLog, ...] = ()  # append these again once the slot is claimed
     own: ownership.Ready = _NO_OWN
+    checkpoints: tuple[int, ...] = ()  # write these slots' checkpoints, in order
+    trims: tuple[Trim, ...] = ()  # after a checkpoint: its log and mirror trims
+    snapshots: tuple[int, ...] = ()  # write these slots' snapshots, in order
+    due_at: float = -1.0  # step CheckpointDue again at this time (monotonic)
+    resubscribe: Resub | None = None  # a re-subscription's next step (None: over)
+    replay: tuple[tuple[Message, ...], tuple[Hashable, ...]] | None = None  # fan these out
+    claim: ClaimStep | None = None  # a claim's next step (None: it gives up)
 
 
 _EMPTY: Final = Ready()
@@ -280,7 +442,9 @@ class RegionCore:
     """This node's decisions in its region; see the module's docstring. ``links``: there
     are links to other regions (``ack=remote`` waits for them); ``mesh_up``: a mesh to
     forward over. ``remote_waiters``: per slot, (entry id, waiter) until a link confirms
-    the entry; ``confirmed``: per slot, the newest entry a link confirmed."""
+    the entry; ``confirmed``: per slot, the newest entry a link confirmed; ``persist``:
+    which slots are due a checkpoint and a snapshot (cluster/persist.py);
+    ``release_wait_s``: how long a claim waits for the old owner's hand-over."""
 
     me: str
     region: str
@@ -295,6 +459,8 @@ class RegionCore:
     slot_channels: dict[int, set[str]] = field(default_factory=dict)
     remote_waiters: dict[int, list[tuple[tuple[int, int], PubWaiter]]] = field(default_factory=dict)
     confirmed: dict[int, tuple[int, int]] = field(default_factory=dict)
+    persist: Persistence = field(default_factory=Persistence)
+    release_wait_s: float = 10.0 + RELEASE_GRACE_S  # a lease's time and the grace
 
     table: SlotTable = field(init=False)  # the ownership core's
     slots: int = field(init=False)
@@ -612,6 +778,105 @@ class RegionCore:
             resyncs=resyncs,
         )
 
+    # -- checkpoints and snapshots (cluster/persist.py)
+
+    def changed(self, slot: int, now: float) -> None:
+        """``slot``'s pending state changed (a Ready's ``changed``, an apply, a claim): a
+        plain call, not an event, as the hot path makes it once per publish."""
+        self.persist.changed(slot, now)
+
+    def _checkpoint_due(self, ev: CheckpointDue) -> Ready:
+        slots, due = self.persist.checkpoints_due(ev.now, self.table.releasing)
+        return Ready(checkpoints=slots, due_at=due)
+
+    def _checkpoint_start(self, ev: CheckpointStart) -> Ready:
+        slot = ev.slot
+        if self.persist.checkpoint_start(
+            slot, slot in self.table.owned, self.positions.log.get(slot)
+        ):
+            return Ready(checkpoints=(slot,))
+        return _EMPTY
+
+    def _checkpoint_written(self, ev: CheckpointWritten) -> Ready:
+        trim = self.persist.trims(ev.slot, ev.covers, ev.mirrors, ev.links, ev.now_ms)
+        return Ready(trims=(trim,))
+
+    def _snapshot_start(self, ev: SnapshotStart) -> Ready:
+        slot = ev.slot
+        held = slot in self.table.owned and slot in self.positions.log
+        return (
+            Ready(snapshots=(slot,)) if self.persist.snapshot_start(slot, held, ev.now) else _EMPTY
+        )
+
+    # -- re-subscriptions (the subscriber side of cluster/interest.py)
+
+    def _resubscribe(self, ev: Resubscribe) -> Ready:
+        """Whom to register ``ch`` with now, whether to wait, when to give up: retried
+        until it works, the subscribers leave or the ring moves again (the new owner
+        answers ``unavailable`` until its claim has read the log), at most
+        :data:`RESUBSCRIBE_S`."""
+        ch, interest = ev.ch, self.interest
+        if ev.start:
+            interest.unregister(ch)
+        if ev.asked:
+            if not ev.ok:
+                return Ready(resubscribe=Resub(ch, wait_s=RESUBSCRIBE_POLL_S))
+            if self.owner_of(ch) == ev.asked:
+                return _EMPTY  # registered (Registered did it)
+            interest.unregister(ch)  # the ring moved during the request: follow it
+        if ev.now >= ev.since + RESUBSCRIBE_S:
+            return Ready(resubscribe=Resub(ch, gave_up=True))
+        handles = tuple(self.node.subscribers.get(ch, ()))
+        owner = self.owner_of(ch)
+        if not handles or owner is None or ch in interest.registered:
+            return _EMPTY
+        if owner == self.me:
+            if self.serving(slot_of(ch, self.slots), ev.fresh):
+                interest.register(ch, self.me)
+                return Ready(replay=(tuple(self.node.store.pending(ch, ev.now_ms)), handles))
+        elif self.mesh_up:
+            return Ready(resubscribe=Resub(ch, ask=owner))
+        return Ready(resubscribe=Resub(ch, wait_s=RESUBSCRIBE_POLL_S))
+
+    def _registered(self, ev: Registered) -> Ready:
+        self.interest.register(ev.ch, ev.owner)
+        handles = tuple(self.node.subscribers.get(ev.ch, ()))
+        return Ready(replay=(tuple(fields_message(f) for f in ev.pending), handles))
+
+    # -- claims (the edge fences, reads the log, fires the slot table)
+
+    def _release_wait(self, ev: ReleaseWait) -> Ready:
+        """While the owner record names another live node, give it time to hand the
+        slot over, so that a planned move, a join or a reweight loses nothing (not even
+        what it accepted at ``ack=mem``). A dead owner (or none, or us) is fenced at
+        once; one that does not let go within ``release_wait_s`` (its view of the ring
+        differs) is fenced anyway; not knowing (the read failed) is no reason to fence
+        a live owner: ask again."""
+        slot = ev.slot
+        if ev.read:
+            holder = ev.holder
+            if holder is not None and (not holder or holder == self.me or not ev.live):
+                return Ready(claim=ClaimStep(slot, fence=True))
+            return Ready(claim=ClaimStep(slot, wait_s=RELEASE_POLL_S))
+        if ev.now >= ev.since + self.release_wait_s or not self.ownership.should_own(slot):
+            return Ready(claim=ClaimStep(slot, fence=True))  # (the claim checks the ring)
+        return Ready(claim=ClaimStep(slot, read=True))
+
+    def _claim_fenced(self, ev: ClaimFenced) -> Ready:
+        if ev.attempts >= CLAIM_ATTEMPTS:
+            return _EMPTY
+        return Ready(claim=ClaimStep(ev.slot, fence=True))
+
+
+def _no_ready(f: Callable[[Persistence, Any], object]) -> Callable[[RegionCore, Any], Ready]:
+    """A bookkeeping event: the persistence part records it; nothing to carry out."""
+
+    def step(core: RegionCore, ev: Any) -> Ready:
+        f(core.persist, ev)
+        return _EMPTY
+
+    return step
+
 
 # What each region event steps (the ownership events go to the ownership core).
 _HANDLERS: Final[dict[type, Callable[[RegionCore, Any], Ready]]] = {
@@ -626,4 +891,16 @@ _HANDLERS: Final[dict[type, Callable[[RegionCore, Any], Ready]]] = {
     Unsubscribe: RegionCore._unsubscribe,
     LogRead: RegionCore._log_read,
     Confirmed: lambda core, ev: core._confirmed(ev.slots),
+    CheckpointDue: RegionCore._checkpoint_due,
+    CheckpointStart: RegionCore._checkpoint_start,
+    CheckpointWritten: RegionCore._checkpoint_written,
+    CheckpointFailed: _no_ready(lambda p, ev: p.checkpoint_failed(ev.slot)),
+    SnapshotDue: lambda core, ev: Ready(snapshots=core.persist.snapshots_due(ev.now, ev.budget)),
+    SnapshotStart: RegionCore._snapshot_start,
+    SnapshotWritten: _no_ready(lambda p, ev: p.snapshots.written(ev.slot, ev.now)),
+    SnapshotFailed: _no_ready(lambda p, ev: p.snapshots.failed(ev.slot)),
+    Resubscribe: RegionCore._resubscribe,
+    Registered: RegionCore._registered,
+    ReleaseWait: RegionCore._release_wait,
+    ClaimFenced: RegionCore._claim_fenced,
 }

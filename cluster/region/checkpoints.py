@@ -1,4 +1,5 @@
-"""Checkpoints of owned slots in the region's Redis, and the log trims behind them."""
+"""Checkpoints of owned slots in the region's Redis, and the log trims behind them: the
+I/O; which slots are due and what to trim the region core decides (cluster/persist.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from cluster.apply import slot_state
-from cluster.chain import parse_id, trim_bound
+from cluster.chain import parse_id
 from cluster.checkpoint import (
     encode_checkpoint,
     tombstone_events,
 )
 from cluster.link import confirmed_key
 from cluster.region.snapshots import Snapshots
+from cluster.regioncore import CheckpointDue, CheckpointFailed, CheckpointStart, CheckpointWritten
 from cluster.slotlog import FencedError
 from relay.codec import DEFAULT_MAX_EVENTS
 
@@ -40,22 +42,20 @@ class Checkpoints(Snapshots):
         return data, positions
 
     async def _checkpoint_loop(self) -> None:
-        interval = self.config.cluster.checkpoint_interval_s
-        due = self.clock() + interval
         while not self.stopped:
-            # A fixed cadence: the time a round of checkpoints takes does not lengthen
-            # the period (the slot logs are trimmed only at checkpoints).
-            await self.sleep(max(0.0, due - self.clock()))  # the checkpoint period
-            due = max(due + interval, self.clock())
-            slots = [s for s in sorted(self.dirty) if s not in self.releasing]
-            try:
-                floors = await self._link_floors(slots)
-            except (RedisError, OSError) as e:
-                log.warning("reading the links' positions failed: %s", e)
-                floors = {}  # each checkpoint reads its slot's, or does not trim
-            for slot in slots:
-                if slot not in self.releasing:  # a hand-over checkpoints it itself
-                    await self._checkpoint(slot, floors.get(slot))
+            # The core keeps the cadence and says which slots are due (cluster/persist.py).
+            ready = self.core.step(CheckpointDue(self.clock()))
+            slots = ready.checkpoints
+            if slots:
+                try:
+                    floors = await self._link_floors(list(slots))
+                except (RedisError, OSError) as e:
+                    log.warning("reading the links' positions failed: %s", e)
+                    floors = {}  # each checkpoint reads its slot's, or does not trim
+                for slot in slots:
+                    if slot not in self.releasing:  # a hand-over checkpoints it itself
+                        await self._checkpoint(slot, floors.get(slot))
+            await self.sleep(max(0.0, ready.due_at - self.clock()))  # the checkpoint period
 
     async def _link_floors(self, slots: list[int]) -> dict[int, list[str]]:
         """Per slot, the position each link out of this region has confirmed ("0-0"
@@ -71,41 +71,32 @@ class Checkpoints(Snapshots):
             for i, slot in enumerate(slots)
         }
 
-    async def _trim_bound(self, slot: int, covers: str, floors: list[str] | None) -> str | None:
-        """Where ``slot``'s log may be trimmed: behind the checkpoint and behind every
-        link, unless the oldest entry a link still needs is older than
-        ``cluster.link_max_backlog_s``: that link is then declared gapped for the slot
-        (it resyncs it from the checkpoint) rather than pinning the log for ever.
-        None: the links' positions are unknown (not read), so nothing is trimmed."""
+    async def _link_positions(
+        self, slot: int, covers: str, floors: list[str] | None
+    ) -> list[tuple[str, str | None]] | None:
+        """Per link, its confirmed position for ``slot`` (``floors``, read when not
+        given) and the first log entry after it where that is behind ``covers`` (what
+        the core weighs against ``cluster.link_max_backlog_s``). None: not known."""
         if not self.links:
-            return covers
+            return []
         if floors is None:
-            return None
+            floors = (await self._link_floors([slot])).get(slot)
+            if floors is None:
+                return None
         links: list[tuple[str, str | None]] = []
         for floor in floors:
             oldest = None
             if parse_id(floor) < parse_id(covers):
                 oldest = await self.slotlog.first_after(slot, floor)
             links.append((floor, oldest))
-        max_backlog_s = self.config.cluster.link_max_backlog_s
-        bound = trim_bound(
-            covers=covers, links=links, now_ms=self.wall_ms(), max_backlog_ms=max_backlog_s * 1000
-        )
-        if bound.gapped:
-            self.counters["backlog_trims"] += 1
-            log.warning(
-                "slot %d: a link is more than %.0f s behind; trimming past it, it will "
-                "resync the slot from its checkpoint",
-                slot,
-                max_backlog_s,
-            )
-        return bound.before_id
+        return links
 
     async def _checkpoint(self, slot: int, floors: list[str] | None = None) -> None:
-        """Write ``slot``'s state as its checkpoint, then trim the log behind it and
-        behind every link (``floors``: each link's confirmed position, read when not
-        given) and our mirrors of other regions behind what it covers. One checkpoint
-        of a slot at a time, so what one writes never goes back behind another's."""
+        """Write ``slot``'s state as its checkpoint, then carry out the trims the core
+        decides: the log behind it and behind every link (``floors``: each link's
+        confirmed position, read when not given) and our mirrors of other regions behind
+        what it covers. One checkpoint of a slot at a time, so what one writes never
+        goes back behind another's."""
         lock = self._checkpoint_locks.get(slot)
         if lock is None:
             lock = self._checkpoint_locks[slot] = asyncio.Lock()
@@ -113,11 +104,9 @@ class Checkpoints(Snapshots):
             await self._checkpoint_now(slot, floors)
 
     async def _checkpoint_now(self, slot: int, floors: list[str] | None) -> None:
-        epoch = self.owned.get(slot)
-        covers = self.applied.get(slot)
-        if epoch is None or covers is None:
-            return
-        self.dirty.discard(slot)
+        if not self.core.step(CheckpointStart(slot)).checkpoints:
+            return  # not owned, or no position to cover
+        epoch, covers = self.owned[slot], self.applied[slot]
         try:
             events = slot_state(self.node, sorted(self.slot_channels.get(slot, ())), self.wall_ms())
             data, positions = self._checkpoint_data(slot, events)
@@ -125,16 +114,23 @@ class Checkpoints(Snapshots):
                 return  # nothing logged or mirrored yet: nothing to cover
             await self.slotlog.write_checkpoint(slot, self.me, epoch, data, covers)
             self.counters["checkpoints"] += 1
-            if covers != "0-0":
-                if floors is None and self.links:
-                    floors = (await self._link_floors([slot])).get(slot)
-                bound = await self._trim_bound(slot, covers, floors)
-                if bound is not None:
-                    await self.slotlog.trim(slot, bound)
-            for origin, position in positions.items():
-                await self.slotlog.trim_mirror(slot, origin, position)
+            links = await self._link_positions(slot, covers, floors) if covers != "0-0" else None
+            written = CheckpointWritten(slot, covers, positions, links, self.wall_ms())
+            for trim in self.core.step(written).trims:
+                if trim.gapped:
+                    self.counters["backlog_trims"] += 1
+                    log.warning(
+                        "slot %d: a link is more than %.0f s behind; trimming past it, it "
+                        "will resync the slot from its checkpoint",
+                        slot,
+                        self.config.cluster.link_max_backlog_s,
+                    )
+                if trim.log_before is not None:
+                    await self.slotlog.trim(slot, trim.log_before)
+                for origin, position in trim.mirrors:
+                    await self.slotlog.trim_mirror(slot, origin, position)
         except FencedError:
             self._lose(slot)
         except Exception as e:
             log.warning("checkpoint of slot %d failed: %s", slot, e)
-            self.dirty.add(slot)
+            self.core.step(CheckpointFailed(slot))

@@ -14,7 +14,8 @@ from redis.exceptions import RedisError
 from cluster.errors import ClusterError
 from cluster.ownership import HandedOver, Rebalance, ReleaseEnded
 from cluster.region.checkpoints import Checkpoints
-from cluster.region.state import DRAIN_TIMEOUT_S, RELEASE_GRACE_S, RELEASE_POLL_S
+from cluster.region.state import DRAIN_TIMEOUT_S
+from cluster.regioncore import ClaimFenced, ReleaseWait
 from cluster.slotlog import FencedError
 from cluster.slots import SlotEvent
 
@@ -79,30 +80,34 @@ class Claims(Checkpoints):
             self._claim_tasks.pop(slot, None)
 
     async def _await_release(self, slot: int) -> None:
-        """While ``slot``'s owner record names another live node, give it time to hand
-        the slot over (flush, checkpoint, release: :meth:`_release`) before fencing it.
-
-        A planned move, a join or a reweight then loses nothing, not even what that
-        node accepted at ``ack=mem``. A dead owner is fenced at once; one that does not
-        let go within a lease's time (its view of the ring differs) is fenced anyway.
-        """
-        deadline = self.clock() + self.lease_ttl_s + RELEASE_GRACE_S
-        while not self.stopped and self.clock() < deadline and self._should_own(slot):
+        """Give ``slot``'s old owner time to hand it over (flush, checkpoint, release:
+        :meth:`_release`) before fencing it; how long, and whom to fence at once, the
+        core decides (``ReleaseWait``). This reads the owner record and waits."""
+        since = self.clock()
+        ev = ReleaseWait(slot, since, since)
+        while not self.stopped:
+            step = self.core.step(ev).claim
+            if step is None or step.fence:
+                return
+            if not step.read:
+                await self.sleep(step.wait_s)  # the owner is flushing the slot
+                ev = ReleaseWait(slot, since, self.clock())
+                continue
+            holder: str | None = None
             try:
                 async with self._handovers:
                     current = await self.slotlog.get_owner(slot)
             except (RedisError, OSError) as e:
-                # Not knowing is no reason to fence a live owner: ask again.
                 log.warning("reading slot %d's owner failed: %s", slot, e)
             else:
                 holder = current.node_id if current is not None else ""
-                if not holder or holder == self.me or holder not in self.detector.live():
-                    return
-            await self.sleep(RELEASE_POLL_S)  # the owner is flushing the slot
+            live = holder in self.detector.live() if holder else False
+            ev = ReleaseWait(slot, since, self.clock(), read=True, holder=holder, live=live)
 
     async def _claim_now(self, slot: int) -> None:
         try:
-            for _ in range(10):
+            attempts = 0
+            while True:
                 if not self._should_own(slot):
                     return  # the ring moved on while we waited
                 current = await self.slotlog.get_owner(slot)
@@ -113,10 +118,10 @@ class Claims(Checkpoints):
                     epoch = await self.slotlog.claim(slot, self.me, seen)
                     break
                 except FencedError:
-                    continue
-            else:
-                log.warning("could not claim slot %d", slot)
-                return
+                    attempts += 1
+                    if self.core.step(ClaimFenced(slot, attempts)).claim is None:
+                        log.warning("could not claim slot %d", slot)
+                        return
             await self._catch_up(slot)
             if self._should_own(slot):
                 self.slot_table.fire(slot, SlotEvent.CLAIM)  # called alone too (tests)
@@ -170,7 +175,7 @@ class Claims(Checkpoints):
         claim, when the ring gives the slot back to us); its in-RAM state is dropped, to
         be rebuilt from checkpoint and log if it comes back."""
         self.slot_table.fire(slot, SlotEvent.LOSE)
-        self.dirty.discard(slot)
+        self.core.persist.lose(slot)
         for e in self.batcher.take(slot):
             self._not_appended(e, "the slot was lost")
         if slot not in self.replicated:

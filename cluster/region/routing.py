@@ -10,17 +10,18 @@ from typing import Any
 from cluster.mesh import PeerUnavailable, RemoteError
 from cluster.meshops import MeshPub
 from cluster.region.members import Members
-from cluster.region.state import RESUBSCRIBE_S, fields_message, message_fields
+from cluster.region.state import message_fields
 from cluster.regioncore import (
     Ack,
     Answered,
     Forward,
     Publish,
     Ready,
+    Registered,
+    Resubscribe,
     Subscribe,
     Unsubscribe,
 )
-from cluster.ring import slot_of
 from relay.errors import Code
 from relay.store import Message
 
@@ -120,42 +121,42 @@ class Routing(Members):
 
     async def _resubscribe(self, ch: str) -> None:
         """The owner of ``ch`` moved: register with the new one and replay its pending
-        messages to our subscribers (clients drop what they already have, by id).
-
-        Retried until it works, the subscribers leave or the ring moves again: the new
-        owner answers ``unavailable`` until its claim has read the log.
-        """
-        self.subs.unregister(ch)
-        deadline = self.clock() + RESUBSCRIBE_S
-        while not self.stopped and self.clock() < deadline:
-            handles = tuple(self.node.subscribers.get(ch, ()))
-            owner = self.owner_of(ch)
-            if not handles or owner is None or self.registered.get(ch) is not None:
+        messages to our subscribers (clients drop what they already have, by id). The
+        core says whom to ask, when to wait and when to give up (cluster/regioncore.py)."""
+        since = self.clock()
+        ev = Resubscribe(ch, since, since, self.wall_ms(), self.lease_fresh(), start=True)
+        while not self.stopped:
+            ready = self.core.step(ev)
+            self._replay(ready)
+            r = ready.resubscribe
+            if r is None:
                 return
-            if owner == self.me:
-                if self.serving(slot_of(ch, self.slots)):
-                    self.subs.register(ch, self.me)
-                    for m in self.node.store.pending(ch, self.wall_ms()):
-                        self.fan_out(m, handles)
-                    return
-            elif self.mesh is not None:
+            if r.gave_up:
+                break
+            ok = False
+            if r.ask:
+                owner = r.ask
 
                 def registered(result: Any, owner: str = owner) -> None:
                     # In the same turn as the reply: the deliveries that follow it on the
                     # connection are the messages after these pending ones.
-                    self.subs.register(ch, owner)
-                    handles = tuple(self.node.subscribers.get(ch, ()))
-                    for m in (fields_message(f) for f in result):
-                        self.fan_out(m, handles)
+                    self._replay(self.core.step(Registered(ch, owner, result)))
 
-                try:
-                    await self.mesh.request(owner, "sub", {"ch": ch}, on_result=registered)
-                except (PeerUnavailable, RemoteError) as e:
-                    log.debug("re-subscribing %s with %s: %s", ch, owner, e)
-                else:
-                    if self.owner_of(ch) != owner:
-                        self.subs.unregister(ch)
-                        continue  # the ring moved during the request: follow it
-                    return
-            await self.sleep(0.1)  # the new owner is still claiming the slot
+                if self.mesh is not None:  # else: not asked; the core says to wait
+                    try:
+                        await self.mesh.request(owner, "sub", {"ch": ch}, on_result=registered)
+                        ok = True
+                    except (PeerUnavailable, RemoteError) as e:
+                        log.debug("re-subscribing %s with %s: %s", ch, owner, e)
+            else:
+                await self.sleep(r.wait_s)  # the new owner is still claiming the slot
+            now = self.clock()
+            fresh = self.lease_fresh()
+            ev = Resubscribe(ch, since, now, self.wall_ms(), fresh, asked=r.ask, ok=ok)
         log.warning("could not re-subscribe %s with its new owner", ch)
+
+    def _replay(self, ready: Ready) -> None:
+        if ready.replay is not None:
+            messages, handles = ready.replay
+            for m in messages:
+                self.fan_out(m, handles)

@@ -1,4 +1,5 @@
-"""Snapshots of owned slots on this node's disk: loaded at start, written when changed."""
+"""Snapshots of owned slots on this node's disk: loaded at start, written when changed
+(the I/O; which slots are due the region core decides: cluster/persist.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from cluster.apply import apply_events
 from cluster.region.appends import Appends
 from cluster.region.state import SNAPSHOT_SWITCH_INTERVAL_S
+from cluster.regioncore import SnapshotDue, SnapshotFailed, SnapshotStart, SnapshotWritten
 from relay.codec import AckEvent
 from relay.snapshot import Sealed, SealedTombstones, Tombstone, encode_snapshot
 from relay.snapshot_io import delete_snapshot, load_snapshots, prepare_data_dir, write_snapshot
@@ -148,25 +150,24 @@ class Snapshots(Appends):
         assert self.slots_dir is not None
         failed: list[int] = []
         last_error: Exception | None = None
-        for job in self.snapshots.take(self.clock(), budget):
-            slot = job.slot
-            state = self._capture(slot) if slot in self.owned else None
-            if state is None:
-                self.snapshots.discard(slot)
-                self.snapshots.written(slot, self.clock())
-                continue
+        # The core says which slots are due (cluster/persist.py) and hears each outcome.
+        for slot in self.core.step(SnapshotDue(self.clock(), budget)).snapshots:
+            if not self.core.step(SnapshotStart(slot, self.clock())).snapshots:
+                continue  # no longer held: forgotten
+            state = self._capture(slot)
+            assert state is not None  # the core saw it held, in this same turn
             try:
                 n, runs = await asyncio.to_thread(self._encode_and_write, slot, state)
             except Exception as e:
                 # Full disk, I/O error: keep serving; the previous snapshot stays.
                 self.snapshot_stats["failures"] += 1
-                self.snapshots.failed(slot)
+                self.core.step(SnapshotFailed(slot))
                 failed.append(slot)
                 last_error = e
                 continue
             for run in runs:
                 self.sealed_tombstones.seal(slot, run)
-            self.snapshots.written(slot, self.clock())
+            self.core.step(SnapshotWritten(slot, self.clock()))
             self.snapshot_stats["written"] += 1
             self.snapshot_stats["bytes"] += n
         if failed:

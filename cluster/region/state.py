@@ -33,12 +33,14 @@ from cluster.link import Link
 from cluster.membership import Member, Membership
 from cluster.mesh import Mesh
 from cluster.ownership import OwnershipCore
+from cluster.persist import Persistence
 from cluster.positions import Positions, Tombstones
 from cluster.rebalance import Placement, RingState
 from cluster.receiver import Receiver
 from cluster.redisconn import AsyncClient
 from cluster.region.tasks import TaskGroup
 from cluster.regioncore import (
+    RELEASE_GRACE_S,
     REMOTE_WAIT_S,
     PubWaiter,
     Ready,
@@ -54,7 +56,6 @@ from cluster.window import bounds_of
 from relay.batch import AppendToLog, Batcher
 from relay.config import Config
 from relay.node import Node
-from relay.snapshot import DirtySlots
 from relay.store import Message
 
 __all__ = [
@@ -72,13 +73,10 @@ log = logging.getLogger(__name__)
 TAIL_BLOCK_MS = 500
 TOMBSTONES_PER_SLOT = 100_000
 SNAPSHOT_SWITCH_INTERVAL_S = 0.0005
-RESUBSCRIBE_S = 15.0
 DRAIN_TIMEOUT_S = 10.0
 AUDIT_S = 1.0
 CATCH_UP_COUNT = 1000
 CATCH_UP_ATTEMPTS = 5
-RELEASE_GRACE_S = 1.0
-RELEASE_POLL_S = 0.02
 
 
 class Buckets:
@@ -187,6 +185,10 @@ class RegionState:
             positions=Positions(dict(p.split("=", 1) for p in c.peers)),
             interest=Interest(),
             acks=Tombstones(TOMBSTONES_PER_SLOT),
+            persist=Persistence(
+                checkpoint_interval_s=c.checkpoint_interval_s, max_backlog_s=c.link_max_backlog_s
+            ),
+            release_wait_s=self.lease_ttl_s + RELEASE_GRACE_S,
         )
         self.owned: Mapping[int, int] = self.slot_table.owned  # slot → epoch we write under
         self.claiming: AbstractSet[int] = self.slot_table.claiming
@@ -195,7 +197,8 @@ class RegionState:
         self._checkpoint_locks: dict[int, asyncio.Lock] = {}
         self.releasing = self.slot_table.releasing  # owned slots being handed over: not served
         self.replicated = self.slot_table.replicas  # the ring's replica slots of this node
-        self.dirty: set[int] = set()  # owned slots changed since their last checkpoint
+        # Owned slots changed since their last checkpoint (the core's: cluster/persist.py).
+        self.dirty: AbstractSet[int] = self.core.persist.dirty
         self.slot_channels = self.core.slot_channels  # slot → its channels held here
         # Owner side: which peers have subscribers for a channel.
         self.subs = self.core.interest  # cluster/interest.py: who subscribes where
@@ -274,8 +277,9 @@ class RegionState:
         # ack=remote: per slot, (entry id, waiter) until a link confirms the entry.
         self.remote_waiters = self.core.remote_waiters
         self.confirmed = self.core.confirmed
-        # Snapshots of owned slots on disk (relay/snapshot.py, relay/snapshot_io.py).
-        self.snapshots = DirtySlots()
+        # Snapshots of owned slots on disk (relay/snapshot.py, relay/snapshot_io.py); the
+        # core decides which are due (cluster/persist.py), this is its queue's view.
+        self.snapshots = self.core.persist.snapshots
         self.snapshot_interval_s = config.node.snapshot_interval_s
         self.slots_dir: Path | None = None
         # Recent acks per slot, (ch, id, hlc): a snapshot keeps them as tombstones.
@@ -346,8 +350,7 @@ class RegionState:
 
     def _changed(self, slot: int) -> None:
         """``slot``'s pending state changed: due for a checkpoint and a snapshot."""
-        self.dirty.add(slot)
-        self.snapshots.mark(slot, self.clock())
+        self.core.changed(slot, self.clock())
 
     def _tombstone(self, slot: int, ch: str, ids: list[str], hlc: int) -> None:
         self.core.tombstone(slot, ch, ids, hlc, self.wall_ms())

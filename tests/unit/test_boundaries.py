@@ -30,6 +30,7 @@ CORE = [
     "cluster/ownership.py",
     "cluster/regioncore.py",
     "cluster/positions.py",
+    "cluster/persist.py",
     "cluster/interest.py",
     "cluster/errors.py",
     "cluster/shaping.py",

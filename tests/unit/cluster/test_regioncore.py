@@ -14,11 +14,17 @@ from cluster.ownership import AuditDue, OwnershipCore, Rebalance, Tick
 from cluster.positions import Positions, Tombstones
 from cluster.rebalance import RingState
 from cluster.regioncore import (
+    CLAIM_ATTEMPTS,
     NO_OWNER,
+    RELEASE_POLL_S,
     REMOTE_WAIT_S,
+    RESUBSCRIBE_POLL_S,
+    RESUBSCRIBE_S,
     Ack,
     Answered,
     AppendDone,
+    ClaimFenced,
+    ClaimStep,
     Confirmed,
     LogRead,
     MeshDeliver,
@@ -27,6 +33,10 @@ from cluster.regioncore import (
     Publish,
     Ready,
     RegionCore,
+    Registered,
+    ReleaseWait,
+    Resub,
+    Resubscribe,
     Subscribe,
     Unsubscribe,
     message_fields,
@@ -386,6 +396,84 @@ def test_walk_log_reads_never_deliver_twice_and_never_skip_a_gap_silently(
             c.positions.advance(2, f"{run[-1]}-0", origin)
     assert applied == sorted(set(applied)), "an entry applied twice or out of order"
     assert all(1 <= i <= n for i in applied)
+
+
+# -- re-subscriptions
+
+
+def resub(c: RegionCore, ch: str, now: float, **kw: Any) -> Ready:
+    return c.step(Resubscribe(ch, 0.0, now, NOW_MS, kw.pop("fresh", True), **kw))
+
+
+def test_a_resubscription_asks_the_new_owner_until_it_answers_and_replays_its_pending() -> None:
+    c = make()
+    ch = channel(c, PEER)
+    c.node.subscribers[ch] = {"h1"}
+    c.interest.register(ch, "sg/n3")  # the owner before the ring moved
+    first = resub(c, ch, 0.0, start=True)
+    assert first.resubscribe == Resub(ch, ask=PEER) and ch not in c.interest.registered
+    refused = resub(c, ch, 0.05, asked=PEER, ok=False)  # still claiming: unavailable
+    assert refused.resubscribe == Resub(ch, wait_s=RESUBSCRIBE_POLL_S)
+    assert resub(c, ch, 0.2).resubscribe == Resub(ch, ask=PEER)
+    m = Message("m1", ch, "s", 5, "sg", b"x", NOW_MS + 60_000)
+    answered = c.step(Registered(ch, PEER, [message_fields(m)]))
+    assert answered.replay == ((m,), ("h1",)) and c.interest.follows(ch, PEER)
+    assert resub(c, ch, 0.3, asked=PEER, ok=True) == Ready()  # done
+    # Nobody there to ask: wait; and past RESUBSCRIBE_S: give up.
+    c.mesh_up = False
+    assert resub(c, ch, 1.0, start=True).resubscribe == Resub(ch, wait_s=RESUBSCRIBE_POLL_S)
+    assert resub(c, ch, RESUBSCRIBE_S).resubscribe == Resub(ch, gave_up=True)
+
+
+def test_a_resubscription_follows_a_ring_that_moved_and_ends_without_subscribers() -> None:
+    c = make()
+    ch = channel(c, PEER)
+    c.node.subscribers[ch] = {"h1"}
+    c.interest.register(ch, "sg/n3")  # registered with n3 meanwhile, the ring says n2
+    moved = resub(c, ch, 0.1, asked="sg/n3", ok=True)
+    assert moved.resubscribe == Resub(ch, ask=PEER) and ch not in c.interest.registered
+    del c.node.subscribers[ch]  # the subscribers left: nothing to register
+    assert resub(c, ch, 0.2) == Ready()
+
+
+def test_a_resubscription_to_ourselves_replays_our_pending_once_we_serve_the_slot() -> None:
+    c, r = make(), Replies()
+    ch = channel(c, ME)
+    r.carry(pub(c, ch, r.token(1), ack="mem"))
+    c.node.subscribers[ch] = {"h1"}
+    not_fresh = resub(c, ch, 0.0, start=True, fresh=False)  # not surely ours: wait
+    assert not_fresh.resubscribe == Resub(ch, wait_s=RESUBSCRIBE_POLL_S)
+    ready = resub(c, ch, 0.1)
+    assert ready.replay is not None and [m.id for m in ready.replay[0]] == ["m1"]
+    assert ready.replay[1] == ("h1",) and c.interest.follows(ch, ME)
+
+
+# -- claims
+
+
+def test_a_claim_waits_for_a_live_old_owner_to_hand_over_within_a_lease_then_fences() -> None:
+    c = make(own_all=False)
+    c.release_wait_s = 3.0
+    slot = next(s for s in range(SLOTS) if c.ownership.should_own(s))
+    assert c.step(ReleaseWait(slot, 0.0, 0.0)).claim == ClaimStep(slot, read=True)
+    live_holder = c.step(ReleaseWait(slot, 0.0, 0.01, read=True, holder=PEER, live=True))
+    assert live_holder.claim == ClaimStep(slot, wait_s=RELEASE_POLL_S)  # it is flushing
+    unread = c.step(ReleaseWait(slot, 0.0, 0.05, read=True, holder=None))  # not knowing
+    assert unread.claim == ClaimStep(slot, wait_s=RELEASE_POLL_S)
+    for holder, live in (("", False), (ME, True), (PEER, False)):  # none, us, a dead one
+        ready = c.step(ReleaseWait(slot, 0.0, 0.1, read=True, holder=holder, live=live))
+        assert ready.claim == ClaimStep(slot, fence=True), (holder, live)
+    assert c.step(ReleaseWait(slot, 0.0, 2.9)).claim == ClaimStep(slot, read=True)
+    assert c.step(ReleaseWait(slot, 0.0, 3.0)).claim == ClaimStep(slot, fence=True)  # too long
+    other = next(s for s in range(SLOTS) if not c.ownership.should_own(s))
+    assert c.step(ReleaseWait(other, 0.0, 0.0)).claim == ClaimStep(other, fence=True)
+
+
+def test_a_claim_fenced_in_a_race_tries_again_a_bounded_number_of_times() -> None:
+    c = make()
+    assert c.step(ClaimFenced(3, 1)).claim == ClaimStep(3, fence=True)
+    assert c.step(ClaimFenced(3, CLAIM_ATTEMPTS - 1)).claim == ClaimStep(3, fence=True)
+    assert c.step(ClaimFenced(3, CLAIM_ATTEMPTS)).claim is None  # gives up
 
 
 OPS = st.lists(
