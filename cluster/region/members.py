@@ -156,7 +156,7 @@ class Members(Claims):
             self._start_claim(slot)
 
     async def _tick_loop(self) -> None:
-        self.core.step(CoreTick(self.clock()))  # arms the audit timer
+        self._answer(self.core.step(CoreTick(self.clock())))  # arms the audit timer
         while not self.stopped:
             await self.sleep(0.5)  # the detector's beat
             try:

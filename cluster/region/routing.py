@@ -34,13 +34,15 @@ class Routing(Members):
 
     def _carry(self, ready: Ready) -> None:
         """Carry out a Ready of an op, in its order (see cluster/regioncore.py)."""
+        if ready.appends:  # full batches: the group-commit loop appends them next, in order
+            # Queued first: the batches hold other ops' messages and waiters, which must
+            # not depend on the replies below going well.
+            self._cut.extend(ready.appends)
+            self.commits.wake()
         for reply, result, code, reason in ready.replies:
             reply(result, code, reason)
         for w, level in ready.answers:
             w.settle(level)
-        if ready.appends:  # full batches: the group-commit loop appends them next, in order
-            self._cut.extend(ready.appends)
-            self.commits.wake()
         if ready.changed >= 0:
             self._changed(ready.changed)
         if ready.deliver is not None:
