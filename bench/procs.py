@@ -105,10 +105,16 @@ def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10) -> None:
 
 @contextlib.contextmanager
 def baseline_tree(ref: str) -> Iterator[str]:
-    """A directory holding ``relay/`` as of git revision ``ref`` (for before/after runs)."""
+    """A directory holding the code (``relay/``, and ``cluster/`` and ``bench/`` where the
+    revision has them) as of git revision ``ref``, for before/after runs: the node's CLI
+    imports the bench commands, which must be of the same revision."""
     with tempfile.TemporaryDirectory(prefix="relay-baseline-") as tmp:
+        listed = subprocess.run(
+            ["git", "ls-tree", "--name-only", ref], cwd=ROOT, capture_output=True, check=True
+        ).stdout.decode()
+        dirs = [d for d in ("relay", "cluster", "bench") if d in listed.split()]
         archive = subprocess.run(
-            ["git", "archive", ref, "relay"], cwd=ROOT, capture_output=True, check=True
+            ["git", "archive", ref, *dirs], cwd=ROOT, capture_output=True, check=True
         ).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
         yield tmp
