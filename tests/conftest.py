@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -22,6 +25,24 @@ from relay.config import Config, load_config
 from relay.server import RelayServer
 
 T = TypeVar("T")
+
+# The `relay` command as users run it.
+RELAY = [sys.executable, "-m", "relay"]
+
+
+def run_relay(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``relay ARGS`` as a real process (``env`` added to the test's environment, ``stdin``
+    fed to it); its output captured as text. The caller checks the return code."""
+    return subprocess.run(
+        [*RELAY, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def aio(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:

@@ -5,6 +5,7 @@ under an apply."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import subprocess
 import sys
@@ -17,19 +18,12 @@ import redis
 from cluster.ring import Ring
 from relay.client import RelayClient, RetryPolicy
 from tests.cluster.conftest import pending_ids, wait_settled
-from tests.conftest import aio, until
+from tests.conftest import aio, run_relay, until
 
 PATIENT = RetryPolicy(max_attempts=400, base_delay_s=0.02, max_delay_s=0.2)
 
 
-def relay(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        input=stdin,
-    )
+relay = functools.partial(run_relay, timeout=120)
 
 
 def owner_records(url: str) -> list[str]:

@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ from tests.cluster.conftest import (
     redis_cluster_of,
     wait_settled,
 )
-from tests.conftest import aio
+from tests.conftest import aio, run_relay
 
 REGIONS = ["sg", "fra", "iad"]
 PATIENT = RetryPolicy(max_attempts=200, base_delay_s=0.05, max_delay_s=0.2)
@@ -131,22 +129,7 @@ def test_links_report_their_state(world: Any) -> None:
     assert set(links) == {"fra", "iad"}
     assert all(link["holder"] for link in links.values())
     assert all(link["state"] == "running" for link in links.values())
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "relay",
-            "links",
-            "--redis",
-            doc["regions"]["sg"]["redis"],
-            "--region",
-            "sg",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_relay("links", "--redis", doc["regions"]["sg"]["redis"], "--region", "sg", "--json")
     assert r.returncode == 0, r.stderr
     rows = {row["to"]: row for row in json.loads(r.stdout)["links"]}
     assert set(rows) == {"fra", "iad"}
