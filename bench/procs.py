@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from typing import Any
 
 import click
 import psutil
+
+from relay.child import stop_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,13 +95,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, timeout_s: float) ->
 
 def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10) -> None:
     """Stop a benchmark's child process: SIGTERM, then SIGKILL after ``timeout_s``."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_child(proc, timeout_s)
 
 
 @contextlib.contextmanager
