@@ -21,7 +21,7 @@ from tests.cluster.conftest import (
     admin_status,
     pending_ids,
     redis_cluster_of,
-    wait_settled,
+    running,
 )
 from tests.conftest import aio, run_relay
 
@@ -32,20 +32,14 @@ PATIENT = RetryPolicy(max_attempts=200, base_delay_s=0.05, max_delay_s=0.2)
 @pytest.fixture
 def world(redis_kind: str) -> Iterator[tuple[DevCluster, dict[str, Any]]]:
     # A WAN proxy cannot stand before a Redis Cluster: the cluster variant runs without.
-    cluster = DevCluster(
+    with running(
         REGIONS,
         nodes_per_region=1,
         cluster_settings=FAST,
         wan_latency_ms=5 if redis_kind == "server" else None,
         redis_cluster=redis_cluster_of(redis_kind),
-    )
-    doc = cluster.start(timeout_s=60)
-    try:
-        for r in REGIONS:
-            wait_settled(cluster, doc["regions"][r]["nodes"])
-        yield cluster, doc
-    finally:
-        cluster.stop()
+    ) as world:
+        yield world
 
 
 def ws(doc: dict[str, Any], region: str) -> str:
@@ -149,14 +143,8 @@ def test_links_report_their_state(world: Any) -> None:
 @pytest.fixture
 def world2() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
     """sg with two nodes (so a link can move), fra and iad with one each."""
-    cluster = DevCluster(["sg", "fra", "iad"], nodes_per_region=2, cluster_settings=FAST)
-    doc = cluster.start(timeout_s=90)
-    try:
-        for r in REGIONS:
-            wait_settled(cluster, doc["regions"][r]["nodes"])
-        yield cluster, doc
-    finally:
-        cluster.stop()
+    with running(REGIONS, timeout_s=90, nodes_per_region=2, cluster_settings=FAST) as world:
+        yield world
 
 
 def link_holder(doc: dict[str, Any], dest: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 from relay.client import RelayClient, RetryPolicy
 from relay.dev import DevCluster
 from relay.redis_server import RedisServer
-from tests.cluster.conftest import FAST, admin_status, pending_ids, wait_settled
+from tests.cluster.conftest import FAST, admin_status, pending_ids, running, wait_settled
 from tests.conftest import aio
 
 PATIENT = RetryPolicy(max_attempts=400, base_delay_s=0.05, max_delay_s=0.2)
@@ -26,13 +26,8 @@ SETTINGS = {**FAST, "batch_window_ms": 100}
 
 @pytest.fixture
 def one() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
-    cluster = DevCluster(["sg"], nodes_per_region=1, cluster_settings=SETTINGS)
-    doc = cluster.start(timeout_s=60)
-    try:
-        wait_settled(cluster, doc["regions"]["sg"]["nodes"])
-        yield cluster, doc
-    finally:
-        cluster.stop()
+    with running(["sg"], nodes_per_region=1, cluster_settings=SETTINGS) as world:
+        yield world
 
 
 def node_of(doc: dict[str, Any]) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import pytest
 import websockets
 
-from relay.dev import DevCluster
 from relay.server import RelayServer
+from tests.cluster.conftest import running
 from tests.conftest import aio
 
 
@@ -60,12 +60,8 @@ async def test_the_admin_port_on_loopback_refuses_other_hosts(anon_node: RelaySe
 
 @pytest.fixture(scope="module")
 def dev_node() -> Iterator[dict[str, Any]]:
-    cluster = DevCluster(["sg"], nodes_per_region=1)
-    doc = cluster.start(timeout_s=60)
-    try:
+    with running(["sg"], settle=False, nodes_per_region=1) as (_, doc):
         yield doc["regions"]["sg"]["nodes"][0]
-    finally:
-        cluster.stop()
 
 
 @aio
