@@ -14,7 +14,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -93,6 +95,26 @@ def _cli_context_home(tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("RELAY_CLUSTER__REDIS_URL", raising=False)
 
 
+@contextmanager
+def small_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``"64k"``) mounted at the new directory ``mnt`` while the block
+    runs (a full disk on demand), or a skip where mounting is not allowed. Unmounted lazily
+    on exit, so a file a stopped process left open does not keep it."""
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
 def node_config(**sections: dict[str, Any]) -> Config:
     """A config for a test node on free loopback ports, with overrides per section."""
     base = load_config(
@@ -136,6 +158,24 @@ def make_node() -> Iterator[Callable[..., RelayServer]]:
 def anon_node(make_node: Callable[..., RelayServer]) -> RelayServer:
     """A node that allows anonymous clients."""
     return make_node(client={"allow_anonymous": True})
+
+
+@pytest.fixture
+def wss_node(make_node: Callable[..., RelayServer], tmp_path: Path) -> tuple[RelayServer, Any]:
+    """A node that allows anonymous clients on wss://, and its certificate files
+    (``tests.certs.CertFiles``: trust ``ca_path``)."""
+    from tests.certs import write_cert_files
+
+    certs = write_cert_files(tmp_path)
+    node = make_node(
+        client={
+            "allow_anonymous": True,
+            "tls_cert": str(certs.cert_path),
+            "tls_key": str(certs.key_path),
+        }
+    )
+    assert node.ws_url.startswith("wss://")
+    return node, certs
 
 
 @pytest.fixture(scope="session")

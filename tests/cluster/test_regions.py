@@ -24,6 +24,7 @@ from tests.cluster.conftest import (
     running,
 )
 from tests.conftest import aio, run_relay
+from tests.faults.history import wan
 
 REGIONS = ["sg", "fra", "iad"]
 PATIENT = RetryPolicy(max_attempts=200, base_delay_s=0.05, max_delay_s=0.2)
@@ -195,21 +196,11 @@ async def test_ack_remote_survives_losing_the_origin_region(world: Any) -> None:
         await eventually(lambda r=region: pending_ids(ws(doc, r), "inbox:carol"), ids, timeout_s=30)
 
 
-def wan(doc: dict[str, Any], action: str, **params: Any) -> dict[str, Any]:
-    """Drive the WAN proxies' control port: POST, with the token from the ready file."""
-    body = "&".join(f"{k}={v}" for k, v in params.items()).encode()
-    req = urllib.request.Request(f"{doc['wan']['control']}/{action}", data=body, method="POST")
-    req.add_header("Authorization", f"Bearer {doc['wan']['token']}")
-    with urllib.request.urlopen(req, timeout=5) as r:
-        out: dict[str, Any] = json.loads(r.read())
-        return out
-
-
 @aio
 async def test_a_cut_link_is_reported_stalled_and_catches_up_after(world: Any) -> None:
     _, doc = world
     assert set(doc["wan"]["pairs"]) == {f"{a}-{b}" for a in REGIONS for b in REGIONS if a != b}
-    await asyncio.to_thread(wan, doc, "set", pair="sg-iad", blackhole=1)
+    await asyncio.to_thread(wan, doc, "/set", pair="sg-iad", blackhole=1)
     pub = await RelayClient.connect(ws(doc, "sg"), retry=PATIENT)
     ids = [f"c{i}" for i in range(50)]
     for i in ids:
@@ -225,7 +216,7 @@ async def test_a_cut_link_is_reported_stalled_and_catches_up_after(world: Any) -
     await eventually(iad_link_state, "stalled", timeout_s=15)
     assert await pending_ids(ws(doc, "iad"), "inbox:dave") == []
     # The cut heals: iad catches up, nothing lost, nothing doubled.
-    await asyncio.to_thread(wan, doc, "set", pair="sg-iad", blackhole=0)
+    await asyncio.to_thread(wan, doc, "/set", pair="sg-iad", blackhole=0)
     await eventually(lambda: pending_ids(ws(doc, "iad"), "inbox:dave"), ids, timeout_s=30)
     await eventually(iad_link_state, "running", timeout_s=30)
     await pub.close()
