@@ -168,6 +168,19 @@ def run_loadgen(srv: Server, mode: str, **opts: Any) -> dict[str, Any]:
     return result
 
 
+@contextlib.contextmanager
+def tail_on_failure(log_path: Path, whose: str, lines: int = 40) -> Iterator[None]:
+    """When the block raises, print the last ``lines`` of ``log_path`` (the output of
+    ``whose``, e.g. "the node's") to stderr, then let the exception go on."""
+    try:
+        yield
+    except Exception:
+        if log_path.exists():
+            tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+            click.echo(f"last lines of {whose} output:\n" + "\n".join(tail), err=True)
+        raise
+
+
 def report(doc: dict[str, Any], lines: list[str], as_json: bool) -> None:
     """Print a benchmark's result: the summary on stdout, or with ``--json`` the summary
     on stderr and one JSON document on stdout."""
