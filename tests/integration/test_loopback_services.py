@@ -20,7 +20,7 @@ import websockets
 
 from relay.server import RelayServer
 from tests.cluster.conftest import running
-from tests.conftest import aio
+from tests.conftest import aio, run_relay
 
 
 def http(
@@ -118,12 +118,7 @@ def test_the_wan_control_needs_post_the_token_and_good_values(wan: dict[str, Any
 def test_a_name_starting_with_127_is_not_loopback_for_config_validate(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text('[admin]\nhost = "127.evil.example"\n')
-    r = subprocess.run(
-        [sys.executable, "-m", "relay", "config", "validate", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_relay("config", "validate", str(path))
     assert r.returncode == 78, r.stderr
     assert (
         "admin.token: must be set when admin.host is not a loopback address" in r.stdout + r.stderr
@@ -164,12 +159,7 @@ def test_config_validate_refuses_an_open_mesh_without_a_secret(tmp_path: Path) -
     path = tmp_path / "node.toml"
     base = '[cluster]\nredis_url = "redis://127.0.0.1:6379/0"\nmesh_host = "0.0.0.0"\n'
     path.write_text(base)
-    r = subprocess.run(
-        [sys.executable, "-m", "relay", "config", "validate", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_relay("config", "validate", str(path))
     assert r.returncode == 78, r.stderr
     assert (
         "cluster.mesh_secret: must be set when cluster.mesh_host is not a loopback"
@@ -177,10 +167,5 @@ def test_config_validate_refuses_an_open_mesh_without_a_secret(tmp_path: Path) -
     )
     path.write_text(base + f'mesh_secret = "{"m" * 32}"\n')
     path.chmod(0o600)
-    r = subprocess.run(
-        [sys.executable, "-m", "relay", "config", "validate", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_relay("config", "validate", str(path))
     assert r.returncode == 0, r.stderr
