@@ -24,9 +24,14 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from relay.config import Config, load_config
+from relay.dedupe import DedupeIndex
+from relay.node import Node
 from relay.server import RelayServer
+from relay.store import PendingStore
 
 T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The `relay` command as users run it.
 RELAY = [sys.executable, "-m", "relay"]
@@ -93,6 +98,34 @@ def _cli_context_home(tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg")))
     monkeypatch.delenv("RELAY_CONTEXT", raising=False)
     monkeypatch.delenv("RELAY_CLUSTER__REDIS_URL", raising=False)
+
+
+def run_at_root(
+    cmd: list[str], timeout_s: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` from the repository root (``env``: its whole environment, default the
+    test's), its output captured as text. The caller checks the return code."""
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=env)
+
+
+def memory_node(
+    node_id: str = "eu/n1",
+    *,
+    max_messages: int = 1000,
+    max_bytes: int = 1 << 24,
+    window_ms: int = 600_000,
+    max_ids: int = 10_000,
+    **options: Any,
+) -> Node:
+    """A node core of ``node_id``'s region with these channel caps and dedupe bounds
+    (``options``: the rest of :class:`relay.node.Node`'s arguments), for unit tests."""
+    return Node(
+        node_id=node_id,
+        region=node_id.split("/")[0],
+        store=PendingStore(channel_max_messages=max_messages, channel_max_bytes=max_bytes),
+        dedupe=DedupeIndex(window_ms=window_ms, max_ids=max_ids),
+        **options,
+    )
 
 
 @contextmanager
