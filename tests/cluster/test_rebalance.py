@@ -13,14 +13,29 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
 import redis
 
 from cluster.ring import Ring
 from relay.client import RelayClient, RetryPolicy
+from relay.dev import DevCluster
 from tests.cluster.conftest import pending_ids, wait_settled
 from tests.conftest import aio, run_relay, until
 
 PATIENT = RetryPolicy(max_attempts=400, base_delay_s=0.02, max_delay_s=0.2)
+
+
+@pytest.fixture
+def region4(
+    region3: tuple[DevCluster, dict[str, Any]],
+) -> tuple[DevCluster, str, list[dict[str, Any]], dict[str, Any]]:
+    """``region3`` and a fourth node, sg/n4, joined with weight 0 (a member owning nothing
+    until ops add it), settled: the cluster, its Redis URL, the first three nodes, sg/n4."""
+    cluster, doc = region3
+    nodes = list(doc["regions"]["sg"]["nodes"])
+    n4 = cluster.add_node("sg", "n4", {"weight": 0})
+    wait_settled(cluster, [*nodes, n4])
+    return cluster, doc["regions"]["sg"]["redis"], nodes, n4
 
 
 relay = functools.partial(run_relay, timeout=120)
@@ -40,13 +55,8 @@ def held(url: str) -> int:
 
 
 @aio
-async def test_live_apply_under_publish_load_loses_and_doubles_nothing(region3: Any) -> None:
-    cluster, doc = region3
-    url = doc["regions"]["sg"]["redis"]
-    nodes = list(doc["regions"]["sg"]["nodes"])
-    # A fourth node joins with weight 0: a member, owning nothing until ops add it.
-    n4 = await asyncio.to_thread(cluster.add_node, "sg", "n4", {"weight": 0})
-    await asyncio.to_thread(wait_settled, cluster, [*nodes, n4])
+async def test_live_apply_under_publish_load_loses_and_doubles_nothing(region4: Any) -> None:
+    _, url, nodes, n4 = region4
     assert Counter(owner_records(url))["sg/n4"] == 0
 
     channels = [f"room:{i}" for i in range(48)]
@@ -135,12 +145,8 @@ async def test_live_apply_under_publish_load_loses_and_doubles_nothing(region3: 
 
 
 @aio
-async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region3: Any) -> None:
-    cluster, doc = region3
-    url = doc["regions"]["sg"]["redis"]
-    nodes = list(doc["regions"]["sg"]["nodes"])
-    n4 = await asyncio.to_thread(cluster.add_node, "sg", "n4", {"weight": 0})
-    await asyncio.to_thread(wait_settled, cluster, [*nodes, n4])
+async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region4: Any) -> None:
+    _, url, nodes, n4 = region4
 
     # Adding a node that is not running is refused: 69.
     r = await asyncio.to_thread(relay, "node", "add", "sg/n9", "--redis", url)
@@ -254,15 +260,11 @@ async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region3: Any)
 
 
 @aio
-async def test_an_apply_survives_a_node_killed_under_it(region3: Any) -> None:
+async def test_an_apply_survives_a_node_killed_under_it(region4: Any) -> None:
     import os
     import signal
 
-    cluster, doc = region3
-    url = doc["regions"]["sg"]["redis"]
-    nodes = list(doc["regions"]["sg"]["nodes"])
-    n4 = await asyncio.to_thread(cluster.add_node, "sg", "n4", {"weight": 0})
-    await asyncio.to_thread(wait_settled, cluster, [*nodes, n4])
+    cluster, url, nodes, n4 = region4
     channels = [f"room:{i}" for i in range(32)]
     acked: dict[str, list[str]] = {ch: [] for ch in channels}
     stop = asyncio.Event()
