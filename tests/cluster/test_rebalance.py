@@ -41,6 +41,11 @@ def region4(
 relay = functools.partial(run_relay, timeout=120)
 
 
+def plan_sg(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``relay ring plan ARGS`` for region sg of the Redis at ``url``."""
+    return relay("ring", "plan", "--redis", url, "--region", "sg", *args)
+
+
 def owner_records(url: str) -> list[str]:
     with redis.Redis.from_url(url) as r:
         pipe = r.pipeline(transaction=False)
@@ -103,9 +108,7 @@ async def test_live_apply_under_publish_load_loses_and_doubles_nothing(region4: 
     assert [s["weight"] for s in added["steps"]] == [0.5, 1.0]
     assert sum(s["moved_slots"] for s in added["steps"]) > 0
     assert "moving slots" in r.stderr  # the progress bar
-    r = await asyncio.to_thread(
-        relay, "ring", "plan", "--redis", url, "--region", "sg", "--remove", "sg/n1", "--json"
-    )
+    r = await asyncio.to_thread(plan_sg, url, "--remove", "sg/n1", "--json")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["moving_slots"] > 0
@@ -153,9 +156,7 @@ async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region4: Any)
     assert r.returncode == 69, r.stderr
     assert "no lease" in r.stderr
 
-    r = await asyncio.to_thread(
-        relay, "ring", "plan", "--redis", url, "--region", "sg", "--add", "sg/n4", "--json"
-    )
+    r = await asyncio.to_thread(plan_sg, url, "--add", "sg/n4", "--json")
     assert r.returncode == 0, r.stderr
     plan_doc = r.stdout
     moving = json.loads(plan_doc)["moving_slots"]
@@ -186,9 +187,7 @@ async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region4: Any)
     # The interrupted change is visible and blocks new ones until it is finished.
     r = await asyncio.to_thread(relay, "status", "--redis", url, "--region", "sg", "--json")
     assert json.loads(r.stdout)["held_slots"] == left
-    r = await asyncio.to_thread(
-        relay, "ring", "plan", "--redis", url, "--region", "sg", "--remove", "sg/n2"
-    )
+    r = await asyncio.to_thread(plan_sg, url, "--remove", "sg/n2")
     assert r.returncode == 75, r.stderr
     r = await asyncio.to_thread(relay, "ring", "apply", "-", "--redis", url, stdin=plan_doc)
     assert r.returncode == 75, r.stderr
@@ -223,38 +222,14 @@ async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region4: Any)
     assert "plan again" in r.stderr
 
     # Plan and apply in one go: a reweight.
-    r = await asyncio.to_thread(
-        relay,
-        "ring",
-        "plan",
-        "--redis",
-        url,
-        "--region",
-        "sg",
-        "--weight",
-        "sg/n4=2",
-        "--apply",
-        "--json",
-    )
+    r = await asyncio.to_thread(plan_sg, url, "--weight", "sg/n4=2", "--apply", "--json")
     assert r.returncode == 0, r.stderr
     both = json.loads(r.stdout)
     assert both["applied"]["moved_slots"] == both["moving_slots"] > 0
     want = Ring({"sg/n1": 1.0, "sg/n2": 1.0, "sg/n3": 1.0, "sg/n4": 2.0}).assignment()
     assert owner_records(url) == list(want)
     # A plan for another slot count than the region's is refused: 2.
-    r = await asyncio.to_thread(
-        relay,
-        "ring",
-        "plan",
-        "--redis",
-        url,
-        "--region",
-        "sg",
-        "--remove",
-        "sg/n4",
-        "--slots",
-        "128",
-    )
+    r = await asyncio.to_thread(plan_sg, url, "--remove", "sg/n4", "--slots", "128")
     assert r.returncode == 2, r.stderr
     assert "256 slots" in r.stderr
 
