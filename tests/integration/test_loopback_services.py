@@ -133,15 +133,10 @@ def ws_handshake_status(host_port: tuple[str, int], host_header: str) -> int:
         "Upgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
-    with socket.create_connection(host_port, timeout=5) as s:
+    with socket.create_connection(host_port, timeout=5) as s, s.makefile("rb") as answer:
         s.sendall(request.encode())
-        data = b""
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return int(data.split(b" ", 2)[1])
+        status_line = answer.readline()
+    return int(status_line.split(b" ", 2)[1])
 
 
 @aio
