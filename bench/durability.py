@@ -72,7 +72,7 @@ import click
 import msgspec
 import psutil
 
-from bench.procs import report
+from bench.procs import report, tail_on_failure
 from bench.region import (
     NODE_ENV as REGION_NODE_ENV,
 )
@@ -1179,7 +1179,7 @@ def durability_cmd(
         if gc_probe:
             gc_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="relay-bench-gc-"))
             gc_log = Path(gc_dir) / "gc.log"
-        try:
+        with tail_on_failure(log_path, "the node's"):
             doc = run_durability_bench(
                 write_messages=write_messages,
                 write_ticks=write_ticks,
@@ -1198,11 +1198,6 @@ def durability_cmd(
                 gc_log=gc_log,
                 timeout_s=timeout,
             )
-        except Exception:
-            if log_path.exists():
-                tail = log_path.read_text(errors="replace").splitlines()[-40:]
-                _progress("last lines of the node's output:\n" + "\n".join(tail))
-            raise
     report(doc, human(doc), as_json)
 
 

@@ -55,7 +55,7 @@ from bench.nats import (
     nats_server_path,
 )
 from bench.nats import connect as nats_connect
-from bench.procs import report
+from bench.procs import report, tail_on_failure
 from bench.region import (
     TS_DIGITS,
     CpuSample,
@@ -778,15 +778,10 @@ def peer_cmd(
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="relay-bench-peer-"))
         log_path = Path(tmp) / "servers.log"
-        try:
+        with tail_on_failure(log_path, "the servers'"):
             doc = run_peer_bench(
                 wl, runs=runs, names=names, nats_exe=exe, log_path=log_path, relay_root=relay_root
             )
-        except Exception:
-            if log_path.exists():
-                tail = log_path.read_text(errors="replace").splitlines()[-40:]
-                _progress("last lines of the servers' output:\n" + "\n".join(tail))
-            raise
     report(doc, human(doc), as_json)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from typing import Any
 
 import click
 import psutil
+
+from relay.child import stop_child
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,13 +95,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, timeout_s: float) ->
 
 def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10) -> None:
     """Stop a benchmark's child process: SIGTERM, then SIGKILL after ``timeout_s``."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_child(proc, timeout_s)
 
 
 @contextlib.contextmanager
@@ -177,6 +172,19 @@ def run_loadgen(srv: Server, mode: str, **opts: Any) -> dict[str, Any]:
     # machine's other load kept it from a whole core.
     result["server_wait"] = round((wait1 - wait0) / secs, 3) if secs else 0.0
     return result
+
+
+@contextlib.contextmanager
+def tail_on_failure(log_path: Path, whose: str, lines: int = 40) -> Iterator[None]:
+    """When the block raises, print the last ``lines`` of ``log_path`` (the output of
+    ``whose``, e.g. "the node's") to stderr, then let the exception go on."""
+    try:
+        yield
+    except Exception:
+        if log_path.exists():
+            tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+            click.echo(f"last lines of {whose} output:\n" + "\n".join(tail), err=True)
+        raise
 
 
 def report(doc: dict[str, Any], lines: list[str], as_json: bool) -> None:

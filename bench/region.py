@@ -55,7 +55,7 @@ import psutil
 import redis
 import redis.asyncio
 
-from bench.procs import report
+from bench.procs import report, tail_on_failure
 from bench.wire import OP_CLOSE, OP_PING, OP_PONG, FrameReader, Masker, handshake_request
 from cluster.keys import lease_key
 from cluster.redisconn import connect, connect_sync
@@ -1423,7 +1423,7 @@ def region_cmd(
             log_path = Path(tmp) / "nodes.log"
         else:
             log_path = Path(node_log)
-        try:
+        with tail_on_failure(log_path, "the nodes'"):
             if redis_cluster:
                 doc = run_cluster_compare(
                     primaries=redis_cluster,
@@ -1457,11 +1457,6 @@ def region_cmd(
                 node_log=log_path,
                 relay_root=relay_root,
             )
-        except Exception:
-            if log_path.exists():
-                tail = log_path.read_text(errors="replace").splitlines()[-40:]
-                _progress("last lines of the nodes' output:\n" + "\n".join(tail))
-            raise
     report(doc, human(doc), as_json)
 
 

@@ -13,8 +13,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.errors import ChangeInProgress, NodeDown, PlanError, RingError
-from cluster.ring import MAX_WEIGHT, Move, Ring
+from cluster.errors import ChangeInProgress, NodeDown, PlanError
+from cluster.ring import MAX_WEIGHT, Move, Ring, SlotAssignment
 
 PLAN_FORMAT = 1
 
@@ -32,11 +32,11 @@ class RingState:
     replicas: int = 0
 
 
-class Placement:
+class Placement(SlotAssignment):
     """Who serves each slot: the ring's owner, unless a planned change holds the slot
     at its old owner. Answers the same questions as :class:`~cluster.ring.Ring`."""
 
-    __slots__ = ("_by_node", "_holds", "_owners", "_prefs", "_replicas_by_node", "ring")
+    __slots__ = ("_holds", "ring")
 
     def __init__(
         self, ring: Ring, holds: Mapping[int, str] | None = None, live: Collection[str] = ()
@@ -48,20 +48,9 @@ class Placement:
         for slot, node in sorted((holds or {}).items()):
             if 0 <= slot < ring.slots and node in live and owners[slot] != node:
                 self._holds[slot] = node
-                owners[slot] = node
                 # The ring's owner-to-be becomes a replica: it tails the log meanwhile.
                 prefs[slot] = (node, *(n for n in prefs[slot] if n != node))[: ring.replicas]
-        self._owners = tuple(owners)
-        self._prefs = tuple(prefs)
-        nodes = sorted(set(ring.nodes) | set(self._holds.values()))
-        by_node: dict[str, list[int]] = {n: [] for n in nodes}
-        replicas_by_node: dict[str, list[int]] = {n: [] for n in nodes}
-        for slot, pref in enumerate(self._prefs):
-            by_node[pref[0]].append(slot)
-            for n in pref[1:]:
-                replicas_by_node[n].append(slot)
-        self._by_node = {n: tuple(s) for n, s in by_node.items()}
-        self._replicas_by_node = {n: tuple(s) for n, s in replicas_by_node.items()}
+        super().__init__(prefs, sorted(set(ring.nodes) | set(self._holds.values())))
 
     @property
     def holds(self) -> Mapping[int, str]:
@@ -84,31 +73,6 @@ class Placement:
     @property
     def replicas(self) -> int:
         return self.ring.replicas
-
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < len(self._owners):
-            raise RingError(f"slot {slot} is not in [0, {len(self._owners)})")
-
-    def owner(self, slot: int) -> str:
-        """The node serving ``slot`` (on every routed op: one check, one index)."""
-        self._check_slot(slot)
-        return self._owners[slot]
-
-    def preference_list(self, slot: int) -> tuple[str, ...]:
-        self._check_slot(slot)
-        return self._prefs[slot]
-
-    def assignment(self) -> tuple[str, ...]:
-        return self._owners
-
-    def slots_of(self, node_id: str) -> tuple[int, ...]:
-        return self._by_node.get(node_id, ())
-
-    def replicas_of(self, node_id: str) -> tuple[int, ...]:
-        return self._replicas_by_node.get(node_id, ())
-
-    def loads(self) -> dict[str, int]:
-        return {n: len(s) for n, s in self._by_node.items()}
 
 
 def effective_weights(leases: Mapping[str, float], state: RingState) -> dict[str, float]:

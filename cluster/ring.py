@@ -32,7 +32,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -259,7 +259,57 @@ def _lift(
                 loads[node] += 1
 
 
-class Ring:
+class SlotAssignment:
+    """Owner and replicas of every slot, and the lookups on them that routing makes: what
+    a :class:`Ring` and a planned change's ``cluster.rebalance.Placement`` share. Built from
+    every slot's preference list (owner first) and the nodes to index, in their order."""
+
+    __slots__ = ("_by_node", "_owners", "_preference", "_replicas_by_node")
+
+    def __init__(self, preference: Sequence[tuple[str, ...]], nodes: Iterable[str]) -> None:
+        self._preference = tuple(preference)
+        self._owners = tuple(p[0] for p in self._preference)
+        by_node: dict[str, list[int]] = {n: [] for n in nodes}
+        replicas_by_node: dict[str, list[int]] = {n: [] for n in by_node}
+        for slot, pref in enumerate(self._preference):
+            by_node[pref[0]].append(slot)
+            for n in pref[1:]:
+                replicas_by_node[n].append(slot)
+        self._by_node = {n: tuple(s) for n, s in by_node.items()}
+        self._replicas_by_node = {n: tuple(s) for n, s in replicas_by_node.items()}
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < len(self._owners):
+            raise RingError(f"slot {slot} is not in [0, {len(self._owners)})")
+
+    def owner(self, slot: int) -> str:
+        """The node that owns ``slot`` (on every routed op: one check, one index)."""
+        self._check_slot(slot)
+        return self._owners[slot]
+
+    def preference_list(self, slot: int) -> tuple[str, ...]:
+        """Owner, then replicas of ``slot``: ``min(R, N)`` distinct nodes."""
+        self._check_slot(slot)
+        return self._preference[slot]
+
+    def assignment(self) -> tuple[str, ...]:
+        """The owner of every slot, indexed by slot."""
+        return self._owners
+
+    def slots_of(self, node_id: str) -> tuple[int, ...]:
+        """The slots ``node_id`` owns, ascending; empty for a node that owns none."""
+        return self._by_node.get(node_id, ())
+
+    def replicas_of(self, node_id: str) -> tuple[int, ...]:
+        """The slots ``node_id`` replicates (not owns), ascending."""
+        return self._replicas_by_node.get(node_id, ())
+
+    def loads(self) -> dict[str, int]:
+        """Slots owned per node, every indexed node included."""
+        return {n: len(s) for n, s in self._by_node.items()}
+
+
+class Ring(SlotAssignment):
     """A region's ring: owner and replicas of every slot, from the members alone.
 
     ``members`` is ``{node_id: weight}`` (positive weights up to :data:`MAX_WEIGHT`) or an
@@ -269,15 +319,11 @@ class Ring:
     """
 
     __slots__ = (
-        "_by_node",
         "_capacity",
         "_load_factor",
         "_members",
         "_min_load_factor",
-        "_owners",
-        "_preference",
         "_replicas",
-        "_replicas_by_node",
         "_slots",
         "_vnodes_per_weight",
     )
@@ -322,16 +368,7 @@ class Ring:
         for _rank in range(1, min(replicas, len(weights))):
             _fill_rank(points, nodes, slot_points, starts, self._capacity, chosen)
 
-        self._preference = tuple(tuple(c) for c in chosen)
-        self._owners = tuple(c[0] for c in chosen)
-        by_node: dict[str, list[int]] = {n: [] for n in weights}
-        replicas_by_node: dict[str, list[int]] = {n: [] for n in weights}
-        for slot, pref in enumerate(self._preference):
-            by_node[pref[0]].append(slot)
-            for n in pref[1:]:
-                replicas_by_node[n].append(slot)
-        self._by_node = {n: tuple(s) for n, s in by_node.items()}
-        self._replicas_by_node = {n: tuple(s) for n, s in replicas_by_node.items()}
+        super().__init__([tuple(c) for c in chosen], weights)
 
     # -- what the ring was built from
 
@@ -368,33 +405,7 @@ class Ring:
         """A node owns at least ``floor(min_load_factor * share)`` slots."""
         return self._min_load_factor
 
-    # -- queries
-
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self._slots:
-            raise RingError(f"slot {slot} is not in [0, {self._slots})")
-
-    def owner(self, slot: int) -> str:
-        """The node that owns ``slot``."""
-        self._check_slot(slot)
-        return self._owners[slot]
-
-    def preference_list(self, slot: int) -> tuple[str, ...]:
-        """Owner, then replicas of ``slot``: ``min(R, N)`` distinct nodes."""
-        self._check_slot(slot)
-        return self._preference[slot]
-
-    def assignment(self) -> tuple[str, ...]:
-        """The owner of every slot, indexed by slot."""
-        return self._owners
-
-    def slots_of(self, node_id: str) -> tuple[int, ...]:
-        """The slots ``node_id`` owns, ascending; empty for a node not on the ring."""
-        return self._by_node.get(node_id, ())
-
-    def replicas_of(self, node_id: str) -> tuple[int, ...]:
-        """The slots ``node_id`` replicates (not owns), ascending."""
-        return self._replicas_by_node.get(node_id, ())
+    # -- queries (and those of SlotAssignment)
 
     def capacity(self, node_id: str) -> int:
         """The most slots ``node_id`` may own (and replicate, per rank)."""
@@ -402,10 +413,6 @@ class Ring:
             return self._capacity[node_id]
         except KeyError:
             raise RingError(f"{node_id!r} is not on the ring") from None
-
-    def loads(self) -> dict[str, int]:
-        """Slots owned per node, every member included."""
-        return {n: len(s) for n, s in self._by_node.items()}
 
     # -- derived rings
 

@@ -10,12 +10,15 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from relay.cli_output import EXIT_USAGE, err, say
 from relay.redisurl import check_url as check_redis_url
+
+if TYPE_CHECKING:
+    from relay.context import Context
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -25,6 +28,18 @@ context_option = click.option(
     default=None,
     help="The CLI context to use (default: $RELAY_CONTEXT, else the current one).",
 )
+
+
+def load_or_exit(name: str, command: str, code: int = EXIT_USAGE, hint: str = "") -> Context:
+    """The CLI context ``name``; when it cannot be read, say why on stderr
+    (``relay COMMAND: …``, then ``hint``) and exit with ``code``."""
+    from relay import context
+
+    try:
+        return context.load(name, os.environ)
+    except context.ContextError as e:
+        err.print(f"relay {command}: {e}{hint}", markup=False, highlight=False)
+        sys.exit(code)
 
 
 def redis_option(f: _F) -> _F:
@@ -69,11 +84,7 @@ def target(
     name = context.selected_name(context_name, os.environ)
     c: context.Context | None = None
     if name:
-        try:
-            c = context.load(name, os.environ)
-        except context.ContextError as e:
-            err.print(f"relay {command}: {e}", markup=False, highlight=False)
-            sys.exit(EXIT_USAGE)
+        c = load_or_exit(name, command)
     if c is None or not c.regions:
         what = "--region" if redis_url else "--redis URL --region R"
         err.print(
@@ -136,11 +147,7 @@ def context_show(name: str | None) -> None:
     if not name:
         err.print("relay context show: no context in use")
         sys.exit(EXIT_USAGE)
-    try:
-        c = context.load(name, os.environ)
-    except context.ContextError as e:
-        err.print(f"relay context show: {e}", markup=False, highlight=False)
-        sys.exit(EXIT_USAGE)
+    c = load_or_exit(name, "context show")
     click.echo(json.dumps({"name": c.name, **c.to_doc()}, indent=2))
 
 

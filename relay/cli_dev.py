@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from relay.cli_context import context_option
+from relay.cli_context import context_option, load_or_exit
 from relay.cli_output import EXIT_FAILED, EXIT_UNAVAILABLE, EXIT_USAGE, err, out, say
 
 # The first node of `relay dev` on the client port a node's config defaults to.
@@ -243,11 +243,7 @@ def _dev_control(context_name: str | None) -> str:
     if not name:
         err.print("relay dev: no CLI context; is `relay dev` running?")
         sys.exit(EXIT_UNAVAILABLE)
-    try:
-        c = context.load(name, os.environ)
-    except context.ContextError as e:
-        err.print(f"relay dev: {e}; is `relay dev` running?", markup=False, highlight=False)
-        sys.exit(EXIT_UNAVAILABLE)
+    c = load_or_exit(name, "dev", EXIT_UNAVAILABLE, "; is `relay dev` running?")
     if not c.dev_control:
         err.print(f"relay dev: context {name!r} is not a `relay dev` cluster")
         sys.exit(EXIT_USAGE)
@@ -270,6 +266,14 @@ def _dev_request(context_name: str | None, doc: dict[str, Any], command: str) ->
     return answer
 
 
+def _say_node(n: dict[str, Any], as_json: bool) -> None:
+    """A node the running ``relay dev`` (re)started: JSON, or one line."""
+    if as_json:
+        click.echo(json.dumps(n))
+    else:
+        say(f"{n['id']} serving at {n['ws']} (admin {n['admin']}, pid {n['pid']})")
+
+
 @dev.command("restart")
 @click.argument("node_id")
 @context_option
@@ -282,11 +286,7 @@ def dev_restart(node_id: str, context_name: str | None, as_json: bool) -> None:
     `relay dev` answers.
     """
     answer = _dev_request(context_name, {"cmd": "restart", "node": node_id}, "restart")
-    n = answer["node"]
-    if as_json:
-        click.echo(json.dumps(n))
-    else:
-        say(f"{n['id']} serving at {n['ws']} (admin {n['admin']}, pid {n['pid']})")
+    _say_node(answer["node"], as_json)
 
 
 @dev.command("start")
@@ -308,11 +308,7 @@ def dev_start(node_id: str, weight: float | None, context_name: str | None, as_j
     answer = _dev_request(
         context_name, {"cmd": "start", "node": node_id, "weight": weight}, "start"
     )
-    n = answer["node"]
-    if as_json:
-        click.echo(json.dumps(n))
-    else:
-        say(f"{n['id']} serving at {n['ws']} (admin {n['admin']}, pid {n['pid']})")
+    _say_node(answer["node"], as_json)
 
 
 @dev.command("nodes")

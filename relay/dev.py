@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from relay.child import stop_child
 from relay.errors import RelayError
 from relay.redis_server import RedisClusterServers, RedisServer
 
@@ -345,13 +346,7 @@ class DevCluster:
     def stop_node(self, node_id: str, timeout_s: float = 15.0) -> None:
         """SIGTERM ``node_id`` (it drains) and wait for it to exit."""
         n = self._node(node_id)
-        if n.proc.poll() is None:
-            n.proc.send_signal(signal.SIGTERM)
-            try:
-                n.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                n.proc.kill()
-                n.proc.wait()
+        stop_child(n.proc, timeout_s)
         n.reported = True
 
     def _node(self, node_id: str) -> DevNode:
@@ -543,12 +538,7 @@ class DevCluster:
                 n.proc.wait()
         self.nodes.clear()
         if self._wan_proc is not None:
-            self._wan_proc.terminate()
-            try:
-                self._wan_proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._wan_proc.kill()
-                self._wan_proc.wait()
+            stop_child(self._wan_proc, 10)
             self._wan_proc = None
         for r in self.redis.values():
             r.stop()

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -19,9 +24,32 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from relay.config import Config, load_config
+from relay.dedupe import DedupeIndex
+from relay.node import Node
 from relay.server import RelayServer
+from relay.store import PendingStore
 
 T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The `relay` command as users run it.
+RELAY = [sys.executable, "-m", "relay"]
+
+
+def run_relay(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``relay ARGS`` as a real process (``env`` added to the test's environment, ``stdin``
+    fed to it); its output captured as text. The caller checks the return code."""
+    return subprocess.run(
+        [*RELAY, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def aio(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
@@ -72,6 +100,54 @@ def _cli_context_home(tmp_path_factory: Any, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("RELAY_CLUSTER__REDIS_URL", raising=False)
 
 
+def run_at_root(
+    cmd: list[str], timeout_s: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` from the repository root (``env``: its whole environment, default the
+    test's), its output captured as text. The caller checks the return code."""
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=env)
+
+
+def memory_node(
+    node_id: str = "eu/n1",
+    *,
+    max_messages: int = 1000,
+    max_bytes: int = 1 << 24,
+    window_ms: int = 600_000,
+    max_ids: int = 10_000,
+    **options: Any,
+) -> Node:
+    """A node core of ``node_id``'s region with these channel caps and dedupe bounds
+    (``options``: the rest of :class:`relay.node.Node`'s arguments), for unit tests."""
+    return Node(
+        node_id=node_id,
+        region=node_id.split("/")[0],
+        store=PendingStore(channel_max_messages=max_messages, channel_max_bytes=max_bytes),
+        dedupe=DedupeIndex(window_ms=window_ms, max_ids=max_ids),
+        **options,
+    )
+
+
+@contextmanager
+def small_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``"64k"``) mounted at the new directory ``mnt`` while the block
+    runs (a full disk on demand), or a skip where mounting is not allowed. Unmounted lazily
+    on exit, so a file a stopped process left open does not keep it."""
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
 def node_config(**sections: dict[str, Any]) -> Config:
     """A config for a test node on free loopback ports, with overrides per section."""
     base = load_config(
@@ -115,6 +191,24 @@ def make_node() -> Iterator[Callable[..., RelayServer]]:
 def anon_node(make_node: Callable[..., RelayServer]) -> RelayServer:
     """A node that allows anonymous clients."""
     return make_node(client={"allow_anonymous": True})
+
+
+@pytest.fixture
+def wss_node(make_node: Callable[..., RelayServer], tmp_path: Path) -> tuple[RelayServer, Any]:
+    """A node that allows anonymous clients on wss://, and its certificate files
+    (``tests.certs.CertFiles``: trust ``ca_path``)."""
+    from tests.certs import write_cert_files
+
+    certs = write_cert_files(tmp_path)
+    node = make_node(
+        client={
+            "allow_anonymous": True,
+            "tls_cert": str(certs.cert_path),
+            "tls_key": str(certs.key_path),
+        }
+    )
+    assert node.ws_url.startswith("wss://")
+    return node, certs
 
 
 @pytest.fixture(scope="session")

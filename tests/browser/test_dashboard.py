@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from relay.dev import DevCluster, page_urls
+from relay.dev import page_urls
 from tests.browser.conftest import PageErrors, chromium, screenshot
-from tests.cluster.conftest import FAST
+from tests.cluster.conftest import FAST, running
 from tests.conftest import aio
 
 REGIONS = ["sg", "fra"]
@@ -26,12 +26,8 @@ CONVERGE_MS = 20_000  # a fresh region settles, a drained node's slots and links
 def cluster2x2() -> Iterator[dict[str, Any]]:
     """Two regions of two nodes each, with short leases; not waited on: the pages show
     the regions settling."""
-    cluster = DevCluster(REGIONS, nodes_per_region=2, cluster_settings=FAST)
-    doc = cluster.start(timeout_s=60)
-    try:
+    with running(REGIONS, settle=False, nodes_per_region=2, cluster_settings=FAST) as (_, doc):
         yield doc
-    finally:
-        cluster.stop()
 
 
 async def expect_region(page: Any, doc: dict[str, Any], region: str) -> None:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from relay.dev import DevCluster, page_urls
+from relay.dev import page_urls
 from tests.browser.conftest import PageErrors, chromium, screenshot
-from tests.cluster.conftest import FAST
+from tests.cluster.conftest import FAST, running
 from tests.conftest import aio
 
 REGIONS = ["sg", "fra", "iad"]
@@ -22,12 +22,8 @@ DELIVER_MS = 10_000  # a message crosses regions (milliseconds here)
 @pytest.fixture
 def world() -> Iterator[dict[str, Any]]:
     """Three regions of one node each, with short leases."""
-    cluster = DevCluster(REGIONS, nodes_per_region=1, cluster_settings=FAST)
-    doc = cluster.start(timeout_s=60)
-    try:
+    with running(REGIONS, settle=False, nodes_per_region=1, cluster_settings=FAST) as (_, doc):
         yield doc
-    finally:
-        cluster.stop()
 
 
 async def wait_settled(page: Any, url: str) -> None:
@@ -123,12 +119,8 @@ async def test_demo_delivers_live_across_regions_and_from_the_store_in_a_third(
 
 @pytest.fixture
 def one_region() -> Iterator[dict[str, Any]]:
-    cluster = DevCluster(["sg"], nodes_per_region=1, cluster_settings=FAST)
-    doc = cluster.start(timeout_s=60)
-    try:
+    with running(["sg"], settle=False, nodes_per_region=1, cluster_settings=FAST) as (_, doc):
         yield doc
-    finally:
-        cluster.stop()
 
 
 @aio

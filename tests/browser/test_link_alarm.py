@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from relay.dev import DevCluster, page_urls
+from relay.dev import page_urls
 from tests.browser.conftest import PageErrors, chromium, screenshot
-from tests.cluster.conftest import FAST, wait_settled
+from tests.cluster.conftest import FAST, running
 from tests.conftest import aio
 from tests.faults.history import History, steady, wan
 
@@ -21,14 +21,8 @@ def linked(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """sg and fra, one node each, an 80 ms WAN between them."""
     monkeypatch.setenv("RELAY_CLIENT__RATE_PER_S", "100000")
     monkeypatch.setenv("RELAY_CLIENT__BURST", "100000")
-    cluster = DevCluster(["sg", "fra"], cluster_settings=FAST, wan_latency_ms=80)
-    doc = cluster.start(timeout_s=60)
-    try:
-        for r in ("sg", "fra"):
-            wait_settled(cluster, doc["regions"][r]["nodes"])
+    with running(["sg", "fra"], cluster_settings=FAST, wan_latency_ms=80) as (_, doc):
         yield doc
-    finally:
-        cluster.stop()
 
 
 @aio

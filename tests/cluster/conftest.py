@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -59,6 +60,23 @@ def wait_settled(cluster: DevCluster, live: list[dict[str, Any]], timeout_s: flo
         time.sleep(0.1)  # poll interval
 
 
+@contextmanager
+def running(
+    regions: list[str], *, settle: bool = True, timeout_s: float = 60, **options: Any
+) -> Iterator[tuple[DevCluster, dict[str, Any]]]:
+    """A ``DevCluster(regions, **options)`` started, with every region settled (unless
+    ``settle=False``: pages that show the regions settling); stopped on exit."""
+    cluster = DevCluster(regions, **options)
+    doc = cluster.start(timeout_s=timeout_s)
+    try:
+        if settle:
+            for r in regions:
+                wait_settled(cluster, doc["regions"][r]["nodes"])
+        yield cluster, doc
+    finally:
+        cluster.stop()
+
+
 # Primaries of the Redis Cluster of a region, in the cluster variant of a test.
 CLUSTER_PRIMARIES = 3
 
@@ -71,19 +89,13 @@ def redis_cluster_of(redis_kind: str) -> int:
 @pytest.fixture
 def region3(redis_kind: str) -> Iterator[tuple[DevCluster, dict[str, Any]]]:
     """One region of three nodes, settled: every slot owned."""
-    cluster = DevCluster(
+    with running(
         ["sg"],
         nodes_per_region=3,
         cluster_settings=FAST,
         redis_cluster=redis_cluster_of(redis_kind),
-    )
-    doc = cluster.start(timeout_s=60)
-    try:
-        nodes = doc["regions"]["sg"]["nodes"]
-        wait_settled(cluster, nodes)
-        yield cluster, doc
-    finally:
-        cluster.stop()
+    ) as world:
+        yield world
 
 
 async def pending_ids(url: str, ch: str) -> list[str]:

@@ -4,12 +4,12 @@ node back, `relay node add` starts and adds one; `--port-base` decides every por
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,16 +20,12 @@ import psutil
 import pytest
 from websockets.sync.client import connect
 
+from relay.child import stop_child
 from relay.context import config_dir
 from relay.dev import port_layout
+from tests.conftest import RELAY, run_relay
 
-RELAY = [sys.executable, "-m", "relay"]
-
-
-def relay(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*RELAY, *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
-    )
+relay = functools.partial(run_relay, timeout=120)
 
 
 def poll(cond: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -56,13 +52,7 @@ def relay_dev(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[byt
         assert proc.poll() is None, errf.read_text()
         yield proc, errf
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_child(proc, 60, signal.SIGINT)
         out.close()
 
 

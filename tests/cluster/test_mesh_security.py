@@ -24,7 +24,7 @@ from cluster.status import owners
 from cluster.wire import Kind
 from relay.codec import AckEvent, MessageEvent, decode_batch
 from relay.dev import DevCluster
-from tests.cluster.conftest import FAST, admin_status, wait_settled
+from tests.cluster.conftest import FAST, admin_status, running
 from tests.conftest import aio
 from tests.meshpeer import MeshPeer
 from tests.wsclient import Client
@@ -32,13 +32,8 @@ from tests.wsclient import Client
 
 @pytest.fixture(scope="module")
 def region2() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
-    cluster = DevCluster(["sg"], nodes_per_region=2, cluster_settings=FAST)
-    doc = cluster.start(timeout_s=60)
-    try:
-        wait_settled(cluster, doc["regions"]["sg"]["nodes"])
-        yield cluster, doc
-    finally:
-        cluster.stop()
+    with running(["sg"], nodes_per_region=2, cluster_settings=FAST) as world:
+        yield world
 
 
 def lease(doc: dict[str, Any], node_id: str) -> Member:

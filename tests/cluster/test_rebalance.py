@@ -5,6 +5,7 @@ under an apply."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import subprocess
 import sys
@@ -12,24 +13,37 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
 import redis
 
 from cluster.ring import Ring
 from relay.client import RelayClient, RetryPolicy
+from relay.dev import DevCluster
 from tests.cluster.conftest import pending_ids, wait_settled
-from tests.conftest import aio, until
+from tests.conftest import aio, run_relay, until
 
 PATIENT = RetryPolicy(max_attempts=400, base_delay_s=0.02, max_delay_s=0.2)
 
 
-def relay(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relay", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        input=stdin,
-    )
+@pytest.fixture
+def region4(
+    region3: tuple[DevCluster, dict[str, Any]],
+) -> tuple[DevCluster, str, list[dict[str, Any]], dict[str, Any]]:
+    """``region3`` and a fourth node, sg/n4, joined with weight 0 (a member owning nothing
+    until ops add it), settled: the cluster, its Redis URL, the first three nodes, sg/n4."""
+    cluster, doc = region3
+    nodes = list(doc["regions"]["sg"]["nodes"])
+    n4 = cluster.add_node("sg", "n4", {"weight": 0})
+    wait_settled(cluster, [*nodes, n4])
+    return cluster, doc["regions"]["sg"]["redis"], nodes, n4
+
+
+relay = functools.partial(run_relay, timeout=120)
+
+
+def plan_sg(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``relay ring plan ARGS`` for region sg of the Redis at ``url``."""
+    return relay("ring", "plan", "--redis", url, "--region", "sg", *args)
 
 
 def owner_records(url: str) -> list[str]:
@@ -46,13 +60,8 @@ def held(url: str) -> int:
 
 
 @aio
-async def test_live_apply_under_publish_load_loses_and_doubles_nothing(region3: Any) -> None:
-    cluster, doc = region3
-    url = doc["regions"]["sg"]["redis"]
-    nodes = list(doc["regions"]["sg"]["nodes"])
-    # A fourth node joins with weight 0: a member, owning nothing until ops add it.
-    n4 = await asyncio.to_thread(cluster.add_node, "sg", "n4", {"weight": 0})
-    await asyncio.to_thread(wait_settled, cluster, [*nodes, n4])
+async def test_live_apply_under_publish_load_loses_and_doubles_nothing(region4: Any) -> None:
+    _, url, nodes, n4 = region4
     assert Counter(owner_records(url))["sg/n4"] == 0
 
     channels = [f"room:{i}" for i in range(48)]
@@ -99,9 +108,7 @@ async def test_live_apply_under_publish_load_loses_and_doubles_nothing(region3: 
     assert [s["weight"] for s in added["steps"]] == [0.5, 1.0]
     assert sum(s["moved_slots"] for s in added["steps"]) > 0
     assert "moving slots" in r.stderr  # the progress bar
-    r = await asyncio.to_thread(
-        relay, "ring", "plan", "--redis", url, "--region", "sg", "--remove", "sg/n1", "--json"
-    )
+    r = await asyncio.to_thread(plan_sg, url, "--remove", "sg/n1", "--json")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["moving_slots"] > 0
@@ -141,21 +148,15 @@ async def test_live_apply_under_publish_load_loses_and_doubles_nothing(region3: 
 
 
 @aio
-async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region3: Any) -> None:
-    cluster, doc = region3
-    url = doc["regions"]["sg"]["redis"]
-    nodes = list(doc["regions"]["sg"]["nodes"])
-    n4 = await asyncio.to_thread(cluster.add_node, "sg", "n4", {"weight": 0})
-    await asyncio.to_thread(wait_settled, cluster, [*nodes, n4])
+async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region4: Any) -> None:
+    _, url, nodes, n4 = region4
 
     # Adding a node that is not running is refused: 69.
     r = await asyncio.to_thread(relay, "node", "add", "sg/n9", "--redis", url)
     assert r.returncode == 69, r.stderr
     assert "no lease" in r.stderr
 
-    r = await asyncio.to_thread(
-        relay, "ring", "plan", "--redis", url, "--region", "sg", "--add", "sg/n4", "--json"
-    )
+    r = await asyncio.to_thread(plan_sg, url, "--add", "sg/n4", "--json")
     assert r.returncode == 0, r.stderr
     plan_doc = r.stdout
     moving = json.loads(plan_doc)["moving_slots"]
@@ -186,9 +187,7 @@ async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region3: Any)
     # The interrupted change is visible and blocks new ones until it is finished.
     r = await asyncio.to_thread(relay, "status", "--redis", url, "--region", "sg", "--json")
     assert json.loads(r.stdout)["held_slots"] == left
-    r = await asyncio.to_thread(
-        relay, "ring", "plan", "--redis", url, "--region", "sg", "--remove", "sg/n2"
-    )
+    r = await asyncio.to_thread(plan_sg, url, "--remove", "sg/n2")
     assert r.returncode == 75, r.stderr
     r = await asyncio.to_thread(relay, "ring", "apply", "-", "--redis", url, stdin=plan_doc)
     assert r.returncode == 75, r.stderr
@@ -223,52 +222,24 @@ async def test_an_interrupted_apply_is_resumed_to_the_planned_ring(region3: Any)
     assert "plan again" in r.stderr
 
     # Plan and apply in one go: a reweight.
-    r = await asyncio.to_thread(
-        relay,
-        "ring",
-        "plan",
-        "--redis",
-        url,
-        "--region",
-        "sg",
-        "--weight",
-        "sg/n4=2",
-        "--apply",
-        "--json",
-    )
+    r = await asyncio.to_thread(plan_sg, url, "--weight", "sg/n4=2", "--apply", "--json")
     assert r.returncode == 0, r.stderr
     both = json.loads(r.stdout)
     assert both["applied"]["moved_slots"] == both["moving_slots"] > 0
     want = Ring({"sg/n1": 1.0, "sg/n2": 1.0, "sg/n3": 1.0, "sg/n4": 2.0}).assignment()
     assert owner_records(url) == list(want)
     # A plan for another slot count than the region's is refused: 2.
-    r = await asyncio.to_thread(
-        relay,
-        "ring",
-        "plan",
-        "--redis",
-        url,
-        "--region",
-        "sg",
-        "--remove",
-        "sg/n4",
-        "--slots",
-        "128",
-    )
+    r = await asyncio.to_thread(plan_sg, url, "--remove", "sg/n4", "--slots", "128")
     assert r.returncode == 2, r.stderr
     assert "256 slots" in r.stderr
 
 
 @aio
-async def test_an_apply_survives_a_node_killed_under_it(region3: Any) -> None:
+async def test_an_apply_survives_a_node_killed_under_it(region4: Any) -> None:
     import os
     import signal
 
-    cluster, doc = region3
-    url = doc["regions"]["sg"]["redis"]
-    nodes = list(doc["regions"]["sg"]["nodes"])
-    n4 = await asyncio.to_thread(cluster.add_node, "sg", "n4", {"weight": 0})
-    await asyncio.to_thread(wait_settled, cluster, [*nodes, n4])
+    cluster, url, nodes, n4 = region4
     channels = [f"room:{i}" for i in range(32)]
     acked: dict[str, list[str]] = {ch: [] for ch in channels}
     stop = asyncio.Event()

@@ -18,7 +18,7 @@ from cluster.redisconn import connect_sync
 from cluster.ring import Ring, diff, slot_of
 from relay.client import RelayClient, RelayErrorReply, RetryPolicy
 from tests.cluster.conftest import admin_status, pending_ids
-from tests.conftest import aio, until
+from tests.conftest import aio, run_relay, until
 from tests.wsclient import Client
 
 
@@ -196,21 +196,13 @@ async def test_drain_moves_slots_with_zero_loss(region3: Any) -> None:
     for i, ch in enumerate(channels):
         await pub.publish(ch, f"before {i}", id=f"b{i}", ack="log")
     proc = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "relay",
-            "node",
-            "drain",
-            leaving["id"],
-            "--redis",
-            doc["regions"]["sg"]["redis"],
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        run_relay,
+        "node",
+        "drain",
+        leaving["id"],
+        "--redis",
+        doc["regions"]["sg"]["redis"],
+        "--json",
     )
     assert proc.returncode == 0, proc.stderr
     assert '"drained": true' in proc.stdout
@@ -226,22 +218,7 @@ async def test_drain_moves_slots_with_zero_loss(region3: Any) -> None:
 def test_status_and_metrics_of_a_region(region3: Any) -> None:
     _, doc = region3
     nodes = nodes_of(doc)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "relay",
-            "status",
-            "--redis",
-            doc["regions"]["sg"]["redis"],
-            "--region",
-            "sg",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_relay("status", "--redis", doc["regions"]["sg"]["redis"], "--region", "sg", "--json")
     assert r.returncode == 0, r.stderr
     import json
 
@@ -297,24 +274,7 @@ async def test_ring_plan_lists_exact_moves_and_what_they_carry(region3: Any) -> 
     await pub.close()
 
     def plan(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "relay",
-                "ring",
-                "plan",
-                "--redis",
-                url,
-                "--region",
-                "sg",
-                "--json",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_relay("ring", "plan", "--redis", url, "--region", "sg", "--json", *args)
 
     r = await asyncio.to_thread(plan, "--add", "sg/n4")
     assert r.returncode == 0, r.stderr

@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,9 +21,10 @@ from tests.cluster.conftest import (
     admin_status,
     pending_ids,
     redis_cluster_of,
-    wait_settled,
+    running,
 )
-from tests.conftest import aio
+from tests.conftest import aio, run_relay
+from tests.faults.history import wan
 
 REGIONS = ["sg", "fra", "iad"]
 PATIENT = RetryPolicy(max_attempts=200, base_delay_s=0.05, max_delay_s=0.2)
@@ -34,20 +33,14 @@ PATIENT = RetryPolicy(max_attempts=200, base_delay_s=0.05, max_delay_s=0.2)
 @pytest.fixture
 def world(redis_kind: str) -> Iterator[tuple[DevCluster, dict[str, Any]]]:
     # A WAN proxy cannot stand before a Redis Cluster: the cluster variant runs without.
-    cluster = DevCluster(
+    with running(
         REGIONS,
         nodes_per_region=1,
         cluster_settings=FAST,
         wan_latency_ms=5 if redis_kind == "server" else None,
         redis_cluster=redis_cluster_of(redis_kind),
-    )
-    doc = cluster.start(timeout_s=60)
-    try:
-        for r in REGIONS:
-            wait_settled(cluster, doc["regions"][r]["nodes"])
-        yield cluster, doc
-    finally:
-        cluster.stop()
+    ) as world:
+        yield world
 
 
 def ws(doc: dict[str, Any], region: str) -> str:
@@ -131,22 +124,7 @@ def test_links_report_their_state(world: Any) -> None:
     assert set(links) == {"fra", "iad"}
     assert all(link["holder"] for link in links.values())
     assert all(link["state"] == "running" for link in links.values())
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "relay",
-            "links",
-            "--redis",
-            doc["regions"]["sg"]["redis"],
-            "--region",
-            "sg",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_relay("links", "--redis", doc["regions"]["sg"]["redis"], "--region", "sg", "--json")
     assert r.returncode == 0, r.stderr
     rows = {row["to"]: row for row in json.loads(r.stdout)["links"]}
     assert set(rows) == {"fra", "iad"}
@@ -166,14 +144,8 @@ def test_links_report_their_state(world: Any) -> None:
 @pytest.fixture
 def world2() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
     """sg with two nodes (so a link can move), fra and iad with one each."""
-    cluster = DevCluster(["sg", "fra", "iad"], nodes_per_region=2, cluster_settings=FAST)
-    doc = cluster.start(timeout_s=90)
-    try:
-        for r in REGIONS:
-            wait_settled(cluster, doc["regions"][r]["nodes"])
-        yield cluster, doc
-    finally:
-        cluster.stop()
+    with running(REGIONS, timeout_s=90, nodes_per_region=2, cluster_settings=FAST) as world:
+        yield world
 
 
 def link_holder(doc: dict[str, Any], dest: str) -> str:
@@ -224,21 +196,11 @@ async def test_ack_remote_survives_losing_the_origin_region(world: Any) -> None:
         await eventually(lambda r=region: pending_ids(ws(doc, r), "inbox:carol"), ids, timeout_s=30)
 
 
-def wan(doc: dict[str, Any], action: str, **params: Any) -> dict[str, Any]:
-    """Drive the WAN proxies' control port: POST, with the token from the ready file."""
-    body = "&".join(f"{k}={v}" for k, v in params.items()).encode()
-    req = urllib.request.Request(f"{doc['wan']['control']}/{action}", data=body, method="POST")
-    req.add_header("Authorization", f"Bearer {doc['wan']['token']}")
-    with urllib.request.urlopen(req, timeout=5) as r:
-        out: dict[str, Any] = json.loads(r.read())
-        return out
-
-
 @aio
 async def test_a_cut_link_is_reported_stalled_and_catches_up_after(world: Any) -> None:
     _, doc = world
     assert set(doc["wan"]["pairs"]) == {f"{a}-{b}" for a in REGIONS for b in REGIONS if a != b}
-    await asyncio.to_thread(wan, doc, "set", pair="sg-iad", blackhole=1)
+    await asyncio.to_thread(wan, doc, "/set", pair="sg-iad", blackhole=1)
     pub = await RelayClient.connect(ws(doc, "sg"), retry=PATIENT)
     ids = [f"c{i}" for i in range(50)]
     for i in ids:
@@ -254,7 +216,7 @@ async def test_a_cut_link_is_reported_stalled_and_catches_up_after(world: Any) -
     await eventually(iad_link_state, "stalled", timeout_s=15)
     assert await pending_ids(ws(doc, "iad"), "inbox:dave") == []
     # The cut heals: iad catches up, nothing lost, nothing doubled.
-    await asyncio.to_thread(wan, doc, "set", pair="sg-iad", blackhole=0)
+    await asyncio.to_thread(wan, doc, "/set", pair="sg-iad", blackhole=0)
     await eventually(lambda: pending_ids(ws(doc, "iad"), "inbox:dave"), ids, timeout_s=30)
     await eventually(iad_link_state, "running", timeout_s=30)
     await pub.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +16,8 @@ import pytest
 from relay.client import RelayClient, RetryPolicy
 from relay.dev import DevCluster
 from relay.redis_server import RedisServer
-from tests.cluster.conftest import FAST, admin_status, pending_ids, wait_settled
-from tests.conftest import aio
+from tests.cluster.conftest import FAST, admin_status, pending_ids, running, wait_settled
+from tests.conftest import aio, small_tmpfs
 
 PATIENT = RetryPolicy(max_attempts=400, base_delay_s=0.05, max_delay_s=0.2)
 SETTINGS = {**FAST, "batch_window_ms": 100}
@@ -26,13 +25,8 @@ SETTINGS = {**FAST, "batch_window_ms": 100}
 
 @pytest.fixture
 def one() -> Iterator[tuple[DevCluster, dict[str, Any]]]:
-    cluster = DevCluster(["sg"], nodes_per_region=1, cluster_settings=SETTINGS)
-    doc = cluster.start(timeout_s=60)
-    try:
-        wait_settled(cluster, doc["regions"]["sg"]["nodes"])
-        yield cluster, doc
-    finally:
-        cluster.stop()
+    with running(["sg"], nodes_per_region=1, cluster_settings=SETTINGS) as world:
+        yield world
 
 
 def node_of(doc: dict[str, Any]) -> dict[str, Any]:
@@ -156,40 +150,31 @@ async def test_a_corrupt_snapshot_is_refused_and_rebuilt_from_the_region(one: An
 
 @aio
 async def test_a_full_disk_does_not_stop_the_node(tmp_path: Path) -> None:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    cluster = DevCluster(["sg"], nodes_per_region=1, cluster_settings=SETTINGS, workdir=None)
-    try:
-        doc = await asyncio.to_thread(cluster.start, 60)
-        node = node_of(doc)
-        await asyncio.to_thread(wait_settled, cluster, [node])
-        # Point the node's data directory at the tiny disk and restart it there.
-        os.kill(node["pid"], signal.SIGKILL)
-        cfg = Path(cluster.workdir or "") / "sg" / "n1" / "node.toml"
-        text = cfg.read_text().replace(
-            str(Path(cluster.workdir or "") / "sg" / "n1" / "data"), str(mnt / "data")
-        )
-        cfg.write_text(text)
-        node = await restart(cluster, doc)
-        c = await RelayClient.connect(node["ws"], retry=PATIENT)
-        body = "y" * 60_000
-        deadline = time.monotonic() + 30
-        i = 0
-        while (await status(node))["cluster"]["snapshots"]["failures"] == 0:
-            assert time.monotonic() < deadline, "the disk never filled"
-            await c.publish(f"inbox:{i % 40}", body, id=f"f{i}", ack="log")
-            i += 1
-        # Still serving, and still acknowledging at log.
-        a = await c.publish("inbox:after", "still here", id="after", ack="log")
-        assert a.ack == "log"
-        await c.close()
-    finally:
-        await asyncio.to_thread(cluster.stop)
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with small_tmpfs(tmp_path / "small", "256k") as mnt:
+        cluster = DevCluster(["sg"], nodes_per_region=1, cluster_settings=SETTINGS, workdir=None)
+        try:
+            doc = await asyncio.to_thread(cluster.start, 60)
+            node = node_of(doc)
+            await asyncio.to_thread(wait_settled, cluster, [node])
+            # Point the node's data directory at the tiny disk and restart it there.
+            os.kill(node["pid"], signal.SIGKILL)
+            cfg = Path(cluster.workdir or "") / "sg" / "n1" / "node.toml"
+            text = cfg.read_text().replace(
+                str(Path(cluster.workdir or "") / "sg" / "n1" / "data"), str(mnt / "data")
+            )
+            cfg.write_text(text)
+            node = await restart(cluster, doc)
+            c = await RelayClient.connect(node["ws"], retry=PATIENT)
+            body = "y" * 60_000
+            deadline = time.monotonic() + 30
+            i = 0
+            while (await status(node))["cluster"]["snapshots"]["failures"] == 0:
+                assert time.monotonic() < deadline, "the disk never filled"
+                await c.publish(f"inbox:{i % 40}", body, id=f"f{i}", ack="log")
+                i += 1
+            # Still serving, and still acknowledging at log.
+            a = await c.publish("inbox:after", "still here", id="after", ack="log")
+            assert a.ack == "log"
+            await c.close()
+        finally:
+            await asyncio.to_thread(cluster.stop)

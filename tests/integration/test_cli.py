@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,19 +13,8 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect
 
-RELAY = [sys.executable, "-m", "relay"]
-
-
-def relay(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*RELAY, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+from tests.conftest import RELAY
+from tests.conftest import run_relay as relay
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen[Any], timeout_s: float = 30) -> dict[str, Any]:

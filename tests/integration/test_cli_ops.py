@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,21 +16,10 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect
 
+from relay.child import stop_child
 from relay.context import Context, config_dir, save
-
-RELAY = [sys.executable, "-m", "relay"]
-
-
-def relay(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*RELAY, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+from tests.conftest import RELAY
+from tests.conftest import run_relay as relay
 
 
 def serve(cfg: Path, ready: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -49,16 +36,6 @@ def serve(cfg: Path, ready: Path, env: dict[str, str] | None = None) -> subproce
         assert time.monotonic() < deadline, "relay serve did not start"
         time.sleep(0.05)  # poll interval
     return proc
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
@@ -81,7 +58,7 @@ def region_t(redis_url: str, tmp_path: Path) -> Iterator[str]:
             time.sleep(0.1)  # poll interval while the node claims its slots
         yield redis_url
     finally:
-        stop(proc)
+        stop_child(proc, 15)
 
 
 # -- stdout and stderr -------------------------------------------------------------
@@ -276,7 +253,7 @@ def test_config_init_then_token_then_a_client_publishes(tmp_path: Path) -> None:
             ws.send(json.dumps({"op": "hello"}))  # no token: refused
             assert objects(ws, 1)[0]["code"] == "unauthorized"
     finally:
-        stop(proc)
+        stop_child(proc, 15)
 
 
 def test_token_exit_codes(tmp_path: Path) -> None:

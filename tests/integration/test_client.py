@@ -37,7 +37,6 @@ from relay.client import (
 from relay.server import RelayServer
 from relay.session import Outcome, Session
 from relay.ws import RelayProtocol
-from tests.certs import write_cert_files
 from tests.conftest import aio, until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,16 +165,8 @@ async def test_token_grants_and_forbidden_is_not_retried(make_node: Any) -> None
 
 
 @aio
-async def test_wss_with_ssl_context(make_node: Any, tmp_path: Path) -> None:
-    certs = write_cert_files(tmp_path)
-    node = make_node(
-        client={
-            "allow_anonymous": True,
-            "tls_cert": str(certs.cert_path),
-            "tls_key": str(certs.key_path),
-        }
-    )
-    assert node.ws_url.startswith("wss://")
+async def test_wss_with_ssl_context(wss_node: Any) -> None:
+    node, certs = wss_node
     ctx = ssl.create_default_context(cafile=str(certs.ca_path))
     async with await connect(node, ssl=ctx) as c:
         assert (await c.publish("tls", "secret")).dup is False

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -46,94 +47,95 @@ def receiver(dest: str, node: str = "fra/n1") -> Receiver:
     return rx
 
 
-@aio
-async def test_entries_are_copied_with_the_same_ids_and_resume_after_restart(two: Any) -> None:
+@asynccontextmanager
+async def ends(two: tuple[str, str]) -> AsyncIterator[tuple[RedisSlotLog, RedisSlotLog]]:
+    """The origin's slot log and the destination's, its receiver running; all stopped
+    and closed on exit."""
     origin_url, dest_url = two
     rx = receiver(dest_url)
     origin = RedisSlotLog.from_url(origin_url, "sg")
     dest = RedisSlotLog.from_url(dest_url, "fra")
-    for s in (1, 2):
-        await origin.set_owner(s, A, 1)
-    ids = [await origin.append(1, A, 1, b"one-%d" % i) for i in range(3)]
-    ids2 = [await origin.append(2, A, 1, b"two")]
-    first = link(origin_url, dest_url)
-    first.start()
-    await until(lambda: first.copied_entries == 4, what="copied")
-    assert [e.id for e in await dest.read(1, origin="sg")] == ids
-    assert [e.id for e in await dest.read(2, origin="sg")] == ids2
-    await first.stop()
-    # More entries while no link runs; a new link resumes from the mirrors' tops.
-    ids += [await origin.append(1, A, 1, b"later")]
-    second = link(origin_url, dest_url)
-    second.start()
-    await until(lambda: second.copied_entries == 1, what="resumed")
-    assert [e.id for e in await dest.read(1, origin="sg")] == ids
-    # Copied whole: same ids, bytes and prev (each entry names the one before it).
-    assert [e.prev for e in await dest.read(1, origin="sg")] == [START_ID, *ids[:-1]]
-    assert await dest.read(1, origin="sg") == await origin.read(1)
-    assert second.gaps_total == 0
-    await second.stop()
-    await rx.stop()
-    await origin.close()
-    await dest.close()
+    try:
+        yield origin, dest
+    finally:
+        await rx.stop()
+        await origin.close()
+        await dest.close()
+
+
+@aio
+async def test_entries_are_copied_with_the_same_ids_and_resume_after_restart(two: Any) -> None:
+    origin_url, dest_url = two
+    async with ends(two) as (origin, dest):
+        for s in (1, 2):
+            await origin.set_owner(s, A, 1)
+        ids = [await origin.append(1, A, 1, b"one-%d" % i) for i in range(3)]
+        ids2 = [await origin.append(2, A, 1, b"two")]
+        first = link(origin_url, dest_url)
+        first.start()
+        await until(lambda: first.copied_entries == 4, what="copied")
+        assert [e.id for e in await dest.read(1, origin="sg")] == ids
+        assert [e.id for e in await dest.read(2, origin="sg")] == ids2
+        await first.stop()
+        # More entries while no link runs; a new link resumes from the mirrors' tops.
+        ids += [await origin.append(1, A, 1, b"later")]
+        second = link(origin_url, dest_url)
+        second.start()
+        await until(lambda: second.copied_entries == 1, what="resumed")
+        assert [e.id for e in await dest.read(1, origin="sg")] == ids
+        # Copied whole: same ids, bytes and prev (each entry names the one before it).
+        assert [e.prev for e in await dest.read(1, origin="sg")] == [START_ID, *ids[:-1]]
+        assert await dest.read(1, origin="sg") == await origin.read(1)
+        assert second.gaps_total == 0
+        await second.stop()
 
 
 @aio
 async def test_only_the_lease_holder_copies(two: Any) -> None:
     origin_url, dest_url = two
-    rx = receiver(dest_url)
-    a, b = link(origin_url, dest_url, "sg/n1"), link(origin_url, dest_url, "sg/n2")
-    a.start()
-    await until(lambda: a.holding, what="a holds the lease")
-    b.start()
-    origin = RedisSlotLog.from_url(origin_url, "sg")
-    await origin.set_owner(3, A, 1)
-    await origin.append(3, A, 1, b"x")
-    await until(lambda: a.copied_entries == 1, what="copied by a")
-    assert not b.holding and b.copied_entries == 0
-    # The holder goes away: the other takes the lease over and nothing is copied twice.
-    await a.stop()
-    await origin.append(3, A, 1, b"y")
-    await until(lambda: b.holding and b.copied_entries == 1, timeout_s=10, what="b took over")
-    dest = RedisSlotLog.from_url(dest_url, "fra")
-    assert [e.data for e in await dest.read(3, origin="sg")] == [b"x", b"y"]
-    await b.stop()
-    await rx.stop()
-    await origin.close()
-    await dest.close()
+    async with ends(two) as (origin, dest):
+        a, b = link(origin_url, dest_url, "sg/n1"), link(origin_url, dest_url, "sg/n2")
+        a.start()
+        await until(lambda: a.holding, what="a holds the lease")
+        b.start()
+        await origin.set_owner(3, A, 1)
+        await origin.append(3, A, 1, b"x")
+        await until(lambda: a.copied_entries == 1, what="copied by a")
+        assert not b.holding and b.copied_entries == 0
+        # The holder goes away: the other takes the lease over and nothing is copied twice.
+        await a.stop()
+        await origin.append(3, A, 1, b"y")
+        await until(lambda: b.holding and b.copied_entries == 1, timeout_s=10, what="b took over")
+        assert [e.data for e in await dest.read(3, origin="sg")] == [b"x", b"y"]
+        await b.stop()
 
 
 @aio
 async def test_a_trimmed_resume_point_is_resynced_from_the_checkpoint(two: Any) -> None:
     origin_url, dest_url = two
-    rx = receiver(dest_url)
-    origin = RedisSlotLog.from_url(origin_url, "sg")
-    dest = RedisSlotLog.from_url(dest_url, "fra")
-    await origin.set_owner(5, A, 1)
-    first = link(origin_url, dest_url)
-    first.start()
-    old = await origin.append(5, A, 1, b"old")
-    await until(lambda: first.copied_entries == 1, what="first copy")
-    await first.stop()
-    # While the link is down the origin checkpoints and trims past the mirror's top.
-    mid = [await origin.append(5, A, 1, b"mid-%d" % i) for i in range(3)]
-    await origin.write_checkpoint(5, A, 1, b"STATE", mid[-1])
-    trimmed = await origin.trim(5, mid[-1])
-    assert trimmed.removed >= 2
-    after = await origin.append(5, A, 1, b"after")
-    second = link(origin_url, dest_url)
-    second.start()
-    await until(lambda: second.copied_entries >= 1 and second.gaps_total == 1, what="resync")
-    mirror = await dest.read(5, origin="sg")
-    assert [(e.id, e.data) for e in mirror] == [
-        (old, b"old"),
-        (mid[-1], b"STATE"),
-        (after, b"after"),
-    ]
-    # The origin's prev is kept: `after` follows mid[-1], whose state the resync copied.
-    assert (mirror[0].prev, mirror[2].prev) == (START_ID, mid[-1])
-    assert second.status(0)["gaps_total"] == 1
-    await second.stop()
-    await rx.stop()
-    await origin.close()
-    await dest.close()
+    async with ends(two) as (origin, dest):
+        await origin.set_owner(5, A, 1)
+        first = link(origin_url, dest_url)
+        first.start()
+        old = await origin.append(5, A, 1, b"old")
+        await until(lambda: first.copied_entries == 1, what="first copy")
+        await first.stop()
+        # While the link is down the origin checkpoints and trims past the mirror's top.
+        mid = [await origin.append(5, A, 1, b"mid-%d" % i) for i in range(3)]
+        await origin.write_checkpoint(5, A, 1, b"STATE", mid[-1])
+        trimmed = await origin.trim(5, mid[-1])
+        assert trimmed.removed >= 2
+        after = await origin.append(5, A, 1, b"after")
+        second = link(origin_url, dest_url)
+        second.start()
+        await until(lambda: second.copied_entries >= 1 and second.gaps_total == 1, what="resync")
+        mirror = await dest.read(5, origin="sg")
+        assert [(e.id, e.data) for e in mirror] == [
+            (old, b"old"),
+            (mid[-1], b"STATE"),
+            (after, b"after"),
+        ]
+        # The origin's prev is kept: `after` follows mid[-1], whose state the resync copied.
+        assert (mirror[0].prev, mirror[2].prev) == (START_ID, mid[-1])
+        assert second.status(0)["gaps_total"] == 1
+        await second.stop()

@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 import pytest
 import websockets
 
-from relay.dev import DevCluster
 from relay.server import RelayServer
-from tests.conftest import aio
+from tests.cluster.conftest import running
+from tests.conftest import aio, run_relay
 
 
 def http(
@@ -60,12 +60,8 @@ async def test_the_admin_port_on_loopback_refuses_other_hosts(anon_node: RelaySe
 
 @pytest.fixture(scope="module")
 def dev_node() -> Iterator[dict[str, Any]]:
-    cluster = DevCluster(["sg"], nodes_per_region=1)
-    doc = cluster.start(timeout_s=60)
-    try:
+    with running(["sg"], settle=False, nodes_per_region=1) as (_, doc):
         yield doc["regions"]["sg"]["nodes"][0]
-    finally:
-        cluster.stop()
 
 
 @aio
@@ -122,12 +118,7 @@ def test_the_wan_control_needs_post_the_token_and_good_values(wan: dict[str, Any
 def test_a_name_starting_with_127_is_not_loopback_for_config_validate(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text('[admin]\nhost = "127.evil.example"\n')
-    r = subprocess.run(
-        [sys.executable, "-m", "relay", "config", "validate", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_relay("config", "validate", str(path))
     assert r.returncode == 78, r.stderr
     assert (
         "admin.token: must be set when admin.host is not a loopback address" in r.stdout + r.stderr
@@ -142,15 +133,10 @@ def ws_handshake_status(host_port: tuple[str, int], host_header: str) -> int:
         "Upgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
-    with socket.create_connection(host_port, timeout=5) as s:
+    with socket.create_connection(host_port, timeout=5) as s, s.makefile("rb") as answer:
         s.sendall(request.encode())
-        data = b""
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return int(data.split(b" ", 2)[1])
+        status_line = answer.readline()
+    return int(status_line.split(b" ", 2)[1])
 
 
 @aio
@@ -168,12 +154,7 @@ def test_config_validate_refuses_an_open_mesh_without_a_secret(tmp_path: Path) -
     path = tmp_path / "node.toml"
     base = '[cluster]\nredis_url = "redis://127.0.0.1:6379/0"\nmesh_host = "0.0.0.0"\n'
     path.write_text(base)
-    r = subprocess.run(
-        [sys.executable, "-m", "relay", "config", "validate", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_relay("config", "validate", str(path))
     assert r.returncode == 78, r.stderr
     assert (
         "cluster.mesh_secret: must be set when cluster.mesh_host is not a loopback"
@@ -181,10 +162,5 @@ def test_config_validate_refuses_an_open_mesh_without_a_secret(tmp_path: Path) -
     )
     path.write_text(base + f'mesh_secret = "{"m" * 32}"\n')
     path.chmod(0o600)
-    r = subprocess.run(
-        [sys.executable, "-m", "relay", "config", "validate", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_relay("config", "validate", str(path))
     assert r.returncode == 0, r.stderr

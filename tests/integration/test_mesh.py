@@ -72,6 +72,14 @@ def make(node_id: str, rec: Recorder, **kw: Any) -> Mesh:
     return Mesh(node_id=node_id, epoch=1, handler=rec, reactor=reactor, clock=time.monotonic, **kw)
 
 
+def listening(**kw: Any) -> tuple[Recorder, Mesh, int]:
+    """Node sg/b (``make`` arguments ``kw``) listening on a free loopback port: its
+    recorder, its mesh and the port, for a hand-made peer to dial."""
+    rb = Recorder()
+    b = make("sg/b", rb, **kw)
+    return rb, b, b.listen("127.0.0.1", 0)
+
+
 async def raw_peer(
     port: int, node_id: str = "sg/a", secret: str | None = SECRET, epoch: int = 1
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -174,9 +182,7 @@ async def test_garbage_peers_are_cut_off_and_node_keeps_serving(pair: Any, paylo
 
 @aio
 async def test_peer_that_stops_reading_is_cut_off() -> None:
-    rb = Recorder()
-    b = make("sg/b", rb, max_outbound_bytes=1_000_000, ping_timeout_s=60)
-    port = b.listen("127.0.0.1", 0)
+    rb, b, port = listening(max_outbound_bytes=1_000_000, ping_timeout_s=60)
     # A peer that says hello and then never reads.
     _reader, writer = await raw_peer(port)
     writer.transport.pause_reading()  # type: ignore[attr-defined]
@@ -196,9 +202,7 @@ async def test_peer_that_stops_reading_is_cut_off() -> None:
 
 @aio
 async def test_silent_peer_is_dropped_by_pings() -> None:
-    rb = Recorder()
-    b = make("sg/b", rb, ping_interval_s=0.05, ping_timeout_s=0.2)
-    port = b.listen("127.0.0.1", 0)
+    rb, b, port = listening(ping_interval_s=0.05, ping_timeout_s=0.2)
     _reader, writer = await raw_peer(port)  # then never answers a ping
     await until(lambda: "sg/a" in rb.down, timeout_s=5, what="dropped for missed pings")
     writer.close()
@@ -284,9 +288,7 @@ async def test_a_peer_without_a_live_lease_at_its_epoch_is_refused() -> None:
 
 @aio
 async def test_a_peer_that_never_finishes_the_handshake_is_cut_off() -> None:
-    rb = Recorder()
-    b = make("sg/b", rb, ping_interval_s=0.05, ping_timeout_s=0.2)
-    port = b.listen("127.0.0.1", 0)
+    _, b, port = listening(ping_interval_s=0.05, ping_timeout_s=0.2)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)  # says nothing
     assert await _closed(reader, 3.0)
     assert b.counters["refused"] == 1

@@ -14,7 +14,6 @@ import random
 import shutil
 import stat
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from relay.snapshot_io import (
     prepare_data_dir,
     write_snapshot,
 )
+from tests.conftest import small_tmpfs
 
 HLC = 1_700_000_000_000 << 16
 EXPIRES = 1_700_604_800_000
@@ -222,20 +222,8 @@ def assert_old_kept(slots: Path, slot: int, old: bytes) -> None:
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs mounted for this test, or a skip where mounting is not allowed."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "tmpfs", "64k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_a_full_disk_keeps_the_previous_snapshot(tiny_tmpfs: Path) -> None:

@@ -39,16 +39,8 @@ def _upgrade_and_ping(host: str, port: int, ctx: ssl.SSLContext, session: Any) -
 
 
 @aio
-async def test_wss_serves_and_resumes_sessions(make_node: Any, tmp_path: Path) -> None:
-    files = write_cert_files(tmp_path)
-    node = make_node(
-        client={
-            "allow_anonymous": True,
-            "tls_cert": str(files.cert_path),
-            "tls_key": str(files.key_path),
-        }
-    )
-    assert node.ws_url.startswith("wss://")
+async def test_wss_serves_and_resumes_sessions(wss_node: Any) -> None:
+    node, files = wss_node
     ctx = ssl.create_default_context(cafile=str(files.ca_path))
     # Through an independent WebSocket client over TLS.
     c = await Client.connect(node.ws_url.replace("127.0.0.1", "localhost"), ssl=ctx)

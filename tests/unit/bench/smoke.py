@@ -4,15 +4,13 @@ and a tiny run of a bench module in its own process, its one JSON document parse
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
 from click.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parents[3]
+from tests.conftest import run_at_root
 
 
 def command_help(register: Callable[[click.Group], Any], name: str) -> str:
@@ -29,7 +27,7 @@ def command_help(register: Callable[[click.Group], Any], name: str) -> str:
 def run_json(cmd: list[str], timeout_s: float) -> tuple[dict[str, Any], str]:
     """Run ``cmd`` from the repository root; it must exit 0 and print one JSON document,
     and nothing else, on stdout. The document and the run's stderr."""
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    r = run_at_root(cmd, timeout_s)
     assert r.returncode == 0, r.stderr[-3000:]
     doc: dict[str, Any] = json.loads(r.stdout)  # stdout holds the document and nothing else
     return doc, r.stderr

@@ -4,14 +4,14 @@ nats-server), in its own process, and without nats-server it says so and exits 3
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from bench.peer import EXIT_NO_NATS, register
-from tests.unit.bench.smoke import ROOT, command_help, run_json
+from tests.conftest import ROOT, run_at_root
+from tests.unit.bench.smoke import command_help, run_json
 
 
 def test_peer_command_is_registered() -> None:
@@ -23,7 +23,7 @@ def test_peer_command_is_registered() -> None:
 def test_without_nats_server_it_says_so_and_exits_3(tmp_path: Path) -> None:
     env = {"PATH": str(tmp_path), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "bench.peer", "--runs", "1", "--json"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    r = run_at_root(cmd, 30, env)
     assert r.returncode == EXIT_NO_NATS == 3
     assert "nats-server not found" in r.stderr
     assert r.stdout == ""

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.unit.bench.smoke import ROOT, run_json
+from tests.conftest import run_at_root
+from tests.unit.bench.smoke import run_json
 
 
 def test_tiny_soak_prints_one_json_document_and_loses_nothing() -> None:
@@ -30,14 +30,7 @@ def test_tiny_soak_prints_one_json_document_and_loses_nothing() -> None:
 
 def test_side_by_side_without_nats_server_says_so_and_exits_3(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(tmp_path)}  # a PATH with no nats-server on it
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.replication", "--quick", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    r = run_at_root([sys.executable, "-m", "bench.replication", "--quick", "--json"], 60, env)
     assert r.returncode == 3, r.stderr[-2000:]
     assert "nats-server is not on the PATH" in r.stderr and r.stdout == ""
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from click.testing import CliRunner
 
 from bench import hotpath, memory
 from bench.commands import register
-from bench.procs import run_loadgen, server
+from bench.procs import run_loadgen, server, tail_on_failure
 from bench.wire import FrameReader, Masker
 
 
@@ -58,3 +61,14 @@ def test_relay_bench_lists_its_commands() -> None:
     out = CliRunner().invoke(group, ["--help"]).output
     for name in ("ingest", "delivery", "memory", "hotpath"):
         assert name in out
+
+
+def test_a_failed_run_prints_the_tail_of_the_log_and_raises_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "nodes.log"
+    log.write_text("\n".join(f"line {i}" for i in range(50)))
+    with pytest.raises(RuntimeError, match="boom"), tail_on_failure(log, "the nodes'"):
+        raise RuntimeError("boom")
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["last lines of the nodes' output:", *(f"line {i}" for i in range(10, 50))]

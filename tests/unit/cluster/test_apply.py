@@ -7,20 +7,14 @@ from hypothesis import strategies as st
 
 from cluster.apply import apply_events, slot_state
 from relay.codec import AckEvent, Event, MessageEvent
-from relay.dedupe import DedupeIndex
 from relay.node import Node
-from relay.store import PendingStore
+from tests.conftest import memory_node
 
 NOW = 1_800_000_000_000
 
 
 def fresh() -> Node:
-    return Node(
-        node_id="sg/n1",
-        region="sg",
-        store=PendingStore(channel_max_messages=10_000, channel_max_bytes=1 << 30),
-        dedupe=DedupeIndex(window_ms=600_000, max_ids=100_000),
-    )
+    return memory_node("sg/n1", max_messages=10_000, max_bytes=1 << 30, max_ids=100_000)
 
 
 def msg(i: int, ch: str = "c") -> MessageEvent:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from relay.dedupe import DedupeIndex
 from relay.hlc import HybridClock, from_ms, physical_ms
 from relay.node import Accepted, Node
-from relay.store import PendingStore
+from tests.conftest import memory_node
 
 T0 = 1_700_000_000_000
 WINDOW_MS = 600_000
@@ -15,11 +14,8 @@ TTL_MS = 60_000
 def make_node(
     *, max_messages: int = 100, max_bytes: int = 1 << 20, window_ms: int = WINDOW_MS
 ) -> Node:
-    return Node(
-        node_id="eu/n1",
-        region="eu",
-        store=PendingStore(channel_max_messages=max_messages, channel_max_bytes=max_bytes),
-        dedupe=DedupeIndex(window_ms=window_ms, max_ids=1000),
+    return memory_node(
+        max_messages=max_messages, max_bytes=max_bytes, window_ms=window_ms, max_ids=1000
     )
 
 
@@ -45,12 +41,8 @@ def test_publish_accepts_with_increasing_timestamps() -> None:
 
 def test_publish_uses_the_given_clock() -> None:
     clock = HybridClock(last=from_ms(T0 + 1000))
-    node = Node(
-        node_id="eu/n1",
-        region="eu",
-        store=PendingStore(channel_max_messages=10, channel_max_bytes=1 << 20),
-        dedupe=DedupeIndex(window_ms=WINDOW_MS, max_ids=10),
-        clock=clock,
+    node = memory_node(
+        max_messages=10, max_bytes=1 << 20, window_ms=WINDOW_MS, max_ids=10, clock=clock
     )
     assert pub(node, "c", "1", T0).hlc == from_ms(T0 + 1000) + 1
 

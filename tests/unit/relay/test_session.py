@@ -15,12 +15,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from relay.auth import TokenVerifier
-from relay.dedupe import DedupeIndex
 from relay.errors import Code, FrameError
 from relay.frames import Format, decode_body_b64, decode_frame
 from relay.node import Node
 from relay.session import Limits, Outcome, Session, SubscriptionBudget, message_object
-from relay.store import PendingStore
+from tests.conftest import memory_node
 
 T0_MS = 1_700_000_000_000
 T0_S = T0_MS / 1000
@@ -48,15 +47,6 @@ class Clock:
         self.ms += round(dt_s * 1000)
 
 
-def make_node() -> Node:
-    return Node(
-        node_id="eu/n1",
-        region="eu",
-        store=PendingStore(channel_max_messages=1000, channel_max_bytes=1 << 24),
-        dedupe=DedupeIndex(window_ms=600_000, max_ids=10_000),
-    )
-
-
 class Conn:
     """A session and the clock it is fed with."""
 
@@ -71,7 +61,7 @@ class Conn:
         overloaded: bool = False,
         budget: SubscriptionBudget | None = None,
     ) -> None:
-        self.node = node or make_node()
+        self.node = node or memory_node()
         self.clock = clock or Clock()
         self.fmt = fmt
         self.session = Session(
@@ -139,7 +129,7 @@ def test_hello_with_a_token_is_welcomed() -> None:
 
 
 def test_sessions_get_distinct_ids() -> None:
-    node = make_node()
+    node = memory_node()
     assert Conn(node).session.id != Conn(node).session.id
 
 
@@ -274,7 +264,7 @@ def test_batched_frame_answers_in_order() -> None:
 
 
 def test_duplicate_pub_is_acked_with_the_first_timestamp_and_not_delivered() -> None:
-    node = make_node()
+    node = memory_node()
     sub = Conn(node)
     sub.send({"op": "sub", "ch": "room"})
     c = Conn(node)
@@ -287,7 +277,7 @@ def test_duplicate_pub_is_acked_with_the_first_timestamp_and_not_delivered() -> 
 
 
 def test_sub_replays_pending_messages_oldest_first() -> None:
-    node = make_node()
+    node = memory_node()
     p = Conn(node)
     for i in range(3):
         p.send(pub(f"m{i}", body=f"body {i}"))
@@ -313,7 +303,7 @@ def test_sub_replays_pending_messages_oldest_first() -> None:
 
 
 def test_live_messages_are_delivered_to_subscribers() -> None:
-    node = make_node()
+    node = memory_node()
     a, b = Conn(node), Conn(node)
     a.send({"op": "sub", "ch": "room"})
     out = b.send(pub("m1"))
@@ -329,7 +319,7 @@ def test_live_messages_are_delivered_to_subscribers() -> None:
 
 
 def test_msgpack_binary_body_reaches_json_subscribers_as_base64() -> None:
-    node = make_node()
+    node = memory_node()
     m = Conn(node, fmt=Format.MSGPACK)
     out = m.send(pub("bin", body=b"\xff\x00\xfe"))
     assert ops(out) == ["welcome", "puback"]
