@@ -9,10 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.chain import parse_id
-from cluster.interest import Interest
-from cluster.ownership import OwnershipCore
 from cluster.persist import Persistence, Trim
-from cluster.positions import Positions, Tombstones
 from cluster.regioncore import (
     CheckpointDue,
     CheckpointFailed,
@@ -24,12 +21,9 @@ from cluster.regioncore import (
     SnapshotStart,
     SnapshotWritten,
 )
-from cluster.slots import SlotEvent, SlotTable
-from relay.batch import Batcher
-from relay.dedupe import DedupeIndex
-from relay.node import Node
-from relay.store import PendingStore
+from cluster.slots import SlotEvent
 from tests.conftest import FakeClock
+from tests.unit.cluster.cores import region_core
 
 ME = "sg/n1"
 SLOTS = 8
@@ -38,23 +32,8 @@ NOW_MS = 1_000_000
 
 
 def make() -> RegionCore:
-    node = Node(
-        node_id=ME,
-        region="sg",
-        store=PendingStore(channel_max_messages=100, channel_max_bytes=1 << 16),
-        dedupe=DedupeIndex(window_ms=60_000, max_ids=1000),
-    )
-    return RegionCore(
-        me=ME,
-        region="sg",
-        node=node,
-        batcher=Batcher(window_ms=100),
-        ownership=OwnershipCore(ME, SlotTable(), SLOTS, 2),
-        positions=Positions(["fra"]),
-        interest=Interest(),
-        acks=Tombstones(100),
-        persist=Persistence(checkpoint_interval_s=EVERY, max_backlog_s=60.0),
-    )
+    persist = Persistence(checkpoint_interval_s=EVERY, max_backlog_s=60.0)
+    return region_core(ME, SLOTS, messages=100, dedupe_ms=60_000, tombstones=100, persist=persist)
 
 
 def own(c: RegionCore, slot: int, logged: str | None = "0-0") -> None:

@@ -8,10 +8,8 @@ from typing import Any, NamedTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.interest import Interest
 from cluster.meshops import MeshPub
-from cluster.ownership import AuditDue, OwnershipCore, Rebalance, Tick
-from cluster.positions import Positions, Tombstones
+from cluster.ownership import AuditDue, Rebalance, Tick
 from cluster.rebalance import RingState
 from cluster.regioncore import (
     CLAIM_ATTEMPTS,
@@ -42,13 +40,12 @@ from cluster.regioncore import (
     message_fields,
 )
 from cluster.ring import slot_of
-from cluster.slots import SlotEvent, SlotTable
-from relay.batch import AppendToLog, Batcher
-from relay.dedupe import DedupeIndex
+from cluster.slots import SlotEvent
+from relay.batch import AppendToLog
 from relay.errors import Code
-from relay.node import Node
-from relay.store import Message, PendingStore
+from relay.store import Message
 from tests.conftest import FakeClock
+from tests.unit.cluster.cores import region_core
 
 ME = "sg/n1"
 PEER = "sg/n2"
@@ -65,23 +62,7 @@ class Entry(NamedTuple):
 
 
 def make(*, links: bool = False, own_all: bool = True) -> RegionCore:
-    node = Node(
-        node_id=ME,
-        region="sg",
-        store=PendingStore(channel_max_messages=1000, channel_max_bytes=1 << 20),
-        dedupe=DedupeIndex(window_ms=600_000, max_ids=10_000),
-    )
-    c = RegionCore(
-        me=ME,
-        region="sg",
-        node=node,
-        batcher=Batcher(window_ms=100),
-        ownership=OwnershipCore(ME, SlotTable(), SLOTS, 2),
-        positions=Positions(["fra"]),
-        interest=Interest(),
-        acks=Tombstones(1000),
-        links=links,
-    )
+    c = region_core(ME, SLOTS, messages=1000, dedupe_ms=600_000, tombstones=1000, links=links)
     c.step(Rebalance(dict.fromkeys(NODES, 1.0), RingState()))
     c.mesh_up = True
     if own_all:
