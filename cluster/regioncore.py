@@ -136,7 +136,7 @@ def failure_answer(w: PubWaiter | None, moved: str) -> tuple[Code, str]:
 
 
 class LogEntry(Chained, Protocol):
-    """An entry read from a slot log or a mirror (cluster/slotlog.py's ``TailEntry``)."""
+    """An entry read from a slot log or a mirror (``TailEntry`` of cluster/slotlog/)."""
 
     @property
     def data(self) -> bytes: ...

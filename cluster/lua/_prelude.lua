@@ -1,4 +1,4 @@
--- Prepended to every slot-log script (cluster/slotlog.py). Epochs and stream ids are
+-- Prepended to every slot-log script (cluster/slotlog/). Epochs and stream ids are
 -- compared as canonical decimal strings (no sign, no leading zeros; the adapter checks
 -- this), never as Lua numbers: a double loses digits above 2^53.
 
