@@ -31,6 +31,7 @@ from relay.session import (
     message_object,
 )
 from relay.store import Message
+from relay.wsread import read_frame
 
 if TYPE_CHECKING:
     from relay.auth import TokenVerifier
@@ -126,6 +127,30 @@ class RelayProtocol(WebSocketServerProtocol):
         ):
             return
         super().dataReceived(data)
+
+    def processData(self) -> bool:
+        # Whole simple frames (relay/wsread.py) are read here in one pass; anything
+        # else, and whatever follows a partial frame, is Autobahn's.
+        if (
+            self.current_frame is None
+            and not self.inside_message
+            and self.state == WebSocketServerProtocol.STATE_OPEN
+            and self._perMessageCompress is None
+        ):
+            data = self.data
+            pos = 0
+            limit = self.factory.limits.max_frame
+            while (got := read_frame(data, pos, limit)) is not None:
+                pos, binary, payload = got
+                self.onMessage(payload, binary)
+                if self.failedByMe or self.state != WebSocketServerProtocol.STATE_OPEN:
+                    break
+            if pos:
+                self.data = data[pos:]
+                if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                    self._cancelAutoPingTimeoutCall()
+                return len(self.data) > 0
+        return bool(super().processData())
 
     def onConnect(self, request: Any) -> str | None:
         host = request.headers.get("host")

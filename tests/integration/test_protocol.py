@@ -479,6 +479,62 @@ async def test_handshake_and_frames_fed_in_chunks(anon_node: RelayServer, chunk:
     writer.close()
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+@aio
+async def test_whole_frames_control_frames_and_fragments_mixed_in_one_stream(
+    anon_node: RelayServer, chunk: int
+) -> None:
+    # Whole frames take the node's one-pass reader (relay/wsread.py), a ping and a
+    # fragmented message take Autobahn's; in any chunking, the order holds.
+    host, port = anon_node.ws_url.split("//")[1].split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    handshake = (
+        f"GET /v1/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: relay.v1.json\r\n\r\n"
+    ).encode()
+    writer.write(handshake)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+
+    def one(i: str) -> bytes:
+        return json.dumps(pub(i, ch="mix")).encode()
+
+    frag = one("c")
+    stream = (
+        _masked_frame(json.dumps({"op": "hello"}).encode())
+        + _masked_frame(one("a"))
+        + _masked_frame(b"are you there", opcode=9)
+        + _masked_frame(one("b"))
+        + bytes([0x01, 0x80 | 5])
+        + b"\x01\x02\x03\x04"
+        + bytes(b ^ (1, 2, 3, 4)[i % 4] for i, b in enumerate(frag[:5]))
+        + _masked_frame(frag[5:], opcode=0)
+        + _masked_frame(one("d"))
+        + _masked_frame(one("e"))
+    )
+    for i in range(0, len(stream), chunk):
+        writer.write(stream[i : i + chunk])
+        await writer.drain()
+    got: list[str] = []
+    pong = None
+    while len(got) < 6 or pong is None:
+        b0, b1 = await asyncio.wait_for(reader.readexactly(2), 5)
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(await reader.readexactly(2), "big")
+        body = await reader.readexactly(n)
+        if b0 & 0x0F == 0x0A:
+            pong = body
+            continue
+        data = json.loads(body)
+        for d in data if isinstance(data, list) else [data]:
+            got.append(d["op"] if d["op"] != "puback" else d["id"])
+    assert got == ["welcome", "a", "b", "c", "d", "e"]
+    assert pong == b"are you there"
+    writer.close()
+
+
 # -- slow consumers ------------------------------------------------------------------
 
 
