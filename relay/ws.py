@@ -109,6 +109,10 @@ class RelayProtocol(WebSocketServerProtocol):
         self._expiry_timer: Any = None
         self._hello_timer: Any = None
         self._ip: str | None = None  # counted against the connection caps
+        # Replies a router answered after their frame (a pub's puback once its append is
+        # done): gathered for one frame at the turn's end, sent before anything else.
+        self.late: list[dict[str, Any]] = []
+        self.late_errors: list[Code] = []
         self._handshake_bytes = 0
 
     # -- Twisted and Autobahn hooks (delegate only) --------------------------------
@@ -307,6 +311,8 @@ class RelayProtocol(WebSocketServerProtocol):
         self.carry_out(out)
 
     def carry_out(self, out: Outcome) -> None:
+        if self.late:
+            self.flush_late()
         f = self.factory
         self._watch_expiry()
         if out.replies:
@@ -354,6 +360,8 @@ class RelayProtocol(WebSocketServerProtocol):
     def close_with(self, code: int, reason: str) -> None:
         """Close with a protocol close code (1001, 1002, 1008: Autobahn's public
         ``sendClose`` allows only 1000 and 3000-4999)."""
+        if self.late:
+            self.flush_late()
         f = self.factory
         f.disconnects[str(code)] = f.disconnects.get(str(code), 0) + 1
         self.sendCloseFrame(code, reason.encode()[:123], isReply=False)
@@ -363,6 +371,8 @@ class RelayProtocol(WebSocketServerProtocol):
 
     def send_payload(self, payload: bytes) -> None:
         """Send a frame now, or queue it behind what is already waiting."""
+        if self.late:
+            self.flush_late()
         ob = self.outbox
         if ob.paused or ob.queue:
             self.enqueue_live(payload, len(payload))
@@ -370,6 +380,8 @@ class RelayProtocol(WebSocketServerProtocol):
             self.sendMessage(payload, self.fmt is Format.MSGPACK)
 
     def send_prepared(self, prepared: Any, size: int) -> None:
+        if self.late:
+            self.flush_late()
         ob = self.outbox
         if ob.paused or ob.queue:
             self.enqueue_live((prepared, size), size)
@@ -455,9 +467,25 @@ class RelayProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
     def send_objects(self, objs: list[dict[str, Any]], errors: list[Code]) -> None:
-        """Replies a router answered after their frame was handled."""
+        """Replies a router answered after their frame was handled: the turn's go out
+        as one frame at its end (a group-commit round answers many pubs at once), or
+        sooner, ahead of anything else this connection sends."""
+        if self.session is None:
+            return
+        if not self.late:
+            f = self.factory
+            f.late.append(self)
+            f.schedule_flush()
+        self.late.extend(objs)
+        self.late_errors.extend(errors)
+
+    def flush_late(self) -> None:
+        objs, errors = self.late, self.late_errors
+        if not objs:
+            return
+        self.late, self.late_errors = [], []
         if self.session is not None:
-            self.carry_out(Outcome(replies=list(objs), errors=list(errors)))
+            self.carry_out(Outcome(replies=objs, errors=errors))
 
     def replay(self, messages: list[Message]) -> None:
         if self.session is not None and messages:
@@ -547,6 +575,8 @@ class RelayFactory(WebSocketServerFactory):
         self.router: ChannelRouter | None = None
         # Connections with frames queued this turn, and whether a flush is scheduled.
         self.dirty: list[RelayProtocol] = []
+        # Connections with late replies gathered this turn (RelayProtocol.send_objects).
+        self.late: list[RelayProtocol] = []
         self._flush_scheduled = False
         options: dict[str, Any] = {
             "maxFramePayloadSize": limits.max_frame,
@@ -589,6 +619,9 @@ class RelayFactory(WebSocketServerFactory):
     def flush(self) -> None:
         """Write every connection's frames of the turn that just ended."""
         self._flush_scheduled = False
+        late, self.late = self.late, []
+        for proto in late:
+            proto.flush_late()
         dirty, self.dirty = self.dirty, []
         for proto in dirty:
             proto.flush_out()
