@@ -19,8 +19,9 @@ there:
   proxy to a sink. Bytes per message are the proxy's counts (both directions) over the
   messages sent.
 
-The link and the receiver run in this process (on one core, beside the publisher and
-the reader), so relay's figures are if anything pessimistic.
+The link runs in this process (sg's node, beside the publisher and the reader); fra's
+receiver runs in a process of its own (``python -m bench.wanrx``), as it does in
+production, where it is a part of one of fra's nodes.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ from bench import nats as natsproc
 from bench.procs import stop_process
 from cluster.keys import mirror_key
 from cluster.link import Link
-from cluster.receiver import Receiver
 from cluster.slotlog import RedisSlotLog
 from relay.codec import MessageEvent, decode_batch, encode_batch
 from relay.redis_server import RedisServer
@@ -172,8 +172,41 @@ def _flush(*urls: str) -> None:
             r.flushall()
 
 
-async def _pair(origin_url: str, dest_url: str, via_url: str) -> tuple[Link, Receiver]:
-    link = Link(
+class RxProcess:
+    """fra's receiver in its own process (bench/wanrx.py)."""
+
+    def __init__(self, dest_url: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.wanrx", dest_url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"the receiver process did not start: {line!r}")
+
+    def stop(self) -> float:
+        """Stop it; its process CPU seconds."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        try:
+            out = self.proc.stdout.read()
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return 0.0
+        for line in out.splitlines():
+            with contextlib.suppress(ValueError):
+                return float(json.loads(line)["cpu_s"])
+        return 0.0
+
+
+def _link(origin_url: str, via_url: str) -> Link:
+    return Link(
         region="sg",
         dest="fra",
         dest_url=via_url,
@@ -181,8 +214,6 @@ async def _pair(origin_url: str, dest_url: str, via_url: str) -> tuple[Link, Rec
         local_url=origin_url,
         slots=SLOTS,
     )
-    rx = Receiver(region="fra", origin="sg", url=dest_url, node_id="fra/n1", slots=SLOTS)
-    return link, rx
 
 
 async def relay_drain(
@@ -194,8 +225,8 @@ async def relay_drain(
         await origin.set_owner(s, "sg/n1", 1)
     entries = await _fill(origin, messages, per_entry, random.Random(1))
     await origin.close()
-    link, rx = await _pair(origin_url, dest_url, via_url)
-    rx.start()
+    link = _link(origin_url, via_url)
+    rx = RxProcess(dest_url)
     t0 = time.monotonic()
     cpu0 = time.process_time()
     link.start()
@@ -208,13 +239,13 @@ async def relay_drain(
             break
         await asyncio.sleep(0.02)  # poll the destination's mirrors
     elapsed = time.monotonic() - t0
-    # This process's CPU (the link, the receiver and this poll; not the Redis servers or
-    # the proxy) per message drained.
+    # This process's CPU (the link and this poll; not the Redis servers or the proxy)
+    # and the receiver's, per message drained.
     cpu_us = (time.process_time() - cpu0) / messages * 1e6
     await r.aclose()
     status = link.status(0)
     await link.stop()
-    await rx.stop()
+    rx_cpu_us = rx.stop() / messages * 1e6
     return {
         "msgs_per_s": messages / elapsed if present >= entries else 0.0,
         "seconds": round(elapsed, 3),
@@ -225,6 +256,7 @@ async def relay_drain(
         "windows": status["windows_total"],
         "raw_windows": status["raw_windows_total"],
         "cpu_us_per_msg": round(cpu_us, 2),
+        "receiver_cpu_us_per_msg": round(rx_cpu_us, 2),
     }
 
 
@@ -235,8 +267,8 @@ async def relay_steady(
     origin = RedisSlotLog.from_url(origin_url, "sg")
     for s in range(SLOTS):
         await origin.set_owner(s, "sg/n1", 1)
-    link, rx = await _pair(origin_url, dest_url, via_url)
-    rx.start()
+    link = _link(origin_url, via_url)
+    rx = RxProcess(dest_url)
     link.start()
     mirrors = RedisSlotLog.from_url(dest_url, "fra", max_block_ms=2000)
     seen: dict[str, int] = {}
@@ -268,7 +300,7 @@ async def relay_steady(
     await reader
     status = link.status(0)
     await link.stop()
-    await rx.stop()
+    rx.stop()
     await origin.close()
     await mirrors.close()
     return {

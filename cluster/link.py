@@ -115,6 +115,8 @@ class Link(WindowSender, LogReader):
         self.raw_windows_total = 0
         self._backlog_hint = 0
         self._last_sent = 0.0  # monotonic time the last window went
+        self.send_blocked_s = 0.0  # how long writing the last window waited for the socket
+        self._hard_left = 0
         self._read_end: float | None = None
         self._resyncs: set[tuple[int, str]] = set()
         self._done_counts: dict[tuple[int, int], tuple[int, int]] = {}

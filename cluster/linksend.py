@@ -29,7 +29,14 @@ from cluster.lease import Lease
 from cluster.receiver import done_key, inbound_key
 from cluster.redisconn import AsyncClient
 from cluster.slotlog import TailEntry
-from cluster.window import WindowBounds, WindowPlan, WindowTuner, batch_events, pack_window
+from cluster.window import (
+    WindowBounds,
+    WindowPlan,
+    WindowTuner,
+    batch_events,
+    pack_window,
+    window_level,
+)
 
 # A window's XADD must be answered within this (a blackholed WAN ends in an error).
 REPLY_TIMEOUT_S = 10.0
@@ -99,6 +106,8 @@ class WindowSender:
     _raw_run: int
     raw_windows_total: int
     _last_sent: float
+    send_blocked_s: float
+    _hard_left: int  # windows still compressed hard (cluster.window.window_level)
     _resyncs: set[tuple[int, str]]
     _done_counts: dict[tuple[int, int], tuple[int, int]]
     windows_total: int
@@ -145,9 +154,12 @@ class WindowSender:
             last = i == len(entries) - 1
             if last or len(chunk) >= plan.entries or size >= self.bounds.max_bytes:
                 self._check_lease()
-                big = plan.level == 0 and size >= RAW_MIN_ENTRY_BYTES * len(chunk)
+                level, self._hard_left = window_level(
+                    plan.level, self.send_blocked_s, self._hard_left
+                )
+                big = level == 0 and size >= RAW_MIN_ENTRY_BYTES * len(chunk)
                 raw = self._pack_raw or (big and self._raw_pays())
-                frame = pack_window(chunk, plan.level, raw=raw)
+                frame = pack_window(chunk, level, raw=raw)
                 if big:
                     self._measured(raw, size, len(frame))
                 w = _Window(
@@ -164,8 +176,11 @@ class WindowSender:
                 self._inflight.append(w)
                 self._replies.append(w)
                 self._reply_ready.set()
+                began = time.monotonic()
                 await conn.send_command("XADD", key, "*", "w", frame, check_health=False)
                 self._last_sent = time.monotonic()
+                # How long the write waited for the socket (TCP's window: the WAN).
+                self.send_blocked_s = self._last_sent - began
                 self.tuner.observe_sent(self._last_sent)
                 self.windows_total += 1
                 self.wan_bytes_total += len(frame)

@@ -53,3 +53,5 @@ def test_tiny_drain_only_run_prints_the_drain_figures_alone() -> None:
     assert doc["drain_ratio_0ms"] > 0 and doc["drain_ratio_20ms"] > 0
     assert "bytes_ratio_2k" not in doc and doc["lost"] == 0 and doc["doubled"] == 0
     assert doc["medians"]["drain_relay_0ms"]["cpu_us_per_msg"] > 0
+    # fra's receiver ran in a process of its own, and reported its CPU.
+    assert doc["medians"]["drain_relay_0ms"]["receiver_cpu_us_per_msg"] > 0
