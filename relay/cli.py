@@ -167,6 +167,9 @@ def serve(config_path: str | None, ready_file: str | None, log_level: str) -> No
         reactor.stop()
 
     started.addCallbacks(serving, failed)
+    from relay.gctune import tune
+
+    tune()
     reactor.run()
     sys.exit(exit_code[0])
 
