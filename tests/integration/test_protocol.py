@@ -448,16 +448,25 @@ def _masked_frame(payload: bytes, opcode: int = 1) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 16, 64, 10_000])
-@aio
-async def test_handshake_and_frames_fed_in_chunks(anon_node: RelayServer, chunk: int) -> None:
-    host, port = anon_node.ws_url.split("//")[1].split("/")[0].split(":")
+async def _raw_connection(
+    node: RelayServer,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A TCP connection to ``node``'s client port and the opening handshake to send on it
+    (JSON subprotocol), for tests that write WebSocket frames byte by byte."""
+    host, port = node.ws_url.split("//")[1].split("/")[0].split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     handshake = (
         f"GET /v1/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: relay.v1.json\r\n\r\n"
     ).encode()
+    return reader, writer, handshake
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 16, 64, 10_000])
+@aio
+async def test_handshake_and_frames_fed_in_chunks(anon_node: RelayServer, chunk: int) -> None:
+    reader, writer, handshake = await _raw_connection(anon_node)
     frames = _masked_frame(json.dumps({"op": "hello"}).encode()) + _masked_frame(
         json.dumps([pub("c1", ch="chunk"), {"op": "ping"}]).encode()
     )
@@ -486,13 +495,7 @@ async def test_whole_frames_control_frames_and_fragments_mixed_in_one_stream(
 ) -> None:
     # Whole frames take the node's one-pass reader (relay/wsread.py), a ping and a
     # fragmented message take Autobahn's; in any chunking, the order holds.
-    host, port = anon_node.ws_url.split("//")[1].split("/")[0].split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    handshake = (
-        f"GET /v1/ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: relay.v1.json\r\n\r\n"
-    ).encode()
+    reader, writer, handshake = await _raw_connection(anon_node)
     writer.write(handshake)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101")
