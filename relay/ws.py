@@ -112,7 +112,6 @@ class RelayProtocol(WebSocketServerProtocol):
         # Replies a router answered after their frame (a pub's puback once its append is
         # done): gathered for one frame at the turn's end, sent before anything else.
         self.late: list[dict[str, Any]] = []
-        self.late_errors: list[Code] = []
         self._handshake_bytes = 0
 
     # -- Twisted and Autobahn hooks (delegate only) --------------------------------
@@ -472,20 +471,23 @@ class RelayProtocol(WebSocketServerProtocol):
         sooner, ahead of anything else this connection sends."""
         if self.session is None:
             return
+        f = self.factory
+        for err in errors:  # counted now: the connection may be gone by the turn's end
+            f.errors[err.value] = f.errors.get(err.value, 0) + 1
         if not self.late:
-            f = self.factory
             f.late.append(self)
             f.schedule_flush()
         self.late.extend(objs)
-        self.late_errors.extend(errors)
 
     def flush_late(self) -> None:
-        objs, errors = self.late, self.late_errors
+        objs = self.late
         if not objs:
             return
-        self.late, self.late_errors = [], []
-        if self.session is not None:
-            self.carry_out(Outcome(replies=objs, errors=errors))
+        self.late = []
+        # A connection closing (its Close sent or received, failed, cut) takes no more
+        # frames: its late replies are dropped, as a send to it would be refused.
+        if self.session is not None and self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.carry_out(Outcome(replies=objs))
 
     def replay(self, messages: list[Message]) -> None:
         if self.session is not None and messages:
@@ -620,9 +622,11 @@ class RelayFactory(WebSocketServerFactory):
         """Write every connection's frames of the turn that just ended."""
         self._flush_scheduled = False
         late, self.late = self.late, []
-        for proto in late:
-            proto.flush_late()
         dirty, self.dirty = self.dirty, []
+        for proto in late:
+            proto.flush_late()  # may queue more frames in self.dirty: flushed below
+        dirty.extend(self.dirty)
+        self.dirty = []
         for proto in dirty:
             proto.flush_out()
 
