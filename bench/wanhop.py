@@ -173,7 +173,8 @@ def _flush(*urls: str) -> None:
 
 
 class RxProcess:
-    """fra's receiver in its own process (bench/wanrx.py)."""
+    """fra's receiver in its own process (bench/wanrx.py); a context manager that stops
+    it (and waits for it) whatever happens in the block."""
 
     def __init__(self, dest_url: str) -> None:
         self.proc = subprocess.Popen(
@@ -183,26 +184,34 @@ class RxProcess:
             text=True,
             cwd=Path(__file__).resolve().parent.parent,
         )
+        self.cpu_s = 0.0
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
+        line = self.proc.stdout.readline().strip()  # "ready" once it runs, "" if it died
         if line != "ready":
             self.proc.kill()
+            self.proc.wait(30)
             raise RuntimeError(f"the receiver process did not start: {line!r}")
 
+    def __enter__(self) -> RxProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> float:
-        """Stop it; its process CPU seconds."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.close()
+        """Stop it (once; later calls return the same); its CPU seconds after it started."""
+        if self.proc.returncode is not None:
+            return self.cpu_s
         try:
-            out = self.proc.stdout.read()
-            self.proc.wait(30)
+            out, _ = self.proc.communicate(timeout=30)  # closes its stdin: it stops
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait(30)
             return 0.0
         for line in out.splitlines():
-            with contextlib.suppress(ValueError):
-                return float(json.loads(line)["cpu_s"])
-        return 0.0
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                self.cpu_s = float(json.loads(line)["cpu_s"])
+        return self.cpu_s
 
 
 def _link(origin_url: str, via_url: str) -> Link:
@@ -226,26 +235,26 @@ async def relay_drain(
     entries = await _fill(origin, messages, per_entry, random.Random(1))
     await origin.close()
     link = _link(origin_url, via_url)
-    rx = RxProcess(dest_url)
-    t0 = time.monotonic()
-    cpu0 = time.process_time()
-    link.start()
-    present = 0
-    r = aioredis.Redis.from_url(dest_url)
-    deadline = t0 + 600
-    while time.monotonic() < deadline:
-        present = await _mirror_count(r)
-        if present >= entries:
-            break
-        await asyncio.sleep(0.02)  # poll the destination's mirrors
-    elapsed = time.monotonic() - t0
-    # This process's CPU (the link and this poll; not the Redis servers or the proxy)
-    # and the receiver's, per message drained.
-    cpu_us = (time.process_time() - cpu0) / messages * 1e6
-    await r.aclose()
-    status = link.status(0)
-    await link.stop()
-    rx_cpu_us = rx.stop() / messages * 1e6
+    with RxProcess(dest_url) as rx:
+        t0 = time.monotonic()
+        cpu0 = time.process_time()
+        link.start()
+        present = 0
+        r = aioredis.Redis.from_url(dest_url)
+        deadline = t0 + 600
+        while time.monotonic() < deadline:
+            present = await _mirror_count(r)
+            if present >= entries:
+                break
+            await asyncio.sleep(0.02)  # poll the destination's mirrors
+        elapsed = time.monotonic() - t0
+        # This process's CPU (the link and this poll; not the Redis servers or the proxy)
+        # and the receiver's, per message drained.
+        cpu_us = (time.process_time() - cpu0) / messages * 1e6
+        await r.aclose()
+        status = link.status(0)
+        await link.stop()
+        rx_cpu_us = rx.stop() / messages * 1e6
     return {
         "msgs_per_s": messages / elapsed if present >= entries else 0.0,
         "seconds": round(elapsed, 3),
@@ -268,41 +277,41 @@ async def relay_steady(
     for s in range(SLOTS):
         await origin.set_owner(s, "sg/n1", 1)
     link = _link(origin_url, via_url)
-    rx = RxProcess(dest_url)
-    link.start()
-    mirrors = RedisSlotLog.from_url(dest_url, "fra", max_block_ms=2000)
-    seen: dict[str, int] = {}
-    latencies: list[float] = []
-    stop = asyncio.Event()
+    with RxProcess(dest_url) as rx:
+        link.start()
+        mirrors = RedisSlotLog.from_url(dest_url, "fra", max_block_ms=2000)
+        seen: dict[str, int] = {}
+        latencies: list[float] = []
+        stop = asyncio.Event()
 
-    async def read() -> None:
-        after = {s: "0-0" for s in range(SLOTS)}
-        while not stop.is_set():
-            got = await mirrors.tail(after, 200, 1000, origin="sg")
-            now_us = time.time_ns() // 1000
-            for e in got:
-                after[e.slot] = e.id
-                for ev in decode_batch(e.data):
-                    assert isinstance(ev, MessageEvent)
-                    seen[ev.id] = seen.get(ev.id, 0) + 1
-                    latencies.append((now_us - ev.hlc) / 1000)
+        async def read() -> None:
+            after = {s: "0-0" for s in range(SLOTS)}
+            while not stop.is_set():
+                got = await mirrors.tail(after, 200, 1000, origin="sg")
+                now_us = time.time_ns() // 1000
+                for e in got:
+                    after[e.slot] = e.id
+                    for ev in decode_batch(e.data):
+                        assert isinstance(ev, MessageEvent)
+                        seen[ev.id] = seen.get(ev.id, 0) + 1
+                        latencies.append((now_us - ev.hlc) / 1000)
 
-    deadline = time.monotonic() + 30
-    while link.status(0)["state"] != "running" and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)  # the link takes its lease and reads the mirrors' tops
-    reader = asyncio.ensure_future(read())
-    before = wan.bytes("relay")
-    rng = random.Random(2)
-    sent = await _paced(rate, duration_s, rng, origin)
-    await _arrived(seen, sent)
-    wan_bytes = wan.bytes("relay") - before
-    stop.set()
-    await reader
-    status = link.status(0)
-    await link.stop()
-    rx.stop()
-    await origin.close()
-    await mirrors.close()
+        deadline = time.monotonic() + 30
+        while link.status(0)["state"] != "running" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the link takes its lease and reads the mirrors' tops
+        reader = asyncio.ensure_future(read())
+        before = wan.bytes("relay")
+        rng = random.Random(2)
+        sent = await _paced(rate, duration_s, rng, origin)
+        await _arrived(seen, sent)
+        wan_bytes = wan.bytes("relay") - before
+        stop.set()
+        await reader
+        status = link.status(0)
+        await link.stop()
+        rx.stop()
+        await origin.close()
+        await mirrors.close()
     return {
         **_delivery(sent, wan_bytes, latencies, seen),
         "compression_ratio": status["compression_ratio"],

@@ -115,7 +115,7 @@ class Link(WindowSender, LogReader):
         self.raw_windows_total = 0
         self._backlog_hint = 0
         self._last_sent = 0.0  # monotonic time the last window went
-        self.send_blocked_s = 0.0  # how long writing the last window waited for the socket
+        self.wan_full = False  # the socket refused most of the last window at once
         self._hard_left = 0
         self._read_end: float | None = None
         self._resyncs: set[tuple[int, str]] = set()
@@ -262,6 +262,7 @@ class Link(WindowSender, LogReader):
         await self._announce(dict(self.position))
         done_from = await self._done_top()
         conn = await self._open_sender()
+        self.wan_full, self._hard_left = False, 0  # a new connection: measured anew
         self._inflight.clear()
         self._replies.clear()
         self._done_counts.clear()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cluster.chain import parse_id
 from cluster.errors import ClusterError
@@ -106,7 +107,7 @@ class WindowSender:
     _raw_run: int
     raw_windows_total: int
     _last_sent: float
-    send_blocked_s: float
+    wan_full: bool  # the socket refused most of the last window at once
     _hard_left: int  # windows still compressed hard (cluster.window.window_level)
     _resyncs: set[tuple[int, str]]
     _done_counts: dict[tuple[int, int], tuple[int, int]]
@@ -154,9 +155,7 @@ class WindowSender:
             last = i == len(entries) - 1
             if last or len(chunk) >= plan.entries or size >= self.bounds.max_bytes:
                 self._check_lease()
-                level, self._hard_left = window_level(
-                    plan.level, self.send_blocked_s, self._hard_left
-                )
+                level, self._hard_left = window_level(plan.level, self.wan_full, self._hard_left)
                 big = level == 0 and size >= RAW_MIN_ENTRY_BYTES * len(chunk)
                 raw = self._pack_raw or (big and self._raw_pays())
                 frame = pack_window(chunk, level, raw=raw)
@@ -176,17 +175,33 @@ class WindowSender:
                 self._inflight.append(w)
                 self._replies.append(w)
                 self._reply_ready.set()
-                began = time.monotonic()
-                await conn.send_command("XADD", key, "*", "w", frame, check_health=False)
+                self.wan_full = await self._write(conn, key, frame)
                 self._last_sent = time.monotonic()
-                # How long the write waited for the socket (TCP's window: the WAN).
-                self.send_blocked_s = self._last_sent - began
                 self.tuner.observe_sent(self._last_sent)
                 self.windows_total += 1
                 self.wan_bytes_total += len(frame)
                 self.window_data_bytes_total += size
                 self.events_total += w.events
                 chunk, size = [], 0
+
+    async def _write(self, conn: Any, key: str, frame: bytes) -> bool:
+        """XADD one window; whether the socket refused at once more than half of it.
+
+        That is the WAN holding the link back (TCP's window is full), as opposed to a
+        busy event loop: only what the kernel would not take counts, never time."""
+        writer = getattr(conn, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        if writer is None or transport is None:  # not connected: redis-py's own path
+            await conn.send_command("XADD", key, "*", "w", frame, check_health=False)
+            return False
+        try:
+            writer.writelines(conn.pack_command("XADD", key, "*", "w", frame))
+            refused: int = transport.get_write_buffer_size()
+            await asyncio.wait_for(writer.drain(), REPLY_TIMEOUT_S)
+        except (OSError, TimeoutError) as e:
+            await conn.disconnect(nowait=True)
+            raise RedisConnectionError(f"writing a window to {self.dest}: {e}") from e
+        return 2 * refused >= len(frame)
 
     def _raw_pays(self) -> bool:
         """Whether a backlog window of big entries goes raw (see RAW_BELOW_GAIN)."""

@@ -48,11 +48,8 @@ MAX_SLOTS: Final = 1 << 16
 
 # lz4 level of windows while no backlog waits (see WindowTuner).
 STEADY_LEVEL: Final = 3
-# A backlog whose last window's write to the destination's socket blocked this long is
-# held back by the WAN (its TCP window is full), not by the link's CPU: its windows are
-# compressed hard too.
-WAN_BOUND_S: Final = 0.010
-HARD_WINDOWS: Final = 8
+# Windows compressed hard after the WAN refused one (see window_level).
+HARD_WINDOWS: Final = 16
 
 KIND_BATCH: Final = 0
 KIND_RAW: Final = 1
@@ -297,20 +294,21 @@ class WindowTuner:
         return WindowPlan(entries, inflight, STEADY_LEVEL, b.min_bytes)
 
 
-def window_level(plan_level: int, blocked_s: float, hard_left: int) -> tuple[int, int]:
+def window_level(plan_level: int, wan_full: bool, hard_left: int) -> tuple[int, int]:
     """The lz4 level of the next window, and ``hard_left`` for the one after.
 
     The plan's level, except that a backlog's windows (level 0) are compressed hard for
-    the next :data:`HARD_WINDOWS` windows whenever writing the previous one to the
-    destination's socket blocked for :data:`WAN_BOUND_S` or more. Then the WAN (TCP's
-    window) is what holds the backlog back, every byte saved is throughput, and the
-    link's CPU has time to spare while it waits: level :data:`STEADY_LEVEL` with entries
-    flattened carries ~1.5 times the messages per byte of a raw window at level 0
-    (docs/BENCHMARKS.md §12). It lasts several windows because a window compressed hard
-    takes long enough to pack that the socket has drained meanwhile."""
+    the next :data:`HARD_WINDOWS` windows whenever ``wan_full``: the destination's socket
+    refused at once most of the previous window (its send buffer full: the WAN, TCP's
+    window, holds the backlog back; a busy event loop does not count). Then every byte
+    saved is throughput, and the link's CPU has time to spare while it waits: level
+    :data:`STEADY_LEVEL` with entries flattened carries ~1.5 times the messages per byte
+    of a raw window at level 0 (docs/BENCHMARKS.md §12). It lasts several windows
+    because a window compressed hard takes long enough to pack that the socket has
+    drained meanwhile."""
     if plan_level != 0:
         return plan_level, 0
-    if blocked_s >= WAN_BOUND_S:
+    if wan_full:
         hard_left = HARD_WINDOWS
     if hard_left > 0:
         return STEADY_LEVEL, hard_left - 1

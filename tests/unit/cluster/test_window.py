@@ -151,21 +151,21 @@ def test_the_tuner_never_leaves_its_bounds(rtts: list[float], backlog: int) -> N
 
 
 def test_a_backlog_held_back_by_the_wan_is_compressed_hard_for_a_while() -> None:
-    from cluster.window import HARD_WINDOWS, STEADY_LEVEL, WAN_BOUND_S
+    from cluster.window import HARD_WINDOWS, STEADY_LEVEL
 
     # Little waiting: the plan's level stands, whatever the socket did.
-    assert window_level(STEADY_LEVEL, 1.0, 0) == (STEADY_LEVEL, 0)
-    # A backlog whose writes go straight out: fast.
-    assert window_level(0, WAN_BOUND_S / 2, 0) == (0, 0)
-    # A write that blocked: the next HARD_WINDOWS windows go hard, even where the
-    # socket drained while they were packed; another blocked write renews them.
-    level, left = window_level(0, WAN_BOUND_S, 0)
+    assert window_level(STEADY_LEVEL, True, 0) == (STEADY_LEVEL, 0)
+    # A backlog whose windows the socket takes at once: fast.
+    assert window_level(0, False, 0) == (0, 0)
+    # The socket refused most of a window: the next HARD_WINDOWS windows go hard, even
+    # where it took the ones packed meanwhile; another refusal renews them.
+    level, left = window_level(0, True, 0)
     levels = [level]
     for _ in range(HARD_WINDOWS + 2):
-        level, left = window_level(0, 0.0, left)
+        level, left = window_level(0, False, left)
         levels.append(level)
     assert levels == [STEADY_LEVEL] * HARD_WINDOWS + [0, 0, 0]
-    assert window_level(0, 0.5, 1) == (STEADY_LEVEL, HARD_WINDOWS - 1)
+    assert window_level(0, True, 1) == (STEADY_LEVEL, HARD_WINDOWS - 1)
 
 
 def test_bounds_that_do_not_hold_together_are_refused() -> None:
