@@ -11,11 +11,15 @@ docs/BENCHMARKS.md §9): publish→ack p50/p99 at 5 k msgs/s 8–13 / 64–79 ms
 defaults against 3.0–3.9 / 20–28 ms with the thresholds below; CPU per message at
 saturation 42 against 36–40 µs.
 
-The thresholds below still collect: a young collection every 20,000 net allocations (a
-few tens of milliseconds at full load), a full one after 100 middle ones (a minute or
-two at full load), so cyclic garbage (Twisted failures, cancelled tasks) is still
-reclaimed. Whatever the node built before it serves (modules, config) is frozen out of
-every collection.
+The thresholds below still collect: a young collection every 20,000 net allocations
+(allocations of tracked objects minus their frees, so short-lived objects hardly count)
+and a middle one every 50 young ones, so a cycle that dies young (a Twisted failure, a
+cancelled task) is still reclaimed. A full collection comes only after 100 middle ones
+*and* once a quarter of the long-lived heap is new (CPython's own rule): in a steady
+state that is rare, so cyclic garbage that survived into the oldest generation may stay
+for long. Not measured yet: watch RSS over a long run (``relay bench replication
+--soak`` samples it). Whatever the node built before it serves (modules, config) is
+frozen out of every collection.
 """
 
 from __future__ import annotations
