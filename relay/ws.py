@@ -337,7 +337,7 @@ class RelayProtocol(WebSocketServerProtocol):
     def _watch_expiry(self) -> None:
         """Close the connection when its token runs out, not at its next op."""
         s = self.session
-        expires_s = s.expires_s if s is not None else None
+        expires_s = s.expires_s if s is not None and not s.closed else None
         if expires_s == self._expiry_at:
             return
         if self._expiry_timer is not None and self._expiry_timer.active():
@@ -349,7 +349,11 @@ class RelayProtocol(WebSocketServerProtocol):
             self._expiry_timer = self.factory.reactor.callLater(delay, self._expired)
 
     def _expired(self) -> None:
+        # The timer runs on the reactor's (monotonic) clock, the token's exp on the wall
+        # clock: if it fired before the wall clock reached exp, the next _watch_expiry
+        # sets it again for what is left.
         self._expiry_timer = None
+        self._expiry_at = None
         if self.session is not None:
             out = self.session.expire(self.factory.clock_ms())
             if out.close is not None:

@@ -62,8 +62,10 @@ def connect(f: RelayFactory, clock: Clock) -> tuple[RelayProtocol, StringTranspo
 
 def masked(payload: bytes, opcode: int = 1) -> bytes:
     mask = b"\x01\x02\x03\x04"
-    head = bytes([0x80 | opcode, 0x80 | len(payload)])
-    assert len(payload) < 126
+    n = len(payload)
+    assert n < 1 << 16
+    head = bytes([0x80 | opcode, 0x80 | n]) if n < 126 else bytes([0x80 | opcode, 0xFE])
+    head += b"" if n < 126 else struct.pack("!H", n)
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
