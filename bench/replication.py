@@ -5,7 +5,9 @@ WAN proxy between them (``relay dev``'s parts, production leases, batch window a
 checkpoint interval). One connection publishes steadily in sg (``ack=log``, one id per
 message); one subscriber in fra, subscribed to every channel, acks everything it gets.
 Every ``--sample-s`` the bench samples each region's Redis: ``used_memory``, the number of
-keys, the entries in its slot logs and in its mirrors, and the bytes of its checkpoints.
+keys, the entries in its slot logs and in its mirrors, and the bytes of its checkpoints;
+and the largest resident set of the region's node processes (``node_rss``: what the
+collector's thresholds, relay/gctune.py, leave uncollected would show there).
 
 It reports growth after the first checkpoint cycles (the sample at ``--settle-s``) to the
 end of the run, and checks the outcome: every acknowledged publish reached the
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import psutil
 import redis
 import websockets
 from websockets.typing import Subprotocol
@@ -71,6 +74,15 @@ def sample(url: str, region: str) -> dict[str, int]:
             key = {"log": "log_entries", "mirror": "mirror_entries"}.get(kind, "checkpoint_bytes")
             out[key] += int(v)
         return out
+
+
+def nodes_rss(nodes: list[dict[str, Any]]) -> int:
+    """The largest resident set (bytes) among a region's node processes (0: none alive)."""
+    out = 0
+    for n in nodes:
+        with contextlib.suppress(psutil.Error, KeyError):
+            out = max(out, int(psutil.Process(int(n["pid"])).memory_info().rss))
+    return out
 
 
 class Soak:
@@ -215,6 +227,7 @@ async def _soak(
             row: dict[str, Any] = {"t_s": round(time.monotonic() - started, 1)}
             for r in REGIONS:
                 row[r] = await asyncio.to_thread(sample, doc["regions"][r]["redis"], r)
+                row[r]["node_rss"] = nodes_rss(doc["regions"][r]["nodes"])
             row["published"], row["acked"] = len(s.published), s.acked
             row["publishing"] = s.publishing
             samples.append(row)
@@ -222,6 +235,7 @@ async def _soak(
                 f"  t={row['t_s']:>6}s  "
                 + "  ".join(
                     f"{r}: {row[r]['used_memory'] / 1e6:.2f} MB, {row[r]['keys']} keys, "
+                    f"node RSS {row[r]['node_rss'] / 1e6:.1f} MB, "
                     f"{row[r]['log_entries']}+{row[r]['mirror_entries']} entries"
                     for r in REGIONS
                 ),
@@ -241,7 +255,10 @@ async def _soak(
     s.stop = True
     await acker
     sampling.cancel()
-    final = {"t_s": "end", **{r: sample(doc["regions"][r]["redis"], r) for r in REGIONS}}
+    final: dict[str, Any] = {"t_s": "end"}
+    for r in REGIONS:
+        final[r] = sample(doc["regions"][r]["redis"], r)
+        final[r]["node_rss"] = nodes_rss(doc["regions"][r]["nodes"])
     samples.append(final)
     left = {r: await s.pending(r) for r in REGIONS}
     return {
@@ -267,7 +284,8 @@ def growth(samples: list[dict[str, Any]], settle_s: float) -> dict[str, dict[str
     out: dict[str, dict[str, float]] = {}
     for r in REGIONS:
         out[r] = {}
-        for k in ("used_memory", "keys", "log_entries", "mirror_entries", "checkpoint_bytes"):
+        figures = ("used_memory", "keys", "log_entries", "mirror_entries", "checkpoint_bytes")
+        for k in (*figures, "node_rss"):
             a = statistics.median(x[r][k] for x in first)
             b = statistics.median(x[r][k] for x in last)
             out[r][f"{k}_start"] = a
@@ -397,7 +415,9 @@ def replication_cmd(
             f"log entries {x['log_entries_start']:.0f} -> {x['log_entries_end']:.0f}, "
             f"mirror entries {x['mirror_entries_start']:.0f} -> {x['mirror_entries_end']:.0f}, "
             f"checkpoints {x['checkpoint_bytes_start'] / 1e6:.2f} -> "
-            f"{x['checkpoint_bytes_end'] / 1e6:.2f} MB"
+            f"{x['checkpoint_bytes_end'] / 1e6:.2f} MB, "
+            f"largest node RSS {x['node_rss_start'] / 1e6:.1f} -> "
+            f"{x['node_rss_end'] / 1e6:.1f} MB ({x['node_rss_growth']:+.1%})"
         )
     lines.append(
         "checkpoint bytes per acked message in the dedupe window: "
