@@ -33,6 +33,22 @@ def install_reactor() -> None:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     asyncioreactor.install(loop)
+    from twisted.internet import reactor
+
+    steady_clock(reactor, loop)
+
+
+def steady_clock(reactor: Any, loop: Any) -> None:
+    """Run Twisted's timers on the event loop's monotonic clock instead of the wall clock.
+
+    Twisted's ``reactor.seconds`` is ``time.time``: when NTP steps the wall clock back (a
+    VM resumed, ``chrony makestep``), every ``callLater`` waits that much longer — mesh
+    request timeouts, mesh pings, redials, hello timers. Every deadline relay checks is
+    monotonic or rechecks the wall clock itself (a token's expiry), so nothing here needs
+    Twisted's timers on wall time. Call it before anything is scheduled."""
+    if reactor.getDelayedCalls():
+        raise RuntimeError("steady_clock: calls are already scheduled on the wall clock")
+    reactor.seconds = loop.time
 
 
 def _new_loop() -> Any:

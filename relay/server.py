@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 from prometheus_client import CollectorRegistry
 from twisted.internet import defer, task
-from twisted.web.http import combinedLogFormatter
+from twisted.web.http import combinedLogFormatter, datetimeToLogString
 from twisted.web.server import Site
 
 from relay import __version__
@@ -67,8 +67,10 @@ def build_verifier(config: Config) -> TokenVerifier | None:
 
 def redacted_access_log(timestamp: str, request: Any) -> str:
     """The admin port's access-log line (combined format) with every ``token=`` value,
-    in the request line and in the Referer, replaced by ``REDACTED``."""
-    line: str = combinedLogFormatter(timestamp, request)
+    in the request line and in the Referer, replaced by ``REDACTED``. Its time is the
+    wall clock's (Twisted passes the reactor's, monotonic in a node: relay/entry.py)."""
+    del timestamp
+    line: str = combinedLogFormatter(datetimeToLogString(time.time()), request)
     return redact_text(line)
 
 

@@ -7,6 +7,7 @@ import signal
 import socket
 import stat
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -104,3 +105,6 @@ def test_the_admin_token_never_reaches_the_access_log(tmp_path: Path) -> None:
     assert "/status?token=REDACTED" in errs, errs[-2000:]
     assert "/?x=1&token=REDACTED" in errs
     assert token not in out + errs
+    # Dated by the wall clock, not by the reactor's (monotonic) one.
+    line = next(x for x in errs.splitlines() if "/status?token=REDACTED" in x)
+    assert time.strftime("/%b/%Y:", time.gmtime()) in line, line
