@@ -349,9 +349,9 @@ class RelayProtocol(WebSocketServerProtocol):
             self._expiry_timer = self.factory.reactor.callLater(delay, self._expired)
 
     def _expired(self) -> None:
-        # The timer runs on the reactor's (monotonic) clock, the token's exp on the wall
-        # clock: if it fired before the wall clock reached exp, the next _watch_expiry
-        # sets it again for what is left.
+        # The timer runs on the reactor's clock (monotonic: relay/entry.py), the check on
+        # the wall clock in whole milliseconds: if it fired before that reached exp, the
+        # next _watch_expiry sets it again for what is left.
         self._expiry_timer = None
         self._expiry_at = None
         if self.session is not None:

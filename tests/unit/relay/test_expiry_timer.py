@@ -1,6 +1,6 @@
 """The connection is closed when its token runs out, even when the reactor's timer fires
-a little before the wall clock says so (the timer runs on the monotonic clock, the token's
-``exp`` on the wall clock; a slewed wall clock or a millisecond floor puts them apart)."""
+a little before the wall clock says so (the timer runs on the reactor's monotonic clock,
+the check on the wall clock in whole milliseconds, and ``exp`` may be fractional)."""
 
 from __future__ import annotations
 
