@@ -102,6 +102,11 @@ def record_expires_ms(record: bytes) -> int:
     return expires
 
 
+# Stale entries the expiry index may hold beyond two per live channel before it is
+# compacted (PendingStore._compact_expiry).
+EXPIRY_SLACK = 4096
+
+
 class _Channel:
     __slots__ = ("bytes", "last_hlc", "min_expires_ms", "records")
 
@@ -131,6 +136,10 @@ class PendingStore:
         self.channel_max_bytes = channel_max_bytes
         self._channels: dict[str, _Channel] = {}
         # (min expiry of the channel when pushed, channel): checked lazily by expire().
+        # An entry outlives its channel when the channel empties (all acked, the usual
+        # case in chat) and comes back: compacted once it holds more than
+        # EXPIRY_SLACK + 2 entries per live channel, or it grew by one per message for
+        # the whole TTL (a week by default).
         self._expiry_heap: list[tuple[int, str]] = []
         self.messages = 0
         self.bytes = 0
@@ -210,7 +219,10 @@ class PendingStore:
             c.last_hlc = hlc
         if not c.min_expires_ms or expires_ms < c.min_expires_ms:
             c.min_expires_ms = expires_ms
-            heapq.heappush(self._expiry_heap, (expires_ms, ch))
+            heap = self._expiry_heap
+            heapq.heappush(heap, (expires_ms, ch))
+            if len(heap) > EXPIRY_SLACK + 2 * len(self._channels):
+                self._compact_expiry()
         if len(c.records) > self.channel_max_messages or c.bytes > self.channel_max_bytes:
             return self._evict(ch, c)
         return None
@@ -272,7 +284,19 @@ class PendingStore:
                 del self._channels[ch]
         return out
 
+    @property
+    def expiry_entries(self) -> int:
+        """Entries of the expiry index (at most ``EXPIRY_SLACK`` + 2 per channel)."""
+        return len(self._expiry_heap)
+
     # -- internals -----------------------------------------------------------------
+
+    def _compact_expiry(self) -> None:
+        """One entry per live channel: its earliest expiry (a lower bound is enough for
+        expire(), which rechecks). Amortized O(1) per add: the heap has doubled since."""
+        heap = [(c.min_expires_ms, ch) for ch, c in self._channels.items()]
+        heapq.heapify(heap)
+        self._expiry_heap = heap
 
     def _evict(self, ch: str, c: _Channel) -> Removed:
         ids = []

@@ -17,6 +17,7 @@ from hypothesis.stateful import (
 
 from relay.errors import InvariantError
 from relay.store import (
+    EXPIRY_SLACK,
     MAX_ORIGIN_BYTES,
     MAX_SENDER_BYTES,
     Message,
@@ -136,6 +137,43 @@ def test_expire_after_acks_changed_the_earliest_expiry() -> None:
     assert s.expire(T0 + 20) == []
     assert s.count("c") == 1
     assert [r.ids for r in s.expire(T0 + 50)] == [("later",)]
+
+
+def test_channels_that_empty_and_refill_keep_the_expiry_index_bounded() -> None:
+    """The chat case: every message acked soon after it came, so its channel empties and
+    is made again by the next one. The expiry index must not keep an entry per message
+    for the whole TTL (a week by default): it stays within EXPIRY_SLACK + 2 per channel."""
+    s = big_store()
+    channels = 10
+    bound = EXPIRY_SLACK + 2 * channels
+    worst = 0
+    for n in range(5 * bound):
+        ch = f"room:{n % channels}"
+        add(s, ch, str(n), n, expires_ms=T0 + 604_800_000)
+        s.ack(ch, [str(n)])
+        worst = max(worst, s.expiry_entries)
+    assert worst <= bound
+    assert (s.messages, s.channels) == (0, 0)
+
+
+def test_expiry_still_finds_every_message_after_the_index_was_compacted() -> None:
+    s = big_store()
+    add(s, "keep", "early", 0, expires_ms=T0 + 10)
+    add(s, "keep", "late", 1, expires_ms=T0 + 1_000)
+    for n in range(2 * EXPIRY_SLACK + 100):  # empties and refills: compactions
+        add(s, "churn", str(n), n + 2, expires_ms=T0 + 5 + n % 7)
+        if n % 3:
+            s.ack("churn", [str(n)])
+    assert s.expiry_entries <= EXPIRY_SLACK + 2 * s.channels
+    pending_churn = s.count("churn")
+    got: dict[str, set[str]] = {}
+    for r in s.expire(T0 + 20):
+        got.setdefault(r.ch, set()).update(r.ids)
+    assert got["keep"] == {"early"}
+    assert len(got["churn"]) == pending_churn
+    assert s.count("keep") == 1
+    assert [(r.ch, r.ids) for r in s.expire(T0 + 1_000)] == [("keep", ("late",))]
+    assert (s.messages, s.channels) == (0, 0)
 
 
 def test_count_cap_evicts_the_oldest() -> None:
