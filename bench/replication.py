@@ -76,6 +76,10 @@ def sample(url: str, region: str) -> dict[str, int]:
         return out
 
 
+# Ack ops per frame: with up to 1,000 ids of ~40 bytes each, 16 ops stay under 1 MiB.
+ACK_OPS_PER_FRAME = 16
+
+
 def nodes_rss(nodes: list[dict[str, Any]]) -> int:
     """The largest resident set (bytes) among a region's node processes (0: none alive)."""
     out = 0
@@ -160,15 +164,21 @@ class Soak:
         try:
             while not self.stop:
                 await asyncio.sleep(0.05)  # the ack cadence
+                if reader.done():
+                    # The node closed the connection (its close code says why): fail
+                    # the soak rather than count what was not acked as lost.
+                    raise RuntimeError(f"the subscriber in fra was disconnected: {reader!r}")
                 batch = [
                     {"op": "ack", "ch": ch, "ids": ids[j : j + 1000]}
                     for ch, ids in to_ack.items()
                     for j in range(0, len(ids), 1000)
                 ]
                 to_ack.clear()
-                if batch:
-                    await c.send(json.dumps(batch))
-                    self.acked += sum(len(b["ids"]) for b in batch)
+                # Frames under the node's max_frame (1 MiB by default): a subscriber that
+                # fell behind has many ids to ack at once.
+                for i in range(0, len(batch), ACK_OPS_PER_FRAME):
+                    await c.send(json.dumps(batch[i : i + ACK_OPS_PER_FRAME]))
+                self.acked += sum(len(b["ids"]) for b in batch)
         finally:
             reader.cancel()
             await c.close()
