@@ -78,6 +78,8 @@ def sample(url: str, region: str) -> dict[str, int]:
 
 # Ack ops per frame: with up to 1,000 ids of ~40 bytes each, 16 ops stay under 1 MiB.
 ACK_OPS_PER_FRAME = 16
+# Publishes per frame: ~250 bytes each, 2,000 of them ~500 kB, under 1 MiB.
+PUBS_PER_FRAME = 2000
 
 
 def nodes_rss(nodes: list[dict[str, Any]]) -> int:
@@ -128,8 +130,13 @@ class Soak:
         n = 0
         try:
             while time.monotonic() - started < duration_s:
+                if reader.done():
+                    raise RuntimeError(f"the publisher in sg was disconnected: {reader!r}")
                 due = int((time.monotonic() - started) * self.rate)
                 if due > n and len(in_flight) < 20_000:
+                    # Frames under the node's max_frame: after a wait for pubacks many
+                    # publishes are due at once.
+                    due = min(due, n + PUBS_PER_FRAME)
                     frame = []
                     for i in range(n, due):
                         msg_id = f"s{i}"
