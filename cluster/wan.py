@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     from cluster.faultproxy import FaultProxy
     from cluster.shaping import ShapeError
     from relay.loopback import host_header_is_loopback
+    from relay.server import redacted_access_log
 
     reactor: Any = _reactor
     ap = argparse.ArgumentParser(prog="python -m cluster.wan", description=__doc__)
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                 request.setResponseCode(400)
                 return json.dumps({"error": str(e)}).encode()
 
-    site = server.Site(Control())
+    # Dated by the wall clock: the reactor's clock is monotonic (relay/entry.py).
+    site = server.Site(Control(), logFormatter=redacted_access_log)
     control = reactor.listenTCP(args.control_port, site, interface="127.0.0.1")
     ready = {
         "control": f"http://127.0.0.1:{control.getHost().port}",

@@ -44,8 +44,9 @@ def steady_clock(reactor: Any, loop: Any) -> None:
     Twisted's ``reactor.seconds`` is ``time.time``: when NTP steps the wall clock back (a
     VM resumed, ``chrony makestep``), every ``callLater`` waits that much longer — mesh
     request timeouts, mesh pings, redials, hello timers. Every deadline relay checks is
-    monotonic or rechecks the wall clock itself (a token's expiry), so nothing here needs
-    Twisted's timers on wall time. Call it before anything is scheduled."""
+    monotonic, or is a wall-clock time whose timer looks at the wall clock again at
+    least every ``EXPIRY_RECHECK_S`` (a token's expiry, relay/ws.py), so nothing here
+    needs Twisted's timers on wall time. Call it before anything is scheduled."""
     if reactor.getDelayedCalls():
         raise RuntimeError("steady_clock: calls are already scheduled on the wall clock")
     reactor.seconds = loop.time

@@ -293,7 +293,9 @@ class PendingStore:
 
     def _compact_expiry(self) -> None:
         """One entry per live channel: its earliest expiry (a lower bound is enough for
-        expire(), which rechecks). Amortized O(1) per add: the heap has doubled since."""
+        expire(), which rechecks). Amortized O(1) per add: a rebuild of C live channels
+        follows at least EXPIRY_SLACK + C stale pushes. The one add that rebuilds pays
+        O(C): ~150 ms at 200,000 live channels on a slow core."""
         heap = [(c.min_expires_ms, ch) for ch, c in self._channels.items()]
         heapq.heapify(heap)
         self._expiry_heap = heap

@@ -61,6 +61,8 @@ def split_frames(objs: list[dict[str, Any]], fmt: Format, budget: int) -> list[b
 
 
 REPLAY_CHUNK = 64  # pending messages encoded per frame while replaying a channel
+# A token's expiry timer waits at most this long before it looks at the wall clock again.
+EXPIRY_RECHECK_S = 30.0
 
 
 @implementer(IPushProducer)
@@ -345,7 +347,11 @@ class RelayProtocol(WebSocketServerProtocol):
         self._expiry_timer = None
         self._expiry_at = expires_s
         if expires_s is not None:
-            delay = max(0.0, expires_s - self.factory.clock_ms() / 1000)
+            # At least a millisecond (the wall clock is read in whole ms: a shorter wait
+            # would find it unchanged), at most EXPIRY_RECHECK_S (the timer runs on the
+            # monotonic clock: a forward step of the wall clock is seen by then).
+            left = expires_s - self.factory.clock_ms() / 1000
+            delay = min(EXPIRY_RECHECK_S, max(0.001, left)) if left > 0 else 0.0
             self._expiry_timer = self.factory.reactor.callLater(delay, self._expired)
 
     def _expired(self) -> None:

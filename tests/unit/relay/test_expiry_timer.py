@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 
 from relay.auth import TokenVerifier
 from relay.session import Limits
-from relay.ws import RelayFactory, RelayProtocol
+from relay.ws import EXPIRY_RECHECK_S, RelayFactory, RelayProtocol
 from tests.conftest import memory_node
 from tests.unit.relay.test_late_replies import HANDSHAKE, masked, text_frames
 
@@ -104,3 +104,25 @@ def test_the_timer_closes_at_exp_when_the_clocks_agree() -> None:
     wall[0] = T0 + 2.0
     clock.advance(0.001)
     assert closed_with(t) == 1008
+
+
+def test_a_forward_step_of_the_wall_clock_is_seen_within_the_recheck_interval() -> None:
+    """The timer runs on the monotonic clock: when the wall clock steps forward past exp,
+    the connection is closed at the next recheck, not when the monotonic delay runs out."""
+    wall = [T0]
+    _, clock, p, t = setup(wall)
+    hello(p, exp=T0 + 3600.0)
+    clock.advance(1.0)
+    wall[0] = T0 + 7200.0  # NTP steps the wall clock an hour forward
+    clock.advance(EXPIRY_RECHECK_S)
+    assert closed_with(t) == 1008
+
+
+def test_a_fractional_exp_is_rechecked_a_millisecond_later_not_in_a_spin() -> None:
+    wall = [T0]
+    _, clock, p, _t = setup(wall)
+    hello(p, exp=T0 + 2.0000002)  # just past a whole millisecond
+    wall[0] = T0 + 2.0  # the wall clock's millisecond has not ticked yet
+    clock.advance(2.0005)  # the timer fired and found the token still valid
+    calls = [c for c in clock.getDelayedCalls() if "_expired" in repr(c)]
+    assert len(calls) == 1 and calls[0].getTime() - clock.seconds() >= 0.001 - 1e-9
