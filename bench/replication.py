@@ -22,6 +22,7 @@ Traffic goes to loopback only; the run is bounded by ``--duration-s``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -98,7 +99,8 @@ class Soak:
         self.rate = rate
         self.published: set[str] = set()
         self.received: set[str] = set()
-        self.acked = 0
+        self.acked = 0  # ids whose ack op was answered `acked`
+        self.ack_retries = 0  # ack ops refused (e.g. `unavailable`) and sent again
         self.stop = False
         self.publishing = True
 
@@ -159,13 +161,26 @@ class Soak:
         for i in range(0, len(self.channels), 100):
             await c.send(json.dumps([{"op": "sub", "ch": ch} for ch in self.channels[i : i + 100]]))
         to_ack: dict[str, list[str]] = {}
+        # Per channel, the ids of each ack op sent and not answered yet, in order: an
+        # `acked` answers the oldest; an error (`unavailable` while an owner moves)
+        # sends its ids again in the next round, as PROTOCOL.md says ("retry later").
+        unanswered: dict[str, collections.deque[list[str]]] = {}
 
         async def read() -> None:
             async for frame in c:
                 for obj in _objects(frame):
-                    if obj.get("op") == "msg":
+                    op = obj.get("op")
+                    if op == "msg":
                         self.received.add(obj["id"])
                         to_ack.setdefault(obj["ch"], []).append(obj["id"])
+                    elif op in ("acked", "error") and obj.get("ch") in unanswered:
+                        sent = unanswered[obj["ch"]]
+                        ids = sent.popleft() if sent else []
+                        if op == "error":
+                            self.ack_retries += 1
+                            to_ack.setdefault(obj["ch"], []).extend(ids)
+                        else:
+                            self.acked += len(ids)
 
         reader = asyncio.ensure_future(read())
         try:
@@ -175,17 +190,19 @@ class Soak:
                     # The node closed the connection (its close code says why): fail
                     # the soak rather than count what was not acked as lost.
                     raise RuntimeError(f"the subscriber in fra was disconnected: {reader!r}")
-                batch = [
-                    {"op": "ack", "ch": ch, "ids": ids[j : j + 1000]}
+                ops = [
+                    (ch, ids[j : j + 1000])
                     for ch, ids in to_ack.items()
                     for j in range(0, len(ids), 1000)
                 ]
                 to_ack.clear()
+                for ch, chunk in ops:
+                    unanswered.setdefault(ch, collections.deque()).append(chunk)
+                batch = [{"op": "ack", "ch": ch, "ids": chunk} for ch, chunk in ops]
                 # Frames under the node's max_frame (1 MiB by default): a subscriber that
                 # fell behind has many ids to ack at once.
                 for i in range(0, len(batch), ACK_OPS_PER_FRAME):
                     await c.send(json.dumps(batch[i : i + ACK_OPS_PER_FRAME]))
-                self.acked += sum(len(b["ids"]) for b in batch)
         finally:
             reader.cancel()
             await c.close()
@@ -283,6 +300,7 @@ async def _soak(
         "received": len(s.received & s.published),
         "lost": len(s.published - s.received),
         "acked": s.acked,
+        "ack_retries": s.ack_retries,
         "left_pending": left,
         "samples": samples,
     }
@@ -420,7 +438,8 @@ def replication_cmd(
     }
     lines = [
         f"published {result['published']}, received in fra {result['received']}, "
-        f"lost {result['lost']}, acked {result['acked']}, left pending {result['left_pending']}",
+        f"lost {result['lost']}, acked {result['acked']} (ack ops retried "
+        f"{result['ack_retries']}), left pending {result['left_pending']}",
     ]
     for r in REGIONS:
         x = g[r]
