@@ -101,6 +101,7 @@ class Soak:
         self.received: set[str] = set()
         self.acked = 0  # ids whose ack op was answered `acked`
         self.ack_retries = 0  # ack ops refused (e.g. `unavailable`) and sent again
+        self.ack_errors: dict[str, int] = {}  # "code: reason" of those refusals
         self.stop = False
         self.publishing = True
 
@@ -178,6 +179,8 @@ class Soak:
                         ids = sent.popleft() if sent else []
                         if op == "error":
                             self.ack_retries += 1
+                            why = f"{obj.get('code')}: {obj.get('reason')}"
+                            self.ack_errors[why] = self.ack_errors.get(why, 0) + 1
                             to_ack.setdefault(obj["ch"], []).extend(ids)
                         else:
                             self.acked += len(ids)
@@ -301,6 +304,7 @@ async def _soak(
         "lost": len(s.published - s.received),
         "acked": s.acked,
         "ack_retries": s.ack_retries,
+        "ack_errors": s.ack_errors,
         "left_pending": left,
         "samples": samples,
     }
