@@ -15,30 +15,19 @@ from twisted.internet.testing import StringTransport
 from relay.auth import TokenVerifier
 from relay.session import Limits
 from relay.ws import EXPIRY_RECHECK_S, RelayFactory, RelayProtocol
-from tests.conftest import memory_node
-from tests.unit.relay.test_late_replies import HANDSHAKE, masked, text_frames
+from tests.unit.relay.test_late_replies import HANDSHAKE, factory, masked, text_frames
 
 SECRET = "expiry-timer-test-secret-of-32-bytes!"
 T0 = 1_700_000_000.0
 
 
 def setup(wall: list[float]) -> tuple[RelayFactory, Clock, RelayProtocol, StringTransport]:
-    f = RelayFactory(
-        url="ws://127.0.0.1",
-        node=memory_node(),
+    f, clock = factory(
         limits=Limits(),
         verifier=TokenVerifier(hs256_secret=SECRET, es256_public_key_pem=None),
         clock_s=lambda: wall[0],
         clock_ms=lambda: int(wall[0] * 1000),
-        overloaded=lambda: False,
-        max_outbound_bytes=1 << 20,
-        allowed_origins=[],
-        ping_interval_s=0,
-        ping_timeout_s=0,
-        handshake_timeout_s=0,
     )
-    clock = Clock()
-    f.reactor = clock
     p: Any = f.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
     t = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1234))
     p.makeConnection(t)

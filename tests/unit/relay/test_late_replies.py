@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -28,14 +29,21 @@ HANDSHAKE = (
 )
 
 
-def factory() -> tuple[RelayFactory, Clock]:
+def factory(
+    *,
+    limits: Limits | None = None,
+    verifier: Any = None,
+    clock_s: Callable[[], float] = lambda: 0.0,
+    clock_ms: Callable[[], int] = lambda: 0,
+) -> tuple[RelayFactory, Clock]:
+    """A node's client factory on a Clock reactor (anonymous clients unless ``limits``)."""
     f = RelayFactory(
         url="ws://127.0.0.1",
         node=memory_node(),
-        limits=Limits(allow_anonymous=True),
-        verifier=None,
-        clock_s=lambda: 0.0,
-        clock_ms=lambda: 0,
+        limits=Limits(allow_anonymous=True) if limits is None else limits,
+        verifier=verifier,
+        clock_s=clock_s,
+        clock_ms=clock_ms,
         overloaded=lambda: False,
         max_outbound_bytes=1 << 20,
         allowed_origins=[],
