@@ -105,6 +105,9 @@ def record_expires_ms(record: bytes) -> int:
 # Stale entries the expiry index may hold beyond two per live channel before it is
 # compacted (PendingStore._compact_expiry).
 EXPIRY_SLACK = 4096
+# A channel's earliest expiry before its first message: above any record's (a signed
+# 64-bit field), so the first add always sets it; 0 is a real expiry, not "unset".
+_NO_EXPIRY = 1 << 63
 
 
 class _Channel:
@@ -114,7 +117,7 @@ class _Channel:
         self.records: dict[str, bytes] = {}
         self.bytes = 0
         self.last_hlc = 0
-        self.min_expires_ms = 0
+        self.min_expires_ms = _NO_EXPIRY  # set by the first add
 
 
 def _size(msg_id: str, record: bytes) -> int:
@@ -217,7 +220,7 @@ class PendingStore:
             self._resort(c)
         else:
             c.last_hlc = hlc
-        if not c.min_expires_ms or expires_ms < c.min_expires_ms:
+        if expires_ms < c.min_expires_ms:
             c.min_expires_ms = expires_ms
             heap = self._expiry_heap
             heapq.heappush(heap, (expires_ms, ch))

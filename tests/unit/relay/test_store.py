@@ -129,6 +129,17 @@ def test_expire_reports_every_message_it_drops() -> None:
     assert (s.messages, s.bytes, s.channels) == (0, 0, 0)
 
 
+def test_an_expiry_of_zero_is_an_expiry_not_unset() -> None:
+    # A record can carry expires_ms 0 (or less: the header is signed), e.g. from an old
+    # log replayed; it is the channel's earliest expiry, and a later add must not hide it.
+    s = big_store()
+    add(s, "z", "old", 1, expires_ms=0)
+    add(s, "z", "new", 2, expires_ms=T0 + 50)
+    add(s, "n", "neg", 3, expires_ms=-5)
+    assert sorted((r.ch, r.ids) for r in s.expire(1)) == [("n", ("neg",)), ("z", ("old",))]
+    assert s.count("z") == 1
+
+
 def test_expire_after_acks_changed_the_earliest_expiry() -> None:
     s = big_store()
     add(s, "c", "soon", 1, expires_ms=T0 + 10)
