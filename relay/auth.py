@@ -54,8 +54,8 @@ class Grants:
     subject: str
     can_pub: tuple[str, ...]
     can_sub: tuple[str, ...]
-    # Wall-clock Unix time the token expires at (None: never, for anonymous clients);
-    # a session refuses ops from then on.
+    # Wall-clock Unix time the token expires at, its exp plus the verifier's leeway (None:
+    # never, for anonymous clients); a session refuses ops from then on.
     expires_s: float | None = None
     # Patterns split once into exact names and prefixes: a check is then one set lookup
     # and one str.startswith over a tuple, on every pub.
@@ -183,7 +183,9 @@ class TokenVerifier:
             sub,
             _patterns(claims, "can_pub"),
             _patterns(claims, "can_sub"),
-            float(exp) if exp < 2**53 else None,
+            # The session's end is exp plus the leeway: a token accepted within the
+            # leeway is not closed as expired the moment it is accepted.
+            float(exp) + self._leeway_s if exp < 2**53 else None,
         )
 
     def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:

@@ -227,6 +227,13 @@ class AuthConfig:
 
     hs256_secret: str = _opt("", "str", "shared secret for HS256 tokens")
     es256_public_key: str = _opt("", "path", "PEM public key file for ES256 tokens")
+    leeway_s: float = _opt(
+        0.0,
+        "float",
+        "clock skew allowed on a token's exp and nbf; its session ends at exp plus this",
+        lo=0,
+        hi=300,
+    )
 
 
 @dataclass(frozen=True, slots=True)

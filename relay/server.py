@@ -62,7 +62,9 @@ def build_verifier(config: Config) -> TokenVerifier | None:
     key = Path(a.es256_public_key).read_bytes() if a.es256_public_key else None
     if not a.hs256_secret and key is None:
         return None
-    return TokenVerifier(hs256_secret=a.hs256_secret or None, es256_public_key_pem=key)
+    return TokenVerifier(
+        hs256_secret=a.hs256_secret or None, es256_public_key_pem=key, leeway_s=a.leeway_s
+    )
 
 
 def redacted_access_log(timestamp: str, request: Any) -> str:

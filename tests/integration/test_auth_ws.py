@@ -183,6 +183,29 @@ async def test_a_silent_subscriber_is_closed_when_its_token_expires(secured: Any
 
 
 @aio
+async def test_a_token_within_the_configured_leeway_keeps_its_session_until_then(
+    make_node: Any,
+) -> None:
+    """``auth.leeway_s``: a token that expired less than the leeway ago is accepted, and
+    its session lasts until exp plus the leeway (not closed at once), then ends 1008."""
+    node = make_node(auth={"hs256_secret": SECRET, "leeway_s": 2.0})
+    c = await Client.connect(node.ws_url)
+    exp = time.time() - 0.5
+    await c.request({"op": "hello", "token": token(exp=exp)}, "welcome")
+    await c.request({"op": "sub", "ch": "inbox:alice"}, "subscribed")
+    await c.request({"op": "pub", "id": "in-leeway", "ch": "inbox:x", "body": "b"}, "puback")
+    assert time.time() < exp + 2.0
+    e = await c.expect("error", timeout_s=5)
+    assert e["code"] == "unauthorized" and e["reason"] == "token expired"
+    assert time.time() >= exp + 2.0
+    code, _ = await c.closed()
+    assert code == 1008
+    # Past the leeway, the same token is refused at hello.
+    e, code = await refused(node.ws_url, token(exp=time.time() - 2.5))
+    assert e["code"] == "unauthorized" and code == 1008
+
+
+@aio
 async def test_a_new_hello_drops_the_subscriptions_it_no_longer_grants(secured: Any) -> None:
     c = await Client.connect(secured.ws_url)
     wide = token(can_sub=["inbox:alice", "room:*"])

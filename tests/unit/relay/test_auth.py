@@ -123,6 +123,9 @@ def test_leeway_extends_exp_and_nbf() -> None:
     assert lenient.verify(hs(claims(exp=NOW - 5)), NOW)
     assert refused(lenient, hs(claims(exp=NOW - 10)), NOW) == "expired"
     assert lenient.verify(hs(claims(nbf=NOW + 5)), NOW)
+    # The session ends where the verifier would refuse the token: exp plus the leeway.
+    assert lenient.verify(hs(claims(exp=NOW - 5)), NOW).expires_s == NOW + 5
+    assert HS.verify(hs(claims(exp=NOW + 5)), NOW).expires_s == NOW + 5
 
 
 def test_not_yet_valid() -> None:
