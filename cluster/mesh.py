@@ -234,9 +234,11 @@ class Mesh:
         del self.connections[peer]
         # Requests to it will not be answered: fail them now, not at their timeout.
         for req_id, (to, fut) in list(self._pending.items()):
-            if to == peer and not fut.done():
-                fut.set_exception(PeerUnavailable(f"{peer} went away ({reason})"))
+            if to == peer:
+                if not fut.done():
+                    fut.set_exception(PeerUnavailable(f"{peer} went away ({reason})"))
                 del self._pending[req_id]
+                self._on_result.pop(req_id, None)
         self.handler.on_peer_down(peer, reason)
         if peer in self.wanted:
             self.reactor.callLater(self.retry_s, self._dial, peer)
@@ -251,6 +253,7 @@ class Mesh:
             if not fut.done():
                 fut.set_exception(PeerUnavailable("mesh stopped"))
         self._pending.clear()
+        self._on_result.clear()
         self._deadlines.clear()
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
@@ -271,6 +274,19 @@ class Mesh:
         read, before any frame after it on the connection: deliveries that follow a
         ``sub`` reply then find the subscription registered (the awaiting coroutine only
         resumes a loop turn or two later)."""
+        return await self.request_soon(peer, op, args, on_result)
+
+    def request_soon(
+        self,
+        peer: str,
+        op: str,
+        args: Any,
+        on_result: Callable[[Any], None] | None = None,
+    ) -> asyncio.Future[Any]:
+        """:meth:`request` without a coroutine: the request is sent now and its future
+        returned, to be resolved with the result or PeerUnavailable / RemoteError (a
+        forwarded op then costs no task). Raises PeerUnavailable at once when there is no
+        connection to ``peer``. Cancelling the future abandons the request."""
         conn = self.connections.get(peer)
         if conn is None:
             raise PeerUnavailable(f"no connection to {peer}")
@@ -280,14 +296,11 @@ class Mesh:
         if on_result is not None:
             self._on_result[req_id] = on_result
         conn.send([Kind.REQUEST, req_id, op, args])
+        # The deadline also forgets a request whose future was cancelled (see _sweep).
         self._deadlines.append((self.clock() + self.request_timeout_s, req_id, op))
         if self._sweeper is None:
             self._sweeper = self.reactor.callLater(self._sweep_s, self._sweep)
-        try:
-            return await fut
-        finally:
-            self._pending.pop(req_id, None)
-            self._on_result.pop(req_id, None)
+        return fut
 
     @property
     def _sweep_s(self) -> float:
@@ -301,18 +314,19 @@ class Mesh:
         while dq and dq[0][0] <= now:
             _, req_id, op = dq.popleft()
             entry = self._pending.pop(req_id, None)
+            self._on_result.pop(req_id, None)
             if entry is not None and not entry[1].done():
                 entry[1].set_exception(PeerUnavailable(f"{entry[0]} did not answer {op} in time"))
         if dq and not self._stopped:
             self._sweeper = self.reactor.callLater(self._sweep_s, self._sweep)
 
     def complete(self, req_id: int, ok: bool, result: Any) -> None:
-        entry = self._pending.get(req_id)
+        entry = self._pending.pop(req_id, None)
+        on_result = self._on_result.pop(req_id, None)
         if entry is None or entry[1].done():
             return
         fut = entry[1]
         if ok:
-            on_result = self._on_result.pop(req_id, None)
             if on_result is not None:
                 try:
                     on_result(result)

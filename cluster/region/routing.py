@@ -3,6 +3,7 @@ over the mesh to the owner."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -50,7 +51,7 @@ class Routing(Members):
         if ready.fan_out is not None:
             self.fan_out(*ready.fan_out)
         if ready.forward is not None:
-            self._spawn(self._forward(ready.forward))
+            self._forward(ready.forward)
         if ready.interest is not None and self.mesh is not None:
             self.mesh.interest(*ready.interest)
         if ready.refused:
@@ -73,9 +74,10 @@ class Routing(Members):
         ev = Publish(p, reply, self.wall_ms(), self.clock(), self.lease_fresh())
         self._carry(self.core.step(ev))
 
-    async def _forward(self, f: Forward) -> None:
+    def _forward(self, f: Forward) -> None:
         """Send ``f.op`` to the owner; step the core with its result or error (``at_once``:
-        in the same turn as the reply frame, before any delivery that follows it)."""
+        in the same turn as the reply frame, before any delivery that follows it). No
+        task per forwarded op: a callback on the request's future."""
         assert self.mesh is not None
 
         def answered(result: Any, code: Code | None, reason: str) -> None:
@@ -83,15 +85,31 @@ class Routing(Members):
 
         on_result = (lambda r: answered(r, None, "")) if f.at_once else None
         try:
-            result = await self.mesh.request(f.owner, f.op, f.args, on_result=on_result)
-        except RemoteError as e:
-            answered(None, e.code, e.reason)
-            return
+            fut = self.mesh.request_soon(f.owner, f.op, f.args, on_result=on_result)
         except PeerUnavailable as e:
-            answered(None, Code.UNAVAILABLE, str(e))
+            # Answered next turn, as a reply would be: never inside the _carry that
+            # forwards (its remaining steps come first).
+            asyncio.get_running_loop().call_soon(answered, None, Code.UNAVAILABLE, str(e))
             return
-        if not f.at_once:
-            answered(result, None, "")
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled() or self.stopped:
+                return
+            e = fut.exception()
+            try:
+                if e is None:
+                    if not f.at_once:
+                        answered(fut.result(), None, "")
+                elif isinstance(e, RemoteError):
+                    answered(None, e.code, e.reason)
+                elif isinstance(e, PeerUnavailable):
+                    answered(None, Code.UNAVAILABLE, str(e))
+                else:  # on_result raised: logged, as a task's failure was
+                    log.error("mesh: %s forwarded to %s failed", f.op, f.owner, exc_info=e)
+            except Exception:
+                log.exception("mesh: answering %s forwarded to %s failed", f.op, f.owner)
+
+        fut.add_done_callback(done)
 
     def _deliver(self, message: Message) -> None:
         local = self.node.subscribers.get(message.ch)

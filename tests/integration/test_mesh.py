@@ -221,6 +221,35 @@ async def test_on_result_runs_before_the_deliveries_that_follow_the_reply(pair: 
     assert ra.seen == [("reply", ["pending"]), ("deliver", ["after"])]
 
 
+@aio
+async def test_request_soon_resolves_its_future_and_forgets_every_request(pair: Any) -> None:
+    """The task-free request (a forwarded op): results and errors land on the future, and
+    nothing is left behind for answered, refused, failed or abandoned requests."""
+    a, b, _ra, rb, _ = pair
+    rb.mesh = b
+    await until(lambda: "sg/b" in a.connections and "sg/a" in b.connections, what="connected")
+    seen: list[Any] = []
+    futs = [
+        a.request_soon("sg/b", "echo", 1),
+        a.request_soon("sg/b", "slow", 2),
+        a.request_soon("sg/b", "refuse", None, on_result=seen.append),
+        a.request_soon("sg/b", "crash", None),
+        a.request_soon("sg/b", "sub", None, on_result=seen.append),
+    ]
+    abandoned = a.request_soon("sg/b", "slow", 3)
+    abandoned.cancel()
+    await until(lambda: all(f.done() for f in futs), what="every reply")
+    assert futs[0].result() == 1 and futs[1].result() == {"slow": 2}
+    refused, crashed = futs[2].exception(), futs[3].exception()
+    assert isinstance(refused, RemoteError) and refused.code == "unavailable"
+    assert isinstance(crashed, RemoteError) and crashed.code == "internal"
+    assert seen == [["pending"]]  # on_result only for a success
+    await until(lambda: rb.requests.count(("sg/a", "slow")) == 2, what="the abandoned one")
+    await until(lambda: not a._pending and not a._on_result, what="nothing left")
+    with pytest.raises(PeerUnavailable):
+        a.request_soon("sg/zz", "echo", 1)
+
+
 async def _closed(reader: asyncio.StreamReader, timeout_s: float = 5.0) -> bool:
     """Whether the node closes the connection in time (what it sends is dropped)."""
     deadline = time.monotonic() + timeout_s

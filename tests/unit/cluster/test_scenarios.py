@@ -65,8 +65,16 @@ class InMemoryMesh:
         }
 
     async def request(self, peer: str, op: str, args: Any, on_result: Any = None) -> Any:
+        return await self.request_soon(peer, op, args, on_result)
+
+    def request_soon(
+        self, peer: str, op: str, args: Any, on_result: Any = None
+    ) -> asyncio.Future[Any]:
         if not self.net.reachable(self.me, peer):
             raise PeerUnavailable(f"no connection to {peer}")
+        return asyncio.ensure_future(self._serve(peer, op, args, on_result))
+
+    async def _serve(self, peer: str, op: str, args: Any, on_result: Any) -> Any:
         result = self.net.routers[peer].on_request(self.me, op, args)
         if asyncio.isfuture(result):
             result = await result
