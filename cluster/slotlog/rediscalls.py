@@ -28,6 +28,7 @@ from cluster.slotlog.api import (
     SlotLogError,
 )
 from cluster.slotlog.checks import _check_origin
+from cluster.slotlog.leanpipe import LeanPipe
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +166,8 @@ class RedisCalls:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self._slot_keys: dict[int, tuple[str, str, str]] = {}
+        # The group commit's appends on one server: their own lean connection.
+        self._lean: LeanPipe | None = None
         # Cluster tails waiting for entries right now (one server: the server counts
         # them, INFO blocked_clients).
         self.waiting_tails = 0
@@ -228,6 +231,26 @@ class RedisCalls:
         except NoScriptError:
             await self._client.script_load(script.source)
             return await self._client.evalsha(script.sha, len(keys_), *keys_, *args)
+
+    async def _eval_append(self, script: _Script, keys_: Sequence[str], *args: bytes | str) -> Any:
+        """An append script on one server without WAIT: on the lean connection
+        (:mod:`cluster.slotlog.leanpipe`), not through redis-py's client."""
+        if self._cluster or self.wait_replicas:
+            return await self._eval(script, keys_, *args)
+        pipe = self._lean
+        if pipe is None:
+            assert isinstance(self._client, Redis)
+            pipe = self._lean = LeanPipe(self._client)
+        n = str(len(keys_))
+        try:
+            return await pipe.call("EVALSHA", script.sha, n, *keys_, *args)
+        except NoScriptError:
+            await pipe.call("SCRIPT", "LOAD", script.source)
+            return await pipe.call("EVALSHA", script.sha, n, *keys_, *args)
+
+    async def _close_lean(self) -> None:
+        if self._lean is not None:
+            await self._lean.close()
 
     async def _pipeline(
         self,

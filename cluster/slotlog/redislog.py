@@ -153,9 +153,9 @@ class RedisSlotLog(RedisCalls):
             if wait:
                 (replies,) = await self._eval_many(_APPEND_SLOTS, [(keys, args)], wait=True)
             else:  # no pipeline needed for one call
-                replies = await self._eval(_APPEND_SLOTS, keys, *args)
+                replies = await self._eval_append(_APPEND_SLOTS, keys, *args)
         elif len(calls) == 1 and not wait:
-            replies = [await self._eval(_APPEND, *calls[0][0:1], *calls[0][1])]
+            replies = [await self._eval_append(_APPEND, *calls[0][0:1], *calls[0][1])]
         else:
             replies = await self._eval_many(_APPEND, calls, wait=wait)
         out: list[str | FencedError | None] = [None] * len(items)
@@ -358,6 +358,7 @@ class RedisSlotLog(RedisCalls):
 
     async def close(self) -> None:
         try:
+            await self._close_lean()
             await self._client.aclose()
         finally:
             await self._tail.aclose()

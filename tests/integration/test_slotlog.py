@@ -362,6 +362,16 @@ async def test_append_many_is_one_round_trip_and_survives_script_flush(
         await original(self, command, check_health)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    # One server: the appends go over the lean connection (cluster/slotlog/leanpipe.py).
+    from cluster.slotlog import leanpipe
+
+    lean_send = leanpipe._Replies.send
+
+    def counting_lean(self: Any, data: bytes, loop: Any) -> Any:
+        writes.append(1)
+        return lean_send(self, data, loop)
+
+    monkeypatch.setattr(leanpipe._Replies, "send", counting_lean)
     results = await log.append_many(items, A, dict.fromkeys(slots, 1))
     assert all(isinstance(r, str) for r in results)
     assert len(writes) == trips

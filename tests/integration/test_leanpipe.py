@@ -1,0 +1,130 @@
+"""The group commit's lean connection (cluster/slotlog/leanpipe.py) against a real Redis:
+pipelined replies in order, error replies as redis-py raises them, a broken or silent
+connection failing what is in flight (never re-sent) and replaced on the next call."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from cluster.slotlog import RedisSlotLog
+from cluster.slotlog.leanpipe import LeanPipe, pack
+from tests.conftest import aio, until
+
+A = "sg/a"
+
+
+def test_pack_is_resp() -> None:
+    assert pack(("SET", "k", b"\x00\r\n")) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n\x00\r\n\r\n"
+    assert pack(("PING",)) == b"*1\r\n$4\r\nPING\r\n"
+    assert pack(("ECHO", "é")) == b"*2\r\n$4\r\nECHO\r\n$2\r\n\xc3\xa9\r\n"
+
+
+@aio
+async def test_many_callers_pipeline_and_get_their_own_replies(redis_url: str) -> None:
+    client = Redis.from_url(redis_url, socket_timeout=5)
+    pipe = LeanPipe(client)
+    try:
+        got = await asyncio.gather(*(pipe.call("ECHO", f"v{i}") for i in range(200)))
+        assert got == [f"v{i}".encode() for i in range(200)]
+        assert await pipe.call("INCRBY", "n", "3") == 3
+        assert await pipe.call("LRANGE", "missing", "0", "-1") == []
+        assert pipe.connects == 1  # one connection for all of it
+    finally:
+        await pipe.close()
+        await client.aclose()
+
+
+@aio
+async def test_error_replies_raise_as_redis_py_does_and_the_connection_stays(
+    redis_url: str,
+) -> None:
+    client = Redis.from_url(redis_url, socket_timeout=5)
+    pipe = LeanPipe(client)
+    try:
+        with pytest.raises(NoScriptError):
+            await pipe.call("EVALSHA", "0" * 40, "0")
+        with pytest.raises(ResponseError, match="wrong number of arguments"):
+            await pipe.call("GET")
+        sha = await pipe.call("SCRIPT", "LOAD", "return ARGV[1]")
+        assert await pipe.call("EVALSHA", sha, "0", b"x") == b"x"
+        assert pipe.connects == 1
+    finally:
+        await pipe.close()
+        await client.aclose()
+
+
+@aio
+async def test_a_killed_connection_fails_what_is_in_flight_and_the_next_call_reconnects(
+    redis_url: str,
+) -> None:
+    client = Redis.from_url(redis_url, socket_timeout=5)
+    admin = redis.Redis.from_url(redis_url)
+    pipe = LeanPipe(client)
+    try:
+        cid = await pipe.call("CLIENT", "ID")
+        blocked = asyncio.ensure_future(pipe.call("BLPOP", "nothing", "5"))
+        await until(
+            lambda: any(c["id"] == str(cid) and c["cmd"] == "blpop" for c in admin.client_list()),
+            what="the BLPOP blocked in the server",
+        )
+        admin.client_kill_filter(_id=cid)
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(blocked, 5)
+        assert await pipe.call("PING") == b"PONG"
+        assert pipe.connects == 2
+    finally:
+        admin.close()
+        await pipe.close()
+        await client.aclose()
+
+
+@aio
+async def test_a_reply_later_than_socket_timeout_fails_every_call_in_flight(
+    redis_url: str,
+) -> None:
+    client = Redis.from_url(redis_url, socket_timeout=0.2)
+    pipe = LeanPipe(client)
+    try:
+        slow = asyncio.ensure_future(pipe.call("BLPOP", "nothing", "2"))
+        behind = asyncio.ensure_future(pipe.call("PING"))  # queued behind the slow one
+        with pytest.raises(RedisTimeoutError):
+            await slow
+        with pytest.raises(RedisTimeoutError):
+            await behind
+        assert await pipe.call("PING") == b"PONG"  # a new connection
+        assert pipe.connects == 2
+    finally:
+        await pipe.close()
+        await client.aclose()
+
+
+@aio
+async def test_the_group_commits_appends_go_over_it_and_survive_a_script_flush(
+    redis_url: str,
+) -> None:
+    log = RedisSlotLog.from_url(redis_url, "sg")
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        for slot in (1, 2):
+            assert await log.claim(slot, A, 0) == 1
+        first = await log.append_many([(1, b"a"), (2, b"b"), (1, b"c")], A, {1: 1, 2: 1})
+        admin.script_flush()  # NOSCRIPT next: loaded again on the same connection
+        second = await log.append_many([(2, b"d")], A, {2: 1})
+        lean: Any = log._lean
+        assert lean is not None and lean.connects == 1
+        assert [e.data for e in await log.read(1)] == [b"a", b"c"]
+        assert [e.data for e in await log.read(2)] == [b"b", b"d"]
+        assert [e.id for e in await log.read(1)] == [first[0], first[2]]
+        assert [e.id for e in await log.read(2)] == [first[1], second[0]]
+        assert isinstance(second[0], str)
+    finally:
+        admin.close()
+        await log.close()
