@@ -59,13 +59,18 @@ def _error(reply: hiredis.ReplyError) -> ResponseError:
 class _Replies(asyncio.Protocol):
     """The taken-over connection: each reply resolves the oldest call waiting."""
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, owners: tuple[Any, ...]) -> None:
         self.transport = transport
+        # redis-py's connection and stream writer: kept for as long as the transport is
+        # used, since either would close it when collected (their __del__).
+        self.owners = owners
         self.reader = hiredis.Reader()
         self.waiting: deque[asyncio.Future[Any]] = deque()
         self.broken: Exception | None = None
 
     def send(self, data: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
+        if self.broken is not None:
+            raise self.broken
         fut = loop.create_future()
         self.waiting.append(fut)
         self.transport.write(data)
@@ -82,6 +87,8 @@ class _Replies(asyncio.Protocol):
                 return
             if reply is False:
                 return
+            if isinstance(reply, hiredis.PushNotification):
+                continue  # RESP3 out-of-band (the connection asks for RESP2: never expected)
             if not waiting:
                 self.fail(RedisConnectionError("a reply from Redis that no call waits for"))
                 return
@@ -105,47 +112,85 @@ class _Replies(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(err)
         self.transport.close()
+        # redis-py's connection no longer holds a stream: collected, it neither warns
+        # nor closes anything.
+        conn = self.owners[0]
+        conn._reader = conn._writer = None
 
 
 class LeanPipe:
     """Script calls (or any command) on one connection of ``client``'s server."""
 
     def __init__(self, client: Redis) -> None:
-        self._pool = client.connection_pool
-        timeout = self._pool.connection_kwargs.get("socket_timeout")
+        pool = client.connection_pool
+        self._connection_class = pool.connection_class
+        # The client's settings (address, TLS, credentials, database, timeouts), less what
+        # belongs to its pool; RESP2 and no maintenance notifications: replies only, never
+        # an out-of-band push between them.
+        self._kwargs = {
+            k: v
+            for k, v in pool.connection_kwargs.items()
+            if not k.startswith("maint_notifications")
+            and not k.startswith("orig_")
+            and k not in ("himport_registry", "oss_cluster_maint_notifications_handler")
+        }
+        self._kwargs["protocol"] = 2
+        timeout = self._kwargs.get("socket_timeout")
         self.timeout_s: float | None = None if timeout is None else float(timeout)
         self._proto: _Replies | None = None
         self._opening: asyncio.Future[_Replies] | None = None
+        self._closed = False
         self.connects = 0  # connections opened (a status and test figure)
 
     async def call(self, *args: bytes | str) -> Any:
         """Send one command; its reply, or the error redis-py would raise."""
-        proto = self._proto
-        if proto is None or proto.broken is not None:
-            proto = await self._open()
+        data = pack(args)
         loop = asyncio.get_running_loop()
-        fut = proto.send(pack(args), loop)
-        timer = None if self.timeout_s is None else loop.call_later(self.timeout_s, _late, proto)
+        proto, fut = await self._send(data, loop)
+        timer = (
+            None if self.timeout_s is None else loop.call_later(self.timeout_s, _late, proto, fut)
+        )
         try:
             return await fut
         finally:
             if timer is not None:
                 timer.cancel()
 
+    async def _send(
+        self, data: bytes, loop: asyncio.AbstractEventLoop
+    ) -> tuple[_Replies, asyncio.Future[Any]]:
+        for attempt in range(3):
+            proto = self._proto
+            if proto is None or proto.broken is not None:
+                proto = await self._open()
+            try:
+                return proto, proto.send(data, loop)
+            except Exception:
+                # Broken since it was opened (another caller's call failed it): a fresh
+                # one; this call was not sent.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     async def _open(self) -> _Replies:
+        if self._closed:
+            raise RedisConnectionError("closed")
         if self._opening is not None:  # another caller is opening it: share that
             return await asyncio.shield(self._opening)
         loop = asyncio.get_running_loop()
         opening = self._opening = loop.create_future()
         try:
-            conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
-            await conn.connect()  # redis-py's handshake: TLS, AUTH, SELECT, HELLO…
+            conn: Any = self._connection_class(**self._kwargs)
+            await conn.connect()  # redis-py's handshake: TLS, AUTH, SELECT…
             writer = conn._writer  # the connected stream; its transport is taken over
             if writer is None:
                 raise RedisConnectionError("redis-py connected without a stream")
             transport: Any = writer.transport
-            proto = _Replies(transport)
+            proto = _Replies(transport, (conn, writer))
             transport.set_protocol(proto)
+            if self._closed:  # closed while this one was opening
+                proto.fail(RedisConnectionError("closed"))
+                raise RedisConnectionError("closed")
             self._proto = proto
             self.connects += 1
             opening.set_result(proto)
@@ -158,10 +203,12 @@ class LeanPipe:
             self._opening = None
 
     async def close(self) -> None:
+        self._closed = True
         proto, self._proto = self._proto, None
         if proto is not None:
             proto.fail(RedisConnectionError("closed"))
 
 
-def _late(proto: _Replies) -> None:
-    proto.fail(RedisTimeoutError("no reply from Redis within socket_timeout"))
+def _late(proto: _Replies, fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        proto.fail(RedisTimeoutError("no reply from Redis within socket_timeout"))

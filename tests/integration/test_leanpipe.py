@@ -5,6 +5,8 @@ connection failing what is in flight (never re-sent) and replaced on the next ca
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 from typing import Any
 
 import pytest
@@ -37,6 +39,47 @@ async def test_many_callers_pipeline_and_get_their_own_replies(redis_url: str) -
         assert await pipe.call("INCRBY", "n", "3") == 3
         assert await pipe.call("LRANGE", "missing", "0", "-1") == []
         assert pipe.connects == 1  # one connection for all of it
+    finally:
+        await pipe.close()
+        await client.aclose()
+
+
+@aio
+async def test_the_collector_does_not_close_the_connection_under_a_call(redis_url: str) -> None:
+    """redis-py's connection and stream writer close the transport when collected: the
+    pipe keeps them, and once it closes it, nothing warns of an unclosed connection."""
+    client = Redis.from_url(redis_url, socket_timeout=5)
+    admin = redis.Redis.from_url(redis_url)
+    pipe = LeanPipe(client)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert await pipe.call("PING") == b"PONG"
+            blocked = asyncio.ensure_future(pipe.call("BLPOP", "k", "3"))
+            await asyncio.sleep(0)  # sent
+            for generation in (0, 1, 2):
+                gc.collect(generation)
+            admin.rpush("k", "v")
+            assert await blocked == [b"k", b"v"]
+            gc.collect()
+            assert await pipe.call("PING") == b"PONG"
+            assert pipe.connects == 1
+            await pipe.close()
+            gc.collect()
+        assert not [w for w in caught if "nclosed" in str(w.message)]
+    finally:
+        admin.close()
+        await pipe.close()
+        await client.aclose()
+
+
+@aio
+async def test_replies_are_resp2_whatever_the_clients_protocol(redis_url: str) -> None:
+    client = Redis.from_url(redis_url, socket_timeout=5, protocol=3)
+    pipe = LeanPipe(client)
+    try:
+        await pipe.call("HSET", "h", "f", "v")
+        assert await pipe.call("HGETALL", "h") == [b"f", b"v"]  # RESP3 would be a map
     finally:
         await pipe.close()
         await client.aclose()
