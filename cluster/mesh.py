@@ -291,11 +291,11 @@ class Mesh:
         if conn is None:
             raise PeerUnavailable(f"no connection to {peer}")
         req_id = next(self._ids)
+        conn.send([Kind.REQUEST, req_id, op, args])  # raises before anything is kept
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = (peer, fut)
         if on_result is not None:
             self._on_result[req_id] = on_result
-        conn.send([Kind.REQUEST, req_id, op, args])
         # The deadline also forgets a request whose future was cancelled (see _sweep).
         self._deadlines.append((self.clock() + self.request_timeout_s, req_id, op))
         if self._sweeper is None:

@@ -83,19 +83,28 @@ class Routing(Members):
         def answered(result: Any, code: Code | None, reason: str) -> None:
             self._carry(self.core.step(Answered(f, result, code, reason)))
 
-        on_result = (lambda r: answered(r, None, "")) if f.at_once else None
+        def at_once(result: Any) -> None:
+            if not self.stopped:
+                answered(result, None, "")
+
+        on_result = at_once if f.at_once else None
         try:
             fut = self.mesh.request_soon(f.owner, f.op, f.args, on_result=on_result)
         except PeerUnavailable as e:
             # Answered next turn, as a reply would be: never inside the _carry that
             # forwards (its remaining steps come first).
-            asyncio.get_running_loop().call_soon(answered, None, Code.UNAVAILABLE, str(e))
+            why = str(e)
+            asyncio.get_running_loop().call_soon(
+                lambda: None if self.stopped else answered(None, Code.UNAVAILABLE, why)
+            )
             return
 
         def done(fut: asyncio.Future[Any]) -> None:
-            if fut.cancelled() or self.stopped:
+            if fut.cancelled():
                 return
-            e = fut.exception()
+            e = fut.exception()  # retrieved even when stopping (the mesh fails them all)
+            if self.stopped:
+                return
             try:
                 if e is None:
                     if not f.at_once:
