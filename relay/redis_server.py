@@ -25,6 +25,10 @@ class RedisServerError(RelayError):
     """No server binary was found, or the server did not come up."""
 
 
+class _PortTaken(Exception):
+    """The server could not bind its port: another process holds it."""
+
+
 def find_server_binary() -> str:
     """The path of a server binary, or raise RedisServerError saying how to get one."""
     env = os.environ.get("RELAY_REDIS_SERVER")
@@ -64,6 +68,55 @@ def ping(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+def server_pid(host: str, port: int, timeout_s: float = 0.5) -> int | None:
+    """The process id of the server answering on ``host:port`` (``INFO server``), or None
+    when nothing answers. Tells our new server from another one already on that port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as s:
+            s.sendall(b"INFO server\r\n")
+            data = b""
+            while b"\r\n" not in data or len(data) < _bulk_end(data):
+                chunk = s.recv(65536)
+                if not chunk:
+                    return None
+                data += chunk
+    except OSError:
+        return None
+    for line in data.split(b"\r\n"):
+        if line.startswith(b"process_id:"):
+            return int(line.split(b":", 1)[1])
+    return None
+
+
+def _bulk_end(data: bytes) -> int:
+    """Where a bulk-string reply that starts ``data`` ends (its header read)."""
+    head, _, _ = data.partition(b"\r\n")
+    if not head.startswith(b"$"):
+        return len(data)  # an error or another reply: read no further
+    return len(head) + 2 + max(int(head[1:]), 0) + 2
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _tail(path: Path, start: int, limit: int = 2000) -> str:
+    """What the server logged from ``start`` on (at most ``limit`` bytes, the last)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(start)
+            return f.read()[-limit:].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# Tries of a port picked here that another process took before the server bound it.
+_PORT_TRIES = 5
+
+
 @dataclass
 class RedisServer:
     """One local server process on a loopback port; :meth:`stop` it when done."""
@@ -80,13 +133,30 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> RedisServer:
+    def start(
+        self, timeout_s: float = 10.0, *, pick_port: Callable[[str], int] | None = None
+    ) -> RedisServer:
+        """Start it and wait until it answers. A port picked here (none given), or by the
+        caller with ``pick_port``, that another process took meanwhile is picked again."""
+        picked = pick_port is not None or not self.port
+        pick = pick_port or free_port
+        for attempt in range(_PORT_TRIES if picked else 1):
+            if not self.port or attempt:
+                self.port = pick(self.host)
+            try:
+                return self._start_once(timeout_s)
+            except _PortTaken:
+                if attempt == _PORT_TRIES - 1 or not picked:
+                    raise RedisServerError(f"port {self.port} is taken") from None
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> RedisServer:
         binary = find_server_binary()
-        if not self.port:
-            self.port = free_port(self.host)
         if self.directory is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="relay-redis-")
             self.directory = self._tmp.name
+        log_path = Path(self.directory) / "server.log"
+        log_start = _size(log_path)
         args = [
             binary,
             "--port",
@@ -105,6 +175,9 @@ class RedisServer:
             "yes",
             "--loglevel",
             "warning",
+            # Its log in its directory: read back when it exits at start (a port taken).
+            "--logfile",
+            str(log_path),
             *self.extra_args,
         ]
         # A session of its own: Ctrl-C in a terminal does not stop it under the nodes
@@ -116,10 +189,16 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RedisServerError(f"{binary} exited with {self.proc.returncode}: {err}")
-            if ping(self.host, self.port):
+                err += _tail(log_path, log_start)
+                code, self.proc = self.proc.returncode, None
+                if "already in use" in err:
+                    raise _PortTaken(err)
+                raise RedisServerError(f"{binary} exited with {code}: {err}")
+            # Ours, not another server already on this port (a port picked twice, or
+            # taken since): that one would answer PING too.
+            if server_pid(self.host, self.port) == self.proc.pid:
                 return self
-            time.sleep(0.02)  # poll interval while waiting for the server to answer PING
+            time.sleep(0.02)  # poll interval while waiting for the server to answer
         self.stop()
         raise RedisServerError(f"{binary} did not answer PING on port {self.port} in time")
 
@@ -198,7 +277,12 @@ class RedisClusterServers:
         if self.primaries < 1 or self.replicas < 0:
             raise RedisServerError("a cluster needs at least one primary")
         count = self.primaries * (1 + self.replicas)
-        ports = self.ports or [free_cluster_port(self.host) for _ in range(count)]
+        picked = not self.ports
+        ports = list(self.ports or ())
+        while len(ports) < count:
+            port = free_cluster_port(self.host)
+            if port not in ports:  # distinct: a port picked twice would be one server
+                ports.append(port)
         try:
             for port in ports[:count]:
                 self.servers.append(
@@ -223,7 +307,7 @@ class RedisClusterServers:
                             "0",
                             *(self.node_args(len(self.servers)) if self.node_args else []),
                         ],
-                    ).start(timeout_s)
+                    ).start(timeout_s, pick_port=free_cluster_port if picked else None)
                 )
             clients = [redis.Redis(host=s.host, port=s.port) for s in self.servers]
             try:
