@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -97,11 +98,21 @@ async def pending(doc: dict[str, Any], ch: str) -> int:
 
 
 async def publish(node: dict[str, Any], ch: str, msg_id: str) -> dict[str, Any]:
+    """Publish as a client does: sent again (same id) while the node answers
+    ``unavailable``, e.g. before its mesh connection to the owner is up."""
     c = await Client.connect(node["ws"])
     await c.request({"op": "hello"}, "welcome")
-    reply: dict[str, Any] = await c.request(
-        {"op": "pub", "id": msg_id, "ch": ch, "body": "hi", "ack": "log"}, "puback"
-    )
+    deadline = time.monotonic() + 10
+    pub = {"op": "pub", "id": msg_id, "ch": ch, "body": "hi", "ack": "log"}
+    while True:
+        await c.send(pub)
+        reply: dict[str, Any] = await c.recv()
+        if reply.get("op") == "error" and reply.get("code") == "unavailable":
+            assert time.monotonic() < deadline, reply
+            await asyncio.sleep(0.1)  # retry interval, as a client backs off
+            continue
+        assert reply.get("op") == "puback", reply
+        break
     await c.close()
     return reply
 
