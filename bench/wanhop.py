@@ -410,7 +410,13 @@ async def naive_steady(
 
 
 async def _sink(state: dict[str, Any]) -> asyncio.Server:
+    handlers: set[asyncio.Task[Any]] = state.setdefault("handlers", set())
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:  # cancelled when the bench ends (_stop_sink)
+            handlers.add(task)
+            task.add_done_callback(handlers.discard)
         while line := await reader.readline():
             doc = json.loads(line)
             state["seen"][doc["id"]] = state["seen"].get(doc["id"], 0) + 1
@@ -418,6 +424,15 @@ async def _sink(state: dict[str, Any]) -> asyncio.Server:
         writer.close()
 
     return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def _stop_sink(sink: asyncio.Server, state: dict[str, Any]) -> None:
+    """Close the sink and end its connections' handlers (none left pending at exit)."""
+    sink.close()
+    handlers = list(state.get("handlers", ()))
+    for t in handlers:
+        t.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
 
 
 # -- NATS --------------------------------------------------------------------------------
@@ -522,7 +537,7 @@ def _world() -> Iterator[dict[str, Any]]:
         natsproc.stop(leaf)
         wan.stop()
         natsproc.stop(hub)
-        sink.close()
+        loop.run_until_complete(_stop_sink(sink, sink_state))
         origin.stop()
         dest.stop()
 
