@@ -5,8 +5,10 @@ connection failing what is in flight (never re-sent) and replaced on the next ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import warnings
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,6 +25,18 @@ from tests.conftest import aio, until
 A = "sg/a"
 
 
+@contextlib.asynccontextmanager
+async def lean(redis_url: str, **client_kwargs: Any) -> AsyncIterator[LeanPipe]:
+    """A lean pipe on a client of ``redis_url`` (socket_timeout 5 s unless given)."""
+    client = Redis.from_url(redis_url, **{"socket_timeout": 5, **client_kwargs})
+    pipe = LeanPipe(client)
+    try:
+        yield pipe
+    finally:
+        await pipe.close()
+        await client.aclose()
+
+
 def test_pack_is_resp() -> None:
     assert pack(("SET", "k", b"\x00\r\n")) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n\x00\r\n\r\n"
     assert pack(("PING",)) == b"*1\r\n$4\r\nPING\r\n"
@@ -31,27 +45,20 @@ def test_pack_is_resp() -> None:
 
 @aio
 async def test_many_callers_pipeline_and_get_their_own_replies(redis_url: str) -> None:
-    client = Redis.from_url(redis_url, socket_timeout=5)
-    pipe = LeanPipe(client)
-    try:
+    async with lean(redis_url) as pipe:
         got = await asyncio.gather(*(pipe.call("ECHO", f"v{i}") for i in range(200)))
         assert got == [f"v{i}".encode() for i in range(200)]
         assert await pipe.call("INCRBY", "n", "3") == 3
         assert await pipe.call("LRANGE", "missing", "0", "-1") == []
         assert pipe.connects == 1  # one connection for all of it
-    finally:
-        await pipe.close()
-        await client.aclose()
 
 
 @aio
 async def test_the_collector_does_not_close_the_connection_under_a_call(redis_url: str) -> None:
     """redis-py's connection and stream writer close the transport when collected: the
     pipe keeps them, and once it closes it, nothing warns of an unclosed connection."""
-    client = Redis.from_url(redis_url, socket_timeout=5)
     admin = redis.Redis.from_url(redis_url)
-    pipe = LeanPipe(client)
-    try:
+    async with lean(redis_url) as pipe:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert await pipe.call("PING") == b"PONG"
@@ -67,31 +74,21 @@ async def test_the_collector_does_not_close_the_connection_under_a_call(redis_ur
             await pipe.close()
             gc.collect()
         assert not [w for w in caught if "nclosed" in str(w.message)]
-    finally:
-        admin.close()
-        await pipe.close()
-        await client.aclose()
+    admin.close()
 
 
 @aio
 async def test_replies_are_resp2_whatever_the_clients_protocol(redis_url: str) -> None:
-    client = Redis.from_url(redis_url, socket_timeout=5, protocol=3)
-    pipe = LeanPipe(client)
-    try:
+    async with lean(redis_url, socket_timeout=5, protocol=3) as pipe:
         await pipe.call("HSET", "h", "f", "v")
         assert await pipe.call("HGETALL", "h") == [b"f", b"v"]  # RESP3 would be a map
-    finally:
-        await pipe.close()
-        await client.aclose()
 
 
 @aio
 async def test_error_replies_raise_as_redis_py_does_and_the_connection_stays(
     redis_url: str,
 ) -> None:
-    client = Redis.from_url(redis_url, socket_timeout=5)
-    pipe = LeanPipe(client)
-    try:
+    async with lean(redis_url) as pipe:
         with pytest.raises(NoScriptError):
             await pipe.call("EVALSHA", "0" * 40, "0")
         with pytest.raises(ResponseError, match="wrong number of arguments"):
@@ -99,19 +96,14 @@ async def test_error_replies_raise_as_redis_py_does_and_the_connection_stays(
         sha = await pipe.call("SCRIPT", "LOAD", "return ARGV[1]")
         assert await pipe.call("EVALSHA", sha, "0", b"x") == b"x"
         assert pipe.connects == 1
-    finally:
-        await pipe.close()
-        await client.aclose()
 
 
 @aio
 async def test_a_killed_connection_fails_what_is_in_flight_and_the_next_call_reconnects(
     redis_url: str,
 ) -> None:
-    client = Redis.from_url(redis_url, socket_timeout=5)
     admin = redis.Redis.from_url(redis_url)
-    pipe = LeanPipe(client)
-    try:
+    async with lean(redis_url) as pipe:
         cid = await pipe.call("CLIENT", "ID")
         blocked = asyncio.ensure_future(pipe.call("BLPOP", "nothing", "5"))
         await until(
@@ -123,19 +115,14 @@ async def test_a_killed_connection_fails_what_is_in_flight_and_the_next_call_rec
             await asyncio.wait_for(blocked, 5)
         assert await pipe.call("PING") == b"PONG"
         assert pipe.connects == 2
-    finally:
-        admin.close()
-        await pipe.close()
-        await client.aclose()
+    admin.close()
 
 
 @aio
 async def test_a_reply_later_than_socket_timeout_fails_every_call_in_flight(
     redis_url: str,
 ) -> None:
-    client = Redis.from_url(redis_url, socket_timeout=0.2)
-    pipe = LeanPipe(client)
-    try:
+    async with lean(redis_url, socket_timeout=0.2) as pipe:
         slow = asyncio.ensure_future(pipe.call("BLPOP", "nothing", "2"))
         behind = asyncio.ensure_future(pipe.call("PING"))  # queued behind the slow one
         with pytest.raises(RedisTimeoutError):
@@ -144,9 +131,6 @@ async def test_a_reply_later_than_socket_timeout_fails_every_call_in_flight(
             await behind
         assert await pipe.call("PING") == b"PONG"  # a new connection
         assert pipe.connects == 2
-    finally:
-        await pipe.close()
-        await client.aclose()
 
 
 @aio
