@@ -26,6 +26,7 @@ from cluster.slotlog.api import (
     FencedError,
     NotReplicatedError,
     SlotLogError,
+    TailEntry,
 )
 from cluster.slotlog.checks import _check_origin
 from cluster.slotlog.leanpipe import LeanPipe
@@ -53,6 +54,9 @@ _CHECKPOINT: Final = _load_script("checkpoint")
 _TRIM: Final = _load_script("trim")
 # Scripts that change an owner record: with wait_replicas they wait for replicas too.
 _FENCING: Final = frozenset({"claim", "set_owner", "release"})
+
+# Lean tail connections kept idle for the next tail (more tails at once open more).
+_IDLE_TAILS: Final = 4
 
 # Connection kwargs that belong to the pool they were made by, not to its configuration.
 _POOL_OWNED: Final = frozenset(
@@ -113,6 +117,24 @@ def _entry(entry_id: object, fields: object) -> Entry:
     )
 
 
+def _tail_entry(slot: int, entry_id: object, fields: object) -> TailEntry:
+    """A raw ``XREAD`` row (RESP2: id, then a flat list of fields and values): the
+    log's own layout (d, e, p) and the mirrors' (d, p) read by position, anything else
+    as :func:`_entry` reads it."""
+    if isinstance(fields, list):
+        n = len(fields)
+        if n == 6 and fields[0] == b"d" and fields[4] == b"p":
+            return TailEntry(
+                slot, _as_bytes(entry_id).decode(), _as_bytes(fields[1]), _text(fields[5])
+            )
+        if n == 4 and fields[0] == b"d" and fields[2] == b"p":
+            return TailEntry(
+                slot, _as_bytes(entry_id).decode(), _as_bytes(fields[1]), _text(fields[3])
+            )
+        fields = dict(zip(fields[0::2], fields[1::2], strict=True)) if n % 2 == 0 else fields
+    return TailEntry(slot, *_entry(entry_id, fields))
+
+
 def _fenced(slot: int, epoch: int, reply: list[Any]) -> FencedError:
     return FencedError(slot, epoch, int(reply[1]), _text(reply[2]))
 
@@ -168,6 +190,10 @@ class RedisCalls:
         self._slot_keys: dict[int, tuple[str, str, str]] = {}
         # The group commit's appends on one server: their own lean connection.
         self._lean: LeanPipe | None = None
+        # Blocking tails on one server: lean connections, one per tail under way (idle
+        # ones kept for the next; a blocked XREAD holds its connection).
+        self._tails_idle: list[LeanPipe] = []
+        self._tails_all: set[LeanPipe] = set()
         # Cluster tails waiting for entries right now (one server: the server counts
         # them, INFO blocked_clients).
         self.waiting_tails = 0
@@ -248,9 +274,37 @@ class RedisCalls:
             await pipe.call("SCRIPT", "LOAD", script.source)
             return await pipe.call("EVALSHA", script.sha, n, *keys_, *args)
 
+    async def _lean_tail(self, args: Sequence[bytes | str]) -> Any:
+        """An ``XREAD`` on a lean connection of the tail client of its own (see
+        :mod:`cluster.slotlog.leanpipe`; its socket timeout is above the longest block).
+        A call that fails or is cancelled (a blocked read's reply may still come) closes
+        its connection; one that returns gives it back for the next tail."""
+        if self._tails_idle:
+            pipe = self._tails_idle.pop()
+        else:
+            assert isinstance(self._tail, Redis)
+            pipe = LeanPipe(self._tail)
+            self._tails_all.add(pipe)
+        try:
+            reply = await pipe.call(*args)
+        except BaseException:
+            self._tails_all.discard(pipe)
+            await pipe.close()
+            raise
+        if len(self._tails_idle) < _IDLE_TAILS:
+            self._tails_idle.append(pipe)
+        else:
+            self._tails_all.discard(pipe)
+            await pipe.close()
+        return reply
+
     async def _close_lean(self) -> None:
         if self._lean is not None:
             await self._lean.close()
+        pipes, self._tails_all = self._tails_all, set()
+        self._tails_idle.clear()
+        for pipe in pipes:
+            await pipe.close()
 
     async def _pipeline(
         self,

@@ -50,6 +50,7 @@ from cluster.slotlog.rediscalls import (
     _entry,
     _fenced,
     _is_not_above_top,
+    _tail_entry,
     _text,
 )
 
@@ -201,15 +202,19 @@ class RedisSlotLog(RedisCalls):
             raise ValueError("tail needs at least one slot")
         if isinstance(self._tail, RedisCluster):
             return await self._tail_cluster(self._tail, streams, slot_of, count, block_ms)
-        reply: Any = await self._tail.xread(streams, count=count, block=block_ms)
+        args: list[bytes | str] = ["XREAD", "COUNT", str(count)]
+        if block_ms is not None:
+            args += ("BLOCK", str(block_ms))
+        args.append("STREAMS")
+        args += [str(k) for k in streams]  # str keys and ids: built above
+        args += [str(i) for i in streams.values()]
+        reply: Any = await self._lean_tail(args)  # RESP2: [[key, [[id, fields]…]]…] or nil
         if not reply:
             return []
-        # RESP2 answers a list of [key, entries], RESP3 a map.
-        pairs = reply.items() if isinstance(reply, dict) else reply
         out: list[TailEntry] = []
-        for stream_key, rows in pairs:
+        for stream_key, rows in reply:
             slot = slot_of[_as_bytes(stream_key)]
-            out.extend(TailEntry(slot, *_entry(i, f)) for i, f in rows)
+            out.extend(_tail_entry(slot, i, f) for i, f in rows)
         return out
 
     async def _tail_cluster(

@@ -1,6 +1,7 @@
-"""The group commit's lean connection (cluster/slotlog/leanpipe.py) against a real Redis:
+"""The slot log's lean connections (cluster/slotlog/leanpipe.py) against a real Redis:
 pipelined replies in order, error replies as redis-py raises them, a broken or silent
-connection failing what is in flight (never re-sent) and replaced on the next call."""
+connection failing what is in flight (never re-sent) and replaced on the next call; the
+group commit's appends and the blocking tails over them."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cluster.slotlog import RedisSlotLog
+from cluster.slotlog import START_ID, RedisSlotLog, SlotLogError, TailEntry
 from cluster.slotlog.leanpipe import LeanPipe, pack
+from cluster.slotlog.rediscalls import _tail_entry
 from tests.conftest import aio, until
 
 A = "sg/a"
@@ -155,3 +157,51 @@ async def test_the_group_commits_appends_go_over_it_and_survive_a_script_flush(
     finally:
         admin.close()
         await log.close()
+
+
+# ---- tails ---------------------------------------------------------------------------
+
+
+def test_a_tail_row_is_read_in_each_layout() -> None:
+    log_row = [b"d", b"data", b"e", b"3", b"p", b"1-0"]  # the slot log (append.lua)
+    mirror_row = [b"d", b"data", b"p", b"1-0"]  # a mirror (cluster/receiver.py)
+    other = [b"p", b"1-0", b"x", b"y", b"d", b"data"]  # any other order or field
+    for row in (log_row, mirror_row, other):
+        assert _tail_entry(7, b"2-0", row) == TailEntry(7, "2-0", b"data", "1-0")
+    assert _tail_entry(7, b"2-0", [b"d", b"data"]) == TailEntry(7, "2-0", b"data", "")
+    with pytest.raises(SlotLogError):
+        _tail_entry(7, b"2-0", None)  # no fields at all
+    with pytest.raises(SlotLogError):
+        _tail_entry(7, b"2-0", [b"e", b"3"])  # no data
+
+
+@aio
+async def test_blocked_tails_at_once_each_hold_a_connection_and_get_their_entries(
+    redis_url: str,
+) -> None:
+    log = RedisSlotLog.from_url(redis_url, "sg", max_block_ms=5000)
+    try:
+        for slot in (1, 2, 3):
+            assert await log.claim(slot, A, 0) == 1
+        tails = [asyncio.ensure_future(log.tail({s: START_ID}, 5000)) for s in (1, 2, 3)]
+        await until(lambda: len(log._tails_all) == 3, what="three tails under way")
+        ids = [await log.append(s, A, 1, f"to {s}".encode()) for s in (3, 1, 2)]
+        got = await asyncio.wait_for(asyncio.gather(*tails), 5)
+        assert [[(e.slot, e.data) for e in g] for g in got] == [
+            [(1, b"to 1")],
+            [(2, b"to 2")],
+            [(3, b"to 3")],
+        ]
+        assert sorted(e.id for g in got for e in g) == sorted(ids)
+        assert len(log._tails_idle) == 3  # given back for the next tails
+        # Cancelled while blocked: its connection is closed, not given back.
+        blocked = asyncio.ensure_future(log.tail({1: ids[1]}, 5000))
+        await until(lambda: len(log._tails_idle) == 2, what="an idle connection taken")
+        blocked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await blocked
+        assert len(log._tails_all) == 2 and len(log._tails_idle) == 2
+        assert await log.tail({1: START_ID}, None) == [TailEntry(1, ids[1], b"to 1", START_ID)]
+    finally:
+        await log.close()
+    assert not log._tails_all
