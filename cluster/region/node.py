@@ -25,6 +25,7 @@ from cluster.mesh import Mesh
 from cluster.region.meshserve import MeshServe
 from cluster.region.state import DRAIN_TIMEOUT_S
 from cluster.ringstore import record_shape
+from cluster.slotlog import NotReplicatedError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,14 @@ class Router(MeshServe):
             pipe.hmget(owner_key(self.region, slot), "owner", "epoch")
         for slot, (owner, epoch) in enumerate(await pipe.execute()):
             if owner is not None and owner.decode() == self.me and epoch is not None:
-                await self.slotlog.release(slot, self.me, int(epoch))
+                try:
+                    await self.slotlog.release(slot, self.me, int(epoch))
+                except NotReplicatedError as e:
+                    # Released on the primary, its replicas not confirmed in time (one
+                    # resyncing after a failover). A courtesy, not a condition of
+                    # joining: should a failover bring the record back, it names an
+                    # earlier epoch of ours and is claimed over as any stale owner's is.
+                    log.warning("slot %d: releasing our earlier record: %s", slot, e)
 
     async def stop(self) -> None:
         self.stopped = True
