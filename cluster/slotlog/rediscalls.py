@@ -14,6 +14,7 @@ from typing import Any, Final, Self
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from cluster import keys, redisconn
@@ -123,7 +124,7 @@ def _tail_entry(slot: int, entry_id: object, fields: object) -> TailEntry:
     as :func:`_entry` reads it."""
     if isinstance(fields, list):
         n = len(fields)
-        if n == 6 and fields[0] == b"d" and fields[4] == b"p":
+        if n == 6 and fields[0] == b"d" and fields[2] == b"e" and fields[4] == b"p":
             return TailEntry(
                 slot, _as_bytes(entry_id).decode(), _as_bytes(fields[1]), _text(fields[5])
             )
@@ -194,6 +195,7 @@ class RedisCalls:
         # ones kept for the next; a blocked XREAD holds its connection).
         self._tails_idle: list[LeanPipe] = []
         self._tails_all: set[LeanPipe] = set()
+        self._tails_closed = False
         # Cluster tails waiting for entries right now (one server: the server counts
         # them, INFO blocked_clients).
         self.waiting_tails = 0
@@ -279,6 +281,8 @@ class RedisCalls:
         :mod:`cluster.slotlog.leanpipe`; its socket timeout is above the longest block).
         A call that fails or is cancelled (a blocked read's reply may still come) closes
         its connection; one that returns gives it back for the next tail."""
+        if self._tails_closed:
+            raise RedisConnectionError("the slot log is closed")
         if self._tails_idle:
             pipe = self._tails_idle.pop()
         else:
@@ -291,8 +295,8 @@ class RedisCalls:
             self._tails_all.discard(pipe)
             await pipe.close()
             raise
-        if len(self._tails_idle) < _IDLE_TAILS:
-            self._tails_idle.append(pipe)
+        if pipe in self._tails_all and len(self._tails_idle) < _IDLE_TAILS:
+            self._tails_idle.append(pipe)  # (not once the log closed: close() took it)
         else:
             self._tails_all.discard(pipe)
             await pipe.close()
@@ -301,6 +305,7 @@ class RedisCalls:
     async def _close_lean(self) -> None:
         if self._lean is not None:
             await self._lean.close()
+        self._tails_closed = True
         pipes, self._tails_all = self._tails_all, set()
         self._tails_idle.clear()
         for pipe in pipes:

@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from cluster.slotlog import START_ID, RedisSlotLog, SlotLogError, TailEntry
 from cluster.slotlog.leanpipe import LeanPipe, pack
 from cluster.slotlog.rediscalls import _tail_entry
-from tests.conftest import aio, until
+from tests.conftest import aio, next_turn, until
 
 A = "sg/a"
 
@@ -65,7 +65,7 @@ async def test_the_collector_does_not_close_the_connection_under_a_call(redis_ur
             warnings.simplefilter("always")
             assert await pipe.call("PING") == b"PONG"
             blocked = asyncio.ensure_future(pipe.call("BLPOP", "k", "3"))
-            await asyncio.sleep(0)  # sent
+            await next_turn()  # the task has run: the BLPOP is sent
             for generation in (0, 1, 2):
                 gc.collect(generation)
             admin.rpush("k", "v")
@@ -169,6 +169,8 @@ def test_a_tail_row_is_read_in_each_layout() -> None:
     for row in (log_row, mirror_row, other):
         assert _tail_entry(7, b"2-0", row) == TailEntry(7, "2-0", b"data", "1-0")
     assert _tail_entry(7, b"2-0", [b"d", b"data"]) == TailEntry(7, "2-0", b"data", "")
+    # A repeated field: the last one wins, as redis-py's reading of the row did.
+    assert _tail_entry(7, b"2-0", [b"d", b"a", b"d", b"b", b"p", b"1-0"]).data == b"b"
     with pytest.raises(SlotLogError):
         _tail_entry(7, b"2-0", None)  # no fields at all
     with pytest.raises(SlotLogError):
@@ -205,3 +207,6 @@ async def test_blocked_tails_at_once_each_hold_a_connection_and_get_their_entrie
     finally:
         await log.close()
     assert not log._tails_all
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await log.tail({1: START_ID}, None)  # no connection opened after close
+    assert not log._tails_all and not log._tails_idle
