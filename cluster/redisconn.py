@@ -114,3 +114,23 @@ def connection_kwargs(client: AsyncClient) -> dict[str, Any]:
     if isinstance(client, RedisCluster):
         return dict(client.get_connection_kwargs())
     return dict(client.connection_pool.connection_kwargs)
+
+
+# Connection kwargs that belong to the pool they were made by, not to its configuration.
+_POOL_OWNED = frozenset(
+    {
+        "maint_notifications_pool_handler",
+        "oss_cluster_maint_notifications_handler",
+        "himport_registry",
+    }
+)
+
+
+def own_connection_kwargs(client: Redis) -> dict[str, Any]:
+    """The settings a new connection (or pool) to ``client``'s server needs (address,
+    credentials, TLS, database, timeouts), without what belongs to ``client``'s pool."""
+    return {
+        k: v
+        for k, v in client.connection_pool.connection_kwargs.items()
+        if k not in _POOL_OWNED and not k.startswith("orig_")
+    }

@@ -1,10 +1,12 @@
-"""One connection to one Redis server on which the group commit's script calls are
-pipelined: commands packed by hand, replies parsed by hiredis, no pool and no retry.
+"""One connection to one Redis server on which commands are pipelined: packed by hand,
+replies parsed by hiredis, no pool and no retry. The slot log's hot calls use it: the
+group commit's script calls, and the tails' ``XREAD`` (one connection per tail under way).
 
 Why: a group-commit round is one script call, and redis-py's client spends ~100-150 µs of
 CPU on it (pool checkout, its retry wrapper, packing each argument through its encoder,
 a stream reader, a timeout context per read); this costs ~50 µs. At 5,000 msgs/s a node
-makes ~600 rounds a second (docs/BENCHMARKS.md §9).
+makes ~600 rounds a second (docs/BENCHMARKS.md §9). A tail's rows cost half as much read
+raw as through redis-py's parsing (§12).
 
 What it keeps of redis-py: the connection itself. It is opened by redis-py's own
 connection class with the client's settings (TCP, TLS, a Unix socket, ACL user and
@@ -34,6 +36,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from cluster.redisconn import own_connection_kwargs
 
 _CRLF = b"\r\n"
 
@@ -127,13 +131,8 @@ class LeanPipe:
         # The client's settings (address, TLS, credentials, database, timeouts), less what
         # belongs to its pool; RESP2 and no maintenance notifications: replies only, never
         # an out-of-band push between them.
-        self._kwargs = {
-            k: v
-            for k, v in pool.connection_kwargs.items()
-            if not k.startswith("maint_notifications")
-            and not k.startswith("orig_")
-            and k not in ("himport_registry", "oss_cluster_maint_notifications_handler")
-        }
+        self._kwargs = own_connection_kwargs(client)
+        self._kwargs.pop("maint_notifications_config", None)
         self._kwargs["protocol"] = 2
         timeout = self._kwargs.get("socket_timeout")
         self.timeout_s: float | None = None if timeout is None else float(timeout)

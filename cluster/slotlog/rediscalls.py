@@ -59,15 +59,6 @@ _FENCING: Final = frozenset({"claim", "set_owner", "release"})
 # Lean tail connections kept idle for the next tail (more tails at once open more).
 _IDLE_TAILS: Final = 4
 
-# Connection kwargs that belong to the pool they were made by, not to its configuration.
-_POOL_OWNED: Final = frozenset(
-    {
-        "maint_notifications_pool_handler",
-        "oss_cluster_maint_notifications_handler",
-        "himport_registry",
-    }
-)
-
 
 def _check_tail_timeout(tail_client: Redis, max_block_ms: int) -> None:
     kwargs = tail_client.connection_pool.connection_kwargs
@@ -86,14 +77,10 @@ def _check_tail_timeout(tail_client: Redis, max_block_ms: int) -> None:
 
 def _client_like(client: Redis, *, socket_timeout: float) -> Redis:
     """A new client to the same server, with the same credentials and TLS settings."""
-    pool = client.connection_pool
-    kwargs = {
-        k: v
-        for k, v in pool.connection_kwargs.items()
-        if k not in _POOL_OWNED and not k.startswith("orig_")
-    }
+    kwargs = redisconn.own_connection_kwargs(client)
     kwargs["socket_timeout"] = socket_timeout
-    return Redis.from_pool(ConnectionPool(connection_class=pool.connection_class, **kwargs))
+    pool = ConnectionPool(connection_class=client.connection_pool.connection_class, **kwargs)
+    return Redis.from_pool(pool)
 
 
 def _text(value: bytes | str) -> str:
