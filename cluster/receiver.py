@@ -128,6 +128,11 @@ def _text(v: bytes | str) -> str:
 async def last_done(client: AsyncClient, region: str, origin: str) -> str:
     """The id of the last window the receiver finished ("0-0": none)."""
     rows: Any = await client.xrevrange(done_key(region, origin), count=1)
+    return last_done_of(rows)
+
+
+def last_done_of(rows: Any) -> str:
+    """:func:`last_done` from the reply of ``XREVRANGE <done key> + - COUNT 1``."""
     if not rows:
         return "0-0"
     return _text(rows[0][1][b"w"])

@@ -165,6 +165,37 @@ async def test_receivers_killed_mid_window_lose_and_double_nothing(wan: Any) -> 
 
 
 @aio
+async def test_a_starting_link_dials_every_connection_to_the_destination_at_once(
+    wan: Any,
+) -> None:
+    # Each connection to the destination costs round trips over the WAN before it
+    # carries anything. A (re)started link opens them together: while the WAN carries
+    # nothing at all, every one of them is already dialled (one after the other, only
+    # the first would be), and once it carries again the link copies as usual.
+    origin_url, dest_url, proxy = wan
+    origin, dest = await slot_logs(origin_url, dest_url)
+    rx = receiver(dest_url, "fra/n1")
+    for n in range(40):
+        await origin.append(n % SLOTS, A, 1, batch(n))
+    proxy.blackhole(True)
+    link = start_link(origin_url, proxy)
+    # The windows', the control client's, the confirmations' and the mirrors' client's.
+    await until(
+        lambda: proxy.stats.connections_total >= 4,
+        timeout_s=10,
+        what="four connections dialled while none has answered",
+    )
+    assert link.copied_entries == 0 and link.state == "waiting for the receiver"
+    proxy.blackhole(False)
+    await until(lambda: link.copied_entries == 40, timeout_s=20, what="copied")
+    assert await mirrors_equal_logs(origin, dest)
+    await link.stop()
+    await rx.stop()
+    await origin.close()
+    await dest.close()
+
+
+@aio
 async def test_a_half_written_window_is_finished_by_the_next_receiver(wan: Any) -> None:
     origin_url, dest_url, proxy = wan
     origin, dest = await slot_logs(origin_url, dest_url)
