@@ -29,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
 from cluster import redisconn
@@ -255,83 +256,87 @@ class Link(WindowSender, LogReader):
         log.warning("link %s→%s: %s; retrying in %.1fs", self.region, self.dest, error, backoff_s)
 
     async def _copy_loop(self) -> None:
-        # Windows an earlier holder left in the inbound stream go in first: the mirrors'
-        # tops are only the destination's state once the receiver has caught up.
         self.state = "waiting for the receiver"
         conn = await self._connect()
+        helpers: list[asyncio.Task[None]] = []
         try:
+            # Windows an earlier holder left in the inbound stream go in first: the
+            # mirrors' tops are only the destination's state once the receiver has
+            # caught up.
             await self._await_receiver()
             slots = list(range(self.slots))
             # Both on connections already open: one round trip for the two.
-            tops, done_from = await asyncio.gather(
+            tops, done_from = await _all(
                 self.remote.mirror_tops(slots, self.region), self._done_top()
             )
-        except BaseException:
-            await conn.disconnect()
-            raise
-        self.position = {s: tops[s] or "0-0" for s in slots}
-        # What the destination holds is the trim floor of our logs: say so at once.
-        await self._announce(dict(self.position))
-        self.wan_full, self._hard_left = False, 0  # a new connection: measured anew
-        self._inflight.clear()
-        self._replies.clear()
-        self._done_counts.clear()
-        self._done_wid = (0, 0)  # the destination may have failed over: confirm anew
-        self._failure = None
-        helpers = [
-            asyncio.ensure_future(self._read_replies(conn)),
-            asyncio.ensure_future(self._read_done(done_from)),
-        ]
-        self.state = "running"
-        probed = time.monotonic()
-        try:
-            while not self._stopped:
-                self._raise_failure()
-                plan = self.tuner.plan(self._backlog_hint)
-                self.plan = plan
-                if (
-                    len(self._inflight) >= plan.inflight
-                    or self.inflight_bytes >= self.bounds.max_inflight_bytes
-                ):
-                    await self._wait_wake(1.0)  # a confirmation frees room
-                    continue
-                entries = await self._read_window(plan)
-                self._raise_failure()
-                if not entries:
-                    if not self._inflight:
-                        self._progressed()
-                    if time.monotonic() - probed >= PROBE_EVERY_S:
-                        probed = time.monotonic()
-                        await self._probe()
-                    continue
-                probed = time.monotonic()
-                # What was read may be a backlog: cut it by the plan it calls for.
-                self.plan = plan = self.tuner.plan(max(self._backlog_hint, len(entries)))
-                await self._send(conn, entries, plan)
+            self.position = {s: tops[s] or "0-0" for s in slots}
+            # What the destination holds is the trim floor of our logs: say so at once.
+            await self._announce(dict(self.position))
+            self.wan_full, self._hard_left = False, 0  # a new connection: measured anew
+            self._inflight.clear()
+            self._replies.clear()
+            self._done_counts.clear()
+            self._done_wid = (0, 0)  # the destination may have failed over: confirm anew
+            self._failure = None
+            helpers = [
+                asyncio.ensure_future(self._read_replies(conn)),
+                asyncio.ensure_future(self._read_done(done_from)),
+            ]
+            self.state = "running"
+            await self._copy(conn)
         finally:
             for h in helpers:
                 await self._cancel(h)
             await conn.disconnect()
             self._inflight.clear()
 
+    async def _copy(self, conn: Any) -> None:
+        probed = time.monotonic()
+        while not self._stopped:
+            self._raise_failure()
+            plan = self.tuner.plan(self._backlog_hint)
+            self.plan = plan
+            if (
+                len(self._inflight) >= plan.inflight
+                or self.inflight_bytes >= self.bounds.max_inflight_bytes
+            ):
+                await self._wait_wake(1.0)  # a confirmation frees room
+                continue
+            entries = await self._read_window(plan)
+            self._raise_failure()
+            if not entries:
+                if not self._inflight:
+                    self._progressed()
+                if time.monotonic() - probed >= PROBE_EVERY_S:
+                    probed = time.monotonic()
+                    await self._probe()
+                continue
+            probed = time.monotonic()
+            # What was read may be a backlog: cut it by the plan it calls for.
+            self.plan = plan = self.tuner.plan(max(self._backlog_hint, len(entries)))
+            await self._send(conn, entries, plan)
+
     async def _connect(self) -> Any:
         """Open every connection the copy uses to the destination, all at once, and
-        return the windows' own. Each costs a few round trips over the WAN (the TCP
-        handshake, ``HELLO``, the client's name): one after the other they held a
-        (re)started link back ~2 s at 80 ms one way."""
-        opened = await asyncio.gather(
-            self._open_sender(),
-            self.remote_client.ping(),
-            self.done_client.ping(),
-            self.remote.mirror_top(0, self.region),
-            return_exceptions=True,
-        )
-        conn = opened[0]
-        failed = [r for r in opened if isinstance(r, BaseException)]
-        if failed:
-            if not isinstance(conn, BaseException):
-                await conn.disconnect()
-            raise failed[0]
+        return the windows' own. Each costs round trips over the WAN before it carries
+        anything (TCP's handshake, then redis-py's: AUTH, SELECT, when the URL asks for
+        them): one after the other they held a (re)started link back ~2 s at 80 ms one
+        way. The control and progress clients are opened by a command on a key of the
+        destination's tag, so on a Redis Cluster it is the shard they will use."""
+        sender = asyncio.ensure_future(self._open_sender())
+        try:
+            await _all(
+                self.remote_client.exists(inbound_key(self.dest, self.region)),
+                self.done_client.exists(done_key(self.dest, self.region)),
+                self.remote.mirror_top(0, self.region),
+            )
+            conn = await sender
+        except BaseException:
+            if not sender.done():
+                sender.cancel()  # redis-py closes a connection cancelled while opening
+            elif not sender.cancelled() and sender.exception() is None:
+                await sender.result().disconnect()
+            raise
         return conn
 
     async def _await_receiver(self) -> None:
@@ -377,3 +382,13 @@ class Link(WindowSender, LogReader):
         self.last_progress = time.monotonic()
         self.backlog_entries = 0
         self.waiting_oldest_ms = None
+
+
+async def _all(*calls: Awaitable[Any]) -> list[Any]:
+    """Await ``calls`` together; the first failure is raised once every call has ended
+    (none is left running behind the link's retry)."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
