@@ -29,7 +29,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
 from typing import Any
 
 from cluster import redisconn
@@ -38,7 +37,15 @@ from cluster.errors import ClusterError
 from cluster.keys import link_lease_key
 from cluster.lease import Lease, stop_leased
 from cluster.linkread import COPY_COUNT, PARK_S, TAIL_BLOCK_MS, LinkGap, LogReader
-from cluster.linksend import REPLY_TIMEOUT_S, LeaseLost, WindowSender, _Window, confirmed_key
+from cluster.linksend import (
+    REPLY_TIMEOUT_S,
+    LeaseLost,
+    WindowSender,
+    _Pipe,
+    _Window,
+    confirmed_key,
+    gather_all,
+)
 from cluster.receiver import cancel_task, done_key, inbound_key, last_done_of, retry_forever
 from cluster.slotlog import RedisSlotLog
 from cluster.window import WindowBounds, WindowTuner
@@ -62,9 +69,12 @@ STALL_AFTER_S = 2.0
 # (a cut WAN shows as an error even when no entry waits), and must answer within this.
 PROBE_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 2.5
-# Connections across the WAN skip redis-py's CLIENT SETINFO: one round trip less per
-# (re)connect (the destination's CLIENT LIST then shows no library name for them).
-_WAN_KWARGS: dict[str, Any] = {"driver_info": None}
+# Connections across the WAN speak RESP2 and skip redis-py's CLIENT SETINFO: no HELLO,
+# no CLIENT MAINT_NOTIFICATIONS, no SETINFO, so a (re)connect costs no round trip of its
+# own beyond AUTH and SELECT when the URL asks for them (the destination's CLIENT LIST
+# then shows no library name for them). Every reply the link reads has the same shape
+# in both protocols once redis-py has parsed it.
+_WAN_KWARGS: dict[str, Any] = {"driver_info": None, "protocol": 2}
 
 
 class Link(WindowSender, LogReader):
@@ -109,8 +119,8 @@ class Link(WindowSender, LogReader):
         self.tuner = WindowTuner(self.bounds)
         self.plan = self.tuner.plan(0)
         self._inflight: deque[_Window] = deque()
-        self._replies: deque[_Window] = deque()
-        self._reply_ready = asyncio.Event()
+        self._pipes: list[_Pipe] = []
+        self._stripes = 1
         self._wake = asyncio.Event()
         self._failure: Exception | None = None
         self._done_wid: tuple[int, int] = (0, 0)
@@ -198,6 +208,7 @@ class Link(WindowSender, LogReader):
             "last_error": self.last_error,
             "rtt_ms": round(self.tuner.srtt_s * 1000, 1) if self.tuner.srtt_s is not None else None,
             "inflight_windows": len(self._inflight) if holding else 0,
+            "connections": self._stripes if holding else 0,
             "window_entries": self.plan.entries,
             "inflight_limit": self.plan.inflight,
             "windows_total": self.windows_total,
@@ -257,16 +268,14 @@ class Link(WindowSender, LogReader):
 
     async def _copy_loop(self) -> None:
         self.state = "waiting for the receiver"
-        conn = await self._connect()
+        conns = await self._connect()
+        self._pipes = [_Pipe(c) for c in conns]
+        self._stripes = 1
         helpers: list[asyncio.Task[None]] = []
         try:
-            # Windows an earlier holder left in the inbound stream go in first: the
-            # mirrors' tops are only the destination's state once the receiver has
-            # caught up.
-            await self._await_receiver()
             slots = list(range(self.slots))
             # Both on connections already open: one round trip for the two.
-            tops, done_from = await _all(
+            tops, done_from = await gather_all(
                 self.remote.mirror_tops(slots, self.region), self._done_top()
             )
             self.position = {s: tops[s] or "0-0" for s in slots}
@@ -274,23 +283,21 @@ class Link(WindowSender, LogReader):
             await self._announce(dict(self.position))
             self.wan_full, self._hard_left = False, 0  # a new connection: measured anew
             self._inflight.clear()
-            self._replies.clear()
             self._done_counts.clear()
             self._done_wid = (0, 0)  # the destination may have failed over: confirm anew
             self._failure = None
-            helpers = [
-                asyncio.ensure_future(self._read_replies(conn)),
-                asyncio.ensure_future(self._read_done(done_from)),
-            ]
+            helpers = [asyncio.ensure_future(self._read_replies(p)) for p in self._pipes]
+            helpers.append(asyncio.ensure_future(self._read_done(done_from)))
             self.state = "running"
-            await self._copy(conn)
+            await self._copy()
         finally:
             for h in helpers:
                 await self._cancel(h)
-            await conn.disconnect()
+            for c in conns:
+                await c.disconnect()
             self._inflight.clear()
 
-    async def _copy(self, conn: Any) -> None:
+    async def _copy(self) -> None:
         probed = time.monotonic()
         while not self._stopped:
             self._raise_failure()
@@ -314,30 +321,43 @@ class Link(WindowSender, LogReader):
             probed = time.monotonic()
             # What was read may be a backlog: cut it by the plan it calls for.
             self.plan = plan = self.tuner.plan(max(self._backlog_hint, len(entries)))
-            await self._send(conn, entries, plan)
+            if not self._inflight:
+                # Nothing in flight, so no window can land after one sent now: the
+                # connections may change. A backlog goes over all of them.
+                backlog = len(entries) > self.bounds.max_entries
+                self._stripes = len(self._pipes) if backlog else 1
+            await self._send(entries, plan)
 
-    async def _connect(self) -> Any:
-        """Open every connection the copy uses to the destination, all at once, and
-        return the windows' own. Each costs round trips over the WAN before it carries
-        anything (TCP's handshake, then redis-py's: AUTH, SELECT, when the URL asks for
-        them): one after the other they held a (re)started link back ~2 s at 80 ms one
-        way. The control and progress clients are opened by a command on a key of the
-        destination's tag, so on a Redis Cluster it is the shard they will use."""
-        sender = asyncio.ensure_future(self._open_sender())
+    async def _connect(self) -> list[Any]:
+        """Open every connection the copy uses to the destination, all at once, wait
+        for the destination's receiver to catch up (on the first of them), and return
+        the windows' own connections (``bounds.connections`` of them). Each connection
+        costs round trips over the WAN before it carries anything (AUTH and SELECT when
+        the URL asks for them; RESP2, so no HELLO): one after the other they held a
+        (re)started link back ~2 s at 80 ms one way. The progress client is opened by a
+        command on a key of the destination's tag, so on a Redis Cluster it is the
+        shard it will use."""
+        senders = [
+            asyncio.ensure_future(self._open_sender()) for _ in range(self.bounds.connections)
+        ]
         try:
-            await _all(
-                self.remote_client.exists(inbound_key(self.dest, self.region)),
+            await gather_all(
+                # Windows an earlier holder left in the inbound stream go in first: the
+                # mirrors' tops are only the destination's state once the receiver has
+                # caught up.
+                self._await_receiver(),
                 self.done_client.exists(done_key(self.dest, self.region)),
                 self.remote.mirror_top(0, self.region),
+                *senders,
             )
-            conn = await sender
         except BaseException:
-            if not sender.done():
-                sender.cancel()  # redis-py closes a connection cancelled while opening
-            elif not sender.cancelled() and sender.exception() is None:
-                await sender.result().disconnect()
+            for sender in senders:
+                if not sender.done():
+                    sender.cancel()  # redis-py closes a connection cancelled while opening
+                elif not sender.cancelled() and sender.exception() is None:
+                    await sender.result().disconnect()
             raise
-        return conn
+        return [sender.result() for sender in senders]
 
     async def _await_receiver(self) -> None:
         """Until the destination's receiver has finished every window in the inbound
@@ -382,13 +402,3 @@ class Link(WindowSender, LogReader):
         self.last_progress = time.monotonic()
         self.backlog_entries = 0
         self.waiting_oldest_ms = None
-
-
-async def _all(*calls: Awaitable[Any]) -> list[Any]:
-    """Await ``calls`` together; the first failure is raised once every call has ended
-    (none is left running behind the link's retry)."""
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results

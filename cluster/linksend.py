@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,39 @@ def oldest_ms(entries: Iterable[TailEntry]) -> int:
     return min(parse_id(i)[0] for i in firsts.values())
 
 
+@dataclass(slots=True)
+class _Pipe:
+    """One connection windows go out on, and the windows whose XADD reply it owes."""
+
+    conn: Any
+    replies: deque[_Window] = field(default_factory=deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    windows: int = 0  # sent on it
+
+
+def stripes(entries: Sequence[TailEntry], n: int) -> list[list[TailEntry]]:
+    """``entries`` split over ``n`` connections by slot (slot ``s`` to part ``s % n``,
+    some parts maybe empty), each in the order given: every slot's entries stay on one
+    connection, in order, so windows of different connections may land in any order
+    without breaking a chain."""
+    if n == 1:
+        return [list(entries)]
+    parts: list[list[TailEntry]] = [[] for _ in range(n)]
+    for e in entries:
+        parts[e.slot % n].append(e)
+    return parts
+
+
+async def gather_all(*calls: Awaitable[Any]) -> list[Any]:
+    """Await ``calls`` together; the first failure is raised once every call has ended
+    (none is left running behind the link's retry)."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
 def confirmed_key(region: str, dest: str) -> str:
     """Hash slot → newest entry id confirmed in ``dest``'s mirror."""
     return f"{PREFIX}:{region_tag(region)}:link:{dest}:confirmed"
@@ -97,8 +130,8 @@ class WindowSender:
     bounds: WindowBounds
     tuner: WindowTuner
     _inflight: deque[_Window]
-    _replies: deque[_Window]
-    _reply_ready: asyncio.Event
+    _pipes: list[_Pipe]
+    _stripes: int  # connections the windows go over now (1 unless a backlog drains)
     _wake: asyncio.Event
     _failure: Exception | None
     _done_wid: tuple[int, int]
@@ -143,46 +176,71 @@ class WindowSender:
         await conn.connect()
         return conn
 
-    async def _send(self, conn: Any, entries: list[TailEntry], plan: WindowPlan) -> None:
-        """Send ``entries`` as windows of up to ``plan.entries`` and ``max_bytes``; their
-        replies and confirmations are read by the helpers as they come."""
-        key = inbound_key(self.dest, self.region)
+    async def _send(self, entries: list[TailEntry], plan: WindowPlan) -> None:
+        """Send ``entries`` as windows of up to ``plan.entries`` and ``max_bytes``, over
+        the connections in use (:func:`stripes`), taking turns; their replies and
+        confirmations are read by the helpers as they come."""
+        if self._stripes == 1:
+            await self._send_all(self._pipes[0], entries, plan)
+            return
+        # One sender per connection (part i on connection i, always): one whose WAN is
+        # full must not hold the others back.
+        parts = stripes(entries, self._stripes)
+        await gather_all(
+            *(self._send_all(self._pipes[i], part, plan) for i, part in enumerate(parts) if part)
+        )
+
+    async def _send_all(self, pipe: _Pipe, entries: list[TailEntry], plan: WindowPlan) -> None:
+        for chunk in self._chunks(entries, plan):
+            await self._send_window(pipe, chunk, plan)
+
+    def _chunks(self, entries: list[TailEntry], plan: WindowPlan) -> list[list[TailEntry]]:
+        """``entries`` cut into windows of up to ``plan.entries`` and ``max_bytes``."""
+        out: list[list[TailEntry]] = []
         chunk: list[TailEntry] = []
         size = 0
-        for i, e in enumerate(entries):
+        for e in entries:
             chunk.append(e)
             size += len(e.data)
-            last = i == len(entries) - 1
-            if last or len(chunk) >= plan.entries or size >= self.bounds.max_bytes:
-                self._check_lease()
-                level, self._hard_left = window_level(plan.level, self.wan_full, self._hard_left)
-                big = level == 0 and size >= RAW_MIN_ENTRY_BYTES * len(chunk)
-                raw = self._pack_raw or (big and self._raw_pays())
-                frame = pack_window(chunk, level, raw=raw)
-                if big:
-                    self._measured(raw, size, len(frame))
-                w = _Window(
-                    positions={c.slot: c.id for c in chunk},
-                    oldest_ms=oldest_ms(chunk),
-                    entries=len(chunk),
-                    data_bytes=size,
-                    events=sum(batch_events(c.data) for c in chunk),
-                    frame_bytes=len(frame),
-                    sent=time.monotonic(),
-                    resyncs=sum(1 for c in chunk if (c.slot, c.id) in self._resyncs),
-                )
-                self._resyncs.difference_update((c.slot, c.id) for c in chunk)
-                self._inflight.append(w)
-                self._replies.append(w)
-                self._reply_ready.set()
-                self.wan_full = await self._write(conn, key, frame)
-                self._last_sent = time.monotonic()
-                self.tuner.observe_sent(self._last_sent)
-                self.windows_total += 1
-                self.wan_bytes_total += len(frame)
-                self.window_data_bytes_total += size
-                self.events_total += w.events
+            if len(chunk) >= plan.entries or size >= self.bounds.max_bytes:
+                out.append(chunk)
                 chunk, size = [], 0
+        if chunk:
+            out.append(chunk)
+        return out
+
+    async def _send_window(self, pipe: _Pipe, chunk: list[TailEntry], plan: WindowPlan) -> None:
+        key = inbound_key(self.dest, self.region)
+        size = sum(len(e.data) for e in chunk)
+        self._check_lease()
+        level, self._hard_left = window_level(plan.level, self.wan_full, self._hard_left)
+        big = level == 0 and size >= RAW_MIN_ENTRY_BYTES * len(chunk)
+        raw = self._pack_raw or (big and self._raw_pays())
+        frame = pack_window(chunk, level, raw=raw)
+        if big:
+            self._measured(raw, size, len(frame))
+        w = _Window(
+            positions={c.slot: c.id for c in chunk},
+            oldest_ms=oldest_ms(chunk),
+            entries=len(chunk),
+            data_bytes=size,
+            events=sum(batch_events(c.data) for c in chunk),
+            frame_bytes=len(frame),
+            sent=time.monotonic(),
+            resyncs=sum(1 for c in chunk if (c.slot, c.id) in self._resyncs),
+        )
+        self._resyncs.difference_update((c.slot, c.id) for c in chunk)
+        self._inflight.append(w)
+        pipe.replies.append(w)
+        pipe.ready.set()
+        pipe.windows += 1
+        self.wan_full = await self._write(pipe.conn, key, frame)
+        self._last_sent = time.monotonic()
+        self.tuner.observe_sent(self._last_sent)
+        self.windows_total += 1
+        self.wan_bytes_total += len(frame)
+        self.window_data_bytes_total += size
+        self.events_total += w.events
 
     async def _write(self, conn: Any, key: str, frame: bytes) -> bool:
         """XADD one window; whether the socket refused at once more than half of it.
@@ -217,17 +275,17 @@ class WindowSender:
         self._raw_run = 0
         self._flat_gain = size / max(1, frame_bytes)
 
-    async def _read_replies(self, conn: Any) -> None:
-        """The XADD replies, in the order the windows went: each gives its window's id
-        and a round-trip sample."""
+    async def _read_replies(self, pipe: _Pipe) -> None:
+        """One connection's XADD replies, in the order its windows went: each gives its
+        window's id and a round-trip sample."""
         try:
             while True:
-                if not self._replies:
-                    self._reply_ready.clear()
-                    await self._reply_ready.wait()
+                if not pipe.replies:
+                    pipe.ready.clear()
+                    await pipe.ready.wait()
                     continue
-                reply = await conn.read_response(timeout=REPLY_TIMEOUT_S)
-                w = self._replies.popleft()
+                reply = await pipe.conn.read_response(timeout=REPLY_TIMEOUT_S)
+                w = pipe.replies.popleft()
                 if isinstance(reply, Exception):
                     raise reply
                 w.wid = parse_id(reply.decode() if isinstance(reply, bytes) else str(reply))

@@ -171,6 +171,7 @@ LINK_FIELDS = (
     "last_error",
     "rtt_ms",
     "inflight_windows",
+    "connections",
     "bytes_per_message",
     "compression_ratio",
 )

@@ -45,6 +45,7 @@ PREFIX: Final = MAGIC + bytes([VERSION])
 MAX_ENTRIES: Final = 100_000
 MAX_DECOMPRESSED: Final = 64 * 1024 * 1024
 MAX_SLOTS: Final = 1 << 16
+MAX_CONNECTIONS: Final = 16
 
 # lz4 level of windows while no backlog waits (see WindowTuner).
 STEADY_LEVEL: Final = 3
@@ -194,9 +195,14 @@ class WindowBounds:
     min_inflight: int = 2
     max_inflight: int = 16
     max_inflight_bytes: int = 16 << 20
+    # A backlog's windows go over this many connections, split by slot: a long fat
+    # pipe's TCP window bounds what one connection carries in a round trip.
+    connections: int = 4
 
     def problems(self) -> list[str]:
         out = []
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            out.append(f"connections must be 1-{MAX_CONNECTIONS}")
         if self.window_ms < 1:
             out.append("window_ms must be at least 1")
         if not 1 <= self.min_entries <= self.max_entries <= MAX_ENTRIES:
@@ -387,6 +393,8 @@ class _LinkSettings(Protocol):
     def link_inflight_max(self) -> int: ...
     @property
     def link_inflight_max_bytes(self) -> int: ...
+    @property
+    def link_connections(self) -> int: ...
 
 
 def bounds_of(c: _LinkSettings) -> WindowBounds:
@@ -401,4 +409,5 @@ def bounds_of(c: _LinkSettings) -> WindowBounds:
         min_inflight=c.link_inflight_min,
         max_inflight=c.link_inflight_max,
         max_inflight_bytes=c.link_inflight_max_bytes,
+        connections=c.link_connections,
     )

@@ -156,7 +156,7 @@ def links(
 
     table = Table(title=f"links from {region}")
     cols = ("to", "holder", "state", "lag s", "backlog", "copied", "gaps")
-    for col in (*cols, "rtt ms", "in flight", "B/msg", "ratio"):
+    for col in (*cols, "rtt ms", "in flight", "conns", "B/msg", "ratio"):
         table.add_column(col)
     for r in rows:
         table.add_row(
@@ -169,6 +169,7 @@ def links(
             str(r.get("gaps_total", "")),
             str(r.get("rtt_ms", "") or ""),
             str(r.get("inflight_windows", "")),
+            str(r.get("connections", "") or ""),
             str(r.get("bytes_per_message", "") or ""),
             str(r.get("compression_ratio", "") or ""),
         )

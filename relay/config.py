@@ -371,6 +371,14 @@ class ClusterConfig:
     link_inflight_max_bytes: int = _opt(
         16 << 20, "int", "compressed bytes a link keeps in flight at most", lo=1024
     )
+    link_connections: int = _opt(
+        4,
+        "int",
+        "connections a link spreads a backlog's windows over, by slot (1-16; 1: one "
+        "connection always)",
+        lo=1,
+        hi=16,
+    )
 
 
 _SECTIONS: Final[dict[str, type[Any]]] = {

@@ -196,6 +196,34 @@ async def test_a_starting_link_dials_every_connection_to_the_destination_at_once
 
 
 @aio
+async def test_a_backlog_goes_over_several_connections_split_by_slot(wan: Any) -> None:
+    # A backlog goes over several connections, each slot's entries always on the same
+    # one. With jitter on the WAN their windows land in the inbound stream in any
+    # order across connections; every chain still holds: nothing lost, doubled or
+    # refused. Then the backlog is gone and windows go over one connection again.
+    origin_url, dest_url, proxy = wan
+    origin, dest = await slot_logs(origin_url, dest_url)
+    total = 1200
+    for n in range(total):
+        await origin.append(n % SLOTS, A, 1, batch(n))
+    rx = receiver(dest_url, "fra/n1")
+    bounds = WindowBounds(window_ms=20, min_entries=8, max_entries=40, connections=3)
+    link = start_link(origin_url, proxy, bounds)
+    await until(lambda: link.copied_entries == total, timeout_s=30, what="the backlog copied")
+    assert [p.windows > 3 for p in link._pipes] == [True, True, True]
+    assert rx.refused_total == 0 and link.errors_total == 0
+    # Steady again: one connection.
+    more = [await origin.append(n % SLOTS, A, 1, batch(total + n)) for n in range(10)]
+    await until(lambda: link.copied_entries == total + len(more), timeout_s=20, what="copied")
+    assert link.status(0)["connections"] == 1
+    assert await mirrors_equal_logs(origin, dest)
+    await link.stop()
+    await rx.stop()
+    await origin.close()
+    await dest.close()
+
+
+@aio
 async def test_a_half_written_window_is_finished_by_the_next_receiver(wan: Any) -> None:
     origin_url, dest_url, proxy = wan
     origin, dest = await slot_logs(origin_url, dest_url)

@@ -212,3 +212,31 @@ def test_every_valid_window_size_gives_bounds_a_tuner_takes(max_bytes: int) -> N
     assert bounds.problems() == []
     assert bounds.min_bytes <= max_bytes
     WindowTuner(bounds)
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=63), max_size=200),
+    st.integers(min_value=1, max_value=16),
+)
+def test_stripes_keep_every_slot_on_one_connection_in_order(slots: list[int], n: int) -> None:
+    from cluster.linksend import stripes
+
+    entries = [TailEntry(s, f"{i + 1}-0", f"{i}-0", b"x") for i, s in enumerate(slots)]
+    parts = stripes(entries, n)
+    assert len(parts) == n  # part i always goes on connection i, even when empty
+    for i, part in enumerate(parts):
+        assert all(e.slot % n == i for e in part)
+        # Each part in the order given (ids rise with the position in ``entries``).
+        assert [int(e.id.split("-")[0]) for e in part] == sorted(
+            int(e.id.split("-")[0]) for e in part
+        )
+    assert sorted(e.id for p in parts for e in p) == sorted(e.id for e in entries)
+
+
+def test_a_link_may_use_one_to_sixteen_connections() -> None:
+    assert WindowBounds(connections=1).problems() == []
+    assert WindowBounds(connections=16).problems() == []
+    assert "connections must be 1-16" in WindowBounds(connections=0).problems()
+    assert "connections must be 1-16" in WindowBounds(connections=17).problems()
+    with pytest.raises(ValueError, match="connections"):
+        WindowTuner(WindowBounds(connections=0))
