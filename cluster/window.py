@@ -324,24 +324,33 @@ def window_level(plan_level: int, wan_full: bool, hard_left: int) -> tuple[int, 
 def batch_events(data: bytes) -> int:
     """How many events a relay batch holds, from its payload's msgpack array header
     (0 for anything else). Reads the header from the lz4 frame's first literals when it
-    is there (the usual case: nothing decompressed), else decompresses a few bytes."""
-    if data[: len(BATCH_PREFIX)] != BATCH_PREFIX:
+    is there (the usual case: nothing decompressed), else decompresses a few bytes.
+    (A link counts every entry it sends: this runs once per entry.)"""
+    if not data.startswith(BATCH_PREFIX):
         return 0
-    lit = _first_literals(data, len(BATCH_PREFIX))
-    if lit and len(lit) >= {0xDC: 3, 0xDD: 5}.get(lit[0], 1):
-        return _array_len(lit)
+    lit = _first_literals(data, _BATCH_AT)
+    if lit:
+        b = lit[0]
+        if 0x90 <= b <= 0x9F:  # up to 15 events: the header is one byte
+            return b & 0x0F
+        if len(lit) >= (3 if b == 0xDC else 5 if b == 0xDD else 1):
+            return _array_len(lit)
     try:
         d = lz4.frame.LZ4FrameDecompressor()
-        head: bytes = d.decompress(data[len(BATCH_PREFIX) :], max_length=5)
+        head: bytes = d.decompress(data[_BATCH_AT:], max_length=5)
     except Exception:
         return 0
     return _array_len(head)
 
 
+_BATCH_AT: Final = len(BATCH_PREFIX)
+_LZ4_MAGIC: Final = b"\x04\x22\x4d\x18"
+
+
 def _first_literals(data: bytes, at: int) -> bytes | None:
     """The literal bytes an lz4 frame at ``data[at:]`` begins its content with, read
     from its first block's first sequence without decompressing (None: not found)."""
-    if data[at : at + 4] != b"\x04\x22\x4d\x18" or len(data) < at + 7:
+    if not data.startswith(_LZ4_MAGIC, at) or len(data) < at + 7:
         return None
     flg = data[at + 4]
     i = at + 7 + (8 if flg & 0x08 else 0) + (4 if flg & 0x01 else 0)
