@@ -69,6 +69,9 @@ STALL_AFTER_S = 2.0
 # (a cut WAN shows as an error even when no entry waits), and must answer within this.
 PROBE_EVERY_S = 1.0
 PROBE_TIMEOUT_S = 2.5
+# A link back from a backlog's several connections to one after this many reads in a
+# row that were no backlog (reads come at least every window: a few hundred ms).
+SMALL_READS = 3
 # Connections across the WAN speak RESP2 and skip redis-py's CLIENT SETINFO: no HELLO,
 # no CLIENT MAINT_NOTIFICATIONS, no SETINFO, so a (re)connect costs no round trip of its
 # own beyond AUTH and SELECT when the URL asks for them (the destination's CLIENT LIST
@@ -107,8 +110,9 @@ class Link(WindowSender, LogReader):
             socket_connect_timeout=5,
             **_WAN_KWARGS,
         )
-        # Windows go out on one connection of their own, several in flight; the
-        # receiver's progress comes back on another (a blocking read).
+        # Windows go out on connections of their own (one, or several while a backlog
+        # drains), several in flight; the receiver's progress comes back on another (a
+        # blocking read); the start-up questions go on a third.
         self.remote_client = redisconn.connect(
             dest_url, socket_timeout=REPLY_TIMEOUT_S, socket_connect_timeout=5, **_WAN_KWARGS
         )
@@ -121,6 +125,7 @@ class Link(WindowSender, LogReader):
         self._inflight: deque[_Window] = deque()
         self._pipes: list[_Pipe] = []
         self._stripes = 1
+        self._small_reads = 0  # reads in a row that were no backlog
         self._wake = asyncio.Event()
         self._failure: Exception | None = None
         self._done_wid: tuple[int, int] = (0, 0)
@@ -293,9 +298,9 @@ class Link(WindowSender, LogReader):
         finally:
             for h in helpers:
                 await self._cancel(h)
-            for c in conns:
-                await c.disconnect()
+            await _close_all(conns)
             self._inflight.clear()
+            self._stripes = 1
 
     async def _copy(self) -> None:
         probed = time.monotonic()
@@ -321,16 +326,40 @@ class Link(WindowSender, LogReader):
             probed = time.monotonic()
             # What was read may be a backlog: cut it by the plan it calls for.
             self.plan = plan = self.tuner.plan(max(self._backlog_hint, len(entries)))
-            if not self._inflight:
-                # Nothing in flight, so no window can land after one sent now: the
-                # connections may change. A backlog goes over all of them.
-                backlog = len(entries) > self.bounds.max_entries
-                self._stripes = len(self._pipes) if backlog else 1
+            stripes = self._stripes_for(len(entries))
+            if stripes != self._stripes:
+                await self._restripe(stripes)
             await self._send(entries, plan)
+
+    def _stripes_for(self, read: int) -> int:
+        """How many connections the windows of a read of ``read`` entries go over: all
+        of them for a backlog (a read over ``max_entries``), back to one after
+        :data:`SMALL_READS` reads in a row that were not (one window holding every
+        slot's messages is what the compressor needs)."""
+        if read > self.bounds.max_entries:
+            self._small_reads = 0
+            return len(self._pipes)
+        self._small_reads += 1
+        return 1 if self._small_reads >= SMALL_READS else self._stripes
+
+    async def _restripe(self, stripes: int) -> None:
+        """Go over ``stripes`` connections from the next window on. First every window
+        in flight is confirmed: then none sent after the change can land before one
+        sent before it, whichever connection each went on. Connections unused since
+        the last backlog are opened anew (the destination may have closed them)."""
+        while self._inflight and not self._stopped:
+            self._raise_failure()
+            await self._wait_wake(1.0)  # a confirmation frees room
+        self._raise_failure()
+        if stripes > self._stripes:
+            for pipe in self._pipes[self._stripes : stripes]:
+                await pipe.conn.disconnect()
+                await pipe.conn.connect()
+        self._stripes = stripes
 
     async def _connect(self) -> list[Any]:
         """Open every connection the copy uses to the destination, all at once, wait
-        for the destination's receiver to catch up (on the first of them), and return
+        for the destination's receiver to catch up (on the control client), and return
         the windows' own connections (``bounds.connections`` of them). Each connection
         costs round trips over the WAN before it carries anything (AUTH and SELECT when
         the URL asks for them; RESP2, so no HELLO): one after the other they held a
@@ -351,11 +380,13 @@ class Link(WindowSender, LogReader):
                 *senders,
             )
         except BaseException:
+            opened = []
             for sender in senders:
                 if not sender.done():
                     sender.cancel()  # redis-py closes a connection cancelled while opening
                 elif not sender.cancelled() and sender.exception() is None:
-                    await sender.result().disconnect()
+                    opened.append(sender.result())
+            await _close_all(opened)
             raise
         return [sender.result() for sender in senders]
 
@@ -382,10 +413,6 @@ class Link(WindowSender, LogReader):
         rows: Any = await self.done_client.xrevrange(done_key(self.dest, self.region), count=1)
         return rows[0][0].decode() if rows else "0-0"
 
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise self._failure
-
     async def _wait_wake(self, timeout_s: float) -> None:
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
@@ -402,3 +429,9 @@ class Link(WindowSender, LogReader):
         self.last_progress = time.monotonic()
         self.backlog_entries = 0
         self.waiting_oldest_ms = None
+
+
+async def _close_all(conns: list[Any]) -> None:
+    """Close ``conns`` at once, whatever each close does: one that fails or takes long
+    (TLS, a cut WAN) must not leave the others open."""
+    await asyncio.gather(*(c.disconnect(nowait=True) for c in conns), return_exceptions=True)

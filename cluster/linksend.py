@@ -1,6 +1,7 @@
 """A link's sending side: windows out to the destination's inbound stream, several in
-flight on one connection, and what comes back — the XADD replies (each a window's id and a
-round-trip sample) and the receiver's progress (``done``), which confirms whole windows.
+flight (on one connection, or a backlog split by slot over several), and what comes
+back — the XADD replies (each a window's id and a round-trip sample) and the receiver's
+progress (``done``), which confirms whole windows.
 
 What the destination confirmed is kept in a hash (``relay:{<origin>}:link:<dest>:
 confirmed``, slot → id; the trim floor of the origin's slot logs) and published on
@@ -191,8 +192,13 @@ class WindowSender:
         )
 
     async def _send_all(self, pipe: _Pipe, entries: list[TailEntry], plan: WindowPlan) -> None:
-        for chunk in self._chunks(entries, plan):
-            await self._send_window(pipe, chunk, plan)
+        try:
+            for chunk in self._chunks(entries, plan):
+                self._raise_failure()  # another connection failed: stop here too
+                await self._send_window(pipe, chunk, plan)
+        except Exception as e:
+            self._fail(e)
+            raise
 
     def _chunks(self, entries: list[TailEntry], plan: WindowPlan) -> list[list[TailEntry]]:
         """``entries`` cut into windows of up to ``plan.entries`` and ``max_bytes``."""
@@ -249,9 +255,10 @@ class WindowSender:
         busy event loop: only what the kernel would not take counts, never time."""
         writer = getattr(conn, "_writer", None)
         transport = getattr(writer, "transport", None)
-        if writer is None or transport is None:  # not connected: redis-py's own path
-            await conn.send_command("XADD", key, "*", "w", frame, check_health=False)
-            return False
+        if writer is None or transport is None:
+            # Closed under us (its reply reader failed): never reconnect here, the replies
+            # of what went before are lost with the old socket.
+            raise RedisConnectionError(f"writing a window to {self.dest}: connection closed")
         try:
             writer.writelines(conn.pack_command("XADD", key, "*", "w", frame))
             refused: int = transport.get_write_buffer_size()
@@ -285,6 +292,10 @@ class WindowSender:
                     await pipe.ready.wait()
                     continue
                 reply = await pipe.conn.read_response(timeout=REPLY_TIMEOUT_S)
+                if reply is None:  # redis-py's answer to a read that timed out
+                    raise RedisConnectionError(
+                        f"no reply from {self.dest} to a window within {REPLY_TIMEOUT_S:g}s"
+                    )
                 w = pipe.replies.popleft()
                 if isinstance(reply, Exception):
                     raise reply
@@ -324,6 +335,10 @@ class WindowSender:
             raise
         except Exception as e:
             self._fail(e)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def _fail(self, e: Exception) -> None:
         self._failure = e

@@ -200,22 +200,48 @@ async def test_a_backlog_goes_over_several_connections_split_by_slot(wan: Any) -
     # A backlog goes over several connections, each slot's entries always on the same
     # one. With jitter on the WAN their windows land in the inbound stream in any
     # order across connections; every chain still holds: nothing lost, doubled or
-    # refused. Then the backlog is gone and windows go over one connection again.
+    # refused. Once the backlog is gone, windows go over one connection again while
+    # traffic goes on; a second backlog, arriving while windows are in flight, goes
+    # over all of them again.
     origin_url, dest_url, proxy = wan
     origin, dest = await slot_logs(origin_url, dest_url)
-    total = 1200
-    for n in range(total):
-        await origin.append(n % SLOTS, A, 1, batch(n))
+    n = 0
+
+    async def append(count: int) -> None:
+        nonlocal n
+        items = [(k % SLOTS, batch(k)) for k in range(n, n + count)]
+        n += count
+        await origin.append_many(items, A, dict.fromkeys(range(SLOTS), 1))
+
+    async def steadily() -> None:
+        while True:
+            await append(1)
+            await asyncio.sleep(0.02)  # a steady trickle beside the backlogs
+
+    await append(1200)
     rx = receiver(dest_url, "fra/n1")
     bounds = WindowBounds(window_ms=20, min_entries=8, max_entries=40, connections=3)
     link = start_link(origin_url, proxy, bounds)
-    await until(lambda: link.copied_entries == total, timeout_s=30, what="the backlog copied")
+    steady = asyncio.ensure_future(steadily())
+    await until(lambda: link.copied_entries >= 1200, timeout_s=30, what="the backlog copied")
     assert [p.windows > 3 for p in link._pipes] == [True, True, True]
+    await until(
+        lambda: link.status(0)["connections"] == 1, timeout_s=20, what="back to one connection"
+    )
+    before = [p.windows for p in link._pipes]
+    await until(lambda: link._pipes[0].windows > before[0] + 5, timeout_s=20, what="steady")
+    assert [p.windows for p in link._pipes[1:]] == before[1:]  # one connection for traffic
+    await append(600)  # a second backlog, while windows of the trickle are in flight
+    await until(
+        lambda: all(p.windows > b for p, b in zip(link._pipes, before, strict=True)),
+        timeout_s=20,
+        what="the second backlog over every connection",
+    )
+    steady.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await steady
+    await until(lambda: link.copied_entries == n, timeout_s=30, what="everything copied")
     assert rx.refused_total == 0 and link.errors_total == 0
-    # Steady again: one connection.
-    more = [await origin.append(n % SLOTS, A, 1, batch(total + n)) for n in range(10)]
-    await until(lambda: link.copied_entries == total + len(more), timeout_s=20, what="copied")
-    assert link.status(0)["connections"] == 1
     assert await mirrors_equal_logs(origin, dest)
     await link.stop()
     await rx.stop()
