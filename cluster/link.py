@@ -352,9 +352,7 @@ class Link(WindowSender, LogReader):
             await self._wait_wake(1.0)  # a confirmation frees room
         self._raise_failure()
         if stripes > self._stripes:
-            for pipe in self._pipes[self._stripes : stripes]:
-                await pipe.conn.disconnect()
-                await pipe.conn.connect()
+            await gather_all(*(_reopen(p.conn) for p in self._pipes[self._stripes : stripes]))
         self._stripes = stripes
 
     async def _connect(self) -> list[Any]:
@@ -435,3 +433,8 @@ async def _close_all(conns: list[Any]) -> None:
     """Close ``conns`` at once, whatever each close does: one that fails or takes long
     (TLS, a cut WAN) must not leave the others open."""
     await asyncio.gather(*(c.disconnect(nowait=True) for c in conns), return_exceptions=True)
+
+
+async def _reopen(conn: Any) -> None:
+    await conn.disconnect(nowait=True)
+    await conn.connect()
