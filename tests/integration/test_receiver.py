@@ -118,6 +118,18 @@ async def mirrors_equal_logs(origin: RedisSlotLog, dest: RedisSlotLog) -> bool:
     return True
 
 
+async def mirrored_then_stopped(
+    origin: RedisSlotLog, dest: RedisSlotLog, link: Link, rx: Receiver
+) -> None:
+    """The mirrors hold exactly the logs (same ids, bytes and chains); then every part
+    stops."""
+    assert await mirrors_equal_logs(origin, dest)
+    await link.stop()
+    await rx.stop()
+    await origin.close()
+    await dest.close()
+
+
 @aio
 async def test_receivers_killed_mid_window_lose_and_double_nothing(wan: Any) -> None:
     origin_url, dest_url, proxy = wan
@@ -188,11 +200,7 @@ async def test_a_starting_link_dials_every_connection_to_the_destination_at_once
     assert link.copied_entries == 0 and link.state == "waiting for the receiver"
     proxy.blackhole(False)
     await until(lambda: link.copied_entries == 40, timeout_s=20, what="copied")
-    assert await mirrors_equal_logs(origin, dest)
-    await link.stop()
-    await rx.stop()
-    await origin.close()
-    await dest.close()
+    await mirrored_then_stopped(origin, dest, link, rx)
 
 
 @aio
@@ -242,11 +250,7 @@ async def test_a_backlog_goes_over_several_connections_split_by_slot(wan: Any) -
         await steady
     await until(lambda: link.copied_entries == n, timeout_s=30, what="everything copied")
     assert rx.refused_total == 0 and link.errors_total == 0
-    assert await mirrors_equal_logs(origin, dest)
-    await link.stop()
-    await rx.stop()
-    await origin.close()
-    await dest.close()
+    await mirrored_then_stopped(origin, dest, link, rx)
 
 
 @aio
@@ -267,11 +271,7 @@ async def test_a_half_written_window_is_finished_by_the_next_receiver(wan: Any) 
     rx = receiver(dest_url, "fra/n1")
     await until(lambda: link.copied_entries >= 200 - len(half), timeout_s=20, what="confirmed")
     assert rx.skipped_total == len(half)  # refused as already there, not written twice
-    assert await mirrors_equal_logs(origin, dest)
-    await link.stop()
-    await rx.stop()
-    await origin.close()
-    await dest.close()
+    await mirrored_then_stopped(origin, dest, link, rx)
 
 
 @aio
