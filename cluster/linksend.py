@@ -179,8 +179,9 @@ class WindowSender:
 
     async def _send(self, entries: list[TailEntry], plan: WindowPlan) -> None:
         """Send ``entries`` as windows of up to ``plan.entries`` and ``max_bytes``, over
-        the connections in use (:func:`stripes`), taking turns; their replies and
-        confirmations are read by the helpers as they come."""
+        the connections in use (:func:`stripes`), each connection's in turn and the
+        connections side by side; their replies and confirmations are read by the
+        helpers as they come."""
         if self._stripes == 1:
             await self._send_all(self._pipes[0], entries, plan)
             return
