@@ -37,6 +37,7 @@ import msgspec
 from cluster.errors import ClusterError
 from cluster.slotlog import TailEntry
 from relay.codec import PREFIX as BATCH_PREFIX
+from relay.config import LINK_CONNECTIONS_MAX
 from relay.errors import Code
 
 MAGIC: Final = b"RW"
@@ -45,7 +46,7 @@ PREFIX: Final = MAGIC + bytes([VERSION])
 MAX_ENTRIES: Final = 100_000
 MAX_DECOMPRESSED: Final = 64 * 1024 * 1024
 MAX_SLOTS: Final = 1 << 16
-MAX_CONNECTIONS: Final = 16
+MAX_CONNECTIONS: Final = LINK_CONNECTIONS_MAX
 
 # lz4 level of windows while no backlog waits (see WindowTuner).
 STEADY_LEVEL: Final = 3

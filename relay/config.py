@@ -49,6 +49,8 @@ ENV_PREFIX: Final = "RELAY_"
 # A link's log reads block at most this long (cluster/link.py: 4 × TAIL_BLOCK_MS), and a
 # window's wait is one of them.
 LINK_WINDOW_MS_MAX: Final = 2000
+# Connections a link may spread a backlog over (cluster/window.py's bound too).
+LINK_CONNECTIONS_MAX: Final = 16
 
 _Kind = Literal["str", "path", "int", "float", "bool", "list[str]"]
 _T = TypeVar("_T")
@@ -374,10 +376,9 @@ class ClusterConfig:
     link_connections: int = _opt(
         4,
         "int",
-        "connections a link spreads a backlog's windows over, by slot (1-16; 1: one "
-        "connection always)",
+        "connections a link spreads a backlog's windows over, by slot (1: one connection always)",
         lo=1,
-        hi=16,
+        hi=LINK_CONNECTIONS_MAX,
     )
 
 
