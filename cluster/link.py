@@ -31,6 +31,8 @@ import time
 from collections import deque
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from cluster import redisconn
 from cluster.chain import parse_id
 from cluster.errors import ClusterError
@@ -48,6 +50,7 @@ from cluster.linksend import (
 )
 from cluster.receiver import cancel_task, done_key, inbound_key, last_done_of, retry_forever
 from cluster.slotlog import RedisSlotLog
+from cluster.slotlog.redislog import mirror_tops_of
 from cluster.window import WindowBounds, WindowTuner
 from relay.config import LINK_WINDOW_MS_MAX
 
@@ -78,6 +81,9 @@ SMALL_READS = 3
 # then shows no library name for them). Every reply the link reads has the same shape
 # in both protocols once redis-py has parsed it.
 _WAN_KWARGS: dict[str, Any] = {"driver_info": None, "protocol": 2}
+
+# Where a copy starts: every mirror's top (None: empty) and the receiver's last progress.
+_Start = tuple[dict[int, str | None], str]
 
 
 class Link(WindowSender, LogReader):
@@ -215,7 +221,7 @@ class Link(WindowSender, LogReader):
             "inflight_windows": len(self._inflight) if holding else 0,
             "connections": self._stripes if holding else 0,
             "window_entries": self.plan.entries,
-            "inflight_limit": self.plan.inflight,
+            "inflight_limit": self.plan.inflight * self._stripes,
             "windows_total": self.windows_total,
             "raw_windows_total": self.raw_windows_total,
             "wan_bytes_total": self.wan_bytes_total,
@@ -273,16 +279,19 @@ class Link(WindowSender, LogReader):
 
     async def _copy_loop(self) -> None:
         self.state = "waiting for the receiver"
-        conns = await self._connect()
+        conns, start = await self._connect()
         self._pipes = [_Pipe(c) for c in conns]
         self._stripes = 1
         helpers: list[asyncio.Task[None]] = []
         try:
             slots = list(range(self.slots))
-            # Both on connections already open: one round trip for the two.
-            tops, done_from = await gather_all(
-                self.remote.mirror_tops(slots, self.region), self._done_top()
-            )
+            if start is None:
+                # Both on connections already open: one round trip for the two.
+                tops, done_from = await gather_all(
+                    self.remote.mirror_tops(slots, self.region), self._done_top()
+                )
+            else:
+                tops, done_from = start
             self.position = {s: tops[s] or "0-0" for s in slots}
             # What the destination holds is the trim floor of our logs: say so at once.
             await self._announce(dict(self.position))
@@ -308,10 +317,7 @@ class Link(WindowSender, LogReader):
             self._raise_failure()
             plan = self.tuner.plan(self._backlog_hint)
             self.plan = plan
-            if (
-                len(self._inflight) >= plan.inflight
-                or self.inflight_bytes >= self.bounds.max_inflight_bytes
-            ):
+            if not self._room(plan):
                 await self._wait_wake(1.0)  # a confirmation frees room
                 continue
             entries = await self._read_window(plan)
@@ -355,10 +361,11 @@ class Link(WindowSender, LogReader):
             await gather_all(*(_reopen(p.conn) for p in self._pipes[self._stripes : stripes]))
         self._stripes = stripes
 
-    async def _connect(self) -> list[Any]:
+    async def _connect(self) -> tuple[list[Any], _Start | None]:
         """Open every connection the copy uses to the destination, all at once, wait
         for the destination's receiver to catch up (on the control client), and return
-        the windows' own connections (``bounds.connections`` of them). Each connection
+        the windows' own connections (``bounds.connections`` of them) and, on one Redis
+        server, where the copy starts (:meth:`_await_receiver`). Each connection
         costs round trips over the WAN before it carries anything (AUTH and SELECT when
         the URL asks for them; RESP2, so no HELLO): one after the other they held a
         (re)started link back ~2 s at 80 ms one way. The progress client is opened by a
@@ -368,7 +375,7 @@ class Link(WindowSender, LogReader):
             asyncio.ensure_future(self._open_sender()) for _ in range(self.bounds.connections)
         ]
         try:
-            await gather_all(
+            start, *_ = await gather_all(
                 # Windows an earlier holder left in the inbound stream go in first: the
                 # mirrors' tops are only the destination's state once the receiver has
                 # caught up.
@@ -386,35 +393,45 @@ class Link(WindowSender, LogReader):
                     opened.append(sender.result())
             await _close_all(opened)
             raise
-        return [sender.result() for sender in senders]
+        return [sender.result() for sender in senders], start
 
-    async def _await_receiver(self) -> None:
+    async def _await_receiver(self) -> _Start | None:
         """Until the destination's receiver has finished every window in the inbound
-        stream (a link restarted, or taken over, must not read stale mirror tops)."""
+        stream (a link restarted, or taken over, must not read stale mirror tops).
+
+        On one Redis server the mirrors' tops and the receiver's last progress are
+        asked in the same round trip, after the check (a server runs a pipeline's
+        commands in order): they are returned, and the copy starts a round trip
+        sooner. On a Redis Cluster the mirrors live on every shard, where nothing
+        orders them after the check: None, and the copy asks for them after."""
         key = inbound_key(self.dest, self.region)
+        dkey = done_key(self.dest, self.region)
+        one_server = not isinstance(self.remote_client, RedisCluster)
+        slots = list(range(self.slots))
         while not self._stopped:
             # Both keys carry the destination's tag: one round trip, also on a cluster.
             async with self.remote_client.pipeline(transaction=False) as pipe:
                 pipe.xrevrange(key, count=1)
-                pipe.xrevrange(done_key(self.dest, self.region), count=1)
-                rows, done_rows = await pipe.execute()
-            if not rows:
-                return
-            done = last_done_of(done_rows)
-            if parse_id(done) >= parse_id(rows[0][0].decode()):
-                return
+                pipe.xrevrange(dkey, count=1)
+                if one_server:
+                    self.remote.queue_mirror_tops(pipe, slots, self.region)
+                rows, done_rows, *tops = await pipe.execute(raise_on_error=False)
+            for r in (rows, done_rows):
+                if isinstance(r, Exception):
+                    raise r
+            if not rows or parse_id(last_done_of(done_rows)) >= parse_id(rows[0][0].decode()):
+                if not one_server:
+                    return None
+                done_from = done_rows[0][0].decode() if done_rows else "0-0"
+                return mirror_tops_of(slots, tops), done_from
             await asyncio.sleep(0.05)  # the receiver is writing them: look again soon
+        return None
 
     async def _done_top(self) -> str:
         # On the connection the receiver's progress is read on, opened by _connect
         # before the first window waits for its confirmation.
         rows: Any = await self.done_client.xrevrange(done_key(self.dest, self.region), count=1)
         return rows[0][0].decode() if rows else "0-0"
-
-    async def _wait_wake(self, timeout_s: float) -> None:
-        self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout_s)
 
     async def _probe(self) -> None:
         """Ask the destination for one mirror top, bounded: a cut WAN becomes an error."""

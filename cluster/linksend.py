@@ -14,6 +14,7 @@ link's connections, lease, tuner and counters, declared below.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import deque
@@ -196,10 +197,31 @@ class WindowSender:
         try:
             for chunk in self._chunks(entries, plan):
                 self._raise_failure()  # another connection failed: stop here too
+                while not self._room(plan):  # a read may hold many windows: bounded still
+                    await self._wait_wake(1.0)  # a confirmation frees room
+                    self._raise_failure()
                 await self._send_window(pipe, chunk, plan)
         except Exception as e:
             self._fail(e)
             raise
+
+    def _room(self, plan: WindowPlan) -> bool:
+        """Whether another window may go: fewer than ``plan.inflight`` windows and
+        ``max_inflight_bytes`` in flight, per connection in use. A backlog over n
+        connections keeps n times as much in flight: its confirmations come a round
+        trip or two after each window, and the link would otherwise sit idle waiting
+        for them."""
+        n = self._stripes
+        return (
+            len(self._inflight) < plan.inflight * n
+            and self.inflight_bytes < self.bounds.max_inflight_bytes * n
+        )
+
+    async def _wait_wake(self, timeout_s: float) -> None:
+        """Until something changed (a confirmation, a failure), at most ``timeout_s``."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout_s)
 
     def _chunks(self, entries: list[TailEntry], plan: WindowPlan) -> list[list[TailEntry]]:
         """``entries`` cut into windows of up to ``plan.entries`` and ``max_bytes``."""

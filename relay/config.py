@@ -368,10 +368,16 @@ class ClusterConfig:
         2, "int", "windows a link keeps in flight at least (the adaptive floor)", lo=1
     )
     link_inflight_max: int = _opt(
-        16, "int", "windows a link keeps in flight at most (reached on a long, busy WAN)", lo=1
+        16,
+        "int",
+        "windows a link keeps in flight at most, per connection in use (reached on a busy WAN)",
+        lo=1,
     )
     link_inflight_max_bytes: int = _opt(
-        16 << 20, "int", "compressed bytes a link keeps in flight at most", lo=1024
+        16 << 20,
+        "int",
+        "compressed bytes a link keeps in flight at most, per connection in use",
+        lo=1024,
     )
     link_connections: int = _opt(
         4,

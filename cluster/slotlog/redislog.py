@@ -321,20 +321,18 @@ class RedisSlotLog(RedisCalls):
         return _text(info["last-generated-id"])
 
     async def mirror_tops(self, slots: Sequence[int], origin: str) -> dict[int, str | None]:
-        _check_origin(self._region, origin)
         async with self._client.pipeline(transaction=False) as pipe:
-            for slot in slots:
-                pipe.xinfo_stream(keys.mirror_key(self._region, check_slot(slot), origin))
+            self.queue_mirror_tops(pipe, slots, origin)
             results = await pipe.execute(raise_on_error=False)
-        out: dict[int, str | None] = {}
-        for slot, r in zip(slots, results, strict=True):
-            if isinstance(r, ResponseError) and "no such key" in str(r):
-                out[slot] = None
-            elif isinstance(r, Exception):
-                raise r
-            else:
-                out[slot] = _text(r["last-generated-id"])
-        return out
+        return mirror_tops_of(slots, results)
+
+    def queue_mirror_tops(self, pipe: Any, slots: Sequence[int], origin: str) -> None:
+        """Queue on ``pipe`` (executed with ``raise_on_error=False``) the questions whose
+        answers :func:`mirror_tops_of` reads as :meth:`mirror_tops` does: so the tops
+        can share a round trip with other questions to the same server."""
+        _check_origin(self._region, origin)
+        for slot in slots:
+            pipe.xinfo_stream(keys.mirror_key(self._region, check_slot(slot), origin))
 
     async def first_id(self, slot: int) -> str | None:
         _, log_key, _ = self._keys(check_slot(slot))
@@ -367,3 +365,18 @@ class RedisSlotLog(RedisCalls):
             await self._client.aclose()
         finally:
             await self._tail.aclose()
+
+
+def mirror_tops_of(slots: Sequence[int], results: Sequence[Any]) -> dict[int, str | None]:
+    """:meth:`RedisSlotLog.mirror_tops` from the answers to what
+    :meth:`RedisSlotLog.queue_mirror_tops` queued (errors other than a missing stream
+    are raised)."""
+    out: dict[int, str | None] = {}
+    for slot, r in zip(slots, results, strict=True):
+        if isinstance(r, ResponseError) and "no such key" in str(r):
+            out[slot] = None
+        elif isinstance(r, Exception):
+            raise r
+        else:
+            out[slot] = _text(r["last-generated-id"])
+    return out

@@ -337,3 +337,79 @@ async def test_a_backlog_of_big_batches_goes_raw_and_mirrors_the_same_bytes(wan:
     await rx.stop()
     await origin.close()
     await dest.close()
+
+
+@aio
+async def test_the_in_flight_bound_holds_per_connection_even_within_one_read(wan: Any) -> None:
+    # At most link_inflight_max windows per connection in use are unconfirmed, however
+    # much one read of the log brought: a backlog over 3 connections keeps up to 3 × 2
+    # in flight (it would sit idle waiting for confirmations with 2), and no more, even
+    # while the receiver is away and nothing is confirmed.
+    origin_url, dest_url, proxy = wan
+    origin, dest = await slot_logs(origin_url, dest_url)
+    items = [(k % SLOTS, batch(k)) for k in range(1200)]
+    await origin.append_many(items, A, dict.fromkeys(range(SLOTS), 1))
+    bounds = WindowBounds(
+        window_ms=20, min_entries=8, max_entries=40, min_inflight=1, max_inflight=2, connections=3
+    )
+    link = start_link(origin_url, proxy, bounds)
+    most = 0
+
+    async def sample() -> None:
+        nonlocal most
+        while True:
+            most = max(most, len(link._inflight))
+            await asyncio.sleep(0.002)  # sample the link's windows in flight
+
+    sampler = asyncio.ensure_future(sample())
+    with redis_sync.Redis.from_url(dest_url) as r:
+        await until(lambda: r.xlen(inbound_key("fra", "sg")) == 6, what="six windows sent")
+        await until(lambda: link.status(0)["inflight_limit"] == 6, what="the limit shown")
+        rx = receiver(dest_url, "fra/n1")
+        await until(lambda: link.copied_entries == 1200, timeout_s=30, what="copied")
+    sampler.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sampler
+    assert most == 6
+    await mirrored_then_stopped(origin, dest, link, rx)
+
+
+@aio
+async def test_a_restarted_link_starts_after_the_windows_waiting_and_resends_nothing(
+    wan: Any,
+) -> None:
+    # A link stopped while its windows wait in the inbound stream (no receiver runs).
+    # The next holder waits for the receiver to finish them; on one Redis server it
+    # learns the mirrors' tops in the same round trip as that check, and they already
+    # hold those windows: it sends only what is new, nothing twice.
+    origin_url, dest_url, proxy = wan
+    origin, dest = await slot_logs(origin_url, dest_url)
+    for n in range(200):
+        await origin.append(n % SLOTS, A, 1, batch(n))
+    first = start_link(origin_url, proxy)
+    with redis_sync.Redis.from_url(dest_url) as r:
+
+        def waiting_entries() -> int:
+            rows = r.xrange(inbound_key("fra", "sg"))
+            return sum(len(unpack_window(f[b"w"], slots=SLOTS)) for _, f in rows)
+
+        await until(lambda: waiting_entries() == 200, what="every entry sent")
+        await first.stop()
+        waiting = r.xlen(inbound_key("fra", "sg"))
+    assert waiting >= 1
+    link = start_link(origin_url, proxy)
+    await until(lambda: link.state == "waiting for the receiver", what="the next holder waits")
+    for n in range(200, 240):
+        await origin.append(n % SLOTS, A, 1, batch(n))
+    rx = receiver(dest_url, "fra/n1")
+    await until(lambda: rx.entries_total == 240, timeout_s=30, what="everything written")
+    assert rx.skipped_total == 0 and rx.refused_total == 0  # nothing was sent twice
+    # The start's answer is the mirrors' tops and the receiver's progress.
+    start = await link._await_receiver()
+    assert start is not None
+    tops, done_from = start
+    assert tops == await dest.mirror_tops(list(range(SLOTS)), "sg")
+    with redis_sync.Redis.from_url(dest_url) as r:
+        assert done_from == r.xrevrange(done_key("fra", "sg"), count=1)[0][0].decode()
+    await mirrored_then_stopped(origin, dest, link, rx)
+
