@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import msgpack
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from cluster import redisconn
@@ -44,13 +45,17 @@ from cluster.window import WindowError, unpack_window
 
 log = logging.getLogger(__name__)
 
-# One call per slot of a window, its one argument a msgpack array [id, prev, bytes, ...]
-# (one argument, not three per entry: packing arguments is most of a call's cost in
-# Python): each entry XADDed into the slot's mirror with its id, bytes and prev; 1 when
-# written, 0 when the mirror holds it already (its id is not above the top: a window
-# written again), -1 when its prev is not the mirror's top as Redis holds it (the mirror
-# lost entries, e.g. a failover of its shard, or another receiver wrote meanwhile): the
-# call stops there, nothing after it is written. Any other error is returned as it is.
+# One call per group of slots of a window (one slot on a Redis Cluster, where each
+# mirror has a hash tag of its own; up to CALL_SLOTS on one server): KEYS the slots'
+# mirrors, ARGV[k] a msgpack array [id, prev, bytes, ...] for KEYS[k] (one argument per
+# mirror, not three per entry: packing arguments is most of a call's cost in Python).
+# Each entry is XADDed into its mirror with its id, bytes and prev: 1 when written, 0
+# when the mirror holds it already (its id is not above the top: a window written
+# again), -1 when its prev is not the mirror's top as Redis holds it (the mirror lost
+# entries, e.g. a failover of its shard, or another receiver wrote meanwhile): that
+# mirror's list stops there, nothing after it is written. The reply holds one list per
+# key. Any other error is returned as it is. An entry that follows the top (the usual
+# case) is not compared with it: XADD refuses an id at or below the top by itself.
 MIRROR_MANY: Final = """
 local function le(a, b)
   local am, as = string.match(a, '^(%d+)-(%d+)$')
@@ -58,37 +63,43 @@ local function le(a, b)
   am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
   return am < bm or (am == bm and as <= bs)
 end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local top = false
-if #last > 0 then top = last[1][1] end
-local a = cmsgpack.unpack(ARGV[1])
-local out = {}
-for i = 1, #a, 3 do
-  if top and le(a[i], top) then
-    out[#out + 1] = 0
-  elseif a[i + 1] ~= '' and top and a[i + 1] ~= top then
-    out[#out + 1] = -1
-    return out
-  else
-    local r
-    if a[i + 1] == '' then
-      r = redis.pcall('XADD', KEYS[1], a[i], 'd', a[i + 2])
+local all = {}
+for k = 1, #KEYS do
+  local key = KEYS[k]
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  local top = false
+  if #last > 0 then top = last[1][1] end
+  local a = cmsgpack.unpack(ARGV[k])
+  local out = {}
+  for i = 1, #a, 3 do
+    local id, prev = a[i], a[i + 1]
+    if top and prev ~= top and le(id, top) then
+      out[#out + 1] = 0
+    elseif prev ~= '' and top and prev ~= top then
+      out[#out + 1] = -1
+      break
     else
-      r = redis.pcall('XADD', KEYS[1], a[i], 'd', a[i + 2], 'p', a[i + 1])
-    end
-    if type(r) == 'table' and r.err then
-      if string.find(r.err, 'equal or smaller', 1, true) then
-        out[#out + 1] = 0
+      local r
+      if prev == '' then
+        r = redis.pcall('XADD', key, id, 'd', a[i + 2])
       else
-        return r
+        r = redis.pcall('XADD', key, id, 'd', a[i + 2], 'p', prev)
       end
-    else
-      out[#out + 1] = 1
-      top = a[i]
+      if type(r) == 'table' and r.err then
+        if string.find(r.err, 'equal or smaller', 1, true) then
+          out[#out + 1] = 0
+        else
+          return r
+        end
+      else
+        out[#out + 1] = 1
+        top = id
+      end
     end
   end
+  all[k] = out
 end
-return out
+return all
 """
 MIRROR_MANY_SHA: Final = hashlib.sha1(MIRROR_MANY.encode()).hexdigest()
 
@@ -101,6 +112,9 @@ def _pack_args(args: list[bytes | str]) -> bytes:
     return packed
 
 
+# Mirrors one script call writes on one server: a few hundred entries, ~1 ms of the
+# server's time, so other clients wait no longer than that behind the receiver.
+CALL_SLOTS = 32
 READ_BLOCK_MS = 500
 READ_COUNT = 16
 DONE_MAXLEN = 1000
@@ -233,25 +247,52 @@ class Receiver:
             if not reply:
                 continue
             pairs = reply.items() if isinstance(reply, dict) else reply
-            for _, rows in pairs:
-                for wid, fields in rows:
-                    await self._apply_window(_text(wid), fields.get(b"w", b""), top)
+            rows = [(_text(wid), fields.get(b"w", b"")) for _, rs in pairs for wid, fields in rs]
+            # Each window is decoded while Redis writes the one before (its decoding
+            # needs no tops); their writes go one after the other, as the chains need.
+            writing: asyncio.Task[None] | None = None
+            try:
+                for wid, frame in rows:
+                    decoded = self._decode(frame)
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.ensure_future(self._apply_window(wid, decoded, top))
+                    await asyncio.sleep(0)  # let it send its writes before the next decode
+                if writing is not None:
+                    await writing
+            finally:
+                if writing is not None and not writing.done():
+                    await cancel_task(writing)
+
+    def _decode(self, frame: bytes) -> list[TailEntry] | str:
+        """A window's entries, or why it is refused."""
+        try:
+            return unpack_window(frame, slots=self.slots)
+        except WindowError as exc:
+            return f"{exc.code}: {exc}"
 
     async def _write(self, entries: list[TailEntry]) -> list[int]:
-        """Write ``entries`` into their mirrors: one script call per slot, pipelined (a
-        Redis Cluster routes each to its slot's shard). 1: written; 0: there already;
-        -1: its prev is not the mirror's top in Redis (nothing after it in its slot is
-        written: those are -2)."""
+        """Write ``entries`` into their mirrors: one script call per group of slots
+        (:data:`CALL_SLOTS`; one slot on a Redis Cluster, which routes each call to its
+        slot's shard), pipelined. 1: written; 0: there already; -1: its prev is not the
+        mirror's top in Redis (nothing after it in its slot is written: those are -2)."""
         by_slot: dict[int, list[int]] = {}
         for i, e in enumerate(entries):
             by_slot.setdefault(e.slot, []).append(i)
-        calls: list[tuple[str, bytes]] = []
-        for slot, idx in by_slot.items():
-            args: list[bytes | str] = []
-            for i in idx:
-                e = entries[i]
-                args += [e.id, e.prev, e.data]
-            calls.append((mirror_key(self.region, slot, self.origin), _pack_args(args)))
+        per_call = 1 if isinstance(self.client, RedisCluster) else CALL_SLOTS
+        slots = list(by_slot)
+        calls: list[tuple[list[str], list[bytes]]] = []
+        for at in range(0, len(slots), per_call):
+            keys: list[str] = []
+            argv: list[bytes] = []
+            for slot in slots[at : at + per_call]:
+                args: list[bytes | str] = []
+                for i in by_slot[slot]:
+                    e = entries[i]
+                    args += [e.id, e.prev, e.data]
+                keys.append(mirror_key(self.region, slot, self.origin))
+                argv.append(_pack_args(args))
+            calls.append((keys, argv))
         results = await _mirror_calls(self.client, calls)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
@@ -260,21 +301,20 @@ class Receiver:
             for i, r in zip(missing, again, strict=True):
                 results[i] = r
         out: list[int] = [-2] * len(entries)
-        for (_, idx), r in zip(by_slot.items(), results, strict=True):
+        for at, r in zip(range(0, len(slots), per_call), results, strict=True):
             if isinstance(r, Exception):
                 raise r
-            for i, ok in zip(idx, r, strict=False):  # a chain break ends the slot's list
-                out[i] = int(ok)
+            for slot, oks in zip(slots[at : at + per_call], r, strict=True):
+                for i, ok in zip(by_slot[slot], oks, strict=False):  # a break ends it
+                    out[i] = int(ok)
         return out
 
-    async def _apply_window(self, wid: str, frame: bytes, top: dict[int, str]) -> None:
-        bad = ""
+    async def _apply_window(
+        self, wid: str, decoded: list[TailEntry] | str, top: dict[int, str]
+    ) -> None:
+        bad = decoded if isinstance(decoded, str) else ""
+        entries = [] if isinstance(decoded, str) else decoded
         todo: list[TailEntry] = []
-        try:
-            entries = unpack_window(frame, slots=self.slots)
-        except WindowError as exc:
-            bad = f"{exc.code}: {exc}"
-            entries = []
         tentative: dict[int, tuple[str, tuple[int, int]]] = {}
         for e in entries:
             t = tentative.get(e.slot)
@@ -333,10 +373,12 @@ class Receiver:
             raise ClusterError("a mirror's top moved under the receiver: reading the tops again")
 
 
-async def _mirror_calls(client: AsyncClient, calls: Sequence[tuple[str, bytes]]) -> list[Any]:
+async def _mirror_calls(
+    client: AsyncClient, calls: Sequence[tuple[list[str], list[bytes]]]
+) -> list[Any]:
     async with client.pipeline(transaction=False) as pipe:
-        for key, args in calls:
-            pipe.evalsha(MIRROR_MANY_SHA, 1, key, args)
+        for keys, argv in calls:
+            pipe.evalsha(MIRROR_MANY_SHA, len(keys), *keys, *argv)
         out: list[Any] = await pipe.execute(raise_on_error=False)
         return out
 

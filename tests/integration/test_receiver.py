@@ -413,3 +413,28 @@ async def test_a_restarted_link_starts_after_the_windows_waiting_and_resends_not
         assert done_from == r.xrevrange(done_key("fra", "sg"), count=1)[0][0].decode()
     await mirrored_then_stopped(origin, dest, link, rx)
 
+
+@aio
+async def test_one_script_call_checks_each_of_several_mirrors_on_its_own(
+    redis_server: Any,
+) -> None:
+    # On one server a call writes several slots' mirrors: a chain broken in one mirror
+    # stops that mirror's entries only; an entry already there is skipped; the others
+    # are written.
+    with redis_sync.Redis.from_url(redis_server.url) as r:
+        r.flushall()
+        r.xadd(mirror_key("fra", 2, "sg"), {"d": batch(1)}, id="5-0")  # 2's top: 5-0
+        r.xadd(mirror_key("fra", 3, "sg"), {"d": batch(1)}, id="7-0")
+        rx = Receiver(region="fra", origin="sg", url=redis_server.url, node_id="n", slots=SLOTS)
+        entries = [
+            TailEntry(1, "1-0", batch(1), ""),
+            TailEntry(2, "6-0", batch(2), "4-0"),  # follows 4-0, the top is 5-0: refused
+            TailEntry(3, "7-0", batch(3), "6-0"),  # there already
+            TailEntry(1, "2-0", batch(4), "1-0"),
+            TailEntry(2, "7-0", batch(5), "6-0"),  # after the break: not written
+            TailEntry(3, "8-0", batch(6), "7-0"),
+        ]
+        assert await rx._write(entries) == [1, -1, 0, 1, -2, 1]
+        ids = {s: [i.decode() for i, _ in r.xrange(mirror_key("fra", s, "sg"))] for s in (1, 2, 3)}
+        assert ids == {1: ["1-0", "2-0"], 2: ["5-0"], 3: ["7-0", "8-0"]}
+        await rx.stop()
