@@ -399,31 +399,35 @@ class Link(WindowSender, LogReader):
         """Until the destination's receiver has finished every window in the inbound
         stream (a link restarted, or taken over, must not read stale mirror tops).
 
-        On one Redis server the mirrors' tops and the receiver's last progress are
-        asked in the same round trip, after the check (a server runs a pipeline's
-        commands in order): they are returned, and the copy starts a round trip
-        sooner. On a Redis Cluster the mirrors live on every shard, where nothing
-        orders them after the check: None, and the copy asks for them after."""
+        On one Redis server the first look also asks for the mirrors' tops and the
+        receiver's last progress, in the same round trip, after the check (a server
+        runs a pipeline's commands in order): when the receiver is caught up (as it
+        usually is) they are returned, and the copy starts a round trip sooner. Else,
+        and on a Redis Cluster (whose mirrors live on every shard, where nothing orders
+        them after the check), None: the copy asks for them after. Only the first look
+        asks: the tops carry every mirror's first and last entry, too much to ask again
+        every 50 ms while a receiver catches up (or is down)."""
         key = inbound_key(self.dest, self.region)
         dkey = done_key(self.dest, self.region)
-        one_server = not isinstance(self.remote_client, RedisCluster)
+        with_tops = not isinstance(self.remote_client, RedisCluster)
         slots = list(range(self.slots))
         while not self._stopped:
             # Both keys carry the destination's tag: one round trip, also on a cluster.
             async with self.remote_client.pipeline(transaction=False) as pipe:
                 pipe.xrevrange(key, count=1)
                 pipe.xrevrange(dkey, count=1)
-                if one_server:
+                if with_tops:
                     self.remote.queue_mirror_tops(pipe, slots, self.region)
                 rows, done_rows, *tops = await pipe.execute(raise_on_error=False)
             for r in (rows, done_rows):
                 if isinstance(r, Exception):
                     raise r
             if not rows or parse_id(last_done_of(done_rows)) >= parse_id(rows[0][0].decode()):
-                if not one_server:
+                if not with_tops:
                     return None
                 done_from = done_rows[0][0].decode() if done_rows else "0-0"
                 return mirror_tops_of(slots, tops), done_from
+            with_tops = False
             await asyncio.sleep(0.05)  # the receiver is writing them: look again soon
         return None
 

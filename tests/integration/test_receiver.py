@@ -103,6 +103,8 @@ async def kill(rx: Receiver) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await rx._task
     await rx.mirrors.close()
+    if rx._lean is not None:
+        await rx._lean.close()
     for c in (rx.client, rx.reader):
         await c.aclose()
 
@@ -399,6 +401,17 @@ async def test_a_restarted_link_starts_after_the_windows_waiting_and_resends_not
     assert waiting >= 1
     link = start_link(origin_url, proxy)
     await until(lambda: link.state == "waiting for the receiver", what="the next holder waits")
+    with redis_sync.Redis.from_url(dest_url) as r:
+
+        def calls(command: str) -> int:
+            stats: dict[str, dict[str, int]] = r.info("commandstats")
+            return stats.get(f"cmdstat_{command}", {}).get("calls", 0)
+
+        looks = calls("xrevrange")
+        await until(lambda: calls("xrevrange") >= looks + 4, what="it looks again")
+        tops_asked, looks = calls("xinfo|stream"), calls("xrevrange")
+        await until(lambda: calls("xrevrange") >= looks + 20, what="it looks again and again")
+        assert calls("xinfo|stream") == tops_asked  # the tops only with the first look
     for n in range(200, 240):
         await origin.append(n % SLOTS, A, 1, batch(n))
     rx = receiver(dest_url, "fra/n1")
