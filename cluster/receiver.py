@@ -41,6 +41,7 @@ from cluster.keys import PREFIX, check_region, mirror_key, region_tag
 from cluster.lease import Lease, stop_leased
 from cluster.redisconn import AsyncClient
 from cluster.slotlog import RedisSlotLog, TailEntry
+from cluster.slotlog.leanpipe import LeanPipe
 from cluster.window import WindowError, unpack_window
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,10 @@ def _pack_args(args: list[bytes | str]) -> bytes:
     return packed
 
 
-# Mirrors one script call writes on one server: a few hundred entries, ~1 ms of the
-# server's time, so other clients wait no longer than that behind the receiver.
+# Mirrors one script call writes at most on one server: with a window's entries spread
+# over the slots, a few hundred entries, ~1 ms of the server's time, so other clients
+# wait no longer than that behind the receiver (a window whose entries sit in a few
+# slots is written by one call, as a single hot slot's always was).
 CALL_SLOTS = 32
 READ_BLOCK_MS = 500
 READ_COUNT = 16
@@ -172,6 +175,9 @@ class Receiver:
         self.mirrors = RedisSlotLog.from_url(url, region, max_block_ms=READ_BLOCK_MS * 4)
         self.client = redisconn.connect(url, socket_timeout=max(1.0, lease_ttl_ms / 1000))
         self.reader = redisconn.connect(url, socket_timeout=READ_BLOCK_MS / 1000 + 5)
+        # On one server the mirrors' writes go over a lean connection of their own: sent
+        # at once, so the next window is decoded while Redis runs them.
+        self._lean = None if isinstance(self.client, RedisCluster) else LeanPipe(self.client)
         self.lease = Lease(self.client, receiver_lease_key(region, origin), node_id, lease_ttl_ms)
         self.windows_total = 0
         self.entries_total = 0
@@ -208,6 +214,8 @@ class Receiver:
         await stop_leased(self._task, self.lease)
         with contextlib.suppress(Exception):
             await self.mirrors.close()
+        if self._lean is not None:
+            await self._lean.close()
         for c in (self.client, self.reader):
             with contextlib.suppress(Exception):
                 await c.aclose()
@@ -293,11 +301,11 @@ class Receiver:
                 keys.append(mirror_key(self.region, slot, self.origin))
                 argv.append(_pack_args(args))
             calls.append((keys, argv))
-        results = await _mirror_calls(self.client, calls)
+        results = await self._mirror_calls(calls)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             await self.client.script_load(MIRROR_MANY)
-            again = await _mirror_calls(self.client, [calls[i] for i in missing])
+            again = await self._mirror_calls([calls[i] for i in missing])
             for i, r in zip(missing, again, strict=True):
                 results[i] = r
         out: list[int] = [-2] * len(entries)
@@ -308,6 +316,18 @@ class Receiver:
                 for i, ok in zip(by_slot[slot], oks, strict=False):  # a break ends it
                     out[i] = int(ok)
         return out
+
+    async def _mirror_calls(self, calls: Sequence[tuple[list[str], list[bytes]]]) -> list[Any]:
+        """The script's replies to ``calls``, errors among them, not raised."""
+        if self._lean is not None:
+            return await self._lean.call_many(
+                [("EVALSHA", MIRROR_MANY_SHA, str(len(k)), *k, *a) for k, a in calls]
+            )
+        async with self.client.pipeline(transaction=False) as pipe:
+            for keys, argv in calls:
+                pipe.evalsha(MIRROR_MANY_SHA, len(keys), *keys, *argv)
+            out: list[Any] = await pipe.execute(raise_on_error=False)
+            return out
 
     async def _apply_window(
         self, wid: str, decoded: list[TailEntry] | str, top: dict[int, str]
@@ -371,16 +391,6 @@ class Receiver:
         self.entries_total += written
         if stale:
             raise ClusterError("a mirror's top moved under the receiver: reading the tops again")
-
-
-async def _mirror_calls(
-    client: AsyncClient, calls: Sequence[tuple[list[str], list[bytes]]]
-) -> list[Any]:
-    async with client.pipeline(transaction=False) as pipe:
-        for keys, argv in calls:
-            pipe.evalsha(MIRROR_MANY_SHA, len(keys), *keys, *argv)
-        out: list[Any] = await pipe.execute(raise_on_error=False)
-        return out
 
 
 async def cancel_task(task: asyncio.Task[None]) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -154,6 +155,37 @@ class LeanPipe:
         finally:
             if timer is not None:
                 timer.cancel()
+
+    async def call_many(self, cmds: Sequence[tuple[bytes | str, ...]]) -> list[Any]:
+        """Send every command of ``cmds`` before awaiting any reply (nothing yields in
+        between once the connection is open); their replies in order, an error reply in
+        the list as the exception redis-py would raise, not raised. A broken connection
+        or a late reply raises, as in :meth:`call`."""
+        if not cmds:
+            return []
+        loop = asyncio.get_running_loop()
+        proto, first = await self._send(pack(cmds[0]), loop)
+        futs = [first]
+        futs.extend(proto.send(pack(c), loop) for c in cmds[1:])
+        # Replies come in order: the last one in time means every one did.
+        timer = (
+            None
+            if self.timeout_s is None
+            else loop.call_later(self.timeout_s, _late, proto, futs[-1])
+        )
+        out: list[Any] = []
+        try:
+            for fut in futs:
+                try:
+                    out.append(await fut)
+                except ResponseError as e:
+                    out.append(e)
+            return out
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for fut in futs:
+                fut.cancel()  # the caller went away: later replies are dropped, in order
 
     async def _send(
         self, data: bytes, loop: asyncio.AbstractEventLoop

@@ -101,6 +101,38 @@ async def test_error_replies_raise_as_redis_py_does_and_the_connection_stays(
 
 
 @aio
+async def test_call_many_sends_every_command_before_a_reply_and_lists_errors(
+    redis_url: str,
+) -> None:
+    async with lean(redis_url) as pipe:
+        assert await pipe.call_many([]) == []
+        await pipe.call("PING")  # open
+        calls = asyncio.ensure_future(
+            pipe.call_many([("SET", "a", "1"), ("GET",), ("INCR", "a"), ("EVALSHA", "0" * 40, "0")])
+        )
+        await next_turn()
+        # Sent in one step: another caller's command comes after all of them.
+        assert await pipe.call("GET", "a") == b"2"
+        ok, wrong, incr, noscript = await calls
+        assert ok == b"OK" and incr == 2
+        assert isinstance(wrong, ResponseError) and isinstance(noscript, NoScriptError)
+        assert pipe.connects == 1
+
+
+@aio
+async def test_call_many_cancelled_drops_its_replies_in_order(redis_url: str) -> None:
+    async with lean(redis_url) as pipe:
+        await pipe.call("PING")
+        calls = asyncio.ensure_future(pipe.call_many([("BLPOP", "nothing", "0.3"), ("PING",)]))
+        await next_turn()
+        calls.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await calls
+        assert await pipe.call("ECHO", "after") == b"after"  # the late replies skipped
+        assert pipe.connects == 1
+
+
+@aio
 async def test_a_killed_connection_fails_what_is_in_flight_and_the_next_call_reconnects(
     redis_url: str,
 ) -> None:
