@@ -38,7 +38,7 @@ from cluster.chain import parse_id
 from cluster.errors import ClusterError
 from cluster.keys import link_lease_key
 from cluster.lease import Lease, stop_leased
-from cluster.linkread import COPY_COUNT, PARK_S, TAIL_BLOCK_MS, LinkGap, LogReader
+from cluster.linkread import COPY_COUNT, PARK_S, TAIL_BLOCK_MS, LinkGap, LogReader, ahead_from
 from cluster.linksend import (
     REPLY_TIMEOUT_S,
     LeaseLost,
@@ -49,7 +49,7 @@ from cluster.linksend import (
     gather_all,
 )
 from cluster.receiver import cancel_task, done_key, inbound_key, last_done_of, retry_forever
-from cluster.slotlog import RedisSlotLog
+from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.slotlog.redislog import mirror_tops_of
 from cluster.window import WindowBounds, WindowTuner
 from relay.config import LINK_WINDOW_MS_MAX
@@ -279,7 +279,13 @@ class Link(WindowSender, LogReader):
 
     async def _copy_loop(self) -> None:
         self.state = "waiting for the receiver"
-        conns, start = await self._connect()
+        # Our log read meanwhile (local): what to send is ready once the tops are known.
+        early = asyncio.ensure_future(self._read_ahead())
+        try:
+            conns, start = await self._connect()
+        except BaseException:
+            await cancel_task(early)
+            raise
         self._pipes = [_Pipe(c) for c in conns]
         self._stripes = 1
         helpers: list[asyncio.Task[None]] = []
@@ -303,24 +309,31 @@ class Link(WindowSender, LogReader):
             helpers = [asyncio.ensure_future(self._read_replies(p)) for p in self._pipes]
             helpers.append(asyncio.ensure_future(self._read_done(done_from)))
             self.state = "running"
-            await self._copy()
+            ahead = await early
+            await self._copy(ahead_from(ahead, self.position) if ahead is not None else [])
         finally:
+            await cancel_task(early)
             for h in helpers:
                 await self._cancel(h)
             await _close_all(conns)
             self._inflight.clear()
             self._stripes = 1
 
-    async def _copy(self) -> None:
+    async def _copy(self, first: list[TailEntry]) -> None:
+        """Copy until stopped, beginning with ``first`` (entries read ahead, each
+        slot's after its position)."""
         probed = time.monotonic()
         while not self._stopped:
             self._raise_failure()
             plan = self.tuner.plan(self._backlog_hint)
             self.plan = plan
-            if not self._room(plan):
+            if first:
+                entries, first = await self._taken(first), []
+            elif not self._room(plan):
                 await self._wait_wake(1.0)  # a confirmation frees room
                 continue
-            entries = await self._read_window(plan)
+            else:
+                entries = await self._read_window(plan)
             self._raise_failure()
             if not entries:
                 if not self._inflight:

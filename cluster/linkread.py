@@ -19,6 +19,8 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Mapping
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -48,6 +50,7 @@ class LogReader:
 
     region: str
     dest: str
+    slots: int
     client: AsyncClient
     local: RedisSlotLog
     bounds: WindowBounds
@@ -133,6 +136,11 @@ class LogReader:
                 break
             entries.extend(more)
             size += sum(len(e.data) for e in more)
+        return await self._taken(entries)
+
+    async def _taken(self, entries: list[TailEntry]) -> list[TailEntry]:
+        """``entries`` just read (each slot's after its position) taken in: the backlog
+        seen, the position moved on, a gap resynced from its checkpoint."""
         # Twice what this window read: windows grow while reads keep filling them.
         self._backlog_hint = 2 * len(entries)
         self.backlog_entries = len(entries) + sum(w.entries for w in self._inflight)
@@ -149,6 +157,28 @@ class LogReader:
                 log.warning("link %s→%s: %s; retrying it shortly", self.region, self.dest, e)
                 self._parked[slot] = time.monotonic() + PARK_S
         return good
+
+    async def _read_ahead(self) -> _Ahead | None:
+        """The log's entries after what the destination last confirmed (the trim
+        floor, in our own Redis), read while the link connects across the WAN: a
+        (re)started link has a backlog ready to send once it learns the mirrors' tops
+        (:func:`ahead_from`). None when our Redis does not answer (the copy reads as
+        usual)."""
+        try:
+            confirmed: Any = await self.client.hgetall(confirmed_key(self.region, self.dest))
+            now = time.monotonic()
+            after = dict.fromkeys(range(self.slots), "0-0")
+            for k, v in confirmed.items():
+                slot = int(k)
+                if slot in after:
+                    after[slot] = v.decode() if isinstance(v, bytes) else str(v)
+            after = {s: p for s, p in after.items() if self._parked.get(s, 0) <= now}
+            if not after:
+                return None
+            return after, await self.local.tail(after, None, COPY_COUNT)
+        except (RedisError, OSError, ValueError, ClusterError) as e:
+            log.info("link %s→%s: reading ahead: %s", self.region, self.dest, e)
+            return None
 
     async def _resync(self, slot: int, missing: str) -> TailEntry:
         """Entries of ``slot`` after our position, up to ``missing`` at least, were
@@ -188,3 +218,35 @@ class LogReader:
         # Sent in the window, in the slot's place: the receiver writes it above the
         # mirror's top, its ``p`` our position, so the mirror's chain stays whole.
         return TailEntry(slot, cp.covers_id, data, position)
+
+
+# What a link read ahead: the positions it read after, and what it read.
+_Ahead = tuple[dict[int, str], list[TailEntry]]
+
+
+def ahead_from(ahead: _Ahead, tops: Mapping[int, str]) -> list[TailEntry]:
+    """Of the entries read ahead (each slot's after ``read_from``, oldest first), those
+    a read after ``tops`` (the mirrors' tops, where the copy resumes) gives too: a
+    slot read from its top keeps all of them as they are (a gap included: the copy
+    resyncs it as after any read); another slot keeps those above its top when the
+    first of them follows the top, and none otherwise (its read was from elsewhere:
+    the copy reads it anew). Nothing is taken that a read from the tops would not
+    give, in the same order."""
+    read_from, entries = ahead
+    out: list[TailEntry] = []
+    follows: dict[int, bool] = {}
+    for e in entries:
+        top = tops.get(e.slot)
+        if top is None:
+            continue
+        if read_from.get(e.slot) == top:
+            out.append(e)
+            continue
+        ok = follows.get(e.slot)
+        if ok is None:
+            if parse_id(e.id) <= parse_id(top):
+                continue  # the destination holds it already
+            ok = follows[e.slot] = e.prev == top
+        if ok:
+            out.append(e)
+    return out

@@ -393,7 +393,7 @@ class Receiver:
             raise ClusterError("a mirror's top moved under the receiver: reading the tops again")
 
 
-async def cancel_task(task: asyncio.Task[None]) -> None:
+async def cancel_task(task: asyncio.Task[Any]) -> None:
     """Cancel ``task`` and wait until it has ended. A cancellation that lands inside a
     Redis call's own timeout may come back out as a timeout error, which the task's
     retry loop would swallow: so cancel again until it is done."""
