@@ -256,9 +256,8 @@ class WindowSender:
             events=sum(batch_events(c.data) for c in chunk),
             frame_bytes=len(frame),
             sent=time.monotonic(),
-            resyncs=sum(1 for c in chunk if (c.slot, c.id) in self._resyncs),
+            resyncs=self._take_resyncs(chunk) if self._resyncs else 0,
         )
-        self._resyncs.difference_update((c.slot, c.id) for c in chunk)
         self._inflight.append(w)
         pipe.replies.append(w)
         pipe.ready.set()
@@ -270,6 +269,12 @@ class WindowSender:
         self.wan_bytes_total += len(frame)
         self.window_data_bytes_total += size
         self.events_total += w.events
+
+    def _take_resyncs(self, chunk: list[TailEntry]) -> int:
+        """How many of ``chunk`` are checkpoints sent in place of trimmed entries."""
+        sent = {(c.slot, c.id) for c in chunk} & self._resyncs
+        self._resyncs -= sent
+        return len(sent)
 
     async def _write(self, conn: Any, key: str, frame: bytes) -> bool:
         """XADD one window; whether the socket refused at once more than half of it.

@@ -327,6 +327,18 @@ def batch_events(data: bytes) -> int:
     (0 for anything else). Reads the header from the lz4 frame's first literals when it
     is there (the usual case: nothing decompressed), else decompresses a few bytes.
     (A link counts every entry it sends: this runs once per entry.)"""
+    if data.startswith(_USUAL_HEAD) and len(data) > _USUAL_AT + 1:
+        # The frame relay.codec writes (content size and checksum declared): its first
+        # block at a fixed place. Stored as it is, or compressed with fewer than 15
+        # literals first: the header byte is right there.
+        if data[_USUAL_AT - 1] & 0x80:
+            b = data[_USUAL_AT]
+        elif 0 < data[_USUAL_AT] >> 4 < 15:
+            b = data[_USUAL_AT + 1]
+        else:
+            b = 0
+        if 0x90 <= b <= 0x9F:
+            return b & 0x0F
     if not data.startswith(BATCH_PREFIX):
         return 0
     lit = _first_literals(data, _BATCH_AT)
@@ -346,6 +358,11 @@ def batch_events(data: bytes) -> int:
 
 _BATCH_AT: Final = len(BATCH_PREFIX)
 _LZ4_MAGIC: Final = b"\x04\x22\x4d\x18"
+# relay.codec's frames: FLG 0x6C (version 1, independent blocks, content checksum,
+# content size), then BD, 8 bytes of content size and HC; the first block's 4-byte size
+# (its top bit: stored as it is) ends right before _USUAL_AT.
+_USUAL_HEAD: Final = BATCH_PREFIX + _LZ4_MAGIC + b"\x6c"
+_USUAL_AT: Final = len(_USUAL_HEAD) + 1 + 8 + 1 + 4
 
 
 def _first_literals(data: bytes, at: int) -> bytes | None:
