@@ -38,7 +38,15 @@ from cluster.chain import parse_id
 from cluster.errors import ClusterError
 from cluster.keys import link_lease_key
 from cluster.lease import Lease, stop_leased
-from cluster.linkread import COPY_COUNT, PARK_S, TAIL_BLOCK_MS, LinkGap, LogReader, ahead_from
+from cluster.linkread import (
+    COPY_COUNT,
+    PARK_S,
+    TAIL_BLOCK_MS,
+    LinkGap,
+    LogReader,
+    ReadAhead,
+    ahead_from,
+)
 from cluster.linksend import (
     REPLY_TIMEOUT_S,
     LeaseLost,
@@ -49,7 +57,7 @@ from cluster.linksend import (
     gather_all,
 )
 from cluster.receiver import cancel_task, done_key, inbound_key, last_done_of, retry_forever
-from cluster.slotlog import RedisSlotLog, TailEntry
+from cluster.slotlog import RedisSlotLog
 from cluster.slotlog.redislog import mirror_tops_of
 from cluster.window import WindowBounds, WindowTuner
 from relay.config import LINK_WINDOW_MS_MAX
@@ -82,6 +90,9 @@ SMALL_READS = 3
 # in both protocols once redis-py has parsed it.
 _WAN_KWARGS: dict[str, Any] = {"driver_info": None, "protocol": 2}
 
+# What a starting link read of its log ahead is used only if it connected within this:
+# read longer ago (the receiver was catching up), the log may have moved under it.
+AHEAD_MAX_AGE_S = 1.0
 # Where a copy starts: every mirror's top (None: empty) and the receiver's last progress.
 _Start = tuple[dict[int, str | None], str]
 
@@ -144,6 +155,7 @@ class Link(WindowSender, LogReader):
         self.wan_full = False  # the socket refused most of the last window at once
         self._hard_left = 0
         self._read_end: float | None = None
+        self._ahead: ReadAhead | None = None
         self._resyncs: set[tuple[int, str]] = set()
         self._done_counts: dict[tuple[int, int], tuple[int, int]] = {}
         self.windows_total = 0
@@ -281,6 +293,7 @@ class Link(WindowSender, LogReader):
         self.state = "waiting for the receiver"
         # Our log read meanwhile (local): what to send is ready once the tops are known.
         early = asyncio.ensure_future(self._read_ahead())
+        began = time.monotonic()
         try:
             conns, start = await self._connect()
         except BaseException:
@@ -309,19 +322,24 @@ class Link(WindowSender, LogReader):
             helpers = [asyncio.ensure_future(self._read_replies(p)) for p in self._pipes]
             helpers.append(asyncio.ensure_future(self._read_done(done_from)))
             self.state = "running"
-            ahead = await early
-            await self._copy(ahead_from(ahead, self.position) if ahead is not None else [])
+            await early
+            if time.monotonic() - began > AHEAD_MAX_AGE_S:
+                self._ahead = None  # read long ago (a receiver catching up): read anew
+            await self._copy()
         finally:
             await cancel_task(early)
+            self._ahead = None
             for h in helpers:
                 await self._cancel(h)
             await _close_all(conns)
             self._inflight.clear()
             self._stripes = 1
 
-    async def _copy(self, first: list[TailEntry]) -> None:
-        """Copy until stopped, beginning with ``first`` (entries read ahead, each
-        slot's after its position)."""
+    async def _copy(self) -> None:
+        """Copy until stopped, beginning with what was read ahead (``_ahead``) that a
+        read from the mirrors' tops gives too."""
+        first = ahead_from(self._ahead, self.position) if self._ahead is not None else []
+        self._ahead = None
         probed = time.monotonic()
         while not self._stopped:
             self._raise_failure()

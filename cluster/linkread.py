@@ -61,6 +61,7 @@ class LogReader:
     _last_sent: float
     _read_end: float | None  # monotonic time the last read of the log returned
     _inflight: deque[_Window]
+    _ahead: ReadAhead | None  # read ahead by a starting link (_read_ahead), until taken
     backlog_entries: int
     waiting_oldest_ms: int | None
     gaps_total: int
@@ -158,12 +159,17 @@ class LogReader:
                 self._parked[slot] = time.monotonic() + PARK_S
         return good
 
-    async def _read_ahead(self) -> _Ahead | None:
+    async def _read_ahead(self) -> None:
         """The log's entries after what the destination last confirmed (the trim
-        floor, in our own Redis), read while the link connects across the WAN: a
-        (re)started link has a backlog ready to send once it learns the mirrors' tops
-        (:func:`ahead_from`). None when our Redis does not answer (the copy reads as
-        usual)."""
+        floor, in our own Redis), read while the link connects across the WAN, into
+        ``_ahead``: a (re)started link has a backlog ready to send once it learns the
+        mirrors' tops (:func:`ahead_from`). None when our Redis does not answer (the
+        copy reads as usual). Kept on the link, not returned, so that nothing holds
+        the entries once they are sent: a read may be hundreds of MB."""
+        self._ahead = None
+        self._ahead = await self._read_ahead_entries()
+
+    async def _read_ahead_entries(self) -> ReadAhead | None:
         try:
             confirmed: Any = await self.client.hgetall(confirmed_key(self.region, self.dest))
             now = time.monotonic()
@@ -221,10 +227,10 @@ class LogReader:
 
 
 # What a link read ahead: the positions it read after, and what it read.
-_Ahead = tuple[dict[int, str], list[TailEntry]]
+ReadAhead = tuple[dict[int, str], list[TailEntry]]
 
 
-def ahead_from(ahead: _Ahead, tops: Mapping[int, str]) -> list[TailEntry]:
+def ahead_from(ahead: ReadAhead, tops: Mapping[int, str]) -> list[TailEntry]:
     """Of the entries read ahead (each slot's after ``read_from``, oldest first), those
     a read after ``tops`` (the mirrors' tops, where the copy resumes) gives too: a
     slot read from its top keeps all of them as they are (a gap included: the copy

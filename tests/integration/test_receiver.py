@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 from collections.abc import Iterator
 from functools import partial
@@ -451,3 +452,24 @@ async def test_one_script_call_checks_each_of_several_mirrors_on_its_own(
         ids = {s: [i.decode() for i, _ in r.xrange(mirror_key("fra", s, "sg"))] for s in (1, 2, 3)}
         assert ids == {1: ["1-0", "2-0"], 2: ["5-0"], 3: ["7-0", "8-0"]}
         await rx.stop()
+
+
+@aio
+async def test_what_a_starting_link_read_ahead_is_not_kept_once_sent(wan: Any) -> None:
+    # A (re)starting link reads its log ahead while it connects; a read may be hundreds
+    # of MB. Once sent, nothing holds it any more: the link copies on with a few
+    # entries at most alive.
+    origin_url, dest_url, proxy = wan
+    origin, dest = await slot_logs(origin_url, dest_url)
+    payload = b"x" * 4093  # a size nothing else here has
+    items = [(k % SLOTS, payload) for k in range(200)]
+    await origin.append_many(items, A, dict.fromkeys(range(SLOTS), 1))
+    rx = receiver(dest_url, "fra/n1")
+    link = start_link(origin_url, proxy)
+    await until(lambda: link.copied_entries == 200, timeout_s=20, what="copied")
+    await origin.append(0, A, 1, batch(1))  # the copy reads on
+    await until(lambda: link.copied_entries == 201, timeout_s=20, what="copied on")
+    gc.collect()
+    alive = sum(1 for o in gc.get_objects() if isinstance(o, TailEntry) and o.data == payload)
+    assert alive <= SLOTS
+    await mirrored_then_stopped(origin, dest, link, rx)
