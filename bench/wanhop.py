@@ -417,11 +417,17 @@ async def _sink(state: dict[str, Any]) -> asyncio.Server:
         if task is not None:  # cancelled when the bench ends (_stop_sink)
             handlers.add(task)
             task.add_done_callback(handlers.discard)
-        while line := await reader.readline():
-            doc = json.loads(line)
-            state["seen"][doc["id"]] = state["seen"].get(doc["id"], 0) + 1
-            state["latencies"].append((time.time_ns() // 1000 - doc["ts"]) / 1000)
-        writer.close()
+        try:
+            while line := await reader.readline():
+                doc = json.loads(line)
+                state["seen"][doc["id"]] = state["seen"].get(doc["id"], 0) + 1
+                state["latencies"].append((time.time_ns() // 1000 - doc["ts"]) / 1000)
+        except asyncio.CancelledError:
+            # The bench ends (_stop_sink). Ended, not cancelled: asyncio's stream
+            # callback would log a cancelled handler's task as an error.
+            pass
+        finally:
+            writer.close()
 
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
