@@ -90,6 +90,8 @@ SMALL_READS = 3
 # in both protocols once redis-py has parsed it.
 _WAN_KWARGS: dict[str, Any] = {"driver_info": None, "protocol": 2}
 
+# A starting link waiting for the receiver looks at most this far apart.
+RECEIVER_LOOK_MAX_S = 1.0
 # What a starting link read of its log ahead is used only if it connected within this:
 # read longer ago (the receiver was catching up), the log may have moved under it.
 AHEAD_MAX_AGE_S = 1.0
@@ -437,11 +439,13 @@ class Link(WindowSender, LogReader):
         and on a Redis Cluster (whose mirrors live on every shard, where nothing orders
         them after the check), None: the copy asks for them after. Only the first look
         asks: the tops carry every mirror's first and last entry, too much to ask again
-        every 50 ms while a receiver catches up (or is down)."""
+        and again while a receiver catches up (or is down); the looks themselves come
+        50 ms apart at first, then twice as far each time, up to a second."""
         key = inbound_key(self.dest, self.region)
         dkey = done_key(self.dest, self.region)
         with_tops = not isinstance(self.remote_client, RedisCluster)
         slots = list(range(self.slots))
+        pause = 0.05
         while not self._stopped:
             # Both keys carry the destination's tag: one round trip, also on a cluster.
             async with self.remote_client.pipeline(transaction=False) as pipe:
@@ -459,7 +463,10 @@ class Link(WindowSender, LogReader):
                 done_from = done_rows[0][0].decode() if done_rows else "0-0"
                 return mirror_tops_of(slots, tops), done_from
             with_tops = False
-            await asyncio.sleep(0.05)  # the receiver is writing them: look again soon
+            # The receiver is writing them: look again soon, then less often (each look
+            # carries the newest window across the WAN; a receiver may be down for long).
+            await asyncio.sleep(pause)
+            pause = min(RECEIVER_LOOK_MAX_S, 2 * pause)
         return None
 
     async def _done_top(self) -> str:
