@@ -92,9 +92,13 @@ _WAN_KWARGS: dict[str, Any] = {"driver_info": None, "protocol": 2}
 
 # A starting link waiting for the receiver looks at most this far apart.
 RECEIVER_LOOK_MAX_S = 1.0
-# What a starting link read of its log ahead is used only if it connected within this:
-# read longer ago (the receiver was catching up), the log may have moved under it.
-AHEAD_MAX_AGE_S = 1.0
+# What a starting link read of its log ahead is used only if the receiver was caught up
+# at the first look and connecting took no longer than this.
+AHEAD_MAX_AGE_S = 10.0
+# A starting link waiting for the receiver looks every RECEIVER_LOOK_S for
+# RECEIVER_LOOK_FAST_S, then twice as far apart each time, up to RECEIVER_LOOK_MAX_S.
+RECEIVER_LOOK_S = 0.05
+RECEIVER_LOOK_FAST_S = 1.0
 # Where a copy starts: every mirror's top (None: empty) and the receiver's last progress.
 _Start = tuple[dict[int, str | None], str]
 
@@ -158,6 +162,7 @@ class Link(WindowSender, LogReader):
         self._hard_left = 0
         self._read_end: float | None = None
         self._ahead: ReadAhead | None = None
+        self._receiver_waited = False  # the last start waited for the receiver
         self._resyncs: set[tuple[int, str]] = set()
         self._done_counts: dict[tuple[int, int], tuple[int, int]] = {}
         self.windows_total = 0
@@ -299,7 +304,7 @@ class Link(WindowSender, LogReader):
         try:
             conns, start = await self._connect()
         except BaseException:
-            await cancel_task(early)
+            await _drop_ahead(self, early)
             raise
         self._pipes = [_Pipe(c) for c in conns]
         self._stripes = 1
@@ -325,12 +330,13 @@ class Link(WindowSender, LogReader):
             helpers.append(asyncio.ensure_future(self._read_done(done_from)))
             self.state = "running"
             await early
-            if time.monotonic() - began > AHEAD_MAX_AGE_S:
-                self._ahead = None  # read long ago (a receiver catching up): read anew
+            if self._receiver_waited or time.monotonic() - began > AHEAD_MAX_AGE_S:
+                # Read before a wait for the receiver, or a slow connect: the log may
+                # have moved under it (an origin failover): read anew.
+                self._ahead = None
             await self._copy()
         finally:
-            await cancel_task(early)
-            self._ahead = None
+            await _drop_ahead(self, early)
             for h in helpers:
                 await self._cancel(h)
             await _close_all(conns)
@@ -369,6 +375,7 @@ class Link(WindowSender, LogReader):
             if stripes != self._stripes:
                 await self._restripe(stripes)
             await self._send(entries, plan)
+            entries = []  # sent: not held while the next read waits
 
     def _stripes_for(self, read: int) -> int:
         """How many connections the windows of a read of ``read`` entries go over: all
@@ -440,12 +447,14 @@ class Link(WindowSender, LogReader):
         them after the check), None: the copy asks for them after. Only the first look
         asks: the tops carry every mirror's first and last entry, too much to ask again
         and again while a receiver catches up (or is down); the looks themselves come
-        50 ms apart at first, then twice as far each time, up to a second."""
+        50 ms apart for a second, then twice as far each time, up to a second."""
         key = inbound_key(self.dest, self.region)
         dkey = done_key(self.dest, self.region)
         with_tops = not isinstance(self.remote_client, RedisCluster)
         slots = list(range(self.slots))
-        pause = 0.05
+        pause = RECEIVER_LOOK_S
+        began = time.monotonic()
+        self._receiver_waited = False
         while not self._stopped:
             # Both keys carry the destination's tag: one round trip, also on a cluster.
             async with self.remote_client.pipeline(transaction=False) as pipe:
@@ -463,10 +472,12 @@ class Link(WindowSender, LogReader):
                 done_from = done_rows[0][0].decode() if done_rows else "0-0"
                 return mirror_tops_of(slots, tops), done_from
             with_tops = False
+            self._receiver_waited = True
             # The receiver is writing them: look again soon, then less often (each look
             # carries the newest window across the WAN; a receiver may be down for long).
             await asyncio.sleep(pause)
-            pause = min(RECEIVER_LOOK_MAX_S, 2 * pause)
+            if time.monotonic() - began >= RECEIVER_LOOK_FAST_S:
+                pause = min(RECEIVER_LOOK_MAX_S, 2 * pause)
         return None
 
     async def _done_top(self) -> str:
@@ -486,6 +497,14 @@ class Link(WindowSender, LogReader):
         self.last_progress = time.monotonic()
         self.backlog_entries = 0
         self.waiting_oldest_ms = None
+
+
+async def _drop_ahead(link: Link, early: asyncio.Task[None]) -> None:
+    """End the read-ahead and drop what it read, whatever interrupts the ending."""
+    try:
+        await cancel_task(early)
+    finally:
+        link._ahead = None
 
 
 async def _close_all(conns: list[Any]) -> None:

@@ -331,8 +331,8 @@ def batch_events(data: bytes) -> int:
         # The frame relay.codec writes (content size and checksum declared): its first
         # block at a fixed place. Stored as it is, or compressed with fewer than 15
         # literals first: the header byte is right there.
-        if data[_USUAL_AT - 1] & 0x80:
-            b = data[_USUAL_AT]
+        if data[_USUAL_AT - 1] & 0x80:  # stored; an empty block holds no header
+            b = data[_USUAL_AT] if data[_USUAL_AT - 4 : _USUAL_AT] != b"\0\0\0\x80" else 0
         elif 0 < data[_USUAL_AT] >> 4 < 15:
             b = data[_USUAL_AT + 1]
         else:

@@ -416,9 +416,11 @@ async def test_a_restarted_link_starts_after_the_windows_waiting_and_resends_not
             lambda: calls("xrevrange") >= looks + 8, timeout_s=10, what="it looks again and again"
         )
         assert calls("xinfo|stream") == tops_asked  # the tops only with the first look
-        # Each look carries the newest window across the WAN: further apart as it waits.
+        # Each look carries the newest window across the WAN: 50 ms apart for a second
+        # (21 looks take that long at least), then further apart as it waits.
+        await until(lambda: calls("xrevrange") >= 2 * 21, timeout_s=10, what="a second of looks")
         began, looks = time.monotonic(), calls("xrevrange")
-        await until(lambda: calls("xrevrange") >= looks + 4, timeout_s=10, what="two more")
+        await until(lambda: calls("xrevrange") >= looks + 8, timeout_s=10, what="four more")
         assert time.monotonic() - began >= 1.0
     for n in range(200, 240):
         await origin.append(n % SLOTS, A, 1, batch(n))
@@ -480,3 +482,20 @@ async def test_what_a_starting_link_read_ahead_is_not_kept_once_sent(wan: Any) -
     alive = sum(1 for o in gc.get_objects() if isinstance(o, TailEntry) and o.data == payload)
     assert alive <= SLOTS
     await mirrored_then_stopped(origin, dest, link, rx)
+
+
+@aio
+async def test_a_link_that_cannot_connect_keeps_nothing_it_read_ahead(wan: Any) -> None:
+    # The read-ahead is done long before a connect to a blackholed WAN fails: what it
+    # read is dropped with the failed start, not kept until the next one.
+    origin_url, dest_url, proxy = wan
+    origin, dest = await slot_logs(origin_url, dest_url)
+    for n in range(100):
+        await origin.append(n % SLOTS, A, 1, batch(n))
+    proxy.blackhole(True)
+    link = start_link(origin_url, proxy)
+    await until(lambda: link.errors_total >= 1, timeout_s=20, what="the start failed")
+    assert link._ahead is None
+    await link.stop()
+    await origin.close()
+    await dest.close()

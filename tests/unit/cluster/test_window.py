@@ -22,6 +22,7 @@ from cluster.window import (
     unpack_window,
     window_level,
 )
+from relay.codec import PREFIX as BATCH_PREFIX
 from relay.codec import MessageEvent, encode_batch
 from relay.config import ClusterConfig, Config
 from relay.errors import Code
@@ -200,6 +201,18 @@ def test_batch_events_counts_small_big_and_incompressible_batches(n: int, body: 
     # decompressing a few bytes: either way the true count (msgpack fixarray, 16 and 32).
     events = [MessageEvent(f"m{i}", "room:1", "ann", i + 1, "sg", body, 1) for i in range(n)]
     assert batch_events(encode_batch(events)) == n
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=40), st.integers(0, 255))
+def test_batch_events_reads_any_bytes_behind_a_codec_header_without_failing(
+    tail: bytes, flag: int
+) -> None:
+    # Foreign bytes behind the header relay.codec's frames begin with: a count (never
+    # an error), and an empty stored block holds no events.
+    head = BATCH_PREFIX + b"\x04\x22\x4d\x18\x6c\x40" + (5).to_bytes(8, "little") + b"\x00"
+    assert batch_events(head + b"\x00\x00\x00\x80" + b"\x95\x01") == 0
+    assert 0 <= batch_events(head + bytes([0, 0, 0, flag]) + tail) <= 0xFFFFFFFF
 
 
 @pytest.mark.parametrize("max_bytes", [1024, 8192, 12 << 10, 1 << 20])
