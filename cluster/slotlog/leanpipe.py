@@ -1,6 +1,8 @@
 """One connection to one Redis server on which commands are pipelined: packed by hand,
 replies parsed by hiredis, no pool and no retry. The slot log's hot calls use it: the
-group commit's script calls, and the tails' ``XREAD`` (one connection per tail under way).
+group commit's script calls, and the tails' ``XREAD`` (one connection per tail under way);
+and the receiver's writes of a window into the mirrors (:meth:`LeanPipe.call_many`: every
+call sent before a reply is awaited, so the receiver decodes the next window meanwhile).
 
 Why: a group-commit round is one script call, and redis-py's client spends ~100-150 µs of
 CPU on it (pool checkout, its retry wrapper, packing each argument through its encoder,
