@@ -90,15 +90,14 @@ SMALL_READS = 3
 # in both protocols once redis-py has parsed it.
 _WAN_KWARGS: dict[str, Any] = {"driver_info": None, "protocol": 2}
 
-# A starting link waiting for the receiver looks at most this far apart.
-RECEIVER_LOOK_MAX_S = 1.0
-# What a starting link read of its log ahead is used only if the receiver was caught up
-# at the first look and connecting took no longer than this.
-AHEAD_MAX_AGE_S = 10.0
 # A starting link waiting for the receiver looks every RECEIVER_LOOK_S for
 # RECEIVER_LOOK_FAST_S, then twice as far apart each time, up to RECEIVER_LOOK_MAX_S.
 RECEIVER_LOOK_S = 0.05
 RECEIVER_LOOK_FAST_S = 1.0
+RECEIVER_LOOK_MAX_S = 1.0
+# What a starting link read of its log ahead is used only if the receiver was caught up
+# at the first look and connecting took no longer than this.
+AHEAD_MAX_AGE_S = 10.0
 # Where a copy starts: every mirror's top (None: empty) and the receiver's last progress.
 _Start = tuple[dict[int, str | None], str]
 
