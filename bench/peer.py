@@ -83,6 +83,7 @@ RELAY_SETTINGS = {"lease_ttl_ms": 10000, "lease_renew_ms": 2000}
 ACK_EVERY_S = 0.05
 DRAIN_S = 60.0
 SYSTEMS = ("relay-1", "relay-3", "nats-memory", "nats-file")
+MODES = ("closed", "paced")
 
 
 @dataclass(frozen=True)
@@ -554,6 +555,7 @@ def run_peer_bench(
     nats_exe: str,
     log_path: Path,
     relay_root: str | None = None,
+    modes: tuple[str, ...] = MODES,
 ) -> dict[str, Any]:
     started = time.monotonic()
     raw: list[dict[str, Any]] = []
@@ -561,7 +563,7 @@ def run_peer_bench(
         for run in range(runs):
             order = names if run % 2 == 0 else list(reversed(names))
             for name in order:
-                for mode in ("closed", "paced"):
+                for mode in modes:
                     with contextlib.ExitStack() as stack:
                         sysm = natss.get(name) or stack.enter_context(
                             relay_system(name, log_path, relay_root)
@@ -586,6 +588,7 @@ def run_peer_bench(
             "paced_rate": wl.rate,
             "duration_s": wl.duration_s,
             "warmup_s": wl.warmup_s,
+            "modes": list(modes),
             "relay_ack": "log",
             "relay_settings": RELAY_SETTINGS,
             "nats_server": nats_exe,
@@ -737,6 +740,13 @@ def _fmt(x: float | None) -> str:
     default=None,
     help="The nats-server executable [default: the one on PATH].",
 )
+@click.option(
+    "--modes",
+    "mode_list",
+    default=",".join(MODES),
+    show_default=True,
+    help="Comma-separated cases: closed (max accepted), paced (the fixed rate).",
+)
 @relay_root_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def peer_cmd(
@@ -750,6 +760,7 @@ def peer_cmd(
     warmup: float,
     runs: int,
     system_list: str,
+    mode_list: str,
     nats_exe: str | None,
     relay_root: str | None,
     as_json: bool,
@@ -770,6 +781,9 @@ def peer_cmd(
     bad = [s for s in names if s not in SYSTEMS]
     if bad or not names:
         raise click.BadParameter(f"choose from {', '.join(SYSTEMS)}", param_hint="--systems")
+    modes = tuple(m.strip() for m in mode_list.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        raise click.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--modes")
     if body_bytes < TS_DIGITS:
         raise click.BadParameter(f"at least {TS_DIGITS}", param_hint="--body-bytes")
     if subs < 1 or pubs < 1 or channels < subs:
@@ -780,7 +794,13 @@ def peer_cmd(
         log_path = Path(tmp) / "servers.log"
         with tail_on_failure(log_path, "the servers'"):
             doc = run_peer_bench(
-                wl, runs=runs, names=names, nats_exe=exe, log_path=log_path, relay_root=relay_root
+                wl,
+                runs=runs,
+                names=names,
+                nats_exe=exe,
+                log_path=log_path,
+                relay_root=relay_root,
+                modes=modes,
             )
     report(doc, human(doc), as_json)
 

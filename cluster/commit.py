@@ -22,7 +22,6 @@ The edge part is this loop; what to append and how is the caller's (``flush``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -56,17 +55,20 @@ class GroupCommit:
         self._sleep = sleep
         self._clock = clock
         self.gather_s = gather_s
-        self._wake = asyncio.Event()
+        # The idle wait: a bare future and a timer, not ``wait_for(event.wait())``, which
+        # makes a task per wait (one per idle spell: hundreds a second at low rates).
+        self._waiter: asyncio.Future[None] | None = None
         self.stopped = False
         self.rounds = 0  # appends attempted by this loop (a status figure)
 
     def wake(self) -> None:
-        if not self._wake.is_set():
-            self._wake.set()
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def stop(self) -> None:
         self.stopped = True
-        self._wake.set()
+        self.wake()
 
     async def run(self) -> None:
         while not self.stopped:
@@ -89,8 +91,21 @@ class GroupCommit:
                 if wait > 0:
                     await self._sleep(wait)  # let the next round carry more
                 continue
-            self._wake.clear()
-            if self._pending():
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.window_s)
+            await self._idle()
+
+    async def _idle(self) -> None:
+        """Wait for :meth:`wake`, at most ``window_s``. Nothing runs between the caller's
+        last look at ``pending`` and the wait, so no wake-up is lost."""
+        loop = asyncio.get_running_loop()
+        w = self._waiter = loop.create_future()
+        timer = loop.call_later(self.window_s, _settle, w)
+        try:
+            await w
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _settle(w: asyncio.Future[None]) -> None:
+    if not w.done():
+        w.set_result(None)

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from cluster import meshauth
 from cluster.wire import FrameReader, Kind, WireError, encode
+from relay.turn import soon
 
 if TYPE_CHECKING:
     from cluster.mesh import Mesh
@@ -283,7 +284,7 @@ class MeshProtocol(protocol.Protocol):
             self._outbox.append(message)
             if not self._flush_due:
                 self._flush_due = True
-                self.factory.mesh.reactor.callLater(0, self._flush_outbox)
+                soon(self.factory.mesh.reactor, self._flush_outbox)
             return
         self._write(encode(message))
 

@@ -31,6 +31,7 @@ from relay.session import (
     message_object,
 )
 from relay.store import Message
+from relay.turn import soon
 from relay.wsread import read_frame
 
 if TYPE_CHECKING:
@@ -631,7 +632,7 @@ class RelayFactory(WebSocketServerFactory):
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.reactor.callLater(0, self.flush)
+            soon(self.reactor, self.flush)
 
     def flush(self) -> None:
         """Write every connection's frames of the turn that just ended."""

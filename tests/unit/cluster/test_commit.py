@@ -143,3 +143,39 @@ async def test_back_to_back_appends_start_at_least_gather_s_apart() -> None:
 
     log = await _run(body)
     assert log.sleeps == [pytest.approx(0.0006)]
+
+
+@aio
+async def test_an_idle_loop_wakes_for_each_of_many_spells_and_looks_again_after_the_window() -> (
+    None
+):
+    async def body(log: _Log, gc: GroupCommit) -> None:
+        # Idle spells one after another: each wake-up is taken, none is lost.
+        for i in range(20):
+            await until(lambda: gc._waiter is not None, what="the idle wait")
+            log.batcher.add(i % 4, _event(i), 0)
+            await until(lambda n=i + 1: len(log.appends) == n, what=f"append {i}")
+        # With nothing to wake it, the loop still looks again once the window is over.
+        # (A wake with nothing pending ends the current wait, whose timer is 60 s.)
+        gc.window_s = 0.01
+        gc.wake()
+        seen: list[object] = []
+        for _ in range(3):
+            await until(
+                lambda: gc._waiter is not None and gc._waiter not in seen, what="a new wait"
+            )
+            seen.append(gc._waiter)
+
+    log = await _run(body)
+    assert log.appends == [1] * 20 and not log.sleeps
+
+
+@aio
+async def test_stop_ends_an_idle_loop_at_once() -> None:
+    log = _Log()
+    gc = log.loop()  # window_s 60: only stop() can end the wait within the test
+    task = asyncio.ensure_future(gc.run())
+    await until(lambda: gc._waiter is not None, what="the idle wait")
+    gc.stop()
+    await asyncio.wait_for(task, 1)
+    assert gc._waiter is None
