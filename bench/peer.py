@@ -781,7 +781,7 @@ def peer_cmd(
     bad = [s for s in names if s not in SYSTEMS]
     if bad or not names:
         raise click.BadParameter(f"choose from {', '.join(SYSTEMS)}", param_hint="--systems")
-    modes = tuple(m.strip() for m in mode_list.split(",") if m.strip())
+    modes = tuple(dict.fromkeys(m.strip() for m in mode_list.split(",") if m.strip()))
     if not modes or any(m not in MODES for m in modes):
         raise click.BadParameter(f"choose from {', '.join(MODES)}", param_hint="--modes")
     if body_bytes < TS_DIGITS:

@@ -91,7 +91,8 @@ class GroupCommit:
                 if wait > 0:
                     await self._sleep(wait)  # let the next round carry more
                 continue
-            await self._idle()
+            if not self.stopped:
+                await self._idle()
 
     async def _idle(self) -> None:
         """Wait for :meth:`wake`, at most ``window_s``. Nothing runs between the caller's

@@ -283,8 +283,8 @@ class MeshProtocol(protocol.Protocol):
             # Gathered until the end of this reactor turn, then one frame for all.
             self._outbox.append(message)
             if not self._flush_due:
-                self._flush_due = True
                 soon(self.factory.mesh.reactor, self._flush_outbox)
+                self._flush_due = True
             return
         self._write(encode(message))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 from collections import deque
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ from relay.session import (
 from relay.store import Message
 from relay.turn import soon
 from relay.wsread import read_frame
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from relay.auth import TokenVerifier
@@ -631,20 +634,32 @@ class RelayFactory(WebSocketServerFactory):
 
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
-            self._flush_scheduled = True
             soon(self.reactor, self.flush)
+            self._flush_scheduled = True
 
     def flush(self) -> None:
-        """Write every connection's frames of the turn that just ended."""
+        """Write every connection's frames of the turn that just ended. A connection
+        whose flush raises (a bug) is logged and cut; the others are still written."""
         self._flush_scheduled = False
         late, self.late = self.late, []
         dirty, self.dirty = self.dirty, []
         for proto in late:
-            proto.flush_late()  # may queue more frames in self.dirty: flushed below
+            # may queue more frames in self.dirty: flushed below
+            self._each(proto, proto.flush_late)
         dirty.extend(self.dirty)
         self.dirty = []
         for proto in dirty:
-            proto.flush_out()
+            self._each(proto, proto.flush_out)
+
+    @staticmethod
+    def _each(proto: RelayProtocol, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:
+            log.exception("flushing a connection's frames failed; cutting it")
+            proto.out_chunks.clear()
+            with contextlib.suppress(Exception):
+                proto.dropConnection(abort=True)
 
     def origin_allowed(self, origin: str) -> bool:
         """Whether a browser's ``Origin`` matches ``client.allowed_origins`` (``*``

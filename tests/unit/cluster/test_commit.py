@@ -179,3 +179,31 @@ async def test_stop_ends_an_idle_loop_at_once() -> None:
     gc.stop()
     await asyncio.wait_for(task, 1)
     assert gc._waiter is None
+
+
+@aio
+async def test_an_idle_wait_makes_no_task() -> None:
+    async def body(log: _Log, gc: GroupCommit) -> None:
+        await until(lambda: gc._waiter is not None, what="the idle wait")
+        tasks = len(asyncio.all_tasks())
+        for i in range(5):
+            log.batcher.add(1, _event(i), 0)
+            await until(lambda n=i + 1: len(log.appends) == n, what="the append")
+            await until(lambda: gc._waiter is not None, what="idle again")
+            # wait_for(event.wait()) made a task per idle spell
+            assert len(asyncio.all_tasks()) == tasks
+
+    await _run(body)
+
+
+@aio
+async def test_stop_during_an_append_ends_the_loop_without_an_idle_wait() -> None:
+    log = _Log()
+    gc = log.loop()  # window_s 60
+    task = asyncio.ensure_future(gc.run())
+    log.release.clear()
+    log.batcher.add(1, _event(1), 0)
+    await until(lambda: log.appends == [1], what="the append under way")
+    gc.stop()
+    log.release.set()
+    await asyncio.wait_for(task, 1)

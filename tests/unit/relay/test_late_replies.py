@@ -139,3 +139,22 @@ def test_late_errors_are_counted_even_when_the_connection_goes_in_that_turn() ->
     a.connectionLost(Failure(ConnectionDone()))
     clock.advance(0)
     assert f.errors == {Code.UNAVAILABLE.value: 1}
+
+
+def test_a_connection_whose_flush_fails_is_cut_and_the_others_still_get_theirs() -> None:
+    f, clock = factory()
+    a, ta = connect(f, clock)
+    b, tb = connect(f, clock)
+
+    def broken() -> None:
+        raise RuntimeError("a bug in one connection's flush")
+
+    a.send_objects([puback("a1")], [])
+    b.send_objects([puback("b1")], [])
+    a.flush_late = broken  # type: ignore[method-assign]
+    clock.advance(0)
+    assert text_frames(tb.value()) == [puback("b1")]
+    assert ta.disconnecting  # cut, not left with frames that never go
+    b.send_objects([puback("b2")], [])
+    clock.advance(0)  # the factory still flushes afterwards
+    assert text_frames(tb.value()) == [puback("b1"), puback("b2")]
