@@ -715,6 +715,11 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
 
 
+def _list_option(flag: str, dest: str, choices: tuple[str, ...], help: str) -> Any:
+    """A comma-separated choice of ``choices`` (all of them by default)."""
+    return click.option(flag, dest, default=",".join(choices), show_default=True, help=help)
+
+
 @click.command("peer")
 @click.option("--channels", default=1000, show_default=True)
 @click.option("--pubs", default=20, show_default=True, help="Publisher connections.")
@@ -727,25 +732,18 @@ def _fmt(x: float | None) -> str:
 @click.option("--duration", default=5.0, show_default=True, help="Measured seconds per case.")
 @click.option("--warmup", default=1.0, show_default=True, help="Seconds before measuring.")
 @click.option("--runs", default=3, show_default=True, help="Runs of every case (medians).")
-@click.option(
-    "--systems",
-    "system_list",
-    default=",".join(SYSTEMS),
-    show_default=True,
-    help="Comma-separated subset of the systems.",
-)
+@_list_option("--systems", "system_list", SYSTEMS, "Comma-separated subset of the systems.")
 @click.option(
     "--nats-server",
     "nats_exe",
     default=None,
     help="The nats-server executable [default: the one on PATH].",
 )
-@click.option(
+@_list_option(
     "--modes",
     "mode_list",
-    default=",".join(MODES),
-    show_default=True,
-    help="Comma-separated cases: closed (max accepted), paced (the fixed rate).",
+    MODES,
+    "Comma-separated cases: closed (max accepted), paced (the fixed rate).",
 )
 @relay_root_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
