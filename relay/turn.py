@@ -2,8 +2,8 @@
 
 ``reactor.callLater(0, f)`` on Twisted's asyncio reactor makes a ``DelayedCall``, and
 every call to it cancels and re-arms the asyncio timer that wakes the reactor for its
-earliest call (``_reschedule``): at a few thousand flushes a second that timer work was
-~7 % of a node's CPU at low rates (docs/BENCHMARKS.md §9). On the asyncio reactor the
+earliest call (``_reschedule``): in a cProfile of a node at 300 msgs/s that timer work
+was ~8 % of its busy time (docs/BENCHMARKS.md §9). On the asyncio reactor the
 loop's own ``call_soon`` does the same job, a callback after this turn's, with none of
 it; any other reactor (a test's ``Clock``) gets ``callLater(0, f)``.
 """

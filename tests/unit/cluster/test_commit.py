@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -183,15 +184,31 @@ async def test_stop_ends_an_idle_loop_at_once() -> None:
 
 @aio
 async def test_an_idle_wait_makes_no_task() -> None:
+    loop = asyncio.get_running_loop()
+    made: list[object] = []
+    factory = loop.get_task_factory()
+
+    def counting(lp: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> Any:
+        made.append(coro)
+        if factory is not None:
+            return factory(lp, coro, **kw)
+        return asyncio.Task(coro, loop=lp, **kw)
+
     async def body(log: _Log, gc: GroupCommit) -> None:
-        await until(lambda: gc._waiter is not None, what="the idle wait")
-        tasks = len(asyncio.all_tasks())
-        for i in range(5):
-            log.batcher.add(1, _event(i), 0)
-            await until(lambda n=i + 1: len(log.appends) == n, what="the append")
-            await until(lambda: gc._waiter is not None, what="idle again")
-            # wait_for(event.wait()) made a task per idle spell
-            assert len(asyncio.all_tasks()) == tasks
+        def idle() -> bool:  # (the old loop had no _waiter: its idle wait was a task)
+            return getattr(gc, "_waiter", None) is not None or bool(made)
+
+        await until(idle, what="the first idle wait")
+        loop.set_task_factory(counting)
+        try:
+            for i in range(5):
+                log.batcher.add(1, _event(i), 0)
+                await until(lambda n=i + 1: len(log.appends) == n, what="the append")
+                await until(idle, what="idle again")
+        finally:
+            loop.set_task_factory(factory)
+        # wait_for(event.wait(), …) made a task for every idle spell
+        assert made == []
 
     await _run(body)
 
