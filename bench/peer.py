@@ -38,7 +38,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -715,7 +715,9 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
 
 
-def _list_option(flag: str, dest: str, choices: tuple[str, ...], help: str) -> Any:
+def _list_option(
+    flag: str, dest: str, choices: tuple[str, ...], help: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A comma-separated choice of ``choices`` (all of them by default)."""
     return click.option(flag, dest, default=",".join(choices), show_default=True, help=help)
 
