@@ -64,12 +64,17 @@ def batch(n: int) -> bytes:
     return encode_batch([MessageEvent(f"m{n}", f"room:{n % 5}", "ann", n + 1, "sg", body, 1)])
 
 
-async def slot_logs(origin_url: str, dest_url: str) -> tuple[RedisSlotLog, RedisSlotLog]:
-    """sg's log (every slot owned by ``A``) and fra's mirrors."""
+async def slot_logs(
+    origin_url: str, dest_url: str, entries: int = 0
+) -> tuple[RedisSlotLog, RedisSlotLog]:
+    """sg's log (every slot owned by ``A``; ``entries`` batches appended round the slots)
+    and fra's mirrors."""
     origin = RedisSlotLog.from_url(origin_url, "sg")
     dest = RedisSlotLog.from_url(dest_url, "fra")
     for s in range(SLOTS):
         await origin.set_owner(s, A, 1)
+    for n in range(entries):
+        await origin.append(n % SLOTS, A, 1, batch(n))
     return origin, dest
 
 
@@ -260,9 +265,7 @@ async def test_a_backlog_goes_over_several_connections_split_by_slot(wan: Any) -
 @aio
 async def test_a_half_written_window_is_finished_by_the_next_receiver(wan: Any) -> None:
     origin_url, dest_url, proxy = wan
-    origin, dest = await slot_logs(origin_url, dest_url)
-    for n in range(200):
-        await origin.append(n % SLOTS, A, 1, batch(n))
+    origin, dest = await slot_logs(origin_url, dest_url, entries=200)
     link = start_link(origin_url, proxy)
     # No receiver yet: the window waits in fra's inbound stream.
     with redis_sync.Redis.from_url(dest_url) as r:
@@ -387,9 +390,7 @@ async def test_a_restarted_link_starts_after_the_windows_waiting_and_resends_not
     # learns the mirrors' tops in the same round trip as that check, and they already
     # hold those windows: it sends only what is new, nothing twice.
     origin_url, dest_url, proxy = wan
-    origin, dest = await slot_logs(origin_url, dest_url)
-    for n in range(200):
-        await origin.append(n % SLOTS, A, 1, batch(n))
+    origin, dest = await slot_logs(origin_url, dest_url, entries=200)
     first = start_link(origin_url, proxy)
     with redis_sync.Redis.from_url(dest_url) as r:
 
@@ -489,9 +490,7 @@ async def test_a_link_that_cannot_connect_keeps_nothing_it_read_ahead(wan: Any) 
     # The read-ahead is done long before a connect to a blackholed WAN fails: what it
     # read is dropped with the failed start, not kept until the next one.
     origin_url, dest_url, proxy = wan
-    origin, dest = await slot_logs(origin_url, dest_url)
-    for n in range(100):
-        await origin.append(n % SLOTS, A, 1, batch(n))
+    origin, dest = await slot_logs(origin_url, dest_url, entries=100)
     proxy.blackhole(True)
     link = start_link(origin_url, proxy)
     await until(lambda: link.errors_total >= 1, timeout_s=20, what="the start failed")
