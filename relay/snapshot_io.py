@@ -9,10 +9,12 @@ The edge of :mod:`relay.snapshot` (which makes and checks the bytes). Layout::
 
 Every function here is synchronous and may block on the disk (``fsync`` can take tens of
 milliseconds, far more on a busy or failing disk). A node calls them off the reactor —
-``await asyncio.to_thread(write_snapshot, slots_dir, slot, data)`` — with at most one
-write per slot at a time (:class:`relay.snapshot.DirtySlots` sees to that). It captures
-the slot's events on the reactor, so the snapshot holds one consistent state, and may
-encode them in the same thread as the write (:func:`relay.snapshot.encode_snapshot`).
+``await asyncio.to_thread(write_snapshot, slots_dir, slot, data)``, or several slots'
+``write_snapshot(…, sync_dir=False)`` and one :func:`sync_slots_dir` in one thread call —
+with at most one write per slot at a time (:class:`relay.snapshot.DirtySlots` sees to
+that). It captures the slot's events on the reactor, so the snapshot holds one
+consistent state, and may encode them in the same thread as the write
+(:func:`relay.snapshot.encode_snapshot`).
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ class SnapshotWriteError(RelayError):
     The previous good snapshot of the slot, if any, is still in place and no tmp file is
     left behind. The node keeps serving: it counts the failure
     (``relay_snapshot_failures_total``), leaves the slot dirty and tries again later.
+    ``slot`` is None for the directory's fsync after several writes.
     """
 
-    def __init__(self, message: str, *, slot: int, errno: int | None) -> None:
+    def __init__(self, message: str, *, slot: int | None, errno: int | None) -> None:
         super().__init__(message)
         self.slot = slot
         self.errno = errno
@@ -129,7 +132,7 @@ def snapshot_path(slots_dir: Path, slot: int) -> Path:
 # ---------------------------------------------------------------- write
 
 
-def write_snapshot(slots_dir: Path, slot: int, data: bytes) -> int:
+def write_snapshot(slots_dir: Path, slot: int, data: bytes, *, sync_dir: bool = True) -> int:
     """Replace ``slot``'s snapshot with ``data`` atomically; return the bytes written.
 
     Writes ``<slot>.snap.tmp`` (``O_CREAT|O_EXCL``, mode 0600; a stale one is removed
@@ -139,15 +142,20 @@ def write_snapshot(slots_dir: Path, slot: int, data: bytes) -> int:
     previous snapshot stays in place (unless the error came after the rename, in which
     case the new one is in place but may not be durable yet). Blocks on the disk: call it
     in a thread (``asyncio.to_thread``), one write per slot at a time.
+
+    ``sync_dir=False`` leaves the directory's fsync to the caller, who writes several
+    slots and then calls :func:`sync_slots_dir` once: a slot's new snapshot is durable
+    only after that call returns.
     """
     final = snapshot_path(slots_dir, slot)
     tmp = slots_dir / f"{slot}{TMP_SUFFIX}"
     renamed = False
     try:
-        _unlink_quietly(tmp)
-        fd = os.open(
-            tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE
-        )
+        try:
+            fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
+        except FileExistsError:
+            _unlink_quietly(tmp)  # a stale one (an earlier write cut short)
+            fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
         try:
             _write_all(fd, data)
             os.fsync(fd)
@@ -155,7 +163,8 @@ def write_snapshot(slots_dir: Path, slot: int, data: bytes) -> int:
             os.close(fd)
         os.replace(tmp, final)
         renamed = True
-        _fsync_dir(slots_dir)
+        if sync_dir:
+            _fsync_dir(slots_dir)
     except OSError as exc:
         if not renamed:
             # The first error is the one to report; load removes tmp files anyway.
@@ -174,6 +183,24 @@ def write_snapshot(slots_dir: Path, slot: int, data: bytes) -> int:
             errno=exc.errno,
         ) from exc
     return len(data)
+
+
+_TMP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def sync_slots_dir(slots_dir: Path) -> None:
+    """fsync the slots directory: the renames of :func:`write_snapshot` (``sync_dir=False``)
+    before it are durable once it returns. Raises :class:`SnapshotWriteError`."""
+    try:
+        _fsync_dir(slots_dir)
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno, "?") if exc.errno else "?"
+        raise SnapshotWriteError(
+            f"syncing the directory {slots_dir} failed ({code}: {exc.strerror or exc});"
+            " the new snapshots are in place but may not be durable",
+            slot=None,
+            errno=exc.errno,
+        ) from exc
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -12,11 +12,17 @@ from typing import Any
 
 from cluster.apply import apply_events
 from cluster.region.appends import Appends
-from cluster.region.state import SNAPSHOT_SWITCH_INTERVAL_S
+from cluster.region.state import SNAPSHOT_BATCH_ITEMS, SNAPSHOT_SWITCH_INTERVAL_S
 from cluster.regioncore import SnapshotDue, SnapshotFailed, SnapshotStart, SnapshotWritten
 from relay.codec import AckEvent
 from relay.snapshot import Sealed, SealedTombstones, Tombstone, encode_snapshot
-from relay.snapshot_io import delete_snapshot, load_snapshots, prepare_data_dir, write_snapshot
+from relay.snapshot_io import (
+    delete_snapshot,
+    load_snapshots,
+    prepare_data_dir,
+    sync_slots_dir,
+    write_snapshot,
+)
 from relay.store import unpack
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,11 @@ class _Captured:
     sealed: list[bytes]  # older tombstones, already encoded
     start: int  # the sequence number of the first of ``tombstones``
     tombstones: list[Tombstone]  # the newer ones, to encode
+
+    @property
+    def size(self) -> int:
+        """Records and tombstones to encode: what a batch of captures is bounded by."""
+        return sum(len(pairs) for _, pairs in self.records) + len(self.tombstones)
 
 
 class Snapshots(Appends):
@@ -104,9 +115,12 @@ class Snapshots(Appends):
         tombstones = self.acks.since(slot, start)
         return _Captured(log_id, mirrors, records, sealed, start, tombstones)
 
-    def _encode_and_write(self, slot: int, state: _Captured) -> tuple[int, list[Sealed]]:
+    def _encode_and_write(
+        self, slot: int, state: _Captured, *, sync_dir: bool = True
+    ) -> tuple[int, list[Sealed]]:
         """Encode and write ``slot``'s snapshot (in a thread): its size, and the runs of
-        tombstones sealed on the way (to keep, on the reactor, for the next ones)."""
+        tombstones sealed on the way (to keep, on the reactor, for the next ones).
+        ``sync_dir=False``: durable only once the caller has synced the directory."""
         now = self.wall_ms()
         events: list[Any] = []
         for ch, pairs in state.records:
@@ -125,7 +139,7 @@ class Snapshots(Appends):
             tombstone_batches=[*state.sealed, *(b for r in runs for b in r.batches)],
         )
         assert self.slots_dir is not None
-        return write_snapshot(self.slots_dir, slot, data), runs
+        return write_snapshot(self.slots_dir, slot, data, sync_dir=sync_dir), runs
 
     async def _snapshot_once(self, budget: int) -> None:
         if self.slots_dir is None:
@@ -151,25 +165,39 @@ class Snapshots(Appends):
         failed: list[int] = []
         last_error: Exception | None = None
         # The core says which slots are due (cluster/persist.py) and hears each outcome.
-        for slot in self.core.step(SnapshotDue(self.clock(), budget)).snapshots:
-            if not self.core.step(SnapshotStart(slot, self.clock())).snapshots:
-                continue  # no longer held: forgotten
-            state = self._capture(slot)
-            assert state is not None  # the core saw it held, in this same turn
-            try:
-                n, runs = await asyncio.to_thread(self._encode_and_write, slot, state)
-            except Exception as e:
-                # Full disk, I/O error: keep serving; the previous snapshot stays.
-                self.snapshot_stats["failures"] += 1
-                self.core.step(SnapshotFailed(slot))
-                failed.append(slot)
-                last_error = e
+        due = list(self.core.step(SnapshotDue(self.clock(), budget)).snapshots)
+        while due:
+            # Small slots go to the writer thread together, captured in one reactor turn
+            # (a thread hand-off per slot costs the reactor more than a small slot's
+            # capture); a batch ends once it holds SNAPSHOT_BATCH_ITEMS records and
+            # tombstones, so a large slot still goes alone, one short turn each.
+            batch: list[tuple[int, _Captured]] = []
+            size = 0
+            while due and size < SNAPSHOT_BATCH_ITEMS:
+                slot = due.pop(0)
+                if not self.core.step(SnapshotStart(slot, self.clock())).snapshots:
+                    continue  # no longer held: forgotten
+                state = self._capture(slot)
+                assert state is not None  # the core saw it held, in this same turn
+                batch.append((slot, state))
+                size += state.size
+            if not batch:
                 continue
-            for run in runs:
-                self.sealed_tombstones.seal(slot, run)
-            self.core.step(SnapshotWritten(slot, self.clock()))
-            self.snapshot_stats["written"] += 1
-            self.snapshot_stats["bytes"] += n
+            outcomes = await asyncio.to_thread(self._encode_and_write_many, batch)
+            for (slot, _), outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    # Full disk, I/O error: keep serving; the previous snapshot stays.
+                    self.snapshot_stats["failures"] += 1
+                    self.core.step(SnapshotFailed(slot))
+                    failed.append(slot)
+                    last_error = outcome
+                    continue
+                n, runs = outcome
+                for run in runs:
+                    self.sealed_tombstones.seal(slot, run)
+                self.core.step(SnapshotWritten(slot, self.clock()))
+                self.snapshot_stats["written"] += 1
+                self.snapshot_stats["bytes"] += n
         if failed:
             log.warning(
                 "snapshots of %d slots failed (first: slot %d): %s",
@@ -177,6 +205,27 @@ class Snapshots(Appends):
                 failed[0],
                 last_error,
             )
+
+    def _encode_and_write_many(
+        self, batch: list[tuple[int, _Captured]]
+    ) -> list[tuple[int, list[Sealed]] | Exception]:
+        """:meth:`_encode_and_write` for each slot of ``batch`` (in a thread), then one
+        fsync of the directory for all their renames: each outcome, or the exception
+        that slot's write raised (the others still go). If the directory's fsync fails,
+        every slot written is failed with it (dirty again, written at the next tick)."""
+        out: list[tuple[int, list[Sealed]] | Exception] = []
+        for slot, state in batch:
+            try:
+                out.append(self._encode_and_write(slot, state, sync_dir=False))
+            except Exception as e:
+                out.append(e)
+        if any(not isinstance(o, Exception) for o in out):
+            assert self.slots_dir is not None
+            try:
+                sync_slots_dir(self.slots_dir)
+            except Exception as e:
+                return [o if isinstance(o, Exception) else e for o in out]
+        return out
 
     async def _snapshot_loop(self) -> None:
         while not self.stopped:

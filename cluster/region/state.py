@@ -73,6 +73,9 @@ log = logging.getLogger(__name__)
 TAIL_BLOCK_MS = 500
 TOMBSTONES_PER_SLOT = 100_000
 SNAPSHOT_SWITCH_INTERVAL_S = 0.0005
+# A snapshot tick hands slots to its writer thread in batches of at most about this many
+# records and tombstones (cluster/region/snapshots.py).
+SNAPSHOT_BATCH_ITEMS = 2_000
 DRAIN_TIMEOUT_S = 10.0
 AUDIT_S = 1.0
 CATCH_UP_COUNT = 1000

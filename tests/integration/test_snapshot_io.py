@@ -30,6 +30,7 @@ from relay.snapshot_io import (
     delete_snapshot,
     load_snapshots,
     prepare_data_dir,
+    sync_slots_dir,
     write_snapshot,
 )
 from tests.conftest import small_tmpfs
@@ -162,6 +163,40 @@ def test_a_stale_tmp_file_is_replaced_not_a_reason_to_fail(slots: Path) -> None:
     (slots / "5.snap.tmp").write_bytes(b"half a snapshot from before a crash")
     write_snapshot(slots, 5, snap(5))
     assert sorted(p.name for p in slots.iterdir()) == ["5.snap"]
+
+
+def test_several_writes_then_one_directory_sync(
+    slots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import relay.snapshot_io as snapshot_io
+
+    synced: list[Path] = []
+    real = snapshot_io._fsync_dir
+    monkeypatch.setattr(snapshot_io, "_fsync_dir", lambda d: (synced.append(d), real(d))[1])
+    for s in (1, 2, 3):
+        assert write_snapshot(slots, s, snap(s), sync_dir=False) == len(snap(s))
+    assert synced == []  # left to the caller
+    sync_slots_dir(slots)
+    assert synced == [slots]
+    loaded, refused = load_snapshots(slots)
+    assert refused == [] and sorted(loaded) == [1, 2, 3]
+    assert sorted(p.name for p in slots.iterdir()) == ["1.snap", "2.snap", "3.snap"]
+
+
+def test_a_failed_directory_sync_is_a_coded_error(
+    slots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import relay.snapshot_io as snapshot_io
+
+    def broken(d: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    write_snapshot(slots, 1, snap(1), sync_dir=False)
+    monkeypatch.setattr(snapshot_io, "_fsync_dir", broken)
+    with pytest.raises(SnapshotWriteError) as e:
+        sync_slots_dir(slots)
+    assert e.value.errno == errno.EIO and e.value.slot is None
+    assert "may not be durable" in str(e.value)
 
 
 def test_a_crash_before_the_rename_leaves_the_old_snapshot(slots: Path) -> None:

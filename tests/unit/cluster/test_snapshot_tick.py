@@ -1,0 +1,151 @@
+"""A region node's snapshot tick on real files (the in-memory slot log, no Redis): the
+slots due go to the writer thread together, one directory fsync covers their renames, and
+a write or a directory sync that fails leaves exactly the slots it concerns dirty."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cluster.region.snapshots as snapshots_mod
+import relay.snapshot_io as snapshot_io
+from cluster.ring import Ring, slot_of
+from cluster.slotlog import MemorySlotLog
+from relay.snapshot_io import load_snapshots, prepare_data_dir
+from tests.conftest import aio, memory_router, publish_at
+
+CHANNELS = [f"inbox:u{i}" for i in range(40)]
+
+
+async def _router_with_dirty_slots(tmp_path: Path) -> tuple[Any, MemorySlotLog, set[int]]:
+    """A node owning the slots of CHANNELS, a message published on each."""
+    log = MemorySlotLog("sg")
+    r = memory_router("sg/n1", log)
+    r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    r.slots_dir = prepare_data_dir(tmp_path / "data")
+    slots = {slot_of(ch, r.slots) for ch in CHANNELS}
+    for slot in sorted(slots):
+        await r._claim_now(slot)
+    for i, ch in enumerate(CHANNELS):
+        publish_at(r, ch, f"m{i}")
+    await r._flush()  # the slot logs hold them: each slot has a position to snapshot
+    assert r.data_at_risk()["unsaved_slots"] == len(slots)
+    return r, log, slots
+
+
+@pytest.fixture
+def thread_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The number of slots in each hand-off to the writer thread."""
+    calls: list[int] = []
+    real = snapshots_mod.Snapshots._encode_and_write_many
+
+    def counted(self: Any, batch: list[Any]) -> Any:
+        calls.append(len(batch))
+        return real(self, batch)
+
+    monkeypatch.setattr(snapshots_mod.Snapshots, "_encode_and_write_many", counted)
+    yield calls
+
+
+@pytest.fixture
+def dir_syncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every fsync of a directory, by path."""
+    synced: list[str] = []
+    real = snapshot_io._fsync_dir
+
+    def counted(d: Path) -> None:
+        synced.append(str(d))
+        real(d)
+
+    monkeypatch.setattr(snapshot_io, "_fsync_dir", counted)
+    yield synced
+
+
+@aio
+async def test_the_slots_due_are_written_in_one_hand_off_and_one_directory_sync(
+    tmp_path: Path, thread_calls: list[int], dir_syncs: list[str]
+) -> None:
+    r, log, slots = await _router_with_dirty_slots(tmp_path)
+    dir_syncs.clear()  # those of preparing the data directory
+    await r._snapshot_once(r.slots)
+    assert thread_calls == [len(slots)]
+    assert dir_syncs == [str(r.slots_dir)]
+    assert r.snapshot_stats["written"] == len(slots) and r.snapshot_stats["failures"] == 0
+    assert r.data_at_risk()["unsaved_slots"] == 0
+    loaded, refused = load_snapshots(r.slots_dir)
+    assert refused == [] and set(loaded) == slots
+    held = {m.id for snap in loaded.values() for m in snap.messages}
+    assert held == {f"m{i}" for i in range(len(CHANNELS))}
+    await log.close()
+
+
+@aio
+async def test_a_batch_is_bounded_by_what_its_slots_hold(
+    tmp_path: Path, thread_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bound of one item: every slot (each holds a message) goes on its own.
+    monkeypatch.setattr(snapshots_mod, "SNAPSHOT_BATCH_ITEMS", 1)
+    r, log, slots = await _router_with_dirty_slots(tmp_path)
+    await r._snapshot_once(r.slots)
+    assert thread_calls == [1] * len(slots)
+    assert r.snapshot_stats["written"] == len(slots)
+    await log.close()
+
+
+@aio
+async def test_a_failed_directory_sync_fails_every_slot_of_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, log, slots = await _router_with_dirty_slots(tmp_path)
+
+    def broken(d: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with monkeypatch.context() as m:
+        m.setattr(snapshot_io, "_fsync_dir", broken)
+        await r._snapshot_once(r.slots)
+    # Renamed but not known durable: none counts as written, every slot stays dirty.
+    assert r.snapshot_stats["written"] == 0
+    assert r.snapshot_stats["failures"] == len(slots)
+    assert r.data_at_risk()["unsaved_slots"] == len(slots)
+    # The next tick writes them all.
+    await r._snapshot_once(r.slots)
+    assert r.snapshot_stats["written"] == len(slots)
+    assert r.data_at_risk()["unsaved_slots"] == 0
+    loaded, refused = load_snapshots(r.slots_dir)
+    assert refused == [] and set(loaded) == slots
+    await log.close()
+
+
+@aio
+async def test_one_slot_that_cannot_be_written_fails_alone(
+    tmp_path: Path, dir_syncs: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, log, slots = await _router_with_dirty_slots(tmp_path)
+    dir_syncs.clear()  # those of preparing the data directory
+    bad = min(slots)
+    real = snapshots_mod.write_snapshot
+
+    def failing(slots_dir: Path, slot: int, data: bytes, *, sync_dir: bool = True) -> int:
+        if slot == bad:
+            raise snapshot_io.SnapshotWriteError("disk full", slot=slot, errno=errno.ENOSPC)
+        return real(slots_dir, slot, data, sync_dir=sync_dir)
+
+    with monkeypatch.context() as m:
+        m.setattr(snapshots_mod, "write_snapshot", failing)
+        await r._snapshot_once(r.slots)
+    assert r.snapshot_stats["failures"] == 1
+    assert r.snapshot_stats["written"] == len(slots) - 1
+    assert r.data_at_risk()["unsaved_slots"] == 1
+    assert dir_syncs == [str(r.slots_dir)]  # the others' renames are still synced
+    loaded, _ = load_snapshots(r.slots_dir)
+    assert set(loaded) == slots - {bad}
+    await r._snapshot_once(r.slots)
+    assert r.data_at_risk()["unsaved_slots"] == 0
+    assert set(load_snapshots(r.slots_dir)[0]) == slots
+    await log.close()
