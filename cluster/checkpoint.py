@@ -15,16 +15,27 @@ expired or evicted there (:func:`superseded`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import msgspec
 
-from relay.codec import AckEvent, CodecError, Event, MessageEvent, decode_batch, encode_batch
+from relay.codec import (
+    DEFAULT_MAX_EVENTS,
+    AckEvent,
+    CodecError,
+    Event,
+    MessageEvent,
+    decode_batch,
+    encode_batch,
+)
 from relay.frames import MAX_ACK_IDS
 
 MAGIC = b"RC\x01"
 MAGIC_V2 = b"RC\x02"
+# Version 3: the events as several codec batches (ack tombstones sealed once and reused
+# by every later checkpoint of the slot, then the rest), read as one list of events.
+MAGIC_V3 = b"RC\x03"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +50,21 @@ class Checkpointed:
 
 
 def encode_checkpoint(
-    events: list[Event], mirrors: dict[str, dict[int, str]], *, hlc: int = 0
+    events: list[Event],
+    mirrors: dict[str, dict[int, str]],
+    *,
+    hlc: int = 0,
+    batches: Sequence[bytes] = (),
 ) -> bytes:
     """``events``: the pending messages and ack tombstones; ``mirrors``: origin → slot →
-    applied entry id; ``hlc``: the writer's clock as the state was captured."""
+    applied entry id; ``hlc``: the writer's clock as the state was captured.
+    ``batches``: events already encoded (:func:`relay.codec.encode_batch`: sealed ack
+    tombstones), read before ``events``; with them the checkpoint is version 3, and the
+    caller keeps all of its events within :data:`relay.codec.DEFAULT_MAX_EVENTS`, which a
+    reader refuses to exceed."""
     doc = {o: {str(s): i for s, i in by_slot.items()} for o, by_slot in mirrors.items()}
+    if batches:
+        return MAGIC_V3 + msgspec.msgpack.encode([doc, [*batches, encode_batch(events)], hlc])
     return MAGIC_V2 + msgspec.msgpack.encode([doc, encode_batch(events), hlc])
 
 
@@ -51,6 +72,19 @@ def decode_checkpoint(data: bytes) -> Checkpointed:
     """Inverse of :func:`encode_checkpoint`; older checkpoints (no ``hlc``) and a plain
     batch (a slot-log entry: ``is_checkpoint`` false) are accepted too. Raises
     CodecError when the bytes are none of these."""
+    if data.startswith(MAGIC_V3):
+        try:
+            doc, batches, hlc = msgspec.msgpack.decode(
+                data[len(MAGIC_V3) :], type=tuple[dict[str, dict[str, str]], list[bytes], int]
+            )
+        except msgspec.DecodeError as e:
+            raise CodecError(f"bad checkpoint: {e}") from None
+        events: list[Event] = []
+        for b in batches:
+            events += decode_batch(b)
+            if len(events) > DEFAULT_MAX_EVENTS:  # all together within what one may hold
+                raise CodecError(f"bad checkpoint: over {DEFAULT_MAX_EVENTS} events")
+        return Checkpointed(events, _mirrors(doc), hlc)
     if data.startswith(MAGIC_V2):
         try:
             doc, batch, hlc = msgspec.msgpack.decode(
@@ -68,11 +102,14 @@ def decode_checkpoint(data: bytes) -> Checkpointed:
         hlc = 0
     else:
         return Checkpointed(decode_batch(data), {}, 0, is_checkpoint=False)
+    return Checkpointed(decode_batch(batch), _mirrors(doc), hlc)
+
+
+def _mirrors(doc: dict[str, dict[str, str]]) -> dict[str, dict[int, str]]:
     try:
-        mirrors = {o: {int(s): i for s, i in by_slot.items()} for o, by_slot in doc.items()}
+        return {o: {int(s): i for s, i in by_slot.items()} for o, by_slot in doc.items()}
     except ValueError as e:
         raise CodecError(f"bad checkpoint positions: {e}") from None
-    return Checkpointed(decode_batch(batch), mirrors, hlc)
 
 
 def without_clock(data: bytes) -> bytes:

@@ -221,12 +221,18 @@ class SealedTombstones:
         """For a snapshot of ``slot`` whose oldest tombstone is ``first``: where the
         tombstones to encode afresh start, and the sealed batches to write before them.
         Runs wholly older than ``first`` are forgotten."""
+        start, runs = self.runs(slot, first)
+        return start, [b for r in runs for b in r.batches]
+
+    def runs(self, slot: int, first: int) -> tuple[int, list[Sealed]]:
+        """:meth:`take`, the sealed runs themselves (oldest first) rather than their
+        batches: for a writer that keeps only the newest of them (a checkpoint)."""
         runs = [r for r in self._by_slot.get(slot, ()) if r.end > first]
         if runs:
             self._by_slot[slot] = runs
         else:
             self._by_slot.pop(slot, None)
-        return max(first, self.end(slot)), [b for r in runs for b in r.batches]
+        return max(first, self.end(slot)), runs
 
     def seal(self, slot: int, run: Sealed) -> None:
         """Keep ``run`` (encoded by a writer from :meth:`take`'s start); ignored when a

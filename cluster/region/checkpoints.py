@@ -20,6 +20,7 @@ from cluster.region.snapshots import Snapshots
 from cluster.regioncore import CheckpointDue, CheckpointFailed, CheckpointStart, CheckpointWritten
 from cluster.slotlog import FencedError
 from relay.codec import DEFAULT_MAX_EVENTS
+from relay.snapshot import Sealed
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,42 @@ class Checkpoints(Snapshots):
         as tombstones and the clock now; and the mirror positions it covers."""
         positions = self.positions.mirrors_of(slot)
         room = DEFAULT_MAX_EVENTS - len(events)
-        # Only the newest ``room``: copying the whole window (a long-running node holds
-        # millions) for every changed slot was the cost of a checkpoint round.
-        acks = tombstone_events(self.acks.newest(slot, room), self.region, limit=room)
+        batches, fresh = self._checkpoint_tombstones(slot, room)
+        acks = tombstone_events(fresh, self.region, limit=len(fresh))
         hlc = self.node.clock.tick(self.wall_ms())
         data = encode_checkpoint(
-            [*acks, *events], {o: {slot: i} for o, i in positions.items()}, hlc=hlc
+            [*acks, *events],
+            {o: {slot: i} for o, i in positions.items()},
+            hlc=hlc,
+            batches=batches,
         )
         return data, positions
+
+    def _checkpoint_tombstones(
+        self, slot: int, room: int
+    ) -> tuple[list[bytes], list[tuple[str, str, int]]]:
+        """The newest of ``slot``'s tombstones, at most ``room``: the older ones as the
+        batches sealed for the snapshots (:class:`relay.snapshot.SealedTombstones`,
+        encoded once and reused; whole runs of 500 are sealed here too), the rest to
+        encode afresh. Re-encoding the dedupe window (10 minutes of acks: thousands per
+        slot when busy) for every changed slot every round was the cost of a busy node's
+        checkpoints, growing with its uptime."""
+        if room <= 0:
+            return [], []
+        sealed = self.sealed_tombstones
+        start, runs = sealed.runs(slot, self.acks.first(slot))
+        new, rest = sealed.to_seal(start, self.acks.since(slot, start), self.region)
+        for run in new:
+            sealed.seal(slot, run)
+        rest = list(rest)[-room:]
+        left = room - len(rest)
+        kept: list[Sealed] = []
+        for run in reversed([*runs, *new]):  # the newest whole runs that fit
+            if run.end - run.start > left:
+                break
+            kept.append(run)
+            left -= run.end - run.start
+        return [b for run in reversed(kept) for b in run.batches], rest
 
     async def _checkpoint_loop(self) -> None:
         while not self.stopped:

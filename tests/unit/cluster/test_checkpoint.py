@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cluster.checkpoint import (
     MAGIC,
+    MAGIC_V3,
     decode_checkpoint,
     encode_checkpoint,
     superseded,
     tombstone_events,
 )
-from relay.codec import AckEvent, CodecError, MessageEvent, encode_batch
+from relay.codec import DEFAULT_MAX_EVENTS, AckEvent, CodecError, MessageEvent, encode_batch
 
 
 def msg(i: str, ch: str = "inbox:a", origin: str = "sg", hlc: int = 10) -> MessageEvent:
@@ -39,7 +44,18 @@ def test_older_checkpoints_and_plain_batches_still_decode() -> None:
     assert not plain.is_checkpoint and plain.events == [msg("m")]
 
 
-@pytest.mark.parametrize("data", [b"RC\x02", b"RC\x02\x93\x80", b"RC\x01junk", b"\x00" * 9])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"RC\x02",
+        b"RC\x02\x93\x80",
+        b"RC\x01junk",
+        b"\x00" * 9,
+        b"RC\x03",
+        b"RC\x03\x93\x80\x91\xc4\x01x\x00",  # a batch that is not one
+        b"RC\x03\x93\x80\xc4\x00\x00",  # batches not a list
+    ],
+)
 def test_garbage_is_a_codec_error(data: bytes) -> None:
     with pytest.raises(CodecError):
         decode_checkpoint(data)
@@ -65,3 +81,50 @@ def test_a_resync_proves_gone_only_the_origins_own_older_messages() -> None:
     assert superseded(cp, "sg", held) == [("inbox:a", "acked")]
     # Without a recorded clock nothing is proven.
     assert superseded(decode_checkpoint(encode_checkpoint([], {})), "sg", held) == []
+
+
+def test_sealed_batches_are_read_first_then_the_rest() -> None:
+    sealed = [
+        encode_batch(tombstone_events([("inbox:a", f"old{i}", i)], "sg", limit=1)) for i in range(3)
+    ]
+    fresh = tombstone_events([("inbox:b", "new", 9)], "sg", limit=1)
+    data = encode_checkpoint([*fresh, msg("m1")], {"fra": {7: "12-0"}}, hlc=99, batches=sealed)
+    assert data.startswith(MAGIC_V3)
+    cp = decode_checkpoint(data)
+    assert cp.is_checkpoint and cp.hlc == 99 and cp.mirrors == {"fra": {7: "12-0"}}
+    assert cp.events == [
+        AckEvent("inbox:a", ("old0",), 0, "sg"),
+        AckEvent("inbox:a", ("old1",), 1, "sg"),
+        AckEvent("inbox:a", ("old2",), 2, "sg"),
+        AckEvent("inbox:b", ("new",), 9, "sg"),
+        msg("m1"),
+    ]
+    # Without sealed batches it is the version-2 checkpoint, as before.
+    assert not encode_checkpoint([msg("m1")], {}, hlc=1).startswith(MAGIC_V3)
+
+
+def test_a_checkpoint_of_more_events_than_one_batch_may_hold_is_refused() -> None:
+    half = DEFAULT_MAX_EVENTS // 2 + 1
+    big = encode_batch([msg(f"m{i}", ch=f"inbox:{i}") for i in range(half)])
+    data = MAGIC_V3 + msgspec.msgpack.encode([{}, [big, big], 0])
+    with pytest.raises(CodecError, match="over"):
+        decode_checkpoint(data)
+
+
+@given(st.binary(max_size=200))
+def test_any_bytes_after_the_version_3_prefix_decode_or_are_a_codec_error(tail: bytes) -> None:
+    with contextlib.suppress(CodecError):
+        decode_checkpoint(MAGIC_V3 + tail)
+
+
+@given(st.lists(st.integers(0, 40), max_size=6), st.integers(0, 3000))
+def test_a_version_3_checkpoint_cut_anywhere_is_a_codec_error(sizes: list[int], cut: int) -> None:
+    batches = [
+        encode_batch(tombstone_events([("inbox:a", f"i{j}", j) for j in range(n)], "sg", limit=n))
+        for n in sizes
+    ]
+    data = encode_checkpoint([msg("m")], {"fra": {1: "1-0"}}, hlc=5, batches=batches)
+    if cut >= len(data):
+        return
+    with pytest.raises(CodecError):
+        decode_checkpoint(data[:cut])

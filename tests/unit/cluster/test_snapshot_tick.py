@@ -33,7 +33,8 @@ async def _router_with_dirty_slots(tmp_path: Path) -> tuple[Any, MemorySlotLog, 
         await r._claim_now(slot)
     for i, ch in enumerate(CHANNELS):
         publish_at(r, ch, f"m{i}")
-    await r._flush()  # the slot logs hold them: each slot has a position to snapshot
+    await r._flush(force=True)  # the slot logs hold them: each slot has a position to snapshot
+    assert all(r.applied[s] != "0-0" for s in slots)
     assert r.data_at_risk()["unsaved_slots"] == len(slots)
     return r, log, slots
 
