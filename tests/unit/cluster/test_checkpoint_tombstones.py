@@ -119,3 +119,23 @@ async def test_a_tombstone_older_than_the_window_does_not_remove_a_message_publi
     held = {i for _, i, _ in r.acks.by_slot.get(slot, ())}
     assert "gone" in held and "m1" not in held
     await log.close()
+
+
+@aio
+async def test_a_new_owner_rebuilds_the_slot_from_a_version_3_checkpoint() -> None:
+    r, log, slot = await _owner()
+    n = 2 * SEAL_TOMBSTONES + 7
+    _acked(r, slot, 0, n)
+    publish_at(r, CH, "kept")
+    await r._flush(force=True)
+    await r._checkpoint(slot)
+    stored = await log.read_checkpoint(slot)
+    assert stored is not None and stored.data.startswith(MAGIC_V3)
+    # Another node takes the slot over from the same log (the first one is gone).
+    r2 = memory_router("sg/n2", log, wall_ms=lambda: NOW_MS)
+    r2.ring = Ring({"sg/n2": 1.0}, slots=r2.slots, replicas=r2.replicas)
+    await r2._claim_now(slot)
+    assert [m.id for m in r2.node.store.pending(CH, NOW_MS)] == ["kept"]
+    held = [i for _, i, _ in r2.acks.by_slot.get(slot, ())]
+    assert held == [f"a{i}" for i in range(n)]
+    await log.close()
