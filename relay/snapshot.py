@@ -38,7 +38,7 @@ import hashlib
 import heapq
 import re
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -204,20 +204,12 @@ class SealedTombstones:
     :data:`SEAL_TOMBSTONES` tombstones older than the window; a loader drops those
     (they dedupe nothing)."""
 
-    __slots__ = ("_by_slot", "encode", "seal_every")
+    __slots__ = ("_by_slot", "seal_every")
 
-    def __init__(
-        self,
-        seal_every: int = SEAL_TOMBSTONES,
-        *,
-        encode: Callable[[Sequence[Tombstone], str], tuple[bytes, ...]] | None = None,
-    ) -> None:
-        """``encode``: how a run is encoded (:func:`encode_tombstones`, the snapshots',
-        by default; a checkpoint has its own, more compact)."""
+    def __init__(self, seal_every: int = SEAL_TOMBSTONES) -> None:
         if seal_every < 1:
             raise InvariantError("seal_every must be >= 1")
         self.seal_every = seal_every
-        self.encode = encode_tombstones if encode is None else encode
         self._by_slot: dict[int, list[Sealed]] = {}
 
     def end(self, slot: int) -> int:
@@ -258,7 +250,7 @@ class SealedTombstones:
             Sealed(
                 start + i,
                 start + i + self.seal_every,
-                self.encode(tombstones[i : i + self.seal_every], region),
+                encode_tombstones(tombstones[i : i + self.seal_every], region),
             )
             for i in range(0, n, self.seal_every)
         ]

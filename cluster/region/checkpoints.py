@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -20,22 +19,14 @@ from cluster.link import confirmed_key
 from cluster.region.snapshots import Snapshots
 from cluster.regioncore import CheckpointDue, CheckpointFailed, CheckpointStart, CheckpointWritten
 from cluster.slotlog import FencedError
-from relay.codec import DEFAULT_MAX_EVENTS, encode_batch
-from relay.snapshot import Sealed, SealedTombstones, Tombstone
+from relay.codec import DEFAULT_MAX_EVENTS
+from relay.snapshot import Sealed
 
 log = logging.getLogger(__name__)
 
 
-def _encode_run(tombstones: Sequence[Tombstone], region: str) -> tuple[bytes, ...]:
-    """A run of a checkpoint's tombstones, sealed: ack events of up to MAX_ACK_IDS ids
-    per channel (each with the newest hlc of its ids, as the rest), in one batch."""
-    return (encode_batch(tombstone_events(tombstones, region, limit=len(tombstones))),)
-
-
 class Checkpoints(Snapshots):
     """Checkpoints of owned slots and the trims behind them."""
-
-    _checkpoint_sealed: SealedTombstones | None = None
 
     def _checkpoint_data(self, slot: int, events: list[Any]) -> tuple[bytes, dict[str, str]]:
         """The checkpoint of ``slot``: ``events`` (its pending messages), its recent acks
@@ -56,17 +47,15 @@ class Checkpoints(Snapshots):
     def _checkpoint_tombstones(
         self, slot: int, room: int
     ) -> tuple[list[bytes], list[tuple[str, str, int]]]:
-        """The newest of ``slot``'s tombstones, at most ``room``: the older ones as runs
-        of 500 sealed (:class:`relay.snapshot.SealedTombstones`: encoded once, reused by
-        every later checkpoint of the slot; grouped by channel, as one batch, like the
-        rest), the rest to encode afresh. Re-encoding the dedupe window (10 minutes of
-        acks: thousands per slot when busy) for every changed slot every round was the
-        cost of a busy node's checkpoints, growing with its uptime."""
+        """The newest of ``slot``'s tombstones, at most ``room``: the older ones as the
+        batches sealed for the snapshots (:class:`relay.snapshot.SealedTombstones`,
+        encoded once and reused; whole runs of 500 are sealed here too), the rest to
+        encode afresh. Re-encoding the dedupe window (10 minutes of acks: thousands per
+        slot when busy) for every changed slot every round was the cost of a busy node's
+        checkpoints, growing with its uptime."""
         if room <= 0:
             return [], []
-        sealed = self._checkpoint_sealed
-        if sealed is None:
-            sealed = self._checkpoint_sealed = SealedTombstones(encode=_encode_run)
+        sealed = self.sealed_tombstones
         start, runs = sealed.runs(slot, self.acks.first(slot))
         new, rest = sealed.to_seal(start, self.acks.since(slot, start), self.region)
         for run in new:

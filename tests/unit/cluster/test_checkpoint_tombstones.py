@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-import cluster.region.checkpoints as checkpoints_mod
+import relay.snapshot as snapshot_mod
 from cluster.checkpoint import MAGIC_V3, decode_checkpoint, encode_checkpoint
 from cluster.ring import Ring, slot_of
 from cluster.slotlog import MemorySlotLog
@@ -46,13 +46,13 @@ async def test_the_window_is_sealed_once_and_reused_by_every_later_checkpoint(
 ) -> None:
     r, log, slot = await _owner()
     sealed_calls: list[int] = []
-    real = checkpoints_mod._encode_run
+    real = snapshot_mod.encode_tombstones
 
     def counted(tombstones: Any, region: str) -> Any:
         sealed_calls.append(len(tombstones))
         return real(tombstones, region)
 
-    monkeypatch.setattr(checkpoints_mod, "_encode_run", counted)
+    monkeypatch.setattr(snapshot_mod, "encode_tombstones", counted)
     n = 2 * SEAL_TOMBSTONES + 120
     _acked(r, slot, 0, n)
     first, _ = r._checkpoint_data(slot, [])
