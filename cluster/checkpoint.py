@@ -114,14 +114,22 @@ def _mirrors(doc: dict[str, dict[str, str]]) -> dict[str, dict[int, str]]:
 
 def without_clock(data: bytes) -> bytes:
     """The checkpoint ``data`` with its clock left out: merged by a reader as a plain
-    state, proving nothing gone (:func:`superseded` returns nothing for it)."""
+    state, proving nothing gone (:func:`superseded` returns nothing for it). Version 2
+    (what a region of any build reads)."""
+    return as_version_2(data, clock=False)
+
+
+def as_version_2(data: bytes, *, clock: bool = True) -> bytes:
+    """The checkpoint ``data`` as version 2, which every build reads: what a link sends
+    another region (it may run an earlier build than ours). ``clock=False`` leaves the
+    writer's clock out. Bytes that are no checkpoint are returned as they are."""
     try:
         cp = decode_checkpoint(data)
     except CodecError:
         return data  # not ours to judge: the reader refuses it as it would anyway
-    if not cp.hlc:
+    if not cp.is_checkpoint or (not data.startswith(MAGIC_V3) and (clock or not cp.hlc)):
         return data
-    return encode_checkpoint(cp.events, cp.mirrors)
+    return encode_checkpoint(cp.events, cp.mirrors, hlc=cp.hlc if clock else 0)
 
 
 def tombstone_events(

@@ -25,7 +25,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from cluster.chain import parse_id, split_on_gaps
-from cluster.checkpoint import without_clock
+from cluster.checkpoint import as_version_2, without_clock
 from cluster.errors import ClusterError
 from cluster.linksend import _Window, confirmed_key, oldest_ms
 from cluster.redisconn import AsyncClient
@@ -207,9 +207,11 @@ class LogReader:
                 f"slot {slot}: its log went back behind the copied {position}; waiting for "
                 "a checkpoint above it"
             )
-        data = cp.data
+        # Version 2 whatever this node writes: the destination may run an earlier build.
         if parse_id(missing) <= parse_id(position):
-            data = without_clock(data)
+            data = without_clock(cp.data)
+        else:
+            data = as_version_2(cp.data)
         self.gaps_total += 1
         log.warning(
             "link %s→%s: slot %d was trimmed past %s; resyncing from its checkpoint at %s",

@@ -342,6 +342,14 @@ class ClusterConfig:
     checkpoint_interval_s: float = _opt(
         5.0, "float", "how often changed slots are checkpointed to Redis", lo=0, lo_open=True
     )
+    checkpoint_version: int = _opt(
+        3,
+        "int",
+        "the checkpoint format written: 3 (ack tombstones encoded once), or 2 while nodes "
+        "of an earlier build, which read 2 only, still run in the region",
+        lo=2,
+        hi=3,
+    )
     link_max_backlog_s: float = _opt(
         120.0,
         "float",

@@ -33,7 +33,10 @@ class Checkpoints(Snapshots):
         as tombstones and the clock now; and the mirror positions it covers."""
         positions = self.positions.mirrors_of(slot)
         room = DEFAULT_MAX_EVENTS - len(events)
-        batches, fresh = self._checkpoint_tombstones(slot, room)
+        if self.config.cluster.checkpoint_version >= 3:
+            batches, fresh = self._checkpoint_tombstones(slot, room)
+        else:  # version 2: the window's newest, all encoded afresh (for earlier builds)
+            batches, fresh = [], self.acks.newest(slot, room)
         acks = tombstone_events(fresh, self.region, limit=len(fresh))
         hlc = self.node.clock.tick(self.wall_ms())
         data = encode_checkpoint(

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,40 +166,51 @@ class Snapshots(Appends):
         assert self.slots_dir is not None
         failed: list[int] = []
         last_error: Exception | None = None
-        # The core says which slots are due (cluster/persist.py) and hears each outcome.
-        due = list(self.core.step(SnapshotDue(self.clock(), budget)).snapshots)
-        while due:
-            # Small slots go to the writer thread together, captured in one reactor turn
-            # (a thread hand-off per slot costs the reactor more than a small slot's
-            # capture); a batch ends once it holds SNAPSHOT_BATCH_ITEMS records and
-            # tombstones, so a large slot still goes alone, one short turn each.
-            batch: list[tuple[int, _Captured]] = []
-            size = 0
-            while due and size < SNAPSHOT_BATCH_ITEMS:
-                slot = due.pop(0)
-                if not self.core.step(SnapshotStart(slot, self.clock())).snapshots:
-                    continue  # no longer held: forgotten
-                state = self._capture(slot)
-                assert state is not None  # the core saw it held, in this same turn
-                batch.append((slot, state))
-                size += state.size
-            if not batch:
-                continue
-            outcomes = await asyncio.to_thread(self._encode_and_write_many, batch)
-            for (slot, _), outcome in zip(batch, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    # Full disk, I/O error: keep serving; the previous snapshot stays.
-                    self.snapshot_stats["failures"] += 1
-                    self.core.step(SnapshotFailed(slot))
-                    failed.append(slot)
-                    last_error = outcome
+        # The core says which slots are due (cluster/persist.py) and hears each outcome:
+        # every slot it named is reported, written or failed, whatever happens here (one
+        # left in flight would never be taken again).
+        due = deque(self.core.step(SnapshotDue(self.clock(), budget)).snapshots)
+        batch: list[tuple[int, _Captured]] = []
+        try:
+            while due:
+                # Small slots go to the writer thread together, captured in one reactor
+                # turn (a thread hand-off per slot costs the reactor more than a small
+                # slot's capture); a batch ends once it holds SNAPSHOT_BATCH_ITEMS records
+                # and tombstones, so a large slot still goes alone, one short turn each.
+                batch, size = [], 0
+                while due and size < SNAPSHOT_BATCH_ITEMS:
+                    slot = due[0]
+                    if not self.core.step(SnapshotStart(slot, self.clock())).snapshots:
+                        due.popleft()
+                        continue  # no longer held: forgotten
+                    state = self._capture(slot)
+                    assert state is not None  # the core saw it held, in this same turn
+                    batch.append((slot, state))
+                    due.popleft()
+                    size += state.size
+                if not batch:
                     continue
-                n, runs = outcome
-                for run in runs:
-                    self.sealed_tombstones.seal(slot, run)
-                self.core.step(SnapshotWritten(slot, self.clock()))
-                self.snapshot_stats["written"] += 1
-                self.snapshot_stats["bytes"] += n
+                writing = asyncio.ensure_future(
+                    asyncio.to_thread(self._encode_and_write_many, batch)
+                )
+                done, batch = batch, []
+                try:
+                    outcomes = await asyncio.shield(writing)
+                except asyncio.CancelledError:
+                    # The thread goes on writing: its slots are reported when it is done,
+                    # not before (a slot is never taken while its write is in flight).
+                    writing.add_done_callback(functools.partial(self._report_late, done))
+                    raise
+                except Exception as e:  # the hand-off itself (an executor shut down)
+                    outcomes = [e] * len(done)
+                for slot, err in self._report(done, outcomes):
+                    failed.append(slot)
+                    last_error = err
+        finally:
+            # Cancelled (the node stops) or a bug above: what was not handed off stays
+            # dirty, to be taken again.
+            for slot in [s for s, _ in batch] + list(due):
+                self.core.step(SnapshotFailed(slot))
         if failed:
             log.warning(
                 "snapshots of %d slots failed (first: slot %d): %s",
@@ -205,6 +218,45 @@ class Snapshots(Appends):
                 failed[0],
                 last_error,
             )
+
+    def _report(
+        self,
+        done: list[tuple[int, _Captured]],
+        outcomes: list[tuple[int, list[Sealed]] | Exception],
+    ) -> list[tuple[int, Exception]]:
+        """Step each slot's outcome into the core; return the failed ones."""
+        failed = []
+        for (slot, _), outcome in zip(done, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                # Full disk, I/O error: keep serving; the previous snapshot stays.
+                self.snapshot_stats["failures"] += 1
+                self.core.step(SnapshotFailed(slot))
+                failed.append((slot, outcome))
+                continue
+            n, runs = outcome
+            for run in runs:
+                self.sealed_tombstones.seal(slot, run)
+            self.core.step(SnapshotWritten(slot, self.clock()))
+            self.snapshot_stats["written"] += 1
+            self.snapshot_stats["bytes"] += n
+        return failed
+
+    def _report_late(
+        self,
+        done: list[tuple[int, _Captured]],
+        f: asyncio.Future[list[tuple[int, list[Sealed]] | Exception]],
+    ) -> None:
+        """The writes of a tick cancelled meanwhile are done: report them."""
+        if f.cancelled():
+            outcomes: list[tuple[int, list[Sealed]] | Exception] = [
+                RuntimeError("cancelled")
+            ] * len(done)
+        elif (exc := f.exception()) is not None:
+            outcomes = [exc if isinstance(exc, Exception) else RuntimeError(str(exc))] * len(done)
+        else:
+            outcomes = f.result()
+        for slot, err in self._report(done, outcomes):
+            log.warning("snapshot of slot %d failed: %s", slot, err)
 
     def _encode_and_write_many(
         self, batch: list[tuple[int, _Captured]]

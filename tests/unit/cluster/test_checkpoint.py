@@ -128,3 +128,21 @@ def test_a_version_3_checkpoint_cut_anywhere_is_a_codec_error(sizes: list[int], 
         return
     with pytest.raises(CodecError):
         decode_checkpoint(data[:cut])
+
+
+def test_a_link_sends_version_2_whatever_this_node_writes() -> None:
+    from cluster.checkpoint import MAGIC_V2, as_version_2, without_clock
+
+    sealed = [encode_batch(tombstone_events([("inbox:a", "old", 3)], "sg", limit=1))]
+    v3 = encode_checkpoint([msg("m1")], {"fra": {7: "12-0"}}, hlc=99, batches=sealed)
+    for data, hlc in ((as_version_2(v3), 99), (without_clock(v3), 0)):
+        assert data.startswith(MAGIC_V2)
+        cp = decode_checkpoint(data)
+        assert cp.hlc == hlc and cp.mirrors == {"fra": {7: "12-0"}}
+        assert cp.events == decode_checkpoint(v3).events
+    # Older formats and plain batches go as they are.
+    v2 = encode_checkpoint([msg("m1")], {}, hlc=5)
+    assert as_version_2(v2) == v2
+    plain = encode_batch([msg("m")])
+    assert as_version_2(plain) == plain and without_clock(plain) == plain
+    assert decode_checkpoint(without_clock(v2)).hlc == 0

@@ -139,3 +139,49 @@ async def test_a_new_owner_rebuilds_the_slot_from_a_version_3_checkpoint() -> No
     held = [i for _, i, _ in r2.acks.by_slot.get(slot, ())]
     assert held == [f"a{i}" for i in range(n)]
     await log.close()
+
+
+@aio
+async def test_a_sealed_run_astride_the_window_does_not_drop_a_message_published_again() -> None:
+    # What the writer makes: a run sealed while all of it was fresh, half of it stale a
+    # window later, in the checkpoint a new owner reads after the same id came again.
+    now = [NOW_MS]
+    log = MemorySlotLog("sg")
+    r = memory_router("sg/n1", log, wall_ms=lambda: now[0])
+    r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    slot = slot_of(CH, r.slots)
+    await r._claim_now(slot)
+    window_ms = r.node.dedupe.window_ms
+    for i in range(SEAL_TOMBSTONES):  # a millisecond apart
+        now[0] = NOW_MS + i
+        r._tombstone(slot, CH, [f"a{i}"], (NOW_MS + i) << 16)
+    await r._checkpoint(slot)  # seals the run
+    now[0] = NOW_MS + window_ms + SEAL_TOMBSTONES // 2  # a0 … a249 are past the window
+    r._tombstone(slot, CH, ["later"], now[0] << 16)
+    publish_at(r, CH, "a10")  # the same id again, after the window: a new message
+    await r._flush(force=True)
+    assert [m.id for m in r.node.store.pending(CH, now[0])] == ["a10"]
+    await r._checkpoint(slot)
+    r2 = memory_router("sg/n2", log, wall_ms=lambda: now[0])
+    r2.ring = Ring({"sg/n2": 1.0}, slots=r2.slots, replicas=r2.replicas)
+    await r2._claim_now(slot)
+    assert [m.id for m in r2.node.store.pending(CH, now[0])] == ["a10"]
+    held = {i for _, i, _ in r2.acks.by_slot.get(slot, ())}
+    assert "a10" not in held and "a300" in held and "later" in held
+    await log.close()
+
+
+@aio
+async def test_version_2_is_written_while_earlier_builds_run_in_the_region() -> None:
+    from dataclasses import replace
+
+    from cluster.checkpoint import MAGIC_V2
+
+    r, log, slot = await _owner()
+    r.config = replace(r.config, cluster=replace(r.config.cluster, checkpoint_version=2))
+    n = SEAL_TOMBSTONES + 30
+    _acked(r, slot, 0, n)
+    data, _ = r._checkpoint_data(slot, [])
+    assert data.startswith(MAGIC_V2)
+    assert sorted(_ack_ids(data)) == sorted(f"a{i}" for i in range(n))
+    await log.close()

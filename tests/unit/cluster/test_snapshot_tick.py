@@ -4,8 +4,10 @@ a write or a directory sync that fails leaves exactly the slots it concerns dirt
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ def thread_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
     def counted(self: Any, batch: list[Any]) -> Any:
         calls.append(len(batch))
+        self.batches_seen = [*getattr(self, "batches_seen", []), [s for s, _ in batch]]
         return real(self, batch)
 
     monkeypatch.setattr(snapshots_mod.Snapshots, "_encode_and_write_many", counted)
@@ -149,4 +152,80 @@ async def test_one_slot_that_cannot_be_written_fails_alone(
     await r._snapshot_once(r.slots)
     assert r.data_at_risk()["unsaved_slots"] == 0
     assert set(load_snapshots(r.slots_dir)[0]) == slots
+    await log.close()
+
+
+@aio
+async def test_a_large_slot_ends_its_batch_and_small_ones_share_one(
+    tmp_path: Path, thread_calls: list[int]
+) -> None:
+    r, log, slots = await _router_with_dirty_slots(tmp_path)
+    big_ch = CHANNELS[0]
+    big = slot_of(big_ch, r.slots)
+    for i in range(snapshots_mod.SNAPSHOT_BATCH_ITEMS + 10):
+        publish_at(r, big_ch, f"big{i}")
+    await r._flush(force=True)
+    await r._snapshot_once(r.slots)
+    assert sum(thread_calls) == len(slots) and len(thread_calls) >= 2
+    with_big = next(b for b in r.batches_seen if big in b)
+    assert with_big[-1] == big  # nothing was added after it
+    assert max(thread_calls) > 1  # the small ones went several at a time
+    assert r.snapshot_stats["written"] == len(slots)
+    await log.close()
+
+
+@aio
+async def test_a_failed_hand_off_leaves_every_slot_dirty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, log, slots = await _router_with_dirty_slots(tmp_path)
+
+    def broken(self: Any, batch: list[Any]) -> Any:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    with monkeypatch.context() as m:
+        m.setattr(snapshots_mod.Snapshots, "_encode_and_write_many", broken)
+        await r._snapshot_once(r.slots)
+    assert r.snapshot_stats["failures"] == len(slots)
+    assert r.data_at_risk()["unsaved_slots"] == len(slots)
+    await r._snapshot_once(r.slots)  # none was left in flight: all are taken again
+    assert r.snapshot_stats["written"] == len(slots)
+    assert r.data_at_risk()["unsaved_slots"] == 0
+    await log.close()
+
+
+@aio
+async def test_a_tick_cancelled_mid_write_leaves_its_slots_to_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, log, slots = await _router_with_dirty_slots(tmp_path)
+    monkeypatch.setattr(snapshots_mod, "SNAPSHOT_BATCH_ITEMS", 1)  # one slot a batch
+    started, release = threading.Event(), threading.Event()
+    real = snapshots_mod.Snapshots._encode_and_write_many
+
+    def slow(self: Any, batch: list[Any]) -> Any:
+        started.set()
+        release.wait(10)
+        return real(self, batch)
+
+    monkeypatch.setattr(snapshots_mod.Snapshots, "_encode_and_write_many", slow)
+    tick = asyncio.ensure_future(r._snapshot_once(r.slots))
+    assert await asyncio.to_thread(started.wait, 10)
+    tick.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await tick
+    # The slot being written is still in flight (not taken again while its thread
+    # writes); the others were never handed off and are dirty again.
+    assert r.snapshot_stats["written"] == 0
+    assert r.data_at_risk()["unsaved_slots"] == len(slots)
+    monkeypatch.setattr(snapshots_mod.Snapshots, "_encode_and_write_many", real)
+    await r._snapshot_once(r.slots)  # every slot but the one in flight
+    assert r.snapshot_stats["written"] == len(slots) - 1
+    assert r.snapshot_stats["failures"] == 0  # no two writes of one slot raced
+    release.set()  # the cancelled tick's write ends and is reported then
+    deadline = asyncio.get_running_loop().time() + 10
+    while r.snapshot_stats["written"] < len(slots):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    assert r.data_at_risk()["unsaved_slots"] == 0
     await log.close()
