@@ -112,24 +112,32 @@ def _mirrors(doc: dict[str, dict[str, str]]) -> dict[str, dict[int, str]]:
         raise CodecError(f"bad checkpoint positions: {e}") from None
 
 
-def without_clock(data: bytes) -> bytes:
+def without_clock(data: bytes, *, cutoff_hlc: int = 0) -> bytes:
     """The checkpoint ``data`` with its clock left out: merged by a reader as a plain
-    state, proving nothing gone (:func:`superseded` returns nothing for it). Version 2
-    (what a region of any build reads)."""
-    return as_version_2(data, clock=False)
+    state, proving nothing gone (:func:`superseded` returns nothing for it). Version 1
+    and 2 checkpoints stay in their version; version 3 becomes 2 (:func:`as_version_2`)."""
+    return as_version_2(data, clock=False, cutoff_hlc=cutoff_hlc)
 
 
-def as_version_2(data: bytes, *, clock: bool = True) -> bytes:
-    """The checkpoint ``data`` as version 2, which every build reads: what a link sends
-    another region (it may run an earlier build than ours). ``clock=False`` leaves the
-    writer's clock out. Bytes that are no checkpoint are returned as they are."""
+def as_version_2(data: bytes, *, clock: bool = True, cutoff_hlc: int = 0) -> bytes:
+    """A version-3 checkpoint as version 2, which every build reads: what a link sends
+    another region (it may run an earlier build than ours); other bytes as they are
+    (``clock=False``: a version-2 checkpoint loses its clock). ``clock=False`` leaves
+    the writer's clock out. ``cutoff_hlc``: tombstones older than this (the dedupe
+    window's start) are left out of a version-3 checkpoint — its sealed runs may carry
+    some, which a reader of an earlier build would apply (one could name a message
+    published again since with the same id). Raises InvariantError when the events do
+    not fit one batch (a slot of tens of MB pending)."""
     try:
         cp = decode_checkpoint(data)
     except CodecError:
         return data  # not ours to judge: the reader refuses it as it would anyway
-    if not cp.is_checkpoint or (not data.startswith(MAGIC_V3) and (clock or not cp.hlc)):
-        return data
-    return encode_checkpoint(cp.events, cp.mirrors, hlc=cp.hlc if clock else 0)
+    if not data.startswith(MAGIC_V3):
+        if not cp.is_checkpoint or clock or not cp.hlc:
+            return data
+        return encode_checkpoint(cp.events, cp.mirrors)
+    events = [e for e in cp.events if not (isinstance(e, AckEvent) and e.hlc < cutoff_hlc)]
+    return encode_checkpoint(events, cp.mirrors, hlc=cp.hlc if clock else 0)
 
 
 def tombstone_events(

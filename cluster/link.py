@@ -116,8 +116,10 @@ class Link(WindowSender, LogReader):
         slots: int,
         lease_ttl_ms: int = 3000,
         bounds: WindowBounds | None = None,
+        dedupe_window_ms: int = 600_000,
     ) -> None:
         self.region = region
+        self.dedupe_window_ms = dedupe_window_ms
         self.dest = dest
         self.node_id = node_id
         self.slots = slots

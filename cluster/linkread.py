@@ -31,6 +31,7 @@ from cluster.linksend import _Window, confirmed_key, oldest_ms
 from cluster.redisconn import AsyncClient
 from cluster.slotlog import RedisSlotLog, TailEntry
 from cluster.window import WindowBounds, WindowPlan
+from relay.errors import InvariantError
 
 log = logging.getLogger("cluster.link")
 
@@ -65,6 +66,8 @@ class LogReader:
     backlog_entries: int
     waiting_oldest_ms: int | None
     gaps_total: int
+    # The dedupe window (store.dedupe_window_s): a resync leaves out older tombstones.
+    dedupe_window_ms: int = 600_000
 
     async def _measure_waiting(self) -> None:
         """While the copy is failing or stuck, find the oldest entry not yet in the
@@ -207,11 +210,7 @@ class LogReader:
                 f"slot {slot}: its log went back behind the copied {position}; waiting for "
                 "a checkpoint above it"
             )
-        # Version 2 whatever this node writes: the destination may run an earlier build.
-        if parse_id(missing) <= parse_id(position):
-            data = without_clock(cp.data)
-        else:
-            data = as_version_2(cp.data)
+        data = await self._as_version_2(slot, cp.data, clock=parse_id(missing) > parse_id(position))
         self.gaps_total += 1
         log.warning(
             "link %s→%s: slot %d was trimmed past %s; resyncing from its checkpoint at %s",
@@ -226,6 +225,26 @@ class LogReader:
         # Sent in the window, in the slot's place: the receiver writes it above the
         # mirror's top, its ``p`` our position, so the mirror's chain stays whole.
         return TailEntry(slot, cp.covers_id, data, position)
+
+    async def _as_version_2(self, slot: int, data: bytes, *, clock: bool) -> bytes:
+        """``data`` as version 2 whatever this node writes (the destination may run an
+        earlier build), tombstones older than the dedupe window left out, its clock
+        kept or not; converted in a thread (a slot's checkpoint may take tens of ms).
+        One too large to convert goes as it is (a destination of this build reads it)."""
+        cutoff = (int(time.time() * 1000) - self.dedupe_window_ms) << 16
+        convert = as_version_2 if clock else without_clock
+        try:
+            return await asyncio.to_thread(convert, data, cutoff_hlc=cutoff)
+        except InvariantError as e:
+            log.warning(
+                "link %s→%s: slot %d's checkpoint goes in version 3 (%s): a region of an "
+                "earlier build cannot read it",
+                self.region,
+                self.dest,
+                slot,
+                e,
+            )
+            return data
 
 
 # What a link read ahead: the positions it read after, and what it read.

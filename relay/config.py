@@ -346,7 +346,7 @@ class ClusterConfig:
         3,
         "int",
         "the checkpoint format written: 3 (ack tombstones encoded once), or 2 while nodes "
-        "of an earlier build, which read 2 only, still run in the region",
+        "of an earlier build, which cannot read 3, still run in the region",
         lo=2,
         hi=3,
     )

@@ -254,6 +254,7 @@ class RegionState:
                 slots=self.slots,
                 lease_ttl_ms=c.lease_ttl_ms,
                 bounds=bounds_of(c),
+                dedupe_window_ms=self.config.store.dedupe_window_s * 1000,
             )
             for name, url in sorted(self.peers.items())
         ]

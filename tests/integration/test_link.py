@@ -139,3 +139,43 @@ async def test_a_trimmed_resume_point_is_resynced_from_the_checkpoint(two: Any) 
         assert (mirror[0].prev, mirror[2].prev) == (START_ID, mid[-1])
         assert second.status(0)["gaps_total"] == 1
         await second.stop()
+
+
+@aio
+async def test_a_version_3_checkpoint_is_resynced_as_version_2_without_stale_tombstones(
+    two: Any,
+) -> None:
+    import time
+
+    from cluster.checkpoint import MAGIC_V2, decode_checkpoint, encode_checkpoint
+    from relay.codec import AckEvent, MessageEvent, encode_batch
+
+    origin_url, dest_url = two
+    now_ms = int(time.time() * 1000)
+    window_ms = 600_000
+    stale = AckEvent("inbox:a", ("old",), (now_ms - window_ms - 60_000) << 16, "sg")
+    fresh = AckEvent("inbox:a", ("new",), (now_ms - 1_000) << 16, "sg")
+    pending = MessageEvent("kept", "inbox:a", "anon", now_ms << 16, "sg", b"b", 2**50)
+    v3 = encode_checkpoint([pending], {}, hlc=now_ms << 16, batches=[encode_batch([stale, fresh])])
+    async with ends(two) as (origin, dest):
+        await origin.set_owner(5, A, 1)
+        first = link(origin_url, dest_url)
+        first.start()
+        await origin.append(5, A, 1, b"old")
+        await until(lambda: first.copied_entries == 1, what="first copy")
+        await first.stop()
+        mid = [await origin.append(5, A, 1, b"mid-%d" % i) for i in range(3)]
+        await origin.write_checkpoint(5, A, 1, v3, mid[-1])
+        await origin.trim(5, mid[-1])
+        await origin.append(5, A, 1, b"after")
+        second = link(origin_url, dest_url)
+        second.start()
+        await until(lambda: second.copied_entries >= 1 and second.gaps_total == 1, what="resync")
+        mirror = await dest.read(5, origin="sg")
+        assert [e.id for e in mirror][1] == mid[-1]
+        sent = mirror[1].data
+        assert sent.startswith(MAGIC_V2)  # what a region of any build reads
+        cp = decode_checkpoint(sent)
+        assert cp.hlc == now_ms << 16
+        assert cp.events == [fresh, pending]  # the tombstone past the window left out
+        await second.stop()

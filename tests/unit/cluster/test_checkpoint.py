@@ -146,3 +146,17 @@ def test_a_link_sends_version_2_whatever_this_node_writes() -> None:
     plain = encode_batch([msg("m")])
     assert as_version_2(plain) == plain and without_clock(plain) == plain
     assert decode_checkpoint(without_clock(v2)).hlc == 0
+
+
+def test_version_3_sent_as_version_2_leaves_out_tombstones_past_the_cutoff() -> None:
+    from cluster.checkpoint import as_version_2, without_clock
+
+    old = AckEvent("inbox:a", ("old",), 100, "sg")
+    new = AckEvent("inbox:a", ("new",), 300, "sg")
+    v3 = encode_checkpoint([msg("m1")], {}, hlc=400, batches=[encode_batch([old, new])])
+    for convert in (as_version_2, without_clock):
+        assert decode_checkpoint(convert(v3, cutoff_hlc=200)).events == [new, msg("m1")]
+        assert decode_checkpoint(convert(v3)).events == [old, new, msg("m1")]
+    # A version-2 checkpoint is not touched (its tombstones were the window's when written).
+    v2 = encode_checkpoint([old, msg("m1")], {}, hlc=400)
+    assert as_version_2(v2, cutoff_hlc=200) == v2
