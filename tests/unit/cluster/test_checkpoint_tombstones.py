@@ -21,10 +21,14 @@ NOW_MS = 1_000_000_000
 CH = "inbox:erin"
 
 
-async def _owner() -> tuple[Any, MemorySlotLog, int]:
-    log = MemorySlotLog("sg")
-    r = memory_router("sg/n1", log, wall_ms=lambda: NOW_MS)
-    r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+async def _owner(
+    log: MemorySlotLog | None = None, node: str = "sg/n1", wall_ms: Any = lambda: NOW_MS
+) -> tuple[Any, MemorySlotLog, int]:
+    """``node`` owning CH's slot of ``log`` (a new one when None): a first owner, or
+    one taking the slot over (it rebuilds it from the checkpoint and the log)."""
+    log = MemorySlotLog("sg") if log is None else log
+    r = memory_router(node, log, wall_ms=wall_ms)
+    r.ring = Ring({node: 1.0}, slots=r.slots, replicas=r.replicas)
     slot = slot_of(CH, r.slots)
     await r._claim_now(slot)
     return r, log, slot
@@ -132,9 +136,7 @@ async def test_a_new_owner_rebuilds_the_slot_from_a_version_3_checkpoint() -> No
     stored = await log.read_checkpoint(slot)
     assert stored is not None and stored.data.startswith(MAGIC_V3)
     # Another node takes the slot over from the same log (the first one is gone).
-    r2 = memory_router("sg/n2", log, wall_ms=lambda: NOW_MS)
-    r2.ring = Ring({"sg/n2": 1.0}, slots=r2.slots, replicas=r2.replicas)
-    await r2._claim_now(slot)
+    r2, _, _ = await _owner(log, "sg/n2")
     assert [m.id for m in r2.node.store.pending(CH, NOW_MS)] == ["kept"]
     held = [i for _, i, _ in r2.acks.by_slot.get(slot, ())]
     assert held == [f"a{i}" for i in range(n)]
@@ -146,11 +148,7 @@ async def test_a_sealed_run_astride_the_window_does_not_drop_a_message_published
     # What the writer makes: a run sealed while all of it was fresh, half of it stale a
     # window later, in the checkpoint a new owner reads after the same id came again.
     now = [NOW_MS]
-    log = MemorySlotLog("sg")
-    r = memory_router("sg/n1", log, wall_ms=lambda: now[0])
-    r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
-    slot = slot_of(CH, r.slots)
-    await r._claim_now(slot)
+    r, log, slot = await _owner(wall_ms=lambda: now[0])
     window_ms = r.node.dedupe.window_ms
     for i in range(SEAL_TOMBSTONES):  # a millisecond apart
         now[0] = NOW_MS + i
@@ -162,9 +160,7 @@ async def test_a_sealed_run_astride_the_window_does_not_drop_a_message_published
     await r._flush(force=True)
     assert [m.id for m in r.node.store.pending(CH, now[0])] == ["a10"]
     await r._checkpoint(slot)
-    r2 = memory_router("sg/n2", log, wall_ms=lambda: now[0])
-    r2.ring = Ring({"sg/n2": 1.0}, slots=r2.slots, replicas=r2.replicas)
-    await r2._claim_now(slot)
+    r2, _, _ = await _owner(log, "sg/n2", wall_ms=lambda: now[0])
     assert [m.id for m in r2.node.store.pending(CH, now[0])] == ["a10"]
     held = {i for _, i, _ in r2.acks.by_slot.get(slot, ())}
     assert "a10" not in held and "a300" in held and "later" in held
