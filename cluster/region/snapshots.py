@@ -175,8 +175,9 @@ class Snapshots(Appends):
             while due:
                 # Small slots go to the writer thread together, captured in one reactor
                 # turn (a thread hand-off per slot costs the reactor more than a small
-                # slot's capture); a batch ends once it holds SNAPSHOT_BATCH_ITEMS records
-                # and tombstones, so a large slot still goes alone, one short turn each.
+                # slot's capture); a batch ends with the slot that takes it to
+                # SNAPSHOT_BATCH_ITEMS records and tombstones, so large slots go one or
+                # two to a turn, as before.
                 batch, size = [], 0
                 while due and size < SNAPSHOT_BATCH_ITEMS:
                     slot = due[0]

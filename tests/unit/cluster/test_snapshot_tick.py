@@ -19,7 +19,7 @@ import relay.snapshot_io as snapshot_io
 from cluster.ring import Ring, slot_of
 from cluster.slotlog import MemorySlotLog
 from relay.snapshot_io import load_snapshots, prepare_data_dir
-from tests.conftest import aio, memory_router, publish_at
+from tests.conftest import aio, memory_router, publish_at, until
 
 CHANNELS = [f"inbox:u{i}" for i in range(40)]
 
@@ -225,9 +225,6 @@ async def test_a_tick_cancelled_mid_write_leaves_its_slots_to_the_next(
         assert r.snapshot_stats["written"] == len(slots) - 1
     finally:
         release.set()  # the cancelled tick's write ends and is reported then
-    deadline = asyncio.get_running_loop().time() + 10
-    while r.snapshot_stats["written"] < len(slots):
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.01)
+    await until(lambda: r.snapshot_stats["written"] == len(slots), 10, what="the late report")
     assert r.data_at_risk()["unsaved_slots"] == 0
     await log.close()
