@@ -121,19 +121,22 @@ def without_clock(data: bytes, *, cutoff_hlc: int = 0) -> bytes:
 
 def as_version_2(data: bytes, *, clock: bool = True, cutoff_hlc: int = 0) -> bytes:
     """A version-3 checkpoint as version 2, which every build reads: what a link sends
-    another region (it may run an earlier build than ours); other bytes as they are
-    (``clock=False``: a version-2 checkpoint loses its clock). ``clock=False`` leaves
-    the writer's clock out. ``cutoff_hlc``: tombstones older than this (the dedupe
-    window's start) are left out of a version-3 checkpoint — its sealed runs may carry
-    some, which a reader of an earlier build would apply (one could name a message
-    published again since with the same id). Raises InvariantError when the events do
-    not fit one batch (a slot of tens of MB pending)."""
+    another region (it may run an earlier build than ours); other bytes as they are.
+    ``clock=False`` leaves the writer's clock out (of a version-2 checkpoint too).
+    ``cutoff_hlc``: tombstones older than this (the dedupe window's start) are left out
+    of a version-3 checkpoint — its sealed runs may carry some, which a reader of an
+    earlier build would apply (one could name a message published again since with the
+    same id). Raises InvariantError when the events do not fit one batch (a slot of
+    tens of MB pending)."""
+    v3 = data.startswith(MAGIC_V3)
+    if clock and not v3:
+        return data  # nothing to change: not decoded
     try:
         cp = decode_checkpoint(data)
     except CodecError:
         return data  # not ours to judge: the reader refuses it as it would anyway
-    if not data.startswith(MAGIC_V3):
-        if not cp.is_checkpoint or clock or not cp.hlc:
+    if not v3:
+        if not cp.is_checkpoint or not cp.hlc:
             return data
         return encode_checkpoint(cp.events, cp.mirrors)
     events = [e for e in cp.events if not (isinstance(e, AckEvent) and e.hlc < cutoff_hlc)]
