@@ -19,6 +19,10 @@ File format of ``<data_dir>/slots/<slot>.snap`` (integers little-endian)::
         state
             I  batch count
             per batch:              I len, a relay.codec batch (msgpack+lz4)
+        tombstone runs (version 2 only)
+            I  run count
+            per run:                Q run file, Q offset, I length, 16s blake2b of
+                                    those bytes, Q newest hlc of its tombstones
     trailer
         16s blake2b (digest_size=16) of header and body
 
@@ -26,6 +30,17 @@ The batches hold the slot's pending messages (``MessageEvent``) and then its ack
 tombstones (``AckEvent``), so a loader applies them with :func:`cluster.apply.apply_events`
 like any log entry. The state is cut into batches of a bounded size, so every batch
 decodes under the codec's default limits however large the slot.
+
+Version 2 (written only when there are runs): a slot's older tombstones, sealed by
+:class:`SealedTombstones` 500 at a time, are written once to a *run file*
+(``<data_dir>/tombstones/<n>.tomb``, :func:`encode_run_file`) and every later snapshot of
+the slot names them (:class:`RunRef`) instead of carrying them again: a busy node holds
+a dedupe window of tombstones (ten minutes of acks), and rewriting all of them with
+every changed slot every tick made the snapshots' disk writes grow with uptime, not with
+what changed. A run's bytes are a sequence of ``I len, batch`` (its tombstones as
+``AckEvent``s) and its digest is checked on load. The runs' events come between the
+messages and the batches' tombstones (tombstones stay oldest first). A run wholly older
+than the dedupe window is not read (it dedupes nothing): its file may be gone.
 
 :func:`decode_snapshot` trusts nothing: it returns a snapshot only when every check
 passed, and refuses anything else with :class:`SnapshotError` — never another exception,
@@ -38,7 +53,7 @@ import hashlib
 import heapq
 import re
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -56,6 +71,8 @@ from relay.store import MAX_ORIGIN_BYTES
 
 MAGIC: Final = b"RSNP"
 VERSION: Final = 1
+VERSION_RUNS: Final = 2  # version 1 plus the tombstone runs
+READS: Final = (VERSION, VERSION_RUNS)
 MAX_SLOT: Final = 2**32 - 1
 
 _HEADER: Final = struct.Struct("<4sHIHQ")
@@ -64,6 +81,12 @@ DIGEST_SIZE: Final = 16
 _U8: Final = struct.Struct("<B")
 _U16: Final = struct.Struct("<H")
 _U32: Final = struct.Struct("<I")
+_RUN_REF: Final = struct.Struct("<QQI16sQ")
+# A run file: this magic and version, then the runs' bytes back to back (each run's
+# place and digest are in the snapshots that name it).
+RUN_MAGIC: Final = b"RTMB"
+RUN_VERSION: Final = 1
+RUN_HEADER: Final = RUN_MAGIC + struct.pack("<H", RUN_VERSION)
 
 # A batch is cut when it holds this many events or its estimated msgpack size passes
 # this many bytes: well inside the codec's defaults (100 000 events, 64 MiB). Small
@@ -103,6 +126,7 @@ class Snapshot:
     log_id: str
     mirrors: Mapping[str, str]
     events: tuple[Event, ...]
+    runs: tuple[RunRef, ...] = ()  # the tombstone runs it names (version 2)
 
     @property
     def messages(self) -> list[MessageEvent]:
@@ -132,6 +156,7 @@ def encode_snapshot(
     *,
     region: str = "",
     tombstone_batches: Sequence[bytes] = (),
+    tombstone_runs: Sequence[RunRef] = (),
 ) -> bytes:
     """The bytes of ``slot``'s snapshot file.
 
@@ -141,9 +166,11 @@ def encode_snapshot(
     written as ``AckEvent``s from ``region`` (this node's region, required when there are
     tombstones). ``tombstone_batches``: older tombstones already encoded by
     :func:`encode_tombstones` (sealed), written between the messages and ``tombstones``
-    so that tombstones stay oldest first. Raises :class:`~relay.errors.InvariantError`
-    for what :func:`decode_snapshot` would refuse — a bug in the caller, never to be
-    written.
+    so that tombstones stay oldest first. ``tombstone_runs``: older tombstones still,
+    in run files already on disk, named rather than written (version 2; a snapshot
+    without them is version 1, which every earlier build reads). Raises
+    :class:`~relay.errors.InvariantError` for what :func:`decode_snapshot` would
+    refuse — a bug in the caller, never to be written.
 
     It only reads its arguments (events are frozen), so the caller may capture the state
     on the reactor and encode it in a thread: a slot of 4 MB of messages takes about
@@ -169,8 +196,18 @@ def encode_snapshot(
     for b in batches:
         parts.append(_U32.pack(len(b)))
         parts.append(b)
+    version = VERSION
+    if tombstone_runs:
+        version = VERSION_RUNS
+        parts.append(_U32.pack(len(tombstone_runs)))
+        for ref in tombstone_runs:
+            if len(ref.digest) != DIGEST_SIZE:
+                raise InvariantError(f"a run's digest is {len(ref.digest)} bytes")
+            parts.append(
+                _RUN_REF.pack(ref.file, ref.offset, ref.length, ref.digest, ref.newest_hlc)
+            )
     body = b"".join(parts)
-    header = _HEADER.pack(MAGIC, VERSION, slot, 0, len(body))
+    header = _HEADER.pack(MAGIC, version, slot, 0, len(body))
     digest = hashlib.blake2b(header, digest_size=DIGEST_SIZE)
     digest.update(body)
     return b"".join((header, body, digest.digest()))
@@ -186,11 +223,44 @@ def encode_tombstones(tombstones: Iterable[Tombstone], region: str) -> tuple[byt
 @dataclass(frozen=True, slots=True)
 class Sealed:
     """Tombstones ``start`` to ``end`` (their sequence numbers, end excluded) of a slot,
-    encoded."""
+    encoded; ``newest_hlc``: the newest hlc among them."""
 
     start: int
     end: int
     batches: tuple[bytes, ...]
+    newest_hlc: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RunRef:
+    """Where a sealed run of tombstones is on disk: ``length`` bytes at ``offset`` of run
+    file ``file``, whose blake2b (16 bytes) is ``digest``; ``newest_hlc``: the newest hlc
+    of its tombstones (a run older than the dedupe window need not be read)."""
+
+    file: int
+    offset: int
+    length: int
+    digest: bytes
+    newest_hlc: int
+
+
+def run_bytes(run: Sealed) -> bytes:
+    """A sealed run as it is written to a run file (``I len, batch`` each)."""
+    return b"".join(_U32.pack(len(b)) + b for b in run.batches)
+
+
+def encode_run_file(runs: Sequence[Sealed], file: int) -> tuple[bytes, list[RunRef]]:
+    """Run file number ``file`` holding ``runs``: its bytes, and where each run is."""
+    parts = [RUN_HEADER]
+    refs = []
+    offset = len(RUN_HEADER)
+    for run in runs:
+        chunk = run_bytes(run)
+        digest = hashlib.blake2b(chunk, digest_size=DIGEST_SIZE).digest()
+        refs.append(RunRef(file, offset, len(chunk), digest, run.newest_hlc))
+        parts.append(chunk)
+        offset += len(chunk)
+    return b"".join(parts), refs
 
 
 class SealedTombstones:
@@ -251,6 +321,7 @@ class SealedTombstones:
                 start + i,
                 start + i + self.seal_every,
                 encode_tombstones(tombstones[i : i + self.seal_every], region),
+                max(t[2] for t in tombstones[i : i + self.seal_every]),
             )
             for i in range(0, n, self.seal_every)
         ]
@@ -311,10 +382,20 @@ def _chunks(events: list[Event]) -> Iterator[list[Event]]:
 # ---------------------------------------------------------------- decode
 
 
-def decode_snapshot(data: bytes, *, slot: int | None = None) -> Snapshot:
+def decode_snapshot(
+    data: bytes,
+    *,
+    slot: int | None = None,
+    runs: Callable[[RunRef], bytes | None] | None = None,
+    cutoff_hlc: int = 0,
+) -> Snapshot:
     """Check and decode a snapshot made by :func:`encode_snapshot`.
 
     ``slot``: the slot the file is named for; a snapshot of another slot is refused.
+    ``runs``: the bytes a :class:`RunRef` names (None when its file is missing or too
+    short); a run whose ``newest_hlc`` is below ``cutoff_hlc`` (older than the dedupe
+    window) is left out without being read. A run needed and missing, or whose bytes
+    fail their digest, refuses the snapshot.
     Raises :class:`SnapshotError` — and nothing else, whatever the bytes — for a foreign
     file, a version this node cannot read, a truncated, extended or corrupt file (the
     checksum covers every byte), or a wrong slot. The caller must then load none of it.
@@ -325,8 +406,10 @@ def decode_snapshot(data: bytes, *, slot: int | None = None) -> Snapshot:
     if n < 6:
         raise SnapshotError(f"truncated snapshot: {n} bytes, shorter than its header")
     (version,) = _U16.unpack_from(data, 4)
-    if version != VERSION:
-        raise SnapshotError(f"snapshot version {version}, this node reads {VERSION}")
+    if version not in READS:
+        raise SnapshotError(
+            f"snapshot version {version}, this node reads {VERSION} and {VERSION_RUNS}"
+        )
     if n < HEADER_SIZE:
         raise SnapshotError(f"truncated snapshot: {n} bytes, shorter than its header")
     _, _, held, flags, body_len = _HEADER.unpack_from(data)
@@ -356,14 +439,51 @@ def decode_snapshot(data: bytes, *, slot: int | None = None) -> Snapshot:
         mirrors[origin] = r.stream_id(f"mirror id of {origin!r}")
     events: list[Event] = []
     for _ in range(r.u32()):
-        batch = r.take(r.u32())
-        try:
-            events.extend(decode_batch(batch))
-        except CodecError as exc:
-            raise SnapshotError(f"bad batch in snapshot: {exc}") from None
+        events.extend(_decode(r.take(r.u32()), "batch in snapshot"))
+    refs: list[RunRef] = []
+    if version == VERSION_RUNS:
+        refs = [_read_ref(r) for _ in range(r.u32())]
+        if not refs:
+            raise SnapshotError("a version 2 snapshot names no tombstone runs")
+        older: list[Event] = []
+        for ref in refs:
+            if ref.newest_hlc < cutoff_hlc:
+                continue  # wholly older than the dedupe window: dedupes nothing
+            older.extend(_run_events(ref, runs(ref) if runs is not None else None))
+        # The runs' tombstones are older than those in the batches: messages first, then
+        # the runs, then the rest.
+        msgs = [e for e in events if not isinstance(e, AckEvent)]
+        events = [*msgs, *older, *(e for e in events if isinstance(e, AckEvent))]
     if r.left:
         raise SnapshotError(f"{r.left} unread bytes at the end of the snapshot body")
-    return Snapshot(held, log_id, mirrors, tuple(events))
+    return Snapshot(held, log_id, mirrors, tuple(events), tuple(refs))
+
+
+def _decode(batch: bytes, what: str) -> list[Event]:
+    try:
+        return decode_batch(batch)
+    except CodecError as exc:
+        raise SnapshotError(f"bad {what}: {exc}") from None
+
+
+def _run_events(ref: RunRef, chunk: bytes | None) -> list[Event]:
+    where = f"tombstone run at {ref.offset} of run file {ref.file}"
+    if chunk is None or len(chunk) != ref.length:
+        raise SnapshotError(f"{where} is missing (its file is gone or too short)")
+    if hashlib.blake2b(chunk, digest_size=DIGEST_SIZE).digest() != ref.digest:
+        raise SnapshotError(f"{where} fails its checksum")
+    r = _Reader(memoryview(chunk))
+    out: list[Event] = []
+    while r.left:
+        out.extend(_decode(r.take(r.u32()), where))
+    if not all(isinstance(e, AckEvent) for e in out):
+        raise SnapshotError(f"{where} holds events other than tombstones")
+    return out
+
+
+def _read_ref(r: _Reader) -> RunRef:
+    file, offset, length, digest, newest = _RUN_REF.unpack(r.take(_RUN_REF.size))
+    return RunRef(file, offset, length, digest, newest)
 
 
 class _Reader:

@@ -6,6 +6,11 @@ The edge of :mod:`relay.snapshot` (which makes and checks the bytes). Layout::
         slots/             0700
             <slot>.snap    0600, one per slot this node holds
             <slot>.snap.tmp  a write in progress, or left by a crash (removed on load)
+        tombstones/        0700
+            <n>.tomb       0600, runs of older ack tombstones, written once, named by
+                           the snapshots (relay/snapshot.py, version 2); removed once
+                           every tombstone in it is older than the dedupe window
+            <n>.tomb.tmp   as above
 
 Every function here is synchronous and may block on the disk (``fsync`` can take tens of
 milliseconds, far more on a busy or failing disk). A node calls them off the reactor —
@@ -24,12 +29,15 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from relay.errors import InvariantError, RelayError
-from relay.snapshot import Snapshot, SnapshotError, decode_snapshot
+from relay.snapshot import RUN_HEADER, RunRef, Snapshot, SnapshotError, decode_snapshot
 
 SLOTS_DIR = "slots"
+RUNS_DIR = "tombstones"
+RUN_SUFFIX = ".tomb"
 SUFFIX = ".snap"
 TMP_SUFFIX = ".snap.tmp"
 DIR_MODE = 0o700
@@ -37,6 +45,8 @@ FILE_MODE = 0o600
 
 _SNAP_NAME = re.compile(r"(0|[1-9][0-9]{0,9})\.snap")
 _TMP_NAME = re.compile(r"(0|[1-9][0-9]{0,9})\.snap\.tmp")
+_RUN_NAME = re.compile(r"(0|[1-9][0-9]{0,18})\.tomb")
+_RUN_TMP_NAME = re.compile(r"(0|[1-9][0-9]{0,18})\.tomb\.tmp")
 
 
 class SnapshotDirError(RelayError):
@@ -69,8 +79,9 @@ class SnapshotWriteError(RelayError):
 
 
 def prepare_data_dir(path: str | os.PathLike[str]) -> Path:
-    """Create ``<path>`` and ``<path>/slots`` (mode 0700) where missing; return the slots
-    directory, which the other functions take.
+    """Create ``<path>``, ``<path>/slots`` and ``<path>/tombstones`` (mode 0700) where
+    missing; return the slots directory, which the other functions take (the run files'
+    directory is :func:`runs_dir` of it).
 
     Raises :class:`SnapshotDirError` if either is not a directory, is not owned by this
     process's user, or grants any access to group or others (snapshots hold message
@@ -78,7 +89,7 @@ def prepare_data_dir(path: str | os.PathLike[str]) -> Path:
     """
     data_dir = Path(path)
     slots_dir = data_dir / SLOTS_DIR
-    for d in (data_dir, slots_dir):
+    for d in (data_dir, slots_dir, data_dir / RUNS_DIR):
         try:
             _make_dir(d)
             st = os.stat(d)
@@ -120,6 +131,11 @@ def _check_dir(d: Path, st: os.stat_result) -> None:
             d,
             mode,
         )
+
+
+def runs_dir(slots_dir: Path) -> Path:
+    """Where the run files of tombstones live, beside ``slots_dir``."""
+    return slots_dir.parent / RUNS_DIR
 
 
 def snapshot_path(slots_dir: Path, slot: int) -> Path:
@@ -203,6 +219,77 @@ def sync_slots_dir(slots_dir: Path) -> None:
         ) from exc
 
 
+def write_run_file(slots_dir: Path, file: int, data: bytes) -> int:
+    """Write run file ``file`` (:func:`relay.snapshot.encode_run_file`) durably: tmp file,
+    fsync, rename, fsync of its directory, so that a snapshot naming it may be written
+    next. Return the bytes written. Raises :class:`SnapshotWriteError` (``slot`` None),
+    after removing the tmp file. Blocks on the disk."""
+    d = runs_dir(slots_dir)
+    final = d / f"{file}{RUN_SUFFIX}"
+    tmp = d / f"{file}{RUN_SUFFIX}.tmp"
+    renamed = False
+    try:
+        try:
+            fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
+        except FileExistsError:
+            _unlink_quietly(tmp)
+            fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        renamed = True
+        _fsync_dir(d)
+    except OSError as exc:
+        if not renamed:
+            with contextlib.suppress(OSError):
+                _unlink_quietly(tmp)
+        code = errno.errorcode.get(exc.errno, "?") if exc.errno else "?"
+        raise SnapshotWriteError(
+            f"writing the tombstone run file {final} failed ({code}: {exc.strerror or exc})",
+            slot=None,
+            errno=exc.errno,
+        ) from exc
+    return len(data)
+
+
+def run_files(slots_dir: Path) -> list[int]:
+    """The run files on disk, by number (tmp files left by a crash are removed)."""
+    d = runs_dir(slots_dir)
+    out = []
+    try:
+        with os.scandir(d) as entries:
+            names = [e.name for e in entries]
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if _RUN_TMP_NAME.fullmatch(name):
+            with contextlib.suppress(OSError):
+                _unlink_quietly(d / name)
+        elif (m := _RUN_NAME.fullmatch(name)) is not None:
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def delete_run_files(slots_dir: Path, files: Iterable[int]) -> int:
+    """Remove run files no snapshot needs any more; return how many were there. Raises
+    :class:`SnapshotWriteError`. Blocks on the disk."""
+    d = runs_dir(slots_dir)
+    n = 0
+    try:
+        for file in files:
+            n += _unlink_quietly(d / f"{file}{RUN_SUFFIX}")
+        if n:
+            _fsync_dir(d)
+    except OSError as exc:
+        raise SnapshotWriteError(
+            f"deleting tombstone run files in {d} failed: {exc}", slot=None, errno=exc.errno
+        ) from exc
+    return n
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -231,9 +318,15 @@ def _unlink_quietly(p: Path) -> bool:
 # ---------------------------------------------------------------- load and delete
 
 
-def load_snapshots(slots_dir: Path) -> tuple[dict[int, Snapshot], list[tuple[int, str]]]:
+def load_snapshots(
+    slots_dir: Path, *, cutoff_hlc: int = 0
+) -> tuple[dict[int, Snapshot], list[tuple[int, str]]]:
     """Read every ``<slot>.snap``: return the snapshots that passed every check, by slot,
     and the refused ones as (slot, reason), sorted by slot.
+
+    The tombstone runs a snapshot names are read from their run files (each file once);
+    runs whose newest tombstone is below ``cutoff_hlc`` (older than the dedupe window)
+    are not read. A snapshot naming a needed run that is missing or corrupt is refused.
 
     A refused file is left in place: the caller counts and logs it, rebuilds the slot
     from the region and writes a fresh snapshot over it. Tmp files (a write cut short by
@@ -242,6 +335,7 @@ def load_snapshots(slots_dir: Path) -> tuple[dict[int, Snapshot], list[tuple[int
     """
     loaded: dict[int, Snapshot] = {}
     refused: list[tuple[int, str]] = []
+    files = _RunFiles(runs_dir(slots_dir))
     with os.scandir(slots_dir) as entries:
         names = [e.name for e in entries]
     removed_tmp = False
@@ -257,7 +351,7 @@ def load_snapshots(slots_dir: Path) -> tuple[dict[int, Snapshot], list[tuple[int
         slot = int(m.group(1))
         try:
             data = _read(slots_dir / name)
-            loaded[slot] = decode_snapshot(data, slot=slot)
+            loaded[slot] = decode_snapshot(data, slot=slot, runs=files.chunk, cutoff_hlc=cutoff_hlc)
         except SnapshotError as exc:
             refused.append((slot, str(exc)))
         except OSError as exc:
@@ -267,6 +361,28 @@ def load_snapshots(slots_dir: Path) -> tuple[dict[int, Snapshot], list[tuple[int
             _fsync_dir(slots_dir)
     refused.sort()
     return loaded, refused
+
+
+class _RunFiles:
+    """The run files a load reads, each once (None: missing or unreadable)."""
+
+    def __init__(self, d: Path) -> None:
+        self.d = d
+        self.files: dict[int, bytes | None] = {}
+
+    def chunk(self, ref: RunRef) -> bytes | None:
+        if ref.file not in self.files:
+            try:
+                data: bytes | None = _read(self.d / f"{ref.file}{RUN_SUFFIX}")
+            except OSError:
+                data = None
+            if data is not None and not data.startswith(RUN_HEADER):
+                data = None
+            self.files[ref.file] = data
+        data = self.files[ref.file]
+        if data is None or ref.offset < len(RUN_HEADER) or ref.offset + ref.length > len(data):
+            return None
+        return data[ref.offset : ref.offset + ref.length]
 
 
 def _read(p: Path) -> bytes:

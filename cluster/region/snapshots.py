@@ -14,15 +14,29 @@ from typing import Any
 
 from cluster.apply import apply_events
 from cluster.region.appends import Appends
-from cluster.region.state import SNAPSHOT_BATCH_ITEMS, SNAPSHOT_SWITCH_INTERVAL_S
+from cluster.region.state import (
+    RUN_FILE_MARGIN_MS,
+    SNAPSHOT_BATCH_ITEMS,
+    SNAPSHOT_SWITCH_INTERVAL_S,
+)
 from cluster.regioncore import SnapshotDue, SnapshotFailed, SnapshotStart, SnapshotWritten
 from relay.codec import AckEvent
-from relay.snapshot import Sealed, SealedTombstones, Tombstone, encode_snapshot
+from relay.snapshot import (
+    RunRef,
+    Sealed,
+    SealedTombstones,
+    Tombstone,
+    encode_run_file,
+    encode_snapshot,
+)
 from relay.snapshot_io import (
+    delete_run_files,
     delete_snapshot,
     load_snapshots,
     prepare_data_dir,
+    run_files,
     sync_slots_dir,
+    write_run_file,
     write_snapshot,
 )
 from relay.store import unpack
@@ -37,7 +51,9 @@ class _Captured:
     log_id: str
     mirrors: dict[str, str]
     records: list[Any]
-    sealed: list[bytes]  # older tombstones, already encoded
+    # Older tombstones, sealed in runs (oldest first), each with where it is on disk if
+    # a run file holds it already (None: to write in this batch's run file).
+    runs: list[tuple[Sealed, RunRef | None]]
     start: int  # the sequence number of the first of ``tombstones``
     tombstones: list[Tombstone]  # the newer ones, to encode
 
@@ -45,6 +61,19 @@ class _Captured:
     def size(self) -> int:
         """Records and tombstones to encode: what a batch of captures is bounded by."""
         return sum(len(pairs) for _, pairs in self.records) + len(self.tombstones)
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """A slot's snapshot on disk: the bytes it took (its file and its runs' share of the
+    batch's run file), the runs sealed on the way, and where the runs written are."""
+
+    size: int
+    sealed: list[Sealed]
+    located: dict[tuple[int, int], RunRef]  # (slot, run start) → where
+
+
+_Outcome = _Written | Exception
 
 
 class Snapshots(Appends):
@@ -58,6 +87,10 @@ class Snapshots(Appends):
             self._sealed = SealedTombstones()
         return self._sealed
 
+    def _dedupe_cutoff_hlc(self, margin_ms: int = 0) -> int:
+        """The hlc below which a tombstone dedupes nothing (``margin_ms`` older still)."""
+        return (self.wall_ms() - self.node.dedupe.window_ms - margin_ms) << 16
+
     async def _load_snapshots(self) -> None:
         """Before joining: take back what this node's disk holds (a restart)."""
         was_enabled = gc.isenabled()
@@ -70,7 +103,10 @@ class Snapshots(Appends):
 
     async def _load_snapshots_now(self) -> None:
         self.slots_dir = await asyncio.to_thread(prepare_data_dir, self.config.node.data_dir)
-        loaded, refused = await asyncio.to_thread(load_snapshots, self.slots_dir)
+        loaded, refused = await asyncio.to_thread(
+            functools.partial(load_snapshots, self.slots_dir, cutoff_hlc=self._dedupe_cutoff_hlc())
+        )
+        await self._keep_run_files(loaded.values())
         for slot, reason in refused:
             # Never half-loaded: the slot is rebuilt from the region's checkpoint and logs.
             self.snapshot_stats["refused"] += 1
@@ -103,6 +139,43 @@ class Snapshots(Appends):
                 len(refused),
             )
 
+    async def _keep_run_files(self, loaded: Any) -> None:
+        """After a load: track the run files the snapshots name; remove the others
+        (left by a write cut short, or named by no snapshot any more)."""
+        assert self.slots_dir is not None
+        on_disk = await asyncio.to_thread(run_files, self.slots_dir)
+        for snap in loaded:
+            for ref in snap.runs:
+                self._run_files[ref.file] = max(self._run_files.get(ref.file, 0), ref.newest_hlc)
+        unused = [f for f in on_disk if f not in self._run_files]
+        if unused:
+            try:
+                await asyncio.to_thread(delete_run_files, self.slots_dir, unused)
+            except Exception as e:
+                log.warning("removing %d unused tombstone run files failed: %s", len(unused), e)
+        # Numbered on from the newest, and from the clock: a number is never reused for
+        # other bytes while a snapshot may still name it.
+        newest = max(on_disk, default=-1)
+        self._next_run_file = max(newest + 1, self.wall_ms() * 1000)
+
+    async def _prune_run_files(self) -> None:
+        """Remove the run files whose every tombstone is older than the dedupe window by
+        a margin: a snapshot still naming them leaves those runs out on load anyway."""
+        if self.slots_dir is None or not self._run_files:
+            return
+        cutoff = self._dedupe_cutoff_hlc(RUN_FILE_MARGIN_MS)
+        old = [f for f, newest in self._run_files.items() if newest < cutoff]
+        if not old:
+            return
+        gone = set(old)
+        for f in old:
+            del self._run_files[f]
+        self._run_refs = {k: r for k, r in self._run_refs.items() if r.file not in gone}
+        try:
+            await asyncio.to_thread(delete_run_files, self.slots_dir, old)
+        except Exception as e:
+            log.warning("removing %d old tombstone run files failed: %s", len(old), e)
+
     def _capture(self, slot: int) -> _Captured | None:
         """What ``slot``'s snapshot holds, taken in one reactor turn (encoded in a thread)."""
         log_id = self.applied.get(slot)
@@ -112,17 +185,18 @@ class Snapshots(Appends):
         store = self.node.store
         records = [(ch, store.records(ch)) for ch in sorted(self.slot_channels.get(slot, ()))]
         mirrors = self.positions.mirrors_of(slot)
-        # Tombstones already sealed go as their bytes; only the newer ones are copied.
-        start, sealed = self.sealed_tombstones.take(slot, self.acks.first(slot))
+        # Tombstones already sealed go as runs, named where a run file holds them (and
+        # left out once older than the window); only the newer ones are copied.
+        start, sealed = self.sealed_tombstones.runs(slot, self.acks.first(slot))
+        cutoff = self._dedupe_cutoff_hlc()
+        refs = self._run_refs
+        runs = [(r, refs.get((slot, r.start))) for r in sealed if r.newest_hlc >= cutoff]
         tombstones = self.acks.since(slot, start)
-        return _Captured(log_id, mirrors, records, sealed, start, tombstones)
+        return _Captured(log_id, mirrors, records, runs, start, tombstones)
 
-    def _encode_and_write(
-        self, slot: int, state: _Captured, *, sync_dir: bool = True
-    ) -> tuple[int, list[Sealed]]:
-        """Encode and write ``slot``'s snapshot (in a thread): its size, and the runs of
-        tombstones sealed on the way (to keep, on the reactor, for the next ones).
-        ``sync_dir=False``: durable only once the caller has synced the directory."""
+    def _encode(self, slot: int, state: _Captured, fresh: Any, refs: list[RunRef]) -> bytes:
+        """``slot``'s snapshot (in a thread): its pending messages, its tombstone runs
+        named by ``refs``, and ``fresh`` tombstones."""
         now = self.wall_ms()
         events: list[Any] = []
         for ch, pairs in state.records:
@@ -130,18 +204,15 @@ class Snapshots(Appends):
                 m = unpack(ch, msg_id, record)
                 if m.expires_ms > now:
                     events.append(m)
-        runs, fresh = self.sealed_tombstones.to_seal(state.start, state.tombstones, self.region)
-        data = encode_snapshot(
+        return encode_snapshot(
             slot,
             state.log_id,
             state.mirrors,
             events,
             fresh,
             region=self.region,
-            tombstone_batches=[*state.sealed, *(b for r in runs for b in r.batches)],
+            tombstone_runs=refs,
         )
-        assert self.slots_dir is not None
-        return write_snapshot(self.slots_dir, slot, data, sync_dir=sync_dir), runs
 
     async def _snapshot_once(self, budget: int) -> None:
         if self.slots_dir is None:
@@ -156,6 +227,7 @@ class Snapshots(Appends):
         switch = sys.getswitchinterval()
         sys.setswitchinterval(SNAPSHOT_SWITCH_INTERVAL_S)
         try:
+            await self._prune_run_files()
             await self._snapshot_slots(budget)
         finally:
             sys.setswitchinterval(switch)
@@ -191,8 +263,14 @@ class Snapshots(Appends):
                     size += state.size
                 if not batch:
                     continue
+                # The batch's run file gets its number here: tracked (to be removed once
+                # old) whether or not the thread writes it; its tombstones are no newer
+                # than now.
+                run_file = self._next_run_file
+                self._next_run_file += 1
+                self._run_files[run_file] = (self.wall_ms() + 1) << 16
                 writing = asyncio.ensure_future(
-                    asyncio.to_thread(self._encode_and_write_many, batch)
+                    asyncio.to_thread(self._encode_and_write_many, batch, run_file)
                 )
                 done, batch = batch, []
                 try:
@@ -223,7 +301,7 @@ class Snapshots(Appends):
     def _report(
         self,
         done: list[tuple[int, _Captured]],
-        outcomes: list[tuple[int, list[Sealed]] | Exception],
+        outcomes: list[_Outcome],
     ) -> list[tuple[int, Exception]]:
         """Step each slot's outcome into the core; return the failed ones."""
         failed = []
@@ -234,24 +312,22 @@ class Snapshots(Appends):
                 self.core.step(SnapshotFailed(slot))
                 failed.append((slot, outcome))
                 continue
-            n, runs = outcome
-            for run in runs:
+            for run in outcome.sealed:
                 self.sealed_tombstones.seal(slot, run)
+            self._run_refs.update(outcome.located)
             self.core.step(SnapshotWritten(slot, self.clock()))
             self.snapshot_stats["written"] += 1
-            self.snapshot_stats["bytes"] += n
+            self.snapshot_stats["bytes"] += outcome.size
         return failed
 
     def _report_late(
         self,
         done: list[tuple[int, _Captured]],
-        f: asyncio.Future[list[tuple[int, list[Sealed]] | Exception]],
+        f: asyncio.Future[list[_Outcome]],
     ) -> None:
         """The writes of a tick cancelled meanwhile are done: report them."""
         if f.cancelled():
-            outcomes: list[tuple[int, list[Sealed]] | Exception] = [
-                RuntimeError("cancelled")
-            ] * len(done)
+            outcomes: list[_Outcome] = [RuntimeError("cancelled")] * len(done)
         elif (exc := f.exception()) is not None:
             outcomes = [exc if isinstance(exc, Exception) else RuntimeError(str(exc))] * len(done)
         else:
@@ -260,20 +336,54 @@ class Snapshots(Appends):
             log.warning("snapshot of slot %d failed: %s", slot, err)
 
     def _encode_and_write_many(
-        self, batch: list[tuple[int, _Captured]]
-    ) -> list[tuple[int, list[Sealed]] | Exception]:
-        """:meth:`_encode_and_write` for each slot of ``batch`` (in a thread), then one
-        fsync of the directory for all their renames: each outcome, or the exception
-        that slot's write raised (the others still go). If the directory's fsync fails,
-        every slot written is failed with it (dirty again, written at the next tick)."""
-        out: list[tuple[int, list[Sealed]] | Exception] = []
+        self, batch: list[tuple[int, _Captured]], run_file: int
+    ) -> list[_Outcome]:
+        """Write the snapshots of ``batch``'s slots (in a thread): first one run file
+        (number ``run_file``) with every tombstone run they need that no run file holds
+        yet, synced; then each slot's file; then one fsync of the directory for all
+        their renames. Each slot's outcome, or the exception its write raised (the
+        others still go). If the run file or the directory's fsync fails, every slot of
+        the batch is failed with it (dirty again, written at the next tick)."""
+        assert self.slots_dir is not None
+        sealing = self.sealed_tombstones
+        prepared: list[tuple[int, _Captured, list[Sealed], Any] | Exception] = []
+        to_write: list[tuple[int, Sealed]] = []
         for slot, state in batch:
             try:
-                out.append(self._encode_and_write(slot, state, sync_dir=False))
+                new, fresh = sealing.to_seal(state.start, state.tombstones, self.region)
+            except Exception as e:
+                prepared.append(e)
+                continue
+            prepared.append((slot, state, new, fresh))
+            to_write.extend((slot, run) for run, ref in state.runs if ref is None)
+            to_write.extend((slot, run) for run in new)
+        located: dict[int, dict[tuple[int, int], RunRef]] = {}
+        if to_write:
+            try:
+                data, refs = encode_run_file([run for _, run in to_write], run_file)
+                write_run_file(self.slots_dir, run_file, data)
+            except Exception as e:
+                return [e] * len(batch)
+            for (slot, run), ref in zip(to_write, refs, strict=True):
+                located.setdefault(slot, {})[(slot, run.start)] = ref
+        out: list[_Outcome] = []
+        for p in prepared:
+            if isinstance(p, Exception):
+                out.append(p)
+                continue
+            slot, state, new, fresh = p
+            try:
+                mine = located.get(slot, {})
+                refs = [
+                    ref if ref is not None else mine[(slot, run.start)]
+                    for run, ref in [*state.runs, *((r, None) for r in new)]
+                ]
+                data = self._encode(slot, state, fresh, refs)
+                n = write_snapshot(self.slots_dir, slot, data, sync_dir=False)
+                out.append(_Written(n + sum(r.length for r in mine.values()), new, mine))
             except Exception as e:
                 out.append(e)
         if any(not isinstance(o, Exception) for o in out):
-            assert self.slots_dir is not None
             try:
                 sync_slots_dir(self.slots_dir)
             except Exception as e:

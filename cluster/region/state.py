@@ -56,6 +56,7 @@ from cluster.window import bounds_of
 from relay.batch import AppendToLog, Batcher
 from relay.config import Config
 from relay.node import Node
+from relay.snapshot import RunRef
 from relay.store import Message
 
 __all__ = [
@@ -76,6 +77,10 @@ SNAPSHOT_SWITCH_INTERVAL_S = 0.0005
 # A snapshot tick hands slots to its writer thread in batches of at most about this many
 # records and tombstones (cluster/region/snapshots.py).
 SNAPSHOT_BATCH_ITEMS = 2_000
+# A run file of tombstones is removed once its newest tombstone is this much older than
+# the dedupe window (cluster/region/snapshots.py): a snapshot still naming it leaves its
+# runs out on load, unless the clock went back by more than this.
+RUN_FILE_MARGIN_MS = 60_000
 DRAIN_TIMEOUT_S = 10.0
 AUDIT_S = 1.0
 CATCH_UP_COUNT = 1000
@@ -290,6 +295,12 @@ class RegionState:
         self.acks = self.core.acks
         self.tombstones = self.acks.by_slot
         self.snapshot_stats = {"written": 0, "failures": 0, "refused": 0, "bytes": 0, "loaded": 0}
+        # The runs of tombstones on disk (cluster/region/snapshots.py): (slot, run start)
+        # → where; run file → the newest hlc it may hold; the next run file's number
+        # (never reused: counted on from the clock in µs).
+        self._run_refs: dict[tuple[int, int], RunRef] = {}
+        self._run_files: dict[int, int] = {}
+        self._next_run_file = time.time_ns() // 1000
         self._loaded_slots: set[int] = set()
         self.append_seconds = Buckets((0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
         self.batch_events = Buckets((1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))

@@ -8,6 +8,7 @@ import hashlib
 import struct
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -22,14 +23,19 @@ from relay.snapshot import (
     DIGEST_SIZE,
     HEADER_SIZE,
     MAGIC,
+    RUN_HEADER,
     VERSION,
+    VERSION_RUNS,
     DirtySlots,
+    RunRef,
+    Sealed,
     SealedTombstones,
     Snapshot,
     SnapshotError,
     Tombstone,
     WriteSnapshot,
     decode_snapshot,
+    encode_run_file,
     encode_snapshot,
 )
 from tests.unit.test_boundaries import FORBIDDEN, imported
@@ -199,14 +205,14 @@ def test_trailing_bytes_are_refused() -> None:
 
 def test_version_mismatch_is_refused_with_a_clear_message() -> None:
     data = bytearray(sample())
-    struct.pack_into("<H", data, 4, 2)
+    struct.pack_into("<H", data, 4, 3)
     with pytest.raises(SnapshotError) as e:
         decode_snapshot(bytes(data), slot=5)
-    assert str(e.value) == "snapshot version 2, this node reads 1"
+    assert str(e.value) == "snapshot version 3, this node reads 1 and 2"
     # Even when a future version also changed the length or layout after the version.
-    with pytest.raises(SnapshotError, match=r"^snapshot version 2, this node reads 1$"):
+    with pytest.raises(SnapshotError, match=r"^snapshot version 3, this node reads 1 and 2$"):
         decode_snapshot(bytes(data[:6]))
-    with pytest.raises(SnapshotError, match=r"^snapshot version 0, this node reads 1$"):
+    with pytest.raises(SnapshotError, match=r"^snapshot version 0, this node reads 1 and 2$"):
         decode_snapshot(build(b"", version=0))
 
 
@@ -552,3 +558,122 @@ def test_sealed_and_fresh_tombstones_decode_as_encoding_them_all_would() -> None
     assert whole.tombstones == parts.tombstones == tombs
     with pytest.raises(InvariantError):
         SealedTombstones(seal_every=0)
+
+
+# ---------------------------------------------------------------- tombstone runs (version 2)
+
+
+def _runs(n_runs: int, per_run: int = 3) -> list[Sealed]:
+    """``n_runs`` sealed runs of tombstones, ids r<run>-<i>, the newer the later."""
+    sealing = SealedTombstones(seal_every=per_run)
+    stones = [
+        (f"inbox:c{j % 2}", f"r{j // per_run}-{j % per_run}", HLC + 1000 * (j // per_run) + j)
+        for j in range(n_runs * per_run)
+    ]
+    runs, rest = sealing.to_seal(0, stones, "sg")
+    assert not rest
+    return runs
+
+
+def _with_runs(runs: list[Sealed], file: int = 7) -> tuple[bytes, dict[int, bytes], list[RunRef]]:
+    """A snapshot naming ``runs`` (in run file ``file``), and the run files by number."""
+    data, refs = encode_run_file(runs, file)
+    snap = encode_snapshot(
+        5, "1700000000999-17", MIRRORS, MESSAGES, TOMBSTONES, region="sg", tombstone_runs=refs
+    )
+    return snap, {file: data}, refs
+
+
+def _resolver(files: dict[int, bytes], asked: list[RunRef] | None = None) -> Any:
+    def chunk(ref: RunRef) -> bytes | None:
+        if asked is not None:
+            asked.append(ref)
+        data = files.get(ref.file)
+        return None if data is None else data[ref.offset : ref.offset + ref.length]
+
+    return chunk
+
+
+def test_a_snapshot_names_its_runs_and_reads_them_back_between_messages_and_tombstones() -> None:
+    runs = _runs(2)
+    snap, files, refs = _with_runs(runs)
+    assert struct.unpack_from("<H", snap, 4)[0] == VERSION_RUNS
+    got = decode_snapshot(snap, slot=5, runs=_resolver(files))
+    assert got.messages == MESSAGES
+    assert got.runs == tuple(refs)
+    ids = [t[1] for t in got.tombstones]
+    assert ids == ["r0-0", "r0-1", "r0-2", "r1-0", "r1-1", "r1-2"] + [t[1] for t in TOMBSTONES]
+    assert [r.newest_hlc for r in refs] == [
+        max(t[2] for t in got.tombstones[i * 3 : i * 3 + 3]) for i in range(2)
+    ]
+    # Without runs the snapshot stays version 1, which every earlier build reads.
+    assert struct.unpack_from("<H", sample(), 4)[0] == VERSION
+
+
+def test_a_run_older_than_the_window_is_not_read_and_may_be_gone() -> None:
+    runs = _runs(2)
+    snap, files, refs = _with_runs(runs)
+    asked: list[RunRef] = []
+    got = decode_snapshot(
+        snap, slot=5, runs=_resolver({}, asked), cutoff_hlc=refs[1].newest_hlc + 1
+    )
+    assert asked == []  # neither read: both wholly older than the cutoff
+    assert [t[1] for t in got.tombstones] == [t[1] for t in TOMBSTONES]
+    got = decode_snapshot(snap, slot=5, runs=_resolver(files, asked), cutoff_hlc=refs[1].newest_hlc)
+    assert asked == [refs[1]]
+    assert [t[1] for t in got.tombstones][:3] == ["r1-0", "r1-1", "r1-2"]
+
+
+def test_a_needed_run_missing_short_or_damaged_refuses_the_snapshot() -> None:
+    snap, files, refs = _with_runs(_runs(2))
+    with pytest.raises(SnapshotError, match="is missing"):
+        decode_snapshot(snap, slot=5, runs=_resolver({}))
+    with pytest.raises(SnapshotError, match="is missing"):
+        decode_snapshot(snap, slot=5)  # no run files given at all
+    with pytest.raises(SnapshotError, match="is missing"):
+        decode_snapshot(snap, slot=5, runs=_resolver({7: files[7][: refs[1].offset + 3]}))
+    damaged = bytearray(files[7])
+    damaged[refs[0].offset + 5] ^= 0x40
+    with pytest.raises(SnapshotError, match="fails its checksum"):
+        decode_snapshot(snap, slot=5, runs=_resolver({7: bytes(damaged)}))
+
+
+def test_a_run_holding_anything_but_tombstones_is_refused() -> None:
+    chunk = struct.pack("<I", len(b := encode_batch([msg(1)]))) + b
+    ref = RunRef(
+        3,
+        len(RUN_HEADER),
+        len(chunk),
+        hashlib.blake2b(chunk, digest_size=DIGEST_SIZE).digest(),
+        HLC,
+    )
+    snap = encode_snapshot(5, "1-0", {}, [], region="sg", tombstone_runs=[ref])
+    with pytest.raises(SnapshotError, match="other than tombstones"):
+        decode_snapshot(snap, slot=5, runs=_resolver({3: RUN_HEADER + chunk}))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_random_damage_to_a_snapshot_and_its_runs_raises_only_snapshot_error(
+    data: st.DataObject,
+) -> None:
+    snap, files, _ = _with_runs(_runs(2))
+    target = data.draw(st.sampled_from(["snapshot", "runs"]))
+    buf = bytearray(snap if target == "snapshot" else files[7])
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(buf) - 1))
+        buf[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(buf)))
+    damaged = bytes(buf[:cut])
+    if target == "snapshot":
+        damaged = (
+            resign(damaged) if data.draw(st.booleans()) and len(damaged) > DIGEST_SIZE else damaged
+        )
+        args = (damaged, files)
+    else:
+        args = (snap, {7: damaged})
+    try:
+        got = decode_snapshot(args[0], slot=5, runs=_resolver(args[1]))
+    except SnapshotError:
+        return
+    assert isinstance(got, Snapshot)
