@@ -314,7 +314,11 @@ class Snapshots(Appends):
                 continue
             for run in outcome.sealed:
                 self.sealed_tombstones.seal(slot, run)
-            self._run_refs.update(outcome.located)
+            for key, ref in outcome.located.items():
+                self._run_refs[key] = ref
+                # A remote region's hlc may run ahead of this node's wall clock.
+                if ref.newest_hlc > self._run_files.get(ref.file, 0):
+                    self._run_files[ref.file] = ref.newest_hlc
             self.core.step(SnapshotWritten(slot, self.clock()))
             self.snapshot_stats["written"] += 1
             self.snapshot_stats["bytes"] += outcome.size
