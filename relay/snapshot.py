@@ -7,9 +7,9 @@ File format of ``<data_dir>/slots/<slot>.snap`` (integers little-endian)::
 
     header, 20 bytes
         4s  magic        b"RSNP"
-        H   version      1
+        H   version      1, or 2 when the snapshot names tombstone runs (below)
         I   slot
-        H   flags        none defined in version 1; any set bit is refused
+        H   flags        none defined; any set bit is refused
         Q   body_len     bytes of the body that follows
     body
         positions the state covers
@@ -33,7 +33,8 @@ decodes under the codec's default limits however large the slot.
 
 Version 2 (written only when there are runs): a slot's older tombstones, sealed by
 :class:`SealedTombstones` 500 at a time, are written once to a *run file*
-(``<data_dir>/tombstones/<n>.tomb``, :func:`encode_run_file`) and every later snapshot of
+(``<data_dir>/tombstones/<slot>-<n>.tomb``, :func:`encode_run_file`; a slot's own files,
+so a damaged one refuses only that slot's snapshot) and every later snapshot of
 the slot names them (:class:`RunRef`) instead of carrying them again: a busy node holds
 a dedupe window of tombstones (ten minutes of acks), and rewriting all of them with
 every changed slot every tick made the snapshots' disk writes grow with uptime, not with
@@ -228,7 +229,7 @@ class Sealed:
     start: int
     end: int
     batches: tuple[bytes, ...]
-    newest_hlc: int = 0
+    newest_hlc: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,11 @@ The edge of :mod:`relay.snapshot` (which makes and checks the bytes). Layout::
             <slot>.snap    0600, one per slot this node holds
             <slot>.snap.tmp  a write in progress, or left by a crash (removed on load)
         tombstones/        0700
-            <n>.tomb       0600, runs of older ack tombstones, written once, named by
-                           the snapshots (relay/snapshot.py, version 2); removed once
-                           every tombstone in it is older than the dedupe window
-            <n>.tomb.tmp   as above
+            <slot>-<n>.tomb  0600, runs of a slot's older ack tombstones, written once,
+                           named by its snapshots (relay/snapshot.py, version 2);
+                           removed once every tombstone in it is older than the dedupe
+                           window (a damaged one refuses only its own slot's snapshot)
+            <slot>-<n>.tomb.tmp  as above
 
 Every function here is synchronous and may block on the disk (``fsync`` can take tens of
 milliseconds, far more on a busy or failing disk). A node calls them off the reactor —
@@ -29,7 +30,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from relay.errors import InvariantError, RelayError
@@ -45,8 +46,8 @@ FILE_MODE = 0o600
 
 _SNAP_NAME = re.compile(r"(0|[1-9][0-9]{0,9})\.snap")
 _TMP_NAME = re.compile(r"(0|[1-9][0-9]{0,9})\.snap\.tmp")
-_RUN_NAME = re.compile(r"(0|[1-9][0-9]{0,18})\.tomb")
-_RUN_TMP_NAME = re.compile(r"(0|[1-9][0-9]{0,18})\.tomb\.tmp")
+_RUN_NAME = re.compile(r"(0|[1-9][0-9]{0,9})-(0|[1-9][0-9]{0,18})\.tomb")
+_RUN_TMP_NAME = re.compile(r"(0|[1-9][0-9]{0,9})-(0|[1-9][0-9]{0,18})\.tomb\.tmp")
 
 
 class SnapshotDirError(RelayError):
@@ -219,44 +220,60 @@ def sync_slots_dir(slots_dir: Path) -> None:
         ) from exc
 
 
-def write_run_file(slots_dir: Path, file: int, data: bytes) -> int:
-    """Write run file ``file`` (:func:`relay.snapshot.encode_run_file`) durably: tmp file,
-    fsync, rename, fsync of its directory, so that a snapshot naming it may be written
-    next. Return the bytes written. Raises :class:`SnapshotWriteError` (``slot`` None),
-    after removing the tmp file. Blocks on the disk."""
+def run_path(slots_dir: Path, slot: int, file: int) -> Path:
+    """Where run file ``file`` of ``slot`` lives."""
+    if slot < 0 or file < 0:
+        raise InvariantError(f"run file {slot}-{file} has a negative number")
+    return runs_dir(slots_dir) / f"{slot}-{file}{RUN_SUFFIX}"
+
+
+def write_run_files(slots_dir: Path, files: Sequence[tuple[int, int, bytes]]) -> int:
+    """Write the run files ``(slot, file, data)`` (:func:`relay.snapshot.encode_run_file`)
+    durably — each a tmp file, fsynced and renamed, then one fsync of their directory —
+    so that snapshots naming them may be written next. Return the bytes written. Raises
+    :class:`SnapshotWriteError` at the first OS error, after removing that tmp file (the
+    files renamed before it are named by no snapshot: removed once old). Blocks on the
+    disk."""
     d = runs_dir(slots_dir)
-    final = d / f"{file}{RUN_SUFFIX}"
-    tmp = d / f"{file}{RUN_SUFFIX}.tmp"
-    renamed = False
+    total = 0
+    slot = None
     try:
-        try:
-            fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
-        except FileExistsError:
-            _unlink_quietly(tmp)
-            fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        renamed = True
-        _fsync_dir(d)
+        for slot, file, data in files:
+            final = run_path(slots_dir, slot, file)
+            tmp = final.with_name(final.name + ".tmp")
+            try:
+                try:
+                    fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
+                except FileExistsError:
+                    _unlink_quietly(tmp)
+                    fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, final)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    _unlink_quietly(tmp)
+                raise
+            total += len(data)
+        if files:
+            slot = None
+            _fsync_dir(d)
     except OSError as exc:
-        if not renamed:
-            with contextlib.suppress(OSError):
-                _unlink_quietly(tmp)
         code = errno.errorcode.get(exc.errno, "?") if exc.errno else "?"
+        what = f"slot {slot}'s tombstone run file" if slot is not None else "the run files"
         raise SnapshotWriteError(
-            f"writing the tombstone run file {final} failed ({code}: {exc.strerror or exc})",
-            slot=None,
+            f"writing {what} in {d} failed ({code}: {exc.strerror or exc})",
+            slot=slot,
             errno=exc.errno,
         ) from exc
-    return len(data)
+    return total
 
 
-def run_files(slots_dir: Path) -> list[int]:
-    """The run files on disk, by number (tmp files left by a crash are removed)."""
+def run_files(slots_dir: Path) -> list[tuple[int, int]]:
+    """The run files on disk, as (slot, file) (tmp files left by a crash are removed)."""
     d = runs_dir(slots_dir)
     out = []
     try:
@@ -269,23 +286,24 @@ def run_files(slots_dir: Path) -> list[int]:
             with contextlib.suppress(OSError):
                 _unlink_quietly(d / name)
         elif (m := _RUN_NAME.fullmatch(name)) is not None:
-            out.append(int(m.group(1)))
+            out.append((int(m.group(1)), int(m.group(2))))
     return sorted(out)
 
 
-def delete_run_files(slots_dir: Path, files: Iterable[int]) -> int:
-    """Remove run files no snapshot needs any more; return how many were there. Raises
-    :class:`SnapshotWriteError`. Blocks on the disk."""
-    d = runs_dir(slots_dir)
+def delete_run_files(slots_dir: Path, files: Iterable[tuple[int, int]]) -> int:
+    """Remove the run files ``(slot, file)`` no snapshot needs any more; return how many
+    were there. Raises :class:`SnapshotWriteError`. Blocks on the disk."""
     n = 0
     try:
-        for file in files:
-            n += _unlink_quietly(d / f"{file}{RUN_SUFFIX}")
+        for slot, file in files:
+            n += _unlink_quietly(run_path(slots_dir, slot, file))
         if n:
-            _fsync_dir(d)
+            _fsync_dir(runs_dir(slots_dir))
     except OSError as exc:
         raise SnapshotWriteError(
-            f"deleting tombstone run files in {d} failed: {exc}", slot=None, errno=exc.errno
+            f"deleting tombstone run files in {runs_dir(slots_dir)} failed: {exc}",
+            slot=None,
+            errno=exc.errno,
         ) from exc
     return n
 
@@ -324,9 +342,10 @@ def load_snapshots(
     """Read every ``<slot>.snap``: return the snapshots that passed every check, by slot,
     and the refused ones as (slot, reason), sorted by slot.
 
-    The tombstone runs a snapshot names are read from their run files (each file once);
+    The tombstone runs a snapshot names are read from its slot's run files (each once);
     runs whose newest tombstone is below ``cutoff_hlc`` (older than the dedupe window)
-    are not read. A snapshot naming a needed run that is missing or corrupt is refused.
+    are not read. A snapshot naming a needed run that is missing, unreadable or corrupt
+    is refused (the run files are left in place: a later start may read them).
 
     A refused file is left in place: the caller counts and logs it, rebuilds the slot
     from the region and writes a fresh snapshot over it. Tmp files (a write cut short by
@@ -335,7 +354,6 @@ def load_snapshots(
     """
     loaded: dict[int, Snapshot] = {}
     refused: list[tuple[int, str]] = []
-    files = _RunFiles(runs_dir(slots_dir))
     with os.scandir(slots_dir) as entries:
         names = [e.name for e in entries]
     removed_tmp = False
@@ -351,7 +369,8 @@ def load_snapshots(
         slot = int(m.group(1))
         try:
             data = _read(slots_dir / name)
-            loaded[slot] = decode_snapshot(data, slot=slot, runs=files.chunk, cutoff_hlc=cutoff_hlc)
+            runs = _RunFiles(slots_dir, slot).chunk
+            loaded[slot] = decode_snapshot(data, slot=slot, runs=runs, cutoff_hlc=cutoff_hlc)
         except SnapshotError as exc:
             refused.append((slot, str(exc)))
         except OSError as exc:
@@ -364,16 +383,18 @@ def load_snapshots(
 
 
 class _RunFiles:
-    """The run files a load reads, each once (None: missing or unreadable)."""
+    """A slot's run files, each read once for its snapshot (None: missing, unreadable or
+    not a run file)."""
 
-    def __init__(self, d: Path) -> None:
-        self.d = d
+    def __init__(self, slots_dir: Path, slot: int) -> None:
+        self.slots_dir = slots_dir
+        self.slot = slot
         self.files: dict[int, bytes | None] = {}
 
     def chunk(self, ref: RunRef) -> bytes | None:
         if ref.file not in self.files:
             try:
-                data: bytes | None = _read(self.d / f"{ref.file}{RUN_SUFFIX}")
+                data: bytes | None = _read(run_path(self.slots_dir, self.slot, ref.file))
             except OSError:
                 data = None
             if data is not None and not data.startswith(RUN_HEADER):

@@ -36,7 +36,7 @@ from relay.snapshot_io import (
     prepare_data_dir,
     run_files,
     sync_slots_dir,
-    write_run_file,
+    write_run_files,
     write_snapshot,
 )
 from relay.store import unpack
@@ -59,8 +59,14 @@ class _Captured:
 
     @property
     def size(self) -> int:
-        """Records and tombstones to encode: what a batch of captures is bounded by."""
-        return sum(len(pairs) for _, pairs in self.records) + len(self.tombstones)
+        """Records and tombstones to encode or write: what a batch of captures is bounded
+        by."""
+        unwritten = sum(run.end - run.start for run, ref in self.runs if ref is None)
+        return sum(len(pairs) for _, pairs in self.records) + len(self.tombstones) + unwritten
+
+    def needs_run_file(self, seal_every: int) -> bool:
+        """Whether this snapshot writes runs: sealed ones no file holds yet, or new ones."""
+        return len(self.tombstones) >= seal_every or any(ref is None for _, ref in self.runs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,11 @@ class Snapshots(Appends):
     def _dedupe_cutoff_hlc(self, margin_ms: int = 0) -> int:
         """The hlc below which a tombstone dedupes nothing (``margin_ms`` older still)."""
         return (self.wall_ms() - self.node.dedupe.window_ms - margin_ms) << 16
+
+    def _hlc_bound(self) -> int:
+        """An hlc no tombstone held now exceeds: the hybrid clock has issued or seen every
+        one of them (another region's may run ahead of this node's wall clock)."""
+        return max((self.wall_ms() + 1) << 16, self.node.clock.last + 1)
 
     async def _load_snapshots(self) -> None:
         """Before joining: take back what this node's disk holds (a restart)."""
@@ -140,41 +151,45 @@ class Snapshots(Appends):
             )
 
     async def _keep_run_files(self, loaded: Any) -> None:
-        """After a load: track the run files the snapshots name; remove the others
-        (left by a write cut short, or named by no snapshot any more)."""
+        """After a load: track every run file on disk, to be removed once older than the
+        dedupe window — by the runs the snapshots name in it, or from now when none does
+        (a batch whose snapshots failed, a snapshot refused: never removed at start, so
+        a start that could not read one leaves it to the next)."""
         assert self.slots_dir is not None
         on_disk = await asyncio.to_thread(run_files, self.slots_dir)
+        named: dict[tuple[int, int], int] = {}
+        numbers = [f for _, f in on_disk]
         for snap in loaded:
             for ref in snap.runs:
-                self._run_files[ref.file] = max(self._run_files.get(ref.file, 0), ref.newest_hlc)
-        unused = [f for f in on_disk if f not in self._run_files]
-        if unused:
-            try:
-                await asyncio.to_thread(delete_run_files, self.slots_dir, unused)
-            except Exception as e:
-                log.warning("removing %d unused tombstone run files failed: %s", len(unused), e)
-        # Numbered on from the newest, and from the clock: a number is never reused for
-        # other bytes while a snapshot may still name it.
-        newest = max(on_disk, default=-1)
-        self._next_run_file = max(newest + 1, self.wall_ms() * 1000)
+                key = (snap.slot, ref.file)
+                named[key] = max(named.get(key, 0), ref.newest_hlc)
+                numbers.append(ref.file)
+        bound = self._hlc_bound()
+        for key in on_disk:
+            self._run_files[key] = named.get(key, bound)
+        # Numbered on from every number on disk or named, and from the clock (µs): a
+        # number is not reused for other bytes while a snapshot may still name it.
+        self._next_run_file = max(max(numbers, default=-1) + 1, self.wall_ms() * 1000)
 
     async def _prune_run_files(self) -> None:
         """Remove the run files whose every tombstone is older than the dedupe window by
-        a margin: a snapshot still naming them leaves those runs out on load anyway."""
+        a margin: a snapshot still naming them leaves those runs out on load anyway. A
+        removal that fails is tried again at the next tick."""
         if self.slots_dir is None or not self._run_files:
             return
         cutoff = self._dedupe_cutoff_hlc(RUN_FILE_MARGIN_MS)
-        old = [f for f, newest in self._run_files.items() if newest < cutoff]
+        old = [key for key, newest in self._run_files.items() if newest < cutoff]
         if not old:
             return
-        gone = set(old)
-        for f in old:
-            del self._run_files[f]
-        self._run_refs = {k: r for k, r in self._run_refs.items() if r.file not in gone}
         try:
             await asyncio.to_thread(delete_run_files, self.slots_dir, old)
         except Exception as e:
             log.warning("removing %d old tombstone run files failed: %s", len(old), e)
+            return
+        gone = set(old)
+        for key in old:
+            self._run_files.pop(key, None)
+        self._run_refs = {k: r for k, r in self._run_refs.items() if (k[0], r.file) not in gone}
 
     def _capture(self, slot: int) -> _Captured | None:
         """What ``slot``'s snapshot holds, taken in one reactor turn (encoded in a thread)."""
@@ -263,14 +278,11 @@ class Snapshots(Appends):
                     size += state.size
                 if not batch:
                     continue
-                # The batch's run file gets its number here: tracked (to be removed once
-                # old) whether or not the thread writes it; its tombstones are no newer
-                # than now.
-                run_file = self._next_run_file
-                self._next_run_file += 1
-                self._run_files[run_file] = (self.wall_ms() + 1) << 16
+                # A slot whose snapshot writes runs gets its run file's number here,
+                # tracked (to be removed once old) whether or not the thread writes it.
+                files = self._number_run_files(batch)
                 writing = asyncio.ensure_future(
-                    asyncio.to_thread(self._encode_and_write_many, batch, run_file)
+                    asyncio.to_thread(self._encode_and_write_many, batch, files)
                 )
                 done, batch = batch, []
                 try:
@@ -298,6 +310,18 @@ class Snapshots(Appends):
                 last_error,
             )
 
+    def _number_run_files(self, batch: list[tuple[int, _Captured]]) -> dict[int, int]:
+        """Slot → the number of the run file its snapshot writes, for those that do."""
+        seal_every = self.sealed_tombstones.seal_every
+        files = {}
+        bound = self._hlc_bound()
+        for slot, state in batch:
+            if state.needs_run_file(seal_every):
+                files[slot] = self._next_run_file
+                self._run_files[(slot, self._next_run_file)] = bound
+                self._next_run_file += 1
+        return files
+
     def _report(
         self,
         done: list[tuple[int, _Captured]],
@@ -314,11 +338,7 @@ class Snapshots(Appends):
                 continue
             for run in outcome.sealed:
                 self.sealed_tombstones.seal(slot, run)
-            for key, ref in outcome.located.items():
-                self._run_refs[key] = ref
-                # A remote region's hlc may run ahead of this node's wall clock.
-                if ref.newest_hlc > self._run_files.get(ref.file, 0):
-                    self._run_files[ref.file] = ref.newest_hlc
+            self._run_refs.update(outcome.located)
             self.core.step(SnapshotWritten(slot, self.clock()))
             self.snapshot_stats["written"] += 1
             self.snapshot_stats["bytes"] += outcome.size
@@ -340,51 +360,53 @@ class Snapshots(Appends):
             log.warning("snapshot of slot %d failed: %s", slot, err)
 
     def _encode_and_write_many(
-        self, batch: list[tuple[int, _Captured]], run_file: int
+        self, batch: list[tuple[int, _Captured]], files: dict[int, int]
     ) -> list[_Outcome]:
-        """Write the snapshots of ``batch``'s slots (in a thread): first one run file
-        (number ``run_file``) with every tombstone run they need that no run file holds
-        yet, synced; then each slot's file; then one fsync of the directory for all
-        their renames. Each slot's outcome, or the exception its write raised (the
-        others still go). If the run file or the directory's fsync fails, every slot of
-        the batch is failed with it (dirty again, written at the next tick)."""
+        """Write the snapshots of ``batch``'s slots (in a thread): first, for each slot in
+        ``files``, its run file (that number) with the runs no run file holds yet and
+        those sealed now, and one fsync of their directory; then each slot's file; then
+        one fsync of the directory for all their renames. Each slot's outcome, or the
+        exception its write raised (the others still go). If the run files or the
+        directory's fsync fail, every slot of the batch is failed with them (dirty again,
+        written at the next tick)."""
         assert self.slots_dir is not None
         sealing = self.sealed_tombstones
-        prepared: list[tuple[int, _Captured, list[Sealed], Any] | Exception] = []
-        to_write: list[tuple[int, Sealed]] = []
+        prepared: list[tuple[int, _Captured, list[Sealed], Any, list[RunRef]] | Exception] = []
+        to_write: list[tuple[int, int, bytes]] = []
         for slot, state in batch:
             try:
                 new, fresh = sealing.to_seal(state.start, state.tombstones, self.region)
+                unwritten = [run for run, ref in state.runs if ref is None]
+                refs: list[RunRef] = []
+                if unwritten or new:
+                    data, refs = encode_run_file([*unwritten, *new], files[slot])
+                    to_write.append((slot, files[slot], data))
             except Exception as e:
                 prepared.append(e)
                 continue
-            prepared.append((slot, state, new, fresh))
-            to_write.extend((slot, run) for run, ref in state.runs if ref is None)
-            to_write.extend((slot, run) for run in new)
-        located: dict[int, dict[tuple[int, int], RunRef]] = {}
+            prepared.append((slot, state, new, fresh, refs))
         if to_write:
             try:
-                data, refs = encode_run_file([run for _, run in to_write], run_file)
-                write_run_file(self.slots_dir, run_file, data)
+                write_run_files(self.slots_dir, to_write)
             except Exception as e:
                 return [e] * len(batch)
-            for (slot, run), ref in zip(to_write, refs, strict=True):
-                located.setdefault(slot, {})[(slot, run.start)] = ref
         out: list[_Outcome] = []
         for p in prepared:
             if isinstance(p, Exception):
                 out.append(p)
                 continue
-            slot, state, new, fresh = p
+            slot, state, new, fresh, written = p
             try:
-                mine = located.get(slot, {})
-                refs = [
-                    ref if ref is not None else mine[(slot, run.start)]
-                    for run, ref in [*state.runs, *((r, None) for r in new)]
-                ]
+                # Every run in order, oldest first: those on disk already, then those
+                # written now (the unwritten ones, then the new ones).
+                it = iter(written)
+                refs = [ref if ref is not None else next(it) for _, ref in state.runs]
+                refs.extend(it)
                 data = self._encode(slot, state, fresh, refs)
                 n = write_snapshot(self.slots_dir, slot, data, sync_dir=False)
-                out.append(_Written(n + sum(r.length for r in mine.values()), new, mine))
+                runs = [run for run, ref in state.runs if ref is None] + new
+                located = {(slot, run.start): ref for run, ref in zip(runs, written, strict=True)}
+                out.append(_Written(n + sum(r.length for r in written), new, located))
             except Exception as e:
                 out.append(e)
         if any(not isinstance(o, Exception) for o in out):

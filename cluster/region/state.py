@@ -296,10 +296,10 @@ class RegionState:
         self.tombstones = self.acks.by_slot
         self.snapshot_stats = {"written": 0, "failures": 0, "refused": 0, "bytes": 0, "loaded": 0}
         # The runs of tombstones on disk (cluster/region/snapshots.py): (slot, run start)
-        # → where; run file → the newest hlc it may hold; the next run file's number
-        # (never reused: counted on from the clock in µs).
+        # → where; (slot, run file) → the newest hlc it may hold; the next run file's
+        # number (never reused: counted on from the clock in µs).
         self._run_refs: dict[tuple[int, int], RunRef] = {}
-        self._run_files: dict[int, int] = {}
+        self._run_files: dict[tuple[int, int], int] = {}
         self._next_run_file = time.time_ns() // 1000
         self._loaded_slots: set[int] = set()
         self.append_seconds = Buckets((0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))

@@ -1,8 +1,9 @@
 """A region node's snapshots of a slot with many ack tombstones, on real files (the
-in-memory slot log, no Redis): the tombstones sealed in runs are written once, to a run
-file, and every later snapshot names them; a restarted node reads them back; a run file
-that cannot be written fails its batch; run files older than the dedupe window are
-removed, and a snapshot still naming them loads without them."""
+in-memory slot log, no Redis): the tombstones sealed in runs are written once, to the
+slot's run file, and every later snapshot names them; a restarted node reads them back;
+a run file that cannot be written fails its batch; run files older than the dedupe
+window (by the runs' own hlc) are removed, and a snapshot still naming them loads
+without them; a missing or damaged run file refuses only its own slot."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from relay.snapshot_io import (
     load_snapshots,
     prepare_data_dir,
     run_files,
+    run_path,
     runs_dir,
 )
 from tests.conftest import aio, publish_at
@@ -96,8 +98,8 @@ async def test_runs_are_written_once_and_named_by_every_later_snapshot(tmp_path:
     await r._snapshot_once(r.slots)
     assert r.data_at_risk()["unsaved_slots"] == 0
     files = run_files(r.slots_dir)
-    assert len(files) == 1  # the two whole runs, in one run file
-    run_file = runs_dir(r.slots_dir) / f"{files[0]}.tomb"
+    assert len(files) == 1 and files[0][0] == slot  # the two whole runs, in one run file
+    run_file = run_path(r.slots_dir, *files[0])
     first_bytes = run_file.read_bytes()
     snap_size = (r.slots_dir / f"{slot}.snap").stat().st_size
     assert snap_size < len(first_bytes)  # the runs are named, not carried
@@ -117,7 +119,7 @@ async def test_runs_are_written_once_and_named_by_every_later_snapshot(tmp_path:
 
 
 @aio
-async def test_a_restarted_node_gets_every_tombstone_back_and_removes_unused_run_files(
+async def test_a_restarted_node_gets_every_tombstone_back_and_keeps_unnamed_run_files_until_old(
     tmp_path: Path,
 ) -> None:
     wall = _Wall()
@@ -127,16 +129,23 @@ async def test_a_restarted_node_gets_every_tombstone_back_and_removes_unused_run
     await r._snapshot_once(r.slots)
     kept = run_files(r.slots_dir)
     d = runs_dir(r.slots_dir)
-    (d / "12.tomb").write_bytes(b"RTMB\x01\x00left by a batch whose snapshots failed")
-    (d / "13.tomb.tmp").write_bytes(b"cut short")
+    # Left by a batch whose snapshots failed, and by a write cut short.
+    (d / f"{slot}-12.tomb").write_bytes(b"RTMB\x01\x00named by no snapshot")
+    (d / f"{slot}-13.tomb.tmp").write_bytes(b"cut short")
     wall.ms += 1000
 
     r2 = _router("sg/n1", log, tmp_path / "data", wall)
     await r2._load_snapshots()
     assert r2.snapshot_stats["refused"] == 0
     assert _ids(r2, slot) == [f"a{i}" for i in range(n)]
-    assert sorted(os.listdir(d)) == [f"{f}.tomb" for f in kept]
-    assert r2._next_run_file > max(kept)
+    # The tmp file is gone; the unnamed one stays (a start that could not read a run
+    # file never removes it) until it is older than the window and the margin.
+    assert run_files(r2.slots_dir) == sorted([*kept, (slot, 12)])
+    assert not (d / f"{slot}-13.tomb.tmp").exists()
+    assert r2._next_run_file > max(f for _, f in kept)
+    wall.ms += r2.node.dedupe.window_ms + snapshots_mod.RUN_FILE_MARGIN_MS + 1000
+    await r2._snapshot_once(r2.slots)
+    assert (slot, 12) not in run_files(r2.slots_dir)
     await log.close()
 
 
@@ -154,7 +163,7 @@ async def test_a_run_file_that_cannot_be_written_fails_its_batch(
         )
 
     with monkeypatch.context() as m:
-        m.setattr(snapshots_mod, "write_run_file", full)
+        m.setattr(snapshots_mod, "write_run_files", full)
         await r._snapshot_once(r.slots)
     assert r.snapshot_stats["failures"] == 1
     assert r.data_at_risk()["unsaved_slots"] == 1  # still dirty
@@ -195,6 +204,7 @@ async def test_old_run_files_are_removed_and_a_snapshot_naming_them_loads_withou
     await r._snapshot_once(r.slots)
     assert old[0] not in run_files(r.slots_dir)
     assert len(run_files(r.slots_dir)) == 1
+    assert all(ref.file != old[0][1] for ref in r._run_refs.values())
 
     # The slot's snapshot on disk still names the removed file: loaded without its run,
     # which the window left behind anyway.
@@ -212,7 +222,7 @@ async def test_a_run_missing_within_the_window_refuses_the_snapshot(tmp_path: Pa
     await _acked(r, slot, 0, SEAL_TOMBSTONES + 1, wall)
     await r._snapshot_once(r.slots)
     for f in run_files(r.slots_dir):
-        (runs_dir(r.slots_dir) / f"{f}.tomb").unlink()
+        run_path(r.slots_dir, *f).unlink()
     r2 = _router("sg/n1", log, tmp_path / "data", wall)
     await r2._load_snapshots()
     assert r2.snapshot_stats["refused"] == 1  # rebuilt from the region, never half-loaded
@@ -225,3 +235,88 @@ def test_the_data_directory_holds_the_run_files_directory(tmp_path: Path) -> Non
     d = runs_dir(slots)
     assert d == tmp_path / "data" / "tombstones"
     assert d.is_dir() and (d.stat().st_mode & 0o777) == 0o700
+
+
+@aio
+async def test_a_run_file_is_kept_while_its_tombstones_are_in_the_window_by_their_own_hlc(
+    tmp_path: Path,
+) -> None:
+    # Another region's clock five minutes ahead: this node's hybrid clock follows it,
+    # and so do the tombstones' hlc.
+    wall = _Wall()
+    r, log, slot = await _owner(tmp_path, wall)
+    ahead = (wall.ms + 5 * 60_000) << 16
+    r.node.clock.observe(ahead + SEAL_TOMBSTONES)
+    for i in range(SEAL_TOMBSTONES):
+        r._tombstone(slot, CH, [f"a{i}"], ahead + i)
+    publish_at(r, CH, "m0")
+    await r._flush(force=True)
+    await r._snapshot_once(r.slots)
+    files = run_files(r.slots_dir)
+    assert len(files) == 1
+    wall.ms += r.node.dedupe.window_ms + snapshots_mod.RUN_FILE_MARGIN_MS + 1000
+    await r._snapshot_once(r.slots)
+    assert run_files(r.slots_dir) == files  # still within the window by its hlc
+    r2 = _router("sg/n1", log, tmp_path / "data", wall)
+    await r2._load_snapshots()
+    assert r2.snapshot_stats["refused"] == 0
+    assert _ids(r2, slot) == [f"a{i}" for i in range(SEAL_TOMBSTONES)]
+    await log.close()
+
+
+@aio
+async def test_runs_a_checkpoint_sealed_are_written_by_the_next_snapshot(tmp_path: Path) -> None:
+    wall = _Wall()
+    r, log, slot = await _owner(tmp_path, wall)
+    n = 2 * SEAL_TOMBSTONES + 5
+    await _acked(r, slot, 0, n, wall)
+    r._checkpoint_tombstones(slot, n)  # seals the two runs, on the reactor
+    assert r.sealed_tombstones.end(slot) == 2 * SEAL_TOMBSTONES
+    await r._snapshot_once(r.slots)
+    loaded, refused = load_snapshots(r.slots_dir)
+    assert refused == []
+    assert [i for _, i, _ in loaded[slot].tombstones] == [f"a{i}" for i in range(n)]
+    assert len(loaded[slot].runs) == 2
+    await log.close()
+
+
+@aio
+async def test_a_damaged_run_file_refuses_only_its_own_slot(tmp_path: Path) -> None:
+    wall = _Wall()
+    r, log, slot = await _owner(tmp_path, wall)
+    other = "inbox:zed"
+    other_slot = slot_of(other, r.slots)
+    assert other_slot != slot
+    await r._claim_now(other_slot)
+    await _acked(r, slot, 0, SEAL_TOMBSTONES, wall)
+    for i in range(SEAL_TOMBSTONES):
+        r._tombstone(other_slot, other, [f"z{i}"], (wall.ms << 16) + i)
+    publish_at(r, other, "z-m")
+    await r._flush(force=True)
+    await r._snapshot_once(r.slots)
+    mine = [f for f in run_files(r.slots_dir) if f[0] == slot]
+    assert len(mine) == 1 and len(run_files(r.slots_dir)) == 2
+    p = run_path(r.slots_dir, *mine[0])
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0x01
+    p.write_bytes(bytes(data))
+    loaded, refused = load_snapshots(r.slots_dir)
+    assert [s for s, _ in refused] == [slot]
+    assert "fails its checksum" in refused[0][1]
+    assert [i for _, i, _ in loaded[other_slot].tombstones] == [
+        f"z{i}" for i in range(SEAL_TOMBSTONES)
+    ]
+    # An unreadable one too; and it stays on disk for a later start.
+    p.chmod(0)
+    try:
+        if os.geteuid() != 0:
+            loaded, refused = load_snapshots(r.slots_dir)
+            assert [s for s, _ in refused] == [slot]
+            assert "is missing" in refused[0][1]
+        r2 = _router("sg/n1", log, tmp_path / "data", wall)
+        await r2._load_snapshots()
+        assert r2.snapshot_stats["refused"] == 1
+        assert p.exists()
+    finally:
+        p.chmod(0o600)
+    await log.close()
