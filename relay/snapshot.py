@@ -470,7 +470,7 @@ def _decode(batch: bytes, what: str) -> list[Event]:
 def _run_events(ref: RunRef, chunk: bytes | None) -> list[Event]:
     where = f"tombstone run at {ref.offset} of run file {ref.file}"
     if chunk is None or len(chunk) != ref.length:
-        raise SnapshotError(f"{where} is missing (its file is gone or too short)")
+        raise SnapshotError(f"{where} cannot be read (its file is gone, unreadable or short)")
     if hashlib.blake2b(chunk, digest_size=DIGEST_SIZE).digest() != ref.digest:
         raise SnapshotError(f"{where} fails its checksum")
     r = _Reader(memoryview(chunk))

@@ -10,8 +10,13 @@ The edge of :mod:`relay.snapshot` (which makes and checks the bytes). Layout::
             <slot>-<n>.tomb  0600, runs of a slot's older ack tombstones, written once,
                            named by its snapshots (relay/snapshot.py, version 2);
                            removed once every tombstone in it is older than the dedupe
-                           window (a damaged one refuses only its own slot's snapshot)
+                           window by a minute (a damaged one refuses only its own
+                           slot's snapshot)
             <slot>-<n>.tomb.tmp  as above
+            pruned         0600, the hlc below which runs may have been removed (a
+                           loader leaves them out: written before any removal, so a
+                           start with a larger dedupe window or an earlier clock does
+                           not refuse a snapshot naming one)
 
 Every function here is synchronous and may block on the disk (``fsync`` can take tens of
 milliseconds, far more on a busy or failing disk). A node calls them off the reactor —
@@ -27,9 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import stat
+import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -84,7 +91,7 @@ def prepare_data_dir(path: str | os.PathLike[str]) -> Path:
     missing; return the slots directory, which the other functions take (the run files'
     directory is :func:`runs_dir` of it).
 
-    Raises :class:`SnapshotDirError` if either is not a directory, is not owned by this
+    Raises :class:`SnapshotDirError` if any of them is not a directory, is not owned by this
     process's user, or grants any access to group or others (snapshots hold message
     bodies): the node must not start until an operator fixes it (``chmod 700``).
     """
@@ -273,15 +280,18 @@ def write_run_files(slots_dir: Path, files: Sequence[tuple[int, int, bytes]]) ->
 
 
 def run_files(slots_dir: Path) -> list[tuple[int, int]]:
-    """The run files on disk, as (slot, file) (tmp files left by a crash are removed)."""
+    """The run files on disk, as (slot, file) (tmp files left by a crash are removed;
+    anything but a regular file is ignored)."""
     d = runs_dir(slots_dir)
     out = []
     try:
         with os.scandir(d) as entries:
-            names = [e.name for e in entries]
+            names = [(e.name, e.is_file(follow_symlinks=False)) for e in entries]
     except FileNotFoundError:
         return []
-    for name in names:
+    for name, regular in names:
+        if not regular:
+            continue
         if _RUN_TMP_NAME.fullmatch(name):
             with contextlib.suppress(OSError):
                 _unlink_quietly(d / name)
@@ -290,22 +300,73 @@ def run_files(slots_dir: Path) -> list[tuple[int, int]]:
     return sorted(out)
 
 
-def delete_run_files(slots_dir: Path, files: Iterable[tuple[int, int]]) -> int:
-    """Remove the run files ``(slot, file)`` no snapshot needs any more; return how many
-    were there. Raises :class:`SnapshotWriteError`. Blocks on the disk."""
-    n = 0
+def delete_run_files(
+    slots_dir: Path, files: Iterable[tuple[int, int]], *, below_hlc: int
+) -> tuple[list[tuple[int, int]], OSError | None]:
+    """Remove the run files ``(slot, file)`` no snapshot needs any more, each of whose
+    runs is older than ``below_hlc``: first record ``below_hlc`` durably
+    (:func:`read_pruned`), then remove each file, then fsync the directory. Return the
+    files gone (removed, or missing already) and the first error met, if any (the others
+    are still tried). Blocks on the disk."""
+    d = runs_dir(slots_dir)
     try:
-        for slot, file in files:
-            n += _unlink_quietly(run_path(slots_dir, slot, file))
-        if n:
-            _fsync_dir(runs_dir(slots_dir))
+        _write_pruned(d, below_hlc)
     except OSError as exc:
-        raise SnapshotWriteError(
-            f"deleting tombstone run files in {runs_dir(slots_dir)} failed: {exc}",
-            slot=None,
-            errno=exc.errno,
-        ) from exc
-    return n
+        return [], exc
+    gone = []
+    error: OSError | None = None
+    for slot, file in files:
+        try:
+            _unlink_quietly(run_path(slots_dir, slot, file))
+            gone.append((slot, file))
+        except OSError as exc:
+            error = error or exc
+    if gone:
+        try:
+            _fsync_dir(d)
+        except OSError as exc:
+            error = error or exc
+    return gone, error
+
+
+_PRUNED = "pruned"
+_PRUNED_FORMAT = struct.Struct("<4sQ16s")
+
+
+def read_pruned(slots_dir: Path) -> int:
+    """The hlc below which tombstone runs may have been removed (0: none ever was, or
+    the record is unreadable — then a snapshot naming a removed run is refused and its
+    slot rebuilt from the region)."""
+    try:
+        data = _read(runs_dir(slots_dir) / _PRUNED)
+    except OSError:
+        return 0
+    if len(data) != _PRUNED_FORMAT.size:
+        return 0
+    magic, hlc, digest = _PRUNED_FORMAT.unpack(data)
+    body = data[: _PRUNED_FORMAT.size - 16]
+    if magic != b"RPRN" or hashlib.blake2b(body, digest_size=16).digest() != digest:
+        return 0
+    return int(hlc)
+
+
+def _write_pruned(d: Path, hlc: int) -> None:
+    # Only ever raised: a record is replaced by a larger one (tmp, fsync, rename, fsync).
+    current = read_pruned(d.parent / SLOTS_DIR)
+    if hlc <= current:
+        return
+    body = struct.pack("<4sQ", b"RPRN", hlc)
+    data = body + hashlib.blake2b(body, digest_size=16).digest()
+    tmp = d / (_PRUNED + ".tmp")
+    _unlink_quietly(tmp)
+    fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, d / _PRUNED)
+    _fsync_dir(d)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -344,8 +405,9 @@ def load_snapshots(
 
     The tombstone runs a snapshot names are read from its slot's run files (each once);
     runs whose newest tombstone is below ``cutoff_hlc`` (older than the dedupe window)
-    are not read. A snapshot naming a needed run that is missing, unreadable or corrupt
-    is refused (the run files are left in place: a later start may read them).
+    or below what :func:`read_pruned` says may have been removed are not read. A
+    snapshot naming a needed run that is missing, unreadable or corrupt is refused (the
+    run files are left in place: a later start may read them).
 
     A refused file is left in place: the caller counts and logs it, rebuilds the slot
     from the region and writes a fresh snapshot over it. Tmp files (a write cut short by
@@ -354,6 +416,7 @@ def load_snapshots(
     """
     loaded: dict[int, Snapshot] = {}
     refused: list[tuple[int, str]] = []
+    cutoff_hlc = max(cutoff_hlc, read_pruned(slots_dir))
     with os.scandir(slots_dir) as entries:
         names = [e.name for e in entries]
     removed_tmp = False

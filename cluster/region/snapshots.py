@@ -117,7 +117,6 @@ class Snapshots(Appends):
         loaded, refused = await asyncio.to_thread(
             functools.partial(load_snapshots, self.slots_dir, cutoff_hlc=self._dedupe_cutoff_hlc())
         )
-        await self._keep_run_files(loaded.values())
         for slot, reason in refused:
             # Never half-loaded: the slot is rebuilt from the region's checkpoint and logs.
             self.snapshot_stats["refused"] += 1
@@ -141,6 +140,8 @@ class Snapshots(Appends):
                 if origin in self.mirror_applied:
                     self.mirror_applied[origin][slot] = mirror_id
             self._loaded_slots.add(slot)
+        # After the loaded tombstones went through the hybrid clock: it bounds their hlc.
+        await self._keep_run_files(loaded.values())
         self.snapshot_stats["loaded"] = len(self._loaded_slots)
         if loaded or refused:
             log.info(
@@ -181,13 +182,18 @@ class Snapshots(Appends):
         old = [key for key, newest in self._run_files.items() if newest < cutoff]
         if not old:
             return
-        try:
-            await asyncio.to_thread(delete_run_files, self.slots_dir, old)
-        except Exception as e:
-            log.warning("removing %d old tombstone run files failed: %s", len(old), e)
-            return
-        gone = set(old)
-        for key in old:
+        gone_list, error = await asyncio.to_thread(
+            functools.partial(delete_run_files, self.slots_dir, old, below_hlc=cutoff)
+        )
+        if error is not None:
+            log.warning(
+                "removing %d old tombstone run files: %d failed: %s",
+                len(old),
+                len(old) - len(gone_list),
+                error,
+            )
+        gone = set(gone_list)
+        for key in gone:
             self._run_files.pop(key, None)
         self._run_refs = {k: r for k, r in self._run_refs.items() if (k[0], r.file) not in gone}
 
@@ -339,6 +345,15 @@ class Snapshots(Appends):
             for run in outcome.sealed:
                 self.sealed_tombstones.seal(slot, run)
             self._run_refs.update(outcome.located)
+            # The file's age by its runs' own newest hlc, no longer the bound taken at
+            # hand-off (unless it was removed meanwhile).
+            newest: dict[tuple[int, int], int] = {}
+            for ref in outcome.located.values():
+                key = (slot, ref.file)
+                newest[key] = max(newest.get(key, 0), ref.newest_hlc)
+            for key, hlc in newest.items():
+                if key in self._run_files:
+                    self._run_files[key] = hlc
             self.core.step(SnapshotWritten(slot, self.clock()))
             self.snapshot_stats["written"] += 1
             self.snapshot_stats["bytes"] += outcome.size

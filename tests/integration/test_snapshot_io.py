@@ -23,14 +23,20 @@ from typing import Any
 import pytest
 
 from relay.codec import MessageEvent
-from relay.snapshot import decode_snapshot, encode_snapshot
+from relay.snapshot import RUN_HEADER, decode_snapshot, encode_snapshot
 from relay.snapshot_io import (
     SnapshotDirError,
     SnapshotWriteError,
+    delete_run_files,
     delete_snapshot,
     load_snapshots,
     prepare_data_dir,
+    read_pruned,
+    run_files,
+    run_path,
+    runs_dir,
     sync_slots_dir,
+    write_run_files,
     write_snapshot,
 )
 from tests.conftest import small_tmpfs
@@ -406,3 +412,37 @@ def longest_pause_while(work: Callable[[], object]) -> float:
         longest, last = max(longest, now - last), now
     worker.join()
     return longest
+
+
+# ---------------------------------------------------------------- tombstone run files
+
+
+def test_run_files_on_a_full_disk_fail_with_a_coded_error_and_no_tmp_left(
+    tiny_tmpfs: Path,
+) -> None:
+    slots = prepare_data_dir(tiny_tmpfs / "data")
+    small = RUN_HEADER + b"x" * 100
+    big = RUN_HEADER + os.urandom(100 * 1024)  # more than the disk holds
+    with pytest.raises(SnapshotWriteError) as e:
+        write_run_files(slots, [(3, 1, small), (4, 2, big)])
+    assert e.value.errno == errno.ENOSPC and e.value.slot == 4
+    assert "slot 4's tombstone run file" in str(e.value)
+    # The first is in place (named by no snapshot: removed once old); no tmp file left.
+    assert sorted(os.listdir(runs_dir(slots))) == ["3-1.tomb"]
+    assert run_files(slots) == [(3, 1)]
+    assert mode(run_path(slots, 3, 1)) == 0o600
+
+
+def test_the_pruned_record_only_rises_and_a_damaged_one_reads_as_none(slots: Path) -> None:
+    assert read_pruned(slots) == 0
+    write_run_files(slots, [(1, 5, RUN_HEADER), (2, 6, RUN_HEADER)])
+    gone, err = delete_run_files(slots, [(1, 5), (9, 9)], below_hlc=HLC)
+    assert err is None and gone == [(1, 5), (9, 9)]  # one removed, one missing already
+    assert read_pruned(slots) == HLC
+    delete_run_files(slots, [], below_hlc=HLC - 1)
+    assert read_pruned(slots) == HLC  # never lowered
+    p = runs_dir(slots) / "pruned"
+    assert mode(p) == 0o600
+    p.write_bytes(p.read_bytes()[:-1] + b"?")
+    assert read_pruned(slots) == 0  # damaged: snapshots naming removed runs are refused
+    assert run_files(slots) == [(2, 6)]

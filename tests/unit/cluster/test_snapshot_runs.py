@@ -7,13 +7,14 @@ without them; a missing or damaged run file refuses only its own slot."""
 
 from __future__ import annotations
 
-import os
+import errno
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import cluster.region.snapshots as snapshots_mod
+import relay.snapshot_io as snapshot_io
 from cluster.ring import Ring, slot_of
 from cluster.slotlog import MemorySlotLog
 from relay.snapshot import SEAL_TOMBSTONES
@@ -41,7 +42,7 @@ class _Wall:
         return self.ms
 
 
-def _router(node: str, log: MemorySlotLog, data_dir: Path, wall: _Wall) -> Any:
+def _router(node: str, log: MemorySlotLog, data_dir: Path, wall: _Wall, window_s: int = 600) -> Any:
     from cluster.router import Router
     from relay.config import load_config
     from relay.server import build_node
@@ -52,6 +53,7 @@ def _router(node: str, log: MemorySlotLog, data_dir: Path, wall: _Wall) -> Any:
             "RELAY_CLUSTER__REDIS_URL": "redis://127.0.0.1:1/0",
             "RELAY_NODE__ID": node,
             "RELAY_NODE__DATA_DIR": str(data_dir),
+            "RELAY_STORE__DEDUPE_WINDOW_S": str(window_s),
         },
     )
     r = Router(
@@ -143,6 +145,12 @@ async def test_a_restarted_node_gets_every_tombstone_back_and_keeps_unnamed_run_
     assert run_files(r2.slots_dir) == sorted([*kept, (slot, 12)])
     assert not (d / f"{slot}-13.tomb.tmp").exists()
     assert r2._next_run_file > max(f for _, f in kept)
+    # Numbered on from the files on disk, even with the clock an hour back.
+    wall.ms -= 3_600_000
+    r3 = _router("sg/n1", log, tmp_path / "data", wall)
+    await r3._load_snapshots()
+    assert r3._next_run_file == max(f for _, f in kept) + 1
+    wall.ms += 3_600_000
     wall.ms += r2.node.dedupe.window_ms + snapshots_mod.RUN_FILE_MARGIN_MS + 1000
     await r2._snapshot_once(r2.slots)
     assert (slot, 12) not in run_files(r2.slots_dir)
@@ -281,7 +289,9 @@ async def test_runs_a_checkpoint_sealed_are_written_by_the_next_snapshot(tmp_pat
 
 
 @aio
-async def test_a_damaged_run_file_refuses_only_its_own_slot(tmp_path: Path) -> None:
+async def test_a_damaged_run_file_refuses_only_its_own_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     wall = _Wall()
     r, log, slot = await _owner(tmp_path, wall)
     other = "inbox:zed"
@@ -297,7 +307,8 @@ async def test_a_damaged_run_file_refuses_only_its_own_slot(tmp_path: Path) -> N
     mine = [f for f in run_files(r.slots_dir) if f[0] == slot]
     assert len(mine) == 1 and len(run_files(r.slots_dir)) == 2
     p = run_path(r.slots_dir, *mine[0])
-    data = bytearray(p.read_bytes())
+    good = p.read_bytes()
+    data = bytearray(good)
     data[-3] ^= 0x01
     p.write_bytes(bytes(data))
     loaded, refused = load_snapshots(r.slots_dir)
@@ -306,17 +317,78 @@ async def test_a_damaged_run_file_refuses_only_its_own_slot(tmp_path: Path) -> N
     assert [i for _, i, _ in loaded[other_slot].tombstones] == [
         f"z{i}" for i in range(SEAL_TOMBSTONES)
     ]
-    # An unreadable one too; and it stays on disk for a later start.
-    p.chmod(0)
-    try:
-        if os.geteuid() != 0:
-            loaded, refused = load_snapshots(r.slots_dir)
-            assert [s for s, _ in refused] == [slot]
-            assert "is missing" in refused[0][1]
-        r2 = _router("sg/n1", log, tmp_path / "data", wall)
+    # Whole again but unreadable (EIO): refused too, and left on disk for a later start.
+    p.write_bytes(good)
+    real = snapshot_io._read
+
+    def failing(path: Path) -> bytes:
+        if path == p:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(snapshot_io, "_read", failing)
+    r2 = _router("sg/n1", log, tmp_path / "data", wall)
+    await r2._load_snapshots()
+    assert r2.snapshot_stats["refused"] == 1
+    assert slot not in r2._loaded_slots and other_slot in r2._loaded_slots
+    assert p.exists()
+    monkeypatch.setattr(snapshot_io, "_read", real)
+    loaded, refused = load_snapshots(r.slots_dir)  # the next start reads it
+    assert refused == []
+    await log.close()
+
+
+@aio
+async def test_a_larger_window_or_an_earlier_clock_at_start_does_not_refuse_a_pruned_run(
+    tmp_path: Path,
+) -> None:
+    wall = _Wall()
+    r, log, slot = await _owner(tmp_path, wall)
+    await _acked(r, slot, 0, SEAL_TOMBSTONES, wall)
+    await r._snapshot_once(r.slots)  # names run file 1
+    window = r.node.dedupe.window_ms
+    wall.ms += window + snapshots_mod.RUN_FILE_MARGIN_MS + 1000
+    await r._snapshot_once(r.slots)  # the slot is quiet: its snapshot still names it
+    assert run_files(r.slots_dir) == []
+    # Restarted with the window three times as long, then with the clock two minutes
+    # back: the run was removed once older than the window the node enforced, and the
+    # record of that keeps the loader from asking for it.
+    for window_s, back_ms in ((3 * window // 1000, 0), (window // 1000, 120_000)):
+        wall.ms -= back_ms
+        r2 = _router("sg/n1", log, tmp_path / "data", wall, window_s=window_s)
         await r2._load_snapshots()
-        assert r2.snapshot_stats["refused"] == 1
-        assert p.exists()
-    finally:
-        p.chmod(0o600)
+        assert r2.snapshot_stats["refused"] == 0
+        assert slot in r2._loaded_slots and _ids(r2, slot) == []
+        wall.ms += back_ms
+    await log.close()
+
+
+@aio
+async def test_a_run_file_that_cannot_be_removed_holds_back_only_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wall = _Wall()
+    r, log, slot = await _owner(tmp_path, wall)
+    for k in range(3):
+        await _acked(r, slot, k * SEAL_TOMBSTONES, SEAL_TOMBSTONES, wall)
+        await r._snapshot_once(r.slots)
+    files = run_files(r.slots_dir)
+    assert len(files) == 3
+    (runs_dir(r.slots_dir) / f"{slot}-1.tomb").mkdir()  # not a run file: ignored
+    assert run_files(r.slots_dir) == files
+    stuck = run_path(r.slots_dir, *files[1])
+    real = snapshot_io._unlink_quietly
+
+    def failing(p: Path) -> bool:
+        if p == stuck:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real(p)
+
+    monkeypatch.setattr(snapshot_io, "_unlink_quietly", failing)
+    wall.ms += r.node.dedupe.window_ms + snapshots_mod.RUN_FILE_MARGIN_MS + 1000
+    await r._snapshot_once(r.slots)
+    assert run_files(r.slots_dir) == [files[1]]  # the others are gone
+    monkeypatch.setattr(snapshot_io, "_unlink_quietly", real)
+    await r._snapshot_once(r.slots)  # tried again
+    assert run_files(r.slots_dir) == []
     await log.close()

@@ -47,10 +47,10 @@ def thread_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     calls: list[int] = []
     real = snapshots_mod.Snapshots._encode_and_write_many
 
-    def counted(self: Any, batch: list[Any], run_file: int) -> Any:
+    def counted(self: Any, batch: list[Any], files: dict[int, int]) -> Any:
         calls.append(len(batch))
         self.batches_seen = [*getattr(self, "batches_seen", []), [s for s, _ in batch]]
-        return real(self, batch, run_file)
+        return real(self, batch, files)
 
     monkeypatch.setattr(snapshots_mod.Snapshots, "_encode_and_write_many", counted)
     yield calls
@@ -180,7 +180,7 @@ async def test_a_failed_hand_off_leaves_every_slot_dirty(
 ) -> None:
     r, log, slots = await _router_with_dirty_slots(tmp_path)
 
-    def broken(self: Any, batch: list[Any], run_file: int) -> Any:
+    def broken(self: Any, batch: list[Any], files: dict[int, int]) -> Any:
         raise RuntimeError("cannot schedule new futures after shutdown")
 
     with monkeypatch.context() as m:
@@ -203,10 +203,10 @@ async def test_a_tick_cancelled_mid_write_leaves_its_slots_to_the_next(
     started, release = threading.Event(), threading.Event()
     real = snapshots_mod.Snapshots._encode_and_write_many
 
-    def slow(self: Any, batch: list[Any], run_file: int) -> Any:
+    def slow(self: Any, batch: list[Any], files: dict[int, int]) -> Any:
         started.set()
         release.wait(10)
-        return real(self, batch, run_file)
+        return real(self, batch, files)
 
     monkeypatch.setattr(snapshots_mod.Snapshots, "_encode_and_write_many", slow)
     try:
