@@ -389,13 +389,17 @@ def decode_snapshot(
     slot: int | None = None,
     runs: Callable[[RunRef], bytes | None] | None = None,
     cutoff_hlc: int = 0,
+    pruned_hlc: int = 0,
 ) -> Snapshot:
     """Check and decode a snapshot made by :func:`encode_snapshot`.
 
     ``slot``: the slot the file is named for; a snapshot of another slot is refused.
-    ``runs``: the bytes a :class:`RunRef` names (None when its file is missing or too
-    short); a run whose ``newest_hlc`` is below ``cutoff_hlc`` (older than the dedupe
-    window) is left out without being read. A run needed and missing, or whose bytes
+    ``runs``: the bytes a :class:`RunRef` names — None when its file does not exist,
+    any other wrong bytes (empty, short) when it cannot be read; a run whose
+    ``newest_hlc`` is below ``cutoff_hlc`` (older than the dedupe window) is left out
+    without being read, and so is a run whose file does not exist when its
+    ``newest_hlc`` is below ``pruned_hlc`` (the node removed it, out of the window it
+    enforced then). A run needed and missing or unreadable, or whose bytes
     fail their digest, refuses the snapshot.
     Raises :class:`SnapshotError` — and nothing else, whatever the bytes — for a foreign
     file, a version this node cannot read, a truncated, extended or corrupt file (the
@@ -450,7 +454,10 @@ def decode_snapshot(
         for ref in refs:
             if ref.newest_hlc < cutoff_hlc:
                 continue  # wholly older than the dedupe window: dedupes nothing
-            older.extend(_run_events(ref, runs(ref) if runs is not None else None))
+            chunk = runs(ref) if runs is not None else None
+            if chunk is None and ref.newest_hlc < pruned_hlc:
+                continue  # removed by the node once out of its window
+            older.extend(_run_events(ref, chunk))
         # The runs' tombstones are older than those in the batches: messages first, then
         # the runs, then the rest.
         msgs = [e for e in events if not isinstance(e, AckEvent)]

@@ -305,16 +305,17 @@ def delete_run_files(
 ) -> tuple[list[tuple[int, int]], OSError | None]:
     """Remove the run files ``(slot, file)`` no snapshot needs any more, each of whose
     runs is older than ``below_hlc``: first record ``below_hlc`` durably
-    (:func:`read_pruned`), then remove each file, then fsync the directory. Return the
-    files gone (removed, or missing already) and the first error met, if any (the others
-    are still tried). Blocks on the disk."""
+    (:func:`read_pruned`; if that fails, the files still go: a snapshot naming one is
+    then refused and its slot rebuilt from the region), then remove each file, then fsync
+    the directory. Return the files gone (removed, or missing already) and the first
+    error met, if any (the others are still tried). Blocks on the disk."""
     d = runs_dir(slots_dir)
+    error: OSError | None = None
     try:
         _write_pruned(d, below_hlc)
     except OSError as exc:
-        return [], exc
+        error = exc
     gone = []
-    error: OSError | None = None
     for slot, file in files:
         try:
             _unlink_quietly(run_path(slots_dir, slot, file))
@@ -334,9 +335,10 @@ _PRUNED_FORMAT = struct.Struct("<4sQ16s")
 
 
 def read_pruned(slots_dir: Path) -> int:
-    """The hlc below which tombstone runs may have been removed (0: none ever was, or
-    the record is unreadable — then a snapshot naming a removed run is refused and its
-    slot rebuilt from the region)."""
+    """The hlc below which the node removed tombstone runs: a run below it whose file
+    does not exist is left out on load (0: none ever was, or the record is unreadable —
+    then a snapshot naming a removed run is refused and its slot rebuilt from the
+    region; removing the record is safe in that sense)."""
     try:
         data = _read(runs_dir(slots_dir) / _PRUNED)
     except OSError:
@@ -405,9 +407,10 @@ def load_snapshots(
 
     The tombstone runs a snapshot names are read from its slot's run files (each once);
     runs whose newest tombstone is below ``cutoff_hlc`` (older than the dedupe window)
-    or below what :func:`read_pruned` says may have been removed are not read. A
-    snapshot naming a needed run that is missing, unreadable or corrupt is refused (the
-    run files are left in place: a later start may read them).
+    are not read, nor those whose file does not exist and which :func:`read_pruned`
+    says the node removed. A snapshot naming a needed run that is missing, unreadable
+    or corrupt is refused (the run files are left in place: a later start may read
+    them).
 
     A refused file is left in place: the caller counts and logs it, rebuilds the slot
     from the region and writes a fresh snapshot over it. Tmp files (a write cut short by
@@ -416,7 +419,7 @@ def load_snapshots(
     """
     loaded: dict[int, Snapshot] = {}
     refused: list[tuple[int, str]] = []
-    cutoff_hlc = max(cutoff_hlc, read_pruned(slots_dir))
+    pruned_hlc = read_pruned(slots_dir)
     with os.scandir(slots_dir) as entries:
         names = [e.name for e in entries]
     removed_tmp = False
@@ -433,7 +436,9 @@ def load_snapshots(
         try:
             data = _read(slots_dir / name)
             runs = _RunFiles(slots_dir, slot).chunk
-            loaded[slot] = decode_snapshot(data, slot=slot, runs=runs, cutoff_hlc=cutoff_hlc)
+            loaded[slot] = decode_snapshot(
+                data, slot=slot, runs=runs, cutoff_hlc=cutoff_hlc, pruned_hlc=pruned_hlc
+            )
         except SnapshotError as exc:
             refused.append((slot, str(exc)))
         except OSError as exc:
@@ -446,8 +451,8 @@ def load_snapshots(
 
 
 class _RunFiles:
-    """A slot's run files, each read once for its snapshot (None: missing, unreadable or
-    not a run file)."""
+    """A slot's run files, each read once for its snapshot: None for a file that does
+    not exist, empty bytes for one that cannot be read or is not a run file."""
 
     def __init__(self, slots_dir: Path, slot: int) -> None:
         self.slots_dir = slots_dir
@@ -458,14 +463,18 @@ class _RunFiles:
         if ref.file not in self.files:
             try:
                 data: bytes | None = _read(run_path(self.slots_dir, self.slot, ref.file))
+            except FileNotFoundError:
+                data = None
             except OSError:
-                data = None
-            if data is not None and not data.startswith(RUN_HEADER):
-                data = None
+                data = b""
+            if data and not data.startswith(RUN_HEADER):
+                data = b""
             self.files[ref.file] = data
         data = self.files[ref.file]
-        if data is None or ref.offset < len(RUN_HEADER) or ref.offset + ref.length > len(data):
+        if data is None:
             return None
+        if ref.offset < len(RUN_HEADER) or ref.offset + ref.length > len(data):
+            return b""
         return data[ref.offset : ref.offset + ref.length]
 
 

@@ -182,8 +182,11 @@ class Snapshots(Appends):
         old = [key for key, newest in self._run_files.items() if newest < cutoff]
         if not old:
             return
+        # Recorded: the newest these files may hold (not the cutoff, which a clock set
+        # ahead would carry past tombstones still in the window).
+        below = max(self._run_files[key] for key in old) + 1
         gone_list, error = await asyncio.to_thread(
-            functools.partial(delete_run_files, self.slots_dir, old, below_hlc=cutoff)
+            functools.partial(delete_run_files, self.slots_dir, old, below_hlc=below)
         )
         if error is not None:
             log.warning(

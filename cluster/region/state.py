@@ -79,7 +79,7 @@ SNAPSHOT_SWITCH_INTERVAL_S = 0.0005
 SNAPSHOT_BATCH_ITEMS = 2_000
 # A run file of tombstones is removed once its newest tombstone is this much older than
 # the dedupe window (cluster/region/snapshots.py): a snapshot still naming it leaves its
-# runs out on load, unless the clock went back by more than this.
+# runs out on load (by the window, or by the record of what was removed).
 RUN_FILE_MARGIN_MS = 60_000
 DRAIN_TIMEOUT_S = 10.0
 AUDIT_S = 1.0

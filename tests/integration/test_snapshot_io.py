@@ -446,3 +446,12 @@ def test_the_pruned_record_only_rises_and_a_damaged_one_reads_as_none(slots: Pat
     p.write_bytes(p.read_bytes()[:-1] + b"?")
     assert read_pruned(slots) == 0  # damaged: snapshots naming removed runs are refused
     assert run_files(slots) == [(2, 6)]
+
+
+def test_run_files_are_removed_even_when_the_record_cannot_be_written(slots: Path) -> None:
+    write_run_files(slots, [(1, 5, RUN_HEADER), (2, 6, RUN_HEADER)])
+    (runs_dir(slots) / "pruned").mkdir()  # in the way of the record's rename
+    gone, err = delete_run_files(slots, [(1, 5), (2, 6)], below_hlc=HLC)
+    assert gone == [(1, 5), (2, 6)] and run_files(slots) == []
+    assert isinstance(err, OSError)  # reported; a snapshot naming them is then refused
+    assert read_pruned(slots) == 0

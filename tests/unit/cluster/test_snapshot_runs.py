@@ -392,3 +392,56 @@ async def test_a_run_file_that_cannot_be_removed_holds_back_only_itself(
     await r._snapshot_once(r.slots)  # tried again
     assert run_files(r.slots_dir) == []
     await log.close()
+
+
+@aio
+async def test_a_clock_ahead_at_a_prune_never_leaves_out_runs_on_disk(tmp_path: Path) -> None:
+    wall = _Wall()
+    t = wall.ms
+    r, log, slot = await _owner(tmp_path, wall)
+    await _acked(r, slot, 0, SEAL_TOMBSTONES, wall)
+    await r._snapshot_once(r.slots)
+    # The wall clock an hour ahead for a while (a boot before NTP): a tick removes the
+    # run file; the record says no more than what that file held.
+    wall.ms += 3_600_000
+    await r._snapshot_once(r.slots)
+    assert run_files(r.slots_dir) == []
+    assert snapshot_io.read_pruned(r.slots_dir) <= ((t + 1) << 16) + SEAL_TOMBSTONES
+    # Stepped back: new acks, sealed into a run file on disk, well inside the window.
+    wall.ms = t + 2000
+    await _acked(r, slot, SEAL_TOMBSTONES, SEAL_TOMBSTONES, wall)
+    await r._snapshot_once(r.slots)
+    wall.ms = t + 5 * 60_000
+    r2 = _router("sg/n1", log, tmp_path / "data", wall)
+    await r2._load_snapshots()
+    assert r2.snapshot_stats["refused"] == 0
+    # All of them: the first run, back inside the window, was written again too.
+    assert _ids(r2, slot) == [f"a{i}" for i in range(2 * SEAL_TOMBSTONES)]
+    await log.close()
+
+
+@aio
+async def test_a_run_file_is_aged_by_its_runs_and_at_start_by_the_loaded_tombstones(
+    tmp_path: Path,
+) -> None:
+    wall = _Wall()
+    r, log, slot = await _owner(tmp_path, wall)
+    await _acked(r, slot, 0, SEAL_TOMBSTONES + 1, wall)
+    newest = (wall.ms << 16) + SEAL_TOMBSTONES - 1
+    r._checkpoint_tombstones(slot, SEAL_TOMBSTONES)  # sealed now, on the reactor
+    wall.ms += 5 * 60_000  # written five minutes later: aged by its run, not by then
+    await r._snapshot_once(r.slots)
+    [key] = r._run_files
+    assert r._run_files[key] == newest
+    # A start: a file no snapshot names is aged from the hybrid clock once the loaded
+    # tombstones (another region's clock ahead by ten minutes) went through it.
+    ahead = (wall.ms + 600_000) << 16
+    r._tombstone(slot, CH, ["late"], ahead)
+    publish_at(r, CH, "m-late")
+    await r._flush(force=True)
+    await r._snapshot_once(r.slots)
+    (runs_dir(r.slots_dir) / f"{slot}-12.tomb").write_bytes(b"RTMB\x01\x00")
+    r2 = _router("sg/n1", log, tmp_path / "data", wall)
+    await r2._load_snapshots()
+    assert r2._run_files[(slot, 12)] > ahead
+    await log.close()
