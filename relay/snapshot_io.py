@@ -172,28 +172,13 @@ def write_snapshot(slots_dir: Path, slot: int, data: bytes, *, sync_dir: bool = 
     only after that call returns.
     """
     final = snapshot_path(slots_dir, slot)
-    tmp = slots_dir / f"{slot}{TMP_SUFFIX}"
     renamed = False
     try:
-        try:
-            fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
-        except FileExistsError:
-            _unlink_quietly(tmp)  # a stale one (an earlier write cut short)
-            fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+        _replace_with(final, slots_dir / f"{slot}{TMP_SUFFIX}", data)
         renamed = True
         if sync_dir:
             _fsync_dir(slots_dir)
     except OSError as exc:
-        if not renamed:
-            # The first error is the one to report; load removes tmp files anyway.
-            with contextlib.suppress(OSError):
-                _unlink_quietly(tmp)
         code = errno.errorcode.get(exc.errno, "?") if exc.errno else "?"
         outcome = (
             "the new one is in place but may not be durable"
@@ -247,23 +232,7 @@ def write_run_files(slots_dir: Path, files: Sequence[tuple[int, int, bytes]]) ->
     try:
         for slot, file, data in files:
             final = run_path(slots_dir, slot, file)
-            tmp = final.with_name(final.name + ".tmp")
-            try:
-                try:
-                    fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
-                except FileExistsError:
-                    _unlink_quietly(tmp)
-                    fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
-                try:
-                    _write_all(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, final)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    _unlink_quietly(tmp)
-                raise
+            _replace_with(final, final.with_name(final.name + ".tmp"), data)
             total += len(data)
         if files:
             slot = None
@@ -358,17 +327,33 @@ def _write_pruned(d: Path, hlc: int) -> None:
     if hlc <= current:
         return
     body = struct.pack("<4sQ", b"RPRN", hlc)
-    data = body + hashlib.blake2b(body, digest_size=16).digest()
-    tmp = d / (_PRUNED + ".tmp")
-    _unlink_quietly(tmp)
-    fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, d / _PRUNED)
+    _replace_with(
+        d / _PRUNED, d / (_PRUNED + ".tmp"), body + hashlib.blake2b(body, digest_size=16).digest()
+    )
     _fsync_dir(d)
+
+
+def _replace_with(final: Path, tmp: Path, data: bytes) -> None:
+    """``final`` replaced by ``data``: written to ``tmp`` (``O_CREAT|O_EXCL``, mode 0600;
+    a stale one, from an earlier write cut short, is removed first), fsynced, renamed
+    over ``final``. The caller fsyncs the directory. On an OS error before the rename the
+    tmp file is removed and the error raised (the first error is the one to report)."""
+    try:
+        try:
+            fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
+        except FileExistsError:
+            _unlink_quietly(tmp)
+            fd = os.open(tmp, _TMP_FLAGS, FILE_MODE)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            _unlink_quietly(tmp)
+        raise
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -269,15 +269,22 @@ def memory_router(
     log: Any,
     wall_ms: Callable[[], int] = lambda: 1_000_000,
     clock: Callable[[], float] = time.monotonic,
+    env: dict[str, str] | None = None,
 ) -> Any:
     """A region router on an in-memory slot log (no Redis is ever reached), its lease
-    taken as fresh: for router tests and the cluster scenarios."""
+    taken as fresh: for router tests and the cluster scenarios. ``env``: more
+    ``RELAY_*`` settings."""
     from cluster.router import Router  # the cluster edge: only the tests that use it load it
     from relay.config import load_config
     from relay.server import build_node
 
     cfg = load_config(
-        None, {"RELAY_CLUSTER__REDIS_URL": "redis://127.0.0.1:1/0", "RELAY_NODE__ID": node_id}
+        None,
+        {
+            "RELAY_CLUSTER__REDIS_URL": "redis://127.0.0.1:1/0",
+            "RELAY_NODE__ID": node_id,
+            **(env or {}),
+        },
     )
     r = Router(
         config=cfg,

@@ -26,7 +26,7 @@ from relay.snapshot_io import (
     run_path,
     runs_dir,
 )
-from tests.conftest import aio, publish_at
+from tests.conftest import aio, memory_router, publish_at
 
 CH = "inbox:erin"
 T0 = 1_700_000_000_000
@@ -43,28 +43,12 @@ class _Wall:
 
 
 def _router(node: str, log: MemorySlotLog, data_dir: Path, wall: _Wall, window_s: int = 600) -> Any:
-    from cluster.router import Router
-    from relay.config import load_config
-    from relay.server import build_node
-
-    cfg = load_config(
-        None,
-        {
-            "RELAY_CLUSTER__REDIS_URL": "redis://127.0.0.1:1/0",
-            "RELAY_NODE__ID": node,
-            "RELAY_NODE__DATA_DIR": str(data_dir),
-            "RELAY_STORE__DEDUPE_WINDOW_S": str(window_s),
-        },
-    )
-    r = Router(
-        config=cfg,
-        node=build_node(cfg),
-        reactor=None,
-        fan_out=lambda m, h: None,
+    r = memory_router(
+        node,
+        log,
         wall_ms=wall,
+        env={"RELAY_NODE__DATA_DIR": str(data_dir), "RELAY_STORE__DEDUPE_WINDOW_S": str(window_s)},
     )
-    r.slotlog = log
-    r.lease_fresh = lambda: True
     r.ring = Ring({node: 1.0}, slots=r.slots, replicas=r.replicas)
     return r
 
