@@ -71,8 +71,8 @@ class _Captured:
 
 @dataclass(frozen=True, slots=True)
 class _Written:
-    """A slot's snapshot on disk: the bytes it took (its file and its runs' share of the
-    batch's run file), the runs sealed on the way, and where the runs written are."""
+    """A slot's snapshot on disk: the bytes it took (its file and the runs written to its
+    run file), the runs sealed on the way, and where the runs written are."""
 
     size: int
     sealed: list[Sealed]
@@ -415,8 +415,9 @@ class Snapshots(Appends):
                 continue
             slot, state, new, fresh, written = p
             try:
-                # Every run in order, oldest first: those on disk already, then those
-                # written now (the unwritten ones, then the new ones).
+                # Every run, oldest first: each one on disk already where it is, each
+                # one written now (``written``: the unwritten ones, then the new ones)
+                # in its place.
                 it = iter(written)
                 refs = [ref if ref is not None else next(it) for _, ref in state.runs]
                 refs.extend(it)
