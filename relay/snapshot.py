@@ -156,7 +156,6 @@ def encode_snapshot(
     tombstones: Iterable[Tombstone] = (),
     *,
     region: str = "",
-    tombstone_batches: Sequence[bytes] = (),
     tombstone_runs: Sequence[RunRef] = (),
 ) -> bytes:
     """The bytes of ``slot``'s snapshot file.
@@ -165,11 +164,11 @@ def encode_snapshot(
     ``mirrors``: origin region → the newest mirror entry applied; ``events``: the pending
     messages (oldest first); ``tombstones``: (ch, id, hlc) of acked ids still remembered,
     written as ``AckEvent``s from ``region`` (this node's region, required when there are
-    tombstones). ``tombstone_batches``: older tombstones already encoded by
-    :func:`encode_tombstones` (sealed), written between the messages and ``tombstones``
-    so that tombstones stay oldest first. ``tombstone_runs``: older tombstones still,
-    in run files already on disk, named rather than written (version 2; a snapshot
-    without them is version 1, which every earlier build reads). Raises
+    tombstones). ``tombstone_runs``: older tombstones, sealed in runs
+    (:class:`SealedTombstones`) and in run files already on disk, named rather than
+    written; a loader puts them between the messages and ``tombstones``, so that
+    tombstones stay oldest first (version 2; a snapshot without them is version 1,
+    which every earlier build reads). Raises
     :class:`~relay.errors.InvariantError` for what :func:`decode_snapshot` would
     refuse — a bug in the caller, never to be written.
 
@@ -191,7 +190,6 @@ def encode_snapshot(
         positions.append(_U8.pack(len(o)) + o)
         positions.append(_position_id(mirror_id, f"mirror id of {origin!r}"))
     batches = [encode_batch(chunk) for chunk in _chunks(list(events))]
-    batches.extend(tombstone_batches)
     batches.extend(encode_batch(chunk) for chunk in _chunks(acks))
     parts = [b"".join(positions), _U32.pack(len(batches))]
     for b in batches:
@@ -215,8 +213,8 @@ def encode_snapshot(
 
 
 def encode_tombstones(tombstones: Iterable[Tombstone], region: str) -> tuple[bytes, ...]:
-    """``tombstones`` encoded as snapshot batches once, to be passed to
-    :func:`encode_snapshot` as ``tombstone_batches`` by every later snapshot of the slot."""
+    """``tombstones`` encoded as snapshot batches once (a sealed run's, written once to a
+    run file and reused by every later checkpoint of the slot)."""
     acks: list[Event] = list(_tombstone_events(tombstones, region))
     return tuple(encode_batch(chunk) for chunk in _chunks(acks))
 
@@ -288,16 +286,10 @@ class SealedTombstones:
         runs = self._by_slot.get(slot)
         return runs[-1].end if runs else 0
 
-    def take(self, slot: int, first: int) -> tuple[int, list[bytes]]:
-        """For a snapshot of ``slot`` whose oldest tombstone is ``first``: where the
-        tombstones to encode afresh start, and the sealed batches to write before them.
-        Runs wholly older than ``first`` are forgotten."""
-        start, runs = self.runs(slot, first)
-        return start, [b for r in runs for b in r.batches]
-
     def runs(self, slot: int, first: int) -> tuple[int, list[Sealed]]:
-        """:meth:`take`, the sealed runs themselves (oldest first) rather than their
-        batches: for a writer that keeps only the newest of them (a checkpoint)."""
+        """For a snapshot or checkpoint of ``slot`` whose oldest tombstone is ``first``:
+        where the tombstones to encode afresh start, and the sealed runs before them
+        (oldest first). Runs wholly older than ``first`` are forgotten."""
         runs = [r for r in self._by_slot.get(slot, ()) if r.end > first]
         if runs:
             self._by_slot[slot] = runs

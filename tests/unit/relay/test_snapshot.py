@@ -519,20 +519,13 @@ def _tombs(lo: int, hi: int) -> list[Tombstone]:
 
 def test_sealed_tombstones_are_encoded_once_and_written_oldest_first() -> None:
     sealed = SealedTombstones(seal_every=4)
-    start, old = sealed.take(7, first=0)
+    start, old = sealed.runs(7, first=0)
     assert (start, old) == (0, [])
     runs, fresh = sealed.to_seal(start, _tombs(0, 10), "sg")
     assert [(r.start, r.end) for r in runs] == [(0, 4), (4, 8)] and list(fresh) == _tombs(8, 10)
-    data = encode_snapshot(
-        7,
-        "1-0",
-        {},
-        MESSAGES,
-        fresh,
-        region="sg",
-        tombstone_batches=[b for r in runs for b in r.batches],
-    )
-    snap = decode_snapshot(data, slot=7)
+    file, refs = encode_run_file(runs, 3)
+    data = encode_snapshot(7, "1-0", {}, MESSAGES, fresh, region="sg", tombstone_runs=refs)
+    snap = decode_snapshot(data, slot=7, runs=_resolver({3: file}))
     assert snap.messages == MESSAGES
     assert snap.tombstones == _tombs(0, 10)  # every one, oldest first
     for r in runs:
@@ -540,9 +533,9 @@ def test_sealed_tombstones_are_encoded_once_and_written_oldest_first() -> None:
     sealed.seal(7, runs[0])  # a run kept already: ignored
     assert sealed.end(7) == 8
     # The oldest tombstones fall out of the window: a run goes once all of it is gone.
-    start, old = sealed.take(7, first=5)
-    assert start == 8 and old == list(runs[1].batches)
-    start, old = sealed.take(7, first=9)
+    start, old = sealed.runs(7, first=5)
+    assert start == 8 and [b for r in old for b in r.batches] == list(runs[1].batches)
+    start, old = sealed.runs(7, first=9)
     assert (start, old) == (9, []) and sealed.end(7) == 0
 
 
@@ -551,9 +544,10 @@ def test_sealed_and_fresh_tombstones_decode_as_encoding_them_all_would() -> None
     whole = decode_snapshot(encode_snapshot(1, "1-0", {}, [], tombs, region="sg"))
     runs, fresh = SealedTombstones(seal_every=3).to_seal(0, tombs, "sg")
     assert [(r.start, r.end) for r in runs] == [(0, 3), (3, 6)] and list(fresh) == tombs[6:]
-    batches = [b for r in runs for b in r.batches]
+    file, refs = encode_run_file(runs, 4)
     parts = decode_snapshot(
-        encode_snapshot(1, "1-0", {}, [], fresh, region="sg", tombstone_batches=batches)
+        encode_snapshot(1, "1-0", {}, [], fresh, region="sg", tombstone_runs=refs),
+        runs=_resolver({4: file}),
     )
     assert whole.tombstones == parts.tombstones == tombs
     with pytest.raises(InvariantError):
