@@ -49,10 +49,11 @@ class Persistence:
     snapshots: DirtySlots = field(default_factory=DirtySlots)
     next_checkpoint: float | None = None
 
-    def changed(self, slot: int, now: float) -> None:
-        """``slot``'s pending state changed at ``now``: due a checkpoint and a snapshot."""
+    def changed(self, slot: int, now: float, changes: int = 1) -> None:
+        """``slot``'s pending state changed at ``now`` (``changes`` events at once): due a
+        checkpoint, and a snapshot once enough changed (:class:`relay.snapshot.DirtySlots`)."""
         self.dirty.add(slot)
-        self.snapshots.mark(slot, now)
+        self.snapshots.mark(slot, now, changes)
 
     def lose(self, slot: int) -> None:
         """``slot`` is no longer ours: no checkpoint of it is due."""
@@ -118,10 +119,11 @@ class Persistence:
 
     # -- snapshots
 
-    def snapshots_due(self, now: float, budget: int) -> tuple[int, ...]:
-        """The slots to snapshot now, oldest change first, at most ``budget`` writes in
-        flight (:meth:`relay.snapshot.DirtySlots.take`)."""
-        return tuple(job.slot for job in self.snapshots.take(now, budget))
+    def snapshots_due(self, now: float, budget: int, every: bool = False) -> tuple[int, ...]:
+        """The slots to snapshot now (those due, or with ``every`` all changed ones),
+        oldest change first, at most ``budget`` writes in flight
+        (:meth:`relay.snapshot.DirtySlots.take`)."""
+        return tuple(job.slot for job in self.snapshots.take(now, budget, every=every))
 
     def snapshot_start(self, slot: int, held: bool, now: float) -> bool:
         """Whether to capture ``slot`` now (``held``: owned, with a log position); a slot

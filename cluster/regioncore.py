@@ -33,7 +33,7 @@ Events and what their Ready asks for::
     CheckpointWritten(slot, …)  trims (the log behind the checkpoint and the links, the
                                 mirrors up to what it covers)
     CheckpointFailed(slot)      nothing (the slot is due again next round)
-    SnapshotDue(now, budget)    snapshots (dirty slots, oldest change first, within budget)
+    SnapshotDue(now, budget, …) snapshots (slots due, oldest change first, within budget)
     SnapshotStart(slot, now)    snapshots (``(slot,)``: capture it now) or nothing (not
                                 held: forgotten)
     SnapshotWritten / Failed    nothing (written: clean; failed: dirty from its oldest change)
@@ -281,10 +281,12 @@ class CheckpointFailed(NamedTuple):
 
 
 class SnapshotDue(NamedTuple):
-    """The snapshot loop's tick: at most ``budget`` writes in flight."""
+    """The snapshot loop's tick: at most ``budget`` writes in flight; ``every``: every
+    changed slot, not only those due (a graceful stop)."""
 
     now: float
     budget: int
+    every: bool = False
 
 
 class SnapshotStart(NamedTuple):
@@ -780,10 +782,10 @@ class RegionCore:
 
     # -- checkpoints and snapshots (cluster/persist.py)
 
-    def changed(self, slot: int, now: float) -> None:
+    def changed(self, slot: int, now: float, changes: int = 1) -> None:
         """``slot``'s pending state changed (a Ready's ``changed``, an apply, a claim): a
         plain call, not an event, as the hot path makes it once per publish."""
-        self.persist.changed(slot, now)
+        self.persist.changed(slot, now, changes)
 
     def _checkpoint_due(self, ev: CheckpointDue) -> Ready:
         slots, due = self.persist.checkpoints_due(ev.now, self.table.releasing)
@@ -895,7 +897,9 @@ _HANDLERS: Final[dict[type, Callable[[RegionCore, Any], Ready]]] = {
     CheckpointStart: RegionCore._checkpoint_start,
     CheckpointWritten: RegionCore._checkpoint_written,
     CheckpointFailed: _no_ready(lambda p, ev: p.checkpoint_failed(ev.slot)),
-    SnapshotDue: lambda core, ev: Ready(snapshots=core.persist.snapshots_due(ev.now, ev.budget)),
+    SnapshotDue: lambda core, ev: Ready(
+        snapshots=core.persist.snapshots_due(ev.now, ev.budget, ev.every)
+    ),
     SnapshotStart: RegionCore._snapshot_start,
     SnapshotWritten: _no_ready(lambda p, ev: p.snapshots.written(ev.slot, ev.now)),
     SnapshotFailed: _no_ready(lambda p, ev: p.snapshots.failed(ev.slot)),

@@ -145,7 +145,20 @@ class NodeConfig:
     )
     data_dir: str = _opt("./data", "path", "directory for slot snapshots", nonempty=True)
     snapshot_interval_s: float = _opt(
-        2.0, "float", "how often changed slots are written to data_dir", lo=0, lo_open=True
+        2.0,
+        "float",
+        "how often changed slots are checked for writing to data_dir",
+        lo=0,
+        lo_open=True,
+    )
+    snapshot_min_changes: int = _opt(
+        200,
+        "int",
+        "a changed slot is written once it holds this many changes (1 = every tick)",
+        **_POSITIVE,
+    )
+    snapshot_max_age_s: float = _opt(
+        10.0, "float", "or written once its oldest unwritten change is this old, seconds", lo=0
     )
 
     @property

@@ -238,7 +238,7 @@ class Snapshots(Appends):
             tombstone_runs=refs,
         )
 
-    async def _snapshot_once(self, budget: int) -> None:
+    async def _snapshot_once(self, budget: int, every: bool = False) -> None:
         if self.slots_dir is None:
             return
         # A tick makes one short-lived object per pending message; with the collector
@@ -252,20 +252,20 @@ class Snapshots(Appends):
         sys.setswitchinterval(SNAPSHOT_SWITCH_INTERVAL_S)
         try:
             await self._prune_run_files()
-            await self._snapshot_slots(budget)
+            await self._snapshot_slots(budget, every)
         finally:
             sys.setswitchinterval(switch)
             if was_enabled:
                 gc.enable()
 
-    async def _snapshot_slots(self, budget: int) -> None:
+    async def _snapshot_slots(self, budget: int, every: bool = False) -> None:
         assert self.slots_dir is not None
         failed: list[int] = []
         last_error: Exception | None = None
         # The core says which slots are due (cluster/persist.py) and hears each outcome:
         # every slot it named is reported, written or failed, whatever happens here (one
         # left in flight would never be taken again).
-        due = deque(self.core.step(SnapshotDue(self.clock(), budget)).snapshots)
+        due = deque(self.core.step(SnapshotDue(self.clock(), budget, every)).snapshots)
         batch: list[tuple[int, _Captured]] = []
         try:
             while due:
@@ -450,7 +450,7 @@ class Snapshots(Appends):
         for _ in range(3):
             if not self.snapshots.count:
                 return
-            await self._snapshot_once(max(1, len(self.owned)))
+            await self._snapshot_once(max(1, len(self.owned)), every=True)
 
     def _drop_foreign_snapshots(self) -> None:
         """Slots loaded from disk that the ring gives to others: forget them."""

@@ -56,7 +56,7 @@ from cluster.window import bounds_of
 from relay.batch import AppendToLog, Batcher
 from relay.config import Config
 from relay.node import Node
-from relay.snapshot import RunRef
+from relay.snapshot import DirtySlots, RunRef
 from relay.store import Message
 
 __all__ = [
@@ -194,7 +194,12 @@ class RegionState:
             interest=Interest(),
             acks=Tombstones(TOMBSTONES_PER_SLOT),
             persist=Persistence(
-                checkpoint_interval_s=c.checkpoint_interval_s, max_backlog_s=c.link_max_backlog_s
+                checkpoint_interval_s=c.checkpoint_interval_s,
+                max_backlog_s=c.link_max_backlog_s,
+                snapshots=DirtySlots(
+                    min_changes=config.node.snapshot_min_changes,
+                    max_age_s=config.node.snapshot_max_age_s,
+                ),
             ),
             release_wait_s=self.lease_ttl_s + RELEASE_GRACE_S,
         )
@@ -363,9 +368,11 @@ class RegionState:
             lock = self._catch_up_locks[slot] = asyncio.Lock()
         return lock
 
-    def _changed(self, slot: int) -> None:
-        """``slot``'s pending state changed: due for a checkpoint and a snapshot."""
-        self.core.changed(slot, self.clock())
+    def _changed(self, slot: int, changes: int = 1) -> None:
+        """``slot``'s pending state changed (``changes`` events;
+        :data:`relay.snapshot.REBUILT`: rebuilt whole): due for a checkpoint and a
+        snapshot."""
+        self.core.changed(slot, self.clock(), changes)
 
     def _tombstone(self, slot: int, ch: str, ids: list[str], hlc: int) -> None:
         self.core.tombstone(slot, ch, ids, hlc, self.wall_ms())

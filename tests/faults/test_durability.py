@@ -45,7 +45,8 @@ async def restart(cluster: DevCluster, doc: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
-async def until_saved(node: dict[str, Any], timeout_s: float = 15) -> None:
+async def until_saved(node: dict[str, Any], timeout_s: float = 30) -> None:
+    """Until every slot is written (a quiet slot waits up to node.snapshot_max_age_s)."""
     deadline = time.monotonic() + timeout_s
     while True:
         risk = (await status(node))["cluster"]["data_at_risk"]

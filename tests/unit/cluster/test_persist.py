@@ -22,6 +22,7 @@ from cluster.regioncore import (
     SnapshotWritten,
 )
 from cluster.slots import SlotEvent
+from relay.snapshot import DirtySlots
 from tests.conftest import FakeClock
 from tests.unit.cluster.cores import region_core
 
@@ -130,6 +131,22 @@ def test_snapshot_due_names_dirty_slots_oldest_first_within_budget_and_hears_out
     assert c.step(SnapshotStart(3, 5.0)).snapshots == ()
     assert not c.persist.snapshots.is_dirty(3) and not c.persist.snapshots.in_flight(3)
     assert c.step(SnapshotDue(5.0, 3)).snapshots == (1,)
+
+
+def test_snapshot_due_waits_for_enough_changes_but_a_graceful_stop_takes_all() -> None:
+    c = make()
+    c.persist.snapshots = DirtySlots(min_changes=2, max_age_s=30.0)
+    for s in (1, 2):
+        own(c, s)
+    c.changed(1, 1.0)
+    c.changed(2, 1.0, 2)
+    assert c.step(SnapshotDue(2.0, 5)).snapshots == (2,)
+    assert c.step(SnapshotDue(2.0, 5, every=True)).snapshots == (1,)
+    c.changed(1, 3.0)
+    assert c.step(SnapshotDue(31.0, 5)).snapshots == ()  # 1 is in flight
+    c.step(SnapshotWritten(1, 31.0))
+    assert c.step(SnapshotDue(32.9, 5)).snapshots == ()
+    assert c.step(SnapshotDue(33.0, 5)).snapshots == (1,)  # 30 s old
 
 
 # -- a walk

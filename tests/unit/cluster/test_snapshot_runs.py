@@ -47,7 +47,11 @@ def _router(node: str, log: MemorySlotLog, data_dir: Path, wall: _Wall, window_s
         node,
         log,
         wall_ms=wall,
-        env={"RELAY_NODE__DATA_DIR": str(data_dir), "RELAY_STORE__DEDUPE_WINDOW_S": str(window_s)},
+        env={
+            "RELAY_NODE__DATA_DIR": str(data_dir),
+            "RELAY_STORE__DEDUPE_WINDOW_S": str(window_s),
+            "RELAY_NODE__SNAPSHOT_MIN_CHANGES": "1",  # every changed slot, every tick
+        },
     )
     r.ring = Ring({node: 1.0}, slots=r.slots, replicas=r.replicas)
     return r

@@ -19,7 +19,7 @@ import relay.snapshot_io as snapshot_io
 from cluster.ring import Ring, slot_of
 from cluster.slotlog import MemorySlotLog
 from relay.snapshot_io import load_snapshots, prepare_data_dir
-from tests.conftest import aio, memory_router, publish_at, until
+from tests.conftest import FakeClock, aio, memory_router, publish_at, until
 
 CHANNELS = [f"inbox:u{i}" for i in range(40)]
 
@@ -27,7 +27,7 @@ CHANNELS = [f"inbox:u{i}" for i in range(40)]
 async def _router_with_dirty_slots(tmp_path: Path) -> tuple[Any, MemorySlotLog, set[int]]:
     """A node owning the slots of CHANNELS, a message published on each."""
     log = MemorySlotLog("sg")
-    r = memory_router("sg/n1", log)
+    r = memory_router("sg/n1", log, env={"RELAY_NODE__SNAPSHOT_MIN_CHANGES": "1"})
     r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
     r.slots_dir = prepare_data_dir(tmp_path / "data")
     slots = {slot_of(ch, r.slots) for ch in CHANNELS}
@@ -227,4 +227,62 @@ async def test_a_tick_cancelled_mid_write_leaves_its_slots_to_the_next(
         release.set()  # the cancelled tick's write ends and is reported then
     await until(lambda: r.snapshot_stats["written"] == len(slots), 10, what="the late report")
     assert r.data_at_risk()["unsaved_slots"] == 0
+    await log.close()
+
+
+def _snapshot_slots(r: Any) -> set[int]:
+    assert r.slots_dir is not None
+    loaded, refused = load_snapshots(r.slots_dir)
+    assert refused == []
+    return set(loaded)
+
+
+@aio
+async def test_with_the_defaults_a_tick_writes_the_busy_and_the_old_slots_only(
+    tmp_path: Path,
+) -> None:
+    # node.snapshot_min_changes 200, node.snapshot_max_age_s 10: a slot is written on the
+    # tick at which it holds 200 unwritten changes or its oldest is 10 s old; a claimed
+    # slot at once; every changed slot at a graceful stop.
+    log = MemorySlotLog("sg")
+    clock = FakeClock()
+    r = memory_router("sg/n1", log, clock=clock)
+    r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    r.slots_dir = prepare_data_dir(tmp_path / "data")
+    by_slot = {slot_of(c, r.slots): c for c in CHANNELS}
+    (q, quiet), (b, busy), (z, last) = sorted(by_slot.items())[:3]
+    for slot in (q, b, z):
+        await r._claim_now(slot)
+    await r._snapshot_once(r.slots)
+    assert _snapshot_slots(r) == {q, b, z}  # claimed: rebuilt whole, written at once
+    assert r.data_at_risk()["unsaved_slots"] == 0
+
+    publish_at(r, quiet, "q0")
+    for i in range(200):
+        publish_at(r, busy, f"b{i}")
+    await r._flush(force=True)
+    before = r.snapshot_stats["written"]
+    await r._snapshot_once(r.slots)
+    assert r.snapshot_stats["written"] == before + 1  # the busy slot only
+    assert r.data_at_risk()["unsaved_slots"] == 1
+    loaded, _ = load_snapshots(r.slots_dir)
+    assert len(loaded[b].messages) == 200 and loaded[q].messages == []
+
+    clock.now += 9.9
+    await r._snapshot_once(r.slots)
+    assert r.data_at_risk()["unsaved_slots"] == 1  # one change, not yet 10 s old
+    clock.now += 0.1
+    await r._snapshot_once(r.slots)
+    assert r.data_at_risk()["unsaved_slots"] == 0
+    loaded, _ = load_snapshots(r.slots_dir)
+    assert [m.id for m in loaded[q].messages] == ["q0"]
+
+    publish_at(r, last, "l0")
+    await r._flush(force=True)
+    await r._snapshot_once(r.slots)
+    assert r.data_at_risk()["unsaved_slots"] == 1
+    await r._snapshot_all()  # a graceful stop: every changed slot
+    assert r.data_at_risk()["unsaved_slots"] == 0
+    loaded, _ = load_snapshots(r.slots_dir)
+    assert [m.id for m in loaded[z].messages] == ["l0"]
     await log.close()
