@@ -49,15 +49,20 @@ class Persistence:
     snapshots: DirtySlots = field(default_factory=DirtySlots)
     next_checkpoint: float | None = None
 
-    def changed(self, slot: int, now: float, changes: int = 1) -> None:
-        """``slot``'s pending state changed at ``now`` (``changes`` events at once): due a
-        checkpoint, and a snapshot once enough changed (:class:`relay.snapshot.DirtySlots`)."""
+    def changed(self, slot: int, now: float, rebuilt: bool = False) -> None:
+        """``slot``'s pending state changed at ``now``: due a checkpoint, and a snapshot
+        after it (:class:`relay.snapshot.DirtySlots`); ``rebuilt`` (claimed, a hole filled
+        from a checkpoint): a snapshot on the next tick."""
         self.dirty.add(slot)
-        self.snapshots.mark(slot, now, changes)
+        self.snapshots.mark(slot, now)
+        if rebuilt:
+            self.snapshots.due(slot)
 
     def lose(self, slot: int) -> None:
-        """``slot`` is no longer ours: no checkpoint of it is due."""
+        """``slot`` is no longer ours: no checkpoint or snapshot of it is due (a write in
+        flight is reported as usual and changes nothing)."""
         self.dirty.discard(slot)
+        self.snapshots.discard(slot)
 
     # -- checkpoints
 
@@ -85,6 +90,10 @@ class Persistence:
         if not owned or covers is None:
             return False
         self.dirty.discard(slot)
+        # The slot's snapshot follows, on the next tick: captured after this checkpoint,
+        # it covers at least as much of the log, so a restart starts from it rather than
+        # loading it and then rebuilding from the checkpoint.
+        self.snapshots.due(slot)
         return True
 
     def checkpoint_failed(self, slot: int) -> None:

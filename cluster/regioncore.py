@@ -782,10 +782,11 @@ class RegionCore:
 
     # -- checkpoints and snapshots (cluster/persist.py)
 
-    def changed(self, slot: int, now: float, changes: int = 1) -> None:
-        """``slot``'s pending state changed (a Ready's ``changed``, an apply, a claim): a
-        plain call, not an event, as the hot path makes it once per publish."""
-        self.persist.changed(slot, now, changes)
+    def changed(self, slot: int, now: float, rebuilt: bool = False) -> None:
+        """``slot``'s pending state changed (a Ready's ``changed``, an apply, a claim; see
+        :meth:`cluster.persist.Persistence.changed`): a plain call, not an event, as the
+        hot path makes it once per publish."""
+        self.persist.changed(slot, now, rebuilt)
 
     def _checkpoint_due(self, ev: CheckpointDue) -> Ready:
         slots, due = self.persist.checkpoints_due(ev.now, self.table.releasing)

@@ -151,14 +151,13 @@ class NodeConfig:
         lo=0,
         lo_open=True,
     )
-    snapshot_min_changes: int = _opt(
-        200,
-        "int",
-        "a changed slot is written once it holds this many changes (1 = every tick)",
-        **_POSITIVE,
-    )
     snapshot_max_age_s: float = _opt(
-        10.0, "float", "or written once its oldest unwritten change is this old, seconds", lo=0
+        10.0,
+        "float",
+        "a changed slot is written after its next checkpoint, or once its oldest"
+        " unwritten change is this old, seconds (0 = every tick)",
+        lo=0,
+        hi=3600,
     )
 
     @property

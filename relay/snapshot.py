@@ -527,11 +527,6 @@ class _Reader:
 # ---------------------------------------------------------------- dirty tracking
 
 
-# The changes :meth:`DirtySlots.mark` counts for a slot rebuilt whole (a claim, a hole
-# filled from a checkpoint): more than any ``min_changes``, so the next tick saves it.
-REBUILT: Final = 1 << 30
-
-
 @dataclass(frozen=True, slots=True)
 class WriteSnapshot:
     """Order: encode ``slot``'s state as it is now, write it, then report the outcome
@@ -555,61 +550,52 @@ class DirtySlots:
     A slot is never taken while its previous write is in flight, so two writes of one slot
     never race on its tmp file.
 
-    A dirty slot is taken once it holds ``min_changes`` changes its snapshot lacks, or
-    once its oldest such change is ``max_age_s`` old, whichever comes first: writing a
-    small slot costs the node about as much as replaying a couple of hundred events at a
-    restart, so a slot that changed a little waits for more rather than being rewritten
-    on every tick (``min_changes`` 1: every dirty slot, every tick).
+    A dirty slot is taken once it is due (:meth:`due`: in a region, once its checkpoint
+    has been captured, so the snapshot covers at least what the checkpoint does and a
+    restart still starts from it) or once its oldest unwritten change is ``max_age_s``
+    old, whichever comes first (``max_age_s`` 0: every dirty slot, every tick). Writing
+    a small slot costs the node about as much as replaying a couple of hundred events
+    at a restart, so a slot is not rewritten on every tick just because it changed.
     """
 
     __slots__ = (
-        "_changes",
         "_dirty",
+        "_due",
         "_in_flight",
         "_last_taken",
         "_last_written",
         "max_age_s",
-        "min_changes",
         "min_interval_s",
     )
 
-    def __init__(
-        self,
-        *,
-        min_interval_s: float = 0.0,
-        min_changes: int = 1,
-        max_age_s: float = 0.0,
-    ) -> None:
+    def __init__(self, *, min_interval_s: float = 0.0, max_age_s: float = 0.0) -> None:
         """``min_interval_s``: a slot is taken at most once in this long (coalesces a
-        busy slot's changes when ticks are frequent); ``min_changes`` and ``max_age_s``:
-        when a dirty slot is due (see the class)."""
+        busy slot's changes when ticks are frequent); ``max_age_s``: see the class."""
         if min_interval_s < 0:
             raise InvariantError("min_interval_s must be >= 0")
-        if min_changes < 1:
-            raise InvariantError("min_changes must be >= 1")
         if max_age_s < 0:
             raise InvariantError("max_age_s must be >= 0")
         self.min_interval_s = min_interval_s
-        self.min_changes = min_changes
         self.max_age_s = max_age_s
         # slot -> time of its oldest change that no taken snapshot holds
         self._dirty: dict[int, float] = {}
-        # slot -> how many changes no taken snapshot holds
-        self._changes: dict[int, int] = {}
-        # slot -> (time of the oldest change its in-flight write saves, how many it
-        # saves); None: discarded
-        self._in_flight: dict[int, tuple[float, int] | None] = {}
+        # dirty slots due now, whatever their age
+        self._due: set[int] = set()
+        # slot -> time of the oldest change its in-flight write saves (None: discarded)
+        self._in_flight: dict[int, float | None] = {}
         self._last_taken: dict[int, float] = {}
         self._last_written: dict[int, float] = {}
 
-    def mark(self, slot: int, now: float, changes: int = 1) -> None:
-        """``slot``'s pending state changed at ``now`` (``changes`` events at once; a
-        slot rebuilt whole passes ``min_changes`` or more, to be saved on the next tick)."""
+    def mark(self, slot: int, now: float) -> None:
+        """``slot``'s pending state changed at ``now``."""
         if slot not in self._dirty:
             self._dirty[slot] = now
-            self._changes[slot] = changes
-        else:
-            self._changes[slot] += changes
+
+    def due(self, slot: int) -> None:
+        """Take ``slot`` on the next tick if it has unwritten changes (its checkpoint was
+        captured, or it was rebuilt whole); one without any stays as it is."""
+        if slot in self._dirty:
+            self._due.add(slot)
 
     def take(self, now: float, budget: int, *, every: bool = False) -> list[WriteSnapshot]:
         """The slots to write now, oldest change first: those due (see the class), or
@@ -626,20 +612,20 @@ class DirtySlots:
             return []
         wait = self.min_interval_s
         last = self._last_taken
-        changes = self._changes
-        enough = 1 if every else self.min_changes
+        due = self._due
         old = now - self.max_age_s
         eligible = [
             (since, slot)
             for slot, since in self._dirty.items()
             if slot not in self._in_flight
             and (slot not in last or now - last[slot] >= wait)
-            and (changes[slot] >= enough or since <= old)
+            and (every or since <= old or slot in due)
         ]
         out = []
         for since, slot in heapq.nsmallest(room, eligible):
             del self._dirty[slot]
-            self._in_flight[slot] = (since, changes.pop(slot))
+            due.discard(slot)
+            self._in_flight[slot] = since
             last[slot] = now
             out.append(WriteSnapshot(slot, since))
         return out
@@ -651,25 +637,20 @@ class DirtySlots:
 
     def failed(self, slot: int) -> None:
         """The write taken for ``slot`` failed: the slot stays dirty from its oldest change
-        and is taken again on a later tick."""
-        taken = self._in_flight.pop(slot, None)
-        if taken is None:
+        and is taken again on the next tick."""
+        since = self._in_flight.pop(slot, None)
+        if since is None:
             return
-        since, n = taken
         current = self._dirty.get(slot)
-        if current is None:
-            self._dirty[slot] = since
-            self._changes[slot] = n
-        else:
-            self._dirty[slot] = min(since, current)
-            self._changes[slot] += n
+        self._dirty[slot] = since if current is None else min(since, current)
+        self._due.add(slot)  # it was due: again on the next tick
 
     def discard(self, slot: int) -> None:
         """The node no longer holds ``slot``: forget it. A write still in flight is
         reported as usual but changes nothing; delete the file once
         :meth:`in_flight` is false for the slot, or the write may bring it back."""
         self._dirty.pop(slot, None)
-        self._changes.pop(slot, None)
+        self._due.discard(slot)
         self._last_taken.pop(slot, None)
         self._last_written.pop(slot, None)
         if slot in self._in_flight:
@@ -691,7 +672,7 @@ class DirtySlots:
     def count(self) -> int:
         """Slots with changes not yet on disk (for the data-at-risk gauge)."""
         extra = sum(
-            1 for s, taken in self._in_flight.items() if taken is not None and s not in self._dirty
+            1 for s, since in self._in_flight.items() if since is not None and s not in self._dirty
         )
         return len(self._dirty) + extra
 
@@ -703,6 +684,6 @@ class DirtySlots:
     def age_s(self, now: float) -> float:
         """Seconds since the oldest change not yet on disk; 0 when all is saved
         (``relay_snapshot_age_seconds``)."""
-        times = [t[0] for t in self._in_flight.values() if t is not None]
+        times = [t for t in self._in_flight.values() if t is not None]
         times.extend(self._dirty.values())
         return max(0.0, now - min(times)) if times else 0.0

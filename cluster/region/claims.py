@@ -18,7 +18,6 @@ from cluster.region.state import DRAIN_TIMEOUT_S
 from cluster.regioncore import ClaimFenced, ReleaseWait
 from cluster.slotlog import FencedError
 from cluster.slots import SlotEvent
-from relay.snapshot import REBUILT
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ class Claims(Checkpoints):
             if self._should_own(slot):
                 self.slot_table.fire(slot, SlotEvent.CLAIM)  # called alone too (tests)
                 self.slot_table.fire(slot, SlotEvent.CLAIMED, epoch=epoch)
-                self._changed(slot, REBUILT)
+                self._changed(slot, rebuilt=True)
             else:
                 # The ring moved on while we read the log: let the next owner have it now
                 # rather than after waiting for us.

@@ -24,7 +24,6 @@ from cluster.regioncore import LogRead
 from cluster.slotlog import TailEntry
 from relay.codec import AckEvent, CodecError, MessageEvent
 from relay.dedupe import dedupe_key
-from relay.snapshot import REBUILT
 from relay.store import Message
 
 log = logging.getLogger(__name__)
@@ -223,7 +222,7 @@ class Reading(RegionState):
             for t, owned in ready.applies:
                 added = self._apply(t.slot, t.data, now, origin=origin)
                 if owned:
-                    self._changed(t.slot, max(1, len(added)))
+                    self._changed(t.slot)
                     for m in added:
                         self._deliver(m)
             gapped = sorted([*ready.catch_ups, *(s for s, _ in ready.resyncs)])
@@ -259,7 +258,7 @@ class Reading(RegionState):
                 log.error("slot %d: no checkpoint covers the mirror of %s yet", slot, origin)
                 return
             self._apply(slot, cp.data, self.wall_ms())
-            self._changed(slot, REBUILT)
+            self._changed(slot, rebuilt=True)
 
     async def _tail_loop(self, slots: list[int]) -> None:
         for s in slots:

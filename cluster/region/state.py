@@ -196,10 +196,7 @@ class RegionState:
             persist=Persistence(
                 checkpoint_interval_s=c.checkpoint_interval_s,
                 max_backlog_s=c.link_max_backlog_s,
-                snapshots=DirtySlots(
-                    min_changes=config.node.snapshot_min_changes,
-                    max_age_s=config.node.snapshot_max_age_s,
-                ),
+                snapshots=DirtySlots(max_age_s=config.node.snapshot_max_age_s),
             ),
             release_wait_s=self.lease_ttl_s + RELEASE_GRACE_S,
         )
@@ -368,11 +365,10 @@ class RegionState:
             lock = self._catch_up_locks[slot] = asyncio.Lock()
         return lock
 
-    def _changed(self, slot: int, changes: int = 1) -> None:
-        """``slot``'s pending state changed (``changes`` events;
-        :data:`relay.snapshot.REBUILT`: rebuilt whole): due for a checkpoint and a
-        snapshot."""
-        self.core.changed(slot, self.clock(), changes)
+    def _changed(self, slot: int, rebuilt: bool = False) -> None:
+        """``slot``'s pending state changed (``rebuilt``: whole): due for a checkpoint
+        and a snapshot."""
+        self.core.changed(slot, self.clock(), rebuilt)
 
     def _tombstone(self, slot: int, ch: str, ids: list[str], hlc: int) -> None:
         self.core.tombstone(slot, ch, ids, hlc, self.wall_ms())

@@ -133,20 +133,25 @@ def test_snapshot_due_names_dirty_slots_oldest_first_within_budget_and_hears_out
     assert c.step(SnapshotDue(5.0, 3)).snapshots == (1,)
 
 
-def test_snapshot_due_waits_for_enough_changes_but_a_graceful_stop_takes_all() -> None:
+def test_a_snapshot_follows_the_checkpoint_and_a_graceful_stop_takes_all() -> None:
     c = make()
-    c.persist.snapshots = DirtySlots(min_changes=2, max_age_s=30.0)
-    for s in (1, 2):
+    c.persist.snapshots = DirtySlots(max_age_s=30.0)
+    for s in (1, 2, 3):
         own(c, s)
     c.changed(1, 1.0)
-    c.changed(2, 1.0, 2)
-    assert c.step(SnapshotDue(2.0, 5)).snapshots == (2,)
-    assert c.step(SnapshotDue(2.0, 5, every=True)).snapshots == (1,)
-    c.changed(1, 3.0)
-    assert c.step(SnapshotDue(31.0, 5)).snapshots == ()  # 1 is in flight
-    c.step(SnapshotWritten(1, 31.0))
-    assert c.step(SnapshotDue(32.9, 5)).snapshots == ()
-    assert c.step(SnapshotDue(33.0, 5)).snapshots == (1,)  # 30 s old
+    c.changed(2, 1.0)
+    c.changed(3, 1.5, rebuilt=True)  # claimed, or a hole filled: the next tick
+    assert c.step(SnapshotDue(2.0, 5)).snapshots == (3,)
+    c.step(SnapshotWritten(3, 2.0))
+    c.step(CheckpointDue(0.0))  # starts the cadence
+    assert c.step(CheckpointDue(EVERY)).checkpoints == (1, 2, 3)
+    assert c.step(CheckpointStart(2)).checkpoints == (2,)  # captured: its snapshot is due
+    assert c.step(SnapshotDue(EVERY, 5)).snapshots == (2,)
+    assert c.step(SnapshotDue(EVERY, 5, every=True)).snapshots == (1,)
+    c.changed(1, 40.0)
+    c.step(SnapshotWritten(1, 40.0))
+    assert c.step(SnapshotDue(69.9, 5)).snapshots == ()
+    assert c.step(SnapshotDue(70.0, 5)).snapshots == (1,)  # 30 s old
 
 
 # -- a walk

@@ -50,7 +50,7 @@ def _router(node: str, log: MemorySlotLog, data_dir: Path, wall: _Wall, window_s
         env={
             "RELAY_NODE__DATA_DIR": str(data_dir),
             "RELAY_STORE__DEDUPE_WINDOW_S": str(window_s),
-            "RELAY_NODE__SNAPSHOT_MIN_CHANGES": "1",  # every changed slot, every tick
+            "RELAY_NODE__SNAPSHOT_MAX_AGE_S": "0",  # every changed slot, every tick
         },
     )
     r.ring = Ring({node: 1.0}, slots=r.slots, replicas=r.replicas)

@@ -16,6 +16,7 @@ import pytest
 
 import cluster.region.snapshots as snapshots_mod
 import relay.snapshot_io as snapshot_io
+from cluster.chain import parse_id
 from cluster.ring import Ring, slot_of
 from cluster.slotlog import MemorySlotLog
 from relay.snapshot_io import load_snapshots, prepare_data_dir
@@ -27,7 +28,7 @@ CHANNELS = [f"inbox:u{i}" for i in range(40)]
 async def _router_with_dirty_slots(tmp_path: Path) -> tuple[Any, MemorySlotLog, set[int]]:
     """A node owning the slots of CHANNELS, a message published on each."""
     log = MemorySlotLog("sg")
-    r = memory_router("sg/n1", log, env={"RELAY_NODE__SNAPSHOT_MIN_CHANGES": "1"})
+    r = memory_router("sg/n1", log, env={"RELAY_NODE__SNAPSHOT_MAX_AGE_S": "0"})
     r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
     r.slots_dir = prepare_data_dir(tmp_path / "data")
     slots = {slot_of(ch, r.slots) for ch in CHANNELS}
@@ -238,12 +239,12 @@ def _snapshot_slots(r: Any) -> set[int]:
 
 
 @aio
-async def test_with_the_defaults_a_tick_writes_the_busy_and_the_old_slots_only(
+async def test_with_the_defaults_a_slot_is_written_after_its_checkpoint_or_when_old(
     tmp_path: Path,
 ) -> None:
-    # node.snapshot_min_changes 200, node.snapshot_max_age_s 10: a slot is written on the
-    # tick at which it holds 200 unwritten changes or its oldest is 10 s old; a claimed
-    # slot at once; every changed slot at a graceful stop.
+    # node.snapshot_max_age_s 10: a changed slot is written on the tick after its
+    # checkpoint, or once its oldest unwritten change is 10 s old; a claimed slot at once;
+    # every changed slot at a graceful stop.
     log = MemorySlotLog("sg")
     clock = FakeClock()
     r = memory_router("sg/n1", log, clock=clock)
@@ -258,31 +259,43 @@ async def test_with_the_defaults_a_tick_writes_the_busy_and_the_old_slots_only(
     assert r.data_at_risk()["unsaved_slots"] == 0
 
     publish_at(r, quiet, "q0")
-    for i in range(200):
-        publish_at(r, busy, f"b{i}")
+    publish_at(r, busy, "b0")
     await r._flush(force=True)
     before = r.snapshot_stats["written"]
     await r._snapshot_once(r.slots)
-    assert r.snapshot_stats["written"] == before + 1  # the busy slot only
-    assert r.data_at_risk()["unsaved_slots"] == 1
+    assert r.snapshot_stats["written"] == before  # changed, neither checkpointed nor old
+    assert r.data_at_risk()["unsaved_slots"] == 2
+    await r._checkpoint(b)
+    publish_at(r, busy, "b1")  # after the checkpoint: the snapshot holds it too
+    await r._flush(force=True)
+    await r._snapshot_once(r.slots)
+    assert r.snapshot_stats["written"] == before + 1  # the checkpointed slot only
     loaded, _ = load_snapshots(r.slots_dir)
-    assert len(loaded[b].messages) == 200 and loaded[q].messages == []
+    assert [m.id for m in loaded[b].messages] == ["b0", "b1"] and loaded[q].messages == []
+    cp = await log.read_checkpoint(b)
+    assert cp is not None and parse_id(cp.covers_id) < parse_id(loaded[b].log_id)
 
     clock.now += 9.9
     await r._snapshot_once(r.slots)
-    assert r.data_at_risk()["unsaved_slots"] == 1  # one change, not yet 10 s old
+    assert r.data_at_risk()["unsaved_slots"] == 1  # not yet 10 s old
     clock.now += 0.1
     await r._snapshot_once(r.slots)
     assert r.data_at_risk()["unsaved_slots"] == 0
     loaded, _ = load_snapshots(r.slots_dir)
     assert [m.id for m in loaded[q].messages] == ["q0"]
 
-    publish_at(r, last, "l0")
+    publish_at(r, last, "z0")
     await r._flush(force=True)
     await r._snapshot_once(r.slots)
     assert r.data_at_risk()["unsaved_slots"] == 1
     await r._snapshot_all()  # a graceful stop: every changed slot
     assert r.data_at_risk()["unsaved_slots"] == 0
     loaded, _ = load_snapshots(r.slots_dir)
-    assert [m.id for m in loaded[z].messages] == ["l0"]
+    assert [m.id for m in loaded[z].messages] == ["z0"]
+
+    publish_at(r, quiet, "q1")
+    await r._flush(force=True)
+    assert r.data_at_risk()["unsaved_slots"] == 1
+    r._lose(q)  # a changed slot lost is no longer counted as unsaved
+    assert r.data_at_risk()["unsaved_slots"] == 0
     await log.close()

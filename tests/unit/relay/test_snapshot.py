@@ -23,7 +23,6 @@ from relay.snapshot import (
     DIGEST_SIZE,
     HEADER_SIZE,
     MAGIC,
-    REBUILT,
     RUN_HEADER,
     VERSION,
     VERSION_RUNS,
@@ -436,40 +435,52 @@ def test_min_interval_coalesces_a_busy_slot() -> None:
         DirtySlots(min_interval_s=-1)
 
 
-def test_a_slot_is_taken_once_it_has_enough_changes_or_is_old_enough() -> None:
-    d = DirtySlots(min_changes=3, max_age_s=10.0)
+def test_a_slot_is_taken_once_due_or_old_enough() -> None:
+    d = DirtySlots(max_age_s=10.0)
     d.mark(1, 0.0)
-    d.mark(2, 1.0, 2)
-    assert d.take(2.0, 5) == []  # 1 and 2 changes, neither 10 s old
+    d.mark(2, 1.0)
+    d.mark(2, 1.5)
+    assert d.take(2.0, 5) == []  # changed, but neither due nor 10 s old
     assert (d.count, d.age_s(2.0)) == (2, 2.0)  # unsaved all the same
-    d.mark(2, 2.5)
-    assert d.take(3.0, 5) == [WriteSnapshot(2, 1.0)]  # three changes
+    d.due(2)  # its checkpoint was captured
+    d.due(3)  # nothing unwritten: stays clean
+    assert d.take(3.0, 5) == [WriteSnapshot(2, 1.0)]
     d.written(2, 3.5)
+    d.mark(2, 4.0)
+    assert d.take(4.0, 5) == []  # due once, not for good
     assert d.take(9.9, 5) == []
-    assert d.take(10.0, 5) == [WriteSnapshot(1, 0.0)]  # one change, 10 s old
+    assert d.take(10.0, 5) == [WriteSnapshot(1, 0.0)]  # 10 s old
     d.written(1, 10.5)
-    d.mark(3, 11.0, REBUILT)  # rebuilt whole: the next tick
-    assert d.take(11.0, 5) == [WriteSnapshot(3, 11.0)]
+    assert not d.is_dirty(3)
     d.mark(4, 12.0)
-    assert d.take(12.0, 5) == []
-    assert d.take(12.0, 5, every=True) == [WriteSnapshot(4, 12.0)]  # a graceful stop
-    for bad in ({"min_changes": 0}, {"max_age_s": -1.0}):
-        with pytest.raises(InvariantError):
-            DirtySlots(**bad)
+    assert d.take(12.0, 5, every=True) == [WriteSnapshot(2, 4.0), WriteSnapshot(4, 12.0)]
+    with pytest.raises(InvariantError):
+        DirtySlots(max_age_s=-1.0)
 
 
-def test_a_failed_write_gives_its_changes_back() -> None:
-    d = DirtySlots(min_changes=3, max_age_s=60.0)
-    d.mark(1, 0.0, 3)
+def test_due_during_a_write_and_a_failed_write() -> None:
+    d = DirtySlots(max_age_s=60.0)
+    d.mark(1, 0.0)
+    d.due(1)
     assert d.take(1.0, 5) == [WriteSnapshot(1, 0.0)]
-    d.mark(1, 1.5)  # one more while it is written
-    d.failed(1)
-    assert d.take(2.0, 5) == [WriteSnapshot(1, 0.0)]  # four changes: still due
-    d.written(1, 2.5)
+    d.due(1)  # captured after the snapshot, nothing changed between: nothing to add
+    d.written(1, 1.5)
+    assert d.take(2.0, 5) == [] and not d.is_dirty(1)
     d.mark(1, 3.0)
+    d.due(1)
+    assert d.take(3.0, 5) == [WriteSnapshot(1, 3.0)]
+    d.mark(1, 3.5)  # changed while written
+    d.due(1)  # and checkpointed: due once the write is done
+    d.failed(1)
+    assert d.take(4.0, 5) == [WriteSnapshot(1, 3.0)]  # a failed write: the next tick
+    d.failed(1)
+    assert d.take(5.0, 5) == [WriteSnapshot(1, 3.0)]
+    d.written(1, 5.5)
+    d.mark(1, 6.0)
+    d.due(1)
     d.discard(1)
-    d.mark(1, 4.0)  # held again: counted from nothing
-    assert d.take(5.0, 5) == []
+    d.mark(1, 7.0)  # held again: not due until it is checkpointed
+    assert d.take(8.0, 5) == []
 
 
 def test_discard_forgets_a_slot_even_mid_write() -> None:
@@ -492,43 +503,52 @@ def test_discard_forgets_a_slot_even_mid_write() -> None:
 
 
 class DirtyMachine(RuleBasedStateMachine):
-    """Any interleaving of changes, ticks and outcomes: no change is ever forgotten, the
-    budget holds, a slot is never written twice at once, a slot is taken only once it is
-    due (enough changes, or old enough, or every one asked for) and none due is passed
-    over while the budget has room."""
+    """Any interleaving of changes, checkpoints, ticks and outcomes: no change is ever
+    forgotten, the budget holds, a slot is never written twice at once, a slot is taken
+    only once it is due (checkpointed or failed since its last write, old enough, or
+    every one asked for) and none due is passed over while the budget has room."""
 
     BUDGET = 3
-    MIN_CHANGES = 3
     MAX_AGE_S = 2.0
 
     def __init__(self) -> None:
         super().__init__()
-        self.d = DirtySlots(min_changes=self.MIN_CHANGES, max_age_s=self.MAX_AGE_S)
+        self.d = DirtySlots(max_age_s=self.MAX_AGE_S)
         self.now = 0.0
         self.unsaved: dict[int, list[float]] = {}  # the model: change times not on disk
         self.covers: dict[int, list[float]] = {}  # what each in-flight write saves
+        self.flagged: set[int] = set()  # due whatever their age
 
     def _due(self, slot: int) -> bool:
-        ts = self.unsaved.get(slot)
-        return bool(ts) and (len(ts) >= self.MIN_CHANGES or self.now - min(ts) >= self.MAX_AGE_S)
+        left = Counter(self.unsaved.get(slot, [])) - Counter(self.covers.get(slot, []))
+        return bool(left) and (slot in self.flagged or self.now - min(left) >= self.MAX_AGE_S)
 
-    @rule(slot=st.integers(0, 7), dt=st.sampled_from([0.0, 0.1, 1.0]), n=st.sampled_from([1, 2]))
-    def mark(self, slot: int, dt: float, n: int) -> None:
+    @rule(slot=st.integers(0, 7), dt=st.sampled_from([0.0, 0.1, 1.0]))
+    def mark(self, slot: int, dt: float) -> None:
         self.now += dt
-        self.d.mark(slot, self.now, n)
-        self.unsaved.setdefault(slot, []).extend([self.now] * n)
+        self.d.mark(slot, self.now)
+        self.unsaved.setdefault(slot, []).append(self.now)
+
+    @rule(slot=st.integers(0, 7))
+    def checkpointed(self, slot: int) -> None:
+        self.d.due(slot)
+        left = Counter(self.unsaved.get(slot, [])) - Counter(self.covers.get(slot, []))
+        if left:  # changes no write holds: due
+            self.flagged.add(slot)
 
     @rule(budget=st.integers(0, 5), every=st.booleans())
     def take(self, budget: int, every: bool) -> None:
         budget = min(budget, self.BUDGET)
+        due_before = {s for s in self.unsaved if s not in self.covers and self._due(s)}
         taken = self.d.take(self.now, budget, every=every)
         slots = [w.slot for w in taken]
         assert len(set(slots)) == len(slots)
         assert not set(slots) & set(self.covers)  # never twice at once
         for w in taken:
             assert self.unsaved.get(w.slot)
-            assert every or self._due(w.slot)  # never before it is due
+            assert every or w.slot in due_before  # never before it is due
             self.covers[w.slot] = list(self.unsaved[w.slot])
+            self.flagged.discard(w.slot)
             assert w.dirty_since == min(self.unsaved[w.slot])
         assert len(self.covers) <= self.BUDGET
         sinces = [w.dirty_since for w in taken]
@@ -536,7 +556,7 @@ class DirtyMachine(RuleBasedStateMachine):
         if len(self.covers) < budget:  # room left: nothing due was passed over
             for slot, ts in self.unsaved.items():
                 if slot not in self.covers and ts:
-                    assert not (every or self._due(slot)), slot
+                    assert not (every or slot in due_before), slot
 
     @precondition(lambda self: self.covers)
     @rule(data=st.data(), ok=st.booleans())
@@ -549,6 +569,7 @@ class DirtyMachine(RuleBasedStateMachine):
             self.unsaved[slot] = sorted(left.elements())
         else:
             self.d.failed(slot)
+            self.flagged.add(slot)  # due again on the next tick
 
     @invariant()
     def agrees_with_the_model(self) -> None:
