@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
-from cluster.chain import trim_bound
+from cluster.chain import parse_id, trim_bound
 from relay.snapshot import DirtySlots
 
 CHECKPOINT_INTERVAL_S = 5.0  # cluster.checkpoint_interval_s's default
@@ -40,13 +40,15 @@ class Persistence:
     """The checkpoint and snapshot decisions of one node; see the module's docstring.
 
     ``dirty``: owned slots changed since their last checkpoint; ``snapshots``: the slots
-    changed since their last snapshot; ``next_checkpoint``: when the next round of
-    checkpoints is due (None: not started)."""
+    changed since their last snapshot; ``snapshot_at``: the log position each slot's last
+    snapshot captured (since the slot was held); ``next_checkpoint``: when the next round
+    of checkpoints is due (None: not started)."""
 
     checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S
     max_backlog_s: float = MAX_BACKLOG_S
     dirty: set[int] = field(default_factory=set)
     snapshots: DirtySlots = field(default_factory=DirtySlots)
+    snapshot_at: dict[int, str] = field(default_factory=dict)
     next_checkpoint: float | None = None
 
     def changed(self, slot: int, now: float, rebuilt: bool = False) -> None:
@@ -63,6 +65,7 @@ class Persistence:
         flight is reported as usual and changes nothing)."""
         self.dirty.discard(slot)
         self.snapshots.discard(slot)
+        self.snapshot_at.pop(slot, None)
 
     # -- checkpoints
 
@@ -84,7 +87,7 @@ class Persistence:
         slots = tuple(s for s in sorted(self.dirty) if s not in releasing)
         return slots, self.next_checkpoint
 
-    def checkpoint_start(self, slot: int, owned: bool, covers: str | None) -> bool:
+    def checkpoint_start(self, slot: int, owned: bool, covers: str | None, now: float) -> bool:
         """Whether to write ``slot``'s checkpoint now (it is owned and has a position to
         cover); if so it is no longer dirty (a change from now on makes it dirty again)."""
         if not owned or covers is None:
@@ -92,7 +95,11 @@ class Persistence:
         self.dirty.discard(slot)
         # The slot's snapshot follows, on the next tick: captured after this checkpoint,
         # it covers at least as much of the log, so a restart starts from it rather than
-        # loading it and then rebuilding from the checkpoint.
+        # loading it and then rebuilding from the checkpoint. One captured before an
+        # append returned is behind the checkpoint though nothing changed since: due too.
+        at = self.snapshot_at.get(slot)
+        if at is None or parse_id(at) < parse_id(covers):
+            self.snapshots.mark(slot, now)
         self.snapshots.due(slot)
         return True
 
@@ -134,10 +141,11 @@ class Persistence:
         (:meth:`relay.snapshot.DirtySlots.take`)."""
         return tuple(job.slot for job in self.snapshots.take(now, budget, every=every))
 
-    def snapshot_start(self, slot: int, held: bool, now: float) -> bool:
-        """Whether to capture ``slot`` now (``held``: owned, with a log position); a slot
-        no longer held is forgotten (nothing to write)."""
-        if held:
+    def snapshot_start(self, slot: int, at: str | None, now: float) -> bool:
+        """Whether to capture ``slot`` now (``at``: its log position if it is owned and has
+        one, else None); a slot no longer held is forgotten (nothing to write)."""
+        if at is not None:
+            self.snapshot_at[slot] = at
             return True
         self.snapshots.discard(slot)
         self.snapshots.written(slot, now)

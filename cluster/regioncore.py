@@ -259,9 +259,10 @@ class CheckpointDue(NamedTuple):
 
 
 class CheckpointStart(NamedTuple):
-    """About to checkpoint ``slot`` (a round's, or a hand-over's)."""
+    """About to checkpoint ``slot`` (a round's, or a hand-over's) at ``now``."""
 
     slot: int
+    now: float
 
 
 class CheckpointWritten(NamedTuple):
@@ -795,7 +796,7 @@ class RegionCore:
     def _checkpoint_start(self, ev: CheckpointStart) -> Ready:
         slot = ev.slot
         if self.persist.checkpoint_start(
-            slot, slot in self.table.owned, self.positions.log.get(slot)
+            slot, slot in self.table.owned, self.positions.log.get(slot), ev.now
         ):
             return Ready(checkpoints=(slot,))
         return _EMPTY
@@ -806,10 +807,8 @@ class RegionCore:
 
     def _snapshot_start(self, ev: SnapshotStart) -> Ready:
         slot = ev.slot
-        held = slot in self.table.owned and slot in self.positions.log
-        return (
-            Ready(snapshots=(slot,)) if self.persist.snapshot_start(slot, held, ev.now) else _EMPTY
-        )
+        at = self.positions.log.get(slot) if slot in self.table.owned else None
+        return Ready(snapshots=(slot,)) if self.persist.snapshot_start(slot, at, ev.now) else _EMPTY
 
     # -- re-subscriptions (the subscriber side of cluster/interest.py)
 

@@ -136,7 +136,7 @@ class Checkpoints(Snapshots):
             await self._checkpoint_now(slot, floors)
 
     async def _checkpoint_now(self, slot: int, floors: list[str] | None) -> None:
-        if not self.core.step(CheckpointStart(slot)).checkpoints:
+        if not self.core.step(CheckpointStart(slot, self.clock())).checkpoints:
             return  # not owned, or no position to cover
         epoch, covers = self.owned[slot], self.applied[slot]
         try:

@@ -241,6 +241,10 @@ class Snapshots(Appends):
     async def _snapshot_once(self, budget: int, every: bool = False) -> None:
         if self.slots_dir is None:
             return
+        async with self.snapshot_lock:
+            await self._snapshot_tick(budget, every)
+
+    async def _snapshot_tick(self, budget: int, every: bool) -> None:
         # A tick makes one short-lived object per pending message; with the collector
         # on, they trigger full collections that scan the whole heap (the stalls that
         # `relay bench durability` measured). They hold no cycles: refcounting frees them.

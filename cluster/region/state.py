@@ -292,6 +292,9 @@ class RegionState:
         # core decides which are due (cluster/persist.py), this is its queue's view.
         self.snapshots = self.core.persist.snapshots
         self.snapshot_interval_s = config.node.snapshot_interval_s
+        # One tick at a time: a graceful stop's final ticks wait for the loop's (whose
+        # slots in flight they could not take).
+        self.snapshot_lock = asyncio.Lock()
         self.slots_dir: Path | None = None
         # Recent acks per slot, (ch, id, hlc): a snapshot keeps them as tombstones.
         self.acks = self.core.acks

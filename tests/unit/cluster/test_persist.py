@@ -32,8 +32,12 @@ EVERY = 5.0  # the checkpoint period
 NOW_MS = 1_000_000
 
 
-def make() -> RegionCore:
-    persist = Persistence(checkpoint_interval_s=EVERY, max_backlog_s=60.0)
+def make(max_age_s: float = 0.0) -> RegionCore:
+    persist = Persistence(
+        checkpoint_interval_s=EVERY,
+        max_backlog_s=60.0,
+        snapshots=DirtySlots(max_age_s=max_age_s),
+    )
     return region_core(ME, SLOTS, messages=100, dedupe_ms=60_000, tombstones=100, persist=persist)
 
 
@@ -73,10 +77,10 @@ def test_checkpoint_start_takes_an_owned_slot_with_a_position_and_a_failure_make
     own(c, 2, logged="7-0")
     for s in (1, 2, 4):  # 4: not ours
         c.changed(s, 0.0)
-    assert c.step(CheckpointStart(4)).checkpoints == ()
-    assert c.step(CheckpointStart(1)).checkpoints == ()
+    assert c.step(CheckpointStart(4, 0.0)).checkpoints == ()
+    assert c.step(CheckpointStart(1, 0.0)).checkpoints == ()
     assert c.persist.dirty == {1, 2, 4}  # nothing started: still due
-    assert c.step(CheckpointStart(2)).checkpoints == (2,)
+    assert c.step(CheckpointStart(2, 0.0)).checkpoints == (2,)
     assert 2 not in c.persist.dirty  # a change from now on makes it due again
     assert c.step(CheckpointFailed(2)).checkpoints == ()
     c.step(CheckpointDue(0.0))
@@ -145,13 +149,34 @@ def test_a_snapshot_follows_the_checkpoint_and_a_graceful_stop_takes_all() -> No
     c.step(SnapshotWritten(3, 2.0))
     c.step(CheckpointDue(0.0))  # starts the cadence
     assert c.step(CheckpointDue(EVERY)).checkpoints == (1, 2, 3)
-    assert c.step(CheckpointStart(2)).checkpoints == (2,)  # captured: its snapshot is due
+    assert c.step(CheckpointStart(2, EVERY)).checkpoints == (2,)  # captured: its snapshot is due
     assert c.step(SnapshotDue(EVERY, 5)).snapshots == (2,)
     assert c.step(SnapshotDue(EVERY, 5, every=True)).snapshots == (1,)
     c.changed(1, 40.0)
     c.step(SnapshotWritten(1, 40.0))
     assert c.step(SnapshotDue(69.9, 5)).snapshots == ()
     assert c.step(SnapshotDue(70.0, 5)).snapshots == (1,)  # 30 s old
+
+
+def test_a_snapshot_behind_the_checkpoint_is_written_again() -> None:
+    c = make(max_age_s=30.0)
+    own(c, 1)
+    c.changed(1, 1.0, rebuilt=True)  # a publish, say, on a slot just claimed
+    assert c.step(SnapshotDue(2.0, 5)).snapshots == (1,)
+    assert c.step(SnapshotStart(1, 2.0)).snapshots == (1,)  # captured at 0-0
+    c.step(SnapshotWritten(1, 2.0))
+    c.positions.advance(1, "7-0")  # the publish's append returns: no change of state
+    c.step(CheckpointDue(0.0))
+    assert c.step(CheckpointDue(EVERY)).checkpoints == (1,)
+    assert c.step(CheckpointStart(1, EVERY)).checkpoints == (1,)  # covers 7-0
+    # The snapshot on disk is behind the checkpoint: a restart would drop it for the
+    # checkpoint. So it is written again, on the next tick.
+    assert c.persist.snapshots.is_dirty(1)
+    assert c.step(SnapshotDue(EVERY + 1, 5)).snapshots == (1,)
+    assert c.step(SnapshotStart(1, EVERY + 1)).snapshots == (1,)
+    c.step(SnapshotWritten(1, EVERY + 1))
+    c.step(CheckpointStart(1, EVERY + 2))  # nothing new since: the snapshot covers it
+    assert not c.persist.snapshots.is_dirty(1)
 
 
 # -- a walk
@@ -167,17 +192,21 @@ OPS = st.lists(
 
 
 @settings(max_examples=100, deadline=None)
-@given(OPS)
+@given(OPS, st.sampled_from([0.0, 3.0]))
 def test_walk_changed_slots_are_persisted_within_a_period_and_never_past_the_log(
-    ops: list[tuple[str, int, bool]],
+    ops: list[tuple[str, int, bool]], max_age_s: float
 ) -> None:
-    c, clock = make(), FakeClock()
+    # max_age_s 0: every changed slot at every tick; 3 (the default's shape): a slot
+    # after its checkpoint, or once its oldest change is that old.
+    c, clock = make(max_age_s), FakeClock()
     for s in range(SLOTS // 2):
         own(c, s)
     logged = {s: 0 for s in range(SLOTS)}
     due = c.step(CheckpointDue(clock.now)).due_at
     failed_checkpoints: set[int] = set()
     failed_snapshots: set[int] = set()
+    checkpointed: dict[int, str] = {}  # the position each slot's last checkpoint captured
+    snapshotted: dict[int, str] = {}  # …and its last snapshot
     for op, slot, fail in ops:
         owned = slot in c.table.owned
         if op == "change" and owned:
@@ -185,14 +214,17 @@ def test_walk_changed_slots_are_persisted_within_a_period_and_never_past_the_log
         elif op == "log" and owned:  # an append done: the position moves on
             logged[slot] += 1
             c.positions.advance(slot, f"{logged[slot]}-0")
-            c.changed(slot, clock.now)
+            if not fail:  # else: its change was marked before the last snapshot's capture
+                c.changed(slot, clock.now)
         elif op == "lose" and owned:
             c.table.fire(slot, SlotEvent.LOSE)
             c.persist.lose(slot)
             c.positions.forget(slot)
+            checkpointed.pop(slot, None)
+            snapshotted.pop(slot, None)
         elif op == "claim" and not owned:
             own(c, slot, logged=f"{logged[slot]}-0")
-            c.changed(slot, clock.now)
+            c.changed(slot, clock.now, rebuilt=True)
         elif op == "checkpoints":  # the loop wakes at its due time and runs a round
             clock.now = due
             changed = {s for s in c.persist.dirty if s in c.table.owned}
@@ -203,10 +235,10 @@ def test_walk_changed_slots_are_persisted_within_a_period_and_never_past_the_log
             assert changed <= set(ready.checkpoints), "a changed slot skipped a round"
             failed_checkpoints = set()
             for s in ready.checkpoints:
-                if not c.step(CheckpointStart(s)).checkpoints:
+                if not c.step(CheckpointStart(s, clock.now)).checkpoints:
                     assert s not in c.table.owned
                     continue
-                covers = c.positions.log[s]
+                covers = checkpointed[s] = c.positions.log[s]
                 assert parse_id(covers) <= (logged[s], 0), "checkpointed past the log"
                 if fail and s == slot:
                     c.step(CheckpointFailed(s))
@@ -224,11 +256,21 @@ def test_walk_changed_slots_are_persisted_within_a_period_and_never_past_the_log
                 if not c.step(SnapshotStart(s, clock.now)).snapshots:
                     assert s not in c.table.owned
                     continue
+                at = c.positions.log[s]
                 if fail and s == slot:
                     c.step(SnapshotFailed(s))
                     failed_snapshots.add(s)
                 else:
                     c.step(SnapshotWritten(s, clock.now))
-            # Every changed slot was written at this tick, but for the failed ones.
+                    snapshotted[s] = at
             unsaved = {s for s in range(SLOTS) if c.persist.snapshots.is_dirty(s)}
-            assert unsaved == failed_snapshots
+            if max_age_s == 0:
+                # Every changed slot was written at this tick, but for the failed ones.
+                assert unsaved == failed_snapshots
+            elif not failed_snapshots:
+                assert c.persist.snapshots.age_s(clock.now) < max_age_s  # none too old
+            # A snapshot on disk covers at least what the slot's last checkpoint does (a
+            # restart starts from it), but where this tick's write failed.
+            for s, cp in checkpointed.items():
+                if s not in failed_snapshots:
+                    assert s in snapshotted and parse_id(snapshotted[s]) >= parse_id(cp), s

@@ -299,3 +299,34 @@ async def test_with_the_defaults_a_slot_is_written_after_its_checkpoint_or_when_
     r._lose(q)  # a changed slot lost is no longer counted as unsaved
     assert r.data_at_risk()["unsaved_slots"] == 0
     await log.close()
+
+
+@aio
+async def test_a_graceful_stop_during_a_tick_saves_what_changed_while_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r, log, _ = await _router_with_dirty_slots(tmp_path)
+    started, release = threading.Event(), threading.Event()
+    real = snapshots_mod.Snapshots._encode_and_write_many
+
+    def slow(self: Any, batch: list[Any], files: dict[int, int]) -> Any:
+        started.set()
+        release.wait(10)
+        return real(self, batch, files)
+
+    monkeypatch.setattr(snapshots_mod.Snapshots, "_encode_and_write_many", slow)
+    try:
+        tick = asyncio.ensure_future(r._snapshot_once(r.slots))  # the loop's tick
+        assert await asyncio.to_thread(started.wait, 10)
+        publish_at(r, CHANNELS[0], "late")  # a slot being written changes meanwhile
+        await r._flush(force=True)
+        stop = asyncio.ensure_future(r._snapshot_all())  # a graceful stop's final ticks
+    finally:
+        release.set()
+    await tick
+    await stop
+    assert r.data_at_risk()["unsaved_slots"] == 0
+    loaded, _ = load_snapshots(r.slots_dir)
+    held = {m.id for m in loaded[slot_of(CHANNELS[0], r.slots)].messages}
+    assert "late" in held
+    await log.close()
