@@ -599,7 +599,8 @@ class DirtySlots:
 
     def take(self, now: float, budget: int, *, every: bool = False) -> list[WriteSnapshot]:
         """The slots to write now, oldest change first: those due (see the class), or
-        with ``every`` all dirty ones (a graceful stop).
+        with ``every`` all dirty ones (a graceful stop); within ``min_interval_s`` either
+        way.
 
         At most ``budget`` writes are ever in flight, counting those not yet reported, so
         one tick never starts more than ``budget`` and a slow disk slows the ticks down
