@@ -195,12 +195,12 @@ async def test_a_failed_hand_off_leaves_every_slot_dirty(
     await log.close()
 
 
-@aio
-async def test_a_tick_cancelled_mid_write_leaves_its_slots_to_the_next(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    r, log, slots = await _router_with_dirty_slots(tmp_path)
-    monkeypatch.setattr(snapshots_mod, "SNAPSHOT_BATCH_ITEMS", 1)  # one slot a batch
+@pytest.fixture
+def held_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[threading.Event, threading.Event, Any]]:
+    """The writer thread waits for ``release`` once it has ``started`` (and the real
+    writer, to put back)."""
     started, release = threading.Event(), threading.Event()
     real = snapshots_mod.Snapshots._encode_and_write_many
 
@@ -210,6 +210,19 @@ async def test_a_tick_cancelled_mid_write_leaves_its_slots_to_the_next(
         return real(self, batch, files)
 
     monkeypatch.setattr(snapshots_mod.Snapshots, "_encode_and_write_many", slow)
+    yield started, release, real
+    release.set()
+
+
+@aio
+async def test_a_tick_cancelled_mid_write_leaves_its_slots_to_the_next(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    held_writes: tuple[threading.Event, threading.Event, Any],
+) -> None:
+    r, log, slots = await _router_with_dirty_slots(tmp_path)
+    monkeypatch.setattr(snapshots_mod, "SNAPSHOT_BATCH_ITEMS", 1)  # one slot a batch
+    started, release, real = held_writes
     try:
         tick = asyncio.ensure_future(r._snapshot_once(r.slots))
         assert await asyncio.to_thread(started.wait, 10)
@@ -303,18 +316,10 @@ async def test_with_the_defaults_a_slot_is_written_after_its_checkpoint_or_when_
 
 @aio
 async def test_a_graceful_stop_during_a_tick_saves_what_changed_while_it_wrote(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, held_writes: tuple[threading.Event, threading.Event, Any]
 ) -> None:
     r, log, _ = await _router_with_dirty_slots(tmp_path)
-    started, release = threading.Event(), threading.Event()
-    real = snapshots_mod.Snapshots._encode_and_write_many
-
-    def slow(self: Any, batch: list[Any], files: dict[int, int]) -> Any:
-        started.set()
-        release.wait(10)
-        return real(self, batch, files)
-
-    monkeypatch.setattr(snapshots_mod.Snapshots, "_encode_and_write_many", slow)
+    started, release, _ = held_writes
     try:
         tick = asyncio.ensure_future(r._snapshot_once(r.slots))  # the loop's tick
         assert await asyncio.to_thread(started.wait, 10)
