@@ -1,6 +1,7 @@
 """A region node's snapshot tick on real files (the in-memory slot log, no Redis): the
 slots due go to the writer thread together, one directory fsync covers their renames, and
-a write or a directory sync that fails leaves exactly the slots it concerns dirty."""
+a write or a directory sync that fails leaves exactly the slots it concerns dirty; a
+slot rebuilt is written on the next tick."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import pytest
 import cluster.region.snapshots as snapshots_mod
 import relay.snapshot_io as snapshot_io
 from cluster.chain import parse_id
+from cluster.checkpoint import encode_checkpoint
 from cluster.ring import Ring, slot_of
 from cluster.slotlog import MemorySlotLog
+from relay.codec import MessageEvent
 from relay.snapshot_io import load_snapshots, prepare_data_dir
 from tests.conftest import FakeClock, aio, memory_router, publish_at, until
 
@@ -311,6 +314,46 @@ async def test_with_the_defaults_a_slot_is_written_after_its_checkpoint_or_when_
     assert r.data_at_risk()["unsaved_slots"] == 1
     r._lose(q)  # a changed slot lost is no longer counted as unsaved
     assert r.data_at_risk()["unsaved_slots"] == 0
+    await log.close()
+
+
+@aio
+@pytest.mark.parametrize("covered", ["5-0", "2-0"])
+async def test_an_owned_mirror_rebuilt_from_its_checkpoint_is_written_on_the_next_tick(
+    tmp_path: Path, covered: str
+) -> None:
+    # The link found our mirror of fra's log for an owned slot trimmed past our position
+    # (3-0 missing): the slot's checkpoint, if it covers the hole, is merged, and the
+    # slot, rebuilt, is due at once (not only after its next checkpoint). A checkpoint
+    # that does not cover the hole yet changes nothing.
+    log = MemorySlotLog("sg")
+    peers = {"RELAY_CLUSTER__PEERS": '["fra=redis://127.0.0.1:1/0"]'}
+    r = memory_router("sg/n1", log, clock=FakeClock(), env=peers)
+    r.ring = Ring({"sg/n1": 1.0}, slots=r.slots, replicas=r.replicas)
+    r.slots_dir = prepare_data_dir(tmp_path / "data")
+    ch = CHANNELS[0]
+    slot = slot_of(ch, r.slots)
+    await r._claim_now(slot)
+    await r._snapshot_once(r.slots)  # the claim's snapshot: nothing is due after it
+    owner = await log.get_owner(slot)
+    assert owner is not None
+    far = MessageEvent("f1", ch, "anon", 1_000_000 << 16, "fra", b"far", 2_000_000)
+    data = encode_checkpoint([far], {"fra": {slot: covered}})
+    await log.write_checkpoint(slot, "sg/n1", owner.epoch, data, r.applied[slot])
+    written = r.snapshot_stats["written"]
+
+    await r._mirror_gap_owned(slot, "fra", "3-0")
+    await r._snapshot_once(r.slots)
+    pending = [m.id for m in r.node.store.pending(ch, 1_000_000)]
+    if covered == "5-0":
+        assert pending == ["f1"] and r.positions.at(slot, "fra") == "5-0"
+        assert r.snapshot_stats["written"] == written + 1
+        loaded, _ = load_snapshots(r.slots_dir)
+        assert [m.id for m in loaded[slot].messages] == ["f1"]
+        assert loaded[slot].mirrors == {"fra": "5-0"}
+    else:
+        assert pending == [] and r.positions.at(slot, "fra") == "0-0"
+        assert r.snapshot_stats["written"] == written
     await log.close()
 
 
