@@ -587,8 +587,8 @@ class RegionCore:
         # Answered once the ack is in the slot log: an acknowledged ack survives a crash
         # of this node (the message never comes back).
         now, ch, ids = ev.now_ms, ev.ch, ev.ids
-        n = self.node.ack(ch, ids, now)
         hlc = self.node.clock.tick(now)
+        n = self.node.ack(ch, ids, now, hlc)
         cuts: list[AppendToLog] = []
         for e in ack_events(ch, ids, hlc, self.region):
             cut = self.batcher.add(slot, e, now)

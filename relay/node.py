@@ -123,11 +123,22 @@ class Node:
 
     # -- ack and time --------------------------------------------------------------
 
-    def ack(self, ch: str, ids: list[str], now_ms: int) -> int:
-        """Remove acknowledged messages; return how many were pending."""
+    def ack(self, ch: str, ids: list[str], now_ms: int, hlc: int | None = None) -> int:
+        """Remove acknowledged messages; return how many were pending.
+
+        Every id named is remembered, pending or not (the ack's tombstone): a message
+        published after an ack of its id is a duplicate here, as it is wherever the slot
+        log is applied (:func:`cluster.apply.apply_events`), so this node, its replicas,
+        a restart and the other regions agree. ``hlc``: the ack's time, remembered for
+        the ids that were not pending (default: a tick of the node's clock)."""
         gone = self.store.ack(ch, ids)
-        for m in gone:
-            self.dedupe.remember(dedupe_key(ch, m.id), m.hlc, now_ms)
+        seen = {m.id: m.hlc for m in gone}
+        if len(seen) < len(ids):
+            at = self.clock.tick(now_ms) if hlc is None else hlc
+            for msg_id in ids:
+                seen.setdefault(msg_id, at)
+        for msg_id, when in seen.items():
+            self.dedupe.remember(dedupe_key(ch, msg_id), when, now_ms)
         self.counters.acked += len(gone)
         return len(gone)
 

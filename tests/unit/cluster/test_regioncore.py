@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cluster.apply import apply_events
 from cluster.meshops import MeshPub
 from cluster.ownership import AuditDue, Rebalance, Tick
 from cluster.rebalance import RingState
@@ -44,7 +45,7 @@ from cluster.slots import SlotEvent
 from relay.batch import AppendToLog
 from relay.errors import Code
 from relay.store import Message
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, memory_node
 from tests.unit.cluster.cores import region_core
 
 ME = "sg/n1"
@@ -187,6 +188,24 @@ def test_an_ack_on_the_owner_is_logged_tombstoned_and_answered_with_the_count() 
     assert c.acks.gone(slot) == {(ch, "m1"), (ch, "nope")}
     flush_all(c, r)
     assert r.got[2] == [(1, None, "")]
+
+
+def test_an_ack_before_its_message_keeps_it_out_here_as_in_the_log() -> None:
+    # An id acked before anything was published with it: the owner remembers it, as
+    # every reader of the log does (cluster/apply.py), so the pub that follows is a
+    # duplicate here too, and the owner's pending set is what the log rebuilds.
+    c, r = make(), Replies()
+    ch = channel(c, ME)
+    r.carry(c.step(Ack(ch, ["early"], r.token(1), NOW_MS, True)))
+    r.carry(pub(c, ch, r.token(2), ack="mem", msg_id="early"))
+    r.carry(pub(c, ch, r.token(3), ack="mem", msg_id="later"))
+    entries = flush_all(c, r)
+    assert r.got[1] == [(0, None, "")]
+    assert r.got[2][0][0]["dup"] is True and r.got[3][0][0]["dup"] is False
+    held = [m.id for m in c.node.store.pending(ch, NOW_MS)]
+    replica = memory_node("sg/n2", max_messages=1000, max_bytes=1 << 30, max_ids=1000)
+    apply_events(replica, [e for entry in entries for e in entry.events], NOW_MS)
+    assert held == [m.id for m in replica.store.pending(ch, NOW_MS)] == ["later"]
 
 
 def test_a_forwarded_ack_and_sub_answered_by_the_owner() -> None:

@@ -112,6 +112,20 @@ def test_dup_after_ack_comes_from_the_dedupe_index() -> None:
     assert node.store.count("c") == 1
 
 
+def test_an_ack_remembers_every_id_it_names_pending_or_not() -> None:
+    node = make_node()
+    pub(node, "c", "m", T0)
+    assert node.ack("c", ["m", "early"], T0 + 5, hlc=(T0 + 5) << 16) == 1
+    # A pub of an id acked before it was ever published is a duplicate, as where the
+    # slot log is applied (an ack's tombstone keeps its message out).
+    early = pub(node, "c", "early", T0 + 10)
+    assert early.dup and early.hlc == (T0 + 5) << 16
+    assert node.store.count("c") == 0
+    # Without an hlc given, the node's clock stamps the ids it did not hold.
+    node.ack("c", ["other"], T0 + 20)
+    assert pub(node, "c", "other", T0 + 30).dup
+
+
 def test_ack_removes_and_counts() -> None:
     node = make_node()
     for i in range(3):
