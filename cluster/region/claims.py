@@ -35,6 +35,8 @@ class Claims(Checkpoints):
         # One at a time, each on the newest membership (a burst of joins runs it twice).
         # The claims it starts run outside the lock: a claim may wait for another node
         # to hand its slot over, and that node may be waiting for one of ours.
+        if not self.members_known:
+            return  # starting: start() runs the first once it has seen every lease
         async with self._rebalancing:
             claims = await self._rebalance_now()
         if claims:

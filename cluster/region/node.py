@@ -79,6 +79,7 @@ class Router(MeshServe):
         for m in (await self.membership.snapshot()).values():
             self._observe_member(m)
         self._observe_member(joined)
+        self.members_known = True  # the rebalance below is the first
         # The loops, in the node's one task group (cluster/region/tasks.py).
         self.tasks.start("flush", self._flush_loop())
         self.tasks.start("tick", self._tick_loop())

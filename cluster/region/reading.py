@@ -144,14 +144,21 @@ class Reading(RegionState):
         return added
 
     def _forget_slot(self, slot: int) -> None:
-        """Drop what RAM holds of ``slot``: its pending messages and log positions."""
+        """Drop what RAM holds of ``slot``: its pending messages and log positions.
+
+        The peers' interest in its channels is dropped only if the ring gives the slot
+        to another node: peers register with the ring's owner, so while the ring still
+        names us (an owner record taken by a node whose view was behind, then given
+        back) they do not register again, and deliveries must reach them once we own
+        the slot again."""
         self.positions.forget(slot)
         channels = self.slot_channels.pop(slot, ())
         for ch in channels:
             ids = [m.id for m in self.node.store.pending(ch, 0)]
             if ids:
                 self.node.store.ack(ch, ids)
-        self.subs.drop_channels(channels)
+        if self.ring is None or self.ring.owner(slot) != self.me:
+            self.subs.drop_channels(channels)
 
     def _restart_tail(self) -> None:
         # The readers are loops of the node's task group, restarted on the newest ring.

@@ -217,6 +217,10 @@ class RegionState:
         self.registered = self.subs.registered
         self._mesh: Mesh | None = None
         self.membership: Membership | None = None
+        # False until start() has seen every lease held: a rebalance before that (our
+        # own join event comes first, a ring event may too) would build the ring of
+        # this node alone and claim every slot, fencing live owners at once.
+        self.members_known = False
         self.stopped = False
         # Every background task (loops, readers, one-off tasks), stopped together.
         self.tasks = TaskGroup()

@@ -17,7 +17,7 @@ import pytest
 from cluster.redisconn import connect_sync
 from cluster.ring import Ring, diff, slot_of
 from relay.client import RelayClient, RelayErrorReply, RetryPolicy
-from tests.cluster.conftest import admin_status, pending_ids
+from tests.cluster.conftest import admin_status, pending_ids, wait_settled
 from tests.conftest import aio, run_relay, until
 from tests.wsclient import Client
 
@@ -132,6 +132,36 @@ async def test_kill_9_of_an_owner_loses_no_acked_message(region3: Any) -> None:
     await client.close()
     slot = slot_of(channels[0])
     assert owner_record(doc, slot)[0] in (entry["id"], other["id"])
+
+
+@aio
+async def test_a_node_restarted_at_once_after_kill_9_takes_nothing_from_the_others(
+    region3: Any,
+) -> None:
+    # A node killed and started again while its old lease still runs (FAST: 1.5 s)
+    # hears its own join before the other members' leases: a rebalance then would
+    # build a ring of itself alone and fence every live owner at once. The others'
+    # slots must stay theirs, and a subscriber on a third node must keep getting live
+    # messages of them (owners that lost and took back a slot had dropped its
+    # subscribers' interest).
+    cluster, doc = region3
+    nodes = nodes_of(doc)
+    owner, victim, entry = nodes
+    channels = channels_owned_by(doc, owner["id"], 8)
+    before = {ch: owner_record(doc, slot_of(ch)) for ch in channels}
+    listener = await RelayClient.connect(entry["ws"], retry=PATIENT)
+    subs = [await listener.subscribe(ch) for ch in channels]
+    os.kill(victim["pid"], signal.SIGKILL)
+    back = await asyncio.to_thread(cluster.restart, victim["id"], 60)
+    await asyncio.to_thread(wait_settled, cluster, [owner, back, entry])
+    assert {ch: owner_record(doc, slot_of(ch)) for ch in channels} == before
+    publisher = await RelayClient.connect(owner["ws"], retry=PATIENT)
+    for ch, sub in zip(channels, subs, strict=True):
+        await publisher.publish(ch, "still here", id=f"after-{ch}", ack="log", timeout_s=30)
+        m = await asyncio.wait_for(sub.__anext__(), 10)
+        assert (m.ch, m.id) == (ch, f"after-{ch}")
+    await publisher.close()
+    await listener.close()
 
 
 @aio

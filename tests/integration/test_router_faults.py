@@ -202,3 +202,32 @@ async def test_full_batches_and_a_failed_append_keep_the_slots_order() -> None:
         await r._flush(force=True)
     assert await logged_order(log, slot) == sent
     await r.slotlog.close()
+
+
+@aio
+async def test_a_slot_lost_while_the_ring_still_names_us_keeps_its_subscribers() -> None:
+    # Peers register a channel's subscribers with the ring's owner. An owner record
+    # taken from us by a node whose view was behind (then given back) moves no ring:
+    # the peers register nothing again, so the interest they gave us must outlive the
+    # loss, or deliveries to them stop for good. A slot the ring gives to another node
+    # drops it (the peers register with that node).
+    log = MemorySlotLog("sg")
+    a = router("sg/n1", log)
+    give_all_to("sg/n1", a)
+    ch = "inbox:erin"
+    slot = slot_of(ch, a.slots)
+    await a._claim_now(slot)
+    publish_at(a, ch, "m1")  # the slot holds the channel (a message pending)
+    await a._flush(force=True)
+    a.subs.add("sg/n3", ch)
+    a._lose(slot)
+    assert a.interest[ch] == {"sg/n3"}
+    await a._claim_now(slot)
+    publish_at(a, ch, "m2")
+    await a._flush(force=True)
+    assert [m.id for m in a.node.store.pending(ch, 0)] == ["m1", "m2"]
+    assert a.interest[ch] == {"sg/n3"}  # m2 goes to sg/n3's subscribers
+    give_all_to("sg/n2", a)
+    a._lose(slot)
+    assert ch not in a.interest
+    await log.close()
