@@ -130,7 +130,7 @@ class Link(WindowSender, LogReader):
             dest_url,
             dest,
             max_block_ms=LINK_WINDOW_MS_MAX,
-            socket_timeout=10,
+            socket_timeout=REPLY_TIMEOUT_S,
             socket_connect_timeout=5,
             **_WAN_KWARGS,
         )
@@ -298,7 +298,10 @@ class Link(WindowSender, LogReader):
         log.warning("link %s→%s: %s; retrying in %.1fs", self.region, self.dest, error, backoff_s)
 
     async def _copy_loop(self) -> None:
-        self.state = "waiting for the receiver"
+        if self.state != "error":
+            # After a failure the link stays "error" until the destination answers
+            # again: a cut WAN fails every attempt, each one only after its timeout.
+            self.state = "waiting for the receiver"
         # Our log read meanwhile (local): what to send is ready once the tops are known.
         early = asyncio.ensure_future(self._read_ahead())
         began = time.monotonic()
@@ -474,6 +477,7 @@ class Link(WindowSender, LogReader):
                 return mirror_tops_of(slots, tops), done_from
             with_tops = False
             self._receiver_waited = True
+            self.state = "waiting for the receiver"  # the destination answers
             # The receiver is writing them: look again soon, then less often (each look
             # carries the newest window across the WAN; a receiver may be down for long).
             await asyncio.sleep(pause)

@@ -237,6 +237,18 @@ def cluster_metrics(router: Any, labels: list[str], who: list[str]) -> Iterator[
                 GaugeMetricFamily,
                 lambda link: int(link.holding),
             ),
+            (
+                "relay_link_running",
+                "1 when this node holds the link and it runs (the destination answers)",
+                GaugeMetricFamily,
+                lambda link: int(link.holding and link.state == "running" and not link.stalled),
+            ),
+            (
+                "relay_link_errors_total",
+                "Copy attempts that failed (WAN cut, destination Redis down or refusing)",
+                CounterMetricFamily,
+                lambda link: link.errors_total,
+            ),
         ]
         for name, doc, family, value in per_peer:
             m = family(name, doc, labels=[*labels, "peer"])

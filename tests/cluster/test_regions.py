@@ -137,8 +137,10 @@ def test_links_report_their_state(world: Any) -> None:
         "relay_link_bytes_total",
         "relay_link_gaps_total",
         "relay_link_stalled",
+        "relay_link_errors_total",
     ):
         assert f'{name}{{node="sg/n1",peer="fra",region="sg"}}' in text, name
+    assert 'relay_link_running{node="sg/n1",peer="fra",region="sg"} 1.0' in text
 
 
 @pytest.fixture

@@ -221,6 +221,7 @@ async def test_a_blackholed_link_is_stalled_within_3s_then_heals_without_loss(
     with urllib.request.urlopen(node["admin"] + "/metrics", timeout=5) as m:
         metrics = m.read().decode()
     assert f'relay_link_stalled{{node="{node["id"]}",peer="fra",region="sg"}} 1.0' in metrics
+    assert f'relay_link_running{{node="{node["id"]}",peer="fra",region="sg"}} 0.0' in metrics
     # Held for the rest of 10 s, always exactly one holder.
     while time.monotonic() - cut < 10:
         assert len([r for r in link_rows(doc, "sg", "fra") if r["holder"]]) <= 1

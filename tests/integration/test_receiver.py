@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 import redis as redis_sync
 
+import cluster.link as link_mod
 from cluster.faultproxy import FaultProxy
 from cluster.keys import mirror_key
 from cluster.link import Link, confirmed_key
@@ -209,6 +210,36 @@ async def test_a_starting_link_dials_every_connection_to_the_destination_at_once
     assert link.copied_entries == 0 and link.state == "waiting for the receiver"
     proxy.blackhole(False)
     await until(lambda: link.copied_entries == 40, timeout_s=20, what="copied")
+    await mirrored_then_stopped(origin, dest, link, rx)
+
+
+@aio
+async def test_an_idle_link_cut_from_its_destination_shows_an_error_until_it_answers(
+    wan: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing waits, so no stall: the once-a-second probe turns the cut into an error,
+    # and every reconnection that fails meanwhile (each only after its reply timeout,
+    # shortened here) leaves it an error rather than "waiting for the receiver".
+    monkeypatch.setattr(link_mod, "REPLY_TIMEOUT_S", 2.5)
+    origin_url, dest_url, proxy = wan
+    origin, dest = await slot_logs(origin_url, dest_url, entries=8)
+    rx = receiver(dest_url, "fra/n1")
+    link = start_link(origin_url, proxy)
+    await until(lambda: link.copied_entries == 8, timeout_s=20, what="copied")
+    await until(lambda: link.state == "running" and not link._inflight, timeout_s=10)
+    proxy.blackhole(True)
+    await until(lambda: link.state == "error", timeout_s=10, what="the cut seen")
+    failures = link.errors_total
+    seen: set[str] = set()
+    while link.errors_total < failures + 2:  # two reconnections failed meanwhile
+        seen.add(link.state)
+        await asyncio.sleep(0.02)  # poll the state while the cut lasts
+    assert seen == {"error"}, seen
+    assert link.status(0)["state"] == "error" and link.last_error
+    proxy.blackhole(False)
+    await until(lambda: link.state == "running", timeout_s=20, what="running again")
+    await origin.append(0, A, 1, batch(99))
+    await until(lambda: link.copied_entries == 9, timeout_s=20, what="copied after the heal")
     await mirrored_then_stopped(origin, dest, link, rx)
 
 
