@@ -79,6 +79,15 @@ def target(
         except ValueError as e:
             err.print(f"relay {command}: {e}", markup=False, highlight=False)
             sys.exit(EXIT_USAGE)
+    if redis_url and (problem := check_redis_url(redis_url)) is not None:
+        from relay.redact import url_without_credentials
+
+        err.print(
+            f"relay {command}: --redis {url_without_credentials(redis_url)!r}: {problem}",
+            markup=False,
+            highlight=False,
+        )
+        sys.exit(EXIT_USAGE)
     if redis_url and region:
         return redis_url, region, ""
     name = context.selected_name(context_name, os.environ)

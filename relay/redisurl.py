@@ -84,4 +84,10 @@ def check_url(url: str) -> str | None:
             "must be a redis://, rediss:// or unix:// URL (one server), or "
             "redis+cluster:// or rediss+cluster:// (a Redis Cluster)"
         )
+    from redis.connection import parse_url  # only when a URL is checked: the CLI starts fast
+
+    try:
+        parse_url(url)
+    except ValueError as e:  # a port that is not a number, or out of range
+        return str(e)
     return None

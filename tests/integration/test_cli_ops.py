@@ -172,6 +172,25 @@ def test_unknown_region_exits_2(region_t: str) -> None:
     assert r.returncode == 2 and "region must be" in r.stderr
 
 
+def test_a_malformed_redis_url_is_a_usage_error_without_a_traceback() -> None:
+    for url, says in (
+        ("http://x", "must be a redis://"),
+        ("redis//127.0.0.1:1", "must be a redis://"),
+        ("redis://127.0.0.1:notaport", "Port could not be cast"),
+        ("redis://:secret@127.0.0.1:99999", "Port out of range"),
+    ):
+        for args in (
+            ("status", "--region", "sg"),
+            ("links", "--region", "sg"),
+            ("ring", "show", "--region", "sg"),
+            ("node", "drain", "sg/n1"),
+        ):
+            r = relay(*args, "--redis", url)
+            assert r.returncode == 2, (args, url, r.stderr)
+            assert says in r.stderr and "Traceback" not in r.stderr, (args, url, r.stderr)
+            assert "secret" not in r.stderr and r.stdout == ""
+
+
 def test_unreachable_redis_exits_69() -> None:
     url = "redis://127.0.0.1:1/0"
     for args in (("status", "--region", "t"), ("links", "--region", "t")):
