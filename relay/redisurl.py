@@ -87,7 +87,7 @@ def check_url(url: str) -> str | None:
     from redis.connection import parse_url  # only when a URL is checked: the CLI starts fast
 
     try:
-        parse_url(url)
+        parse_url(url)  # type: ignore[no-untyped-call]
     except ValueError as e:  # a port that is not a number, or out of range
         return str(e)
     return None
