@@ -18,7 +18,15 @@ from typing import Any
 
 import redis
 
-from cluster.keys import PREFIX, control_channel, epoch_key, lease_prefix, owner_key, region_tag
+from cluster.keys import (
+    PREFIX,
+    control_channel,
+    epoch_key,
+    lease_prefix,
+    members_channel,
+    owner_key,
+    region_tag,
+)
 from cluster.membership import Member, decode_leases
 from cluster.rebalance import Plan, RingState, effective_weights, make_plan, placement
 from cluster.redisconn import SyncClient, connect, connect_sync
@@ -142,23 +150,57 @@ def region_status(url: str, region: str, slots: int = 256, admin_token: str = ""
     }
 
 
-def drain(url: str, region: str, node_id: str, slots: int = 256, timeout_s: float = 30.0) -> bool:
-    """Ask ``node_id`` to drain; True once its lease is gone and no slot names it."""
+# How long a drained node's "leave" may come after its lease is gone (it releases the
+# lease, then announces the leave: one round trip later).
+LEAVE_GRACE_S = 2.0
+
+
+def drain(url: str, region: str, node_id: str, slots: int = 256, timeout_s: float = 30.0) -> str:
+    """Ask ``node_id`` to drain and wait until its lease is gone and no slot names it:
+    ``"drained"`` when the node announced its leave (it handed its slots over),
+    ``"died"`` when its lease ran out instead (the node was killed or cut off: the
+    others took its slots over without a hand-over), ``"timeout"`` otherwise."""
     try:
         with _client(url) as r:
             if node_id not in members(r, region):
                 raise LookupError(f"{node_id} holds no lease in region {region}")
-            r.publish(control_channel(region), json.dumps({"cmd": "drain", "node": node_id}))
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                if node_id not in members(r, region) and all(
-                    o != node_id for o, _ in owners(r, region, slots)
-                ):
-                    return True
-                time.sleep(0.1)  # poll interval while the slots move
-            return False
+            ps = r.pubsub()
+            try:
+                ps.subscribe(members_channel(region))
+                # Subscribed before the drain is asked for: its leave cannot be missed.
+                ps.get_message(timeout=5)
+                r.publish(control_channel(region), json.dumps({"cmd": "drain", "node": node_id}))
+                left = False
+                deadline = time.monotonic() + timeout_s
+                gone_at: float | None = None
+                while time.monotonic() < deadline:
+                    left = left or _left(ps, node_id, wait_s=0.1)  # poll interval
+                    if gone_at is None and (
+                        node_id not in members(r, region)
+                        and all(o != node_id for o, _ in owners(r, region, slots))
+                    ):
+                        gone_at = time.monotonic()
+                    if gone_at is not None and (left or time.monotonic() - gone_at > LEAVE_GRACE_S):
+                        return "drained" if left else "died"
+                return "timeout"
+            finally:
+                ps.close()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
         raise _unreachable(url, e) from e
+
+
+def _left(ps: Any, node_id: str, wait_s: float) -> bool:
+    """Whether a message read within ``wait_s`` announces ``node_id``'s leave."""
+    msg = ps.get_message(ignore_subscribe_messages=True, timeout=wait_s)
+    while msg is not None:
+        try:
+            doc = json.loads(msg["data"])
+        except (ValueError, TypeError):
+            doc = None
+        if isinstance(doc, dict) and doc.get("event") == "leave" and doc.get("node_id") == node_id:
+            return True
+        msg = ps.get_message(ignore_subscribe_messages=True, timeout=0)
+    return False
 
 
 LINK_FIELDS = (

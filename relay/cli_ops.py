@@ -657,23 +657,32 @@ def node_drain(
 
     The node flushes its batches to the slot logs, releases its lease and exits; the
     others take its slots over at once (in `relay dev`, `relay dev restart NODE_ID`
-    starts it again). Exit 0 when done, 1 on timeout, 2 when the node is not a member,
-    69 when the Redis cannot be reached.
+    starts it again). Exit 0 when done, 1 on timeout or when the node's lease ran out
+    instead (it was dead: its slots failed over, nothing was handed over), 2 when the
+    node is not a member, 69 when the Redis cannot be reached.
     """
     from cluster.status import Unreachable, drain
 
     region = node_id.split("/", 1)[0]
     redis_url, region, _ = target("node drain", context_name, redis_url, region)
     try:
-        ok = drain(redis_url, region, node_id, slots, timeout_s)
+        outcome = drain(redis_url, region, node_id, slots, timeout_s)
     except Unreachable as e:
         err.print(f"relay node drain: {e}", markup=False, highlight=False)
         sys.exit(EXIT_UNAVAILABLE)
     except LookupError as e:
         err.print(f"relay node drain: {e}", markup=False, highlight=False)
         sys.exit(EXIT_USAGE)
+    ok = outcome == "drained"
     if as_json:
-        click.echo(json.dumps({"node": node_id, "drained": ok}))
+        click.echo(json.dumps({"node": node_id, "drained": ok, "failed_over": outcome == "died"}))
+    elif ok:
+        say(f"{node_id}: drained")
+    elif outcome == "died":
+        say(
+            f"{node_id}: its lease ran out before it drained (the node was killed or cut "
+            "off): the others took its slots over without a hand-over"
+        )
     else:
-        say(f"{node_id}: {'drained' if ok else 'still holds slots after the timeout'}")
+        say(f"{node_id}: still holds slots after the timeout")
     sys.exit(EXIT_OK if ok else EXIT_FAILED)

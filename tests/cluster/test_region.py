@@ -4,6 +4,7 @@ fencing and drain, with a real Redis."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -235,7 +236,7 @@ async def test_drain_moves_slots_with_zero_loss(region3: Any) -> None:
         "--json",
     )
     assert proc.returncode == 0, proc.stderr
-    assert '"drained": true' in proc.stdout
+    assert json.loads(proc.stdout) == {"node": leaving["id"], "drained": True, "failed_over": False}
     for i, ch in enumerate(channels):
         await pub.publish(ch, f"after {i}", id=f"a{i}", ack="log")
     for i, ch in enumerate(channels):
@@ -243,6 +244,20 @@ async def test_drain_moves_slots_with_zero_loss(region3: Any) -> None:
         assert sorted(got) == sorted([f"b{i}", f"a{i}"])
     await pub.close()
     assert all(owner_record(doc, s)[0] != leaving["id"] for s in range(256))
+
+
+def test_draining_a_node_that_was_killed_says_it_failed_over(region3: Any) -> None:
+    # Its lease still runs for a while after kill -9: the drain is asked of a dead node.
+    # It must not be reported as drained (nothing was handed over: its slots failed
+    # over when the lease ran out).
+    _, doc = region3
+    victim = nodes_of(doc)[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    proc = run_relay("node", "drain", victim["id"], "--redis", doc["regions"]["sg"]["redis"])
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "lease ran out before it drained" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert all(owner_record(doc, s)[0] != victim["id"] for s in range(256))
 
 
 def test_status_and_metrics_of_a_region(region3: Any) -> None:
