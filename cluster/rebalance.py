@@ -217,7 +217,8 @@ def make_plan(
     down = sorted(n for n in add if n not in leases)
     if live_adds and down:
         raise NodeDown(
-            f"{', '.join(down)} hold no lease in {region}: start them first "
+            f"{', '.join(down)} {'holds' if len(down) == 1 else 'hold'} no lease in {region}: "
+            f"start {'it' if len(down) == 1 else 'them'} first "
             "(with cluster.weight = 0 they join with no slot)"
         )
     set_weights = {**add, **weights, **dict.fromkeys(remove, 0.0)}

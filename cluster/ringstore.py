@@ -191,7 +191,11 @@ async def apply_plan(
                 )
             missing = sorted(n for n, w in plan.set_weights.items() if w > 0 and n not in leases)
             if missing:
-                raise NodeDown(f"{', '.join(missing)} hold no lease: start them first")
+                one = len(missing) == 1
+                raise NodeDown(
+                    f"{', '.join(missing)} {'holds' if one else 'hold'} no lease: "
+                    f"start {'it' if one else 'them'} first"
+                )
             holds = {m.slot: m.from_node for m in plan.moves}
             await store.begin(
                 token, plan.base_version, plan.set_weights, holds, json.dumps(plan.to_doc())

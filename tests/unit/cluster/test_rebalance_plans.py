@@ -417,7 +417,7 @@ def test_make_plan_refuses_changes_that_make_no_sense(change: dict[str, Any], wh
 
 
 def test_an_added_node_must_be_up_when_the_plan_is_applied_now() -> None:
-    with pytest.raises(NodeDown, match="sg/n4 hold no lease in sg"):
+    with pytest.raises(NodeDown, match="sg/n4 holds no lease in sg: start it first"):
         plan_sg(add={"sg/n4": 1.0}, live_adds=True)
     assert plan_sg(add={"sg/n4": 1.0}).after["sg/n4"] == 1.0  # planned ahead: fine
     assert plan_sg(add={"sg/n3": 1.0}, live_adds=True).after["sg/n3"] == 1.0  # the standby
