@@ -61,6 +61,9 @@ class Claims(Checkpoints):
         # Re-register subscriptions whose owner moved.
         for ch in self.subs.moved(self.owner_of):
             self._spawn(self._resubscribe(ch))
+        # Peers' interest in channels the ring no longer gives us: they register with
+        # the new owner (a slot lost while the ring still named us kept it).
+        self.subs.drop_channels([ch for ch in self.interest if self.owner_of(ch) != self.me])
         # Claims under way count too: whoever asked for a rebalance (start, a rejoin)
         # waits until this node serves what the ring gives it.
         ready = self.core.step(HandedOver()).own

@@ -230,4 +230,15 @@ async def test_a_slot_lost_while_the_ring_still_names_us_keeps_its_subscribers()
     give_all_to("sg/n2", a)
     a._lose(slot)
     assert ch not in a.interest
+    # Kept through a loss, then the ring moves the slot away: a rebalance drops it.
+    give_all_to("sg/n1", a)
+    await a._claim_now(slot)
+    a.subs.add("sg/n3", ch)
+    a._lose(slot)
+    assert a.interest[ch] == {"sg/n3"}
+    a.members_known = True
+    a.ring = None  # the rebalance builds the ring of the live members: sg/n2 only
+    a._live = lambda: {"sg/n2": 1.0}
+    await a._rebalance()
+    assert a.owner_of(ch) == "sg/n2" and ch not in a.interest
     await log.close()
