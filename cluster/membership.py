@@ -211,13 +211,18 @@ class Membership:
     async def leave(self) -> None:
         """Release the lease (if still ours) and announce the leave at once."""
         try:
-            await self.client.eval(
+            released = await self.client.eval(
                 RELEASE_IF_OURS, 1, lease_key(self.region, self.me.node_id), self.me.encode()
             )
-            await self.client.publish(
-                members_channel(self.region),
-                json.dumps({"event": "leave", "node_id": self.me.node_id, "epoch": self.me.epoch}),
-            )
+            # "released": false when the lease had run out already (a node paused past
+            # it): its slots failed over, nothing was handed over (`relay node drain`).
+            doc = {
+                "event": "leave",
+                "node_id": self.me.node_id,
+                "epoch": self.me.epoch,
+                "released": bool(released),
+            }
+            await self.client.publish(members_channel(self.region), json.dumps(doc))
         except (RedisError, OSError) as e:
             log.warning("could not release the lease of %s: %s", self.me.node_id, e)
 

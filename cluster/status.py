@@ -162,13 +162,13 @@ def drain(url: str, region: str, node_id: str, slots: int = 256, timeout_s: floa
     others took its slots over without a hand-over), ``"timeout"`` otherwise."""
     try:
         with _client(url) as r:
-            if node_id not in members(r, region):
-                raise LookupError(f"{node_id} holds no lease in region {region}")
             ps = r.pubsub()
             try:
                 ps.subscribe(members_channel(region))
-                # Subscribed before the drain is asked for: its leave cannot be missed.
-                ps.get_message(timeout=5)
+                ps.get_message(timeout=5)  # the subscription confirmed
+                # Its lease seen after we subscribed: its leave cannot be missed.
+                if node_id not in members(r, region):
+                    raise LookupError(f"{node_id} holds no lease in region {region}")
                 r.publish(control_channel(region), json.dumps({"cmd": "drain", "node": node_id}))
                 left = False
                 deadline = time.monotonic() + timeout_s
@@ -190,14 +190,21 @@ def drain(url: str, region: str, node_id: str, slots: int = 256, timeout_s: floa
 
 
 def _left(ps: Any, node_id: str, wait_s: float) -> bool:
-    """Whether a message read within ``wait_s`` announces ``node_id``'s leave."""
+    """Whether a message read within ``wait_s`` announces ``node_id``'s leave with its
+    lease still held (a node that wakes after its lease ran out announces one too, with
+    ``released`` false)."""
     msg = ps.get_message(ignore_subscribe_messages=True, timeout=wait_s)
     while msg is not None:
         try:
             doc = json.loads(msg["data"])
         except (ValueError, TypeError):
             doc = None
-        if isinstance(doc, dict) and doc.get("event") == "leave" and doc.get("node_id") == node_id:
+        if (
+            isinstance(doc, dict)
+            and doc.get("event") == "leave"
+            and doc.get("node_id") == node_id
+            and doc.get("released", True) is not False  # it left holding its lease
+        ):
             return True
         msg = ps.get_message(ignore_subscribe_messages=True, timeout=0)
     return False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import urlsplit
 
 CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
 SERVER_SCHEMES: Final = ("redis://", "rediss://", "unix://")
@@ -84,10 +85,18 @@ def check_url(url: str) -> str | None:
             "must be a redis://, rediss:// or unix:// URL (one server), or "
             "redis+cluster:// or rediss+cluster:// (a Redis Cluster)"
         )
-    from redis.connection import parse_url  # only when a URL is checked: the CLI starts fast
-
+    if url.startswith("unix://"):
+        return None
+    parts = urlsplit(url)
     try:
-        parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError as e:  # a port that is not a number, or out of range
-        return str(e)
+        port = parts.port  # a port that is not a number, or out of range
+    except ValueError as e:
+        return f"bad port: {e}"
+    if not parts.hostname:
+        return "no host"
+    if port == 0:
+        return "port 0 is no server's port"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"the database (the path) must be a number, not {db!r}"
     return None

@@ -89,7 +89,7 @@ async def test_dashboard_shows_every_node_and_link_and_follows_a_drain(
             timeout=60,
         )
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout) == {"node": "sg/n2", "drained": True}
+        assert json.loads(r.stdout) == {"node": "sg/n2", "drained": True, "failed_over": False}
         drained = sg.locator('#nodes tr[data-node="sg/n2"]')
         await expect(drained.locator("[data-field=state]")).to_have_text("left", timeout=5000)
         await expect(drained).to_have_class("gone")

@@ -178,6 +178,8 @@ def test_a_malformed_redis_url_is_a_usage_error_without_a_traceback() -> None:
         ("redis//127.0.0.1:1", "must be a redis://"),
         ("redis://127.0.0.1:notaport", "Port could not be cast"),
         ("redis://:secret@127.0.0.1:99999", "Port out of range"),
+        ("redis://127.0.0.1:6379/zero", "the database (the path) must be a number"),
+        ("redis://127.0.0.1:0", "port 0"),
     ):
         for args in (
             ("status", "--region", "sg"),

@@ -231,8 +231,10 @@ async def test_an_idle_link_cut_from_its_destination_shows_an_error_until_it_ans
     await until(lambda: link.state == "error", timeout_s=10, what="the cut seen")
     failures = link.errors_total
     seen: set[str] = set()
+    deadline = time.monotonic() + 30
     while link.errors_total < failures + 2:  # two reconnections failed meanwhile
         seen.add(link.state)
+        assert time.monotonic() < deadline, f"no two failures in 30 s: {seen}"
         await asyncio.sleep(0.02)  # poll the state while the cut lasts
     assert seen == {"error"}, seen
     assert link.status(0)["state"] == "error" and link.last_error

@@ -10,11 +10,12 @@ from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from cluster.membership import Joined, Member
 from cluster.ring import Ring, slot_of
 from cluster.router import Router
 from cluster.slotlog import MemorySlotLog
 from relay.codec import MessageEvent, decode_batch
-from tests.conftest import aio, memory_router, publish_at, until
+from tests.conftest import aio, memory_router, next_turn, publish_at, until
 
 
 class Flaky(MemorySlotLog):
@@ -241,4 +242,26 @@ async def test_a_slot_lost_while_the_ring_still_names_us_keeps_its_subscribers()
     a._live = lambda: {"sg/n2": 1.0}
     await a._rebalance()
     assert a.owner_of(ch) == "sg/n2" and ch not in a.interest
+    await log.close()
+
+
+@aio
+async def test_a_starting_node_does_not_rebalance_on_its_own_join_before_knowing_others() -> None:
+    # A node hears its own join (it subscribes to the region's membership events first)
+    # before it has read the other members' leases. A rebalance then would build a ring
+    # of this node alone and claim every slot from live owners: none runs until start()
+    # has seen every lease; the first one, then, sees them all.
+    log = MemorySlotLog("sg")
+    a = router("sg/n1", log)
+    assert not a.members_known
+    a.on_membership(Joined(Member("sg/n1", 7, "127.0.0.1:1")))
+    for _ in range(5):
+        await next_turn()
+    assert a.ring is None and not a._claim_tasks and a.owned == {}
+    a._observe_member(Member("sg/n2", 3, "127.0.0.1:2"))
+    a.members_known = True  # start() has observed every lease held
+    await a._rebalance()
+    assert a.ring is not None and set(a.ring.assignment()) == {"sg/n1", "sg/n2"}
+    for task in list(a._claim_tasks.values()):
+        task.cancel()
     await log.close()
