@@ -87,7 +87,8 @@ def cli() -> None:
       relay dev                      three local regions with anonymous access
       relay status                   (while relay dev runs) its first region
       relay config init node.toml    a node config with a fresh token secret
-      relay token --config node.toml --sub alice   a client token
+      relay token --config node.toml --sub alice --can-sub inbox:alice --can-pub 'inbox:*'
+                                     a client token and what it may do
       relay serve --config node.toml one node in production
 
     Results go to stdout (--json: one JSON document), the rest to stderr. Exit codes:
@@ -97,6 +98,36 @@ def cli() -> None:
 
 
 # -- serve ------------------------------------------------------------------------
+
+
+def _stop_on_sigint(reactor: Any) -> None:
+    """SIGINT stops the node gracefully, as SIGTERM does, also when it came before the
+    reactor runs (the ready file is written as soon as a standalone node listens) and
+    when the process was started with SIGINT ignored (a shell script's `relay serve &`:
+    Twisted then leaves it ignored)."""
+    import signal
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+        else:
+            reactor.callWhenRunning(stop)
+
+    signal.signal(signal.SIGINT, lambda _signum, _frame: reactor.callFromThread(stop))
+
+
+def _listen_problem(config: Any, e: Any) -> str:
+    """A port the node cannot listen on, named by its setting."""
+    names = {
+        config.client.port: "client.port (RELAY_CLIENT__PORT)",
+        config.admin.port: "admin.port (RELAY_ADMIN__PORT)",
+    }
+    which = names.get(e.port, "port")
+    why = e.socketError.strerror if getattr(e.socketError, "strerror", None) else e.socketError
+    return (
+        f"{which} {e.port} on {e.interface or '0.0.0.0'}: {why} (another process listens "
+        "there: a running `relay dev` uses 7400 and up; choose another port)"
+    )
 
 
 @cli.command()
@@ -131,15 +162,20 @@ def serve(config_path: str | None, ready_file: str | None, log_level: str) -> No
         err.print(f"[bold yellow]relay: warning:[/] {w}", highlight=False)
     _setup_logging(log_level)
     from twisted.internet import reactor as _reactor
+    from twisted.internet.error import CannotListenError
 
     from relay.dev import write_ready_file
     from relay.errors import RelayError
     from relay.server import RelayServer
 
+    reactor: Any = _reactor
+    _stop_on_sigint(reactor)
     try:
-        reactor: Any = _reactor
         server = RelayServer(config, reactor)
         started = server.start()
+    except CannotListenError as e:
+        err.print(f"[bold red]relay: cannot start:[/] {_listen_problem(config, e)}")
+        sys.exit(EXIT_FAILED)
     except (RelayError, OSError) as e:
         err.print(f"[bold red]relay: cannot start:[/] {e}")
         sys.exit(EXIT_FAILED)
@@ -243,7 +279,8 @@ def config_init(file: str | None) -> None:
         f.write(text)
     say(
         f"wrote {file} (mode 0600: it holds auth.hs256_secret); "
-        f"tokens: relay token --config {file} --sub NAME"
+        f"tokens: relay token --config {file} --sub NAME --can-sub inbox:NAME "
+        "--can-pub 'inbox:*'"
     )
 
 
@@ -306,6 +343,20 @@ def token(
     if not secret:
         err.print(f"relay token: {config_path} has no auth.hs256_secret to sign with", markup=False)
         sys.exit(EXIT_CONFIG)
+    for pattern in (*can_pub, *can_sub):
+        if "*" in pattern[:-1]:
+            raise click.BadParameter(
+                f"{pattern!r}: a channel pattern is a channel name, or a prefix ending in "
+                "one `*` (channel names hold no `*`)",
+                param_hint="--can-pub/--can-sub",
+            )
+    if not can_pub and not can_sub:
+        err.print(
+            "relay token: warning: no --can-pub or --can-sub: this token grants nothing "
+            "(every pub and sub is refused forbidden)",
+            markup=False,
+            highlight=False,
+        )
     now = int(time.time())
     claims: dict[str, Any] = {"sub": subject, "iat": now, "exp": now + ttl_s}
     if can_pub:

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -177,7 +178,10 @@ def dev(
                 highlight=False,
             )
             cluster.port_base = None
+    _refuse_a_running_dev(context_name)
     previous = context.current_name(os.environ)
+    if ready_file:
+        Path(ready_file).unlink(missing_ok=True)  # a waiting script must not see an old one
 
     def publish(doc: dict[str, Any]) -> None:
         """The CLI context and the ready file follow the cluster (the ready file last:
@@ -226,6 +230,8 @@ def dev(
         code = cluster.supervise()
     finally:
         cluster.stop()
+        if ready_file:
+            Path(ready_file).unlink(missing_ok=True)  # its pids are gone
         try:
             context.remove(context_name, os.environ)
             if previous and previous != context_name:
@@ -233,6 +239,31 @@ def dev(
         except (OSError, context.ContextError):
             pass
     sys.exit(code)
+
+
+def _refuse_a_running_dev(context_name: str) -> None:
+    """Exit 1 when the context ``context_name`` names a ``relay dev`` that still answers:
+    starting another would take its context over, and remove it on exit."""
+    from relay import context
+    from relay.devctl import ControlUnreachable, request
+
+    try:
+        c = context.load(context_name, os.environ)
+    except (OSError, context.ContextError):
+        return
+    if not c.dev_control:
+        return
+    try:
+        request(c.dev_control, {"cmd": "nodes"}, timeout_s=5)
+    except (ControlUnreachable, OSError, ValueError):
+        return  # a context left behind by one that is gone: ours to replace
+    err.print(
+        f"relay dev: another relay dev is running with the CLI context {context_name!r} "
+        "(stop it first, or give this one --context NAME)",
+        markup=False,
+        highlight=False,
+    )
+    sys.exit(EXIT_FAILED)
 
 
 def _dev_control(context_name: str | None) -> str:

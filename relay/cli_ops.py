@@ -212,6 +212,18 @@ def ring_show(
     )
 
 
+def _region_of(node_id: str, command: str) -> str:
+    """The region of ``node_id``; exit 2 when it is not a node id."""
+    from cluster.keys import check_node_id
+
+    try:
+        check_node_id(node_id)
+    except ValueError as e:
+        err.print(f"relay {command}: {e}", markup=False, highlight=False)
+        sys.exit(EXIT_USAGE)
+    return node_id.split("/", 1)[0]
+
+
 def _shape_options(f: Any) -> Any:
     f = click.option(
         "--replicas",
@@ -589,7 +601,7 @@ def node_add(
     from cluster.rebalance import Plan
     from cluster.status import UnknownRegion, Unreachable, ring_plan, ring_weights
 
-    region = node_id.split("/", 1)[0]
+    region = _region_of(node_id, "node add")
     redis_url, region, _ = target("node add", context_name, redis_url, region)
     dev_start_if_new(context_name, node_id)
     done: list[dict[str, Any]] = []
@@ -663,7 +675,7 @@ def node_drain(
     """
     from cluster.status import Unreachable, drain
 
-    region = node_id.split("/", 1)[0]
+    region = _region_of(node_id, "node drain")
     redis_url, region, _ = target("node drain", context_name, redis_url, region)
     try:
         outcome = drain(redis_url, region, node_id, slots, timeout_s)

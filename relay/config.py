@@ -208,7 +208,7 @@ class ClientConfig:
     hello_timeout_s: float = _opt(
         10.0,
         "float",
-        "close a connection that has not said hello (or any op) this long after opening",
+        "close a connection with no hello (nor an op other than ping) this long after opening",
         lo=0,
         lo_open=True,
     )

@@ -440,7 +440,7 @@ class DevCluster:
         return self.supervise()
 
     def supervise(self, poll_s: float = 0.2) -> int:
-        """Block until SIGINT or SIGTERM, then return 0. Meanwhile report every node that
+        """Block until SIGINT, SIGTERM or SIGHUP, then return 0. Meanwhile report every node that
         exits (the others keep serving) and answer control requests (:mod:`relay.devctl`):
         restart a node, start a new one, list them."""
         from relay.devctl import ControlServer
@@ -452,6 +452,9 @@ class DevCluster:
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+        # A closed terminal or a dropped ssh session: stop everything, as on Ctrl-C (the
+        # nodes run in sessions of their own and would outlive us).
+        signal.signal(signal.SIGHUP, on_signal)
         control = ControlServer(self.control_path, self.handle)
         try:
             while not stop["signal"]:

@@ -134,6 +134,77 @@ def test_serve_then_sigterm_closes_clients_with_1001(tmp_path: Path) -> None:
             proc.wait()
 
 
+def test_serve_on_a_port_in_use_names_the_setting(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "node.toml"
+        cfg.write_text(f'[node]\nid = "t/n1"\n[client]\nport = {port}\n[admin]\nport = 0\n')
+        r = relay("serve", "--config", str(cfg))
+    assert r.returncode == 1, r.stderr
+    assert f"client.port (RELAY_CLIENT__PORT) {port}" in r.stderr and "in use" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_serve_stops_on_sigint_though_started_with_it_ignored(tmp_path: Path) -> None:
+    # A shell script's `relay serve &` starts it with SIGINT ignored.
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[node]\nid = "t/n1"\n[client]\nport = 0\n[admin]\nport = 0\n')
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [*RELAY, "serve", "--config", str(cfg), "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        wait_for_file(ready, proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_dev_refuses_a_second_dev_on_its_context_and_stops_on_sighup(tmp_path: Path) -> None:
+    # A second `relay dev` would take the running one's CLI context over (and remove it
+    # on exit); a closed terminal (SIGHUP) must stop every node, as Ctrl-C does, and the
+    # ready file goes with them.
+    ready = tmp_path / "ready.json"
+    ready.write_text('{"stale": true}')  # an earlier run's: removed at the start
+    args = [*RELAY, "dev", "--regions", "local", "--port-base", "0"]
+    proc = subprocess.Popen(
+        [*args, "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() or "stale" in ready.read_text():
+            assert proc.poll() is None, f"relay dev exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "no new ready file"
+            time.sleep(0.05)  # poll until this run's ready file is written
+        doc = json.loads(ready.read_text())
+        (node,) = doc["regions"]["local"]["nodes"]
+        second = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1, second.stderr
+        assert "another relay dev is running" in second.stderr
+        assert relay("status", "--json").returncode == 0  # the context still points at it
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(node["pid"], 0)
+        assert not ready.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_dev_writes_ready_file_and_serves_the_mission(tmp_path: Path) -> None:
     """A bare `relay dev`: three regions over a simulated WAN; a message published in
     one reaches its recipient in another."""

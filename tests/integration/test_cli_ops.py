@@ -193,6 +193,12 @@ def test_a_malformed_redis_url_is_a_usage_error_without_a_traceback() -> None:
             assert "secret" not in r.stderr and r.stdout == ""
 
 
+def test_a_node_id_without_its_region_is_a_usage_error() -> None:
+    for args in (("node", "drain", "nosuch"), ("node", "add", "nosuch")):
+        r = relay(*args, "--redis", "redis://127.0.0.1:1")
+        assert r.returncode == 2 and 'node id must be "region/name"' in r.stderr, r.stderr
+
+
 def test_unreachable_redis_exits_69() -> None:
     url = "redis://127.0.0.1:1/0"
     for args in (("status", "--region", "t"), ("links", "--region", "t")):
@@ -286,6 +292,13 @@ def test_token_exit_codes(tmp_path: Path) -> None:
     assert relay("config", "init", str(cfg)).returncode == 0
     assert relay("token", "--config", str(cfg), "--sub", "a", "--ttl", "soon").returncode == 2
     assert relay("token", "--config", str(cfg)).returncode == 2  # --sub is required
+    # A `*` anywhere but at the end can never match (channel names hold none).
+    r = relay("token", "--config", str(cfg), "--sub", "a", "--can-pub", "in*box")
+    assert r.returncode == 2 and "prefix ending in one `*`" in r.stderr and not r.stdout
+    r = relay("token", "--config", str(cfg), "--sub", "a", "--can-sub", "*")
+    assert r.returncode == 0 and r.stdout.count(".") == 2  # every channel: a valid grant
+    r = relay("token", "--config", str(cfg), "--sub", "a")  # valid, but grants nothing
+    assert r.returncode == 0 and "grants nothing" in r.stderr and r.stdout.count(".") == 2
     assert relay("config", "init", str(cfg)).returncode == 1  # never overwritten
 
 
