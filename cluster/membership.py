@@ -48,6 +48,17 @@ from cluster.redisconn import AsyncClient
 
 log = logging.getLogger(__name__)
 
+# The next epoch, above ARGV[1] (what the caller has seen) whatever the counter holds.
+_NEXT_EPOCH = """
+local e = redis.call('INCR', KEYS[1])
+local floor = tonumber(ARGV[1])
+if e <= floor then
+  e = floor + 1
+  redis.call('SET', KEYS[1], e)
+end
+return e
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Member:
@@ -156,9 +167,14 @@ class Membership:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def join(self) -> Member:
-        """Take a new epoch and the lease; announce it. Returns this node, with epoch."""
-        epoch = int(await self.client.incr(epoch_key(self.region)))
+    async def join(self, floor: int = 0) -> Member:
+        """Take a new epoch and the lease; announce it. Returns this node, with epoch.
+
+        ``floor``: the highest epoch this node has seen (its own and its peers'). The
+        new epoch is above it even when the region's Redis lost the counter (restarted
+        empty): peers ignore a lease whose epoch is not above the incarnation they
+        recorded, so a rejoin under a reused epoch would stay dead to them."""
+        epoch = int(await self.client.eval(_NEXT_EPOCH, 1, epoch_key(self.region), floor))
         self.me = replace(self.me, epoch=epoch)
         sent = time.monotonic()
         await self.client.set(

@@ -111,12 +111,21 @@ class Members(Claims):
         if ready.rejoin:
             self._spawn(self._rejoin())
 
+    def _highest_epoch(self) -> int:
+        """The highest epoch this node has seen: its own, its peers' (leases and the
+        detector's record of each, dead or alive)."""
+        seen = [self.epoch, *(m.epoch for m in self.members.values())]
+        seen += [self.detector.epoch(n) or 0 for n in self.members]
+        return max(seen)
+
     async def _rejoin(self) -> None:
         assert self.membership is not None
         backoff = 0.2
         while True:
             try:
-                joined = await self.membership.join()
+                # Above every epoch seen: the region's Redis may have lost its counter
+                # (restarted empty), and our peers rejoin too.
+                joined = await self.membership.join(floor=self._highest_epoch())
                 break
             except (RedisError, OSError) as e:
                 if self.stopped:
@@ -129,6 +138,12 @@ class Members(Claims):
             self.mesh.epoch = joined.epoch
         await self.membership.stop()
         await self.membership.start()
+        # Joins published while we were not subscribed (our peers rejoin too when the
+        # region's Redis lost its data) are in the leases held now: read them.
+        try:
+            self.on_resync(await self.membership.snapshot())
+        except (RedisError, OSError) as e:
+            log.warning("rejoined; reading the members failed (%s): their events will say", e)
         self._observe_member(joined)
         await self._rebalance()
 

@@ -246,6 +246,39 @@ async def test_drain_moves_slots_with_zero_loss(region3: Any) -> None:
     assert all(owner_record(doc, s)[0] != leaving["id"] for s in range(256))
 
 
+@aio
+async def test_a_region_whose_redis_restarted_empty_heals_by_itself(region3: Any) -> None:
+    # The region's Redis is killed and comes back empty: leases, owner records and the
+    # epoch counter are gone. Every node loses its lease and rejoins; each must take an
+    # epoch above the ones its peers recorded (the counter starts again at 1) and see the
+    # others' joins even if they came while it was not subscribed. Then the region
+    # settles: everyone alive in every view, every slot owned once.
+    cluster, doc = region3
+    nodes = nodes_of(doc)
+    before = {n["id"]: (await status(n))["cluster"]["epoch"] for n in nodes}
+    redis = cluster.redis["sg"]
+    redis.kill()
+
+    async def leases_lost() -> bool:
+        docs = [await status(n) for n in nodes]
+        return all(d["cluster"]["lease_fresh"] is False for d in docs)
+
+    deadline = time.monotonic() + 30
+    while not await leases_lost():
+        assert time.monotonic() < deadline, "the nodes never saw their Redis go"
+        await asyncio.sleep(0.1)  # poll until every node knows its lease is not sure
+    redis.start()
+    await asyncio.to_thread(wait_settled, cluster, nodes, 60)
+    after = {n["id"]: (await status(n))["cluster"]["epoch"] for n in nodes}
+    assert min(after.values()) > max(before.values()), (before, after)
+    client = await RelayClient.connect(nodes[0]["ws"], retry=PATIENT)
+    for node in nodes:
+        for ch in channels_owned_by(doc, node["id"], 3):
+            a = await client.publish(ch, "after", id=f"after-{ch}", ack="log", timeout_s=30)
+            assert a.ack == "log"
+    await client.close()
+
+
 def test_draining_a_node_that_was_killed_says_it_failed_over(region3: Any) -> None:
     # A node that cannot drain (stopped: its lease runs out, as after kill -9) must not
     # be reported as drained: nothing was handed over, its slots failed over. Woken up

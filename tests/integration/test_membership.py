@@ -79,3 +79,23 @@ async def test_lease_lost_is_reported(redis_url: str) -> None:
 def test_member_round_trip() -> None:
     m = Member("sg/n1", 3, "127.0.0.1:9", "ws://x", "http://y", 2.0)
     assert Member.decode(m.encode()) == m
+
+
+@aio
+async def test_a_rejoin_takes_an_epoch_above_what_it_has_seen_if_redis_lost_the_counter(
+    redis_url: str,
+) -> None:
+    # The region's Redis restarted empty: its epoch counter starts again at 1. A node
+    # that rejoins names the highest epoch it has seen, and gets one above it: its peers
+    # ignore a lease whose epoch is not above the incarnation they recorded.
+    client = Redis.from_url(redis_url)
+    await client.flushall()
+    m = member(redis_url, "n1", Seen())
+    assert (await m.join()).epoch == 1
+    assert (await m.join(floor=7)).epoch == 8  # the counter was at 2: raised past 7
+    assert (await m.join(floor=3)).epoch == 9  # above the floor already: counted on
+    other = member(redis_url, "n2", Seen())
+    assert (await other.join()).epoch == 10  # whoever joins next is above both
+    await m.leave()
+    await other.leave()
+    await client.aclose()
