@@ -56,6 +56,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The deadline of a request the peer may rightly hold long: a forwarded `pub` at
+# `ack=remote`, which the owner answers once another region holds it, or after the
+# region core's REMOTE_WAIT_S (30 s) with its own reason. Above that, so it does.
+PATIENT_TIMEOUT_S = 40.0
+
 
 class PeerUnavailable(ClusterError):
     """No usable connection to the peer, or it went away before answering."""
@@ -137,6 +142,7 @@ class Mesh:
         # Request deadlines, oldest first (one timeout for all: insertion order is deadline
         # order); one sweep timer instead of a timer per request.
         self._deadlines: collections.deque[tuple[float, int, str]] = collections.deque()
+        self._patient: collections.deque[tuple[float, int, str]] = collections.deque()
         self._sweeper: Any = None
         self._ids = itertools.count(1)
         self._port: Any = None
@@ -255,6 +261,7 @@ class Mesh:
         self._pending.clear()
         self._on_result.clear()
         self._deadlines.clear()
+        self._patient.clear()
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
         self._sweeper = None
@@ -282,11 +289,15 @@ class Mesh:
         op: str,
         args: Any,
         on_result: Callable[[Any], None] | None = None,
+        *,
+        patient: bool = False,
     ) -> asyncio.Future[Any]:
         """:meth:`request` without a coroutine: the request is sent now and its future
         returned, to be resolved with the result or PeerUnavailable / RemoteError (a
         forwarded op then costs no task). Raises PeerUnavailable at once when there is no
-        connection to ``peer``. Cancelling the future abandons the request."""
+        connection to ``peer``. Cancelling the future abandons the request. ``patient``:
+        the peer may rightly take long to answer (a ``pub`` at ``ack=remote`` waits for
+        another region): its deadline is :data:`PATIENT_TIMEOUT_S`."""
         conn = self.connections.get(peer)
         if conn is None:
             raise PeerUnavailable(f"no connection to {peer}")
@@ -297,7 +308,11 @@ class Mesh:
         if on_result is not None:
             self._on_result[req_id] = on_result
         # The deadline also forgets a request whose future was cancelled (see _sweep).
-        self._deadlines.append((self.clock() + self.request_timeout_s, req_id, op))
+        # One timeout per queue, so each stays in deadline order.
+        if patient:
+            self._patient.append((self.clock() + PATIENT_TIMEOUT_S, req_id, op))
+        else:
+            self._deadlines.append((self.clock() + self.request_timeout_s, req_id, op))
         if self._sweeper is None:
             self._sweeper = self.reactor.callLater(self._sweep_s, self._sweep)
         return fut
@@ -310,14 +325,15 @@ class Mesh:
         """Fail the requests past their deadline (to within one sweep period)."""
         self._sweeper = None
         now = self.clock()
-        dq = self._deadlines
-        while dq and dq[0][0] <= now:
-            _, req_id, op = dq.popleft()
-            entry = self._pending.pop(req_id, None)
-            self._on_result.pop(req_id, None)
-            if entry is not None and not entry[1].done():
-                entry[1].set_exception(PeerUnavailable(f"{entry[0]} did not answer {op} in time"))
-        if dq and not self._stopped:
+        for dq in (self._deadlines, self._patient):
+            while dq and dq[0][0] <= now:
+                _, req_id, op = dq.popleft()
+                entry = self._pending.pop(req_id, None)
+                self._on_result.pop(req_id, None)
+                if entry is not None and not entry[1].done():
+                    why = f"{entry[0]} did not answer {op} in time"
+                    entry[1].set_exception(PeerUnavailable(why))
+        if (self._deadlines or self._patient) and not self._stopped:
             self._sweeper = self.reactor.callLater(self._sweep_s, self._sweep)
 
     def complete(self, req_id: int, ok: bool, result: Any) -> None:

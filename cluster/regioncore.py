@@ -75,6 +75,10 @@ from relay.publish import Wait, plan_pub, puback_fields
 from relay.store import Message
 
 REMOTE_WAIT_S: Final = 30.0  # an ack=remote publish no link confirmed by then: unavailable
+NOT_CONFIRMED: Final = (
+    f"no other region confirmed it within {REMOTE_WAIT_S:g} s (a link is cut or behind); "
+    "it is logged here: publish it again with the same id to wait again"
+)
 RESUBSCRIBE_S: Final = 15.0  # a re-subscription gives up after this long
 RESUBSCRIBE_POLL_S: Final = 0.1  # and asks again this often (the new owner is claiming)
 RELEASE_GRACE_S: Final = 1.0  # a claim waits a lease's time and this for a hand-over
@@ -551,9 +555,7 @@ class RegionCore:
         elif plan.wait is Wait.REMOTE:
             # A duplicate: confirmed once the slot's newest entry (at or after the first
             # copy's) is in another region.
-            w = PubWaiter(
-                reply=ev.reply, acc=acc, level="remote", moved="no region confirmed it in time"
-            )
+            w = PubWaiter(reply=ev.reply, acc=acc, level="remote", moved=NOT_CONFIRMED)
             answers = self._logged(slot, self.positions.log[slot], w, ev.now)
         else:
             # Answered once the batch holding it (a duplicate: its first copy, which may
@@ -735,6 +737,7 @@ class RegionCore:
             keep = []
             for i, w in waiting:
                 if w.since < cutoff:
+                    w.moved = NOT_CONFIRMED  # logged, not moved: say what happened
                     expired.append((w, None))
                 else:
                     keep.append((i, w))

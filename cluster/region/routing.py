@@ -89,7 +89,10 @@ class Routing(Members):
 
         on_result = at_once if f.at_once else None
         try:
-            fut = self.mesh.request_soon(f.owner, f.op, f.args, on_result=on_result)
+            patient = f.op == "pub" and f.args.get("ack") == "remote"
+            fut = self.mesh.request_soon(
+                f.owner, f.op, f.args, on_result=on_result, patient=patient
+            )
         except PeerUnavailable as e:
             # Answered next turn, as a reply would be: never inside the _carry that
             # forwards (its remaining steps come first).

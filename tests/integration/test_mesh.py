@@ -427,8 +427,15 @@ async def test_a_request_the_peer_never_answers_fails_unavailable() -> None:
     _reader, writer = await raw_peer(port)  # admitted, then never answers anything
     try:
         await until(lambda: "sg/a" in m.connections, what="admitted")
+        # A patient request (a pub at ack=remote: the owner may rightly wait for another
+        # region) outlives the ordinary deadline; an ordinary one sent after it does not.
+        patient = m.request_soon("sg/a", "pub", {"ack": "remote"}, patient=True)
         with pytest.raises(PeerUnavailable, match="did not answer echo in time"):
             await asyncio.wait_for(m.request("sg/a", "echo", 1), 5)
+        assert not patient.done() and len(m._pending) == 1 and m._sweeper is not None
+        m._patient[0] = (0.0, *m._patient[0][1:])  # its deadline, brought forward
+        with pytest.raises(PeerUnavailable, match="did not answer pub in time"):
+            await asyncio.wait_for(patient, 5)
         assert not m._pending
     finally:
         writer.close()

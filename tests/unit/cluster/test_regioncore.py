@@ -9,12 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.apply import apply_events
+from cluster.mesh import PATIENT_TIMEOUT_S
 from cluster.meshops import MeshPub
 from cluster.ownership import AuditDue, Rebalance, Tick
 from cluster.rebalance import RingState
 from cluster.regioncore import (
     CLAIM_ATTEMPTS,
     NO_OWNER,
+    NOT_CONFIRMED,
     RELEASE_POLL_S,
     REMOTE_WAIT_S,
     RESUBSCRIBE_POLL_S,
@@ -281,7 +283,9 @@ def test_ack_remote_waits_for_a_link_and_expires_on_the_tick() -> None:
     clock.now += REMOTE_WAIT_S + 1
     ready = c.step(Tick(clock.now))
     r.carry(ready)
-    assert r.got[3] == [(None, Code.UNAVAILABLE, "the slot moved before the message was logged")]
+    assert r.got[3] == [(None, Code.UNAVAILABLE, NOT_CONFIRMED)]
+    assert "within 30 s" in NOT_CONFIRMED and "logged here" in NOT_CONFIRMED
+    assert PATIENT_TIMEOUT_S > REMOTE_WAIT_S  # a forwarded one is answered by its owner
     # A duplicate of a logged message at ack=remote waits for the link too.
     r.carry(pub(c, ch, r.token(4), ack="remote", msg_id="c"))
     r.carry(c.step(Confirmed({slot: f"{NOW_MS + 1}-0"})))
