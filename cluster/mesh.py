@@ -57,9 +57,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # The deadline of a request the peer may rightly hold long: a forwarded `pub` at
-# `ack=remote`, which the owner answers once another region holds it, or after the
-# region core's REMOTE_WAIT_S (30 s) with its own reason. Above that, so it does.
-PATIENT_TIMEOUT_S = 40.0
+# `ack=remote`, which the owner answers once another region holds it, or 30 s (the
+# region core's REMOTE_WAIT_S) after it logged it, with its own reason. Well above
+# that, so it does even when the append itself took a while (a claim, a failover).
+PATIENT_TIMEOUT_S = 60.0
 
 
 class PeerUnavailable(ClusterError):
@@ -326,7 +327,8 @@ class Mesh:
         self._sweeper = None
         now = self.clock()
         for dq in (self._deadlines, self._patient):
-            while dq and dq[0][0] <= now:
+            # Past their deadline, or answered already (not kept for their deadline).
+            while dq and (dq[0][0] <= now or dq[0][1] not in self._pending):
                 _, req_id, op = dq.popleft()
                 entry = self._pending.pop(req_id, None)
                 self._on_result.pop(req_id, None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 # Imports inside functions here are lazy on purpose (tests/unit/test_layers.py allows them
 # only at the top layer): the CLI starts fast, and the reactor is installed before
 # Twisted loads (relay/entry.py). None hides a cycle.
+import contextlib
 import json
 import logging
 import os
@@ -107,11 +108,14 @@ def _stop_on_sigint(reactor: Any) -> None:
     Twisted then leaves it ignored)."""
     import signal
 
+    from twisted.internet.error import ReactorNotRunning
+
     def stop() -> None:
-        if reactor.running:
-            reactor.stop()
-        else:
+        if not reactor.running:
             reactor.callWhenRunning(stop)
+            return
+        with contextlib.suppress(ReactorNotRunning):  # a second SIGINT while stopping
+            reactor.stop()
 
     signal.signal(signal.SIGINT, lambda _signum, _frame: reactor.callFromThread(stop))
 

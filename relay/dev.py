@@ -453,8 +453,10 @@ class DevCluster:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         # A closed terminal or a dropped ssh session: stop everything, as on Ctrl-C (the
-        # nodes run in sessions of their own and would outlive us).
-        signal.signal(signal.SIGHUP, on_signal)
+        # nodes run in sessions of their own and would outlive us). Under nohup (SIGHUP
+        # ignored) it keeps running, as asked.
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, on_signal)
         control = ControlServer(self.control_path, self.handle)
         try:
             while not stop["signal"]:

@@ -126,6 +126,14 @@ class Members(Claims):
                 # Above every epoch seen: the region's Redis may have lost its counter
                 # (restarted empty), and our peers rejoin too.
                 joined = await self.membership.join(floor=self._highest_epoch())
+                self.epoch = joined.epoch
+                if self.mesh is not None:
+                    self.mesh.epoch = joined.epoch
+                await self.membership.stop()
+                await self.membership.start()
+                # Joins published while we were not subscribed (our peers rejoin too
+                # when the region's Redis lost its data) are in the leases held now.
+                await self._reconcile_after_rejoin()
                 break
             except (RedisError, OSError) as e:
                 if self.stopped:
@@ -133,19 +141,26 @@ class Members(Claims):
                 log.warning("rejoin failed (%s); retrying in %.1fs", e, backoff)
                 await self.sleep(backoff)  # back off before retrying Redis
                 backoff = min(5.0, backoff * 2)
-        self.epoch = joined.epoch
-        if self.mesh is not None:
-            self.mesh.epoch = joined.epoch
-        await self.membership.stop()
-        await self.membership.start()
-        # Joins published while we were not subscribed (our peers rejoin too when the
-        # region's Redis lost its data) are in the leases held now: read them.
-        try:
-            self.on_resync(await self.membership.snapshot())
-        except (RedisError, OSError) as e:
-            log.warning("rejoined; reading the members failed (%s): their events will say", e)
         self._observe_member(joined)
         await self._rebalance()
+
+    async def _reconcile_after_rejoin(self) -> None:
+        """Read the leases held now; a peer whose lease is not among them expires, unless
+        its incarnation changed while they were read: the listener, already running,
+        may have seen it join after the read passed its key (it is alive, at a new
+        epoch, and nothing would bring it back)."""
+        assert self.membership is not None
+        before = {n: self.detector.epoch(n) for n in self.members}
+        members = await self.membership.snapshot()
+        now = self.clock()
+        effects: list[Any] = []
+        for m in members.values():
+            self.members[m.node_id] = m
+            effects += self.detector.observe(LeaseRenewed(m.node_id, m.epoch, now))
+        for node_id in self.detector.live() - set(members) - {self.me}:
+            if self.detector.epoch(node_id) == before.get(node_id):
+                effects += self.detector.observe(LeaseExpired(node_id, now))
+        self._effects(effects)
 
     async def _audit(self) -> None:
         """Make what we serve agree with the owner records and the ring (the core

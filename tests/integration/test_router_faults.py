@@ -265,3 +265,32 @@ async def test_a_starting_node_does_not_rebalance_on_its_own_join_before_knowing
     for task in list(a._claim_tasks.values()):
         task.cancel()
     await log.close()
+
+
+class _SlowSnapshot:
+    """A membership whose lease read is overtaken by a join event: ``peer`` rejoins at
+    a new epoch after the read passed its key, and its join reaches the listener
+    before the read returns."""
+
+    def __init__(self, r: Router, peer: Member) -> None:
+        self.r, self.peer = r, peer
+
+    async def snapshot(self) -> dict[str, Member]:
+        self.r.on_membership(Joined(self.peer))
+        return {}
+
+
+@aio
+async def test_a_rejoin_does_not_expire_a_peer_that_joined_while_the_leases_were_read() -> None:
+    log = MemorySlotLog("sg")
+    a = router("sg/n1", log)
+    a._observe_member(Member("sg/n1", 1, "127.0.0.1:1"))
+    a._observe_member(Member("sg/n2", 2, "127.0.0.1:2"))
+    a.membership = _SlowSnapshot(a, Member("sg/n2", 4, "127.0.0.1:2"))  # type: ignore[assignment]
+    await a._reconcile_after_rejoin()
+    assert "sg/n2" in a.detector.live() and a.detector.epoch("sg/n2") == 4
+    # A peer whose lease is gone and that did not rejoin meanwhile expires.
+    a.membership = _SlowSnapshot(a, Member("sg/n3", 5, "127.0.0.1:3"))  # type: ignore[assignment]
+    await a._reconcile_after_rejoin()
+    assert "sg/n2" not in a.detector.live() and "sg/n3" in a.detector.live()
+    await log.close()
