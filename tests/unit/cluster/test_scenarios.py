@@ -68,7 +68,7 @@ class InMemoryMesh:
         return await self.request_soon(peer, op, args, on_result)
 
     def request_soon(
-        self, peer: str, op: str, args: Any, on_result: Any = None
+        self, peer: str, op: str, args: Any, on_result: Any = None, *, patient: bool = False
     ) -> asyncio.Future[Any]:
         if not self.net.reachable(self.me, peer):
             raise PeerUnavailable(f"no connection to {peer}")
