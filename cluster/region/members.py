@@ -64,16 +64,21 @@ class Members(Claims):
         if ready.rebalance and not self.stopped:
             self._spawn(self._rebalance())
 
-    def on_resync(self, members: dict[str, Member]) -> None:
+    def on_resync(
+        self, members: dict[str, Member], since: dict[str, int | None] | None = None
+    ) -> None:
         """Membership reconnected to Redis (events may have been missed): reconcile with
-        the leases held now."""
+        the leases held now. ``since``: each peer's incarnation when the leases were
+        read; a peer whose incarnation changed since is not expired (it joined after the
+        read passed its key, and its join reached us first)."""
         now = self.clock()
         effects: list[Any] = []
         for m in members.values():
             self.members[m.node_id] = m
             effects += self.detector.observe(LeaseRenewed(m.node_id, m.epoch, now))
         for node_id in self.detector.live() - set(members) - {self.me}:
-            effects += self.detector.observe(LeaseExpired(node_id, now))
+            if since is None or self.detector.epoch(node_id) == since.get(node_id):
+                effects += self.detector.observe(LeaseExpired(node_id, now))
         self._effects(effects)
 
     def on_ring(self, version: int) -> None:
@@ -151,16 +156,7 @@ class Members(Claims):
         epoch, and nothing would bring it back)."""
         assert self.membership is not None
         before = {n: self.detector.epoch(n) for n in self.members}
-        members = await self.membership.snapshot()
-        now = self.clock()
-        effects: list[Any] = []
-        for m in members.values():
-            self.members[m.node_id] = m
-            effects += self.detector.observe(LeaseRenewed(m.node_id, m.epoch, now))
-        for node_id in self.detector.live() - set(members) - {self.me}:
-            if self.detector.epoch(node_id) == before.get(node_id):
-                effects += self.detector.observe(LeaseExpired(node_id, now))
-        self._effects(effects)
+        self.on_resync(await self.membership.snapshot(), since=before)
 
     async def _audit(self) -> None:
         """Make what we serve agree with the owner records and the ring (the core
