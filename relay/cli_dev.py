@@ -158,6 +158,9 @@ def dev(
         wan_latency_ms = DEFAULT_DEV_WAN_LATENCY_MS
     if 0 < (port_base or 0) < 1024:
         raise click.BadParameter("give 0 (free ports) or 1024..65000", param_hint="--port-base")
+    # Before the port check: a running relay dev holds those ports, and the check would
+    # first announce free ports for a cluster that is then refused.
+    _refuse_a_running_dev(context_name)
     cluster = DevCluster(
         names,
         nodes_per_region=nodes,
@@ -178,7 +181,6 @@ def dev(
                 highlight=False,
             )
             cluster.port_base = None
-    _refuse_a_running_dev(context_name)
     previous = context.current_name(os.environ)
     if ready_file:
         Path(ready_file).unlink(missing_ok=True)  # a waiting script must not see an old one
@@ -242,7 +244,7 @@ def dev(
 
 
 def _refuse_a_running_dev(context_name: str) -> None:
-    """Exit 1 when the context ``context_name`` names a ``relay dev`` that still answers:
+    """Exit 1 when the context ``context_name`` names a ``relay dev`` still listening:
     starting another would take its context over, and remove it on exit."""
     import socket
 
