@@ -144,6 +144,7 @@ class ApplyResult:
     moved: tuple[Move, ...]
     resumed: bool
     seconds: float
+    nothing_to_resume: bool = False  # resumed, but no change was left interrupted
 
 
 async def apply_plan(
@@ -246,7 +247,8 @@ async def apply_plan(
             where_now,
         )
         await store.finish(token)
-        return ApplyResult(tuple(moved), plan is None, clock() - started)
+        idle = plan is None and not state.plan and not state.holds and not moved
+        return ApplyResult(tuple(moved), plan is None, clock() - started, idle)
     finally:
         await store.unlock(token)
 

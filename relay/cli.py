@@ -125,6 +125,7 @@ def _listen_problem(config: Any, e: Any) -> str:
     names = {
         config.client.port: "client.port (RELAY_CLIENT__PORT)",
         config.admin.port: "admin.port (RELAY_ADMIN__PORT)",
+        config.cluster.mesh_port: "cluster.mesh_port (RELAY_CLUSTER__MESH_PORT)",
     }
     which = names.get(e.port, "port")
     why = e.socketError.strerror if getattr(e.socketError, "strerror", None) else e.socketError
@@ -202,8 +203,13 @@ def serve(config_path: str | None, ready_file: str | None, log_level: str) -> No
         )
 
     def failed(failure: Any) -> None:
-        err.print(f"[bold red]relay: cannot join the region:[/] {failure.getErrorMessage()}")
-        exit_code[0] = EXIT_UNAVAILABLE
+        if failure.check(CannotListenError):  # the mesh port, opened as the node joins
+            err.print(f"[bold red]relay: cannot start:[/] {_listen_problem(config, failure.value)}")
+            exit_code[0] = EXIT_FAILED
+        else:
+            why = failure.getErrorMessage()
+            err.print(f"[bold red]relay: cannot join the region:[/] {why}")
+            exit_code[0] = EXIT_UNAVAILABLE
         reactor.stop()
 
     started.addCallbacks(serving, failed)

@@ -152,6 +152,12 @@ def links(
         if unhealthy:
             sys.exit(EXIT_LINK_UNHEALTHY)
         return
+    if not rows:
+        say(
+            f"no link out of {region}: no other region is configured (cluster.peers "
+            "names the regions to replicate to), or no node has started one yet"
+        )
+        return
     from rich.table import Table
 
     table = Table(title=f"links from {region}")
@@ -346,6 +352,7 @@ def _applied_doc(region: str, result: Any) -> dict[str, Any]:
     return {
         "region": region,
         "resumed": result.resumed,
+        "nothing_to_resume": result.nothing_to_resume,
         "moved": [{"slot": m.slot, "from": m.from_node, "to": m.to_node} for m in result.moved],
         "moved_slots": len(result.moved),
         "seconds": round(result.seconds, 3),
@@ -541,6 +548,9 @@ def ring_apply(
     line = f"{region}: {len(result.moved)} slots moved in {result.seconds:.1f} s" + (
         " (resumed)" if result.resumed else ""
     )
+    if result.nothing_to_resume:
+        line = f"{region}: nothing to resume (no change of the ring was left interrupted)"
+
     if as_json:
         err.print(line, markup=False, highlight=False)
         click.echo(json.dumps(_applied_doc(region, result)))

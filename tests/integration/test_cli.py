@@ -149,6 +149,26 @@ def test_serve_on_a_port_in_use_names_the_setting(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_serve_on_a_mesh_port_in_use_names_the_setting(tmp_path: Path, redis_url: str) -> None:
+    # The mesh port opens as the node joins its region, after the client ports.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "node.toml"
+        cfg.write_text(
+            '[node]\nid = "t/n1"\n[client]\nport = 0\n[admin]\nport = 0\n'
+            f'[cluster]\nredis_url = "{redis_url}"\nmesh_port = {port}\n'
+            'mesh_host = "127.0.0.1"\n'
+        )
+        r = relay("serve", "--config", str(cfg))
+    assert r.returncode == 1, r.stderr
+    assert f"cluster.mesh_port (RELAY_CLUSTER__MESH_PORT) {port}" in r.stderr
+    assert "in use" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_serve_stops_on_sigint_though_started_with_it_ignored(tmp_path: Path) -> None:
     # A shell script's `relay serve &` starts it with SIGINT ignored.
     cfg = tmp_path / "node.toml"

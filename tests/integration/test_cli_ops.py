@@ -120,6 +120,11 @@ def test_ops_commands_use_the_context(region_t: str) -> None:
     assert r.returncode == 0 and json.loads(r.stdout)["members"][0]["id"] == "t/n1"
     r = relay("links", "--json")
     assert r.returncode == 0 and json.loads(r.stdout) == {"region": "t", "links": []}
+    r = relay("links")  # not an empty table: why there is none
+    assert r.returncode == 0 and "no link out of t: no other region is configured" in r.stdout
+    r = relay("ring", "apply", "--resume")
+    assert r.returncode == 0
+    assert "t: nothing to resume (no change of the ring was left interrupted)" in r.stdout
     r = relay("ring", "plan", "--add", "t/n2", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["region"] == "t"
     # RELAY_CONTEXT and --context choose another; the current one stays.

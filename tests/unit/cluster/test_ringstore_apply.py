@@ -214,7 +214,7 @@ def test_a_plan_without_moves_only_writes_weights() -> None:
 def test_resume_with_nothing_to_do_moves_nothing() -> None:
     store, nodes = region(THREE)
     result = apply(store, None, nodes)
-    assert result.moved == () and result.resumed
+    assert result.moved == () and result.resumed and result.nothing_to_resume
     # Nothing to forget: no new version (a plan made meanwhile stays good).
     assert store.state == RingState(version=0)
     assert store.lock_holder == ""
@@ -305,7 +305,8 @@ def test_an_expired_lock_stops_the_apply_and_is_not_taken_back(delay: int) -> No
     assert store.lock_holder == ""
     assert len(store.state.holds) == len(plan.moves) - 2 and store.state.plan
     store.on_unhold = nodes.on_unhold
-    assert apply(store, None, nodes, max_moving=2).resumed
+    resumed = apply(store, None, nodes, max_moving=2)
+    assert resumed.resumed and not resumed.nothing_to_resume
     assert_done(store, nodes, plan, {})
 
 
