@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -167,14 +167,20 @@ class Membership:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def join(self, floor: int = 0) -> Member:
+    async def join(
+        self, floor: int = 0, record: Callable[[int], Awaitable[None]] | None = None
+    ) -> Member:
         """Take a new epoch and the lease; announce it. Returns this node, with epoch.
 
-        ``floor``: the highest epoch this node has seen (its own and its peers'). The
-        new epoch is above it even when the region's Redis lost the counter (restarted
-        empty): peers ignore a lease whose epoch is not above the incarnation they
-        recorded, so a rejoin under a reused epoch would stay dead to them."""
+        ``floor``: the highest epoch this node has seen (its own and its peers'; a
+        restarted node's last, from its disk). The new epoch is above it even when the
+        region's Redis lost the counter (restarted empty): peers ignore a lease whose
+        epoch is not above the incarnation they recorded, so a rejoin under a reused
+        epoch would stay dead to them. ``record`` is given the epoch before anyone can
+        see it (the node writes it to its disk)."""
         epoch = int(await self.client.eval(_NEXT_EPOCH, 1, epoch_key(self.region), floor))
+        if record is not None:
+            await record(epoch)
         self.me = replace(self.me, epoch=epoch)
         sent = time.monotonic()
         await self.client.set(

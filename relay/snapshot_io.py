@@ -197,6 +197,29 @@ def write_snapshot(slots_dir: Path, slot: int, data: bytes, *, sync_dir: bool = 
 _TMP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
+EPOCH_FILE = "epoch"
+
+
+def read_epoch(slots_dir: Path) -> int:
+    """The last epoch this node joined its region under (``<data_dir>/epoch``), 0 when
+    none was written or the file is unreadable: a floor for its next join, so that a
+    restart after the region's Redis lost its epoch counter still joins above what its
+    peers recorded for it."""
+    try:
+        text = (slots_dir.parent / EPOCH_FILE).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return 0
+    return int(text) if text.isdigit() and len(text) <= 18 else 0
+
+
+def write_epoch(slots_dir: Path, epoch: int) -> None:
+    """Record ``epoch`` durably (a tmp file, fsynced, renamed, the directory fsynced).
+    Raises OSError."""
+    d = slots_dir.parent
+    _replace_with(d / EPOCH_FILE, d / f"{EPOCH_FILE}.tmp", str(epoch).encode())
+    _fsync_dir(d)
+
+
 def sync_slots_dir(slots_dir: Path) -> None:
     """fsync the slots directory: the renames of :func:`write_snapshot` (``sync_dir=False``)
     before it are durable once it returns. Raises :class:`SnapshotWriteError`."""

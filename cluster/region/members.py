@@ -130,7 +130,9 @@ class Members(Claims):
             try:
                 # Above every epoch seen: the region's Redis may have lost its counter
                 # (restarted empty), and our peers rejoin too.
-                joined = await self.membership.join(floor=self._highest_epoch())
+                joined = await self.membership.join(
+                    floor=self._highest_epoch(), record=self._record_epoch
+                )
                 self.epoch = joined.epoch
                 if self.mesh is not None:
                     self.mesh.epoch = joined.epoch

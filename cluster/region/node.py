@@ -72,7 +72,10 @@ class Router(MeshServe):
                 self.ring_state.replicas,
             )
         await self.membership.start()
-        joined = await self.membership.join()
+        # Above the epoch of our last run (the region's Redis may have lost its counter).
+        joined = await self.membership.join(
+            floor=await self._last_epoch(), record=self._record_epoch
+        )
         self.epoch = joined.epoch
         self.mesh.epoch = joined.epoch
         await self._release_stale_records()

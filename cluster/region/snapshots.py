@@ -34,8 +34,10 @@ from relay.snapshot_io import (
     delete_snapshot,
     load_snapshots,
     prepare_data_dir,
+    read_epoch,
     run_files,
     sync_slots_dir,
+    write_epoch,
     write_run_files,
     write_snapshot,
 )
@@ -101,6 +103,23 @@ class Snapshots(Appends):
         """An hlc no tombstone held now exceeds: the hybrid clock has issued or seen every
         one of them (another region's may run ahead of this node's wall clock)."""
         return max((self.wall_ms() + 1) << 16, self.node.clock.last + 1)
+
+    async def _last_epoch(self) -> int:
+        """The epoch this node last joined under, from its disk (0: none recorded)."""
+        if self.slots_dir is None:
+            return 0
+        return await asyncio.to_thread(read_epoch, self.slots_dir)
+
+    async def _record_epoch(self, epoch: int) -> None:
+        """Written before the join is announced: after a restart the node joins above it,
+        even if the region's Redis lost its epoch counter meanwhile. A disk that refuses
+        it does not stop the join (the snapshots say so loudly)."""
+        if self.slots_dir is None:
+            return
+        try:
+            await asyncio.to_thread(write_epoch, self.slots_dir, epoch)
+        except OSError as e:
+            log.warning("cannot record epoch %d in %s: %s", epoch, self.slots_dir.parent, e)
 
     async def _load_snapshots(self) -> None:
         """Before joining: take back what this node's disk holds (a restart)."""

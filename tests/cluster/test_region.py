@@ -279,6 +279,33 @@ async def test_a_region_whose_redis_restarted_empty_heals_by_itself(region3: Any
     await client.close()
 
 
+@aio
+async def test_a_node_restarted_while_redis_is_empty_joins_above_its_recorded_epoch(
+    region3: Any,
+) -> None:
+    # The region's Redis comes back empty and a node killed meanwhile starts again
+    # before its peers have noticed: the epoch counter starts at 1, but the peers
+    # recorded the node's last epoch and ignore a lease not above it. The node joins
+    # above the epoch written in its data directory, so the region settles.
+    cluster, doc = region3
+    nodes = nodes_of(doc)
+    victim, others = nodes[1], [nodes[0], nodes[2]]
+    old = (await status(victim))["cluster"]["epoch"]
+    os.kill(victim["pid"], signal.SIGKILL)
+    for n in others:  # they must not rejoin (and raise the counter) before the victim
+        os.kill(n["pid"], signal.SIGSTOP)
+    try:
+        redis = cluster.redis["sg"]
+        redis.kill()
+        redis.start()
+        back = await asyncio.to_thread(cluster.restart, victim["id"], 60)
+    finally:
+        for n in others:
+            os.kill(n["pid"], signal.SIGCONT)
+    assert (await status(back))["cluster"]["epoch"] > old
+    await asyncio.to_thread(wait_settled, cluster, [others[0], back, others[1]], 60)
+
+
 def test_draining_a_node_that_was_killed_says_it_failed_over(region3: Any) -> None:
     # A node that cannot drain (stopped: its lease runs out, as after kill -9) must not
     # be reported as drained: nothing was handed over, its slots failed over. Woken up

@@ -96,6 +96,15 @@ async def test_a_rejoin_takes_an_epoch_above_what_it_has_seen_if_redis_lost_the_
     assert (await m.join(floor=3)).epoch == 9  # above the floor already: counted on
     other = member(redis_url, "n2", Seen())
     assert (await other.join()).epoch == 10  # whoever joins next is above both
+    seen_lease: list[bool] = []
+
+    async def record(epoch: int) -> None:  # the node writes it to its disk here
+        seen_lease.append(bool(await client.exists(lease_key("sg", "sg/n1"))))
+        assert epoch == 11
+
+    await m.leave()
+    assert (await m.join(record=record)).epoch == 11
+    assert seen_lease == [False]  # recorded before anyone could see the lease
     await m.leave()
     await other.leave()
     await client.aclose()

@@ -31,11 +31,13 @@ from relay.snapshot_io import (
     delete_snapshot,
     load_snapshots,
     prepare_data_dir,
+    read_epoch,
     read_pruned,
     run_files,
     run_path,
     runs_dir,
     sync_slots_dir,
+    write_epoch,
     write_run_files,
     write_snapshot,
 )
@@ -455,3 +457,15 @@ def test_run_files_are_removed_even_when_the_record_cannot_be_written(slots: Pat
     assert gone == [(1, 5), (2, 6)] and run_files(slots) == []
     assert isinstance(err, OSError)  # reported; a snapshot naming them is then refused
     assert read_pruned(slots) == 0
+
+
+def test_the_epoch_file_round_trips_and_anything_else_reads_as_none(tmp_path: Path) -> None:
+    slots = prepare_data_dir(tmp_path / "data")
+    assert read_epoch(slots) == 0  # never written
+    write_epoch(slots, 41)
+    write_epoch(slots, 42)
+    assert read_epoch(slots) == 42
+    assert oct(stat.S_IMODE((tmp_path / "data" / "epoch").stat().st_mode)) == "0o600"
+    for junk in (b"", b"-3", b"4x", b"\xff\xfe", b"9" * 40):
+        (tmp_path / "data" / "epoch").write_bytes(junk)
+        assert read_epoch(slots) == 0, junk
