@@ -95,7 +95,7 @@ class MeshProtocol(protocol.Protocol):
     def connection_made(self) -> None:
         f = self.factory
         self.dialled = getattr(f, "peer", None)
-        self.reader = FrameReader(f.mesh.max_frame)
+        self.reader = FrameReader(f.mesh.max_frame, handshake=2)  # HELLO, AUTH: small
         # Mesh messages are small and latency-bound: no Nagle delay.
         with contextlib.suppress(AttributeError, OSError):
             self.transport.setTcpNoDelay(True)
@@ -167,10 +167,15 @@ class MeshProtocol(protocol.Protocol):
         ):
             raise WireError("first message must be HELLO [id, epoch, nonce]")
         peer, epoch = m[1], m[2]
-        self._claimed = peer[:80]
         region = mesh.node_id.partition("/")[0]
-        if peer == mesh.node_id or peer.partition("/")[0] != region or len(peer) > 80:
+        if (
+            peer == mesh.node_id
+            or peer.partition("/")[0] != region
+            or len(peer) > 80
+            or not peer.isprintable()
+        ):
             raise WireError(f"{peer[:80]!r} is not another node of region {region}")
+        self._claimed = peer  # checked: it may go into the log
         if self.dialled is not None and peer != self.dialled:
             raise WireError(f"dialled {self.dialled} but {peer!r} answered")
         if self.dialled is None and not peer < mesh.node_id:

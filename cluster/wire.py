@@ -20,6 +20,19 @@ from cluster.errors import ClusterError
 
 _LEN = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+# Before a peer has proved the region's secret: its HELLO and AUTH are tiny.
+MAX_FRAME_BEFORE_AUTH = 64 * 1024
+# A pending message's fields on the mesh beyond what the store counts against the
+# channel's byte cap (its record and id): the channel name, the origin, msgpack framing.
+MESSAGE_OVERHEAD_BOUND = 512
+
+
+def max_frame_for(channel_max_bytes: int, channel_max_messages: int) -> int:
+    """The mesh frame limit a region needs: the reply to a ``sub`` carries every
+    pending message of the channel in one frame, up to the channel's caps."""
+    whole_channel = channel_max_bytes + channel_max_messages * MESSAGE_OVERHEAD_BOUND
+    return max(DEFAULT_MAX_FRAME, whole_channel + 1024 * 1024)
+
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
@@ -48,10 +61,12 @@ def encode(message: list[Any]) -> bytes:
 
 
 class FrameReader:
-    """Bytes in, messages out."""
+    """Bytes in, messages out. The first ``handshake`` messages (a peer's HELLO and
+    AUTH, before it has proved anything) may be at most :data:`MAX_FRAME_BEFORE_AUTH`."""
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, handshake: int = 0) -> None:
         self.max_frame = max_frame
+        self.handshake = handshake
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[list[Any]]:
@@ -62,8 +77,9 @@ class FrameReader:
         pos = 0
         while len(buf) - pos >= 4:
             (n,) = _LEN.unpack_from(buf, pos)
-            if n > self.max_frame:
-                raise WireError(f"frame of {n} bytes is over the limit of {self.max_frame}")
+            limit = MAX_FRAME_BEFORE_AUTH if self.handshake else self.max_frame
+            if n > limit:
+                raise WireError(f"frame of {n} bytes is over the limit of {limit}")
             if len(buf) - pos - 4 < n:
                 break
             body = bytes(buf[pos + 4 : pos + 4 + n])
@@ -75,6 +91,8 @@ class FrameReader:
             if not isinstance(msg, list) or not msg or not isinstance(msg[0], int):
                 raise WireError("a mesh message is a list starting with its kind")
             out.append(msg)
+            if self.handshake:
+                self.handshake -= 1
         if pos:
             del buf[:pos]
         return out

@@ -26,6 +26,7 @@ from cluster.region.meshserve import MeshServe
 from cluster.region.state import DRAIN_TIMEOUT_S
 from cluster.ringstore import record_shape
 from cluster.slotlog import NotReplicatedError
+from cluster.wire import max_frame_for
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,15 @@ class Router(MeshServe):
     """This node's part in its region."""
 
     async def start(self, *, ws: str, admin: str) -> None:
-        c = self.config.cluster
+        c, store = self.config.cluster, self.config.store
         self.mesh = Mesh(
             node_id=self.me,
             epoch=0,
             handler=self,
             reactor=self.reactor,
             clock=self.clock,
+            # A sub's reply carries the channel's pending messages whole.
+            max_frame=max_frame_for(store.channel_max_bytes, store.channel_max_messages),
             secrets=(c.mesh_secret, *c.mesh_accept_secrets),
         )
         port = self.mesh.listen(c.mesh_host, c.mesh_port)

@@ -306,6 +306,25 @@ async def test_a_node_restarted_while_redis_is_empty_joins_above_its_recorded_ep
     await asyncio.to_thread(wait_settled, cluster, [others[0], back, others[1]], 60)
 
 
+@aio
+async def test_a_channel_over_8_mib_is_subscribed_through_another_node(region3: Any) -> None:
+    # A sub through a node that does not own the channel gets the owner's pending
+    # messages in one mesh reply, as large as the channel's byte cap allows (16 MiB):
+    # over the mesh's old 8 MiB frame limit the receiving node cut the connection to
+    # the owner, and the sub was unavailable every time.
+    _, doc = region3
+    owner, entry = nodes_of(doc)[0], nodes_of(doc)[1]
+    ch = channels_owned_by(doc, owner["id"], 1)[0]
+    client = await RelayClient.connect(owner["ws"], retry=PATIENT)
+    body = "x" * 60_000
+    for i in range(170):  # 10.2 MB
+        await client.publish(ch, body, id=f"big-{i}", ack="log", timeout_s=30)
+    await client.close()
+    through_owner = await pending_ids(owner["ws"], ch)
+    through_entry = await pending_ids(entry["ws"], ch)
+    assert len(through_owner) == 170 and through_entry == through_owner
+
+
 def test_draining_a_node_that_was_killed_says_it_failed_over(region3: Any) -> None:
     # A node that cannot drain (stopped: its lease runs out, as after kill -9) must not
     # be reported as drained: nothing was handed over, its slots failed over. Woken up

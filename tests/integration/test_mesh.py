@@ -284,6 +284,22 @@ async def test_a_peer_without_the_secret_is_refused_before_any_op(
 
 
 @aio
+async def test_a_hello_with_a_forged_log_line_in_its_id_is_refused_quoted(
+    pair: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stranger's claimed id goes into the log only quoted: no line of its own."""
+    _a, _b, _ra, rb, pb = pair
+    reader, writer = await asyncio.open_connection("127.0.0.1", pb)
+    forged = "sg/\n2026-12-08 00:00:00,000 CRITICAL relay: FORGED"
+    writer.write(encode([Kind.HELLO, forged, 1, b"n" * meshauth.NONCE_BYTES]))
+    assert await _closed(reader)
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused and all("\n" not in m for m in refused), refused
+    assert rb.requests == []
+    writer.close()
+
+
+@aio
 async def test_a_second_connection_never_replaces_the_live_one(pair: Any) -> None:
     """Even with the secret: same id and epoch as the live connection is refused."""
     a, b, _ra, rb, pb = pair

@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.wire import FrameReader, Kind, WireError, encode
+from cluster.wire import (
+    DEFAULT_MAX_FRAME,
+    MAX_FRAME_BEFORE_AUTH,
+    FrameReader,
+    Kind,
+    WireError,
+    encode,
+    max_frame_for,
+)
 
 MESSAGES: list[list[Any]] = [
     [Kind.HELLO, "sg/n1", 7],
@@ -61,3 +69,19 @@ def test_random_bytes_never_raise_anything_else(data: bytes) -> None:
             assert isinstance(m, list) and isinstance(m[0], int)
     except WireError:
         pass
+
+
+def test_the_handshake_frames_are_small_and_the_rest_may_be_large() -> None:
+    big = encode([Kind.REQUEST, 1, "echo", b"x" * (MAX_FRAME_BEFORE_AUTH + 1)])
+    hello, auth = encode([Kind.HELLO, "sg/a", 1, b"n" * 16]), encode([Kind.AUTH, b"p"])
+    with pytest.raises(WireError, match="over the limit of 65536"):
+        FrameReader(handshake=2).feed(hello + big)  # before the AUTH: refused, unread
+    # In the same read as the handshake: the large frame is the third, allowed.
+    assert len(FrameReader(handshake=2).feed(hello + auth + big)) == 3
+
+
+def test_the_mesh_frame_limit_holds_a_whole_channel() -> None:
+    assert max_frame_for(1024, 10) == DEFAULT_MAX_FRAME  # never below the default
+    # The defaults (16 MiB, 10,000 messages): room for the pending bytes, every
+    # message's channel name and framing.
+    assert max_frame_for(16 * 1024 * 1024, 10_000) >= 16 * 1024 * 1024 + 10_000 * 300
