@@ -148,16 +148,29 @@ def context_ls(as_json: bool) -> None:
 
 @context_group.command("show")
 @click.argument("name", required=False)
-def context_show(name: str | None) -> None:
-    """The context NAME (default: the one in use) as JSON. Exit 0; 2 when there is none."""
+@click.option(
+    "--show-secrets",
+    is_flag=True,
+    help="Print Redis passwords and the admin token as stored (hidden by default).",
+)
+def context_show(name: str | None, show_secrets: bool) -> None:
+    """The context NAME (default: the one in use) as JSON, its Redis passwords and admin
+    token hidden unless --show-secrets. Exit 0; 2 when there is none."""
     from relay import context
+    from relay.redact import REDACTED, url_without_credentials
 
     name = name or context.selected_name(None, os.environ)
     if not name:
         err.print("relay context show: no context in use")
         sys.exit(EXIT_USAGE)
     c = load_or_exit(name, "context show")
-    click.echo(json.dumps({"name": c.name, **c.to_doc()}, indent=2))
+    doc = c.to_doc()
+    if not show_secrets:
+        for r in doc["regions"].values():
+            r["redis"] = url_without_credentials(r["redis"])
+        if "admin_token" in doc:
+            doc["admin_token"] = REDACTED
+    click.echo(json.dumps({"name": c.name, **doc}, indent=2))
 
 
 @context_group.command("add")

@@ -698,7 +698,9 @@ def _show(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        from relay.redact import redact_text  # a URL's password stays out of the message
+
+        return json.dumps(redact_text(value), ensure_ascii=False)
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else str(value)
     if isinstance(value, int):

@@ -139,6 +139,27 @@ def test_ops_commands_use_the_context(region_t: str) -> None:
     )
 
 
+def test_secrets_stay_out_of_what_the_cli_prints(tmp_path: Path) -> None:
+    save(Context("mine", {"t": "redis://:pw-in-url@127.0.0.1:1/0"}, "adm-tok"), os.environ)
+    r = relay("context", "show", "mine")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["regions"]["t"]["redis"] == "redis://REDACTED@127.0.0.1:1/0"
+    assert doc["admin_token"] == "REDACTED"
+    r = relay("context", "show", "mine", "--show-secrets")
+    assert "pw-in-url" in r.stdout and "adm-tok" in r.stdout
+    # A password in the URL's query (redis-py reads it there), in an error.
+    r = relay("status", "--redis", "redis://127.0.0.1:1/0?password=pw-in-query", "--region", "t")
+    assert r.returncode == 69 and "password=REDACTED" in r.stderr
+    assert "pw-in-query" not in r.stdout + r.stderr
+    # A mistyped scheme: the config problem quotes the URL, not its password.
+    cfg = tmp_path / "n.toml"
+    cfg.write_text('[node]\nid = "t/n1"\n[cluster]\nredis_url = "http://u:pw-cfg@127.0.0.1:1"\n')
+    r = relay("config", "validate", str(cfg))
+    assert r.returncode == 78 and "http://REDACTED@127.0.0.1:1" in r.stdout + r.stderr
+    assert "pw-cfg" not in r.stdout + r.stderr
+
+
 # -- exit codes --------------------------------------------------------------------
 
 
