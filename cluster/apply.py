@@ -17,8 +17,14 @@ from relay.node import Node
 from relay.store import Message, PendingStore, Removed
 
 
-def apply_events(node: Node, events: Iterable[Event], now_ms: int) -> list[Message]:
-    """Apply ``events`` in order; return the messages that became pending."""
+def apply_events(
+    node: Node, events: Iterable[Event], now_ms: int, *, state: bool = False
+) -> list[Message]:
+    """Apply ``events`` in order; return the messages that became pending.
+
+    ``state``: the events are a snapshot's or a checkpoint's, whose acks are the
+    tombstones of messages accepted (held as such); a log's ack of a message not
+    pending here is one acked before its message (held apart: relay/dedupe.py)."""
     added: list[Message] = []
     store = node.store
     dedupe = node.dedupe
@@ -47,8 +53,14 @@ def apply_events(node: Node, events: Iterable[Event], now_ms: int) -> list[Messa
             node.clock.observe(e.hlc)
             gone = {m.id: m.hlc for m in store.ack(e.ch, e.ids)}
             for msg_id in e.ids:
-                # The tombstone: an ack seen before its message keeps it from coming back.
-                dedupe.remember(dedupe_key(e.ch, msg_id), gone.get(msg_id, e.hlc), now_ms)
+                # The tombstone: an ack seen before its message keeps it from coming back
+                # (held apart from accepted ids when the message was not pending here).
+                was = gone.get(msg_id)
+                key = dedupe_key(e.ch, msg_id)
+                if was is not None or state:
+                    dedupe.remember(key, e.hlc if was is None else was, now_ms)
+                else:
+                    dedupe.remember(key, e.hlc, now_ms, weak=True)
     return added
 
 

@@ -28,6 +28,7 @@ from typing import Any, Final, Literal, TypeVar
 from relay.auth import key_problems
 from relay.errors import RelayError
 from relay.loopback import is_loopback
+from relay.redact import redact_text
 from relay.redisurl import check_url as check_redis_url
 
 __all__ = [
@@ -698,8 +699,7 @@ def _show(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        from relay.redact import redact_text  # a URL's password stays out of the message
-
+        # A URL's password stays out of the message.
         return json.dumps(redact_text(value), ensure_ascii=False)
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else str(value)

@@ -132,13 +132,14 @@ class Node:
         a restart and the other regions agree. ``hlc``: the ack's time, remembered for
         the ids that were not pending (default: a tick of the node's clock)."""
         gone = self.store.ack(ch, ids)
-        seen = {m.id: m.hlc for m in gone}
-        if len(seen) < len(ids):
+        for m in gone:
+            self.dedupe.remember(dedupe_key(ch, m.id), m.hlc, now_ms)
+        if len(gone) < len(ids):
+            # Not pending here: held apart (DedupeIndex), so that made-up ids cannot
+            # push out the ids of messages accepted.
             at = self.clock.tick(now_ms) if hlc is None else hlc
             for msg_id in ids:
-                seen.setdefault(msg_id, at)
-        for msg_id, when in seen.items():
-            self.dedupe.remember(dedupe_key(ch, msg_id), when, now_ms)
+                self.dedupe.remember(dedupe_key(ch, msg_id), at, now_ms, weak=True)
         self.counters.acked += len(gone)
         return len(gone)
 

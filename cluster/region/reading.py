@@ -122,7 +122,7 @@ class Reading(RegionState):
             ]
         else:
             gone = set()
-        added = apply_events(self.node, events, now_ms)
+        added = apply_events(self.node, events, now_ms, state=cp.is_checkpoint)
         for m in added:
             self.slot_channels.setdefault(slot, set()).add(m.ch)
         for ev in events:

@@ -80,10 +80,10 @@ def test_dedupe_key_is_per_channel_and_unambiguous() -> None:
     assert dedupe_key("room:1", "m") == dedupe_key("room:1", "m")
 
 
-@pytest.mark.parametrize(("window_ms", "max_ids"), [(-1, 10), (10, 0)])
-def test_bad_parameters_are_refused(window_ms: int, max_ids: int) -> None:
+@pytest.mark.parametrize(("window_ms", "max_ids", "max_weak"), [(-1, 10, 1), (10, 0, 1), (1, 1, 0)])
+def test_bad_parameters_are_refused(window_ms: int, max_ids: int, max_weak: int) -> None:
     with pytest.raises(ValueError):
-        DedupeIndex(window_ms=window_ms, max_ids=max_ids)
+        DedupeIndex(window_ms=window_ms, max_ids=max_ids, max_weak=max_weak)
 
 
 def test_remember_again_after_the_window_before_expire_runs() -> None:
@@ -104,6 +104,28 @@ def test_remember_again_after_out_of_order_acks_and_expire() -> None:
     assert d.lookup("old", t) is None
     d.remember("old", from_ms(t), t + 1)  # the id reused, accepted and acked again
     assert d.lookup("old", t + 2) == from_ms(t)
+
+
+def test_weak_ids_are_held_apart_and_never_push_out_accepted_ones() -> None:
+    d = DedupeIndex(window_ms=WINDOW_MS, max_ids=10, max_weak=3)
+    for i in range(8):
+        d.remember(f"s{i}", from_ms(T0), T0)
+    for i in range(100):  # acks of ids never seen here
+        d.remember(f"w{i}", from_ms(T0 + 1), T0 + 1, weak=True)
+    now = T0 + 2
+    assert all(d.lookup(f"s{i}", now) is not None for i in range(8))
+    # Every weak id that fits: 3 at most, and not past max_ids in all.
+    assert [i for i in range(100) if d.lookup(f"w{i}", now) is not None] == [98, 99]
+    assert len(d) == 10 and d.forgotten_early == 98
+    d.remember("w99", from_ms(now), now, weak=True)  # within its window: kept as it was
+    assert d.lookup("w99", now) == from_ms(T0 + 1)
+    d.remember("s8", from_ms(now), now)  # full: the oldest weak id goes first
+    assert d.lookup("w98", now) is None and d.lookup("s0", now) is not None
+    assert len(d) == 10
+    d.remember("w99", from_ms(now), now)  # its message accepted later: held as any other
+    later = T0 + 1 + WINDOW_MS
+    d.expire(later)
+    assert d.lookup("w99", later) == from_ms(now) and d.lookup("s0", later) is None
 
 
 # -- model test ------------------------------------------------------------------------

@@ -126,6 +126,20 @@ def test_an_ack_remembers_every_id_it_names_pending_or_not() -> None:
     assert pub(node, "c", "other", T0 + 30).dup
 
 
+def test_acks_of_made_up_ids_cannot_make_a_retried_pub_deliver_twice() -> None:
+    # Anyone who may ack on a channel can name any ids; a flood of them must not push
+    # the ids of accepted messages out of the dedupe window (max_ids 1000 here).
+    node = make_node()
+    pub(node, "c", "pay-10", T0)
+    assert node.ack("c", ["pay-10"], T0 + 1) == 1
+    for i in range(60):
+        node.ack("mine", [f"junk-{i}-{j}" for j in range(100)], T0 + 2)
+    assert node.dedupe.forgotten_early > 0  # the flood forgot only its own
+    retry = pub(node, "c", "pay-10", T0 + 3)
+    assert retry.dup and node.store.count("c") == 0
+    assert pub(node, "mine", "junk-59-99", T0 + 4).dup  # the newest made-up ids hold
+
+
 def test_ack_removes_and_counts() -> None:
     node = make_node()
     for i in range(3):
