@@ -101,6 +101,7 @@ class RelayServer:
             max_ttl_s=config.store.max_ttl_s,
             allow_anonymous=c.allow_anonymous,
             max_subscriptions=c.max_subscriptions_per_connection,
+            max_replay_backlog=2 * config.store.channel_max_bytes,
         )
         scheme = "wss" if c.tls_enabled else "ws"
         self.factory = RelayFactory(

@@ -60,6 +60,10 @@ class Limits:
     max_ttl_s: int = 2592000
     allow_anonymous: bool = False
     max_subscriptions: int = 1000  # per connection
+    # Pending messages still queued for the connection by earlier subs (bytes) above
+    # which a sub is refused: a client that does not read cannot make the node copy a
+    # channel's backlog again and again (server.py: twice the channel byte cap).
+    max_replay_backlog: int = 32 * 1024 * 1024
 
 
 class SubscriptionBudget:
@@ -93,6 +97,10 @@ class Sink(Protocol):
 
     def replay(self, messages: list[Message]) -> None:
         """Send pending messages after a ``subscribed`` sent with :meth:`send_objects`."""
+        ...
+
+    def replay_backlog(self) -> int:
+        """Bytes of replayed messages queued for the connection, not yet written."""
         ...
 
 
@@ -136,11 +144,17 @@ class Outcome:
     # Pending messages to replay after the replies (a ``sub``), oldest first; the edge
     # paces them by the connection's backpressure.
     replay: list[Message] = field(default_factory=list)
+    replay_bytes: int = 0  # replay_size(replay)
     close: tuple[int, str] | None = None
     errors: list[Code] = field(default_factory=list)
 
 
 _session_ids = itertools.count(1)
+
+
+def replay_size(messages: list[Message]) -> int:
+    """What a replay holds, roughly: bodies, ids, senders and per-message overhead."""
+    return sum(len(m.body) + len(m.id) + len(m.sender) for m in messages) + 64 * len(messages)
 
 
 class Session:
@@ -174,6 +188,9 @@ class Session:
         self.grants: Grants | None = None
         self.expires_s: float | None = None
         self.subscriptions: set[str] = set()
+        # Channels whose sub went to their owner and is not answered yet: one at a time
+        # (each answer carries the channel's whole backlog).
+        self.subs_in_flight: set[str] = set()
         self.rate = TokenBucket(limits.rate_per_s, limits.burst, now_s)
         self._abuse = TokenBucket(ABUSE_REFILL_PER_S, ABUSE_BURST, now_s)
         self._rate_abuse = TokenBucket(RATE_ABUSE_REFILL_PER_S, RATE_ABUSE_BURST, now_s)
@@ -355,6 +372,18 @@ class Session:
         assert self.grants is not None
         if not self.grants.may_sub(ch):
             raise BadObject(Code.FORBIDDEN, "token does not grant sub here", ch=ch)
+        backlog = out.replay_bytes + (self.sink.replay_backlog() if self.sink else 0)
+        if backlog > self.limits.max_replay_backlog:
+            raise BadObject(
+                Code.OVERLOADED,
+                f"{backlog} bytes of pending messages are still queued for this connection "
+                "by earlier subs: read them, then sub again",
+                ch=ch,
+            )
+        if ch in self.subs_in_flight:
+            raise BadObject(
+                Code.OVERLOADED, "a sub of this channel is already under way; wait for it", ch=ch
+            )
         if ch not in self.held:
             self._hold(ch)
         if self.router is not None:
@@ -364,6 +393,7 @@ class Session:
         self.subscriptions.add(ch)
         out.replies.append({"op": "subscribed", "ch": ch, "pending": len(pending)})
         out.replay.extend(pending)
+        out.replay_bytes += replay_size(pending)
 
     def _ack(self, obj: dict[str, Any], out: Outcome, now_ms: int) -> None:
         ch = check_channel(obj.get("ch"))
@@ -429,6 +459,7 @@ class Session:
                 out.errors.append(code)
             if replay:
                 out.replay.extend(replay)
+                out.replay_bytes += replay_size(replay)
         elif not self.closed and self.sink is not None:
             self.sink.send_objects([obj], [code] if code is not None else [])
             if replay:
@@ -468,6 +499,7 @@ class Session:
         assert self.router is not None
 
         def reply(pending: Any, code: Code | None, reason: str) -> None:
+            self.subs_in_flight.discard(ch)
             if code is not None:
                 if ch not in self.subscriptions:
                     self._release(ch)
@@ -482,6 +514,7 @@ class Session:
             obj = {"op": "subscribed", "ch": ch, "pending": len(pending)}
             self._answer(out, now, obj, None, list(pending))
 
+        self.subs_in_flight.add(ch)
         self.router.subscribe(self, ch, reply)
         now[0] = False
 

@@ -30,6 +30,7 @@ from relay.session import (
     Session,
     SubscriptionBudget,
     message_object,
+    replay_size,
 )
 from relay.store import Message
 from relay.turn import soon
@@ -78,8 +79,9 @@ class _Outbox:
     Twisted pauses us when the socket's send buffer is over its size; from then on
     frames queue here in order. Queued *live* bytes (replies, deliveries) are bounded by
     ``max_outbound_bytes``: past it the peer is a slow consumer and is cut off. Replays
-    of pending messages queue as message lists, encoded only when sent, and do not count:
-    they are already held by the store.
+    of pending messages queue as message lists, encoded only when sent; they are copies
+    of what the store holds, counted in ``replay_bytes``, and a ``sub`` is refused while
+    those are over ``Limits.max_replay_backlog`` (relay/session.py).
     """
 
     def __init__(self, proto: RelayProtocol) -> None:
@@ -87,6 +89,7 @@ class _Outbox:
         self.paused = False
         self.queue: deque[bytes | tuple[Any, int] | list[Message]] = deque()
         self.live_bytes = 0
+        self.replay_bytes = 0
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -98,6 +101,7 @@ class _Outbox:
     def stopProducing(self) -> None:
         self.paused = True
         self.queue.clear()
+        self.live_bytes = self.replay_bytes = 0
 
 
 class RelayProtocol(WebSocketServerProtocol):
@@ -333,9 +337,11 @@ class RelayProtocol(WebSocketServerProtocol):
                 for chunk in split_frames(out.replies, self.fmt, f.out_frame_budget):
                     self.send_payload(chunk)
         if out.replay:
-            q = self.outbox.queue
+            ob = self.outbox
             for i in range(0, len(out.replay), REPLAY_CHUNK):
-                q.append(out.replay[i : i + REPLAY_CHUNK])
+                part = out.replay[i : i + REPLAY_CHUNK]
+                ob.queue.append(part)
+                ob.replay_bytes += replay_size(part)
             self.drain()
         for err in out.errors:
             f.errors[err.value] = f.errors.get(err.value, 0) + 1
@@ -442,6 +448,7 @@ class RelayProtocol(WebSocketServerProtocol):
                     ob.live_bytes -= item[1]
                     self.sendPreparedMessage(item[0])
                 else:
+                    ob.replay_bytes -= replay_size(item)
                     objs = [message_object(m, self.fmt) for m in item]
                     for frame in split_frames(objs, self.fmt, budget):
                         self.sendMessage(frame, binary)
@@ -478,7 +485,7 @@ class RelayProtocol(WebSocketServerProtocol):
         f = self.factory
         f.disconnects[SLOW_CONSUMER] = f.disconnects.get(SLOW_CONSUMER, 0) + 1
         self.outbox.queue.clear()
-        self.outbox.live_bytes = 0
+        self.outbox.live_bytes = self.outbox.replay_bytes = 0
         self.out_chunks.clear()
         self.wasClean = False
         self.wasNotCleanReason = "slow consumer: outbound buffer over max_outbound_bytes"
@@ -511,6 +518,9 @@ class RelayProtocol(WebSocketServerProtocol):
     def replay(self, messages: list[Message]) -> None:
         if self.session is not None and messages:
             self.carry_out(Outcome(replay=list(messages)))
+
+    def replay_backlog(self) -> int:
+        return self.outbox.replay_bytes
 
     def on_close(self, code: int | None) -> None:
         f = self.factory

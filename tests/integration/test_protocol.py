@@ -563,6 +563,53 @@ async def test_slow_consumer_is_cut_off_and_keeps_its_messages(make_node: Any) -
     await sender.close()
 
 
+@aio
+async def test_subs_from_a_client_that_reads_nothing_cannot_copy_a_backlog_without_end(
+    make_node: Any,
+) -> None:
+    # Each sub of a channel queues a copy of its pending messages for the connection; a
+    # client that sends sub after sub and reads nothing made the node copy a channel's
+    # backlog without end (GBs of RSS, then every client's pub refused `overloaded`).
+    node = make_node(client={"allow_anonymous": True}, store={"channel_max_bytes": 4 * 1024 * 1024})
+    sender = await anon(node)
+    body = "x" * 60_000
+    for k in range(4):  # 3.6 MB pending, within the channel's 4 MiB
+        await sender.send([pub(f"b{k}-{i}", ch="big", body=body, ack="mem") for i in range(15)])
+        for _ in range(15):
+            await sender.expect("puback")
+    hog = await Client.connect(node.ws_url, max_queue=1)
+    await hog.request({"op": "hello"}, "welcome")
+    await hog.send([{"op": "sub", "ch": "big"}] * 100)  # one frame; nothing read meanwhile
+
+    def holding() -> list[Any]:
+        return [p for p in node.factory.connections if p.session and "big" in p.session.held]
+
+    await until(lambda: len(holding()) == 1, what="the frame handled")
+    proto = holding()[0]
+    limit = 2 * 4 * 1024 * 1024  # twice the channel's byte cap
+    assert proto.outbox.replay_bytes <= limit + 4 * 1024 * 1024
+    # Read it all: a few subs answered, the rest refused with a code that says why.
+    answers: list[dict[str, Any]] = []
+    msgs = 0
+    while len(answers) < 100 or msgs < 60 * sum(a["op"] == "subscribed" for a in answers):
+        obj = await hog.recv()
+        if obj["op"] == "msg":
+            msgs += 1
+        else:
+            answers.append(obj)
+    subscribed = [a for a in answers if a["op"] == "subscribed"]
+    refused = [a for a in answers if a.get("code") == "overloaded"]
+    assert 1 <= len(subscribed) <= 4 and len(subscribed) + len(refused) == 100
+    assert "still queued for this connection" in refused[0]["reason"]
+    # Once read, a sub is answered again.
+    again = await hog.request({"op": "sub", "ch": "big"}, "subscribed")
+    assert again["pending"] == 60
+    for _ in range(60):
+        await hog.expect("msg")
+    await hog.close()
+    await sender.close()
+
+
 # -- no memory growth under bad input ------------------------------------------------
 
 

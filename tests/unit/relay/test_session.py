@@ -361,6 +361,44 @@ def test_overloaded_refuses_pub_and_new_subs() -> None:
     assert out.close is None
 
 
+def test_a_sub_is_refused_while_earlier_replays_wait_over_the_backlog_limit() -> None:
+    # A client that sends sub after sub and reads nothing must not make the node copy
+    # the channel's backlog again and again.
+    c = Conn(limits=Limits(allow_anonymous=True, max_replay_backlog=1000))
+    c.send([pub(f"m{i}", body="x" * 500) for i in range(3)])
+    out = c.send(*[{"op": "sub", "ch": "room"}] * 3)
+    assert ops(out)[-3:] == ["subscribed", "error", "error"]
+    assert codes(out) == ["overloaded"] * 2
+    assert "still queued for this connection" in out.replies[-1]["reason"]
+    assert [m.id for m in out.replay] == ["m0", "m1", "m2"]  # one copy
+
+
+class Later:
+    """A router that answers a sub when told."""
+
+    def __init__(self) -> None:
+        self.subs: list[Any] = []
+
+    def subscribe(self, handle: Any, ch: str, reply: Any) -> None:
+        self.subs.append(reply)
+
+    def unsubscribe(self, handle: Any, ch: str) -> None:
+        pass
+
+
+def test_one_sub_of_a_channel_at_a_time_goes_to_its_owner() -> None:
+    c = Conn()
+    router = Later()
+    c.session.router = router  # type: ignore[assignment]
+    out = c.send({"op": "sub", "ch": "room"}, {"op": "sub", "ch": "room"})
+    assert len(router.subs) == 1 and codes(out) == ["overloaded"]
+    (refused,) = [r for r in out.replies if r["op"] == "error"]
+    assert "already under way" in refused["reason"]
+    router.subs[0]([], None, "")  # the owner answers
+    c.send({"op": "sub", "ch": "room"})
+    assert len(router.subs) == 2
+
+
 def test_subscriptions_per_connection_and_per_node() -> None:
     budget = SubscriptionBudget(5)
     a = Conn(limits=Limits(allow_anonymous=True, max_subscriptions=3), budget=budget)
