@@ -142,8 +142,8 @@ class Checkpoints(Snapshots):
         try:
             events = slot_state(self.node, sorted(self.slot_channels.get(slot, ())), self.wall_ms())
             data, positions = self._checkpoint_data(slot, events)
-            if covers == "0-0" and not positions:
-                return  # nothing logged or mirrored yet: nothing to cover
+            if covers == "0-0" and not positions and not events:
+                return  # nothing logged, mirrored or held yet: nothing to cover
             await self.slotlog.write_checkpoint(slot, self.me, epoch, data, covers)
             self.counters["checkpoints"] += 1
             links = await self._link_positions(slot, covers, floors) if covers != "0-0" else None

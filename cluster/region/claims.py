@@ -11,6 +11,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from cluster.chain import parse_id
 from cluster.errors import ClusterError
 from cluster.ownership import HandedOver, Rebalance, ReleaseEnded
 from cluster.region.checkpoints import Checkpoints
@@ -128,16 +129,44 @@ class Claims(Checkpoints):
                         log.warning("could not claim slot %d", slot)
                         return
             await self._catch_up(slot)
+            rebased = await self._rebase_if_the_log_lost_its_end(slot)
             if self._should_own(slot):
                 self.slot_table.fire(slot, SlotEvent.CLAIM)  # called alone too (tests)
                 self.slot_table.fire(slot, SlotEvent.CLAIMED, epoch=epoch)
                 self._changed(slot, rebuilt=True)
+                if rebased:
+                    # Before anyone reads on from the log: what we hold, as its state.
+                    await self._checkpoint(slot)
             else:
                 # The ring moved on while we read the log: let the next owner have it now
                 # rather than after waiting for us.
                 await self.slotlog.release(slot, self.me, epoch)
         except (RedisError, OSError, ClusterError) as e:
             log.warning("claiming slot %d failed: %s", slot, e)
+
+    async def _rebase_if_the_log_lost_its_end(self, slot: int) -> bool:
+        """If the region's Redis no longer holds our position in ``slot``'s log (it came
+        back empty, or from an older backup, and we hold the slot from our snapshot),
+        go on from where its log ends instead: our appends chain from there (the append
+        script links each entry to the log's newest), and the checkpoint the claim then
+        writes carries what we hold to the replicas and the next owner. Else every
+        reader would find a hole at our first entry, and the slot would stay
+        unavailable once we lost it. True if rebased."""
+        at = self.applied.get(slot, "0-0")
+        if at == "0-0":
+            return False
+        end = await self.slotlog.last_id(slot) or "0-0"
+        if parse_id(end) >= parse_id(at):
+            return False
+        log.warning(
+            "slot %d: the region's Redis lost its log past %s (it ends at %s); serving "
+            "what this node holds (its snapshot) and checkpointing it",
+            slot,
+            at,
+            end,
+        )
+        self.applied[slot] = end
+        return True
 
     async def _release(self, slots: list[int]) -> None:
         """Hand ``slots`` over on purpose (the ring moved them): stop serving them, append

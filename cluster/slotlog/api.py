@@ -271,6 +271,12 @@ class SlotLog(Protocol):
         whose position is below it has a gap (the log was trimmed past it)."""
         ...
 
+    async def last_id(self, slot: int) -> str | None:
+        """The id of the newest entry in ``slot``'s log (None: empty): below a position
+        a node applied, the region's Redis lost the log's end (restarted empty, or from
+        an older backup)."""
+        ...
+
     async def first_after(self, slot: int, after_id: str) -> str | None:
         """The id of the oldest entry of ``slot``'s log above ``after_id`` (None: none):
         its time part is how long a reader at ``after_id`` has been behind."""

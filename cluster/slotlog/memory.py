@@ -322,6 +322,11 @@ class MemorySlotLog:
         stream = self._stream(check_slot(slot), "")
         return stream.entries[0].id if stream is not None and stream.entries else None
 
+    async def last_id(self, slot: int) -> str | None:
+        self._check_open()
+        stream = self._stream(check_slot(slot), "")
+        return stream.entries[-1].id if stream is not None and stream.entries else None
+
     async def first_after(self, slot: int, after_id: str) -> str | None:
         self._check_open()
         stream = self._stream(check_slot(slot), "")

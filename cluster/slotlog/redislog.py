@@ -339,6 +339,11 @@ class RedisSlotLog(RedisCalls):
         rows: Any = await self._client.xrange(log_key, min="-", max="+", count=1)
         return _text(rows[0][0]) if rows else None
 
+    async def last_id(self, slot: int) -> str | None:
+        _, log_key, _ = self._keys(check_slot(slot))
+        rows: Any = await self._client.xrevrange(log_key, max="+", min="-", count=1)
+        return _text(rows[0][0]) if rows else None
+
     async def first_after(self, slot: int, after_id: str) -> str | None:
         _, log_key, _ = self._keys(check_slot(slot))
         _parse_id(after_id)

@@ -18,7 +18,7 @@ import pytest
 from cluster.redisconn import connect_sync
 from cluster.ring import Ring, diff, slot_of
 from relay.client import RelayClient, RelayErrorReply, RetryPolicy
-from tests.cluster.conftest import admin_status, pending_ids, wait_settled
+from tests.cluster.conftest import FAST, admin_status, pending_ids, running, wait_settled
 from tests.conftest import aio, run_relay, until
 from tests.wsclient import Client
 
@@ -323,6 +323,47 @@ async def test_a_channel_over_8_mib_is_subscribed_through_another_node(region3: 
     through_owner = await pending_ids(owner["ws"], ch)
     through_entry = await pending_ids(entry["ws"], ch)
     assert len(through_owner) == 170 and through_entry == through_owner
+
+
+@aio
+async def test_a_slot_claimed_from_a_snapshot_on_an_emptied_redis_can_be_taken_over() -> None:
+    # The region's Redis lost its data; a node starts again from its snapshots, claims
+    # the slots and appends on from positions the emptied log does not hold. Without a
+    # checkpoint of what it loaded, a node without that snapshot found a hole at the
+    # log's start for good: the slot stayed unavailable ("its log keeps being trimmed").
+    with running(["sg"], nodes_per_region=2, cluster_settings=FAST) as (cluster, doc):
+        first, second = nodes_of(doc)
+        ch = channels_owned_by(doc, first["id"], 1)[0]
+        client = await RelayClient.connect(first["ws"], retry=PATIENT)
+        for i in range(5):
+            await client.publish(ch, f"before {i}", id=f"b{i}", ack="log", timeout_s=30)
+        await client.close()
+        for n in (second, first):
+            await asyncio.to_thread(cluster.stop_node, n["id"])  # snapshots written
+        redis = cluster.redis["sg"]
+        redis.kill()
+        redis.start()  # empty
+        # The second node's disk is lost too.
+        data = next(x.config for x in cluster.nodes if x.id == second["id"])
+        assert data is not None
+        subprocess.run(["rm", "-rf", str(data.parent / "data")], check=True)
+        back = await asyncio.to_thread(cluster.restart, first["id"], 60)
+        client = await RelayClient.connect(back["ws"], retry=PATIENT)
+        await client.publish(ch, "after", id="a0", ack="log", timeout_s=30)
+        await client.close()
+        os.kill(back["pid"], signal.SIGKILL)  # before its checkpoint cadence
+        other = await asyncio.to_thread(cluster.restart, second["id"], 60)
+
+        async def every_id() -> list[str] | None:
+            try:
+                return sorted(await pending_ids(other["ws"], ch))
+            except (AssertionError, OSError):
+                return None  # unavailable while the slot fails over
+
+        deadline = time.monotonic() + 30
+        while (got := await every_id()) != ["a0", "b0", "b1", "b2", "b3", "b4"]:
+            assert time.monotonic() < deadline, got
+            await asyncio.sleep(0.2)  # poll until the slot is served
 
 
 def test_draining_a_node_that_was_killed_says_it_failed_over(region3: Any) -> None:

@@ -632,6 +632,9 @@ async def test_mirror_append_keeps_ids_and_is_idempotent(backend: Backend) -> No
     # The origin log's oldest entry: where a reader below it has a gap.
     assert await origin.first_id(4) == batch[0].id
     assert await origin.first_id(6) is None
+    # Its newest: below a node's position, the region's Redis lost the log's end.
+    assert await origin.last_id(4) == batch[2].id
+    assert await origin.last_id(6) is None
 
     # Same ids, same bytes, same prev; readable and tailable like a log.
     origin_4 = await origin.read(4)
