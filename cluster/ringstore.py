@@ -173,7 +173,10 @@ async def apply_plan(
     started = clock()
     token = uuid.uuid4().hex
     if not await store.lock(token, LOCK_TTL_MS):
-        raise ChangeInProgress("another change of the ring is being applied (its lock is held)")
+        raise ChangeInProgress(
+            "another change of the ring is being applied (its lock is held; the lock of "
+            f"an apply that was killed expires within {LOCK_TTL_MS // 1000} s: retry then)"
+        )
     try:
         state = await store.read()
         leases = await store.leases()

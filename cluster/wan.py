@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
                             p.set_latency(float(lat or 0), float(jit or 0))
                         bh = arg(request, "blackhole")
                         if bh is not None:
+                            if bh not in ("0", "1"):
+                                raise ValueError(f"blackhole must be 0 or 1, not {bh!r}")
                             p.blackhole(bh == "1")
                         bw = arg(request, "bandwidth")
                         if bw is not None:

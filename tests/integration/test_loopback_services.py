@@ -103,7 +103,15 @@ def test_the_wan_control_needs_post_the_token_and_good_values(wan: dict[str, Any
     assert http(f"{control}/set", "POST", body="pair=a-b&blackhole=1")[0] == 401
     rebound = {**auth, "Host": "attacker.example"}
     assert http(f"{control}/set", "POST", rebound, "pair=a-b&blackhole=1")[0] == 421
-    for bad in ("latency_ms=-1", "latency_ms=nan", "bandwidth=0", "bandwidth=x", "pair=zz"):
+    bads = (
+        "latency_ms=-1",
+        "latency_ms=nan",
+        "bandwidth=0",
+        "bandwidth=x",
+        "pair=zz",
+        "blackhole=1x",
+    )
+    for bad in bads:
         status, body = http(
             f"{control}/set", "POST", auth, f"pair=a-b&{bad}".replace("pair=a-b&pair=", "pair=")
         )

@@ -229,7 +229,10 @@ def test_another_change_holding_the_lock_refuses_both_apply_and_resume() -> None
     plan = plan_for(store, add={"sg/n4": 1.0})
     store.lock_holder = "someone-else"
     for p in (plan, None):
-        with pytest.raises(ChangeInProgress, match="lock is held"):
+        with pytest.raises(
+            ChangeInProgress,
+            match="lock is held; the lock of an apply that was killed expires within 10 s",
+        ):
             apply(store, p, nodes)
     assert store.state == RingState() and store.lock_holder == "someone-else"
     assert nodes.releases == Counter()
