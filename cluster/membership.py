@@ -321,6 +321,8 @@ class Membership:
                 log.warning("membership channel lost (%s); reconnecting", e)
             await asyncio.sleep(0.5)  # back off before reconnecting
             try:
+                # A restarted Redis (even one that kept its data) forgot CONFIG SET.
+                await self._enable_notifications()
                 await self._subscribe()
                 if self.on_resync is not None:
                     self.on_resync(await self.snapshot())

@@ -82,6 +82,32 @@ def test_member_round_trip() -> None:
 
 
 @aio
+async def test_expiries_are_heard_again_after_redis_forgot_its_notification_config(
+    redis_url: str,
+) -> None:
+    # A Redis restarted with its data (AOF) keeps the leases but forgets CONFIG SET
+    # notify-keyspace-events: the membership's reconnection must enable it again, or no
+    # dead node's expiry is ever heard.
+    s1 = Seen()
+    m1 = member(redis_url, "n1", s1, ttl_ms=600)
+    await m1.join()
+    await m1.start()
+    m2 = member(redis_url, "n2", Seen(), ttl_ms=600)
+    await m2.join()
+    await m2.start()
+    admin = Redis.from_url(redis_url)
+    await admin.config_set("notify-keyspace-events", "")  # as after the restart
+    await admin.client_kill_filter(_type="pubsub")  # the restart's dropped connections
+    await m2.stop()  # n2 dies
+    await until(lambda: Expired("sg/n2") in s1.events, timeout_s=10, what="expiry heard")
+    flags = (await admin.config_get("notify-keyspace-events"))["notify-keyspace-events"]
+    assert "E" in flags and ("x" in flags or "A" in flags), flags
+    await m1.leave()
+    await m1.stop()
+    await admin.aclose()
+
+
+@aio
 async def test_a_rejoin_takes_an_epoch_above_what_it_has_seen_if_redis_lost_the_counter(
     redis_url: str,
 ) -> None:
