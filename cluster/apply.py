@@ -17,14 +17,12 @@ from relay.node import Node
 from relay.store import Message, PendingStore, Removed
 
 
-def apply_events(
-    node: Node, events: Iterable[Event], now_ms: int, *, state: bool = False
-) -> list[Message]:
+def apply_events(node: Node, events: Iterable[Event], now_ms: int) -> list[Message]:
     """Apply ``events`` in order; return the messages that became pending.
 
-    ``state``: the events are a snapshot's or a checkpoint's, whose acks are the
-    tombstones of messages accepted (held as such); a log's ack of a message not
-    pending here is one acked before its message (held apart: relay/dedupe.py)."""
+    An ack of a message not pending here (an early ack, or a tombstone of a snapshot or
+    checkpoint, which may name made-up ids as well) is held apart from the ids of
+    messages accepted (relay/dedupe.py)."""
     added: list[Message] = []
     store = node.store
     dedupe = node.dedupe
@@ -57,8 +55,8 @@ def apply_events(
                 # (held apart from accepted ids when the message was not pending here).
                 was = gone.get(msg_id)
                 key = dedupe_key(e.ch, msg_id)
-                if was is not None or state:
-                    dedupe.remember(key, e.hlc if was is None else was, now_ms)
+                if was is not None:
+                    dedupe.remember(key, was, now_ms)
                 else:
                     dedupe.remember(key, e.hlc, now_ms, weak=True)
     return added

@@ -108,14 +108,14 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 path = request.path.decode()
                 if path == "/set":
+                    bh = arg(request, "blackhole")
+                    if bh not in (None, "0", "1"):  # checked before anything changes
+                        raise ValueError(f"blackhole must be 0 or 1, not {bh!r}")
                     for p in chosen(request):
                         lat, jit = arg(request, "latency_ms"), arg(request, "jitter_ms")
                         if lat is not None or jit is not None:
                             p.set_latency(float(lat or 0), float(jit or 0))
-                        bh = arg(request, "blackhole")
                         if bh is not None:
-                            if bh not in ("0", "1"):
-                                raise ValueError(f"blackhole must be 0 or 1, not {bh!r}")
                             p.blackhole(bh == "1")
                         bw = arg(request, "bandwidth")
                         if bw is not None:

@@ -24,12 +24,13 @@ def dedupe_key(ch: str, msg_id: str) -> str:
 class DedupeIndex:
     """Ids seen within the window, with the timestamp they were accepted at.
 
-    An id remembered ``weak`` is one a subscriber acked before this node had its message
-    (a tombstone for a message that may still arrive, e.g. by a lagging link). Anyone
-    allowed to ack on a channel can name any ids, so weak ids are held apart: at most
-    ``max_weak`` of them (an eighth of ``max_ids`` by default), the oldest forgotten first
-    when more come, and never at the expense of an id the node accepted — a flood of
-    made-up acks cannot make a retried ``pub`` be delivered twice."""
+    An id remembered ``weak`` is one acked without its message pending here (a tombstone
+    for a message that may still arrive, e.g. by a lagging link, or one loaded from a
+    snapshot or checkpoint). Anyone allowed to ack on a channel can name any ids, so weak
+    ids are held apart: at most ``max_weak`` of them (default: ``max_ids``), the oldest
+    weak one forgotten first when the index is full, never an id the node accepted — a
+    flood of made-up acks cannot make a retried ``pub`` of a message accepted here be
+    delivered twice."""
 
     __slots__ = (
         "_hlc",
@@ -47,7 +48,7 @@ class DedupeIndex:
             raise ValueError("window_ms must be >= 0, max_ids and max_weak >= 1")
         self.window_ms = window_ms
         self.max_ids = max_ids
-        self.max_weak = max(1, max_ids // 8) if max_weak is None else max_weak
+        self.max_weak = max_ids if max_weak is None else max_weak
         self._hlc: dict[str, int] = {}
         # Keys in the order they were remembered; acceptance times are nearly in order,
         # so expiring from the left is close to exact (late expiry only keeps ids longer).
@@ -105,8 +106,8 @@ class DedupeIndex:
     def lookup(self, key: str, now_ms: int) -> int | None:
         """The timestamp ``key`` was accepted at, if it is within the window."""
         hlc = self._hlc.get(key)
-        if hlc is None:
-            hlc = self._weak.get(key)
+        if hlc is None or physical_ms(hlc) + self.window_ms <= now_ms:
+            hlc = self._weak.get(key)  # none accepted within the window: an early ack?
         if hlc is None or physical_ms(hlc) + self.window_ms <= now_ms:
             return None
         return hlc

@@ -515,7 +515,11 @@ class Session:
             self._answer(out, now, obj, None, list(pending))
 
         self.subs_in_flight.add(ch)
-        self.router.subscribe(self, ch, reply)
+        try:
+            self.router.subscribe(self, ch, reply)
+        except BaseException:
+            self.subs_in_flight.discard(ch)
+            raise
         now[0] = False
 
     def _routed_ack(self, ch: str, ids: list[str], out: Outcome) -> None:

@@ -135,7 +135,7 @@ class Claims(Checkpoints):
                 self.slot_table.fire(slot, SlotEvent.CLAIMED, epoch=epoch)
                 self._changed(slot, rebuilt=True)
                 if rebased:
-                    # Before anyone reads on from the log: what we hold, as its state.
+                    # What we hold, as the slot's state, for whoever reads the log next.
                     await self._checkpoint(slot)
             else:
                 # The ring moved on while we read the log: let the next owner have it now

@@ -57,6 +57,7 @@ class MeshServe(Routing):
             raise RemoteError(e.code, e.reason) from None
         fresh = self.lease_fresh()
         if op == "sub":
+            self._check_sub_budget(peer)
             # Answered in this turn: the reply frame goes before any delivery after it.
             got: list[tuple[Any, Code | None, str]] = []
             ev: Any = Subscribe(
@@ -66,6 +67,7 @@ class MeshServe(Routing):
             result, code, reason = got[0]
             if code is not None:
                 raise RemoteError(code, reason)
+            self._count_sub_reply(peer, result)
             return result
         fut, reply = answer_future()
         if op == "pub":
@@ -76,6 +78,29 @@ class MeshServe(Routing):
         if fut.done() and fut.exception() is not None:
             raise fut.exception() from None  # type: ignore[misc]  # refused: at once
         return fut
+
+    def _check_sub_budget(self, peer: str) -> None:
+        """A sub's reply carries the channel's whole backlog (up to its byte cap): while
+        what this node still has to write to ``peer`` (queued, and the replies of this
+        turn) is over half the mesh's send buffer, refuse it, so that many subs at once
+        (several clients, many channels) cannot make the buffer overflow and cut the
+        connection (every op crossing it would fail)."""
+        conn = self.mesh.connections.get(peer) if self.mesh is not None else None
+        queued = conn.pressure.queued if conn is not None else 0
+        limit = self.mesh.max_outbound_bytes // 2 if self.mesh is not None else 0
+        if queued + self._sub_reply_bytes.get(peer, 0) > limit:
+            raise RemoteError(
+                Code.OVERLOADED,
+                "the owner is still sending earlier subs' pending messages to this node; retry",
+            )
+
+    def _count_sub_reply(self, peer: str, result: list[Any]) -> None:
+        size = sum(len(f[5]) + len(f[0]) + len(f[1]) + len(f[2]) + 64 for f in result)
+        if not self._sub_reply_bytes:
+            # Counted until this turn's replies are written (then the connection's own
+            # queue says what is left).
+            asyncio.get_running_loop().call_soon(self._sub_reply_bytes.clear)
+        self._sub_reply_bytes[peer] = self._sub_reply_bytes.get(peer, 0) + size
 
     def on_deliver(self, peer: str, ch: str, fields: list[Any]) -> None:
         self._carry(self.core.step(MeshDeliver(peer, ch, fields)))

@@ -122,7 +122,7 @@ class Reading(RegionState):
             ]
         else:
             gone = set()
-        added = apply_events(self.node, events, now_ms, state=cp.is_checkpoint)
+        added = apply_events(self.node, events, now_ms)
         for m in added:
             self.slot_channels.setdefault(slot, set()).add(m.ch)
         for ev in events:

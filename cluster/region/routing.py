@@ -116,8 +116,9 @@ class Routing(Members):
                     answered(None, e.code, e.reason)
                 elif isinstance(e, PeerUnavailable):
                     answered(None, Code.UNAVAILABLE, str(e))
-                else:  # on_result raised: logged, as a task's failure was
+                else:  # on_result raised (a malformed reply): logged, and answered
                     log.error("mesh: %s forwarded to %s failed", f.op, f.owner, exc_info=e)
+                    answered(None, Code.INTERNAL, f"{f.owner} sent a reply that cannot be used")
             except Exception:
                 log.exception("mesh: answering %s forwarded to %s failed", f.op, f.owner)
 

@@ -150,7 +150,7 @@ class Snapshots(Appends):
             if slot >= self.slots:
                 continue
             events = [e for e in snap.events if not (isinstance(e, AckEvent) and e.hlc < cutoff)]
-            for m in apply_events(self.node, events, now, state=True):
+            for m in apply_events(self.node, events, now):
                 self.slot_channels.setdefault(slot, set()).add(m.ch)
             for ch, msg_id, hlc in snap.tombstones:
                 self._tombstone(slot, ch, [msg_id], hlc)

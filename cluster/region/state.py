@@ -252,6 +252,8 @@ class RegionState:
             "checkpoints": 0,
         }
         self.mesh_counters = {"bad_requests": 0, "encode_failures": 0}
+        # Bytes of sub replies to each peer computed this turn (cluster/region/meshserve.py).
+        self._sub_reply_bytes: dict[str, int] = {}
         # Inter-region: peers (name → Redis URL), links from here to each, and what this
         # node applied of each origin's mirrors.
         self.peers: dict[str, str] = dict(p.split("=", 1) for p in c.peers)

@@ -366,6 +366,41 @@ async def test_a_slot_claimed_from_a_snapshot_on_an_emptied_redis_can_be_taken_o
             await asyncio.sleep(0.2)  # poll until the slot is served
 
 
+@aio
+async def test_many_subs_of_a_full_channel_at_once_do_not_cut_the_mesh(region3: Any) -> None:
+    # Each sub through another node makes the owner send the channel's whole backlog
+    # (here ~16 MiB) over the mesh: six at once overflowed its 64 MiB send buffer, the
+    # owner cut the connection and every op crossing it failed `unavailable`.
+    _, doc = region3
+    owner, entry = nodes_of(doc)[0], nodes_of(doc)[1]
+    ch = channels_owned_by(doc, owner["id"], 1)[0]
+    filler = await Client.connect(owner["ws"])
+    await filler.request({"op": "hello"}, "welcome")
+    for k in range(18):  # 270 x 60 kB: the channel at its 16 MiB cap
+        await filler.send(
+            [
+                {"op": "pub", "id": f"f{k}-{i}", "ch": ch, "body": "x" * 60_000, "ack": "mem"}
+                for i in range(15)
+            ]
+        )
+        for _ in range(15):
+            await filler.expect("puback", 30)
+    await filler.close()
+    subs = [await Client.connect(entry["ws"]) for _ in range(6)]
+    for c in subs:
+        await c.request({"op": "hello"}, "welcome")
+    for c in subs:
+        await c.send({"op": "sub", "ch": ch})
+    answers = []
+    for c in subs:
+        while (obj := await c.recv(30))["op"] == "msg":
+            pass
+        answers.append(obj.get("code", obj["op"]))
+        await c.close()
+    assert "unavailable" not in answers and "subscribed" in answers, answers
+    assert set(answers) <= {"subscribed", "overloaded"}, answers
+
+
 def test_draining_a_node_that_was_killed_says_it_failed_over(region3: Any) -> None:
     # A node that cannot drain (stopped: its lease runs out, as after kill -9) must not
     # be reported as drained: nothing was handed over, its slots failed over. Woken up

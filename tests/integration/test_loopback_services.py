@@ -109,7 +109,7 @@ def test_the_wan_control_needs_post_the_token_and_good_values(wan: dict[str, Any
         "bandwidth=0",
         "bandwidth=x",
         "pair=zz",
-        "blackhole=1x",
+        "latency_ms=7&blackhole=1x",
     )
     for bad in bads:
         status, body = http(
@@ -118,6 +118,7 @@ def test_the_wan_control_needs_post_the_token_and_good_values(wan: dict[str, Any
         assert status == 400, (bad, status, body)
     status, body = http(f"{control}/status", headers=auth)
     assert status == 200 and json.loads(body)["a-b"]["blackholed"] is False
+    assert json.loads(body)["a-b"]["latency_ms"] == 0  # a refused request changed nothing
     assert http(f"{control}/set", "POST", auth, "pair=a-b&blackhole=1&latency_ms=5")[0] == 200
     after = json.loads(http(f"{control}/status", headers=auth)[1])["a-b"]
     assert (after["blackholed"], after["latency_ms"]) == (True, 5.0)

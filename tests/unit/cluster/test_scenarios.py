@@ -55,6 +55,8 @@ class Net:
 class InMemoryMesh:
     """The mesh calls a router makes, carried out by calling the peer's handlers."""
 
+    max_outbound_bytes = 64 * 1024 * 1024  # as cluster.mesh.Mesh: its send buffer
+
     def __init__(self, net: Net, me: str) -> None:
         self.net, self.me, self.epoch = net, me, 0
 

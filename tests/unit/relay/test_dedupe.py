@@ -128,6 +128,14 @@ def test_weak_ids_are_held_apart_and_never_push_out_accepted_ones() -> None:
     assert d.lookup("w99", later) == from_ms(now) and d.lookup("s0", later) is None
 
 
+def test_a_fresh_weak_id_is_seen_past_an_accepted_one_whose_window_passed() -> None:
+    d = DedupeIndex(window_ms=WINDOW_MS, max_ids=10)
+    d.remember("k", from_ms(T0), T0)
+    later = T0 + WINDOW_MS + 1  # not swept yet
+    d.remember("k", from_ms(later), later, weak=True)  # the id reused, acked early
+    assert d.lookup("k", later) == from_ms(later)
+
+
 # -- model test ------------------------------------------------------------------------
 
 

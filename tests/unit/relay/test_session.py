@@ -399,6 +399,21 @@ def test_one_sub_of_a_channel_at_a_time_goes_to_its_owner() -> None:
     assert len(router.subs) == 2
 
 
+class Raising(Later):
+    def subscribe(self, handle: Any, ch: str, reply: Any) -> None:
+        super().subscribe(handle, ch, reply)
+        raise RuntimeError("boom")
+
+
+def test_a_sub_the_router_failed_on_is_not_left_under_way() -> None:
+    c = Conn()
+    router = Raising()
+    c.session.router = router  # type: ignore[assignment]
+    c.send({"op": "sub", "ch": "room"})  # answered internal
+    c.send({"op": "sub", "ch": "room"})
+    assert len(router.subs) == 2 and not c.session.subs_in_flight
+
+
 def test_subscriptions_per_connection_and_per_node() -> None:
     budget = SubscriptionBudget(5)
     a = Conn(limits=Limits(allow_anonymous=True, max_subscriptions=3), budget=budget)
