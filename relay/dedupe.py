@@ -81,19 +81,22 @@ class DedupeIndex:
             while len(self._weak) > self.max_weak or len(self) > self.max_ids:
                 self._forget_oldest_weak()
             return
-        self._weak.pop(key, None)  # now accepted here: held as any other
+        early = self._weak
+        if early:
+            early.pop(key, None)  # now accepted here: held as any other
         # New, or an entry whose window passed but expire() has not reached yet (the id
         # was accepted again since): remember the new acceptance. The key may then stand
         # twice in _order; expire() stops at an entry still in its window, so the newer
         # one is never dropped early by the older occurrence.
-        self._hlc[key] = hlc
+        table = self._hlc
+        table[key] = hlc
         self._order.append(key)
-        while len(self) > self.max_ids:
-            if self._weak:
+        while len(table) + len(early) > self.max_ids:
+            if early:
                 self._forget_oldest_weak()
                 continue
             old = self._order.popleft()
-            if self._hlc.pop(old, None) is not None:
+            if table.pop(old, None) is not None:
                 self.forgotten_early += 1
 
     def _forget_oldest_weak(self) -> None:
